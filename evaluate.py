@@ -1,0 +1,426 @@
+"""Coarse-to-fine evaluation of a phase-1 model: how good is each prefix of k tokens, and what does
+each token know?
+
+encode             one forward pass per modality → every register output, the shared embedding for
+                   every prefix length k, and the preservation cosine for every k
+evaluate_prefixes  retrieval R@1/R@5 (exact pair and factor level, directly and by flow transport) and
+                   preservation cosine for every k → a table with one row per k, and eval.json
+prefix_drops       is quality non-decreasing in k? the largest drop next to the test set's sampling noise
+information_map    linear probes of every factor from every single token and from each token group
+group_summary      probe scores per factor from each modality's shared and private groups, with chance
+leakage            private factors decoded from shared tokens, next to chance
+attention_maps     where each register looks among the image patches; project_2d: embeddings in 2-D
+NeighbourViewer    an ipywidgets slider over k: a query and its top-5 neighbours of the other modality
+
+Because register i never attends to registers after it (core.register_attention_mask), the first k
+outputs of one pass with all registers equal a pass that only has k registers; `encode(one_pass=False)`
+runs those truncated passes, as the reference the tests and bench/bench_eval.py compare against.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+import core
+from data import SynthTouch
+
+RANKS = (1, 5)
+GROUP_ORDER = ("shared", "vision", "touch")  # factor groups: who sees a factor
+
+
+def shared_discrete_factors() -> list[str]:
+    """SynthTouch's discrete factors that both camera and gel see: factor-level retrieval compares these."""
+    return [name for name in SynthTouch.FACTORS if SynthTouch.factor_groups[name] == "shared"]
+
+
+def prefix_ks(model: core.AlignmentModel, ks=None) -> list[int]:
+    """The prefix lengths to evaluate: the model's 1, 2, 4, ..., n_registers grid, or `ks` checked."""
+    if model.cfg.design == "adapter":
+        default = [1]  # one token: its only "prefix" is the full embedding
+    else:
+        default = model.cfg.prefix_lengths
+    if ks is None:
+        return default
+    ks = sorted({int(k) for k in ks})
+    bad = [k for k in ks if not 1 <= k <= model.n_tokens]
+    if bad:
+        raise ValueError(f"prefix lengths {bad} are outside 1..{model.n_tokens}, the number of tokens of this "
+                         f"{model.cfg.design} model; pass ks=None for its grid {default}")
+    return ks
+
+
+# ----------------------------------------------------------------------------------------------
+# One pass: tokens, prefix embeddings, preservation cosine
+
+class Encoded(NamedTuple):
+    tokens: torch.Tensor | None  # N×R×hidden, every register output (None for truncated passes)
+    embeddings: dict[int, torch.Tensor]  # k → N×embed_dim, un-normalised shared embedding of the first k tokens
+    recon: dict[int, torch.Tensor] | None  # k → N preservation cosine (None without a preservation decoder)
+
+
+@torch.no_grad()
+def encode(model: core.AlignmentModel, modality: str, features: core.Features, ks: list[int],
+           batch_size: int = 256, one_pass: bool = True, progress: bool = False) -> Encoded:
+    """Everything evaluation needs for one modality, on the CPU. `one_pass=False` runs the register
+    module once per k with only k registers (the slow reference)."""
+    device = next(model.parameters()).device
+    n = len(features.pooled)
+    has_decoder = hasattr(model, "decoders")
+    tokens, embeddings, recon = [], {k: [] for k in ks}, {k: [] for k in ks}
+    for start in tqdm(range(0, n, batch_size), desc=f"encode {modality}", disable=not progress, leave=False):
+        feats = features.batch(np.arange(start, min(start + batch_size, n)), device)
+        if one_pass or model.cfg.design == "adapter":
+            out = model.tokens(modality, feats)
+            tokens.append(out.cpu())
+            per_k = {k: out for k in ks}
+        else:
+            per_k = {k: model.encoders[modality](feats.tokens, feats.mask, n_registers=k) for k in ks}
+        for k, out in per_k.items():
+            embeddings[k].append(model.prefix_embeddings(modality, out, [k])[k].cpu())
+            if has_decoder:
+                recon[k].append(model.reconstruction_cosine(modality, out, feats, [k])[k].cpu())
+    return Encoded(torch.cat(tokens) if tokens else None,
+                   {k: torch.cat(v) for k, v in embeddings.items()},
+                   {k: torch.cat(v) for k, v in recon.items()} if has_decoder else None)
+
+
+def encode_all(model, features: dict[str, core.Features], ks, batch_size=256, one_pass=True,
+               progress=False) -> dict[str, Encoded]:
+    """`encode` for every modality of the model, in eval mode (the model's mode is restored after)."""
+    missing = [m for m in model.cfg.modalities if m not in features]
+    if missing:
+        raise ValueError(f"features lack modalities {missing} of this model (it aligns {model.cfg.modalities}); "
+                         "pass features for every modality, e.g. from train.split_data(cfg, 'test')")
+    sizes = {m: len(features[m].pooled) for m in model.cfg.modalities}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"modalities have different numbers of samples {sizes}; retrieval needs paired rows")
+    was_training = model.training
+    model.eval()
+    try:
+        return {m: encode(model, m, features[m], ks, batch_size, one_pass, progress) for m in model.cfg.modalities}
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval
+
+def recall_at(similarity: torch.Tensor, relevant: torch.Tensor, ranks=RANKS) -> dict[int, float]:
+    """Fraction of queries (rows) with a relevant gallery item (column) among their top-r most similar."""
+    top = similarity.topk(min(max(ranks), similarity.shape[1]), dim=1).indices
+    hits = relevant.gather(1, top)
+    return {r: hits[:, :r].any(1).float().mean().item() for r in ranks}
+
+
+def factor_match(factors: dict[str, np.ndarray], names: list[str]) -> torch.Tensor:
+    """N×N bool: items i and j agree on every factor in `names`."""
+    codes = torch.as_tensor(np.stack([np.asarray(factors[name]) for name in names], 1))
+    return (codes[:, None, :] == codes[None, :, :]).all(-1)
+
+
+def chance_recall(relevant: torch.Tensor, ranks=RANKS) -> dict[int, float]:
+    """Expected recall@r of a random ranking: 1 − C(N−m, r)/C(N, r) for a query with m relevant items."""
+    n = relevant.shape[1]
+    m = relevant.sum(1).double()
+    out = {}
+    for r in ranks:
+        miss = torch.ones_like(m)
+        for j in range(min(r, n)):
+            miss = miss * ((n - m - j) / (n - j)).clamp(min=0)
+        out[r] = (1 - miss).mean().item()
+    return out
+
+
+def retrieval_metrics(queries: torch.Tensor, gallery: torch.Tensor, relevant: dict[str, torch.Tensor],
+                      prefix: str, suffix: str = "") -> dict[str, float]:
+    """R@1/R@5 for every relevance level ("pair", "factor"); columns like 'vision->touch R@1 pair'."""
+    similarity = F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).T
+    out = {}
+    for level, rel in relevant.items():
+        for r, value in recall_at(similarity, rel).items():
+            out[f"{prefix} R@{r} {level}{suffix}"] = value
+    return out
+
+
+def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, core.Features],
+                      factors: dict[str, np.ndarray] | None, ks=None, shared_factors=None, batch_size=256,
+                      out_path=None, one_pass: bool = True) -> pd.DataFrame:
+    """Quality of every prefix length k on one split, from one forward pass per modality.
+
+    Rows: k (the number of tokens used; the adapter's only row is k = 1, its full embedding).
+    Columns: '<a>-><b> R@{1,5} pair' (the paired item is retrieved), '... factor' (an item with the same
+    shared discrete factors is; only when `factors` is given), '... flow' (queries transported to the
+    other modality by the flow head first; flow-matching models only), '<m> recon cos' (preservation
+    decoder) and the chance level of each recall ('chance@1 pair', ...). Written to `out_path` as
+    {k: {metric: value}} JSON when given.
+    """
+    ks = prefix_ks(model, ks)
+    encoded = encode_all(model, features, ks, batch_size, one_pass)
+    n = len(features[model.cfg.modalities[0]].pooled)
+    relevant = {"pair": torch.eye(n, dtype=torch.bool)}
+    if factors is not None:
+        names = list(shared_factors or shared_discrete_factors())
+        unknown = [name for name in names if name not in factors]
+        if unknown:
+            raise ValueError(f"factors lack the shared factors {unknown}; have {sorted(factors)}. Pass "
+                             "shared_factors=[...] naming the factors both modalities see, or factors=None")
+        relevant["factor"] = factor_match(factors, names)
+    chance = {f"chance@{r} {level}": value for level, rel in relevant.items()
+              for r, value in chance_recall(rel).items()}
+    flow = getattr(model, "flow", None)
+    rows = {}
+    for k in ks:
+        row = {}
+        for a in model.cfg.modalities:
+            for b in model.cfg.modalities:
+                if a == b:
+                    continue
+                query, gallery = encoded[a].embeddings[k], encoded[b].embeddings[k]
+                row.update(retrieval_metrics(query, gallery, relevant, f"{a}->{b}"))
+                if flow is not None:
+                    moved = flow.transport(query.to(next(flow.parameters()).device), f"{a}->{b}").cpu()
+                    row.update(retrieval_metrics(moved, gallery, relevant, f"{a}->{b}", " flow"))
+        for m, enc in encoded.items():
+            if enc.recon is not None:
+                row[f"{m} recon cos"] = enc.recon[k].mean().item()
+        rows[k] = {**row, **chance}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "k"
+    if out_path is not None:
+        core.atomic_write(out_path, lambda tmp: Path(tmp).write_text(json.dumps(
+            {str(k): row for k, row in table.to_dict(orient="index").items()}, indent=1)))
+    return table
+
+
+def read_eval(path: str | os.PathLike) -> pd.DataFrame:
+    """An eval.json written by `evaluate_prefixes`, back as its table."""
+    rows = json.loads(Path(path).read_text())
+    table = pd.DataFrame.from_dict({int(k): v for k, v in rows.items()}, orient="index")
+    table.index.name = "k"
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Is quality non-decreasing in k? Drops are judged against sampling noise of the test set.
+
+def prefix_drops(table: pd.DataFrame, n_queries: int, z: float = 2.0) -> pd.DataFrame:
+    """For every recall column: the largest drop from a shorter prefix k to a longer one k' > k, and the
+    noise level it is judged against, z standard errors of the difference of two recalls measured on
+    `n_queries` queries each, sqrt(p(1−p)/n + p'(1−p')/n). That treats the two recalls as independent;
+    they share their queries, so the true noise is smaller and the test is lenient only by that much.
+    'any drop beyond noise' True means some longer prefix is really worse than a shorter one."""
+    ks = list(table.index)
+    rows = []
+    for metric in [c for c in table.columns if " R@" in c]:
+        p = table[metric].to_numpy()
+        pairs = [(p[i] - p[j], z * np.sqrt((p[i] * (1 - p[i]) + p[j] * (1 - p[j])) / n_queries), ks[i], ks[j])
+                 for i in range(len(p)) for j in range(i + 1, len(p))]
+        drop, noise, k_from, k_to = max(pairs, default=(0.0, 0.0, ks[0], ks[0]))
+        rows.append({"metric": metric, "largest drop": drop, "from k": k_from, "to k": k_to, "noise (z·SE)": noise,
+                     "any drop beyond noise": any(d > n for d, n, _, _ in pairs)})
+    return pd.DataFrame(rows).set_index("metric")
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probes: which token knows which factor
+
+def probe_target(name: str, values: np.ndarray) -> np.ndarray:
+    """What a probe predicts. Phases are periodic (φ and φ+1 draw the same surface), so a continuous
+    phase is decoded as (cos 2πφ, sin 2πφ), scored by R²; discrete factors are their class codes."""
+    if name in SynthTouch.CONTINUOUS_FACTORS:
+        return np.stack([np.cos(2 * np.pi * values), np.sin(2 * np.pi * values)], 1)
+    return np.asarray(values)
+
+
+def probe_score(train_x, train_y, test_x, test_y, continuous: bool) -> tuple[float, float]:
+    """(score, chance) of a linear probe fit on train, scored on test. Discrete: logistic regression,
+    accuracy vs the majority-class rate on test. Continuous: ridge, R² vs 0 (predicting the mean)."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.preprocessing import StandardScaler
+    scaler = StandardScaler().fit(train_x)
+    train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
+    if continuous:
+        return Ridge(alpha=10.0).fit(train_x, train_y).score(test_x, test_y), 0.0
+    # strong L2 (C=0.1) and tol 1e-3: a probe is a readout, not a tuned classifier; it converges in ~0.03 s
+    probe = LogisticRegression(C=0.1, tol=1e-3, max_iter=300).fit(train_x, train_y)
+    majority = np.bincount(test_y).max() / len(test_y)
+    return probe.score(test_x, test_y), majority
+
+
+def token_sources(tokens: torch.Tensor, n_shared: int) -> dict[str, np.ndarray]:
+    """Feature sets a probe reads: every single token, and the shared / private groups concatenated."""
+    R = tokens.shape[1]
+    sources = {f"token {i}": tokens[:, i].numpy() for i in range(R)}
+    sources["shared"] = tokens[:, :n_shared].flatten(1).numpy()
+    if n_shared < R:
+        sources["private"] = tokens[:, n_shared:].flatten(1).numpy()
+    return sources
+
+
+def information_map(train_tokens: dict[str, torch.Tensor], train_factors: dict[str, np.ndarray],
+                    test_tokens: dict[str, torch.Tensor], test_factors: dict[str, np.ndarray],
+                    n_shared: int, max_train: int = 2000) -> pd.DataFrame:
+    """Probe every factor from every token and token group of every modality.
+
+    `*_tokens`: modality → N×R×hidden register outputs (`encode_all(...)[m].tokens`); probes are fit on at
+    most `max_train` training rows, which keeps the ~300 probes of a 16-register model well under a minute.
+    A tidy table, one row per (modality, source, factor): group (who sees the factor), metric (accuracy or
+    R²), score, chance, and 'above chance' = (score − chance)/(1 − chance), which puts accuracies and R²
+    on one 0-to-1 scale for the heatmap.
+    """
+    factor_names = [f for f in SynthTouch.factor_groups if f in train_factors and f in test_factors]
+    if not factor_names:
+        raise ValueError(f"no SynthTouch factors among {sorted(train_factors)}; probes need factor labels "
+                         "(dataset.factor_table() of SynthTouch)")
+    subset = np.random.default_rng(0).permutation(len(next(iter(train_tokens.values()))))[:max_train]
+    jobs = [(m, source, name) for m in train_tokens
+            for source in token_sources(train_tokens[m][:1], n_shared) for name in factor_names]
+    sources = {m: (token_sources(train_tokens[m][subset], n_shared), token_sources(test_tokens[m], n_shared))
+               for m in train_tokens}
+    # Each probe is a tiny problem: BLAS threads only contend (30× slower on a busy 2-core machine).
+    with threadpool_limits(1):
+        rows = [probe_row(m, source, name, sources[m], subset, train_factors, test_factors)
+                for m, source, name in tqdm(jobs, desc="linear probes", leave=False)]
+    return pd.DataFrame(rows)
+
+
+def probe_row(m, source, name, sources, subset, train_factors, test_factors) -> dict:
+    """One cell of the information map: `sources` = (train, test) feature sets of modality m."""
+    continuous = name in SynthTouch.CONTINUOUS_FACTORS
+    score, chance = probe_score(sources[0][source], probe_target(name, train_factors[name][subset]),
+                                sources[1][source], probe_target(name, test_factors[name]), continuous)
+    return dict(modality=m, source=source, factor=name, group=SynthTouch.factor_groups[name],
+                metric="R²" if continuous else "accuracy", score=score, chance=chance,
+                **{"above chance": (score - chance) / (1 - chance)})
+
+
+def group_summary(info: pd.DataFrame) -> pd.DataFrame:
+    """Probe scores of each factor from each modality's shared and private token groups, with chance:
+    the numbers behind the information map's claims, one row per factor."""
+    groups = info[info.source.isin(["shared", "private"])]
+    table = groups.pivot_table(index=["group", "factor", "metric"], columns=["modality", "source"], values="score")
+    table.columns = [f"{m} {source}" for m, source in table.columns]
+    chance = groups.groupby(["group", "factor", "metric"]).chance.first()
+    return table.assign(chance=chance).reindex(list(GROUP_ORDER), level="group")
+
+
+def leakage(info: pd.DataFrame) -> pd.DataFrame:
+    """For every private factor: how well the shared tokens of its own modality and of the other
+    modality decode it, next to its private tokens and chance. The other modality never sees the
+    factor, so its shared tokens can only decode it through leakage (or a dataset correlation)."""
+    rows = []
+    private = info[info.group.isin(["vision", "touch"]) & info.source.isin(["shared", "private"])]
+    for (factor, group), part in private.groupby(["factor", "group"], sort=False):
+        own, other = part[part.modality == group], part[part.modality != group]
+        row = dict(factor=factor, group=group, metric=part.metric.iloc[0], chance=part.chance.iloc[0])
+        row["own private"] = own[own.source == "private"].score.max()
+        row["own shared"] = own[own.source == "shared"].score.max()
+        for m, scores in other[other.source == "shared"].groupby("modality"):
+            row[f"{m} shared (other modality)"] = scores.score.iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and embedding views
+
+@torch.no_grad()
+def attention_maps(model: core.AlignmentModel, modality: str, features: core.Features, index: int) -> np.ndarray:
+    """R×h×w: where each register looks among the image patches of sample `index` (last block)."""
+    if model.cfg.design == "adapter":
+        raise ValueError("the adapter design has no registers and so no attention maps; use a flextok or "
+                         "fluxtalk model")
+    feats = features.batch(np.array([index]), next(model.parameters()).device)
+    maps = model.encoders[modality].attention_maps(feats.tokens, feats.mask)[0].cpu().numpy()
+    side = int(round(maps.shape[1] ** 0.5))
+    if side * side != maps.shape[1]:
+        raise ValueError(f"{modality} has {maps.shape[1]} input tokens, not a square patch grid; attention "
+                         "maps can only be drawn over images")
+    return maps.reshape(-1, side, side)
+
+
+def project_2d(embeddings: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """One PCA of all modalities' L2-normalised embeddings, so aligned modalities land together."""
+    from sklearn.decomposition import PCA
+    names = list(embeddings)
+    normed = [F.normalize(embeddings[m], dim=-1).numpy() for m in names]
+    points = PCA(2, random_state=0).fit_transform(np.concatenate(normed))
+    return dict(zip(names, np.split(points, np.cumsum([len(x) for x in normed])[:-1])))
+
+
+# ----------------------------------------------------------------------------------------------
+# The k slider
+
+class NeighbourViewer:
+    """A query of one modality and its top-5 neighbours of another, at the prefix length the slider
+    says. `viewer.widget` is what the notebook displays; `viewer.slider.value = k` redraws, and
+    `viewer.figure` / `viewer.neighbours` hold what was drawn (so the callback is testable headless)."""
+
+    def __init__(self, encoded: dict[str, Encoded], dataset, query: int = 0, source="vision", target="touch",
+                 top: int = 5, shared_factors=None):
+        import ipywidgets
+        for m in (source, target):
+            if m not in encoded:
+                raise ValueError(f"no embeddings for {m!r}; have {sorted(encoded)}")
+        self.encoded, self.dataset, self.source, self.target, self.top = encoded, dataset, source, target, top
+        self.shared_factors = list(shared_factors or shared_discrete_factors())
+        ks = sorted(encoded[source].embeddings)
+        self.slider = ipywidgets.SelectionSlider(options=ks, value=ks[-1], description="k tokens")
+        self.query = ipywidgets.BoundedIntText(value=query, min=0, max=len(dataset) - 1, description="query")
+        self.output = ipywidgets.Output()
+        self.figure, self.neighbours = None, None
+        self.slider.observe(lambda change: self.draw(), names="value")
+        self.query.observe(lambda change: self.draw(), names="value")
+        self.widget = ipywidgets.VBox([ipywidgets.HBox([self.slider, self.query]), self.output])
+        self.draw()
+
+    def neighbours_at(self, k: int, query: int) -> np.ndarray:
+        """Indices of the `top` gallery items most similar to the query at prefix length k."""
+        q = F.normalize(self.encoded[self.source].embeddings[k][query], dim=-1)
+        gallery = F.normalize(self.encoded[self.target].embeddings[k], dim=-1)
+        return (gallery @ q).topk(self.top).indices.numpy()
+
+    @staticmethod
+    def describe(item) -> list[tuple[str, str]]:
+        """(text, factor group) lines under an item: its discrete factors, or its caption without them."""
+        factors = item.get("factors") or {}
+        lines = [(str(factors[f]), SynthTouch.factor_groups[f]) for f in SynthTouch.FACTORS if f in factors]
+        return lines or [(item["caption"], "shared")]
+
+    def panel(self, k: int, query: int) -> dict:
+        """What one row of the figure shows: the query, its neighbours, and which of them match."""
+        query_item = self.dataset[query]
+        known = bool(query_item.get("factors"))
+        neighbours = []
+        for i in self.neighbours_at(k, query):
+            item = self.dataset[int(i)]
+            same = known and all(item["factors"][f] == query_item["factors"][f] for f in self.shared_factors)
+            neighbours.append(dict(content=core.batch_inputs(item, self.target), lines=self.describe(item),
+                                   pair=int(i) == query, factor_match=same))
+        return dict(title=f"k = {k}: {self.source} query {query} → top-{self.top} {self.target}",
+                    query=dict(content=core.batch_inputs(query_item, self.source), lines=self.describe(query_item)),
+                    neighbours=neighbours)
+
+    def draw(self):
+        import plots
+        from IPython.display import display
+        k, query = self.slider.value, self.query.value
+        self.neighbours = self.neighbours_at(k, query)
+        self.figure = plots.neighbours([self.panel(k, query)])
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(self.figure)
+
+    def static_figure(self, ks):
+        """The same view for a few k at once, one row each: the notebook reads well without a kernel."""
+        import plots
+        return plots.neighbours([self.panel(k, self.query.value) for k in ks])

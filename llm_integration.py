@@ -1,0 +1,881 @@
+"""Phase 2: captions from any prefix of the register tokens, through a projector and a Qwen decoder.
+
+    python llm_integration.py --phase1_run runs/phase1/default --output_dir runs/phase2/default
+    python llm_integration.py --phase1_run RUN --output_dir OUT --model_name /models/Qwen2.5-1.5B-Instruct
+
+The phase-1 model stays frozen. The first k tokens of the chosen modalities (a `TokenSource`) go through
+a per-modality projector into the decoder's embedding space and are spliced into the user turn:
+`[chat template head | prefix | prompt, template tail | caption, EOS]`, left-padded. The testbed decoder
+is a small Qwen2 (random init, trained fully) with a tokenizer trained offline on SynthTouch captions;
+a real Qwen (by hub name or local folder) stays frozen and only the projector (optionally LoRA) trains.
+A run folder holds config.yaml, projector.safetensors (+ decoder.safetensors when the decoder trains),
+state.pt, metrics.jsonl and caption_eval.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from tqdm.auto import tqdm
+
+import core
+import data
+import train
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "configs" / "phase2.yaml"
+IMAGE_MODALITIES = ("vision", "touch")  # what a caption is written from; text is the target
+REGISTER_GROUPS = ("shared", "private")  # registers [0:n_shared] and [n_shared:]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Which tokens feed the decoder
+
+@dataclass(frozen=True)
+class TokenSource:
+    """The first `k` tokens of each chosen modality, counted among the registers of `groups`.
+
+    groups ("shared", "private") = registers 0..R-1 in order, so k is the prefix length of phase 1
+    (k <= n_shared: shared tokens only); ("private",) = registers n_shared..R-1. k=None: all of them;
+    k=0: no prefix at all, the control (a caption can then only come from the decoder's prior).
+    modalities=None: every image modality of the model.
+    """
+    modalities: tuple[str, ...] | None = None
+    k: int | None = None
+    groups: tuple[str, ...] = REGISTER_GROUPS
+
+    def __post_init__(self):
+        if self.modalities is not None:
+            object.__setattr__(self, "modalities", tuple(self.modalities))
+        object.__setattr__(self, "groups", tuple(self.groups))
+        if not self.groups or set(self.groups) - set(REGISTER_GROUPS):
+            raise ValueError(f"groups {self.groups} must be a non-empty subset of {REGISTER_GROUPS}")
+        if self.k is not None and (int(self.k) != self.k or self.k < 0):
+            raise ValueError(f"k must be a non-negative integer or None (all tokens), got {self.k!r}")
+
+    @property
+    def name(self) -> str:
+        if self.k == 0:
+            return "none"
+        return "+".join(self.modalities or ("all",)) + (f" k={self.k}" if self.k is not None else "")
+
+
+def prefix_grid(n_tokens: int) -> list[int]:
+    """The k values trained and evaluated: 0 (no prefix), 1, 2, 4, ... and n_tokens."""
+    return [0] + [1 << i for i in range(n_tokens.bit_length()) if 1 << i < n_tokens] + [n_tokens]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Decoders: the built-in testbed Qwen2, or a real one by hub name / folder
+
+# Built-in decoders by name: Qwen2 architecture, few layers, random init, with a byte-level BPE tokenizer
+# trained offline on SynthTouch captions. Built once and cached under <cache_dir>/decoders/.
+TINY_DECODERS = {
+    "synthtouch-qwen2-tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+}
+TOKENIZER_VOCAB, TOKENIZER_CAPTIONS = 384, 4000
+# Qwen's chat format and special tokens, so the tiny decoder is driven exactly like the real one.
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PAD, TURN_START, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+PROMPTS = ("Describe this image:", "Describe this surface:", "Describe how this feels:")
+
+
+def build_caption_tokenizer(texts: list[str], vocab_size: int = TOKENIZER_VOCAB):
+    """A byte-level BPE tokenizer trained on `texts` (any text still encodes), wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, TURN_START, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=PAD)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_decoder(folder: str | os.PathLike, texts: list[str], vocab_size: int = TOKENIZER_VOCAB,
+                      seed: int = 0, **architecture) -> Path:
+    """A random-init Qwen2ForCausalLM + a tokenizer trained on `texts`, written with save_pretrained."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tokenizer = build_caption_tokenizer(texts, vocab_size)
+    config = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+                         **architecture)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
+def tiny_decoder_folder(name: str, cache_dir: str | os.PathLike = "cache") -> Path:
+    """The folder of a built-in decoder, built on first use."""
+    spec = TINY_DECODERS[name]
+    recipe = [name, spec, TOKENIZER_VOCAB, TOKENIZER_CAPTIONS, PROMPTS, CHAT_TEMPLATE]
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / "decoders" / f"{name}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    texts = data.SynthTouch(TOKENIZER_CAPTIONS).captions + list(PROMPTS) + ["user", "assistant", "system"]
+    # built beside the target and renamed into place, so a crash never leaves a half-built folder
+    tmp = save_tiny_decoder(folder.with_name(f".{folder.name}.tmp{os.getpid()}"), texts, **spec)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process built it meanwhile
+        shutil.rmtree(tmp)
+    return folder
+
+
+def load_decoder(model_name: str, cache_dir="cache", local_files_only=False, dtype=torch.float32):
+    """(model, tokenizer) by built-in name, hub name or local folder; offline misses fail clearly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = tiny_decoder_folder(model_name, cache_dir) if model_name in TINY_DECODERS else model_name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+    except OSError as err:
+        raise OSError(
+            f"cannot load the decoder {model_name!r} ({str(err).splitlines()[0][:300]}) Without network or downloaded "
+            "weights, pass model_name=<local folder with config.json, the weights and the tokenizer files> "
+            "(e.g. from `huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct --local-dir DIR` on a connected "
+            f"machine), or a built-in testbed decoder {sorted(TINY_DECODERS)}") from err
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer of {model_name!r} has no pad token, which batched training and generation "
+                         f"need; set tokenizer.pad_token (Qwen's is '{PAD}') and save it with save_pretrained")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {model_name!r} has no eos token, so captions could never end; set "
+                         f"tokenizer.eos_token (Qwen chat models use '{EOS}')")
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Configuration and the projector
+
+PROJECTORS = ("linear", "mlp2x_gelu")
+DECODER_TRAINING = ("auto", "frozen", "lora", "full")
+
+
+@dataclass
+class LLMConfig:
+    model_name: str = "synthtouch-qwen2-tiny"  # built-in name, hub name (Qwen/Qwen2.5-1.5B-Instruct) or folder
+    projector: str = "linear"
+    source: TokenSource = field(default_factory=TokenSource)  # the most generate() and evaluation feed
+    # Training draws, per sample, one modality or all of source.modalities, and k from prefix_grid (0
+    # included), so one model captions from any source, and the k=0 / single-modality results are the
+    # decoder's honest best rather than inputs it never saw. False: always train on `source` as is.
+    mix_sources: bool = True
+    train_decoder: str = "auto"  # auto: full for built-in decoders (they start random), frozen otherwise
+    lora_r: int = 16
+    lora_alpha: int = 32
+    prompt: str = "Describe this image:"
+    max_new_tokens: int = 24
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    bf16: bool = True  # on GPU: frozen decoder weights in bf16, forward under bf16 autocast
+    local_files_only: bool = False  # never touch the network for the decoder
+    cache_dir: str = "cache"
+
+    def __post_init__(self):
+        if isinstance(self.source, dict):
+            self.source = TokenSource(**self.source)
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {self.projector!r}; choose one of {PROJECTORS}")
+        if self.train_decoder not in DECODER_TRAINING:
+            raise ValueError(f"unknown train_decoder {self.train_decoder!r}; choose one of {DECODER_TRAINING}")
+
+    @property
+    def decoder_training(self) -> str:
+        if self.train_decoder != "auto":
+            return self.train_decoder
+        return "full" if self.model_name in TINY_DECODERS else "frozen"
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["source"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values["source"].items()}
+        return values
+
+
+def load_llm_config(path: str | os.PathLike | None = None, **overrides) -> LLMConfig:
+    """configs/phase2.yaml (or `path`) with overrides; source fields as "source.<name>"."""
+    path = Path(path or DEFAULT_CONFIG)
+    if not path.is_file():
+        raise FileNotFoundError(f"phase-2 config {path} not found; see {DEFAULT_CONFIG} for the defaults")
+    values = yaml.safe_load(path.read_text()) or {}
+    for key, value in overrides.items():
+        if key.startswith("source."):
+            values.setdefault("source", {})[key[len("source."):]] = value
+        else:
+            values[key] = value
+    known = {f.name for f in dataclasses.fields(LLMConfig)}
+    if set(values) - known:
+        raise ValueError(f"unknown phase-2 config keys {sorted(set(values) - known)}; known: {sorted(known)}")
+    return LLMConfig(**values)
+
+
+class Projector(nn.Module):
+    """Phase-1 tokens (width dim_in) → decoder embeddings (dim_out), one each: `linear`, or LLaVA's
+    `mlp2x_gelu`, plus a learned embedding per register slot, so the decoder knows which register (of
+    which modality: each has its own projector) it reads wherever the token lands in the sequence."""
+
+    def __init__(self, kind: str, dim_in: int, dim_out: int, n_tokens: int):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Linear(dim_in, dim_out)
+        elif kind == "mlp2x_gelu":
+            self.net = nn.Sequential(nn.Linear(dim_in, dim_out), nn.GELU(), nn.Linear(dim_out, dim_out))
+        else:
+            raise ValueError(f"unknown projector {kind!r}; choose one of {PROJECTORS}")
+        self.slots = nn.Parameter(torch.randn(n_tokens, dim_out) * 0.02)
+        self.dim_in, self.dim_out = dim_in, dim_out
+
+    def forward(self, tokens: torch.Tensor, index: list[int]) -> torch.Tensor:
+        """tokens B×R×dim_in → B×len(index)×dim_out for registers `index`."""
+        return self.net(tokens[:, index]) + self.slots[index]
+
+
+def token_width(cfg: core.ModelConfig) -> int:
+    """Width of `AlignmentModel.tokens`: registers are hidden_dim wide, the adapter's token is the embedding."""
+    return cfg.embed_dim if cfg.design == "adapter" else cfg.hidden_dim
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The multimodal model: a frozen phase-1 aligner, one projector per image modality, a decoder
+
+class MultimodalLLM(nn.Module):
+    """`generate([image], prompt=...)`, `generate(touch=[image])` or both → one caption per sample."""
+
+    PREFIX_MARK = "\x00prefix\x00"  # where the prefix goes inside the chat template (never tokenized)
+
+    def __init__(self, aligner: core.Aligner, llm_cfg: LLMConfig | None = None):
+        super().__init__()
+        self.llm_cfg = cfg = llm_cfg or LLMConfig()
+        self.aligner = aligner.eval().requires_grad_(False)
+        phase1 = aligner.cfg
+        self.modalities = tuple(m for m in phase1.modalities if m in IMAGE_MODALITIES)
+        if not self.modalities:
+            raise ValueError(f"the aligner has no image modality to caption from (it has {phase1.modalities})")
+        self.n_registers = aligner.model.n_tokens
+        self.n_shared = 1 if phase1.design == "adapter" else phase1.n_shared
+        device = next(aligner.model.parameters()).device
+        training = cfg.decoder_training
+        half = device.type == "cuda" and cfg.bf16 and training != "full"
+        decoder, self.tokenizer = load_decoder(cfg.model_name, cfg.cache_dir, cfg.local_files_only,
+                                               torch.bfloat16 if half else torch.float32)
+        self.hidden = decoder.config.hidden_size
+        decoder.requires_grad_(training == "full")
+        if training == "lora":
+            from peft import LoraConfig, get_peft_model
+            decoder = get_peft_model(decoder, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
+                                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        self.decoder = decoder.to(device)
+        self.projector = nn.ModuleDict({
+            m: Projector(cfg.projector, token_width(phase1), self.hidden, self.n_registers) for m in self.modalities
+        }).to(device)
+        self.source = self.resolve(cfg.source)
+        self._prompt_ids = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.aligner.eval()  # phase 1 is frozen, dropout included
+        if self.llm_cfg.decoder_training == "frozen":
+            self.decoder.eval()
+        return self
+
+    # --- which tokens
+
+    def register_index(self, groups) -> list[int]:
+        shared, private = list(range(self.n_shared)), list(range(self.n_shared, self.n_registers))
+        index = (shared if "shared" in groups else []) + (private if "private" in groups else [])
+        if not index:
+            raise ValueError(f"this phase-1 model has no {'/'.join(groups)} tokens "
+                             f"({self.n_registers} registers, {self.n_shared} shared)")
+        return index
+
+    def resolve(self, source: TokenSource | None) -> TokenSource:
+        """The source with its defaults filled in, checked against this model."""
+        source = source or self.llm_cfg.source
+        modalities = source.modalities or self.modalities
+        unknown = [m for m in modalities if m not in self.modalities]
+        if unknown:
+            raise ValueError(f"token source asks for {unknown}, but this model captions from {self.modalities}")
+        n = len(self.register_index(source.groups))
+        if source.k is not None and source.k > n:
+            raise ValueError(f"k={source.k} but the chosen groups {source.groups} hold only {n} tokens per modality")
+        return TokenSource(tuple(modalities), n if source.k is None else source.k, source.groups)
+
+    def keep_masks(self, source: TokenSource, batch: int) -> dict[str, torch.Tensor]:
+        """B×n bool per modality: True on the first k chosen tokens of the source's modalities."""
+        n = len(self.register_index(source.groups))
+        first_k = torch.arange(n) < source.k
+        return {m: (first_k & (m in source.modalities)).expand(batch, n) for m in self.modalities}
+
+    def training_keep_masks(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per sample: one modality or all of them, and k from prefix_grid (see LLMConfig.mix_sources)."""
+        source = self.source
+        if not self.llm_cfg.mix_sources:
+            return self.keep_masks(source, batch)
+        n = len(self.register_index(source.groups))
+        subsets = [source.modalities] + ([(m,) for m in source.modalities] if len(source.modalities) > 1 else [])
+        grid = torch.tensor([k for k in prefix_grid(n) if k <= source.k])
+        subset = torch.randint(len(subsets), (batch,), generator=generator)
+        first_k = torch.arange(n)[None, :] < grid[torch.randint(len(grid), (batch,), generator=generator)][:, None]
+        uses = torch.tensor([[m in s for m in self.modalities] for s in subsets])[subset]  # B×modalities
+        return {m: first_k & uses[:, i, None] for i, m in enumerate(self.modalities)}
+
+    def image_tokens(self, images=None, touch=None) -> dict[str, torch.Tensor]:
+        """Phase-1 tokens {modality: B×R×width} of paired vision and/or touch images."""
+        given = {m: x for m, x in (("vision", images), ("touch", touch)) if x is not None}
+        if not given:
+            raise ValueError("pass vision images and/or touch=[...] images")
+        tokens = {m: self.aligner.tokens(m, self.check_images(m, x)) for m, x in given.items()}
+        sizes = {m: len(t) for m, t in tokens.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"vision and touch images are paired, but their counts differ: {sizes}")
+        return tokens
+
+    def check_images(self, modality: str, images) -> torch.Tensor:
+        """A list of 3×S×S tensors (or a B×3×S×S tensor) in [0, 1] at the encoder's size → B×3×S×S."""
+        if modality not in self.modalities:
+            raise ValueError(f"this model has no {modality} branch; it captions from {self.modalities}")
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise ValueError(f"the {modality} image list is empty; pass at least one 3×S×S image tensor")
+            if not all(torch.is_tensor(x) and x.dim() == 3 for x in images):
+                raise ValueError(f"{modality} images must be 3×S×S tensors in [0, 1] (load files with "
+                                 f"data.load_image); got {[getattr(x, 'shape', type(x).__name__) for x in images][:4]}")
+            if len({tuple(x.shape) for x in images}) > 1:
+                raise ValueError(f"{modality} images have different shapes {sorted({tuple(x.shape) for x in images})}; "
+                                 "resize them to one size")
+            images = torch.stack(list(images))
+        images = core.check_images(images, modality)
+        size = self.aligner.encoders[modality].cfg.image_size
+        if images.shape[-2:] != (size, size):
+            raise ValueError(f"{modality} images are {tuple(images.shape[-2:])} pixels but the {modality} encoder "
+                             f"takes {size}×{size}; resize them (e.g. data.ImageTextDataset(..., image_size={size}))")
+        return images
+
+    def prefix(self, tokens: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], groups=REGISTER_GROUPS):
+        """Projected tokens B×P×hidden and their mask B×P (False = not in this sample's prefix)."""
+        index = self.register_index(groups)
+        embeds, masks = [], []
+        for m in self.modalities:
+            if not keep[m].any():
+                continue
+            if m not in tokens:
+                raise ValueError(f"the token source uses {m!r} but no {m} tokens were given")
+            projector, width = self.projector[m], tokens[m].shape[-1]
+            if width != projector.dim_in:
+                raise ValueError(f"the {m} tokens are {width} wide but the {m} projector takes {projector.dim_in}; "
+                                 "build the projector for this phase-1 model (token_width(aligner.cfg))")
+            if projector.dim_out != self.hidden:
+                raise ValueError(f"the {m} projector outputs width {projector.dim_out} but the decoder's hidden size "
+                                 f"is {self.hidden}; build the projector for this decoder")
+            embeds.append(projector(tokens[m].to(self.device), index))
+            masks.append(keep[m].to(self.device))
+        if not embeds:  # k = 0: no prefix at all
+            batch = len(next(iter(keep.values())))
+            return (torch.zeros(batch, 0, self.hidden, device=self.device),
+                    torch.zeros(batch, 0, dtype=torch.bool, device=self.device))
+        return torch.cat(embeds, 1), torch.cat(masks, 1)
+
+    # --- decoder inputs
+
+    def prompt_ids(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids before and after the prefix: with a chat template, the user turn holds prefix + prompt."""
+        if prompt not in self._prompt_ids:
+            tok = self.tokenizer
+            if tok.chat_template:
+                text = tok.apply_chat_template([{"role": "user", "content": self.PREFIX_MARK + prompt}],
+                                               tokenize=False, add_generation_prompt=True)
+                before, after = text.split(self.PREFIX_MARK)
+            else:
+                before, after = "", prompt
+            self._prompt_ids[prompt] = tuple(torch.tensor(tok(t, add_special_tokens=False).input_ids, dtype=torch.long)
+                                             for t in (before, after))
+        return self._prompt_ids[prompt]
+
+    def caption_ids(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption ids + EOS, right-padded, and their mask, from lengths: EOS is learned even if pad == eos."""
+        rows = [ids + [self.tokenizer.eos_token_id]
+                for ids in self.tokenizer(list(captions), add_special_tokens=False).input_ids]
+        lengths = torch.tensor([len(r) for r in rows])
+        ids = torch.full((len(rows), int(lengths.max())), self.tokenizer.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+        mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+        return ids.to(self.device), mask.to(self.device)
+
+    def assemble(self, prefix: torch.Tensor, prefix_mask: torch.Tensor, prompt: str, captions=None,
+                 new_tokens: int = 0) -> dict[str, torch.Tensor]:
+        """[template head | prefix | prompt, template tail | caption, EOS] → left-padded decoder inputs.
+
+        Every part is laid out at full width with a mask; a stable sort then moves each row's real
+        positions to the right, in order, so rows with shorter prefixes or captions are left-padded.
+        Labels are -100 everywhere except on caption tokens and EOS.
+        """
+        batch, embed = len(prefix), self.decoder.get_input_embeddings()
+        before, after = (ids.to(self.device).expand(batch, -1) for ids in self.prompt_ids(prompt))
+
+        def part(ids, mask=None, learn=False):  # (embeddings, mask, labels) of token ids
+            mask = torch.ones(ids.shape, dtype=torch.bool, device=self.device) if mask is None else mask
+            return embed(ids), mask, ids.masked_fill(~mask, -100) if learn else torch.full_like(ids, -100)
+
+        no_labels = torch.full(prefix_mask.shape, -100, dtype=torch.long, device=self.device)
+        parts = [part(before), (prefix.to(embed.weight.dtype), prefix_mask, no_labels), part(after)]
+        if captions is not None:
+            parts.append(part(*self.caption_ids(captions), learn=True))
+        embeds, mask, labels = (torch.cat(x, 1) for x in zip(*parts))
+        order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices
+        order = order[:, int((~mask).sum(1).min()):]  # drop columns that are padding in every row
+        mask = mask.gather(1, order)
+        context = self.decoder.config.max_position_embeddings
+        if mask.shape[1] + new_tokens > context:
+            raise ValueError(
+                f"prompt ({before.shape[1] + after.shape[1]} tokens with the template) + prefix (up to "
+                f"{prefix.shape[1]}) + {'caption' if captions is not None else f'max_new_tokens={new_tokens}'} = "
+                f"{mask.shape[1] + new_tokens} tokens exceed the decoder's context of {context}; shorten the "
+                "prompt or use fewer tokens (k) / max_new_tokens")
+        out = {"inputs_embeds": embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1])),
+               "attention_mask": mask.long(),
+               "position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
+        if captions is not None:
+            out["labels"] = labels.gather(1, order)
+        return out
+
+    def autocast(self):
+        enabled = self.device.type == "cuda" and self.llm_cfg.bf16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def loss(self, tokens: dict[str, torch.Tensor], captions: list[str], keep: dict[str, torch.Tensor],
+             prompt: str | None = None) -> torch.Tensor:
+        """Next-token cross-entropy on the captions and EOS, given prefix + prompt."""
+        prefix, prefix_mask = self.prefix(tokens, keep, self.source.groups)
+        inputs = self.assemble(prefix, prefix_mask, prompt or self.llm_cfg.prompt, captions)
+        with self.autocast():
+            return self.decoder(**inputs, use_cache=False).loss
+
+    # --- generation
+
+    @torch.no_grad()
+    def generate(self, images=None, prompt: str | None = None, touch=None, k: int | None = None,
+                 **generate_kwargs) -> list[str]:
+        """Captions of vision images, touch images, or both (paired), from the first k tokens of each
+        (default: the configured source). `generate_kwargs` go to `decoder.generate` (num_beams,
+        do_sample, temperature, top_p, max_new_tokens, ...)."""
+        tokens = self.image_tokens(images, touch)
+        k = self.source.k if k is None else k
+        return self.generate_from_tokens(tokens, TokenSource(tuple(tokens), k, self.source.groups), prompt,
+                                         **generate_kwargs)
+
+    @torch.no_grad()
+    def generate_from_tokens(self, tokens: dict[str, torch.Tensor], source: TokenSource | None = None,
+                             prompt: str | None = None, batch_size: int = 256, **generate_kwargs) -> list[str]:
+        """Captions from phase-1 tokens ({modality: N×R×width}): batched, left-padded, KV-cached, greedy
+        unless `generate_kwargs` ask for beams or sampling."""
+        source = self.resolve(source)
+        n = len(next(iter(tokens.values())))
+        kwargs = dict(max_new_tokens=self.llm_cfg.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        kwargs.update(generate_kwargs)
+        was_training = self.training
+        self.eval()
+        captions = []
+        for start in tqdm(range(0, n, batch_size), desc=f"captions ({source.name})", leave=False,
+                          disable=n <= batch_size):
+            chunk = {m: t[start:start + batch_size] for m, t in tokens.items()}
+            prefix, prefix_mask = self.prefix(chunk, self.keep_masks(source, len(next(iter(chunk.values())))),
+                                              source.groups)
+            inputs = self.assemble(prefix, prefix_mask, prompt or self.llm_cfg.prompt,
+                                   new_tokens=kwargs["max_new_tokens"])
+            inputs.pop("position_ids")  # generate derives them from the attention mask, the same way
+            with self.autocast():
+                out = self.decoder.generate(**inputs, **kwargs)
+            captions += [c.strip() for c in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        self.train(was_training)
+        return captions
+
+    # --- checkpoints: safetensors + config.yaml, each written atomically
+
+    def trainable_decoder_state(self) -> dict[str, torch.Tensor]:
+        """The decoder tensors that train: all for `full`, the adapters for `lora`, none when frozen."""
+        return {n: p for n, p in self.decoder.named_parameters() if p.requires_grad}
+
+    def save(self, run_dir: str | os.PathLike, extra: dict | None = None):
+        from safetensors.torch import save_file
+        run_dir = Path(run_dir)
+        core.save_weights(self.projector, run_dir / "projector.safetensors")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_decoder_state().items()}
+        if state:
+            core.atomic_write(run_dir / "decoder.safetensors", lambda tmp: save_file(state, str(tmp)))
+        config = {"llm": self.llm_cfg.to_dict(), "decoder_hidden_size": self.hidden, **(extra or {})}
+        core.atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+
+    def load_weights(self, run_dir: str | os.PathLike) -> "MultimodalLLM":
+        from safetensors.torch import load_file
+        run_dir = Path(run_dir)
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if saved["decoder_hidden_size"] != self.hidden:
+            raise ValueError(f"the projector in {run_dir} outputs width {saved['decoder_hidden_size']} (for "
+                             f"{saved['llm']['model_name']}) but this decoder ({self.llm_cfg.model_name}) has hidden "
+                             f"size {self.hidden}; load it with the decoder it was trained for, or train a new one")
+        core.load_weights(self.projector, run_dir / "projector.safetensors", "projector")
+        expected = self.trainable_decoder_state()
+        if expected:
+            state = load_file(str(run_dir / "decoder.safetensors"))
+            if set(state) != set(expected):
+                raise ValueError(f"{run_dir / 'decoder.safetensors'} holds other tensors than this decoder trains "
+                                 f"(train_decoder={self.llm_cfg.train_decoder}); build it from the saved config.yaml")
+            self.decoder.load_state_dict(state, strict=False)
+        return self
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, aligner: core.Aligner | None = None) -> "MultimodalLLM":
+        """A trained phase-2 model from its run folder, on `aligner` (default: its phase-1 run's)."""
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        aligner = aligner or train.load_aligner(saved["phase1_run"])
+        return cls(aligner, LLMConfig(**saved["llm"])).load_weights(run_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Training on precomputed phase-1 tokens
+
+@torch.no_grad()
+def encode_tokens(model: core.AlignmentModel, feats: dict[str, core.Features],
+                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Phase-1 tokens of every sample, {modality: N×R×width}, on the CPU. Phase 1 is frozen, so phase 2
+    trains on these instead of running the encoders and registers every step."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for m in IMAGE_MODALITIES:
+        if m in feats and m in model.cfg.modalities:
+            n = len(feats[m].pooled)
+            out[m] = torch.cat([model.tokens(m, feats[m].batch(np.arange(i, min(i + batch_size, n)), device)).cpu()
+                                for i in tqdm(range(0, n, batch_size), desc=f"{m} tokens", leave=False)])
+    return out
+
+
+def train_captioning(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: list[str],
+                     output_dir: str | os.PathLike | None = None, resume: bool = False, callback=None,
+                     extra: dict | None = None) -> list[dict]:
+    """Train the projector (and the decoder, per train_decoder) to write `captions` from `tokens`.
+
+    With output_dir: a checkpoint after every epoch (and on Ctrl-C), metrics.jsonl, and `resume=True`
+    continues from its state.pt with the same batches. `callback(row)` sees every metrics row.
+    """
+    cfg = mm.llm_cfg
+    n = len(captions)
+    wrong = {m: len(t) for m, t in tokens.items() if len(t) != n}
+    if wrong:
+        raise ValueError(f"{n} captions but token counts {wrong}; tokens and captions must be row-aligned")
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} captions)")
+    opt, sched = train.make_optimizer(mm, cfg.lr, cfg.weight_decay, cfg.warmup_steps, steps_per_epoch * cfg.epochs)
+    run_dir = Path(output_dir) if output_dir else None
+    step, start_epoch, skip = 0, 0, 0
+    if resume:
+        if run_dir is None or not (run_dir / "state.pt").is_file():
+            raise FileNotFoundError(f"nothing to resume in {run_dir} (no state.pt); train without resume")
+        check_resumable(run_dir, cfg)
+        mm.load_weights(run_dir)
+        state = core.load_state(run_dir / "state.pt")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        core.set_rng_state(state["rng"])
+        step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+    rows = []
+
+    def log(row):
+        rows.append(row)
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if callback is not None:
+            callback(row)
+
+    def checkpoint(epoch, batches_done):  # where a resumed run continues
+        if batches_done == steps_per_epoch:
+            epoch, batches_done = epoch + 1, 0
+        mm.save(run_dir, extra)
+        core.save_state({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": core.rng_state(),
+                         "step": step, "epoch": epoch, "batch_in_epoch": batches_done}, run_dir / "state.pt")
+
+    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc="phase 2")
+    epoch, batches_done = start_epoch, skip
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            mm.train()
+            order = train.epoch_order(n, cfg.seed, epoch)
+            # every sample's token source for the epoch, drawn up front, so a resumed run sees the same
+            keep_all = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            total, count, started = 0.0, 0, time.perf_counter()
+            batches_done = skip if epoch == start_epoch else 0
+            for batches_done in range(batches_done, steps_per_epoch):
+                index = np.sort(order[batches_done * cfg.batch_size:(batches_done + 1) * cfg.batch_size])
+                loss = mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index],
+                               {m: k[index] for m, k in keep_all.items()})
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"phase-2 loss became {loss.item()} at step {step}; the last good "
+                                             f"checkpoint is kept; lower lr (now {cfg.lr})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for p in mm.parameters() if p.requires_grad], cfg.grad_clip)
+                opt.step()
+                sched.step()
+                step, batches_done = step + 1, batches_done + 1
+                total, count = total + loss.item(), count + 1
+                bar.update()
+                if step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    log({"kind": "step", "step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                         "loss": loss.item()})
+            log({"kind": "epoch", "step": step, "epoch": epoch, "train loss": total / max(count, 1),
+                 "seconds": time.perf_counter() - started})
+            if run_dir is not None:
+                checkpoint(epoch, steps_per_epoch)
+    except KeyboardInterrupt:
+        if run_dir is not None:
+            checkpoint(epoch, batches_done)
+            print(f"interrupted at step {step}: checkpoint saved in {run_dir}; continue with resume=True")
+        raise
+    finally:
+        bar.close()
+    mm.eval()
+    return rows
+
+
+def check_resumable(run_dir: Path, cfg: LLMConfig):
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["llm"]
+    ignore = {"log_every", "max_new_tokens", "cache_dir", "local_files_only"}
+    diff = {k: (saved[k], v) for k, v in cfg.to_dict().items() if k not in ignore and saved.get(k) != v}
+    if diff:
+        raise ValueError(f"cannot resume {run_dir}: it was trained with another config; differences (saved, "
+                         f"requested): {diff}. Resume with the saved config.yaml, or use a new output_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Metrics, all offline: attribute accuracy (SynthTouch), BLEU-4, CIDEr-D
+
+def words(text: str) -> list[str]:
+    """Lower-case words without punctuation (what the COCO caption tokenizer leaves for scoring)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _reference_lists(references) -> list[list[str]]:
+    return [[r] if isinstance(r, str) else list(r) for r in references]
+
+
+def bleu4(candidates: list[str], references) -> float:
+    """Corpus BLEU-4 (Papineni et al. 2002): clipped n-gram precisions for n=1..4, geometric mean,
+    brevity penalty against the closest reference length. `references`: one str or a list per candidate."""
+    matched, possible = [0] * 4, [0] * 4
+    cand_len = ref_len = 0
+    for cand, refs in zip(candidates, _reference_lists(references)):
+        c, rs = words(cand), [words(r) for r in refs]
+        cand_len += len(c)
+        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]
+        for n in range(1, 5):
+            best = Counter()
+            for r in rs:
+                best |= ngrams(r, n)
+            matched[n - 1] += sum(min(v, best[g]) for g, v in ngrams(c, n).items())
+            possible[n - 1] += max(len(c) - n + 1, 0)
+    if min(matched) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / p) for m, p in zip(matched, possible)) / 4
+    brevity = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / max(cand_len, 1))
+    return brevity * math.exp(log_precision)
+
+
+def cider_d(candidates: list[str], references, sigma: float = 6.0) -> float:
+    """CIDEr-D (Vedantam et al. 2015, as in coco-caption): TF-IDF n-gram vectors (n=1..4, document
+    frequency over this corpus's reference sets), candidate weights clipped to the reference's, cosine
+    times a Gaussian length penalty, averaged over n and references, ×10."""
+    ref_words = [[words(r) for r in refs] for refs in _reference_lists(references)]
+    df = Counter()
+    for refs in ref_words:
+        df.update({g for r in refs for n in range(1, 5) for g in ngrams(r, n)})
+    log_n = math.log(len(ref_words))
+
+    def vectors(tokens):
+        vec = [{g: tf * (log_n - math.log(max(1.0, df[g]))) for g, tf in ngrams(tokens, n).items()}
+               for n in range(1, 5)]
+        return vec, [math.sqrt(sum(v * v for v in d.values())) for d in vec]
+
+    scores = []
+    for cand, refs in zip(candidates, ref_words):
+        c_tokens = words(cand)
+        c_vec, c_norm = vectors(c_tokens)
+        total = 0.0
+        for r_tokens in refs:
+            r_vec, r_norm = vectors(r_tokens)
+            penalty = math.exp(-((len(c_tokens) - len(r_tokens)) ** 2) / (2 * sigma ** 2))
+            for n in range(4):
+                if c_norm[n] and r_norm[n]:
+                    dot = sum(min(v, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0) for g, v in c_vec[n].items())
+                    total += dot / (c_norm[n] * r_norm[n]) * penalty / 4
+        scores.append(10.0 * total / len(refs))
+    return float(np.mean(scores))
+
+
+def factor_groups() -> dict[str, str]:
+    """Discrete SynthTouch factor → group (shared / vision / touch): who can know a caption attribute."""
+    return {name: data.SynthTouch.factor_groups[name] for name in data.SynthTouch.FACTORS}
+
+
+def summarize_accuracy(per_factor: dict[str, float]) -> dict[str, float]:
+    """Per-factor accuracies → overall mean, mean per group, and the per-factor values."""
+    groups = factor_groups()
+    out = {"accuracy": float(np.mean(list(per_factor.values())))}
+    for group in dict.fromkeys(groups.values()):
+        out[f"accuracy {group}"] = float(np.mean([v for k, v in per_factor.items() if groups[k] == group]))
+    out.update({f"accuracy {k}": v for k, v in per_factor.items()})
+    return out
+
+
+def attribute_accuracy(captions: list[str], factors: list[dict]) -> dict[str, float]:
+    """How often a caption names each factor's true value (a missing attribute counts as wrong)."""
+    parsed = [data.SynthTouch.parse_caption(c) for c in captions]
+    return summarize_accuracy({name: float(np.mean([p[name] == f[name] for p, f in zip(parsed, factors)]))
+                               for name in factor_groups()})
+
+
+def attribute_baselines(train_factors: list[dict], test_factors: list[dict]) -> dict[str, dict[str, float]]:
+    """What a caption without information scores: `majority` always names the train split's most common
+    value (what a decoder that ignores its input converges to); `chance` picks uniformly."""
+    majority, chance = {}, {}
+    for name in factor_groups():
+        top = Counter(f[name] for f in train_factors).most_common(1)[0][0]
+        majority[name] = float(np.mean([f[name] == top for f in test_factors]))
+        chance[name] = 1 / len(data.SynthTouch.FACTORS[name])
+    return {"majority": summarize_accuracy(majority), "chance": summarize_accuracy(chance)}
+
+
+def caption_metrics(captions: list[str], references: list[str], factors: list[dict] | None = None) -> dict:
+    out = {"bleu4": bleu4(captions, references), "cider_d": cider_d(captions, references)}
+    if factors is not None:
+        out.update(attribute_accuracy(captions, factors))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Evaluation vs k and vs token source, phase 2 end to end, and the command line
+
+def evaluate_captions(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], references: list[str],
+                      factors: list[dict] | None = None, modality_sets=None, ks=None, n_examples: int = 8) -> dict:
+    """Caption metrics for every token source: each modality alone and all together (or `modality_sets`),
+    at every k of the grid (or `ks`); no prefix (k = 0) once. Returns {"rows": [{"modalities", "k",
+    metrics..., "examples"}]}; the rows are DataFrame-ready."""
+    source = mm.source
+    singles = [(m,) for m in source.modalities] if len(source.modalities) > 1 else []
+    modality_sets = modality_sets or singles + [source.modalities]
+    ks = prefix_grid(source.k) if ks is None else ks
+    runs = ([((), 0)] if 0 in ks else []) + [(tuple(ms), k) for ms in modality_sets for k in ks if k > 0]
+    rows = []
+    for modalities, k in tqdm(runs, desc="caption eval"):
+        captions = mm.generate_from_tokens(tokens, TokenSource(modalities or source.modalities, k, source.groups))
+        rows.append({"modalities": "+".join(modalities) or "none", "k": k,
+                     **caption_metrics(captions, references, factors),
+                     "examples": [{"reference": r, "generated": c}
+                                  for r, c in zip(references[:n_examples], captions[:n_examples])]})
+    return {"rows": rows}
+
+
+def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm_cfg: LLMConfig | None = None,
+               resume: bool = False, callback=None) -> dict:
+    """Train phase 2 on a phase-1 run's training split, evaluate on its test split, write caption_eval.json."""
+    phase1_run, output_dir = Path(phase1_run), Path(output_dir)
+    llm_cfg = llm_cfg or load_llm_config()
+    cfg = train.load_config(phase1_run / "config.yaml")
+    aligner = train.load_aligner(phase1_run).to(train.core_device())
+    train_set, train_feats = train.split_data(cfg, "train")
+    test_set, test_feats = train.split_data(cfg, "test")
+    data.set_seed(llm_cfg.seed)
+    mm = MultimodalLLM(aligner, llm_cfg)
+    train_captioning(mm, encode_tokens(aligner.model, train_feats), train_set.captions, output_dir, resume=resume,
+                     callback=callback, extra={"phase1_run": str(phase1_run)})
+    has_factors = hasattr(test_set, "factors_of")
+    test_factors = [test_set.factors_of(i) for i in range(len(test_set))] if has_factors else None
+    result = evaluate_captions(mm, encode_tokens(aligner.model, test_feats), test_set.captions, test_factors)
+    if has_factors:
+        result["baselines"] = attribute_baselines([train_set.factors_of(i) for i in range(len(train_set))],
+                                                  test_factors)
+    result.update(phase1_run=str(phase1_run), llm=llm_cfg.to_dict())
+    core.atomic_write(output_dir / "caption_eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    return result
+
+
+def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm_cfg: LLMConfig,
+                  callback=None) -> dict:
+    """caption_eval.json of `output_dir`, training only what is missing: a finished run of the same config
+    is reused, an interrupted one resumes, otherwise phase 2 starts. Re-running a notebook costs nothing."""
+    output_dir = Path(output_dir)
+    if (output_dir / "config.yaml").is_file():
+        check_resumable(output_dir, llm_cfg)
+        if (output_dir / "caption_eval.json").is_file():
+            return json.loads((output_dir / "caption_eval.json").read_text())
+    return run_phase2(phase1_run, output_dir, llm_cfg, resume=(output_dir / "state.pt").is_file(), callback=callback)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase1_run", required=True, help="a phase-1 run folder (config.yaml + model.safetensors)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--config", type=Path, default=None, help="phase-2 YAML (default: configs/phase2.yaml)")
+    flags = {"epochs": int, "batch_size": int, "lr": float, "model_name": str, "projector": str,
+             "train_decoder": str, "prompt": str, "seed": int}
+    for flag, kind in flags.items():
+        parser.add_argument(f"--{flag}", type=kind)
+    parser.add_argument("--k", type=int, help="train and caption from at most the first k tokens")
+    parser.add_argument("--modalities", nargs="+", choices=IMAGE_MODALITIES, help="token source modalities")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its state.pt")
+    args = parser.parse_args(argv)
+    overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    if args.k is not None:
+        overrides["source.k"] = args.k
+    if args.modalities:
+        overrides["source.modalities"] = tuple(args.modalities)
+    result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(args.config, **overrides), args.resume)
+    for row in result["rows"]:
+        print(f"{row['modalities']:>13} k={row['k']:<3} accuracy {row.get('accuracy', float('nan')):.3f}  "
+              f"BLEU-4 {row['bleu4']:.3f}  CIDEr-D {row['cider_d']:.3f}")
+    print(f"wrote {Path(args.output_dir) / 'caption_eval.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Phase 2: captions from any prefix of the register tokens
+#
+# Phase 1 is frozen. A projector maps each register token into the embedding space of a Qwen2 decoder, and the
+# projected tokens are spliced into the chat prompt before "Describe this image:"; the decoder is trained to
+# answer with the caption. On the testbed the decoder is a small Qwen2 trained from scratch together with the
+# projector (a tokenizer is trained offline on the captions); a real `Qwen/Qwen2.5-1.5B-Instruct` is the same
+# code with `model_name` changed, frozen, with only the projector (or LoRA) training.
+#
+# Because every caption word names a known factor, we can ask exactly what the decoder learned from which tokens:
+# how the caption goes from coarse to fine as k grows, and whether vision tokens can describe how a surface
+# feels (they cannot: hardness and pressure are touch-only).
+
+# %%
+import pandas as pd
+from IPython.display import HTML, display
+
+import llm_integration
+import plots
+import train
+import workbook
+from data import SynthTouch
+
+smoke, run_dir = workbook.settings()
+SMOKE = {"n_train": 256, "n_val": 64, "n_test": 128, "epochs": 2, "batch_size": 64} if smoke else {}
+phase1_cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
+SMOKE_LLM = {"epochs": 1, "warmup_steps": 2, "max_new_tokens": 8} if smoke else {}
+llm_cfg = llm_integration.load_llm_config(None, **SMOKE_LLM)
+llm_cfg
+
+# %% [markdown]
+# ## Phase 1, then phase 2
+# Phase 1 is the default run of notebook 02 (trained here if it is missing). Phase 2 then trains on the
+# training split: per sample it draws which modality's tokens the decoder sees (vision, touch or both) and how
+# many (k from 0, 1, 2, 4, … all), so one model answers for every token source. After training it captions the
+# test split from every source and writes `caption_eval.json`. Finished runs are reused, interrupted ones resume.
+
+# %%
+phase1_run = train.ensure_trained(phase1_cfg)
+phase2_run = run_dir / "phase2" / "default"
+result = llm_integration.ensure_phase2(phase1_run, phase2_run, llm_cfg)
+pd.DataFrame([r for r in train.read_metrics(phase2_run) if r["kind"] == "epoch"]).set_index("epoch")
+
+# %% [markdown]
+# ## The seed API on test images
+# `MultimodalLLM.generate` takes images, as in the seed package's quick start: vision images, touch images
+# (`touch=`), or both. Each row shows a test sample, its true caption and the caption generated from all tokens
+# of both modalities; the count says how many of the seven attributes it names right.
+
+# %%
+mm = llm_integration.MultimodalLLM.load(phase2_run)
+test_set = SynthTouch(phase1_cfg.n_test, seed=phase1_cfg.data_seed, image_size=phase1_cfg.image_size, split="test")
+samples = [test_set[i] for i in range(6)]
+vision, touch = [s["vision"] for s in samples], [s["touch"] for s in samples]
+print(mm.generate(vision[:1], prompt="Describe this image:"), mm.generate(touch=touch[:1]))
+for sample, caption in zip(samples, mm.generate(vision, touch=touch)):
+    sample["generated"] = caption
+fig = plots.caption_gallery(samples)
+workbook.save_figure(fig, "04_gallery")
+fig
+
+# %% [markdown]
+# ## Coarse to fine: drag k
+# The same samples captioned from the first k tokens of each modality. With k = 0 the decoder sees no image at
+# all and writes its prior; the first tokens (the shared ones, k ≤ `n_shared`) fix the pattern, later private
+# tokens add colour, lighting, hardness and pressure.
+
+# %%
+ks = llm_integration.prefix_grid(mm.source.k)
+by_k = {k: mm.generate(vision, touch=touch, k=k) for k in ks}
+
+
+def show_k(k):
+    rows = "".join(f"<tr><td>{s['caption']}</td><td>{c}</td></tr>" for s, c in zip(samples, by_k[k]))
+    display(HTML(f"<b>k = {k}</b><table><tr><th>true</th><th>generated</th></tr>{rows}</table>"))
+
+
+try:
+    import ipywidgets
+    ipywidgets.interact(show_k, k=ipywidgets.SelectionSlider(options=ks, value=ks[-1], description="k"))
+except ImportError:
+    show_k(ks[-1])
+
+# %% [markdown]
+# The static version of the slider, for the report: one sample, its caption for every k.
+
+# %%
+fig = plots.captions_by_k(samples[0], {k: captions[0] for k, captions in by_k.items()})
+workbook.save_figure(fig, "04_captions_by_k")
+fig
+
+# %% [markdown]
+# ## Attribute accuracy vs k, per factor group
+# Over the whole test split, with both modalities' tokens. Dotted lines: the majority baseline of each group
+# (always naming the most common value of the training split) — where a decoder without information ends up.
+
+# %%
+table = pd.DataFrame(result["rows"]).drop(columns="examples")
+majority, chance = result["baselines"]["majority"], result["baselines"]["chance"]
+both = "+".join(mm.source.modalities)
+vs_k = table[table.modalities.isin(["none", both])].set_index("k").sort_index()
+fig = plots.caption_accuracy_vs_k(vs_k, majority, f"Caption attributes vs prefix length ({both} tokens)")
+workbook.save_figure(fig, "04_accuracy_vs_k")
+fig
+
+# %% [markdown]
+# ## Which tokens the decoder sees
+# All tokens of one modality, of both, or none. Vision tokens cannot know hardness or pressure, so the touch-only
+# attributes fall to the baseline; touch tokens cannot know colour or lighting. Shared attributes come through
+# either modality.
+
+# %%
+groups = ["accuracy", "accuracy shared", "accuracy vision", "accuracy touch"]
+full = table[(table.k == mm.source.k) | (table.k == 0)].set_index("modalities")
+sources = pd.concat([full[groups + ["bleu4", "cider_d"]],
+                     pd.DataFrame([majority, chance], index=["majority baseline", "chance"])[groups]])
+fig = plots.caption_sources(full[groups], majority)
+workbook.save_figure(fig, "04_token_sources")
+sources.round(3)
+
+# %%
+workbook.record("04 captioning",
+                **{f"{source} {column}": sources.loc[source, column] for source in ("none", "vision", "touch", both)
+                   for column in groups},
+                **{f"majority {column}": majority[column] for column in groups},
+                **{f"chance {column}": chance[column] for column in groups},
+                **{f"{both} {metric}": full.loc[both, metric] for metric in ("bleu4", "cider_d")})

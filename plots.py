@@ -1,0 +1,439 @@
+"""Every figure of the workbook. Each function takes tables or arrays and returns a matplotlib Figure
+(built without pyplot, so nothing is shown twice or left open); notebooks save it with
+workbook.save_figure. Colours: one per factor group, the same in every figure (GROUP_COLORS); the
+vision and touch colours also stand for those modalities.
+"""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+GROUP_COLORS = {"shared": "#6a3d9a", "vision": "#e66101", "touch": "#1b7f79"}
+MODALITY_MARKERS = {"vision": "o", "touch": "^", "text": "s"}
+CHANCE_STYLE = dict(color="0.45", linestyle=":", linewidth=1.2)
+
+
+def _image(content) -> np.ndarray:
+    """A 3×H×W tensor/array in [0, 1] as H×W×3 for imshow."""
+    array = content.detach().cpu().numpy() if hasattr(content, "detach") else np.asarray(content)
+    return np.clip(array.transpose(1, 2, 0), 0, 1)
+
+
+def _show(ax, content):
+    """An image, or a caption (the text modality) written into the axes."""
+    if isinstance(content, str):
+        ax.text(0.5, 0.5, content.replace(", ", ",\n"), ha="center", va="center", fontsize=7)
+    else:
+        ax.imshow(_image(content))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _color_factor_labels(labels, groups: dict[str, str]):
+    for label in labels:
+        label.set_color(GROUP_COLORS[groups[label.get_text()]])
+
+
+def _group_legend(ax, groups, **kwargs):
+    from matplotlib.patches import Patch
+    present = [g for g in GROUP_COLORS if g in set(groups)]
+    ax.legend(handles=[Patch(color=GROUP_COLORS[g], label=f"{g} factor" if g == "shared" else f"{g}-only factor")
+                       for g in present], fontsize=8, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Coarse to fine: quality vs k
+
+def prefix_curves(tables: dict, metrics: list[str], title: str, chance: dict[str, str] | None = None) -> Figure:
+    """One panel per metric, one line per table (label → table from evaluate.evaluate_prefixes), k on
+    a log2 axis. A one-row table (the adapter: one token) is a marker at k = 1 with a dashed level line,
+    so register prefixes can be compared with it. `chance`: metric → chance column, drawn dotted."""
+    fig = Figure(figsize=(4.2 * len(metrics), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    all_ks = sorted({int(k) for t in tables.values() for k in t.index})
+    for ax, metric in zip(axes, metrics):
+        for i, (label, table) in enumerate(tables.items()):
+            if metric not in table:
+                continue
+            ks, values = np.asarray(table.index, dtype=float), table[metric].to_numpy()
+            if len(ks) == 1:
+                ax.axhline(values[0], color=f"C{i}", linestyle="--", linewidth=1)
+                ax.plot(ks, values, marker="D", color=f"C{i}", linestyle="none", label=f"{label} (1 token)")
+            else:
+                ax.plot(ks, values, marker="o", color=f"C{i}", label=label)
+        if chance and metric in chance:
+            level = next(t[chance[metric]].iloc[0] for t in tables.values() if chance[metric] in t)
+            ax.axhline(level, label="chance", **CHANCE_STYLE)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_ks, [str(k) for k in all_ks])
+        ax.set_xlabel("prefix length k (tokens, log2 scale)")
+        ax.set_ylabel("mean cosine similarity" if "cos" in metric else "recall (fraction of queries)")
+        ax.set_title(metric, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# What each token knows
+
+def information_map(info, n_shared: int, title: str = "Information map: linear probes per token") -> Figure:
+    """Heatmap per modality, tokens (first to last, then the shared and private groups) × factors
+    (grouped by who sees them, labels in their group colour); cell = probe score above chance,
+    (score − chance)/(1 − chance), so 0 is chance and 1 is perfect for accuracies and R² alike."""
+    modalities = list(dict.fromkeys(info.modality))
+    factors = list(dict.fromkeys(info.sort_values("group", key=lambda g: g.map(list(GROUP_COLORS).index),
+                                                  kind="stable").factor))
+    groups = dict(zip(info.factor, info.group))
+    fig = Figure(figsize=(0.42 * info.source.nunique() * len(modalities) + 2.5, 0.42 * len(factors) + 1.8),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(modalities), sharey=True))
+    for ax, m in zip(axes, modalities):
+        part = info[info.modality == m]
+        sources = list(dict.fromkeys(part.source))
+        grid = part.pivot(index="factor", columns="source", values="above chance").loc[factors, sources]
+        image = ax.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(sources)), [s.replace("token ", "") for s in sources], rotation=90, fontsize=8)
+        ax.set_yticks(range(len(factors)), factors)
+        _color_factor_labels(ax.get_yticklabels(), groups)
+        n_tokens = sum(s.startswith("token") for s in sources)
+        ax.axvline(min(n_shared, n_tokens) - 0.5, color="white", linewidth=2)  # shared | private tokens
+        ax.axvline(n_tokens - 0.5, color="black", linewidth=2)  # single tokens | token groups
+        ax.set_xlabel("register token index (then token groups)")
+        ax.set_title(f"{m} tokens", color=GROUP_COLORS.get(m, "black"))
+    axes[0].set_ylabel("factor (colour = who sees it)")
+    fig.colorbar(image, ax=axes, label="probe score above chance (0 = chance, 1 = perfect)")
+    fig.suptitle(title)
+    return fig
+
+
+def leakage(table, title: str = "Private factors: decoded from which tokens?") -> Figure:
+    """Bars per private factor: the own modality's private and shared tokens and the other modality's
+    shared tokens (leakage), with the chance level as a black tick."""
+    columns = [c for c in table.columns if c.startswith("own") or c.endswith("(other modality)")]
+    fig = Figure(figsize=(1.3 * len(table) + 3, 3.8), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(columns)
+    x = np.arange(len(table))
+    for j, column in enumerate(columns):
+        colors = [GROUP_COLORS[g] if column == "own private" else GROUP_COLORS["shared"] for g in table.group]
+        alpha = {0: 1.0, 1: 0.75}.get(j, 0.35)
+        ax.bar(x + (j - (len(columns) - 1) / 2) * width, table[column], width, color=colors, alpha=alpha,
+               label=column, edgecolor="black", linewidth=0.4)
+    ax.scatter(x, table.chance, marker="_", s=900, color="black", zorder=3, label="chance (majority class)")
+    ax.set_xticks(x, table.factor)
+    _color_factor_labels(ax.get_xticklabels(), dict(zip(table.factor, table.group)))
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("private factor (colour = the modality that sees it)")
+    ax.set_ylabel("probe accuracy on test (fraction)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1), markerscale=0.3)
+    fig.suptitle(title)
+    return fig
+
+
+def attention_maps(rows: dict, n_show: int = 8, title: str = "Where each register looks") -> Figure:
+    """rows: label → (image 3×H×W, maps R×h×w). Each row: the image, then up to `n_show` registers
+    from the first to the last, their attention over the patches drawn on the image."""
+    n_cols = 1 + min(n_show, max(len(maps) for _, maps in rows.values()))
+    fig = Figure(figsize=(1.6 * n_cols, 1.8 * len(rows) + 0.6), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(rows), n_cols))
+    for row, (label, (image, maps)) in zip(axes, rows.items()):
+        picked = np.unique(np.linspace(0, len(maps) - 1, min(n_show, len(maps))).round().astype(int))
+        _show(row[0], image)
+        row[0].set_title(label, fontsize=8)
+        height, width = _image(image).shape[:2]
+        for ax, r in zip(row[1:], picked):
+            _show(ax, image)
+            heat = maps[r] / maps[r].max()
+            ax.imshow(heat, cmap="magma", alpha=0.6, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                      interpolation="nearest")
+            ax.set_title(f"register {r}", fontsize=8)
+        for ax in row[1 + len(picked):]:
+            ax.axis("off")
+    fig.suptitle(f"{title} (attention over image patches, last block, bright = more weight)")
+    return fig
+
+
+def embedding_views(points: dict, factors: dict, names: list[str], value_names: dict,
+                    title: str = "Shared embeddings of both modalities (PCA)") -> Figure:
+    """points: modality → N×2. One panel per factor name, points coloured by that factor's value,
+    marker = modality. Aligned modalities overlap; a shared factor should form clusters, a private one not."""
+    import matplotlib
+    from matplotlib.lines import Line2D
+    from data import SynthTouch
+    fig = Figure(figsize=(4.6 * len(names), 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    for ax, name in zip(axes, names):
+        cmap = matplotlib.colormaps["tab10"]
+        codes = np.asarray(factors[name])
+        for m, xy in points.items():
+            ax.scatter(xy[:, 0], xy[:, 1], c=cmap(codes % 10), marker=MODALITY_MARKERS[m], s=10, alpha=0.6,
+                       linewidths=0)
+        handles = [Line2D([], [], marker="o", linestyle="none", color=cmap(i), label=v)
+                   for i, v in enumerate(value_names[name])]
+        handles += [Line2D([], [], marker=MODALITY_MARKERS[m], linestyle="none", color="0.3", label=m) for m in points]
+        ax.legend(handles=handles, fontsize=7, loc="best")
+        group = SynthTouch.factor_groups[name]
+        ax.set_title(f"coloured by {name} ({group} factor)", color=GROUP_COLORS[group])
+        ax.set_xlabel("PC 1 (unitless)")
+        ax.set_ylabel("PC 2 (unitless)")
+    fig.suptitle(title)
+    return fig
+
+
+def neighbours(panels: list[dict]) -> Figure:
+    """Rows from evaluate.NeighbourViewer.panel: the query, then its nearest neighbours of the other
+    modality, each with its factors (in their group colours). Frame: green = the query's own pair,
+    blue = same shared factors, red = different."""
+    n_cols = 1 + max(len(p["neighbours"]) for p in panels)
+    n_lines = max(len(cell["lines"]) for p in panels for cell in [p["query"], *p["neighbours"]])
+    fig = Figure(figsize=(1.75 * n_cols, (1.9 + 0.19 * n_lines) * len(panels) + 0.5), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(panels), n_cols))
+    for row, panel in zip(axes, panels):
+        cells = [(panel["query"], "query", "black")] + [
+            (n, f"#{i + 1}", "green" if n["pair"] else "tab:blue" if n["factor_match"] else "red")
+            for i, n in enumerate(panel["neighbours"])]
+        for ax, (cell, name, frame) in zip(row, cells):
+            _show(ax, cell["content"])
+            for spine in ax.spines.values():
+                spine.set(color=frame, linewidth=3)
+            ax.set_title(name, fontsize=8)
+            for line, (text, group) in enumerate(cell["lines"]):
+                ax.text(0.5, -0.04 - 0.1 * line, text, transform=ax.transAxes, ha="center", va="top", fontsize=7,
+                        color=GROUP_COLORS[group])
+        row[0].set_ylabel(panel["title"].split(":")[0], fontsize=11)
+    what = panels[0]["title"].split(": ", 1)[-1]
+    fig.suptitle(f"Nearest neighbours, {what}\n(frame: green = own pair, blue = same shared factors, red = different)",
+                 fontsize=10)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# The testbed (notebook 01)
+
+def sample_grid(samples: list[dict], title: str = "SynthTouch samples: camera (top), touch sensor (bottom)") -> Figure:
+    """Vision over touch for each sample, its caption underneath with each adjective in its group colour."""
+    from data import SynthTouch
+    fig = Figure(figsize=(2.0 * len(samples), 5.0), layout="constrained")
+    axes = fig.subplots(2, len(samples), squeeze=False)
+    for col, sample in enumerate(samples):
+        _show(axes[0, col], sample["vision"])
+        _show(axes[1, col], sample["touch"])
+        for line, name in enumerate(SynthTouch.FACTORS):
+            adjective = SynthTouch.ADJECTIVES[name][sample["factors"][name]]
+            axes[1, col].text(0.5, -0.06 - 0.1 * line, adjective, transform=axes[1, col].transAxes, ha="center",
+                              va="top", fontsize=8, color=GROUP_COLORS[SynthTouch.factor_groups[name]])
+    axes[0, 0].set_ylabel("vision")
+    axes[1, 0].set_ylabel("touch")
+    _group_legend(axes[0, -1], SynthTouch.factor_groups.values(), loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(f"{title}; caption words coloured by factor group")
+    return fig
+
+
+def render_variations(dataset, base: dict, changes: list[tuple[str, str]], seed: int = 0) -> Figure:
+    """`dataset.render` of `base`, then of `base` with one factor changed per column. Under each image:
+    how many pixels moved against the base, so the reader sees which sensor a factor reaches."""
+    from data import SynthTouch
+    columns = [("base", base)] + [(f"{name} → {value}", {**base, name: value}) for name, value in changes]
+    rendered = [dataset.render(factors, seed) for _, factors in columns]
+    fig = Figure(figsize=(2.1 * len(columns), 4.8), layout="constrained")
+    axes = fig.subplots(2, len(columns), squeeze=False)
+    for col, ((label, _), sample) in enumerate(zip(columns, rendered)):
+        group = SynthTouch.factor_groups[label.split(" ")[0]] if col else None
+        axes[0, col].set_title(label, fontsize=9, color=GROUP_COLORS[group] if group else "black")
+        for row, modality in enumerate(("vision", "touch")):
+            _show(axes[row, col], sample[modality])
+            if col:
+                moved = (sample[modality] - rendered[0][modality]).abs().amax(0).gt(1e-6).float().mean().item()
+                axes[row, col].set_xlabel(f"{100 * moved:.0f}% pixels changed", fontsize=8)
+    axes[0, 0].set_ylabel("vision")
+    axes[1, 0].set_ylabel("touch")
+    fig.suptitle("render(): one factor changed per column (same seed, so the noise is identical)")
+    return fig
+
+
+def factor_visibility(factor_groups: dict[str, str], title: str = "Which modality sees which factor") -> Figure:
+    """Factors × (vision, touch, text caption): a filled cell where that modality carries the factor."""
+    from matplotlib.patches import Rectangle
+    from data import SynthTouch
+    names = list(factor_groups)
+    sees = {"shared": ("vision", "touch"), "vision": ("vision",), "touch": ("touch",)}
+    fig = Figure(figsize=(4.2, 0.42 * len(names) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    columns = ["vision", "touch", "caption"]
+    for row, name in enumerate(names):
+        group = factor_groups[name]
+        in_caption = name in SynthTouch.FACTORS  # continuous phases are instance detail, not words
+        for col, modality in enumerate(columns):
+            seen = in_caption if modality == "caption" else modality in sees[group]
+            ax.add_patch(Rectangle((col + 0.08, row + 0.08), 0.84, 0.84, color=GROUP_COLORS[group] if seen else "0.93"))
+    ax.set_xlim(0, len(columns))
+    ax.set_ylim(len(names), 0)
+    ax.set_xticks(np.arange(len(columns)) + 0.5, columns)
+    ax.set_yticks(np.arange(len(names)) + 0.5, names)
+    _color_factor_labels(ax.get_yticklabels(), factor_groups)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    _group_legend(ax, factor_groups.values(), loc="upper left", bbox_to_anchor=(1.02, 1))
+    ax.set_title(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase-1 training (notebook 02)
+
+def loss_curves(rows: list[dict], title: str = "Phase-1 training") -> Figure:
+    """Training loss (and its parts) per step and validation R@1 per epoch, from metrics.jsonl rows."""
+    steps = [r for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    loss_ax, val_ax = fig.subplots(1, 2)
+    parts = [k for k in (steps[0] if steps else {}) if k not in ("kind", "step", "epoch", "lr", "temperature")]
+    for i, part in enumerate(parts):
+        loss_ax.plot([r["step"] for r in steps], [r[part] for r in steps], label=part, color=f"C{i}",
+                     linewidth=2 if part == "loss" else 1)
+    loss_ax.plot([r["step"] for r in epochs], [r["train loss"] for r in epochs], "ko", markersize=4,
+                 label="epoch mean")
+    loss_ax.set(xlabel="optimiser step", ylabel="loss (nats)", title="training loss")
+    if parts or epochs:
+        loss_ax.legend(fontsize=8)
+    recalls = [k for k in (epochs[0] if epochs else {}) if k.startswith("val ") and "R@1" in k]
+    for i, key in enumerate(recalls):
+        val_ax.plot([r["epoch"] + 1 for r in epochs], [r[key] for r in epochs], marker="o", color=f"C{i}",
+                    label=key[len("val "):])
+    val_ax.set(xlabel="epoch", ylabel="R@1 (fraction)", title="validation retrieval (full shared embedding)",
+               ylim=(0, 1))
+    if recalls:
+        val_ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+class LiveLoss:
+    """A training callback that redraws `loss_curves` in place every `every` rows (Jupyter display handle);
+    outside Jupyter it only collects the rows."""
+
+    def __init__(self, title: str = "Phase-1 training", every: int = 5):
+        self.rows, self.title, self.every, self.handle = [], title, every, None
+
+    def __call__(self, row: dict):
+        self.rows.append(row)
+        if row["kind"] == "epoch" or len(self.rows) % self.every == 0:
+            self.figure = loss_curves(self.rows, self.title)
+            try:
+                from IPython.display import display
+            except ImportError:
+                return
+            if self.handle is None:
+                self.handle = display(self.figure, display_id=True)
+            else:
+                self.handle.update(self.figure)
+
+
+def design_comparison(table, metrics: list[str], title: str = "Design lines on the same cached features") -> Figure:
+    """Grouped bars: one group per metric, one bar per design (rows of `table`), values written on the bars."""
+    fig = Figure(figsize=(1.9 * len(metrics) + 2.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(table)
+    x = np.arange(len(metrics))
+    for i, (design, row) in enumerate(table.iterrows()):
+        bars = ax.bar(x + (i - (len(table) - 1) / 2) * width, [row[m] for m in metrics], width, label=design)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(x, [m.replace(" R@", "\nR@") for m in metrics], fontsize=8)
+    ax.set(ylabel="recall (fraction of queries)", ylim=(0, 1.05), title=title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 2: captions from token prefixes (notebook 04)
+
+def _caption_lines(ax, caption: str, factors: dict, y: float, label: str):
+    """`label: caption` under an axes, each adjective in its group colour, grey and struck when wrong."""
+    from data import SynthTouch
+    parsed = SynthTouch.parse_caption(caption)
+    wrong = sum(parsed[name] != factors[name] for name in SynthTouch.FACTORS)
+    ax.text(0.0, y, f"{label} ({len(SynthTouch.FACTORS) - wrong}/{len(SynthTouch.FACTORS)} right): {caption}",
+            transform=ax.transAxes, ha="left", va="top", fontsize=8,
+            color="black" if not wrong else "firebrick")
+
+
+def caption_gallery(samples: list[dict], title: str = "Test samples and their generated captions") -> Figure:
+    """samples: {vision, touch, factors, caption, generated}. One row each: the two images, then the true
+    caption and the generated one with how many attributes it names right (red when any is wrong)."""
+    fig = Figure(figsize=(9.5, 1.45 * len(samples) + 0.5), layout="constrained")
+    axes = fig.subplots(len(samples), 3, squeeze=False, width_ratios=[1, 1, 5])
+    for row, sample in zip(axes, samples):
+        _show(row[0], sample["vision"])
+        _show(row[1], sample["touch"])
+        row[2].axis("off")
+        row[2].text(0.0, 0.75, f"true:  {sample['caption']}", transform=row[2].transAxes, ha="left", va="top",
+                    fontsize=8)
+        _caption_lines(row[2], sample["generated"], sample["factors"], 0.4, "generated")
+    axes[0, 0].set_title("vision", fontsize=9)
+    axes[0, 1].set_title("touch", fontsize=9)
+    fig.suptitle(title)
+    return fig
+
+
+def captions_by_k(sample: dict, captions: dict, title: str = "One sample, captioned from the first k tokens") -> Figure:
+    """The static version of the k slider: a sample's images and its caption for every k (0 = no prefix)."""
+    fig = Figure(figsize=(9.5, 0.32 * len(captions) + 1.6), layout="constrained")
+    axes = fig.subplots(1, 3, width_ratios=[1, 1, 5])
+    _show(axes[0], sample["vision"])
+    _show(axes[1], sample["touch"])
+    axes[0].set_title("vision", fontsize=9)
+    axes[1].set_title("touch", fontsize=9)
+    axes[2].axis("off")
+    axes[2].text(0.0, 1.0, f"true:  {sample['caption']}", transform=axes[2].transAxes, ha="left", va="top", fontsize=8,
+                 fontweight="bold")
+    for i, (k, caption) in enumerate(captions.items()):
+        _caption_lines(axes[2], caption, sample["factors"], 0.88 - 0.8 * i / max(len(captions) - 1, 1), f"k={k}")
+    fig.suptitle(title)
+    return fig
+
+
+def caption_accuracy_vs_k(table, baseline: dict, title: str = "Caption attributes vs prefix length") -> Figure:
+    """table: one row per k (0 = no prefix) with columns `accuracy <group>`; one line per factor group in
+    its colour, and the group's majority baseline (always naming the most common value) dotted."""
+    fig = Figure(figsize=(6.2, 3.8), layout="constrained")
+    ax = fig.subplots()
+    ks = list(table.index)
+    x = np.arange(len(ks))
+    for group, color in GROUP_COLORS.items():
+        ax.plot(x, table[f"accuracy {group}"], marker="o", color=color,
+                label=f"{group} factors" if group == "shared" else f"{group}-only factors")
+        ax.axhline(baseline[f"accuracy {group}"], color=color, linestyle=":", linewidth=1.2)
+    ax.plot(x, table["accuracy"], marker="s", color="black", linewidth=2, label="all factors")
+    ax.axhline(baseline["accuracy"], label="majority baseline (dotted)", **CHANCE_STYLE)
+    ax.set_xticks(x, ["0\n(none)" if k == 0 else str(k) for k in ks])
+    ax.set_xlabel("tokens per modality given to the decoder (k)")
+    ax.set_ylabel("attribute accuracy (fraction right)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    return fig
+
+
+def caption_sources(table, baseline: dict, title: str = "Which tokens the decoder sees") -> Figure:
+    """table: one row per token source with columns `accuracy <group>`; bars per group in its colour,
+    the group's majority baseline as a dotted mark. Vision tokens cannot know touch-only factors."""
+    fig = Figure(figsize=(6.2, 3.8), layout="constrained")
+    ax = fig.subplots()
+    x, width = np.arange(len(table)), 0.8 / len(GROUP_COLORS)
+    for i, (group, color) in enumerate(GROUP_COLORS.items()):
+        offset = (i - (len(GROUP_COLORS) - 1) / 2) * width
+        ax.bar(x + offset, table[f"accuracy {group}"], width, color=color,
+               label=f"{group} factors" if group == "shared" else f"{group}-only factors")
+        ax.hlines(np.full(len(x), baseline[f"accuracy {group}"]), x + offset - width / 2, x + offset + width / 2,
+                  colors="black", linestyles=":", linewidth=1.5)
+    ax.set_xticks(x, list(table.index))
+    ax.set_xlabel("token source (all tokens of each modality named)")
+    ax.set_ylabel("attribute accuracy (fraction right)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="upper left", title="dotted: majority baseline", title_fontsize=7)
+    ax.set_title(title)
+    return fig

@@ -1,0 +1,476 @@
+"""Register tokens, nested dropout, every loss, the three design lines, configs and checkpoints, on
+small random features (the frozen encoders are tested in test_encoders.py)."""
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import core  # noqa: E402
+from core import Features, ModelConfig, NestedDropout, RegisterTokenModule  # noqa: E402
+
+T, WIDTHS = 6, {"vision": 16, "touch": 12, "text": 20}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: on a busy 2-core machine a second thread costs ~10× more than it gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small(**overrides) -> ModelConfig:
+    values = dict(hidden_dim=32, n_registers=8, n_shared=2, n_layers=2, n_heads=4, embed_dim=16)
+    return ModelConfig(**{**values, **overrides})
+
+
+def paired_features(n=32, modalities=("vision", "touch"), seed=0) -> dict[str, Features]:
+    """Each modality sees a different linear view of one latent per sample, plus noise; text is padded."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, T, 8, generator=g)
+    out = {}
+    for m in modalities:
+        tokens = latent @ torch.randn(8, WIDTHS[m], generator=g) + 0.1 * torch.randn(n, T, WIDTHS[m], generator=g)
+        mask = torch.ones(n, T, dtype=torch.bool)
+        if m == "text":
+            mask[:, T - 2:] = False  # padding
+        out[m] = Features(tokens.mean(1), tokens, mask)
+    return out
+
+
+def build(cfg: ModelConfig, seed=0) -> core.AlignmentModel:
+    torch.manual_seed(seed)
+    return core.AlignmentModel(cfg, {m: WIDTHS[m] for m in cfg.modalities}, {m: T for m in cfg.modalities})
+
+
+# ----------------------------------------------------------------------------------------------
+# The prefix property: one forward pass yields the representation of every prefix length
+
+
+def register_module(attention: str, R=8) -> RegisterTokenModule:
+    torch.manual_seed(0)
+    return RegisterTokenModule(16, T, 32, R, n_layers=2, n_heads=4, attention=attention).eval()
+
+
+@pytest.mark.parametrize("attention", ["joint", "cross"])
+def test_perturbing_later_registers_leaves_earlier_outputs_unchanged(attention):
+    module = register_module(attention)
+    x = torch.randn(3, T, 16)
+    with torch.no_grad():
+        reference = module(x)
+        for i in range(module.n_registers - 1):
+            original = module.registers.data.clone()
+            module.registers.data[i + 1:] += torch.randn_like(module.registers.data[i + 1:])
+            perturbed = module(x)
+            module.registers.data.copy_(original)
+            torch.testing.assert_close(perturbed[:, :i + 1], reference[:, :i + 1], atol=1e-5, rtol=1e-5)
+            assert (perturbed[:, i + 1:] - reference[:, i + 1:]).abs().max() > 1e-2  # the perturbation bites
+
+
+@pytest.mark.parametrize("attention", ["joint", "cross"])
+def test_k_prefix_of_the_full_pass_equals_a_pass_with_only_k_registers(attention):
+    module = register_module(attention)
+    x, mask = torch.randn(3, T, 16), torch.tensor([[True] * T, [True] * (T - 2) + [False] * 2, [True] + [False] * 5])
+    with torch.no_grad():
+        full = module(x, mask)
+        for k in range(1, module.n_registers + 1):
+            torch.testing.assert_close(module(x, mask, n_registers=k), full[:, :k], atol=1e-5, rtol=1e-5)
+
+
+def test_joint_mask_features_never_see_registers():
+    allowed = core.register_attention_mask(4, 3)
+    assert not allowed[:4, 4:].any()  # features → registers: never
+    assert allowed[:, :4].all()  # everyone → features
+    assert torch.equal(allowed[4:, 4:], torch.ones(3, 3).tril().bool())  # register i → registers ≤ i
+
+
+@pytest.mark.parametrize("attention", ["joint", "cross"])
+def test_masked_input_tokens_have_no_influence(attention):
+    module = register_module(attention)
+    x = torch.randn(2, T, 16)
+    mask = torch.tensor([[True] * 4 + [False] * 2] * 2)
+    changed = x.clone()
+    changed[:, 4:] = torch.randn(2, 2, 16) * 10
+    with torch.no_grad():
+        torch.testing.assert_close(module(changed, mask), module(x, mask), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(module(changed), module(x), atol=1e-3)  # unmasked, they do matter
+
+
+@pytest.mark.parametrize("attention", ["joint", "cross"])
+def test_attention_maps_are_distributions_over_real_input_tokens(attention):
+    module = register_module(attention)
+    mask = torch.tensor([[True] * T, [True] * 3 + [False] * 3])
+    maps = module.attention_maps(torch.randn(2, T, 16), mask)
+    assert maps.shape == (2, module.n_registers, T)
+    assert (maps >= 0).all() and (maps[1, :, 3:] == 0).all()  # padding gets no attention
+    mass = maps.sum(-1)
+    if attention == "cross":  # features are all a register attends to
+        torch.testing.assert_close(mass, torch.ones(2, module.n_registers))
+    else:  # joint: the rest of the mass goes to registers ≤ i
+        assert ((mass > 0) & (mass < 1)).all()
+
+
+@pytest.mark.parametrize("design, attention", [("flextok", "joint"), ("fluxtalk", "cross")])
+def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_passes(design, attention):
+    cfg = small(design=design, attention=attention, n_shared=4)
+    model = build(cfg).eval()
+    feats = paired_features(4)["vision"]
+    module = model.encoders["vision"]
+    with torch.no_grad():
+        tokens = model.tokens("vision", feats)
+        assert tokens.shape == (4, 8, 32)
+        embeddings = model.prefix_embeddings("vision", tokens, cfg.prefix_lengths)
+        recon = model.reconstruction_cosine("vision", tokens, feats, cfg.prefix_lengths)
+        for k in cfg.prefix_lengths:
+            alone = module(feats.tokens, feats.mask, n_registers=k)
+            shared = alone[:, :min(k, cfg.n_shared)]
+            torch.testing.assert_close(embeddings[k], model.heads["vision"](shared.mean(1)), atol=1e-5, rtol=1e-5)
+            decoded = model.decoders["vision"](alone, torch.ones(4, k, dtype=torch.bool))
+            expected = F.cosine_similarity(decoded, feats.tokens, dim=-1).mean(1)
+            torch.testing.assert_close(recon[k], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeddings[4], embeddings[8])  # beyond n_shared nothing changes
+
+
+def test_prefix_lengths():
+    assert small(n_registers=8).prefix_lengths == [1, 2, 4, 8]
+    assert small(n_registers=8, n_shared=3).prefix_lengths == [1, 2, 3, 4, 8]  # the full shared embedding too
+    assert small(n_registers=12, nested_dropout="uniform").prefix_lengths == [1, 2, 4, 8, 12]
+    assert small(n_registers=1, n_shared=1).prefix_lengths == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Nested dropout
+
+
+def kept_counts(mode, n=20000, R=8, rate=0.5):
+    torch.manual_seed(0)
+    keep = NestedDropout(R, mode, rate).train()(n)
+    assert keep.shape == (n, R) and keep.dtype == torch.bool
+    k = keep.sum(1)
+    assert torch.equal(keep, torch.arange(R)[None] < k[:, None])  # always a prefix
+    return keep, k
+
+
+def test_power_of_two_keeps_1_2_4_8_equally_often():
+    _, k = kept_counts("power_of_two")
+    values, counts = k.unique(return_counts=True)
+    assert values.tolist() == [1, 2, 4, 8]
+    np.testing.assert_allclose(counts.numpy() / len(k), 0.25, atol=0.02)
+
+
+def test_uniform_keeps_every_k_equally_often():
+    _, k = kept_counts("uniform")
+    values, counts = k.unique(return_counts=True)
+    assert values.tolist() == list(range(1, 9))
+    np.testing.assert_allclose(counts.numpy() / len(k), 1 / 8, atol=0.015)
+
+
+def test_linear_drop_probability_rises_from_zero_to_the_rate():
+    keep, _ = kept_counts("linear", rate=0.5)
+    drop = 1 - keep.float().mean(0)
+    np.testing.assert_allclose(drop.numpy(), 0.5 * np.arange(8) / 7, atol=0.015)
+    assert drop[0] == 0 and (drop[1:] >= drop[:-1]).all()
+
+
+def test_none_keeps_all():
+    keep, _ = kept_counts("none")
+    assert keep.all()
+
+
+@pytest.mark.parametrize("mode", core.DROPOUT_MODES)
+def test_dropout_is_off_in_eval_and_keep_k_forces_a_prefix(mode):
+    dropout = NestedDropout(8, mode, 0.5)
+    assert dropout.eval()(100).all()
+    for training in (True, False):
+        dropout.train(training)
+        assert torch.equal(dropout(5, keep_k=3), torch.arange(8)[None].expand(5, -1) < 3)
+
+
+def test_model_dropout_follows_train_and_eval():
+    model = build(small(nested_dropout="uniform"))
+    model.train()
+    torch.manual_seed(0)
+    assert not model.dropout(64).all()
+    model.eval()
+    assert model.dropout(64).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses against direct computations
+
+
+def direct_info_nce(a, b, temperature):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    logits = a @ b.T / temperature
+
+    def cross_entropy_rows(z):
+        return np.mean([np.log(np.exp(row).sum()) - row[i] for i, row in enumerate(z)])
+    return (cross_entropy_rows(logits) + cross_entropy_rows(logits.T)) / 2
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5, 2.0])
+def test_info_nce_is_symmetric_clip_loss_with_temperature(temperature):
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    scale = torch.tensor(1 / temperature, dtype=torch.float64).log()
+    loss = core.info_nce(a, b, scale)
+    assert loss.item() == pytest.approx(direct_info_nce(a.numpy(), b.numpy(), temperature), rel=1e-10)
+    assert core.info_nce(b, a, scale).item() == pytest.approx(loss.item(), rel=1e-12)
+    assert core.info_nce(a, a, scale) < loss  # matched pairs cost less
+
+
+def test_matryoshka_averages_info_nce_over_leading_dims():
+    torch.manual_seed(1)
+    a, b = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    scale = torch.tensor(1 / 0.1, dtype=torch.float64).log()
+    expected = np.mean([direct_info_nce(a[:, :d].numpy(), b[:, :d].numpy(), 0.1) for d in (2, 4, 8)])
+    assert core.matryoshka_info_nce(a, b, scale, (2, 4, 8)).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_preservation_is_one_minus_mean_cosine_over_real_tokens():
+    torch.manual_seed(2)
+    recon, target = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    r, t = recon.numpy(), target.numpy()
+    cos = [(r[i, j] @ t[i, j]) / np.linalg.norm(r[i, j]) / np.linalg.norm(t[i, j])
+           for i, j in [(0, 0), (0, 1), (1, 0)]]
+    assert core.preservation_loss(recon, target, mask).item() == pytest.approx(1 - np.mean(cos), rel=1e-10)
+    assert core.preservation_loss(3 * target, target, mask).item() == pytest.approx(0, abs=1e-12)
+
+
+def test_complementary_regularizer_is_l2_plus_squared_cosine_to_the_overlap():
+    torch.manual_seed(3)
+    comp, overlap = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    c, o = comp.numpy(), overlap.numpy()
+    l2 = np.mean(c ** 2)
+    cos2 = np.mean([((c[i, j] @ o[i]) / np.linalg.norm(c[i, j]) / np.linalg.norm(o[i])) ** 2
+                    for i in range(2) for j in range(3)])
+    assert core.complementary_regularizer(comp, overlap).item() == pytest.approx(l2 + cos2, rel=1e-10)
+    # tokens orthogonal to the overlap pay only the L2 part
+    orthogonal = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
+    loss = core.complementary_regularizer(orthogonal, torch.tensor([[2.0, 0.0]], dtype=torch.float64))
+    assert loss.item() == pytest.approx(0.5)
+
+
+def constant_velocity_flow(c: torch.Tensor) -> core.FlowMatcher:
+    flow = core.FlowMatcher(len(c), [("vision", "touch"), ("touch", "vision")], hidden=8)
+    last = flow.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(c)
+    return flow
+
+
+def test_flow_loss_and_transport_with_a_known_velocity():
+    torch.manual_seed(4)
+    c = torch.tensor([0.5, -1.0, 2.0])
+    flow = constant_velocity_flow(c)
+    x_a, x_b = torch.randn(7, 3), torch.randn(7, 3)
+    # v ≡ c: the rectified-flow loss is ‖c − (x_b − x_a)‖² averaged, whatever t is drawn
+    expected = ((c - (x_b - x_a)) ** 2).mean()
+    torch.testing.assert_close(flow.loss(x_a, x_b, "vision->touch"), expected)
+    # Euler integration of v ≡ c over [0, 1] moves every point by exactly c
+    torch.testing.assert_close(flow.transport(x_a, "touch->vision", steps=5), x_a + c)
+    with pytest.raises(ValueError):
+        flow.loss(x_a, x_b, "vision->text")
+
+
+def test_flow_learns_to_transport_one_modality_onto_the_other():
+    torch.manual_seed(5)
+    rotation = torch.linalg.qr(torch.randn(4, 4))[0]
+    x_a = torch.randn(256, 4)
+    x_b = x_a @ rotation + 1.0
+    flow = core.FlowMatcher(4, [("vision", "touch")], hidden=64)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = flow.loss(x_a, x_b, "vision->touch")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    error = (flow.transport(x_a, "vision->touch", steps=20) - x_b).norm(dim=1).mean()
+    assert error < 0.5 * (x_a - x_b).norm(dim=1).mean()  # untrained: about 1×
+
+
+def test_gather_with_grad_is_the_identity_on_one_process(tmp_path):
+    x = torch.randn(4, 3, requires_grad=True)
+    assert core.gather_with_grad(x) is x  # no process group
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        gathered = core.gather_with_grad(x)
+        (gathered * torch.arange(3.0)).sum().backward()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert torch.equal(gathered, x)
+    torch.testing.assert_close(x.grad, torch.arange(3.0).expand(4, -1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and inputs that do not fit
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_registers=8, n_shared=9), "n_shared=9 must be between 1 and n_registers=8"),
+    (dict(n_shared=0), "n_shared=0 must be between 1 and n_registers=8"),
+    (dict(n_registers=12), "power-of-two n_registers, got 12.*n_registers=8"),
+    (dict(loss_type="clip"), "unknown loss_type 'clip'.*contrastive"),
+    (dict(attention="self"), "unknown attention 'self'.*joint"),
+    (dict(design="mlp"), "unknown design 'mlp'.*flextok"),
+    (dict(nested_dropout="random"), "unknown nested_dropout 'random'.*power_of_two"),
+    (dict(modalities=("vision",)), r"modalities \('vision',\) must be at least two"),
+    (dict(modalities=("vision", "smell")), "smell"),
+    (dict(hidden_dim=30), "hidden_dim=30 is not divisible by n_heads=4"),
+    (dict(mrl_dims=(8, 32)), r"mrl_dims \(8, 32\) must lie in 1..embed_dim=16"),
+])
+def test_bad_model_config_names_the_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small(**overrides)
+
+
+def test_non_power_of_two_registers_work_with_uniform_dropout():
+    assert small(n_registers=12, nested_dropout="uniform").n_registers == 12
+
+
+@pytest.mark.parametrize("design", core.DESIGNS)
+def test_features_of_the_wrong_width_fail_clearly(design):
+    cfg = small(design=design) if design != "adapter" else small(design="adapter", n_registers=1, n_shared=1)
+    model = build(cfg)
+    wrong = paired_features(4, modalities=("text",))["text"]  # 20 wide, the vision branch expects 16
+    with pytest.raises(ValueError, match="20.*16"):
+        model.tokens("vision", wrong)
+    with pytest.raises(ValueError, match="no 'text' branch"):
+        model.tokens("text", wrong)
+    with pytest.raises(ValueError, match=r"no input features for modalities \['touch'\]"):
+        core.AlignmentModel(cfg, {"vision": 16}, {"vision": T})
+
+
+# ----------------------------------------------------------------------------------------------
+# The three design lines and the three loss types train
+
+
+DESIGN_CONFIGS = {
+    "flextok": dict(design="flextok", attention="joint", nested_dropout="power_of_two", preservation_weight=0.5),
+    "fluxtalk": dict(design="fluxtalk", attention="cross", n_registers=4, n_shared=3, nested_dropout="linear",
+                     nested_dropout_rate=0.5, complementary_reg_weight=0.01, preservation_weight=0.0),
+    "adapter": dict(design="adapter", n_registers=1, n_shared=1, nested_dropout="none", preservation_weight=0.0,
+                    mrl_dims=(4, 8)),
+}
+EXPECTED_PARTS = {"contrastive": {"contrastive"}, "flow_matching": {"flow"}, "combined": {"contrastive", "flow"}}
+
+
+def eval_loss(model, batch):
+    model.eval()
+    torch.manual_seed(123)  # the flow loss draws t
+    with torch.no_grad():
+        return model(batch)[0].item()
+
+
+@pytest.mark.parametrize("loss_type", core.LOSS_TYPES)
+@pytest.mark.parametrize("design", DESIGN_CONFIGS)
+def test_every_design_and_loss_type_trains(design, loss_type):
+    cfg = small(**DESIGN_CONFIGS[design], loss_type=loss_type, modalities=("vision", "touch", "text"))
+    model = build(cfg)
+    batch = paired_features(32, cfg.modalities)
+    before = eval_loss(model, batch)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(30):
+        loss, parts = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    expected = EXPECTED_PARTS[loss_type] | {"temperature"}
+    expected |= {"preservation"} if cfg.preservation_weight else set()
+    expected |= {"complementary"} if cfg.complementary_reg_weight else set()
+    assert set(parts) == expected
+    assert torch.isfinite(loss)
+    assert eval_loss(model, batch) < 0.8 * before
+    assert hasattr(model, "flow") == (loss_type != "contrastive")
+
+
+def test_fluxtalk_clones_registers_across_modalities_flextok_does_not():
+    fluxtalk, flextok = build(small(**DESIGN_CONFIGS["fluxtalk"])), build(small())
+    assert torch.equal(fluxtalk.encoders["vision"].registers, fluxtalk.encoders["touch"].registers)
+    assert not torch.equal(flextok.encoders["vision"].registers, flextok.encoders["touch"].registers)
+
+
+def test_contrastive_loss_of_the_model_is_info_nce_of_its_embeddings():
+    cfg = small(nested_dropout="none", preservation_weight=0.0)
+    model = build(cfg).eval()
+    batch = paired_features(8)
+    loss, parts = model(batch)
+    emb = {m: model.prefix_embeddings(m, model.tokens(m, batch[m]), [8])[8] for m in cfg.modalities}
+    torch.testing.assert_close(loss, core.info_nce(emb["vision"], emb["touch"], model.logit_scale))
+    assert parts["temperature"].item() == pytest.approx(cfg.init_temperature, rel=1e-5)
+
+
+def test_vision_text_aligner_and_train_alignment_seed_api():
+    from data import ImageTextDataset, SynthTouch, create_dataloader, set_seed
+    from train import train_alignment
+    set_seed(0)
+    cfg = core.AlignmentConfig(vision_model_name="synth-vision", text_model_name="all-MiniLM-L6-v2", d_align=32,
+                               hidden_dim=64, mrl_dims=(8, 16, 64), learning_rate=3e-3, batch_size=16, num_epochs=2)
+    aligner = core.VisionTextAligner(cfg)
+    assert aligner.cfg.design == "adapter" and aligner.cfg.modalities == ("vision", "text")
+    assert aligner.cfg.mrl_dims == (8, 16)  # prefixes shorter than d_align
+    frozen = {k: v.clone() for k, v in aligner.encoders.state_dict().items()}
+    loader = create_dataloader(ImageTextDataset.from_pairs(SynthTouch(32, image_size=64), image_size=64),
+                               cfg.batch_size)
+    history = train_alignment(aligner, loader, cfg.num_epochs)
+    assert len(history["loss"]) == cfg.num_epochs and len(history["contrastive"]) == cfg.num_epochs
+    assert np.isfinite(history["loss"]).all() and history["loss"][-1] < history["loss"][0]
+    assert all(torch.equal(v, frozen[k]) for k, v in aligner.encoders.state_dict().items())
+    assert not aligner.training
+    batch = next(iter(loader))
+    emb = aligner.embed("vision", batch["image"])
+    assert emb.shape == (16, 32)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint helpers
+
+
+def test_weights_round_trip_and_mismatch_names_the_tensors(tmp_path):
+    path = tmp_path / "model.safetensors"
+    model = build(small())
+    core.save_weights(model, path, metadata={"step": "3"})
+    loaded = core.load_weights(build(small(), seed=1), path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match=r"encoders.vision.registers: file \(8, 32\) vs model \(4, 32\)"):
+        core.load_weights(build(small(n_registers=4)), path)
+    with pytest.raises(ValueError, match="missing.*flow"):
+        core.load_weights(build(small(loss_type="combined")), path)
+    with pytest.raises(FileNotFoundError, match="no model weights"):
+        core.load_weights(model, tmp_path / "absent.safetensors")
+
+
+def test_rng_state_round_trips_through_a_weights_only_state_file(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    core.save_state({"rng": core.rng_state(), "step": 5}, tmp_path / "state.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    state = core.load_state(tmp_path / "state.pt")
+    core.set_rng_state(state["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert again[:2] == expected[:2] and torch.equal(again[2], expected[2]) and state["step"] == 5
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("old")
+
+    def crash(tmp):
+        tmp.write_text("half written")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        core.atomic_write(path, crash)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    core.atomic_write(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new" and len(list(tmp_path.iterdir())) == 1

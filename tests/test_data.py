@@ -1,0 +1,238 @@
+import csv
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# the tests import the top-level modules whichever directory pytest is started from
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data import ImageTextDataset, SynthTouch, TVLDataset, create_dataloader, get_device, set_seed  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# SynthTouch
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    a, b, c = SynthTouch(20, seed=1), SynthTouch(20, seed=1), SynthTouch(20, seed=2)
+    for i in range(20):
+        assert torch.equal(a[i]["vision"], b[i]["vision"]) and torch.equal(a[i]["touch"], b[i]["touch"])
+        assert a[i]["caption"] == b[i]["caption"] and a[i]["factors"] == b[i]["factors"]
+        assert not torch.equal(a[i]["vision"], c[i]["vision"]) and not torch.equal(a[i]["touch"], c[i]["touch"])
+    assert a.captions == b.captions != c.captions
+
+
+def test_splits_share_no_sample():
+    seen = {}
+    for split in SynthTouch.SPLITS:
+        ds = SynthTouch(200, seed=0, image_size=16, split=split)
+        for i in range(len(ds)):
+            key = ds[i]["vision"].numpy().tobytes()
+            assert key not in seen, f"{split}[{i}] equals {seen[key]}"
+            seen[key] = (split, i)
+
+
+def test_shapes_dtypes_ranges_and_item_keys():
+    for size in (16, 64, 100):
+        sample = SynthTouch(3, image_size=size)[2]
+        assert set(sample) == {"vision", "touch", "caption", "factors", "index"} and sample["index"] == 2
+        for modality in ("vision", "touch"):
+            image = sample[modality]
+            assert image.shape == (3, size, size) and image.dtype == torch.float32 and image.is_contiguous()
+            assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.02  # not blank
+        factors = sample["factors"]
+        assert set(factors) == set(SynthTouch.factor_groups)
+        assert all(isinstance(factors[name], str) for name in SynthTouch.FACTORS)
+        assert all(isinstance(factors[name], float) for name in SynthTouch.CONTINUOUS_FACTORS)
+
+
+def test_factors_of_and_factor_table_match_rendered_samples():
+    ds = SynthTouch(30, seed=3)
+    table = ds.factor_table()
+    for i in range(len(ds)):
+        factors = ds[i]["factors"]
+        assert ds.factors_of(i) == factors and ds.captions[i] == ds[i]["caption"]
+        for name, values in SynthTouch.FACTORS.items():
+            assert values[table[name][i]] == factors[name]
+        for name in SynthTouch.CONTINUOUS_FACTORS:
+            assert table[name][i] == factors[name]
+
+
+def test_every_factor_value_is_drawn():
+    table = SynthTouch(300, seed=0).factor_table()
+    for name, values in SynthTouch.FACTORS.items():
+        assert set(table[name]) == set(range(len(values))), name
+
+
+def _changed_images(factor, value, other, seed):
+    ds = SynthTouch(1, image_size=32)
+    fixed = {name: values[0] for name, values in SynthTouch.FACTORS.items()}
+    a, b = ds.render({**fixed, factor: value}, seed), ds.render({**fixed, factor: other}, seed)
+    return not torch.equal(a["vision"], b["vision"]), not torch.equal(a["touch"], b["touch"])
+
+
+@pytest.mark.parametrize("factor", list(SynthTouch.FACTORS))
+def test_private_factors_are_pixel_exactly_private(factor):
+    group = SynthTouch.factor_groups[factor]
+    values = SynthTouch.FACTORS[factor]
+    for value in values:  # every value against every other one, with the noise seed fixed
+        for other in values:
+            if other != value:
+                vision_changed, touch_changed = _changed_images(factor, value, other, seed=7)
+                assert vision_changed == (group in ("shared", "vision")), (factor, value, other)
+                assert touch_changed == (group in ("shared", "touch")), (factor, value, other)
+
+
+def test_phase_is_shared():
+    ds = SynthTouch(1)
+    a, b = ds.render(dict(phase_x=0.1), seed=3), ds.render(dict(phase_x=0.4), seed=3)
+    assert not torch.equal(a["vision"], b["vision"]) and not torch.equal(a["touch"], b["touch"])
+
+
+def test_render_keeps_unspecified_factors_and_noise_from_seed():
+    ds = SynthTouch(1)
+    a, b = ds.render({}, seed=11), ds.render({}, seed=11)
+    assert torch.equal(a["vision"], b["vision"]) and a["factors"] == b["factors"] and a["index"] == -1
+    fixed = ds.render(dict(color="blue"), seed=11)["factors"]
+    assert fixed == {**a["factors"], "color": "blue"}
+
+
+def test_caption_covers_every_factor_and_parses_back():
+    ds = SynthTouch(50, seed=5)
+    for i in range(len(ds)):
+        sample = ds[i]
+        words = sample["caption"].split(", ")
+        assert len(words) == len(SynthTouch.FACTORS)
+        expected = {name: sample["factors"][name] for name in SynthTouch.FACTORS}
+        assert SynthTouch.parse_caption(sample["caption"]) == expected
+    adjectives = [a for values in SynthTouch.ADJECTIVES.values() for a in values.values()]
+    assert len(adjectives) == len(set(adjectives))
+    assert SynthTouch.parse_caption("A red surface, it feels soft.") == dict(
+        dict.fromkeys(SynthTouch.FACTORS), color="red", hardness="soft")
+
+
+def test_bad_inputs_raise_clear_errors():
+    ds = SynthTouch(2)
+    with pytest.raises(ValueError, match="pink"):
+        ds.render(dict(color="pink"), seed=0)
+    with pytest.raises(ValueError, match="smell"):
+        ds.render(dict(smell="sweet"), seed=0)
+    with pytest.raises(ValueError, match="phase_x"):
+        ds.render(dict(phase_x=1.5), seed=0)
+    with pytest.raises(ValueError, match="image_size"):
+        SynthTouch(2, image_size=8)
+    with pytest.raises(ValueError, match="train, val, test"):
+        SynthTouch(2, split="dev")
+    with pytest.raises(IndexError):
+        ds[2]
+
+
+def test_fingerprint_names_the_content():
+    assert SynthTouch(10, seed=1).fingerprint == SynthTouch(10, seed=1).fingerprint
+    prints = {SynthTouch(10, seed=1).fingerprint, SynthTouch(11, seed=1).fingerprint,
+              SynthTouch(10, seed=2).fingerprint, SynthTouch(10, seed=1, image_size=32).fingerprint,
+              SynthTouch(10, seed=1, split="val").fingerprint}
+    assert len(prints) == 5
+
+
+# -----------------------------------------------------------------------------
+# TVLDataset, on a tiny fake layout
+
+
+def _jpeg(path, color):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (20, 12), color).save(path)
+
+
+def _csv(path, header, rows):
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def tvl_root(tmp_path):
+    ssvtp = tmp_path / "ssvtp"
+    for n, color in ((3, (255, 0, 0)), (8, (0, 255, 0))):
+        _jpeg(str(ssvtp / f"images_rgb/image_{n}_rgb.jpg"), color)
+        _jpeg(str(ssvtp / f"images_tac/image_{n}_tac.jpg"), (0, 0, 255))
+        os.makedirs(ssvtp / "text", exist_ok=True)
+        (ssvtp / "text" / f"labels_{n}.txt").write_text(f"smooth, hard {n}\nsecond line is ignored\n")
+    _csv(ssvtp / "train.csv", ["url"], [["images_rgb/image_3_rgb.jpg"], ["images_rgb/image_8_rgb.jpg"]])
+    hct = tmp_path / "hct" / "data2"
+    _jpeg(str(hct / "0/vision/1.jpg"), (255, 255, 255))
+    _jpeg(str(hct / "0/tactile/1.jpg"), (0, 0, 0))
+    _csv(hct / "train.csv", ["url", "tactile", "tactile_background", "caption"],
+         [["0/vision/1.jpg", "0/tactile/1.jpg", "0/bg.jpg", "bumpy, rough"]])
+    return tmp_path
+
+
+def test_tvl_reads_both_subsets(tvl_root):
+    ds = TVLDataset(tvl_root, split="train", image_size=16)
+    assert len(ds) == 3 and ds.captions == ["smooth, hard 3", "smooth, hard 8", "bumpy, rough"]
+    first, last = ds[0], ds[2]
+    assert set(first) == {"vision", "touch", "caption", "factors", "index"} and first["factors"] == {}
+    assert first["vision"].shape == (3, 16, 16) and first["vision"].dtype == torch.float32
+    assert first["vision"][0].mean() > 0.9 and first["touch"][2].mean() > 0.9  # red image, blue touch
+    assert last["vision"].mean() > 0.9 and last["touch"].mean() < 0.1 and last["caption"] == "bumpy, rough"
+    assert ds.fingerprint == TVLDataset(tvl_root, image_size=16).fingerprint
+
+
+def test_tvl_errors_name_the_problem(tvl_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        TVLDataset(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="test.csv"):
+        TVLDataset(tvl_root, split="test")
+    (tvl_root / "ssvtp/images_rgb/image_8_rgb.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="image_8_rgb.jpg.*corrupt"):
+        TVLDataset(tvl_root)[1]
+
+
+# -----------------------------------------------------------------------------
+# seed-package API
+
+
+def test_image_text_dataset_accepts_paths_pil_and_tensors(tvl_root):
+    images = [str(tvl_root / "ssvtp/images_rgb/image_3_rgb.jpg"), Image.new("RGB", (5, 7), (0, 255, 0)),
+              torch.rand(3, 10, 10), torch.full((3, 32, 32), 255, dtype=torch.uint8)]
+    ds = ImageTextDataset(images, ["a", "b", "c", "d"], image_size=32)
+    for i in range(4):
+        item = ds[i]
+        assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+        assert 0 <= item["image"].min() and item["image"].max() <= 1
+    assert ds[3]["caption"] == "d" and torch.all(ds[3]["image"] == 1)
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        ImageTextDataset(images[:2], ["a"])
+
+
+def test_image_text_dataset_from_pairs():
+    synth = SynthTouch(4, image_size=16)
+    ds = ImageTextDataset.from_pairs(synth, modality="touch", image_size=16)
+    assert len(ds) == 4 and torch.equal(ds[1]["image"], synth[1]["touch"]) and ds[1]["caption"] == synth[1]["caption"]
+
+
+def test_create_dataloader_collates_and_shuffles_deterministically():
+    ds = SynthTouch(10, image_size=16)
+    batch = next(iter(create_dataloader(ds, batch_size=4, shuffle=False)))
+    assert batch["vision"].shape == (4, 3, 16, 16) and batch["touch"].shape == (4, 3, 16, 16)
+    assert batch["caption"] == [ds[i]["caption"] for i in range(4)]
+    assert batch["index"].tolist() == [0, 1, 2, 3]
+    assert batch["factors"]["color"] == [ds[i]["factors"]["color"] for i in range(4)]
+    assert batch["factors"]["phase_x"] == [ds[i]["factors"]["phase_x"] for i in range(4)]
+
+    def order(seed):
+        return [i for b in create_dataloader(ds, batch_size=3, seed=seed) for i in b["index"].tolist()]
+    assert order(0) == order(0) != order(1) and sorted(order(0)) == list(range(10))
+    assert len(list(create_dataloader(ds, batch_size=4, drop_last=True))) == 2
+
+
+def test_set_seed_and_device():
+    set_seed(4)
+    a = [random.random(), np.random.rand(), torch.rand(1).item()]
+    set_seed(4)
+    assert a == [random.random(), np.random.rand(), torch.rand(1).item()]
+    assert isinstance(get_device(), torch.device)

@@ -1,0 +1,312 @@
+"""Coarse-to-fine evaluation: the one-pass all-k table equals k truncated passes, recall and chance
+against direct counts, probes and leakage on tokens whose content is known, the attention maps, the k
+slider's callback without a browser, and the figures of plots.py."""
+import json
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import core  # noqa: E402
+import evaluate  # noqa: E402
+import plots  # noqa: E402
+from core import Features, ModelConfig  # noqa: E402
+from data import SynthTouch  # noqa: E402
+from test_core import one_thread  # noqa: E402,F401  (autouse: tiny tensors run faster on one thread)
+
+T, WIDTH = 16, 12  # a 4×4 patch grid, so attention maps can be drawn
+
+
+def model_of(**overrides) -> core.AlignmentModel:
+    values = dict(hidden_dim=32, n_registers=8, n_shared=2, n_layers=2, n_heads=4, embed_dim=16)
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**values, **overrides})
+    return core.AlignmentModel(cfg, {m: WIDTH for m in cfg.modalities}, {m: T for m in cfg.modalities}).eval()
+
+
+def features(n=24, seed=0) -> dict[str, Features]:
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, T, 6, generator=g)
+    out = {}
+    for m in ("vision", "touch"):
+        tokens = latent @ torch.randn(6, WIDTH, generator=g) + 0.3 * torch.randn(n, T, WIDTH, generator=g)
+        out[m] = Features(tokens.mean(1), tokens, torch.ones(n, T, dtype=torch.bool))
+    return out
+
+
+def factor_table(n=24, seed=0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.integers(len(values), size=n) for name, values in SynthTouch.FACTORS.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# One pass = k truncated passes
+
+@pytest.mark.parametrize("overrides", [dict(design="flextok", attention="joint"),
+                                       dict(design="fluxtalk", attention="cross", n_registers=4, n_shared=3,
+                                            nested_dropout="linear"),
+                                       dict(design="flextok", loss_type="combined")])
+def test_all_k_table_from_one_pass_equals_k_truncated_passes(overrides, tmp_path):
+    model = model_of(**overrides)
+    feats, factors = features(), factor_table()
+    one = evaluate.evaluate_prefixes(model, feats, factors, batch_size=10, out_path=tmp_path / "eval.json")
+    truncated = evaluate.evaluate_prefixes(model, feats, factors, batch_size=10, one_pass=False)
+    assert list(one.index) == model.cfg.prefix_lengths
+    pd.testing.assert_frame_equal(one, truncated, atol=1e-5, rtol=1e-5)
+    # the embeddings themselves, not only recalls (which could agree by luck on 24 items)
+    ks = model.cfg.prefix_lengths
+    fast = evaluate.encode_all(model, feats, ks)
+    slow = evaluate.encode_all(model, feats, ks, one_pass=False)
+    for m in model.cfg.modalities:
+        for k in ks:
+            torch.testing.assert_close(fast[m].embeddings[k], slow[m].embeddings[k], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fast[m].recon[k], slow[m].recon[k], atol=1e-5, rtol=1e-5)
+        assert fast[m].tokens.shape == (24, model.cfg.n_registers, 32) and slow[m].tokens is None
+    expected_columns = {f"{a}->{b} R@{r} {level}" for a, b in (("vision", "touch"), ("touch", "vision"))
+                        for r in (1, 5) for level in ("pair", "factor")}
+    assert expected_columns <= set(one.columns)
+    assert {"vision recon cos", "touch recon cos"} <= set(one.columns)
+    assert any(c.endswith(" flow") for c in one.columns) == (model.cfg.loss_type != "contrastive")
+    assert evaluate.read_eval(tmp_path / "eval.json").round(6).equals(one.round(6))
+
+
+def test_the_reference_really_runs_only_k_registers():
+    model = model_of()
+    feats = features(4)["vision"]
+    with torch.no_grad():
+        full = model.encoders["vision"](feats.tokens, feats.mask)
+        two = model.encoders["vision"](feats.tokens, feats.mask, n_registers=2)
+    assert two.shape[1] == 2 and full.shape[1] == 8
+    torch.testing.assert_close(two, full[:, :2], atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_has_one_row_and_eval_restores_train_mode():
+    model = model_of(design="adapter", n_registers=1, n_shared=1, nested_dropout="none", preservation_weight=0.0)
+    model.train()
+    table = evaluate.evaluate_prefixes(model, features(), factor_table())
+    assert list(table.index) == [1] and model.training
+    with pytest.raises(ValueError, match="outside 1..1"):
+        evaluate.evaluate_prefixes(model, features(), None, ks=[2])
+
+
+def test_mismatched_inputs_fail_clearly():
+    model = model_of()
+    feats = features()
+    with pytest.raises(ValueError, match="lack modalities"):
+        evaluate.evaluate_prefixes(model, {"vision": feats["vision"]}, None)
+    with pytest.raises(ValueError, match="different numbers of samples"):
+        evaluate.evaluate_prefixes(model, {"vision": feats["vision"], "touch": features(10)["touch"]}, None)
+    with pytest.raises(ValueError, match="shared factors"):
+        evaluate.evaluate_prefixes(model, feats, {"color": np.zeros(24, int)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Recall and chance
+
+def test_recall_counts_hits_in_the_top_r():
+    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.1], [0.5, 0.6, 0.4]])
+    recall = evaluate.recall_at(similarity, torch.eye(3, dtype=torch.bool), ranks=(1, 2))
+    assert recall == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3)}  # row 2's pair is third
+
+
+def test_factor_match_and_chance_agree_with_a_random_ranking():
+    factors = {"texture": np.array([0, 0, 1, 1, 1, 2]), "orientation": np.array([0, 0, 0, 0, 1, 1])}
+    relevant = evaluate.factor_match(factors, ["texture", "orientation"])
+    assert relevant.sum(1).tolist() == [2, 2, 2, 2, 1, 1]
+    chance = evaluate.chance_recall(relevant, ranks=(1, 2))
+    g = torch.Generator().manual_seed(0)
+    simulated = [evaluate.recall_at(torch.rand(6, 6, generator=g), relevant, ranks=(1, 2)) for _ in range(4000)]
+    for r in (1, 2):
+        assert chance[r] == pytest.approx(np.mean([s[r] for s in simulated]), abs=0.01)
+    assert evaluate.chance_recall(torch.eye(100, dtype=torch.bool))[5] == pytest.approx(0.05)
+
+
+def test_prefix_drops_flags_only_drops_beyond_sampling_noise():
+    table = pd.DataFrame({"a->b R@1 pair": [0.30, 0.50, 0.48, 0.60], "a->b R@1 factor": [0.2, 0.6, 0.3, 0.6],
+                          "a recon cos": [0.1, 0.2, 0.3, 0.4]}, index=[1, 2, 4, 8])
+    drops = evaluate.prefix_drops(table, n_queries=1000)
+    assert set(drops.index) == {"a->b R@1 pair", "a->b R@1 factor"}
+    small, large = drops.loc["a->b R@1 pair"], drops.loc["a->b R@1 factor"]
+    assert small["largest drop"] == pytest.approx(0.02) and not small["any drop beyond noise"]
+    assert (large["from k"], large["to k"]) == (2, 4) and large["any drop beyond noise"]
+    assert large["noise (z·SE)"] == pytest.approx(2 * np.sqrt((0.6 * 0.4 + 0.3 * 0.7) / 1000))
+
+
+# ----------------------------------------------------------------------------------------------
+# Probes, the information map and leakage, on tokens whose content is known
+
+def planted_tokens(n, seed):
+    """Token 0 of each modality encodes texture (shared); token 2 encodes the modality's own private
+    factor (vision: color, touch: hardness); everything else is noise. n_shared = 2."""
+    rng = np.random.default_rng(seed)
+    factors = {name: rng.integers(len(values), size=n) for name, values in SynthTouch.FACTORS.items()}
+    factors["phase_x"] = rng.uniform(size=n)
+    tokens = {}
+    for m, private in (("vision", "color"), ("touch", "hardness")):
+        x = rng.normal(size=(n, 4, 8)) * 0.3
+        x[np.arange(n), 0, factors["texture"]] += 3
+        x[np.arange(n), 2, factors[private]] += 3
+        x[:, 1, 6], x[:, 1, 7] = np.cos(2 * np.pi * factors["phase_x"]), np.sin(2 * np.pi * factors["phase_x"])
+        tokens[m] = torch.tensor(x, dtype=torch.float32)
+    return tokens, factors
+
+
+@pytest.fixture(scope="module")
+def info():
+    train_tokens, train_factors = planted_tokens(300, 0)
+    test_tokens, test_factors = planted_tokens(200, 1)
+    return evaluate.information_map(train_tokens, train_factors, test_tokens, test_factors, n_shared=2)
+
+
+def score(info, modality, source, factor):
+    return info.set_index(["modality", "source", "factor"]).loc[(modality, source, factor), "score"]
+
+
+def test_information_map_finds_what_each_token_carries(info):
+    assert set(info.source) == {"token 0", "token 1", "token 2", "token 3", "shared", "private"}
+    for m, private, other in (("vision", "color", "hardness"), ("touch", "hardness", "color")):
+        assert score(info, m, "token 0", "texture") > 0.95 and score(info, m, "token 3", "texture") < 0.45
+        assert score(info, m, "token 2", private) > 0.95 and score(info, m, "private", private) > 0.95
+        assert score(info, m, "shared", private) < 0.5 and score(info, m, "private", other) < 0.5
+        assert score(info, m, "token 1", "phase_x") > 0.9 and score(info, m, "token 3", "phase_x") < 0.1
+    chance = info.set_index(["modality", "source", "factor"]).chance
+    assert chance.loc[("vision", "token 0", "phase_x")] == 0.0
+    assert 0.25 <= chance.loc[("vision", "token 0", "texture")] < 0.4  # majority class of 4 uniform values
+    assert info["above chance"].max() <= 1.0 + 1e-9
+
+
+def test_group_summary_and_leakage_report_chance(info):
+    summary = evaluate.group_summary(info)
+    assert summary.loc[("shared", "texture", "accuracy"), "touch shared"] > 0.95
+    assert summary.loc[("vision", "color", "accuracy"), "vision private"] > 0.95
+    assert list(summary.index.get_level_values("group").unique()) == ["shared", "vision", "touch"]
+    table = evaluate.leakage(info).set_index("factor")
+    assert set(table.index) == {"color", "lighting", "hardness", "pressure"}
+    assert table.loc["color", "own private"] > 0.95
+    # touch never sees colour: its shared tokens decode it at chance level, nothing leaks
+    assert table.loc["color", "touch shared (other modality)"] < table.loc["color", "chance"] + 0.15
+    assert table.loc["hardness", "vision shared (other modality)"] < table.loc["hardness", "chance"] + 0.15
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention maps, 2-D views
+
+@pytest.mark.parametrize("attention", ["joint", "cross"])
+def test_attention_maps_cover_the_patch_grid(attention):
+    model = model_of(attention=attention)
+    maps = evaluate.attention_maps(model, "vision", features()["vision"], index=3)
+    assert maps.shape == (8, 4, 4) and (maps >= 0).all()
+    total = maps.sum((1, 2))
+    if attention == "cross":
+        np.testing.assert_allclose(total, 1, atol=1e-5)
+    else:  # joint: the rest goes to registers ≤ i
+        assert ((total > 0) & (total < 1)).all()
+    with pytest.raises(ValueError, match="no registers"):
+        evaluate.attention_maps(model_of(design="adapter", n_registers=1, n_shared=1, nested_dropout="none"),
+                                "vision", features()["vision"], 0)
+
+
+def test_project_2d_keeps_modalities_apart_and_in_order():
+    embeddings = {"vision": torch.randn(10, 16), "touch": torch.randn(7, 16)}
+    points = evaluate.project_2d(embeddings)
+    assert points["vision"].shape == (10, 2) and points["touch"].shape == (7, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The k slider, headless
+
+@pytest.fixture(scope="module")
+def viewer():
+    dataset = SynthTouch(12, seed=0, image_size=32, split="test")
+    base = torch.randn(12, 8)
+    g = torch.Generator().manual_seed(1)
+    # at k = 4 every touch item is its vision pair; at k = 1 the pair sits far away
+    embeddings = {"vision": {1: base, 4: base}, "touch": {1: -base + 0.01 * torch.randn(12, 8, generator=g),
+                                                         4: base + 0.01 * torch.randn(12, 8, generator=g)}}
+    encoded = {m: evaluate.Encoded(None, e, None) for m, e in embeddings.items()}
+    return evaluate.NeighbourViewer(encoded, dataset, query=3)
+
+
+def drawn_images(figure):
+    return [ax.images[0].get_array() for ax in figure.axes if ax.images]
+
+
+def test_slider_callback_redraws_the_neighbours_of_that_k(viewer):
+    assert list(viewer.slider.options) == [1, 4] and viewer.slider.value == 4
+    viewer.slider.value = 4
+    assert viewer.neighbours[0] == 3  # own pair first
+    images = drawn_images(viewer.figure)
+    assert len(images) == 6  # query + 5 neighbours
+    np.testing.assert_allclose(images[0], viewer.dataset[3]["vision"].numpy().transpose(1, 2, 0), atol=1e-6)
+    np.testing.assert_allclose(images[1], viewer.dataset[3]["touch"].numpy().transpose(1, 2, 0), atol=1e-6)
+    texts = [t.get_text() for ax in viewer.figure.axes for t in ax.texts]
+    color = viewer.dataset[3]["factors"]["color"]
+    assert color in texts and viewer.figure.axes[0].get_ylabel() == "k = 4"
+    viewer.slider.value = 1  # the observer fires: a new figure with other neighbours
+    assert viewer.neighbours[0] != 3 and 3 not in viewer.neighbours[:1]
+    np.testing.assert_allclose(drawn_images(viewer.figure)[1],
+                               viewer.dataset[int(viewer.neighbours[0])]["touch"].numpy().transpose(1, 2, 0),
+                               atol=1e-6)
+    viewer.query.value = 5
+    assert viewer.neighbours.tolist() == viewer.neighbours_at(1, 5).tolist()
+
+
+def test_static_row_has_one_row_per_k(viewer):
+    figure = viewer.static_figure([1, 4])
+    assert len(drawn_images(figure)) == 12
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures: titles, labels, one colour per factor group
+
+def labelled(figure):
+    """A title, and on every panel with data an x label; a y label on the first (panels may share y)."""
+    assert figure._suptitle is not None and figure._suptitle.get_text()
+    panels = [ax for ax in figure.axes if ax.get_label() != "<colorbar>" and ax.axison
+              and (ax.lines or ax.collections or ax.patches or ax.images)]
+    assert panels and panels[0].get_ylabel()
+    assert all(ax.get_xlabel() for ax in panels), [ax.get_title() for ax in panels if not ax.get_xlabel()]
+    return figure
+
+
+def test_prefix_curves_use_a_log2_axis_and_label_everything():
+    tables = {"flextok": pd.DataFrame({"m R@1": [0.1, 0.2, 0.3], "chance@1 pair": [0.01] * 3}, index=[1, 2, 4]),
+              "adapter": pd.DataFrame({"m R@1": [0.25], "chance@1 pair": [0.01]}, index=[1])}
+    fig = labelled(plots.prefix_curves(tables, ["m R@1"], "quality vs k", chance={"m R@1": "chance@1 pair"}))
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "log2" in ax.get_xlabel()
+    assert {line.get_label() for line in ax.lines} >= {"flextok", "adapter (1 token)", "chance"}
+
+
+def test_information_map_and_leakage_figures_colour_factors_by_group(info):
+    from matplotlib.colors import to_hex
+    fig = labelled(plots.information_map(info, n_shared=2))
+    labels = {t.get_text(): to_hex(t.get_color()) for t in fig.axes[0].get_yticklabels()}
+    for factor, group in SynthTouch.factor_groups.items():
+        if factor in labels:
+            assert labels[factor] == plots.GROUP_COLORS[group]
+    fig = labelled(plots.leakage(evaluate.leakage(info)))
+    labels = {t.get_text(): to_hex(t.get_color()) for t in fig.axes[0].get_xticklabels()}
+    assert labels["color"] == plots.GROUP_COLORS["vision"] and labels["hardness"] == plots.GROUP_COLORS["touch"]
+
+
+def test_attention_and_embedding_figures():
+    model = model_of()
+    feats = features()
+    image = torch.rand(3, 32, 32)
+    maps = evaluate.attention_maps(model, "vision", feats["vision"], 0)
+    fig = plots.attention_maps({"vision": (image, maps), "touch": (image, maps)}, n_show=4)
+    assert fig._suptitle.get_text() and sum(len(ax.images) == 2 for ax in fig.axes) == 8
+    points = evaluate.project_2d({"vision": torch.randn(24, 16), "touch": torch.randn(24, 16)})
+    names = {n: v for n, v in SynthTouch.FACTORS.items()}
+    labelled(plots.embedding_views(points, factor_table(), ["texture", "color"], names))
+
+
+def test_eval_json_is_plain_json(tmp_path):
+    evaluate.evaluate_prefixes(model_of(), features(), None, ks=[1, 8], out_path=tmp_path / "eval.json")
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    assert list(rows) == ["1", "8"] and "vision->touch R@1 pair" in rows["1"] and "chance@1 pair" in rows["8"]

@@ -1,0 +1,331 @@
+"""Phase 2: token sources, decoder inputs and labels, generation, training, checkpoints, metrics, the
+seed package's quick start and the command line, on a random tiny aligner and a micro Qwen2 decoder."""
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+import core
+import data
+import llm_integration as L
+import train
+
+MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=128)
+
+
+def micro_decoder(folder, pad_is_eos=False, chat_template=True, pad=True):
+    """A micro Qwen2 + caption tokenizer in `folder`, optionally with a tokenizer variant."""
+    L.save_tiny_decoder(folder, data.SynthTouch(300).captions + list(L.PROMPTS), vocab_size=300, **MICRO)
+    if pad_is_eos or not pad:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.pad_token = tokenizer.eos_token if pad_is_eos else None
+        tokenizer.save_pretrained(folder)
+    if not chat_template:
+        (folder / "chat_template.jinja").unlink()
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    return micro_decoder(tmp_path_factory.mktemp("micro"))
+
+
+@pytest.fixture(scope="module")
+def aligner():
+    cfg = core.ModelConfig(modalities=("vision", "touch"), hidden_dim=32, n_registers=8, n_shared=2, n_layers=1,
+                           n_heads=2, embed_dim=32)
+    encoders = {"vision": core.create_encoder("synth-vision"), "touch": core.create_encoder("synth-touch")}
+    torch.manual_seed(0)
+    model = core.AlignmentModel(cfg, {m: e.dim for m, e in encoders.items()},
+                                {m: e.num_tokens for m, e in encoders.items()})
+    return core.Aligner(encoders, model).eval()
+
+
+def make_mm(aligner, decoder_dir, **cfg):
+    torch.manual_seed(0)
+    return L.MultimodalLLM(aligner, L.LLMConfig(model_name=decoder_dir, **cfg))
+
+
+def random_tokens(n, width=32, registers=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(n, registers, width, generator=g) for m in ("vision", "touch")}
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics against hand-computed cases
+
+def test_bleu4_matches_hand_computation():
+    # precisions 4/5, 3/4, 2/3, 1/2; equal lengths → no brevity penalty
+    assert L.bleu4(["a b c d e"], ["a b c d f"]) == pytest.approx((4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
+    # every n-gram matches but the candidate is 4 words against 6: brevity penalty exp(1 - 6/4)
+    assert L.bleu4(["a b c d"], [["a b c d e f"]]) == pytest.approx(math.exp(-0.5))
+    assert L.bleu4(["x y z w"], ["a b c d"]) == 0.0
+
+
+def test_cider_d_matches_hand_computation():
+    # two images, every n-gram in one reference set: idf = log 2 for all; identical uni- and bigrams
+    # give cosine 1 for n=1,2 (no 3-, 4-grams): 10 * (1 + 1) / 4 = 5
+    assert L.cider_d(["a b", "c d"], ["a b", "c d"]) == pytest.approx(5.0)
+    # second image: "c e" vs "c d": unigram cosine 1/2, no bigram → 10 * 0.5 / 4 = 1.25; mean with 5
+    assert L.cider_d(["a b", "c e"], ["a b", "c d"]) == pytest.approx((5.0 + 1.25) / 2)
+    # a candidate 3 words longer than its reference loses the Gaussian length penalty exp(-9 / 72)
+    long = L.cider_d(["a b x y z", "c d"], ["a b", "c d"])
+    assert long == pytest.approx((10 * (2 / math.sqrt(10) + 1 / 2) / 4 * math.exp(-9 / 72) + 5.0) / 2)
+
+
+def test_attribute_accuracy_per_factor_group_and_baselines():
+    dataset = data.SynthTouch(2, split="test")
+    factors = [dataset.factors_of(i) for i in range(2)]
+    wrong = dict(factors[1], color=next(c for c in data.SynthTouch.FACTORS["color"] if c != factors[1]["color"]))
+    captions = [data.SynthTouch.caption_of(factors[0]), data.SynthTouch.caption_of(wrong)]
+    acc = L.attribute_accuracy(captions, factors)
+    assert acc["accuracy color"] == 0.5 and acc["accuracy hardness"] == 1.0
+    assert acc["accuracy vision"] == pytest.approx((0.5 + 1.0) / 2)
+    assert acc["accuracy shared"] == acc["accuracy touch"] == 1.0
+    assert acc["accuracy"] == pytest.approx(6.5 / 7)
+    assert L.attribute_accuracy(["a surface"] * 2, factors)["accuracy"] == 0.0  # missing attributes are wrong
+    train_factors = [dict(factors[0], pressure="firm")] * 3 + [dict(factors[0], pressure="light")]
+    base = L.attribute_baselines(train_factors, factors)
+    assert base["majority"]["accuracy pressure"] == pytest.approx(sum(f["pressure"] == "firm" for f in factors) / 2)
+    assert base["chance"]["accuracy hardness"] == pytest.approx(1 / 3)
+    assert base["chance"]["accuracy touch"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# token sources and decoder inputs
+
+def test_token_sources_pick_the_first_k_of_chosen_modalities_and_groups(aligner, decoder_dir):
+    mm = make_mm(aligner, decoder_dir)
+    assert mm.source == L.TokenSource(("vision", "touch"), 8, L.REGISTER_GROUPS)
+    assert mm.register_index(("private",)) == list(range(2, 8))
+    keep = mm.keep_masks(mm.resolve(L.TokenSource(("touch",), 3)), batch=2)
+    assert keep["vision"].sum() == 0 and keep["touch"][0].tolist() == [True] * 3 + [False] * 5
+    prefix, mask = mm.prefix(random_tokens(2), keep)
+    assert prefix.shape == (2, 8, 32) and mask.sum() == 6  # only the touch projector ran
+    empty, _ = mm.prefix(random_tokens(2), mm.keep_masks(mm.resolve(L.TokenSource(k=0)), 2))
+    assert empty.shape == (2, 0, 32)  # the k = 0 control
+    with pytest.raises(ValueError, match="hold only 6 tokens"):
+        mm.resolve(L.TokenSource(k=7, groups=("private",)))
+    draws = mm.training_keep_masks(400, torch.Generator().manual_seed(0))
+    per_sample = torch.stack([draws["vision"].sum(1), draws["touch"].sum(1)], 1)
+    assert {0, 1, 2, 4, 8} == set(per_sample.max(1).values.tolist())  # every k of the grid, 0 included
+    assert (per_sample[:, 0] == 0).any() and (per_sample[:, 1] == 0).any() and (per_sample.min(1).values > 0).any()
+    assert torch.equal(draws["touch"], mm.training_keep_masks(400, torch.Generator().manual_seed(0))["touch"])
+
+
+def test_labels_cover_only_caption_and_eos_even_when_pad_is_eos(aligner, tmp_path):
+    folder = micro_decoder(tmp_path / "pad_eos", pad_is_eos=True, chat_template=False)
+    mm = make_mm(aligner, folder)
+    tok = mm.tokenizer
+    assert tok.pad_token_id == tok.eos_token_id and not tok.chat_template
+    captions = ["red, soft", "striped, horizontal, coarse, blue, dim, hard, firm"]
+    keep = mm.keep_masks(mm.resolve(L.TokenSource(k=2)), 2)
+    keep["touch"] = keep["touch"] & torch.tensor([[False], [True]])  # row 0 has a shorter prefix
+    prefix, prefix_mask = mm.prefix(random_tokens(2), keep)
+    inputs = mm.assemble(prefix, prefix_mask, "Describe this image:", captions)
+    labels, mask = inputs["labels"], inputs["attention_mask"].bool()
+    prompt_len = len(tok("Describe this image:", add_special_tokens=False).input_ids)
+    for row, caption in enumerate(captions):
+        expected = tok(caption, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        assert labels[row][labels[row] != -100].tolist() == expected  # caption + EOS, nothing else
+        assert labels[row][-1] == tok.eos_token_id  # EOS learned although it is also the pad id
+        assert mask[row].sum() == (2 if row == 0 else 4) + prompt_len + len(expected)
+    assert not mask[0, 0] and mask[:, -1].all()  # left-padded: padding first, real tokens last
+    assert (inputs["position_ids"][mask] >= 0).all() and inputs["position_ids"][0][mask[0]][0] == 0
+
+
+def test_chat_template_wraps_the_prefix_in_the_user_turn(aligner, decoder_dir):
+    mm = make_mm(aligner, decoder_dir)
+    before, after = mm.prompt_ids("Describe this image:")
+    assert mm.tokenizer.decode(before) == "<|im_start|>user\n"
+    assert mm.tokenizer.decode(after) == "Describe this image:<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_left_padding_leaves_each_rows_logits_unchanged(aligner, decoder_dir):
+    mm = make_mm(aligner, decoder_dir).eval()
+    tokens, captions = random_tokens(2), ["red, soft", "striped, horizontal, coarse, blue, dim, hard, firm"]
+    keep = mm.keep_masks(mm.source, 2)
+    keep["vision"] = keep["vision"] & torch.tensor([[False], [True]])
+
+    def caption_logits(rows):
+        inputs = mm.assemble(*mm.prefix({m: t[rows] for m, t in tokens.items()}, {m: k[rows] for m, k in keep.items()}),
+                             "Describe this image:", [captions[i] for i in rows])
+        logits = mm.decoder(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        return [logits[i][inputs["labels"][i] != -100] for i in range(len(rows))]
+
+    batched = caption_logits([0, 1])
+    for row in (0, 1):
+        torch.testing.assert_close(batched[row], caption_logits([row])[0], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+def test_generation_is_batched_and_cached_without_changing_greedy_output(aligner, decoder_dir):
+    mm = make_mm(aligner, decoder_dir)
+    tokens = random_tokens(5)
+    batched = mm.generate_from_tokens(tokens, max_new_tokens=8)
+    assert batched == [c for i in range(5) for c in
+                       mm.generate_from_tokens({m: t[i:i + 1] for m, t in tokens.items()}, max_new_tokens=8)]
+    assert batched == mm.generate_from_tokens(tokens, max_new_tokens=8, use_cache=False, batch_size=2)
+    beams = mm.generate_from_tokens(tokens, max_new_tokens=8, num_beams=3)
+    torch.manual_seed(0)
+    sampled = mm.generate_from_tokens(tokens, max_new_tokens=8, do_sample=True, temperature=5.0)
+    assert len(beams) == len(sampled) == 5 and sampled != batched
+
+
+def test_generate_from_vision_touch_and_both(aligner, decoder_dir):
+    mm = make_mm(aligner, decoder_dir, max_new_tokens=4)
+    items = [data.SynthTouch(3, split="test")[i] for i in range(3)]
+    vision, touch = [x["vision"] for x in items], [x["touch"] for x in items]
+    for captions in (mm.generate(vision[:1], prompt="Describe this image:"), mm.generate(touch=touch[:1]),
+                     mm.generate(vision[:1], touch=touch[:1], k=1)):
+        assert isinstance(captions, list) and len(captions) == 1 and isinstance(captions[0], str)
+    assert len(mm.generate(torch.stack(vision), touch=touch)) == 3
+
+
+def test_bad_inputs_fail_with_clear_errors(aligner, decoder_dir, tmp_path):
+    mm = make_mm(aligner, decoder_dir, max_new_tokens=4)
+    image = data.SynthTouch(1)[0]["vision"]
+    with pytest.raises(ValueError, match="image list is empty"):
+        mm.generate([])
+    with pytest.raises(ValueError, match="encoder takes 64×64"):
+        mm.generate([image[:, :32, :32]])
+    with pytest.raises(ValueError, match="3×H×W"):
+        mm.generate([image[:1]])
+    with pytest.raises(ValueError, match="counts differ"):
+        mm.generate([image, image], touch=[image])
+    with pytest.raises(ValueError, match="exceed the decoder's context of 128"):
+        mm.generate([image], prompt="Describe this image: " * 40)
+    mm.projector["vision"] = L.Projector("linear", 32, 48, 8)
+    with pytest.raises(ValueError, match="projector outputs width 48 but the decoder's hidden size is 32"):
+        mm.generate([image])
+    mm.projector["vision"] = L.Projector("linear", 16, 32, 8)
+    with pytest.raises(ValueError, match="tokens are 32 wide but the vision projector takes 16"):
+        mm.generate([image])
+    with pytest.raises(ValueError, match="no pad token"):
+        make_mm(aligner, micro_decoder(tmp_path / "no_pad", pad=False))
+    with pytest.raises(OSError, match="cannot load the decoder 'Qwen/Qwen2.5-0.5B-Instruct'.*local folder"):
+        make_mm(aligner, "Qwen/Qwen2.5-0.5B-Instruct", local_files_only=True)
+    with pytest.raises(ValueError, match="unknown projector"):
+        L.LLMConfig(projector="mlp3x")
+
+
+# ----------------------------------------------------------------------------------------------
+# training and checkpoints
+
+def two_class_data(n=64):
+    """Tokens whose sign says which of two captions is right, so only a decoder that reads the prefix
+    can caption them."""
+    label = torch.arange(n) % 2
+    tokens = {m: t + 3.0 * (2 * label[:, None, None] - 1) for m, t in random_tokens(n).items()}
+    captions = ["striped, horizontal, fine, red, dim, soft, gentle",
+                "dotted, vertical, coarse, blue, bright, hard, firm"]
+    return tokens, [captions[i] for i in label.tolist()], captions
+
+
+def test_full_training_reads_the_prefix_and_k0_cannot(aligner, decoder_dir):
+    tokens, targets, captions = two_class_data()
+    mm = make_mm(aligner, decoder_dir, train_decoder="full", epochs=40, batch_size=16, lr=1e-2, warmup_steps=10,
+                 mix_sources=False, max_new_tokens=40)
+    L.train_captioning(mm, tokens, targets)
+    few = {m: t[:4] for m, t in tokens.items()}
+    assert mm.generate_from_tokens(few) == targets[:4]
+    blind = mm.generate_from_tokens(few, L.TokenSource(k=0))
+    assert len(set(blind)) == 1  # without a prefix every sample gets the same caption
+
+
+def test_frozen_decoder_by_default_and_lora_on_request(aligner, decoder_dir, tmp_path):
+    tokens, targets, _ = two_class_data(32)
+    mm = make_mm(aligner, decoder_dir, epochs=1, batch_size=16)
+    assert mm.llm_cfg.decoder_training == "frozen" and not mm.trainable_decoder_state()
+    before = {k: v.clone() for k, v in mm.decoder.state_dict().items()}
+    projector = {k: v.clone() for k, v in mm.projector.state_dict().items()}
+    L.train_captioning(mm, tokens, targets)
+    assert all(torch.equal(before[k], v) for k, v in mm.decoder.state_dict().items())
+    assert any(not torch.equal(projector[k], v) for k, v in mm.projector.state_dict().items())
+
+    lora = make_mm(aligner, decoder_dir, train_decoder="lora", lora_r=4, epochs=1, batch_size=16, max_new_tokens=6)
+    trained = lora.trainable_decoder_state()
+    assert trained and all("lora_" in name for name in trained)
+    L.train_captioning(lora, tokens, targets, tmp_path / "lora")
+    assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)  # B starts at zero
+    reloaded = L.MultimodalLLM.load(tmp_path / "lora", aligner)
+    assert reloaded.generate_from_tokens(tokens) == lora.generate_from_tokens(tokens)
+
+
+def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, decoder_dir, tmp_path):
+    tokens, targets, _ = two_class_data(32)
+    settings = dict(train_decoder="full", epochs=2, batch_size=16, warmup_steps=2, log_every=1)
+    straight = make_mm(aligner, decoder_dir, **settings)
+    L.train_captioning(straight, tokens, targets, tmp_path / "straight")
+
+    def interrupt(row):  # Ctrl-C after step 3 of 4, in the middle of the second epoch
+        if row["kind"] == "step" and row["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        L.train_captioning(make_mm(aligner, decoder_dir, **settings), tokens, targets, tmp_path / "resumed",
+                           callback=interrupt)
+    resumed = make_mm(aligner, decoder_dir, **settings)
+    rows = L.train_captioning(resumed, tokens, targets, tmp_path / "resumed", resume=True)
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [4]
+    for a, b in ((straight.projector, resumed.projector), (straight.decoder, resumed.decoder)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(x, y, msg=name)
+    files = sorted(p.name for p in (tmp_path / "resumed").iterdir())  # no temporary files left behind
+    assert files == ["config.yaml", "decoder.safetensors", "metrics.jsonl", "projector.safetensors", "state.pt"]
+    with pytest.raises(ValueError, match="cannot resume .* another config"):
+        L.train_captioning(make_mm(aligner, decoder_dir, **dict(settings, batch_size=8)), tokens, targets,
+                           tmp_path / "resumed", resume=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the seed package's quick start and the command line
+
+def test_seed_quick_start_runs_as_written():
+    from core import AlignmentConfig, VisionTextAligner
+    from data import ImageTextDataset, create_dataloader, get_device, set_seed
+    from llm_integration import LLMConfig, MultimodalLLM
+    from train import train_alignment
+
+    config = AlignmentConfig(vision_model_name="synth-vision", text_model_name="all-MiniLM-L6-v2", d_align=64,
+                             hidden_dim=64, batch_size=8, num_epochs=1)
+    device = get_device()
+    set_seed(42)
+    model = VisionTextAligner(config).to(device)
+    synth = data.SynthTouch(16)
+    dataset = ImageTextDataset([synth[i]["vision"] for i in range(16)], synth.captions, image_size=64)
+    loader = create_dataloader(dataset, batch_size=config.batch_size)
+    history = train_alignment(model, loader, num_epochs=config.num_epochs)
+    assert len(history["loss"]) == 1 and math.isfinite(history["loss"][0])
+
+    llm_config = LLMConfig(model_name="synthtouch-qwen2-tiny", max_new_tokens=6)
+    mm_model = MultimodalLLM(model, llm_config)
+    image = dataset[0]["image"]
+    caption = mm_model.generate([image], prompt="Describe this image:")
+    assert isinstance(caption, list) and len(caption) == 1 and isinstance(caption[0], str)
+
+
+def test_command_line_writes_caption_eval_json(decoder_dir, tmp_path):
+    cfg = train.load_config(None, n_train=32, n_val=8, n_test=16, cache_dir=str(tmp_path / "features"),
+                            output_dir=str(tmp_path / "phase1"),
+                            **{"model.hidden_dim": 32, "model.n_registers": 4, "model.n_shared": 2,
+                               "model.n_layers": 1, "model.n_heads": 2, "model.embed_dim": 32})
+    cfg.run_dir.mkdir()
+    core.save_weights(train.build_model(cfg), cfg.run_dir / "model.safetensors")
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(train.to_yaml(cfg)))
+    out = tmp_path / "phase2"
+    L.main(["--phase1_run", str(cfg.run_dir), "--output_dir", str(out), "--model_name", decoder_dir,
+            "--epochs", "1", "--batch_size", "16", "--train_decoder", "full"])
+    result = json.loads((out / "caption_eval.json").read_text())
+    runs = {(r["modalities"], r["k"]) for r in result["rows"]}
+    assert runs == {("none", 0)} | {(m, k) for m in ("vision", "touch", "vision+touch") for k in (1, 2, 4)}
+    row = result["rows"][-1]
+    assert {"bleu4", "cider_d", "accuracy", "accuracy shared", "accuracy vision", "accuracy touch"} <= set(row)
+    assert set(result["baselines"]) == {"majority", "chance"}
+    assert L.MultimodalLLM.load(out).llm_cfg.epochs == 1  # the run folder rebuilds its model alone

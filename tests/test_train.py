@@ -1,0 +1,284 @@
+"""train.py on a tiny SynthTouch config: the run folder, exact resume after an interrupt, NaN stop,
+config mismatch on resume, the seed command-line flags, and DDP (2 gloo processes = 1 process)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import core  # noqa: E402
+import train  # noqa: E402
+from test_core import one_thread  # noqa: E402,F401  (module-wide, autouse: tiny tensors run faster on one thread)
+
+ROOT = Path(train.__file__).resolve().parent
+TINY = {"n_train": 128, "n_val": 32, "n_test": 64, "batch_size": 32, "epochs": 2, "warmup_steps": 2, "log_every": 1,
+        "model.hidden_dim": 32, "model.n_registers": 4, "model.n_shared": 2, "model.n_layers": 1,
+        "model.n_heads": 2, "model.embed_dim": 32}
+STEPS = TINY["n_train"] // TINY["batch_size"] * TINY["epochs"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One feature cache for every test here (the first train() fills it)."""
+    return tmp_path_factory.mktemp("features")
+
+
+def tiny(cache_dir, output_dir, **overrides) -> train.TrainConfig:
+    return train.load_config(None, **{**TINY, "cache_dir": str(cache_dir), "output_dir": str(output_dir), **overrides})
+
+
+@pytest.fixture(scope="module")
+def reference_run(one_thread, cache_dir, tmp_path_factory):
+    """An uninterrupted 2-epoch run: the yardstick of the other tests."""
+    return train.train(tiny(cache_dir, tmp_path_factory.mktemp("reference")))
+
+
+def rows(run_dir, kind):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["kind"] == kind]
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in rows(run_dir, "step")}
+
+
+def test_train_writes_config_weights_metrics_and_eval(reference_run, cache_dir):
+    names = {p.name for p in reference_run.iterdir()}
+    assert {"config.yaml", "model.safetensors", "metrics.jsonl", "eval.json", "state.pt"} <= names
+    saved = train.load_config(reference_run / "config.yaml")
+    assert saved == tiny(cache_dir, reference_run)
+    assert [row["step"] for row in rows(reference_run, "step")] == list(range(1, STEPS + 1))
+    epochs = rows(reference_run, "epoch")
+    assert [row["epoch"] for row in epochs] == [0, 1]
+    assert all(np.isfinite(row["train loss"]) and any(k.startswith("val ") for k in row) for row in epochs)
+    assert epochs[1]["train loss"] < epochs[0]["train loss"]
+    table = json.loads((reference_run / "eval.json").read_text())
+    assert sorted(map(int, table)) == [1, 2, 4]  # every prefix length of 4 registers
+    recalls = [v for row in table.values() for name, v in row.items() if "R@" in name and "chance" not in name]
+    assert recalls and all(0 <= v <= 1 for v in recalls)
+    with safe_open(str(reference_run / "model.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == str(STEPS)
+    aligner = train.load_aligner(reference_run)
+    assert not aligner.training and aligner.cfg == saved.model
+    weights = load_file(str(reference_run / "model.safetensors"))
+    assert all(torch.equal(v, weights[k]) for k, v in aligner.model.state_dict().items())
+
+
+def interrupt_at_epoch_end(monkeypatch):
+    def callback(row):
+        if row["kind"] == "epoch" and row["epoch"] == 0:
+            raise KeyboardInterrupt
+    return callback
+
+
+def interrupt_after_step_6(monkeypatch):
+    def callback(row):
+        if row["kind"] == "step" and row["step"] == 6:
+            raise KeyboardInterrupt
+    return callback
+
+
+def interrupt_inside_step_6(monkeypatch):
+    """Ctrl-C lands in the middle of a forward pass, after nested dropout drew its random k."""
+    original, calls = core.NestedDropout.forward, []
+
+    def forward(self, *args, **kwargs):
+        keep = original(self, *args, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 11:  # two modalities per step: the first draw of step 6
+                raise KeyboardInterrupt
+        return keep
+    monkeypatch.setattr(core.NestedDropout, "forward", forward)
+
+
+@pytest.mark.parametrize("interrupt", [interrupt_at_epoch_end, interrupt_after_step_6, interrupt_inside_step_6])
+def test_interrupted_run_resumes_exactly_like_an_uninterrupted_one(reference_run, cache_dir, tmp_path,
+                                                                   monkeypatch, interrupt, capsys):
+    cfg = tiny(cache_dir, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with monkeypatch.context() as patch:
+            train.train(cfg, callback=interrupt(patch))
+    assert "checkpoint saved" in capsys.readouterr().out
+    assert (tmp_path / "state.pt").is_file() and not (tmp_path / "eval.json").exists()
+    train.train(cfg, resume=True)
+    assert [row["step"] for row in rows(tmp_path, "step")] == list(range(1, STEPS + 1))  # none twice or lost
+    assert step_losses(tmp_path) == step_losses(reference_run)
+    final, expected = load_file(str(tmp_path / "model.safetensors")), load_file(str(reference_run / "model.safetensors"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference_run, cache_dir, tmp_path, monkeypatch):
+    original, calls = core.AlignmentModel.forward, []
+
+    def forward(self, batch):
+        loss, parts = original(self, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 6 else loss), parts
+    cfg = tiny(cache_dir, tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(core.AlignmentModel, "forward", forward)
+        with pytest.raises(train.NonFiniteLoss, match=r"loss became nan at step 5 \(epoch 1\).*last good checkpoint"):
+            train.train(cfg)
+    state = core.load_state(tmp_path / "state.pt")
+    assert (state["step"], state["epoch"]) == (4, 1)  # the end of epoch 0
+    aligner = train.load_aligner(tmp_path)
+    assert all(torch.isfinite(p).all() for p in aligner.model.parameters())
+    train.train(cfg, resume=True)  # and it is the good one: training goes on as if nothing happened
+    assert step_losses(tmp_path) == step_losses(reference_run)
+
+
+def test_resume_with_another_config_names_the_differences(reference_run, cache_dir):
+    cfg = tiny(cache_dir, reference_run, lr=5e-4, **{"model.n_registers": 8})
+    with pytest.raises(ValueError, match="another config") as err:
+        train.train(cfg, resume=True)
+    message = str(err.value)
+    assert "'lr': (0.001, 0.0005)" in message and "'model.n_registers': (4, 8)" in message
+    assert "n_shared" not in message  # only what differs
+
+
+def test_resume_without_a_checkpoint_says_so(cache_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train.train(tiny(cache_dir, tmp_path), resume=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The seed command lines
+
+
+def test_flextok_seed_flags_map_to_the_config(tmp_path):
+    cfg, resume = train.parse_args([
+        "--stage1_checkpoint", "ckpt/stage1.pth", "--datasets_dir", str(tmp_path), "--output_dir", "out",
+        "--log_name", "run7", "--epochs", "3", "--batch_size", "16", "--n_registers", "16", "--n_shared", "4",
+        "--loss_type", "combined", "--flow_weight", "0.25"])
+    assert not resume
+    assert (cfg.dataset, cfg.datasets_dir) == ("tvl", str(tmp_path))
+    assert cfg.encoders["touch"] == {"name": "tvl-touch-vit-tiny", "weights": "ckpt/stage1.pth", "image_size": 64}
+    assert (cfg.output_dir, cfg.log_name, cfg.run_dir) == ("out", "run7", Path("out/run7"))
+    assert (cfg.epochs, cfg.batch_size) == (3, 16)
+    m = cfg.model
+    assert (m.n_registers, m.n_shared, m.loss_type, m.flow_weight) == (16, 4, "combined", 0.25)
+
+
+def test_fluxtalk_seed_flags_map_to_the_config():
+    cfg, _ = train.parse_args(["--num_register_tokens", "4", "--num_overlapping_tokens", "3",
+                               "--nested_dropout_rate", "0.3", "--complementary_reg_weight", "0.01", "--resume"])
+    m = cfg.model
+    assert (m.n_registers, m.n_shared, m.nested_dropout_rate, m.complementary_reg_weight) == (4, 3, 0.3, 0.01)
+    assert cfg.dataset == "synthtouch"  # no --datasets_dir: the testbed
+
+
+def test_cli_without_flags_is_the_default_config_and_set_reaches_any_field():
+    assert train.parse_args([])[0] == train.load_config(None)
+    cfg, resume = train.parse_args(["--config", str(ROOT / "configs" / "default.yaml"), "--resume",
+                                    "--set", "model.hidden_dim=64", "n_train=100", "model.modalities=[vision, text]"])
+    assert resume and cfg.model.hidden_dim == 64 and cfg.n_train == 100 and cfg.model.modalities == ("vision", "text")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        train.parse_args(["--set", "hidden_dim"])
+    with pytest.raises(ValueError, match=r"unknown config keys \['n_trian'\]"):
+        train.parse_args(["--set", "n_trian=5"])
+    with pytest.raises(ValueError, match=r"unknown loss_type 'clip'"):
+        train.parse_args(["--loss_type", "clip"])
+
+
+def test_datasets_dir_without_data_fails_clearly(cache_dir, tmp_path):
+    empty = tmp_path / "tvl"
+    empty.mkdir()
+    cfg, _ = train.parse_args(["--datasets_dir", str(empty), "--output_dir", str(tmp_path / "out"),
+                               "--set", f"cache_dir={cache_dir}"])
+    with pytest.raises(FileNotFoundError, match=f"no TVL train.csv with rows found under {empty}.*ssvtp"):
+        train.train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_stage1_checkpoint_fails_clearly(tmp_path):
+    cfg, _ = train.parse_args(["--stage1_checkpoint", str(tmp_path / "stage1.pth")])
+    with pytest.raises(FileNotFoundError, match="stage1.pth.*does not exist"):
+        train.get_encoder(cfg, "touch")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: N processes with batch B/N are one process with batch B
+
+
+DDP_MODEL = core.ModelConfig(design="flextok", hidden_dim=32, n_registers=4, n_shared=2, n_layers=1, n_heads=2,
+                             embed_dim=16, nested_dropout="none", mrl_dims=(8,), preservation_weight=0.5)
+
+
+def ddp_batch(n=16, width=12, tokens=5):
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(n, tokens, 4, generator=g)
+    out = {}
+    for m in DDP_MODEL.modalities:
+        x = latent @ torch.randn(4, width, generator=g) + 0.1 * torch.randn(n, tokens, width, generator=g)
+        out[m] = core.Features(x.mean(1), x, torch.ones(n, tokens, dtype=torch.bool))
+    return out
+
+
+def ddp_model():
+    torch.manual_seed(0)
+    batch = ddp_batch()
+    return core.AlignmentModel(DDP_MODEL, {m: f.tokens.shape[-1] for m, f in batch.items()},
+                               {m: f.tokens.shape[1] for m, f in batch.items()})
+
+
+def loss_and_grads(model, batch, rank=0, world=1):
+    per = len(batch["vision"].pooled) // world
+    local = {m: core.Features(*(a[rank * per:(rank + 1) * per] for a in f)) for m, f in batch.items()}
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    loss, parts = wrapped(local)
+    loss.backward()  # DDP averages the gradients over ranks here
+    return {"loss": loss.detach(), "contrastive": parts["contrastive"].detach(),
+            "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}}
+
+
+def ddp_worker(rank, world, store, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.save(loss_and_grads(ddp_model(), ddp_batch(), rank, world), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_with_half_batches_give_the_loss_and_gradients_of_one(tmp_path):
+    single = loss_and_grads(ddp_model(), ddp_batch())
+    torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank in ranks:  # negatives gathered: each rank's contrastive loss is the full batch's
+        torch.testing.assert_close(rank["contrastive"], single["contrastive"], atol=1e-5, rtol=1e-5)
+    # the preservation part is a per-rank mean, so the ranks' losses average to the single loss
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, single["loss"], atol=1e-5, rtol=1e-5)
+    assert ranks[0]["grads"].keys() == single["grads"].keys()
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(ranks[0]["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(ranks[1]["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_torchrun_two_processes_train_like_one(tmp_path):
+    """The seed command line `torchrun --nproc_per_node=2 train.py ...` trains what one process does,
+    starting from an empty feature cache (which the ranks must not fill at the same time)."""
+    settings = {**TINY, "epochs": 1, "model.nested_dropout": "none", "model.preservation_weight": 0.0,
+                "cache_dir": str(tmp_path / "features")}
+    flags = ["--set", *(f"{k}={v}" for k, v in settings.items())]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ddp_dir = tmp_path / "ddp"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "train.py"), "--output_dir", str(ddp_dir), *flags],
+                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    single_dir = train.train(train.load_config(None, **settings, output_dir=str(tmp_path / "single")))
+    ddp_losses, single_losses = step_losses(ddp_dir), step_losses(single_dir)
+    assert ddp_losses.keys() == single_losses.keys() == set(range(1, STEPS // 2 + 1))
+    np.testing.assert_allclose(list(ddp_losses.values()), list(single_losses.values()), rtol=1e-5)
+    ddp_weights, single_weights = load_file(str(ddp_dir / "model.safetensors")), load_file(str(single_dir / "model.safetensors"))
+    for name, value in single_weights.items():
+        torch.testing.assert_close(ddp_weights[name], value, atol=1e-4, rtol=1e-4, msg=name)
+    assert yaml.safe_load((ddp_dir / "config.yaml").read_text())["batch_size"] == 32

@@ -1,0 +1,148 @@
+"""Runs the numbered notebooks top to bottom and collects what they show.
+
+    python workbook.py --out runs/demo            # the full workbook on SynthTouch
+    python workbook.py --out runs/smoke --smoke   # tiny sizes, for the tests
+
+Notebooks live in notebooks/ as jupytext percent-format `.py` files (reviewable diffs) paired with
+output-free `.ipynb` files (what JupyterLab opens). Inside a notebook, `settings()` says whether this
+is a smoke run and where the run folder is; `save_figure` and `record` put figures and key numbers
+there, and `report.md` is written from them at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+NOTEBOOKS = ROOT / "notebooks"
+SMOKE_ENV, RUN_DIR_ENV = "FLEXALIGN_SMOKE", "FLEXALIGN_RUN_DIR"
+
+
+def settings() -> tuple[bool, Path]:
+    """(smoke, run_dir) for the notebook being executed; interactive sessions write to runs/lab.
+
+    Also moves to the repository root, so the relative paths of configs (cache/, runs/) mean the same
+    in JupyterLab (which starts kernels in notebooks/) as in `make demo`."""
+    os.chdir(ROOT)
+    smoke = os.environ.get(SMOKE_ENV, "0") == "1"
+    run_dir = Path(os.environ.get(RUN_DIR_ENV, ROOT / "runs" / "lab"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return smoke, run_dir
+
+
+def save_figure(fig, name: str) -> Path:
+    """Save a figure as `<run_dir>/figures/<name>.png` and return the path."""
+    path = settings()[1] / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def record(section: str, **numbers) -> dict:
+    """Add key numbers of a notebook to `<run_dir>/numbers.json`; report.md is built from them."""
+    path = settings()[1] / "numbers.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault(section, {}).update({k: _plain(v) for k, v in numbers.items()})
+    path.write_text(json.dumps(data, indent=1))
+    return data[section]
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, float):
+        return round(value, 4)
+    return value
+
+
+def notebook_paths() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+
+
+def to_notebook(py_path: Path):
+    """The jupytext `.py` file as an nbformat notebook (the `.py` file is the source of truth)."""
+    import jupytext
+    return jupytext.read(py_path)
+
+
+def sync_notebooks() -> list[Path]:
+    """Rewrite every `.ipynb` from its `.py` twin, outputs stripped. Returns the files written."""
+    import jupytext
+    written = []
+    for py in notebook_paths():
+        nb = to_notebook(py)
+        path = py.with_suffix(".ipynb")
+        text = jupytext.writes(nb, fmt="ipynb")
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            written.append(path)
+    return written
+
+
+def execute(py_path: Path, out_dir: Path, smoke: bool, timeout: int = 1800) -> Path:
+    """Execute one notebook with the repo root as working directory; write the executed copy."""
+    import nbformat
+    from nbclient import NotebookClient
+    nb = to_notebook(py_path)
+    env = {SMOKE_ENV: "1" if smoke else "0", RUN_DIR_ENV: str(out_dir.resolve())}
+    os.environ.update(env)  # the kernel inherits the environment of this process
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    out_path = out_dir / py_path.with_suffix(".ipynb").name
+    try:
+        client.execute()
+    finally:  # an executed copy is written even on failure, so the error is visible in context
+        nbformat.write(nb, out_path)
+    return out_path
+
+
+def write_report(out_dir: Path, timings: dict[str, float], smoke: bool) -> Path:
+    numbers_path = out_dir / "numbers.json"
+    numbers = json.loads(numbers_path.read_text()) if numbers_path.exists() else {}
+    lines = [f"# FlexAlign workbook run{' (smoke mode)' if smoke else ''}", "",
+             "| notebook | minutes |", "|---|---|"]
+    lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
+    for section, values in numbers.items():
+        lines += ["", f"## {section}", "", "| quantity | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in values.items()]
+    figures = sorted((out_dir / "figures").glob("*.png"))
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in figures]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Path:
+    from tqdm.auto import tqdm
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "numbers.json").unlink(missing_ok=True)
+    paths = [p for p in notebook_paths() if not only or any(p.name.startswith(o) for o in only)]
+    timings = {}
+    for path in tqdm(paths, desc="notebooks"):
+        start = time.perf_counter()
+        execute(path, out_dir, smoke)
+        timings[path.stem] = time.perf_counter() - start
+        print(f"{path.stem}: {timings[path.stem]:.0f} s", flush=True)
+    return write_report(out_dir, timings, smoke)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="run folder")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every cell runs")
+    parser.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 01 02")
+    parser.add_argument("--sync", action="store_true", help="only rewrite the .ipynb files from the .py files")
+    args = parser.parse_args(argv)
+    if args.sync:
+        print("\n".join(map(str, sync_notebooks())) or "notebooks already in sync")
+        return
+    print(f"report: {run(args.out, args.smoke, args.only)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
