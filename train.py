@@ -405,7 +405,6 @@ def evaluate_run(model, feats, dataset, out_path: Path):
 def train_alignment(model: core.Aligner, loader, num_epochs: int, lr: float | None = None) -> dict:
     """The seed package's loop: raw (image, caption) batches through the frozen encoders into the
     adapters. Returns history {"loss": [mean loss per epoch], "contrastive": [...]}."""
-    device = next(model.model.parameters()).device
     seed_cfg = getattr(model, "config", None)
     lr = lr or (seed_cfg.learning_rate if seed_cfg else 1e-4)
     weight_decay = seed_cfg.weight_decay if seed_cfg else 0.01

@@ -66,7 +66,10 @@ def notebook_paths() -> list[Path]:
 def to_notebook(py_path: Path):
     """The jupytext `.py` file as an nbformat notebook (the `.py` file is the source of truth)."""
     import jupytext
-    return jupytext.read(py_path)
+    nb = jupytext.read(py_path)
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"  # nbformat draws random ids; fixed ones keep the .ipynb diff-stable
+    return nb
 
 
 def sync_notebooks() -> list[Path]:

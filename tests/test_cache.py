@@ -1,16 +1,13 @@
 """The feature cache: computed once, then read from disk without the encoder; equal to the encoder's
 outputs; memory-mapped; a damaged or partial cache is detected, reported and rebuilt."""
-import os
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import core  # noqa: E402
-from data import SynthTouch, cached_features  # noqa: E402
+import core
+from data import SynthTouch, cached_features
 
 
 @pytest.fixture(scope="module")

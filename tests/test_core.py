@@ -1,28 +1,19 @@
 """Register tokens, nested dropout, every loss, the three design lines, configs and checkpoints, on
 small random features (the frozen encoders are tested in test_encoders.py)."""
-import os
 import random
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import core  # noqa: E402
-from core import Features, ModelConfig, NestedDropout, RegisterTokenModule  # noqa: E402
+import core
+from core import Features, ModelConfig, NestedDropout, RegisterTokenModule
 
 T, WIDTHS = 6, {"vision": 16, "touch": 12, "text": 20}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a busy 2-core machine a second thread costs ~10× more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**overrides) -> ModelConfig:

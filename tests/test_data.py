@@ -1,7 +1,6 @@
 import csv
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
@@ -9,8 +8,7 @@ import torch
 from PIL import Image
 
 # the tests import the top-level modules whichever directory pytest is started from
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import ImageTextDataset, SynthTouch, TVLDataset, create_dataloader, get_device, set_seed  # noqa: E402
+from data import ImageTextDataset, SynthTouch, TVLDataset, create_dataloader, get_device, set_seed
 
 # -----------------------------------------------------------------------------
 # SynthTouch

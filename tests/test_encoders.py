@@ -3,16 +3,14 @@ shapes, frozen and deterministic, and clear errors for bad names, sizes and weig
 import argparse
 import os
 import pickle
-import sys
 
 import open_clip
 import pytest
 import timm
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import core  # noqa: E402
-from data import SynthTouch  # noqa: E402
+import core
+from data import SynthTouch
 
 CAPTIONS = ["rough, red, striped, hard", "a smooth soft blue fabric", "rough red stripes, firm and hard"]
 

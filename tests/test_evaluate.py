@@ -2,21 +2,19 @@
 against direct counts, probes and leakage on tokens whose content is known, the attention maps, the k
 slider's callback without a browser, and the figures of plots.py."""
 import json
-import os
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import core  # noqa: E402
-import evaluate  # noqa: E402
-import plots  # noqa: E402
-from core import Features, ModelConfig  # noqa: E402
-from data import SynthTouch  # noqa: E402
-from test_core import one_thread  # noqa: E402,F401  (autouse: tiny tensors run faster on one thread)
+import core
+import evaluate
+import plots
+from core import Features, ModelConfig
+from data import SynthTouch
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run faster on one thread
 
 T, WIDTH = 16, 12  # a 4×4 patch grid, so attention maps can be drawn
 

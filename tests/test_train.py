@@ -13,10 +13,10 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import core  # noqa: E402
-import train  # noqa: E402
-from test_core import one_thread  # noqa: E402,F401  (module-wide, autouse: tiny tensors run faster on one thread)
+import core
+import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run faster on one thread
 
 ROOT = Path(train.__file__).resolve().parent
 TINY = {"n_train": 128, "n_val": 32, "n_test": 64, "batch_size": 32, "epochs": 2, "warmup_steps": 2, "log_every": 1,
