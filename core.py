@@ -857,3 +857,31 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Configs as data: a YAML file per setting, read into a dataclass; command-line and notebook
+# overrides name nested fields with a dot ("model.n_shared", "source.k").
+
+def read_config(path: str | os.PathLike, overrides: dict, nested: str) -> dict:
+    """The values of a YAML config with `overrides` applied; "<nested>.<field>" keys reach the nested section."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; see configs/ for the shipped ones")
+    values = yaml.safe_load(path.read_text()) or {}
+    for key, value in overrides.items():
+        section, dot, name = key.partition(".")
+        if dot and section == nested:
+            values.setdefault(nested, {})[name] = value
+        else:
+            values[key] = value
+    return values
+
+
+def check_fields(values: dict, cls, what: str = "config"):
+    """Unknown keys (a typo in a YAML file or an override) fail with the known ones listed."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {what} keys {sorted(unknown)}; known: {sorted(known)}")

@@ -316,7 +316,8 @@ def group_summary(info: pd.DataFrame) -> pd.DataFrame:
 def leakage(info: pd.DataFrame) -> pd.DataFrame:
     """For every private factor: how well the shared tokens of its own modality and of the other
     modality decode it, next to its private tokens and chance. The other modality never sees the
-    factor, so its shared tokens can only decode it through leakage (or a dataset correlation)."""
+    factor, so its shared tokens can only decode it through leakage (or a dataset correlation).
+    'leaks into' names the other modality (the best one, when there are several)."""
     rows = []
     private = info[info.group.isin(["vision", "touch"]) & info.source.isin(["shared", "private"])]
     for (factor, group), part in private.groupby(["factor", "group"], sort=False):
@@ -324,8 +325,10 @@ def leakage(info: pd.DataFrame) -> pd.DataFrame:
         row = dict(factor=factor, group=group, metric=part.metric.iloc[0], chance=part.chance.iloc[0])
         row["own private"] = own[own.source == "private"].score.max()
         row["own shared"] = own[own.source == "shared"].score.max()
-        for m, scores in other[other.source == "shared"].groupby("modality"):
-            row[f"{m} shared (other modality)"] = scores.score.iloc[0]
+        others = other[other.source == "shared"]
+        if len(others):  # with several other modalities, the one that decodes the factor best
+            best = others.loc[others.score.idxmax()]
+            row["other shared (leakage)"], row["leaks into"] = best.score, best.modality
         rows.append(row)
     return pd.DataFrame(rows)
 

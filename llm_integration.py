@@ -222,18 +222,8 @@ class LLMConfig:
 
 def load_llm_config(path: str | os.PathLike | None = None, **overrides) -> LLMConfig:
     """configs/phase2.yaml (or `path`) with overrides; source fields as "source.<name>"."""
-    path = Path(path or DEFAULT_CONFIG)
-    if not path.is_file():
-        raise FileNotFoundError(f"phase-2 config {path} not found; see {DEFAULT_CONFIG} for the defaults")
-    values = yaml.safe_load(path.read_text()) or {}
-    for key, value in overrides.items():
-        if key.startswith("source."):
-            values.setdefault("source", {})[key[len("source."):]] = value
-        else:
-            values[key] = value
-    known = {f.name for f in dataclasses.fields(LLMConfig)}
-    if set(values) - known:
-        raise ValueError(f"unknown phase-2 config keys {sorted(set(values) - known)}; known: {sorted(known)}")
+    values = core.read_config(path or DEFAULT_CONFIG, overrides, nested="source")
+    core.check_fields(values, LLMConfig, "phase-2 config")
     return LLMConfig(**values)
 
 

@@ -111,7 +111,7 @@ def information_map(info, n_shared: int, title: str = "Information map: linear p
 def leakage(table, title: str = "Private factors: decoded from which tokens?") -> Figure:
     """Bars per private factor: the own modality's private and shared tokens and the other modality's
     shared tokens (leakage), with the chance level as a black tick."""
-    columns = [c for c in table.columns if c.startswith("own") or c.endswith("(other modality)")]
+    columns = [c for c in ("own private", "own shared", "other shared (leakage)") if c in table.columns]
     fig = Figure(figsize=(1.3 * len(table) + 3, 3.8), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(columns)

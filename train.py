@@ -69,29 +69,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        core.check_fields(values, cls)
         model = values.pop("model", {}) or {}
-        model_known = {f.name for f in dataclasses.fields(core.ModelConfig)}
-        if set(model) - model_known:
-            raise ValueError(f"unknown model keys {sorted(set(model) - model_known)}; known: {sorted(model_known)}")
+        core.check_fields(model, core.ModelConfig, "model")
         return cls(model=core.ModelConfig(**model), **values)
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
     """A YAML config (configs/default.yaml when None) with overrides; model fields as "model.<name>"."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; see configs/ for the shipped ones")
-    values = yaml.safe_load(path.read_text()) or {}
-    for key, value in overrides.items():
-        if key.startswith("model."):
-            values.setdefault("model", {})[key[len("model."):]] = value
-        else:
-            values[key] = value
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(core.read_config(path or DEFAULT_CONFIG, overrides, nested="model"))
 
 
 # what a design line keeps when it moves to the testbed; data, encoders, width and optimisation come from default.yaml

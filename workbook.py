@@ -111,7 +111,7 @@ def write_report(out_dir: Path, timings: dict[str, float], smoke: bool) -> Path:
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
     for section, values in numbers.items():
         lines += ["", f"## {section}", "", "| quantity | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in values.items()]
+        lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items()]
     figures = sorted((out_dir / "figures").glob("*.png"))
     if figures:
         lines += ["", "## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in figures]
@@ -121,17 +121,24 @@ def write_report(out_dir: Path, timings: dict[str, float], smoke: bool) -> Path:
 
 
 def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Path:
+    """Execute the notebooks (all, or those named by `only`) into out_dir and write report.md. Numbers and
+    timings of notebooks not re-run this time are kept, so `--only 04` refreshes one part of a report."""
     from tqdm.auto import tqdm
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "numbers.json").unlink(missing_ok=True)
     paths = [p for p in notebook_paths() if not only or any(p.name.startswith(o) for o in only)]
-    timings = {}
+    numbers_path, timings_path = out_dir / "numbers.json", out_dir / "timings.json"
+    numbers = json.loads(numbers_path.read_text()) if numbers_path.exists() else {}
+    # a notebook's sections start with its number ("02 design lines"); drop those about to be rewritten
+    numbers = {section: v for section, v in numbers.items() if not any(section.startswith(p.name[:2]) for p in paths)}
+    numbers_path.write_text(json.dumps(numbers, indent=1))
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for path in tqdm(paths, desc="notebooks"):
         start = time.perf_counter()
         execute(path, out_dir, smoke)
         timings[path.stem] = time.perf_counter() - start
+        timings_path.write_text(json.dumps(dict(sorted(timings.items())), indent=1))
         print(f"{path.stem}: {timings[path.stem]:.0f} s", flush=True)
-    return write_report(out_dir, timings, smoke)
+    return write_report(out_dir, dict(sorted(timings.items())), smoke)
 
 
 def main(argv=None):

@@ -159,7 +159,7 @@ fig = plots.leakage(leaks)
 workbook.save_figure(fig, "03_leakage")
 workbook.record("03 leakage (probe accuracy on test)",
                 **{f"{row.factor}: {column}": row[column] for _, row in leaks.iterrows()
-                   for column in leaks.columns if column not in ("factor", "group", "metric")})
+                   for column in ("own private", "own shared", "other shared (leakage)", "chance")})
 display(leaks.round(3))
 fig
 

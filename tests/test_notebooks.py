@@ -50,3 +50,17 @@ def test_notebook_runs_in_smoke_mode(py, run_dir):
 def test_report_collects_numbers_and_figures(run_dir):
     report = workbook.write_report(run_dir, {"01_data_and_encoders": 1.0}, smoke=True).read_text()
     assert "(smoke mode)" in report and "![" in report and "| quantity | value |" in report
+
+
+def test_rerunning_one_notebook_keeps_the_numbers_of_the_others(tmp_path, monkeypatch):
+    (tmp_path / "numbers.json").write_text(json.dumps({"01 data": {"a": 1}, "02 phase 1": {"b": 2, "stale": 0}}))
+    (tmp_path / "timings.json").write_text(json.dumps({"01_data_and_encoders": 60.0}))
+
+    def fake_execute(path, out_dir, smoke):  # what a notebook does: record its own section
+        numbers = json.loads((out_dir / "numbers.json").read_text())
+        (out_dir / "numbers.json").write_text(json.dumps({**numbers, "02 phase 1": {"b": 3}}))
+
+    monkeypatch.setattr(workbook, "execute", fake_execute)
+    report = workbook.run(tmp_path, smoke=True, only=["02"]).read_text()
+    assert json.loads((tmp_path / "numbers.json").read_text()) == {"01 data": {"a": 1}, "02 phase 1": {"b": 3}}
+    assert "| 01_data_and_encoders | 1.0 |" in report and "02_phase1_training" in report
