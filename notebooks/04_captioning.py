@@ -75,8 +75,9 @@ fig
 # %% [markdown]
 # ## Coarse to fine: drag k
 # The same samples captioned from the first k tokens of each modality. With k = 0 the decoder sees no image at
-# all and writes its prior; the first tokens (the shared ones, k ≤ `n_shared`) fix the pattern, later private
-# tokens add colour, lighting, hardness and pressure.
+# all and writes its prior. On the testbed the very first token already fixes the pattern, and the first vision
+# tokens also carry colour and lighting (the information map of notebook 03 shows why: vision's shared tokens
+# decode them too); the touch-only attributes, hardness and pressure, arrive with the later, private touch tokens.
 
 # %%
 ks = llm_integration.prefix_grid(mm.source.k)
