@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-# the tests import the top-level modules whichever directory pytest is started from
 from data import ImageTextDataset, SynthTouch, TVLDataset, create_dataloader, get_device, set_seed
 
 # -----------------------------------------------------------------------------
