@@ -574,7 +574,7 @@ def encode_tokens(model: core.AlignmentModel, feats: dict[str, core.Features],
     return out
 
 
-def train_captioning(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: list[str],
+def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: list[str],
                      output_dir: str | os.PathLike | None = None, resume: bool = False, callback=None,
                      extra: dict | None = None) -> list[dict]:
     """Train the projector (and the decoder, per train_decoder) to write `captions` from `tokens`.
@@ -817,7 +817,7 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     test_set, test_feats = train.split_data(cfg, "test")
     data.set_seed(llm_cfg.seed)
     mm = MultimodalLLM(aligner, llm_cfg)
-    train_captioning(mm, encode_tokens(aligner.model, train_feats), train_set.captions, output_dir, resume=resume,
+    fit_captioner(mm, encode_tokens(aligner.model, train_feats), train_set.captions, output_dir, resume=resume,
                      callback=callback, extra={"phase1_run": str(phase1_run)})
     has_factors = hasattr(test_set, "factors_of")
     test_factors = [test_set.factors_of(i) for i in range(len(test_set))] if has_factors else None

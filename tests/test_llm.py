@@ -232,7 +232,7 @@ def test_full_training_reads_the_prefix_and_k0_cannot(aligner, decoder_dir):
     tokens, targets, captions = two_class_data()
     mm = make_mm(aligner, decoder_dir, train_decoder="full", epochs=40, batch_size=16, lr=1e-2, warmup_steps=10,
                  mix_sources=False, max_new_tokens=40)
-    L.train_captioning(mm, tokens, targets)
+    L.fit_captioner(mm, tokens, targets)
     few = {m: t[:4] for m, t in tokens.items()}
     assert mm.generate_from_tokens(few) == targets[:4]
     blind = mm.generate_from_tokens(few, L.TokenSource(k=0))
@@ -245,14 +245,14 @@ def test_frozen_decoder_by_default_and_lora_on_request(aligner, decoder_dir, tmp
     assert mm.llm_cfg.decoder_training == "frozen" and not mm.trainable_decoder_state()
     before = {k: v.clone() for k, v in mm.decoder.state_dict().items()}
     projector = {k: v.clone() for k, v in mm.projector.state_dict().items()}
-    L.train_captioning(mm, tokens, targets)
+    L.fit_captioner(mm, tokens, targets)
     assert all(torch.equal(before[k], v) for k, v in mm.decoder.state_dict().items())
     assert any(not torch.equal(projector[k], v) for k, v in mm.projector.state_dict().items())
 
     lora = make_mm(aligner, decoder_dir, train_decoder="lora", lora_r=4, epochs=1, batch_size=16, max_new_tokens=6)
     trained = lora.trainable_decoder_state()
     assert trained and all("lora_" in name for name in trained)
-    L.train_captioning(lora, tokens, targets, tmp_path / "lora")
+    L.fit_captioner(lora, tokens, targets, tmp_path / "lora")
     assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)  # B starts at zero
     reloaded = L.MultimodalLLM.load(tmp_path / "lora", aligner)
     assert reloaded.generate_from_tokens(tokens) == lora.generate_from_tokens(tokens)
@@ -262,17 +262,17 @@ def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, 
     tokens, targets, _ = two_class_data(32)
     settings = dict(train_decoder="full", epochs=2, batch_size=16, warmup_steps=2, log_every=1)
     straight = make_mm(aligner, decoder_dir, **settings)
-    L.train_captioning(straight, tokens, targets, tmp_path / "straight")
+    L.fit_captioner(straight, tokens, targets, tmp_path / "straight")
 
     def interrupt(row):  # Ctrl-C after step 3 of 4, in the middle of the second epoch
         if row["kind"] == "step" and row["step"] == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        L.train_captioning(make_mm(aligner, decoder_dir, **settings), tokens, targets, tmp_path / "resumed",
+        L.fit_captioner(make_mm(aligner, decoder_dir, **settings), tokens, targets, tmp_path / "resumed",
                            callback=interrupt)
     resumed = make_mm(aligner, decoder_dir, **settings)
-    rows = L.train_captioning(resumed, tokens, targets, tmp_path / "resumed", resume=True)
+    rows = L.fit_captioner(resumed, tokens, targets, tmp_path / "resumed", resume=True)
     assert [r["step"] for r in rows if r["kind"] == "step"] == [4]
     for a, b in ((straight.projector, resumed.projector), (straight.decoder, resumed.decoder)):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
@@ -280,7 +280,7 @@ def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, 
     files = sorted(p.name for p in (tmp_path / "resumed").iterdir())  # no temporary files left behind
     assert files == ["config.yaml", "decoder.safetensors", "metrics.jsonl", "projector.safetensors", "state.pt"]
     with pytest.raises(ValueError, match="cannot resume .* another config"):
-        L.train_captioning(make_mm(aligner, decoder_dir, **dict(settings, batch_size=8)), tokens, targets,
+        L.fit_captioner(make_mm(aligner, decoder_dir, **dict(settings, batch_size=8)), tokens, targets,
                            tmp_path / "resumed", resume=True)
 
 
