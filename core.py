@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -127,6 +129,14 @@ def check_images(images, what: str) -> torch.Tensor:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"{what} images must be a float tensor B×3×H×W in [0, 1], got {shape}; "
                          "convert grayscale/RGBA images to RGB first")
+    if not images.is_floating_point():
+        raise ValueError(f"{what} images are {images.dtype}; the encoders take floats in [0, 1]: pass "
+                         "images.float() / 255")
+    # A little above 1 is camera noise; far outside [0, 1] is a 0–255 image or one already normalised.
+    low, high = images.min().item(), images.max().item()
+    if high > 2 or low < -1:
+        raise ValueError(f"{what} images range over [{low:.3g}, {high:.3g}], but the encoders take [0, 1] and "
+                         "normalise themselves: divide 0–255 images by 255, and do not normalise them first")
     return images.float()
 
 
@@ -343,16 +353,23 @@ def register_attention_mask(n_features: int, n_registers: int, device=None) -> t
 
 
 class Attention(nn.Module):
+    """Multi-head attention. Keys have no bias: adding one vector to every key shifts all logits of a
+    query equally, which softmax ignores, so a key bias gets an identically zero gradient (and AdamW
+    would turn its rounding noise into steps)."""
+
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
-        self.n_heads, self.q, self.kv, self.out = n_heads, nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.n_heads, self.q, self.out = n_heads, nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim)
         self.record_weights, self.weights = False, None  # set record_weights to keep the attention map
 
     def forward(self, x, context, allowed):
         """x: B×L×D queries, context: B×S×D keys/values, allowed: (B×)L×S bool."""
         B, L, D = x.shape
+        S = context.shape[1]
         q = self.q(x).view(B, L, self.n_heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(B, context.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        k = self.k(context).view(B, S, self.n_heads, -1).transpose(1, 2)
+        v = self.v(context).view(B, S, self.n_heads, -1).transpose(1, 2)
         mask = allowed.unsqueeze(1) if allowed.dim() == 3 else allowed
         if self.record_weights:  # the explicit path, only for figures
             logits = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
@@ -542,13 +559,27 @@ def preservation_loss(reconstruction: torch.Tensor, target: torch.Tensor, mask: 
     return 1 - (cos * mask).sum() / mask.sum()
 
 
-def complementary_regularizer(complementary: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+def complementary_regularizer(complementary: torch.Tensor, overlap: torch.Tensor,
+                              keep: torch.Tensor | None = None) -> torch.Tensor:
     """FluxTalk's regulariser on the complementary tokens (B×C×D): an L2 penalty on their size plus a
     diversity term, the squared cosine between each complementary token and the overlap mean (B×D),
-    so complementary tokens carry something the overlapping ones do not."""
-    l2 = complementary.pow(2).mean()  # per dimension, so the weight does not depend on the width
-    diversity = F.cosine_similarity(complementary, overlap[:, None, :], dim=-1).pow(2).mean()
-    return l2 + diversity
+    so complementary tokens carry something the overlapping ones do not. Averaged over the kept tokens
+    only (`keep`: B×C), so the weight means the same whatever nested dropout drew."""
+    keep = torch.ones(complementary.shape[:2], device=complementary.device) if keep is None else keep
+    keep = keep.to(complementary.dtype)
+    if keep.sum() == 0:
+        return complementary.sum() * 0  # every complementary token dropped: nothing to regularise
+    l2 = complementary.pow(2).mean(-1)  # per dimension, so the weight does not depend on the width
+    diversity = F.cosine_similarity(complementary, overlap[:, None, :], dim=-1).pow(2)
+    return ((l2 + diversity) * keep).sum() / keep.sum()
+
+
+def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola's uniformity loss, log E exp(−t·|x_i − x_j|²) over pairs of L2-normalised rows: it is
+    lowest when the embeddings spread over the sphere, so a loss that pulls pairs together (flow
+    matching alone) cannot collapse every embedding to one point."""
+    x = F.normalize(x, dim=-1)
+    return torch.pdist(x).pow(2).mul(-t).exp().mean().log()
 
 
 class FlowMatcher(nn.Module):
@@ -573,8 +604,8 @@ class FlowMatcher(nn.Module):
 
     @torch.no_grad()
     def transport(self, x_a, pair: str, steps: int = 10) -> torch.Tensor:
-        """Euler-integrate A's embedding to B's space."""
-        x = x_a.clone()
+        """Euler-integrate A's (L2-normalised) embedding to B's space."""
+        x = F.normalize(x_a, dim=-1)
         for i in range(steps):
             t = torch.full((len(x),), i / steps, device=x.device)
             x = x + self.velocity(x, t, pair) / steps
@@ -623,7 +654,8 @@ class AlignmentModel(nn.Module):
                 self.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m],
                                                                  cfg.decoder_layers, cfg.n_heads)
                                                for m in cfg.modalities})
-        self.logit_scale = nn.Parameter(torch.tensor(1 / cfg.init_temperature).log())
+        if cfg.loss_type in ("contrastive", "combined"):  # a flow-only model has no temperature to learn
+            self.logit_scale = nn.Parameter(torch.tensor(1 / cfg.init_temperature).log())
         self.pairs = [(a, b) for i, a in enumerate(cfg.modalities) for b in cfg.modalities[i + 1:]]
         if cfg.loss_type != "contrastive":
             self.flow = FlowMatcher(cfg.embed_dim, self.pairs + [(b, a) for a, b in self.pairs], hidden=H)
@@ -675,32 +707,50 @@ class AlignmentModel(nn.Module):
                 preservation.append(preservation_loss(recon, batch[m].tokens, batch[m].mask))
             if cfg.complementary_reg_weight > 0 and cfg.n_shared < cfg.n_registers:
                 # only complementary tokens that survived dropout are regularised
-                comp_keep = keep[:, cfg.n_shared:].to(tokens.dtype)[..., None]
                 overlap = tokens[:, :cfg.n_shared].mean(1)
-                regular.append(complementary_regularizer(tokens[:, cfg.n_shared:] * comp_keep, overlap))
+                regular.append(complementary_regularizer(tokens[:, cfg.n_shared:], overlap, keep[:, cfg.n_shared:]))
         gathered = {m: gather_with_grad(e) for m, e in emb.items()}
         loss = torch.zeros((), device=gathered[cfg.modalities[0]].device)
         if cfg.loss_type in ("contrastive", "combined"):
-            scale = self.logit_scale.clamp(max=math.log(100))
             dims = tuple(cfg.mrl_dims) + (cfg.embed_dim,)
-            parts["contrastive"] = torch.stack([matryoshka_info_nce(gathered[a], gathered[b], scale, dims)
+            parts["contrastive"] = torch.stack([matryoshka_info_nce(gathered[a], gathered[b], self.logit_scale, dims)
                                                 for a, b in self.pairs]).mean()
             loss = loss + parts["contrastive"]
         if cfg.loss_type in ("flow_matching", "combined"):
-            # The flow head learns to transport embeddings; it does not shape them (detached), because
-            # a flow loss alone is minimised by collapsing every embedding to one point.
-            flows = [self.flow.loss(emb[a].detach(), emb[b].detach(), f"{a}->{b}") for a, b in self.pairs] + \
-                    [self.flow.loss(emb[b].detach(), emb[a].detach(), f"{b}->{a}") for a, b in self.pairs]
+            # The flow transports L2-normalised shared embeddings, A→B and B→A. With contrastive alignment
+            # (combined) the flow only learns the transport (detached). Alone, it is the alignment
+            # objective: straight paths between pairs are cheapest when paired embeddings coincide, and the
+            # uniformity term keeps them spread (a flow loss alone is minimised by one collapsed point).
+            alone = cfg.loss_type == "flow_matching"
+            unit = {m: F.normalize(e, dim=-1) if alone else F.normalize(e, dim=-1).detach() for m, e in emb.items()}
+            flows = [self.flow.loss(unit[a], unit[b], f"{a}->{b}") for a, b in self.pairs] + \
+                    [self.flow.loss(unit[b], unit[a], f"{b}->{a}") for a, b in self.pairs]
             parts["flow"] = torch.stack(flows).mean()
             loss = loss + cfg.flow_weight * parts["flow"]
+            if alone:
+                parts["uniformity"] = torch.stack([uniformity(gathered[m]) for m in cfg.modalities]).mean()
+                loss = loss + parts["uniformity"]
         if preservation:
             parts["preservation"] = torch.stack(preservation).mean()
             loss = loss + cfg.preservation_weight * parts["preservation"]
         if regular:
             parts["complementary"] = torch.stack(regular).mean()
             loss = loss + cfg.complementary_reg_weight * parts["complementary"]
-        parts["temperature"] = (1 / self.logit_scale.exp()).detach()
+        if "contrastive" in parts:
+            parts["temperature"] = (1 / self.logit_scale.exp()).detach()  # the one used: clamped after each step
         return loss, parts
+
+    def after_optimizer_step(self):
+        """Clamp the temperature parameter itself (as CLIP does), so it stays learnable at the bound."""
+        if hasattr(self, "logit_scale"):
+            with torch.no_grad():
+                self.logit_scale.clamp_(max=math.log(100))
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay: learned tokens and positions, and the temperature."""
+        return {name for name, _ in self.named_parameters()
+                if name.rsplit(".", 1)[-1] in ("registers", "feature_pos", "queries", "logit_scale")
+                or name.startswith("flow.direction.")}
 
     @torch.no_grad()
     def reconstruction_cosine(self, modality: str, tokens: torch.Tensor, feats: Features, ks: list[int]):
@@ -791,9 +841,7 @@ class VisionTextAligner(Aligner):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Checkpoints: weights in safetensors, training state through torch.load(weights_only=True).
-# Every write goes to a temporary file first and is renamed into place, so a crash never leaves a
-# half-written checkpoint where the last good one was.
+# 6. Files written atomically (checkpoints and run folders are loop.py's).
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call write(tmp_path) then rename tmp_path to path (atomic on POSIX)."""
@@ -802,86 +850,104 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a power loss cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-def save_weights(module: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-
-
-def load_weights(module: nn.Module, path: str | os.PathLike, what: str = "model") -> nn.Module:
-    """Load safetensors weights; a file from another config fails with the mismatching tensors named."""
-    from safetensors.torch import load_file
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no {what} weights at {path}")
-    state = load_file(str(path))
-    own = module.state_dict()
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and own[k].shape != v.shape]
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if wrong or missing or unexpected:
-        raise ValueError(f"{path} was saved from a different {what} config: shape mismatches {wrong[:3]}, "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}; build the model from the "
-                         "config.yaml saved beside it")
-    module.load_state_dict(state)
-    return module
-
-
-def save_state(state: dict, path: str | os.PathLike) -> Path:
-    """Training state (optimizer, scheduler, RNG, step): tensors and plain containers only."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_state(path: str | os.PathLike) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def rng_state() -> dict:
-    import random
-    import numpy as np
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss]}
-
-
-def set_rng_state(state: dict):
-    import random
-    import numpy as np
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-
-
 # ----------------------------------------------------------------------------------------------
 # 7. Configs as data: a YAML file per setting, read into a dataclass; command-line and notebook
 # overrides name nested fields with a dot ("model.n_shared", "source.k").
 
-def read_config(path: str | os.PathLike, overrides: dict, nested: str) -> dict:
-    """The values of a YAML config with `overrides` applied; "<nested>.<field>" keys reach the nested section."""
+def load_dataclass(cls, path: str | os.PathLike, overrides: dict, nested: str):
+    """`cls` built from a YAML file with `overrides` applied ("<nested>.<field>" keys reach the nested
+    dataclass field `nested`). Every value is checked against its field's type and coerced where YAML
+    is ambiguous (PyYAML reads `1e-3` as a string), and every error names the key, the value, where it
+    came from (the file or an override) and what to write instead."""
     import yaml
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; see configs/ for the shipped ones")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}; fix that line "
+                         "(YAML is `key: value`, nested keys indented by two spaces)") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold `key: value` lines, got a {type(values).__name__}")
+    origin = {key: f"in {path}" for key in values}
+    origin.update({f"{nested}.{key}": f"in {path}" for key in values.get(nested) or {}})
     for key, value in overrides.items():
         section, dot, name = key.partition(".")
         if dot and section == nested:
-            values.setdefault(nested, {})[name] = value
+            values[nested] = dict(values.get(nested) or {})
+            values[nested][name] = value
         else:
             values[key] = value
-    return values
+        origin[key] = "given as an override"
+    try:
+        return _build(cls, values, "", origin)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a dataclass's own check: say which config it came from
+        raise ValueError(f"{err} [config {path}{f', overrides {overrides}' if overrides else ''}]") from None
 
 
-def check_fields(values: dict, cls, what: str = "config"):
-    """Unknown keys (a typo in a YAML file or an override) fail with the known ones listed."""
+class ConfigError(ValueError):
+    """A config value of the wrong kind or an unknown key; the message already says where it came from."""
+
+
+def _build(cls, values: dict, prefix: str, origin: dict):
+    hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown {what} keys {sorted(unknown)}; known: {sorted(known)}")
+        where = sorted({origin.get(prefix + k, "") for k in unknown})
+        raise ConfigError(f"unknown {prefix[:-1] or 'config'} keys {unknown} {', '.join(where)}; known: {sorted(known)}")
+    typed = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            typed[key] = _build(hint, value or {}, f"{key}.", origin) if isinstance(value, dict) else value
+        else:
+            typed[key] = _coerce(value, hint, prefix + key, origin.get(prefix + key, ""))
+    return cls(**typed)
+
+
+def _coerce(value, hint, key: str, where: str):
+    """`value` as the type `hint` asks for, or a ValueError that says what to write."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _coerce(value, option, key, where)
+                except ConfigError as err:
+                    errors.append(err)
+        raise errors[0]
+    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+        return tuple(_coerce(v, typing.get_args(hint)[0], key, where) for v in value)
+    kind = typing.get_origin(hint) or hint
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)  # "1e-3" (a string to PyYAML) is a number; "abc" is not
+        except ValueError:
+            number = None
+        if number is not None and (kind is float or number.is_integer()):
+            return kind(number)
+    if kind in (str, dict, list) and isinstance(value, kind):
+        return value
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list",
+                dict: "a mapping", list: "a list"}.get(kind, str(hint))
+    raise ConfigError(f"{key} must be {expected}, got {value!r} {where}; e.g. {key}: "
+                     f"{ {bool: 'true', int: '64', float: '0.001', str: 'name', tuple: '[a, b]'}.get(kind, '...') }")

@@ -13,6 +13,7 @@ Every dataset yields dicts; the touch-vision ones yield
 
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -50,6 +51,11 @@ class SynthTouch(torch.utils.data.Dataset):
     # continuous instance-level factors, name -> [low, high): the pattern's phase, so that exact-pair
     # retrieval has one right answer instead of a whole factor class
     CONTINUOUS_FACTORS = OrderedDict(phase_x=(0.0, 1.0), phase_y=(0.0, 1.0))
+    # how `_render` draws each phase, per texture: the period in pattern periods (φ and φ + period draw the
+    # same surface), None where the texture does not depend on it (stripes run along y). A probe predicts
+    # the phase on that circle (evaluate.probe_target); a test checks these against the renderer.
+    PHASE_PERIODS = {"phase_x": dict(stripes=1, checker=1, dots=1, waves=1),
+                     "phase_y": dict(stripes=None, checker=2, dots=1, waves=2)}
     # who sees what: shared factors reach both the camera and the gel, private ones only one of them
     factor_groups = dict(
         texture="shared", orientation="shared", roughness="shared", phase_x="shared", phase_y="shared",
@@ -438,33 +444,51 @@ def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/feat
     """
     modality = encoder.modality
     folder = Path(cache_dir) / f"{dataset.fingerprint}-{modality}-{encoder.cfg.model_name}-{encoder.cfg.key()}"
-    cached = _load_cache(folder, verify)
-    if cached is not None:
-        return cached
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One process builds a cache folder at a time (several notebooks, or torchrun ranks, may ask at once);
+    # the others wait for the lock and then find the finished cache.
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = _load_cache(folder, verify)
+        if cached is None:
+            _build_cache(encoder, dataset, folder, batch_size, device)
+            cached = _load_cache(folder, verify=False)
+    return cached
+
+
+def _build_cache(encoder, dataset, folder: Path, batch_size: int, device):
+    """Encode into a temporary folder, then swap it in (old → aside, new → place, old deleted), so the
+    folder holds a complete cache at every moment; a failed encode leaves no temporary folder behind."""
+    modality = encoder.modality
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    n, key = len(dataset), ("caption" if modality == "text" else modality)
-    pooled = np.lib.format.open_memmap(tmp / "pooled.npy", "w+", np.float32, (n, encoder.dim))
-    tokens = np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.float16, (n, encoder.num_tokens, encoder.dim))
-    mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.bool_, (n, encoder.num_tokens))
-    encoder.to(device)
-    loader = create_dataloader(dataset, batch_size, shuffle=False)
-    start = 0
-    for batch in tqdm(loader, desc=f"encoding {modality} ({encoder.cfg.model_name})", leave=False):
-        inputs = batch[key] if modality == "text" else batch[key].to(device)
-        out = encoder(inputs)
-        stop = start + len(out.pooled)
-        pooled[start:stop], tokens[start:stop], mask[start:stop] = (
-            out.pooled.cpu().numpy(), out.tokens.cpu().numpy(), out.mask.cpu().numpy())
-        start = stop
-    for arr in (pooled, tokens, mask):
-        arr.flush()
-    del pooled, tokens, mask
-    meta = {"dataset": dataset.fingerprint, "modality": modality, "encoder": dataclasses.asdict(encoder.cfg),
-            "shapes": {name: list(np.load(tmp / f"{name}.npy", mmap_mode="r").shape) for name in _CACHE_FILES},
-            "sha256": {name: _sha256(tmp / f"{name}.npy") for name in _CACHE_FILES}}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return _load_cache(folder, verify=False)
+    try:
+        n, key = len(dataset), ("caption" if modality == "text" else modality)
+        pooled = np.lib.format.open_memmap(tmp / "pooled.npy", "w+", np.float32, (n, encoder.dim))
+        tokens = np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.float16, (n, encoder.num_tokens, encoder.dim))
+        mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.bool_, (n, encoder.num_tokens))
+        encoder.to(device)
+        loader = create_dataloader(dataset, batch_size, shuffle=False)
+        start = 0
+        for batch in tqdm(loader, desc=f"encoding {modality} ({encoder.cfg.model_name})", leave=False):
+            inputs = batch[key] if modality == "text" else batch[key].to(device)
+            out = encoder(inputs)
+            stop = start + len(out.pooled)
+            pooled[start:stop], tokens[start:stop], mask[start:stop] = (
+                out.pooled.cpu().numpy(), out.tokens.cpu().numpy(), out.mask.cpu().numpy())
+            start = stop
+        for arr in (pooled, tokens, mask):
+            arr.flush()
+        del pooled, tokens, mask
+        meta = {"dataset": dataset.fingerprint, "modality": modality, "encoder": dataclasses.asdict(encoder.cfg),
+                "shapes": {name: list(np.load(tmp / f"{name}.npy", mmap_mode="r").shape) for name in _CACHE_FILES},
+                "sha256": {name: _sha256(tmp / f"{name}.npy") for name in _CACHE_FILES}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        old = folder.with_name(folder.name + f".old{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

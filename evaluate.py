@@ -233,12 +233,19 @@ def prefix_drops(table: pd.DataFrame, n_queries: int, z: float = 2.0) -> pd.Data
 # ----------------------------------------------------------------------------------------------
 # Linear probes: which token knows which factor
 
-def probe_target(name: str, values: np.ndarray) -> np.ndarray:
-    """What a probe predicts. Phases are periodic (φ and φ+1 draw the same surface), so a continuous
-    phase is decoded as (cos 2πφ, sin 2πφ), scored by R²; discrete factors are their class codes."""
-    if name in SynthTouch.CONTINUOUS_FACTORS:
-        return np.stack([np.cos(2 * np.pi * values), np.sin(2 * np.pi * values)], 1)
-    return np.asarray(values)
+def probe_target(name: str, factors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(target, rows) of a probe: what it predicts, on which rows. Discrete factors are their class codes,
+    on every row. A phase is periodic with the period the renderer draws it with for the row's texture
+    (SynthTouch.PHASE_PERIODS), so it is decoded as (cos 2πφ/P, sin 2πφ/P), scored by R², on the rows
+    whose texture shows it at all."""
+    values = np.asarray(factors[name])
+    if name not in SynthTouch.CONTINUOUS_FACTORS:
+        return values, np.ones(len(values), dtype=bool)
+    textures = np.asarray(SynthTouch.FACTORS["texture"])[factors["texture"]]
+    period = np.array([SynthTouch.PHASE_PERIODS[name][t] or np.nan for t in textures], dtype=float)
+    rows = ~np.isnan(period)
+    angle = 2 * np.pi * values[rows] / period[rows]
+    return np.stack([np.cos(angle), np.sin(angle)], 1), rows
 
 
 def probe_score(train_x, train_y, test_x, test_y, continuous: bool) -> tuple[float, float]:
@@ -296,8 +303,10 @@ def information_map(train_tokens: dict[str, torch.Tensor], train_factors: dict[s
 def probe_row(m, source, name, sources, subset, train_factors, test_factors) -> dict:
     """One cell of the information map: `sources` = (train, test) feature sets of modality m."""
     continuous = name in SynthTouch.CONTINUOUS_FACTORS
-    score, chance = probe_score(sources[0][source], probe_target(name, train_factors[name][subset]),
-                                sources[1][source], probe_target(name, test_factors[name]), continuous)
+    train_y, train_rows = probe_target(name, {k: v[subset] for k, v in train_factors.items()})
+    test_y, test_rows = probe_target(name, test_factors)
+    score, chance = probe_score(sources[0][source][train_rows], train_y, sources[1][source][test_rows], test_y,
+                                continuous)
     return dict(modality=m, source=source, factor=name, group=SynthTouch.factor_groups[name],
                 metric="R²" if continuous else "accuracy", score=score, chance=chance,
                 **{"above chance": (score - chance) / (1 - chance)})

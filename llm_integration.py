@@ -8,8 +8,8 @@ a per-modality projector into the decoder's embedding space and are spliced into
 `[chat template head | prefix | prompt, template tail | caption, EOS]`, left-padded. The testbed decoder
 is a small Qwen2 (random init, trained fully) with a tokenizer trained offline on SynthTouch captions;
 a real Qwen (by hub name or local folder) stays frozen and only the projector (optionally LoRA) trains.
-A run folder holds config.yaml, projector.safetensors (+ decoder.safetensors when the decoder trains),
-state.pt, metrics.jsonl and caption_eval.json.
+Training runs through the one loop of loop.py; a run folder holds config.yaml, checkpoint/ (the projector's
+and any trained decoder tensors in model.safetensors, state.pt), metrics.jsonl and caption_eval.json.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 import core
 import data
+import loop
 import train
 
 ROOT = Path(__file__).resolve().parent
@@ -207,6 +207,7 @@ class LLMConfig:
             raise ValueError(f"unknown projector {self.projector!r}; choose one of {PROJECTORS}")
         if self.train_decoder not in DECODER_TRAINING:
             raise ValueError(f"unknown train_decoder {self.train_decoder!r}; choose one of {DECODER_TRAINING}")
+        loop.check_hyperparameters(self, "phase-2 config")
 
     @property
     def decoder_training(self) -> str:
@@ -222,9 +223,7 @@ class LLMConfig:
 
 def load_llm_config(path: str | os.PathLike | None = None, **overrides) -> LLMConfig:
     """configs/phase2.yaml (or `path`) with overrides; source fields as "source.<name>"."""
-    values = core.read_config(path or DEFAULT_CONFIG, overrides, nested="source")
-    core.check_fields(values, LLMConfig, "phase-2 config")
-    return LLMConfig(**values)
+    return core.load_dataclass(LLMConfig, path or DEFAULT_CONFIG, overrides, nested="source")
 
 
 class Projector(nn.Module):
@@ -469,7 +468,7 @@ class MultimodalLLM(nn.Module):
              prompt: str | None = None) -> torch.Tensor:
         """Next-token cross-entropy on the captions and EOS, given prefix + prompt."""
         prefix, prefix_mask = self.prefix(tokens, keep, self.source.groups)
-        inputs = self.assemble(prefix, prefix_mask, prompt or self.llm_cfg.prompt, captions)
+        inputs = self.assemble(prefix, prefix_mask, self.llm_cfg.prompt if prompt is None else prompt, captions)
         with self.autocast():
             return self.decoder(**inputs, use_cache=False).loss
 
@@ -504,7 +503,7 @@ class MultimodalLLM(nn.Module):
             chunk = {m: t[start:start + batch_size] for m, t in tokens.items()}
             prefix, prefix_mask = self.prefix(chunk, self.keep_masks(source, len(next(iter(chunk.values())))),
                                               source.groups)
-            inputs = self.assemble(prefix, prefix_mask, prompt or self.llm_cfg.prompt,
+            inputs = self.assemble(prefix, prefix_mask, self.llm_cfg.prompt if prompt is None else prompt,
                                    new_tokens=kwargs["max_new_tokens"])
             inputs.pop("position_ids")  # generate derives them from the attention mask, the same way
             with self.autocast():
@@ -519,32 +518,18 @@ class MultimodalLLM(nn.Module):
         """The decoder tensors that train: all for `full`, the adapters for `lora`, none when frozen."""
         return {n: p for n, p in self.decoder.named_parameters() if p.requires_grad}
 
-    def save(self, run_dir: str | os.PathLike, extra: dict | None = None):
-        from safetensors.torch import save_file
-        run_dir = Path(run_dir)
-        core.save_weights(self.projector, run_dir / "projector.safetensors")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_decoder_state().items()}
-        if state:
-            core.atomic_write(run_dir / "decoder.safetensors", lambda tmp: save_file(state, str(tmp)))
-        config = {"llm": self.llm_cfg.to_dict(), "decoder_hidden_size": self.hidden, **(extra or {})}
-        core.atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+    def run_config(self, extra: dict | None = None) -> dict:
+        """What config.yaml of a phase-2 run folder holds: the config, the decoder width, the phase-1 run."""
+        return {"llm": self.llm_cfg.to_dict(), "decoder_hidden_size": self.hidden, **(extra or {})}
 
     def load_weights(self, run_dir: str | os.PathLike) -> "MultimodalLLM":
-        from safetensors.torch import load_file
-        run_dir = Path(run_dir)
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        run = loop.RunFolder(run_dir)
+        saved = run.saved_config()
         if saved["decoder_hidden_size"] != self.hidden:
-            raise ValueError(f"the projector in {run_dir} outputs width {saved['decoder_hidden_size']} (for "
+            raise ValueError(f"the projector in {run.path} outputs width {saved['decoder_hidden_size']} (for "
                              f"{saved['llm']['model_name']}) but this decoder ({self.llm_cfg.model_name}) has hidden "
                              f"size {self.hidden}; load it with the decoder it was trained for, or train a new one")
-        core.load_weights(self.projector, run_dir / "projector.safetensors", "projector")
-        expected = self.trainable_decoder_state()
-        if expected:
-            state = load_file(str(run_dir / "decoder.safetensors"))
-            if set(state) != set(expected):
-                raise ValueError(f"{run_dir / 'decoder.safetensors'} holds other tensors than this decoder trains "
-                                 f"(train_decoder={self.llm_cfg.train_decoder}); build it from the saved config.yaml")
-            self.decoder.load_state_dict(state, strict=False)
+        loop.load_trainable(self, run.load_weights(), run.path)
         return self
 
     @classmethod
@@ -575,103 +560,46 @@ def encode_tokens(model: core.AlignmentModel, feats: dict[str, core.Features],
 
 
 def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: list[str],
-                     output_dir: str | os.PathLike | None = None, resume: bool = False, callback=None,
-                     extra: dict | None = None) -> list[dict]:
-    """Train the projector (and the decoder, per train_decoder) to write `captions` from `tokens`.
-
-    With output_dir: a checkpoint after every epoch (and on Ctrl-C), metrics.jsonl, and `resume=True`
-    continues from its state.pt with the same batches. `callback(row)` sees every metrics row.
-    """
+                  output_dir: str | os.PathLike | None = None, resume: bool = False, callback=None,
+                  extra: dict | None = None, overwrite: bool = False) -> list[dict]:
+    """Train the projector (and the decoder, per train_decoder) to write `captions` from `tokens`, by the
+    one loop of loop.py. With output_dir: a run folder (checkpoint after every epoch and on Ctrl-C,
+    metrics.jsonl), `resume=True` continues it exactly, `overwrite=True` replaces it. `callback(row)`
+    sees every metrics row."""
     cfg = mm.llm_cfg
+    loop.check_hyperparameters(cfg, "phase-2 config")
     n = len(captions)
     wrong = {m: len(t) for m, t in tokens.items() if len(t) != n}
     if wrong:
         raise ValueError(f"{n} captions but token counts {wrong}; tokens and captions must be row-aligned")
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} captions)")
-    opt, sched = train.make_optimizer(mm, cfg.lr, cfg.weight_decay, cfg.warmup_steps, steps_per_epoch * cfg.epochs)
-    run_dir = Path(output_dir) if output_dir else None
-    step, start_epoch, skip = 0, 0, 0
-    if resume:
-        if run_dir is None or not (run_dir / "state.pt").is_file():
-            raise FileNotFoundError(f"nothing to resume in {run_dir} (no state.pt); train without resume")
-        check_resumable(run_dir, cfg)
-        mm.load_weights(run_dir)
-        state = core.load_state(run_dir / "state.pt")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        core.set_rng_state(state["rng"])
-        step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
-    rows = []
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} captions); "
+                         f"use --batch_size {n} or less")
+    run = None
+    if output_dir is not None:
+        run = loop.RunFolder(output_dir)
+        run.start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
+    index_batches = loop.index_batches(n, cfg.batch_size, cfg.seed)
+    sources = {}  # epoch -> every sample's token source, drawn up front so a resumed epoch sees the same
 
-    def log(row):
-        rows.append(row)
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if callback is not None:
-            callback(row)
+    def batches(epoch):
+        return [(epoch, index) for index in index_batches(epoch)]
 
-    def checkpoint(epoch, batches_done):  # where a resumed run continues
-        if batches_done == steps_per_epoch:
-            epoch, batches_done = epoch + 1, 0
-        mm.save(run_dir, extra)
-        core.save_state({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": core.rng_state(),
-                         "step": step, "epoch": epoch, "batch_in_epoch": batches_done}, run_dir / "state.pt")
+    def loss_fn(batch):
+        epoch, index = batch
+        if epoch not in sources:
+            sources.clear()
+            sources[epoch] = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        keep = {m: k[index] for m, k in sources[epoch].items()}
+        return mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep), {}
 
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc="phase 2")
-    epoch, batches_done = start_epoch, skip
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            mm.train()
-            order = train.epoch_order(n, cfg.seed, epoch)
-            # every sample's token source for the epoch, drawn up front, so a resumed run sees the same
-            keep_all = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            total, count, started = 0.0, 0, time.perf_counter()
-            batches_done = skip if epoch == start_epoch else 0
-            for batches_done in range(batches_done, steps_per_epoch):
-                index = np.sort(order[batches_done * cfg.batch_size:(batches_done + 1) * cfg.batch_size])
-                loss = mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index],
-                               {m: k[index] for m, k in keep_all.items()})
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"phase-2 loss became {loss.item()} at step {step}; the last good "
-                                             f"checkpoint is kept; lower lr (now {cfg.lr})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in mm.parameters() if p.requires_grad], cfg.grad_clip)
-                opt.step()
-                sched.step()
-                step, batches_done = step + 1, batches_done + 1
-                total, count = total + loss.item(), count + 1
-                bar.update()
-                if step % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-                    log({"kind": "step", "step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                         "loss": loss.item()})
-            log({"kind": "epoch", "step": step, "epoch": epoch, "train loss": total / max(count, 1),
-                 "seconds": time.perf_counter() - started})
-            if run_dir is not None:
-                checkpoint(epoch, steps_per_epoch)
-    except KeyboardInterrupt:
-        if run_dir is not None:
-            checkpoint(epoch, batches_done)
-            print(f"interrupted at step {step}: checkpoint saved in {run_dir}; continue with resume=True")
-        raise
-    finally:
-        bar.close()
-    mm.eval()
-    return rows
+    return loop.fit(mm, loss_fn, batches, steps_per_epoch, cfg, run, resume=resume, callback=callback,
+                    desc="phase 2 · captioning")
 
 
-def check_resumable(run_dir: Path, cfg: LLMConfig):
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["llm"]
-    ignore = {"log_every", "max_new_tokens", "cache_dir", "local_files_only"}
-    diff = {k: (saved[k], v) for k, v in cfg.to_dict().items() if k not in ignore and saved.get(k) != v}
-    if diff:
-        raise ValueError(f"cannot resume {run_dir}: it was trained with another config; differences (saved, "
-                         f"requested): {diff}. Resume with the saved config.yaml, or use a new output_dir")
+# what may differ when a phase-2 run is resumed: generation settings and where things live
+RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.cache_dir", "llm.local_files_only")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -807,18 +735,18 @@ def evaluate_captions(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], refere
 
 
 def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm_cfg: LLMConfig | None = None,
-               resume: bool = False, callback=None) -> dict:
+               resume: bool = False, callback=None, overwrite: bool = False) -> dict:
     """Train phase 2 on a phase-1 run's training split, evaluate on its test split, write caption_eval.json."""
     phase1_run, output_dir = Path(phase1_run), Path(output_dir)
     llm_cfg = llm_cfg or load_llm_config()
-    cfg = train.load_config(phase1_run / "config.yaml")
     aligner = train.load_aligner(phase1_run).to(train.core_device())
+    cfg = train.load_config(phase1_run / "config.yaml")
     train_set, train_feats = train.split_data(cfg, "train")
     test_set, test_feats = train.split_data(cfg, "test")
     data.set_seed(llm_cfg.seed)
     mm = MultimodalLLM(aligner, llm_cfg)
     fit_captioner(mm, encode_tokens(aligner.model, train_feats), train_set.captions, output_dir, resume=resume,
-                     callback=callback, extra={"phase1_run": str(phase1_run)})
+                  callback=callback, extra={"phase1_run": str(phase1_run)}, overwrite=overwrite)
     has_factors = hasattr(test_set, "factors_of")
     test_factors = [test_set.factors_of(i) for i in range(len(test_set))] if has_factors else None
     result = evaluate_captions(mm, encode_tokens(aligner.model, test_feats), test_set.captions, test_factors)
@@ -834,12 +762,15 @@ def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, 
                   callback=None) -> dict:
     """caption_eval.json of `output_dir`, training only what is missing: a finished run of the same config
     is reused, an interrupted one resumes, otherwise phase 2 starts. Re-running a notebook costs nothing."""
-    output_dir = Path(output_dir)
-    if (output_dir / "config.yaml").is_file():
-        check_resumable(output_dir, llm_cfg)
-        if (output_dir / "caption_eval.json").is_file():
-            return json.loads((output_dir / "caption_eval.json").read_text())
-    return run_phase2(phase1_run, output_dir, llm_cfg, resume=(output_dir / "state.pt").is_file(), callback=callback)
+    run = loop.RunFolder(output_dir)
+    if run.checkpoint is None:
+        return run_phase2(phase1_run, output_dir, llm_cfg, callback=callback)
+    saved = run.saved_config()
+    run.check_same_config({"llm": llm_cfg.to_dict(), "decoder_hidden_size": saved.get("decoder_hidden_size"),
+                           "phase1_run": str(phase1_run)}, RESUME_IGNORES)
+    if (run.path / "caption_eval.json").is_file():
+        return json.loads((run.path / "caption_eval.json").read_text())
+    return run_phase2(phase1_run, output_dir, llm_cfg, resume=True, callback=callback)
 
 
 def main(argv=None):
@@ -853,14 +784,18 @@ def main(argv=None):
         parser.add_argument(f"--{flag}", type=kind)
     parser.add_argument("--k", type=int, help="train and caption from at most the first k tokens")
     parser.add_argument("--modalities", nargs="+", choices=IMAGE_MODALITIES, help="token source modalities")
-    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its state.pt")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     if args.k is not None:
         overrides["source.k"] = args.k
     if args.modalities:
         overrides["source.modalities"] = tuple(args.modalities)
-    result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(args.config, **overrides), args.resume)
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")
+    result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(args.config, **overrides), args.resume,
+                        overwrite=args.overwrite)
     for row in result["rows"]:
         print(f"{row['modalities']:>13} k={row['k']:<3} accuracy {row.get('accuracy', float('nan')):.3f}  "
               f"BLEU-4 {row['bleu4']:.3f}  CIDEr-D {row['cider_d']:.3f}")

@@ -4,28 +4,26 @@
     python train.py --config configs/fluxtalk.yaml --epochs 5 --output_dir runs/fluxtalk
     torchrun --nproc_per_node=4 train.py --config configs/flextok.yaml --datasets_dir /data/tvl
 
-One config dataclass (YAML + flags), one loop (AdamW, warm-up + cosine, bf16 autocast on GPU), one
-checkpoint format (model.safetensors + config.yaml + state.pt), written atomically. A run folder holds
-config.yaml, model.safetensors, state.pt, metrics.jsonl and, at the end, eval.json.
+One config dataclass (YAML + flags), trained by the one loop of loop.py (AdamW, warm-up + cosine, bf16
+autocast on GPU), which owns the run folder: config.yaml, checkpoint/ (model.safetensors + state.pt),
+metrics.jsonl, and at the end eval.json.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 import core
 import data
+import loop
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -63,21 +61,20 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.log_name if self.log_name else Path(self.output_dir)
 
+    def __post_init__(self):
+        for name in ("n_train", "n_val", "n_test") if self.dataset == "synthtouch" else ():
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (the size of the SynthTouch {name[2:]} split), got "
+                                 f"{getattr(self, name)}; e.g. {name}: {TrainConfig.__dataclass_fields__[name].default}")
+        loop.check_hyperparameters(self, "phase-1 config")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        values = dict(values)
-        core.check_fields(values, cls)
-        model = values.pop("model", {}) or {}
-        core.check_fields(model, core.ModelConfig, "model")
-        return cls(model=core.ModelConfig(**model), **values)
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
     """A YAML config (configs/default.yaml when None) with overrides; model fields as "model.<name>"."""
-    return TrainConfig.from_dict(core.read_config(path or DEFAULT_CONFIG, overrides, nested="model"))
+    return core.load_dataclass(TrainConfig, path or DEFAULT_CONFIG, overrides, nested="model")
 
 
 # what a design line keeps when it moves to the testbed; data, encoders, width and optimisation come from default.yaml
@@ -159,36 +156,18 @@ def build_model(cfg: TrainConfig) -> core.AlignmentModel:
 
 def load_aligner(run_dir: str | os.PathLike) -> core.Aligner:
     """The trained phase-1 model of a run folder with its frozen encoders, in eval mode."""
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    model = core.load_weights(build_model(cfg), run_dir / "model.safetensors", "phase-1 model")
+    run = loop.RunFolder(run_dir)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{run.path} is not a phase-1 run folder (no config.yaml in it); pass the "
+                                "--output_dir of a finished train.py run, e.g. runs/phase1/default")
+    cfg = load_config(run.config_path)
+    model = build_model(cfg)
+    loop.load_trainable(model, run.load_weights(), run.path)
     return core.Aligner({m: get_encoder(cfg, m) for m in cfg.model.modalities}, model).eval()
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimisation
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
-    """AdamW (no decay on norms, biases, registers and the temperature) with linear warm-up + cosine."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2 and p.shape[0] > 1]
-    no_decay = [p for p in params if not (p.dim() >= 2 and p.shape[0] > 1)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-    def schedule(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of an epoch depends only on (seed, epoch), so a resumed run sees the same batches."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
+# Training: phase 1 through the one loop (loop.fit), which owns the run folder
 
 class Distributed:
     """torchrun's environment, or a single process."""
@@ -214,157 +193,81 @@ class Distributed:
         return indices[self.rank * per:(self.rank + 1) * per]
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def save_checkpoint(run_dir: Path, cfg: TrainConfig, model, opt, sched, step: int, epoch: int, batch_in_epoch: int,
-                    rng: dict | None = None):
-    core.save_weights(model, run_dir / "model.safetensors", metadata={"step": str(step)})
-    core.save_state({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng or core.rng_state(),
-                     "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}, run_dir / "state.pt")
-    core.atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(to_yaml(cfg), sort_keys=False)))
-
-
 def to_yaml(cfg: TrainConfig) -> dict:
     values = cfg.to_dict()
     values["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values["model"].items()}
     return values
 
 
-def check_resumable(run_dir: Path, cfg: TrainConfig):
-    saved = load_config(run_dir / "config.yaml")
-    def flat(values):  # model fields as "model.<name>", so the message names the one that differs
-        return {**{k: v for k, v in values.items() if k != "model"},
-                **{f"model.{k}": v for k, v in values["model"].items()}}
-    mine, theirs = flat(to_yaml(cfg)), flat(to_yaml(saved))
-    ignore = {"epochs", "output_dir", "log_name", "cache_dir", "log_every"}
-    diff = {k: (theirs[k], mine[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
-    if diff:
-        raise ValueError(f"cannot resume {run_dir}: it was trained with another config; differences "
-                         f"(saved, requested): {diff}. Resume with the saved config.yaml, or use a new output_dir")
+# what may differ when a run is resumed: where things are written and how often rows are logged
+RESUME_IGNORES = ("output_dir", "log_name", "cache_dir", "log_every")
 
 
-def train(cfg: TrainConfig, resume: bool = False, callback=None) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool = False) -> Path:
     """Train phase 1 and return the run folder. `callback(row)` sees every metrics row (live plots).
 
-    Ctrl-C saves a checkpoint before stopping; a NaN/inf loss stops with the last good checkpoint kept.
+    Ctrl-C saves a checkpoint before stopping; a non-finite loss, gradient or parameter stops with the
+    last good checkpoint kept. A folder that already holds a run needs `resume` or `overwrite`.
     """
+    loop.check_hyperparameters(cfg, "phase-1 config")
     dist = Distributed()
     device = core_device()
-    torch.manual_seed(cfg.seed)
-    run_dir = cfg.run_dir
-    if resume:
-        if not (run_dir / "state.pt").is_file():
-            raise FileNotFoundError(f"nothing to resume in {run_dir} (no state.pt); drop --resume to start fresh")
-        check_resumable(run_dir, cfg)
+    run = loop.RunFolder(cfg.run_dir, main=dist.main)
+    run.check_start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
     if dist.world > 1 and not dist.main:
         torch.distributed.barrier()  # rank 0 fills the feature cache first: no two ranks write one cache folder
     _, train_feats = split_data(cfg, "train")
     val_set, val_feats = split_data(cfg, "val")
     if dist.world > 1 and dist.main:
         torch.distributed.barrier()
+    torch.manual_seed(cfg.seed)  # the initial weights (torchrun broadcasts rank 0's anyway)
     model = build_model(cfg).to(device)
     n = len(next(iter(train_feats.values())).pooled)
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} samples)")
-    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, steps_per_epoch * cfg.epochs)
-    step, start_epoch, skip = 0, 0, 0
-    if resume:
-        core.load_weights(model, run_dir / "model.safetensors", "phase-1 model")
-        state = core.load_state(run_dir / "state.pt")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        core.set_rng_state(state["rng"])
-        step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} samples); "
+                         f"use --batch_size {n} or less")
+    run.start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)  # inputs are good: write
     ddp = model
     if dist.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=cfg.model.loss_type == "flow_matching")
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
-
-    def log(row):
-        if dist.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if callback is not None:
-            callback(row)
-
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    rng = None  # the RNG state at the start of an unfinished step: an interrupt restarts that step with it
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc="phase 1", disable=not dist.main)
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            order = epoch_order(n, cfg.seed, epoch)
-            sums, count, started = {}, 0, time.perf_counter()
-            for batch_in_epoch in range(skip if epoch == start_epoch else 0, steps_per_epoch):
-                rng = core.rng_state()
-                index = dist.local_slice(order[batch_in_epoch * cfg.batch_size:(batch_in_epoch + 1) * cfg.batch_size])
-                batch = {m: f.batch(np.sort(index), device) for m, f in train_feats.items()}
-                with autocast:
-                    loss, parts = ddp(batch)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss became {loss.item()} at step {step} (epoch {epoch}); parts: "
-                                        f"{ {k: v.item() for k, v in parts.items()} }. The last good checkpoint in "
-                                        f"{run_dir} is kept; lower lr (now {cfg.lr}) or check the features")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
-                step += 1
-                rng = None
-                bar.update()
-                values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                if step % cfg.log_every == 0:
-                    log({"kind": "step", "step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], **values})
-                    bar.set_postfix(loss=f"{values['loss']:.3f}")
-            row = {"kind": "epoch", "step": step, "epoch": epoch, "seconds": time.perf_counter() - started,
-                   **{f"train {k}": v / max(count, 1) for k, v in sums.items()}}
-            if val_feats is not None and dist.main:
-                row.update(quick_eval(model, val_feats, val_set))
-            log(row)
-            if dist.main:
-                save_checkpoint(run_dir, cfg, model, opt, sched, step, epoch + 1, 0)
-    except KeyboardInterrupt:
-        if dist.main:
-            # resume at the first step not completed (the loop variables may point at a finished one)
-            save_checkpoint(run_dir, cfg, model, opt, sched, step, *divmod(step, steps_per_epoch), rng=rng)
-            print(f"interrupted at step {step}: checkpoint saved in {run_dir}; continue with --resume")
-        raise
-    finally:
-        bar.close()
+
+    def loss_fn(index):
+        batch = {m: f.batch(dist.local_slice(index), device) for m, f in train_feats.items()}
+        with autocast:
+            return ddp(batch)
+
+    def epoch_end(epoch):
+        return quick_eval(model, val_feats, val_set) if val_feats is not None and dist.main else {}
+
+    loop.fit(model, loss_fn, loop.index_batches(n, cfg.batch_size, cfg.seed), steps_per_epoch, cfg, run,
+             resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1 · {cfg.run_dir.name}",
+             rank=dist.rank)
     if dist.main:
         test_set, test_feats = split_data(cfg, "test")
-        evaluate_run(model, test_feats, test_set, run_dir / "eval.json")
+        evaluate_run(model, test_feats, test_set, cfg.run_dir / "eval.json")
     if dist.world > 1:
         torch.distributed.destroy_process_group()
-    return run_dir
+    return cfg.run_dir
 
 
 def ensure_trained(cfg: TrainConfig, callback=None) -> Path:
     """The run folder of `cfg`, training only what is missing: a finished run (eval.json) of the same config
-    is reused, an interrupted one resumes, otherwise training starts. Re-running a notebook costs nothing."""
-    run_dir = cfg.run_dir
-    if (run_dir / "config.yaml").is_file():
-        check_resumable(run_dir, cfg)
-        if (run_dir / "eval.json").is_file():
-            if load_config(run_dir / "config.yaml").epochs != cfg.epochs:
-                raise ValueError(f"{run_dir} holds a finished run with another number of epochs; "
-                                 "pick a new output_dir to train again")
-            return run_dir
-    return train(cfg, resume=(run_dir / "state.pt").is_file(), callback=callback)
+    is reused, an interrupted one resumes, otherwise training starts. Re-running a notebook costs nothing.
+    A folder holding a run of another config (epochs included) is refused, as on the command line."""
+    run = loop.RunFolder(cfg.run_dir)
+    if run.checkpoint is None:
+        return train(cfg, callback=callback)
+    run.check_same_config(to_yaml(cfg), RESUME_IGNORES)
+    if (cfg.run_dir / "eval.json").is_file():
+        return cfg.run_dir
+    return train(cfg, resume=True, callback=callback)
+
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The rows of a run's metrics.jsonl: {"kind": "step" | "epoch", ...}."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return loop.RunFolder(run_dir).rows()
 
 
 def training_minutes(run_dir: str | os.PathLike) -> float:
@@ -390,28 +293,22 @@ def evaluate_run(model, feats, dataset, out_path: Path):
 
 def train_alignment(model: core.Aligner, loader, num_epochs: int, lr: float | None = None) -> dict:
     """The seed package's loop: raw (image, caption) batches through the frozen encoders into the
-    adapters. Returns history {"loss": [mean loss per epoch], "contrastive": [...]}."""
-    seed_cfg = getattr(model, "config", None)
-    lr = lr or (seed_cfg.learning_rate if seed_cfg else 1e-4)
-    weight_decay = seed_cfg.weight_decay if seed_cfg else 0.01
+    adapters, by the same loop as everything else (loop.fit), without a run folder. Returns history
+    {"loss": [mean loss per epoch], "contrastive": [...], ...}."""
+    seed_cfg = getattr(model, "config", None) or core.AlignmentConfig()
     total = max(1, len(loader) * num_epochs)
-    opt, sched = make_optimizer(model.model, lr, weight_decay, min(100, total // 10), total)
-    history: dict[str, list[float]] = {}
-    for epoch in tqdm(range(num_epochs), desc="train_alignment"):
-        model.train()
-        sums, count = {}, 0
-        for batch in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False):
-            loss, parts = model(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for k, v in {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-        for k, v in sums.items():
-            history.setdefault(k, []).append(v / max(count, 1))
+    hp = argparse.Namespace(epochs=num_epochs, lr=lr or seed_cfg.learning_rate, weight_decay=seed_cfg.weight_decay,
+                            warmup_steps=min(100, total // 10), grad_clip=math.inf, seed=seed_cfg.seed,
+                            log_every=max(1, len(loader)))
+    loop.check_hyperparameters(hp, "train_alignment")
+    rows = loop.fit(model.model, model, lambda epoch: loader, len(loader), hp, desc="train_alignment")
     model.eval()
+    history: dict[str, list[float]] = {}
+    for row in rows:
+        if row["kind"] == "epoch":
+            for key, value in row.items():
+                if key.startswith("train "):
+                    history.setdefault(key[len("train "):], []).append(value)
     return history
 
 
@@ -429,7 +326,13 @@ FLAGS = {  # flag → (config key, type)
 }
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, bool]:
+@dataclass
+class RunMode:
+    resume: bool = False  # continue the run in output_dir
+    overwrite: bool = False  # replace the run in output_dir
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--stage1_checkpoint", help="TVL stage-1 checkpoint: its tactile encoder becomes the touch encoder")
@@ -438,7 +341,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
         parser.add_argument(f"--{flag}", type=kind)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="any other config value, e.g. model.hidden_dim=256 (YAML syntax for the value)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its state.pt")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     args = parser.parse_args(argv)
     overrides = {}
     for flag, (key, _) in FLAGS.items():
@@ -455,12 +359,14 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     if args.stage1_checkpoint:
         cfg.encoders["touch"] = {"name": "tvl-touch-vit-tiny", "weights": args.stage1_checkpoint,
                                  "image_size": cfg.image_size}
-    return cfg, args.resume
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")
+    return cfg, RunMode(args.resume, args.overwrite)
 
 
 def main(argv=None):
-    cfg, resume = parse_args(argv)
-    run_dir = train(cfg, resume=resume)
+    cfg, mode = parse_args(argv)
+    run_dir = train(cfg, resume=mode.resume, overwrite=mode.overwrite)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"done: {run_dir}\n{(run_dir / 'eval.json').read_text()[:2000]}")
 

@@ -2,6 +2,11 @@
 import pytest
 import torch
 
+import core
+import data
+import llm_integration as L
+import train
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -11,3 +16,70 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# phase 1: tiny SynthTouch runs through the real train.py
+
+TINY = {"n_train": 128, "n_val": 32, "n_test": 64, "batch_size": 32, "epochs": 2, "warmup_steps": 2, "log_every": 1,
+        "model.hidden_dim": 32, "model.n_registers": 4, "model.n_shared": 2, "model.n_layers": 1,
+        "model.n_heads": 2, "model.embed_dim": 32}
+STEPS_PER_EPOCH = TINY["n_train"] // TINY["batch_size"]
+STEPS = STEPS_PER_EPOCH * TINY["epochs"]
+
+
+def tiny(cache_dir, output_dir, **overrides) -> train.TrainConfig:
+    return train.load_config(None, **{**TINY, "cache_dir": str(cache_dir), "output_dir": str(output_dir), **overrides})
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One feature cache for every tiny run (the first train() fills it)."""
+    return tmp_path_factory.mktemp("features")
+
+
+@pytest.fixture(scope="module")
+def reference_run(one_thread, cache_dir, tmp_path_factory):
+    """An uninterrupted 2-epoch run at one thread: the yardstick of interrupted and resumed runs."""
+    return train.train(tiny(cache_dir, tmp_path_factory.mktemp("reference")))
+
+
+# ----------------------------------------------------------------------------------------------
+# phase 2: a random tiny aligner and a micro Qwen2 decoder
+
+MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=128)
+
+
+def micro_decoder(folder, pad_is_eos=False, chat_template=True, pad=True):
+    """A micro Qwen2 + caption tokenizer in `folder`, optionally with a tokenizer variant."""
+    L.save_tiny_decoder(folder, data.SynthTouch(300).captions + list(L.PROMPTS), vocab_size=300, **MICRO)
+    if pad_is_eos or not pad:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.pad_token = tokenizer.eos_token if pad_is_eos else None
+        tokenizer.save_pretrained(folder)
+    if not chat_template:
+        (folder / "chat_template.jinja").unlink()
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    return micro_decoder(tmp_path_factory.mktemp("micro"))
+
+
+@pytest.fixture(scope="module")
+def aligner():
+    cfg = core.ModelConfig(modalities=("vision", "touch"), hidden_dim=32, n_registers=8, n_shared=2, n_layers=1,
+                           n_heads=2, embed_dim=32)
+    encoders = {"vision": core.create_encoder("synth-vision"), "touch": core.create_encoder("synth-touch")}
+    torch.manual_seed(0)
+    model = core.AlignmentModel(cfg, {m: e.dim for m, e in encoders.items()},
+                                {m: e.num_tokens for m, e in encoders.items()})
+    return core.Aligner(encoders, model).eval()
+
+
+def make_mm(aligner, decoder_dir, **cfg):
+    torch.manual_seed(0)
+    return L.MultimodalLLM(aligner, L.LLMConfig(model_name=decoder_dir, **cfg))

@@ -233,3 +233,36 @@ def test_set_seed_and_device():
     set_seed(4)
     assert a == [random.random(), np.random.rand(), torch.rand(1).item()]
     assert isinstance(get_device(), torch.device)
+
+
+@pytest.mark.parametrize("phase", ["phase_x", "phase_y"])
+@pytest.mark.parametrize("texture", SynthTouch.FACTORS["texture"])
+def test_phase_periods_are_the_ones_the_renderer_draws(texture, phase):
+    """The probe target of a phase (evaluate.probe_target) relies on these periods: check them on pixels.
+    Same factors and noise streams, only the phase shifted: a period reproduces the image, less does not."""
+    ds = SynthTouch(1, image_size=64)
+
+    def image(shift):
+        streams = ds._streams_from(np.random.SeedSequence(1))
+        factors = {**ds._draw_factors(streams[0]), "texture": texture, phase: 0.3 + shift}
+        return ds._render(factors, ds._streams_from(np.random.SeedSequence(1)))["vision"]
+
+    period, base = SynthTouch.PHASE_PERIODS[phase][texture], image(0)
+    differs = {shift: (image(shift) - base).abs().max().item() > 0.1 for shift in (0.37, 1, 2)}
+    if period is None:
+        assert not any(differs.values())  # the texture does not show this phase at all
+    else:
+        assert differs[0.37] and not differs[period] and differs[1] == (period == 2)
+
+
+def test_probe_targets_follow_each_textures_period_and_skip_textures_without_the_phase():
+    from evaluate import probe_target
+    textures = SynthTouch.FACTORS["texture"]
+    factors = {"texture": np.array([textures.index(t) for t in ("stripes", "checker", "dots")]),
+               "phase_y": np.array([0.25, 0.5, 0.5])}
+    target, rows = probe_target("phase_y", factors)
+    assert rows.tolist() == [False, True, True]  # stripes do not depend on phase_y
+    # the same phase 0.5 is a quarter turn on checker's period-2 circle and half a turn on dots' period 1
+    np.testing.assert_allclose(target, [[0, 1], [-1, 0]], atol=1e-12)
+    codes, every = probe_target("texture", factors)
+    assert codes.tolist() == [0, 1, 2] and every.all()

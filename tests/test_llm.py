@@ -5,50 +5,11 @@ import math
 
 import pytest
 import torch
-import yaml
 
-import core
 import data
 import llm_integration as L
 import train
-
-MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-             num_key_value_heads=1, max_position_embeddings=128)
-
-
-def micro_decoder(folder, pad_is_eos=False, chat_template=True, pad=True):
-    """A micro Qwen2 + caption tokenizer in `folder`, optionally with a tokenizer variant."""
-    L.save_tiny_decoder(folder, data.SynthTouch(300).captions + list(L.PROMPTS), vocab_size=300, **MICRO)
-    if pad_is_eos or not pad:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        tokenizer.pad_token = tokenizer.eos_token if pad_is_eos else None
-        tokenizer.save_pretrained(folder)
-    if not chat_template:
-        (folder / "chat_template.jinja").unlink()
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def decoder_dir(tmp_path_factory):
-    return micro_decoder(tmp_path_factory.mktemp("micro"))
-
-
-@pytest.fixture(scope="module")
-def aligner():
-    cfg = core.ModelConfig(modalities=("vision", "touch"), hidden_dim=32, n_registers=8, n_shared=2, n_layers=1,
-                           n_heads=2, embed_dim=32)
-    encoders = {"vision": core.create_encoder("synth-vision"), "touch": core.create_encoder("synth-touch")}
-    torch.manual_seed(0)
-    model = core.AlignmentModel(cfg, {m: e.dim for m, e in encoders.items()},
-                                {m: e.num_tokens for m, e in encoders.items()})
-    return core.Aligner(encoders, model).eval()
-
-
-def make_mm(aligner, decoder_dir, **cfg):
-    torch.manual_seed(0)
-    return L.MultimodalLLM(aligner, L.LLMConfig(model_name=decoder_dir, **cfg))
-
+from conftest import make_mm, micro_decoder
 
 def random_tokens(n, width=32, registers=8, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -278,7 +239,8 @@ def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, 
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(x, y, msg=name)
     files = sorted(p.name for p in (tmp_path / "resumed").iterdir())  # no temporary files left behind
-    assert files == ["config.yaml", "decoder.safetensors", "metrics.jsonl", "projector.safetensors", "state.pt"]
+    assert files == ["checkpoint", "checkpoint-00000004", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoint").iterdir()) == ["model.safetensors", "state.pt"]
     with pytest.raises(ValueError, match="cannot resume .* another config"):
         L.fit_captioner(make_mm(aligner, decoder_dir, **dict(settings, batch_size=8)), tokens, targets,
                            tmp_path / "resumed", resume=True)
@@ -316,9 +278,8 @@ def test_command_line_writes_caption_eval_json(decoder_dir, tmp_path):
                             output_dir=str(tmp_path / "phase1"),
                             **{"model.hidden_dim": 32, "model.n_registers": 4, "model.n_shared": 2,
                                "model.n_layers": 1, "model.n_heads": 2, "model.embed_dim": 32})
-    cfg.run_dir.mkdir()
-    core.save_weights(train.build_model(cfg), cfg.run_dir / "model.safetensors")
-    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(train.to_yaml(cfg)))
+    cfg.epochs, cfg.batch_size = 1, 16
+    train.train(cfg)
     out = tmp_path / "phase2"
     L.main(["--phase1_run", str(cfg.run_dir), "--output_dir", str(out), "--model_name", decoder_dir,
             "--epochs", "1", "--batch_size", "16", "--train_decoder", "full"])

@@ -1,0 +1,417 @@
+"""The one training loop of both phases, and the run folder it owns.
+
+    fit(model, loss_fn, batches, steps_per_epoch, hp, RunFolder(path), resume=...)
+
+A run folder holds `config.yaml` (written once, when the run starts), `metrics.jsonl` (one JSON row per
+logged step and per epoch) and `checkpoint/`, the last good training state as one unit:
+`model.safetensors` (every trainable tensor, named as in the model) and `state.pt` (optimizer, scheduler,
+position, the running epoch sums). What the loop guarantees, for phase 1 and phase 2 alike:
+
+- a non-finite loss, gradient or parameter stops training before it is stepped or saved, so the
+  checkpoint on disk is always the last good one (and the message says whether there is one);
+- a fresh run never replaces a run silently: a folder that holds a checkpoint needs resume or overwrite;
+- a checkpoint is written into its own folder, synced to disk, and swapped in with one atomic rename
+  of a link, so a crash at any moment leaves either the old checkpoint or the new one, never a mix;
+- resume is exact: the randomness of step s is drawn from a generator seeded by (seed, rank, s), the
+  batches of an epoch are a function of (seed, epoch), and metrics rows after the checkpoint are dropped,
+  so `metrics.jsonl` reads as one uninterrupted run; a resume that cannot be exact (another config,
+  another number of epochs, which the cosine schedule depends on) is refused.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import pickle
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from tqdm.auto import tqdm
+
+import core
+
+CHECKPOINT = "checkpoint"  # a link to the newest complete checkpoint folder, swapped atomically
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss, gradient or parameter; nothing non-finite was saved."""
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """Nested config dicts as one level of "section.key" entries, so a message names the exact key."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "encoders":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+class RunFolder:
+    """config.yaml + metrics.jsonl + checkpoint/ of one run (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, main: bool = True):
+        self.path, self.main = Path(path), main  # only the main process of a torchrun job writes
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The folder of the last complete checkpoint, or None."""
+        link = self.path / CHECKPOINT
+        return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+    def saved_config(self) -> dict:
+        try:
+            return yaml.safe_load(self.config_path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{self.config_path} is not valid YAML ({err}); restore it or start a new output_dir") from err
+
+    def check_same_config(self, config: dict, ignore: Iterable[str] = ()):
+        """Refuse to continue a run with a config that differs in anything that changes training."""
+        if not self.config_path.is_file():
+            raise FileNotFoundError(f"{self.path} holds a checkpoint but no config.yaml; it cannot be resumed. "
+                                    "Start a new output_dir, or pass --overwrite to replace it")
+        saved, mine, ignore = flatten(self.saved_config()), flatten(config), set(ignore)
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in ignore and saved.get(k) != v}
+        if diff:
+            hint = ""
+            if any(k.split(".")[-1] == "epochs" for k in diff):
+                hint = (" The learning-rate schedule is a function of the total number of steps, so a run cannot "
+                        "be extended or shortened on resume: train a new run with the epochs you want.")
+            raise ValueError(f"cannot resume {self.path}: it was trained with another config; differences "
+                             f"(saved, requested): {diff}.{hint} Resume with the saved config.yaml, or use a new "
+                             "output_dir")
+
+    def check_start(self, config: dict, resume: bool, overwrite: bool = False, ignore: Iterable[str] = ()):
+        """Raise unless the run can start: resuming needs a checkpoint of the same config, a fresh run
+        needs a folder without a checkpoint (or `overwrite`). Writes nothing."""
+        if resume:
+            if self.checkpoint is None:
+                raise FileNotFoundError(f"nothing to resume in {self.path} (no checkpoint); drop --resume to "
+                                        "start a fresh run")
+            self.check_same_config(config, ignore)
+        elif self.checkpoint is not None and not overwrite:
+            raise FileExistsError(f"{self.path} already holds a run (a checkpoint at step "
+                                  f"{self.checkpoint_step()}); to continue it pass --resume, to keep it choose "
+                                  "a new --output_dir, to replace it pass --overwrite")
+
+    def start(self, config: dict, resume: bool, overwrite: bool = False, ignore: Iterable[str] = ()):
+        """Open the folder for a fresh run (refusing to replace one) or for resuming (checking the config)."""
+        self.check_start(config, resume, overwrite, ignore)
+        self.clean_leftovers()
+        if not resume and self.main:
+            # no checkpoint, or the user asked to replace it: nothing trained is lost
+            for name in (CHECKPOINT, "config.yaml", "metrics.jsonl", "eval.json", "caption_eval.json"):
+                target = self.path / name
+                if target.is_symlink() or target.is_file():
+                    target.unlink()
+            self.clean_leftovers(keep_current=False)
+            self.path.mkdir(parents=True, exist_ok=True)
+            core.atomic_write(self.config_path, lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+
+    def clean_leftovers(self, keep_current: bool = True):
+        """Checkpoint folders and temporary files a crash left behind (never the current checkpoint)."""
+        if not self.main or not self.path.is_dir():
+            return
+        current = self.checkpoint if keep_current else None
+        for entry in self.path.iterdir():
+            if entry.name.startswith(f"{CHECKPOINT}-") and entry.is_dir() and entry.resolve() != current:
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.startswith(".") and ".tmp" in entry.name:
+                entry.unlink(missing_ok=True) if not entry.is_dir() or entry.is_symlink() else shutil.rmtree(entry)
+
+    def checkpoint_step(self) -> int | None:
+        folder = self.checkpoint
+        return None if folder is None else int(folder.name.rsplit("-", 1)[1])
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict):
+        """Write checkpoint-<step>/ completely, sync it, then point `checkpoint` at it in one rename."""
+        from safetensors.torch import save_file
+        folder = self.path / f"{CHECKPOINT}-{step:08d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+                  metadata={"step": str(step)})
+        torch.save(state, folder / "state.pt")
+        for path in (folder / "model.safetensors", folder / "state.pt", folder):
+            _fsync(path)
+        link = self.path / f".{CHECKPOINT}.tmp{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(folder.name)
+        os.replace(link, self.path / CHECKPOINT)
+        _fsync(self.path)
+        self.clean_leftovers()
+
+    def _folder(self) -> Path:
+        folder = self.checkpoint
+        if folder is None:
+            raise FileNotFoundError(f"no checkpoint in {self.path}: the run never finished an epoch, or the "
+                                    "folder is not a run; train it (or pass the output_dir of a trained run)")
+        return folder
+
+    def load_weights(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self._folder() / "model.safetensors")
+
+    def load_state(self) -> dict:
+        return load_state(self._folder() / "state.pt")
+
+    # --- metrics.jsonl: appended row by row, truncated to the checkpoint on resume
+
+    def log(self, row: dict):
+        if self.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        """Every complete row (a kill can leave half a line at the end; it is not a row)."""
+        if not self.metrics_path.is_file():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return rows
+
+    def truncate_metrics(self, step: int, epoch: int):
+        """Drop rows logged after the checkpoint at `step`, inside `epoch` (where it resumes): the resumed
+        run logs them again, so every step and epoch has exactly one row."""
+        if self.main:
+            kept = "".join(json.dumps(row) + "\n" for row in self.rows()
+                           if row["step"] <= step and not (row["kind"] == "epoch" and row["epoch"] >= epoch))
+            core.atomic_write(self.metrics_path, lambda tmp: tmp.write_text(kept))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is damaged or truncated ({err}); restore it, or train again with "
+                         "--overwrite") from err
+
+
+def load_state(path: Path) -> dict:
+    """Training state: tensors and plain containers only (weights_only=True never runs pickled code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # what a damaged file raises
+        raise ValueError(f"{path} is damaged or truncated ({type(err).__name__}: {err}); restore it, or "
+                         "train again with --overwrite") from err
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str):
+    """Load exactly the trainable tensors: a missing, extra or reshaped tensor is an error, not a skip."""
+    own = trainable_tensors(model)
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in tensors.items()
+             if k in own and own[k].shape != v.shape]
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if wrong or missing or unexpected:
+        raise ValueError(f"{source} was saved from a different model config: shape mismatches {wrong[:3]}, missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}; build the model from the config.yaml saved "
+                         "beside it")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    """AdamW with linear warm-up + cosine decay over `total_steps`. Weight decay applies to weight
+    matrices only: never to biases, norms, or the parameters a model names in `no_weight_decay()`
+    (registers, positions, queries, embeddings of a direction, the temperature)."""
+    skip = set(getattr(model, "no_weight_decay", set)())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or name in skip else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+    def schedule(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The sample order of an epoch depends only on (seed, epoch), so a resumed run sees the same batches."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def index_batches(n: int, batch_size: int, seed: int) -> Callable[[int], list[np.ndarray]]:
+    """batches(epoch): the epoch's shuffled sample indices in batches of `batch_size` (the last partial
+    batch is dropped, so every step has the same size)."""
+    def batches(epoch):
+        order = epoch_order(n, seed, epoch)
+        return [np.sort(order[i:i + batch_size]) for i in range(0, n - batch_size + 1, batch_size)]
+    return batches
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of step `step` on process `rank`: every random draw of a step (nested dropout, flow
+    times) is a function of it, so a resumed step draws what it drew before, and each rank of a
+    torchrun job draws its own."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def check_hyperparameters(hp, where: str):
+    for name in ("epochs", "batch_size"):
+        if not hasattr(hp, name):  # the seed API's loop takes its batches from a DataLoader
+            continue
+        value = getattr(hp, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r} ({where}); e.g. --{name} "
+                             f"{ {'epochs': 10, 'batch_size': 64}[name] }")
+    if not hp.lr > 0:
+        raise ValueError(f"lr must be positive, got {hp.lr!r} ({where}); e.g. --lr 1e-3")
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], steps_per_epoch: int, hp,
+        run: RunFolder | None = None, resume: bool = False, epoch_end: Callable[[int], dict] | None = None,
+        callback: Callable[[dict], None] | None = None, desc: str = "training", rank: int = 0) -> list[dict]:
+    """Train `model`'s trainable parameters and return the metrics rows of this call.
+
+    loss_fn(batch) -> (loss, {name: tensor}); batches(epoch) -> the epoch's batches, the same for the same
+    epoch; hp: epochs, lr, weight_decay, warmup_steps, grad_clip, seed, log_every. With `run`, a
+    checkpoint after every epoch and on Ctrl-C, metrics.jsonl, and exact `resume`. `epoch_end(epoch)`
+    adds validation numbers to the epoch row; `callback(row)` sees every row (live plots). A model may
+    define `after_optimizer_step()` (phase 1 clamps its temperature there).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(model, hp.lr, hp.weight_decay, hp.warmup_steps, steps_per_epoch * hp.epochs)
+    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "sums": {}, "count": 0, "seconds": 0.0}
+    if resume:
+        load_trainable(model, run.load_weights(), run.checkpoint / "model.safetensors")
+        state = run.load_state()
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        position = state["position"]
+        run.truncate_metrics(position["step"], position["epoch"])
+    after_step = getattr(model, "after_optimizer_step", None)
+    rows = []
+
+    def log(row):
+        rows.append(row)
+        if run is not None:
+            run.log(row)
+        if callback is not None:
+            callback(row)
+
+    def save(epoch, batch_in_epoch, sums, count, seconds):
+        if run is None or not run.main:
+            return
+        if not _all_finite(params):  # the guard of last resort: a checkpoint is never non-finite
+            raise NonFiniteLoss(f"parameters became non-finite at step {step}; not saved. {kept()}")
+        where = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "sums": sums, "count": count,
+                 "seconds": seconds}
+        run.save(step, trainable_tensors(model),
+                 {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "position": where})
+
+    def kept() -> str:
+        if run is None:
+            return "Nothing was saved (no run folder)."
+        at = run.checkpoint_step()
+        if at is None:
+            return (f"No checkpoint had been written yet (the first comes at the end of epoch 1), so nothing "
+                    f"in {run.path} is kept.")
+        return f"The last good checkpoint (step {at}) in {run.path} is kept."
+
+    def stop(what: str, value, parts: dict):
+        shown = {k: round(float(v.detach()), 4) for k, v in parts.items()}
+        raise NonFiniteLoss(f"{what} became {value} at step {step + 1} (epoch {epoch}); loss parts {shown}. {kept()} "
+                            f"Lower lr (now {hp.lr}) or check the inputs, then train again (--overwrite), or "
+                            "--resume if the cause was transient")
+
+    step, epoch = position["step"], position["epoch"]
+    bar = tqdm(total=steps_per_epoch * hp.epochs, initial=step, desc=desc, disable=rank != 0)
+    sums, count, seconds, batch_in_epoch, started = {}, 0, 0.0, 0, time.perf_counter()
+    try:
+        for epoch in range(position["epoch"], hp.epochs):
+            model.train()
+            resuming = epoch == position["epoch"]
+            skip = position["batch_in_epoch"] if resuming else 0
+            sums, count = (dict(position["sums"]), position["count"]) if resuming else ({}, 0)
+            seconds, started = (position["seconds"] if resuming else 0.0), time.perf_counter()
+            batch_in_epoch = skip
+            for batch in itertools.islice(batches(epoch), skip, steps_per_epoch):
+                torch.manual_seed(step_seed(hp.seed, rank, step))
+                loss, parts = loss_fn(batch)
+                if not torch.isfinite(loss):
+                    stop("loss", loss.item(), parts)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    stop("gradient norm", grad_norm.item(), parts)
+                opt.step()
+                sched.step()
+                if after_step is not None:
+                    after_step()
+                if not _all_finite(params):
+                    stop("a parameter", "non-finite after the optimizer step", parts)
+                step, batch_in_epoch = step + 1, batch_in_epoch + 1
+                values = {"loss": loss.item(), **{k: float(v.detach()) for k, v in parts.items()}}
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                bar.update()
+                if step % hp.log_every == 0:
+                    log({"kind": "step", "step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], **values})
+                    bar.set_postfix(loss=f"{values['loss']:.3f}")
+            seconds += time.perf_counter() - started
+            row = {"kind": "epoch", "step": step, "epoch": epoch, "seconds": seconds,
+                   **{f"train {k}": v / max(count, 1) for k, v in sums.items()}}
+            if epoch_end is not None:
+                row.update(epoch_end(epoch))
+            log(row)
+            save(epoch + 1, 0, {}, 0, 0.0)
+    except KeyboardInterrupt:
+        if run is not None and run.main:
+            # resume at the first step not completed, with the epoch's sums so far
+            seconds += time.perf_counter() - started
+            save(epoch, batch_in_epoch, sums, count, seconds)
+            print(f"interrupted at step {step}: checkpoint saved in {run.path}; continue with --resume")
+        raise
+    finally:
+        bar.close()
+    model.eval()
+    return rows

@@ -1,0 +1,153 @@
+"""Every bad input, in one table: each gives one error whose words name the value, the file where there is
+one, and the fix. A case is (what the user does, the exception, a regex of the words the message must hold).
+Nothing already trained is touched by a refused command (checked for the cases that meet a trained run)."""
+import shutil
+
+import pytest
+import torch
+
+import llm_integration as L
+import loop
+import train
+from conftest import TINY, make_mm, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread, cache_dir, tmp_path_factory):
+    """A finished tiny phase-1 run: the commands below must refuse to damage it."""
+    return train.train(tiny(cache_dir, tmp_path_factory.mktemp("trained") / "run", epochs=1))
+
+
+def damaged_copy(trained, tmp_path, file):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy, symlinks=True)
+    target = (copy / "checkpoint").resolve() / file
+    target.write_bytes(target.read_bytes()[:100])  # what a full disk or a kill during a copy leaves
+    return copy
+
+
+def flags_of(trained, *extra):
+    cfg = train.load_config(trained / "config.yaml")
+    return ["--output_dir", str(trained), "--epochs", str(cfg.epochs), "--batch_size", str(cfg.batch_size),
+            "--set", f"cache_dir={cfg.cache_dir}",
+            *(f"{k}={v}" for k, v in TINY.items() if k not in ("epochs", "batch_size")),
+            *extra]  # a flag given twice: the later one wins
+
+
+def yaml_file(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+CASES = {
+    # --- configs and flags
+    "--batch_size 0": (lambda t, p: train.parse_args(["--batch_size", "0"]),
+                       ValueError, r"batch_size must be a positive integer, got 0.*--batch_size 64"),
+    "--epochs 0": (lambda t, p: train.parse_args(["--epochs", "0"]),
+                   ValueError, r"epochs must be a positive integer, got 0"),
+    "--epochs -2 (phase 2)": (lambda t, p: L.load_llm_config(None, epochs=-2),
+                              ValueError, r"epochs must be a positive integer, got -2.*phase-2"),
+    "--lr 0": (lambda t, p: train.parse_args(["--lr", "0"]), ValueError, r"lr must be positive, got 0"),
+    "--set model.hidden_dim=abc": (lambda t, p: train.parse_args(["--set", "model.hidden_dim=abc"]),
+                                   ValueError, r"model.hidden_dim must be an integer, got 'abc' given as an "
+                                               r"override; e.g. model.hidden_dim: 64"),
+    "--set n_val=0": (lambda t, p: train.parse_args(["--set", "n_val=0"]),
+                      ValueError, r"n_val must be at least 1.*default.yaml"),
+    "--set n_trian=5": (lambda t, p: train.parse_args(["--set", "n_trian=5"]),
+                        ValueError, r"unknown config keys \['n_trian'\] given as an override; known: .*n_train"),
+    "YAML typo in a key": (lambda t, p: train.load_config(yaml_file(p, "model:\n  n_sahred: 3\n")),
+                           ValueError, r"unknown model keys \['n_sahred'\] in .*bad.yaml; known: .*n_shared"),
+    "YAML syntax error": (lambda t, p: train.load_config(yaml_file(p, "model:\n  n_shared: [4\n")),
+                          ValueError, r"bad.yaml is not valid YAML at line 3, column 1: expected ',' or '\]'.*fix that line"),
+    "YAML list that is not a mapping": (lambda t, p: train.load_config(yaml_file(p, "- 1\n- 2\n")),
+                                        ValueError, r"bad.yaml must hold `key: value` lines"),
+    "YAML boolean for a number": (lambda t, p: train.load_config(yaml_file(p, "lr: yes\n")),
+                                  ValueError, r"lr must be a number, got True in .*bad.yaml"),
+    "--loss_type clip": (lambda t, p: train.parse_args(["--loss_type", "clip"]),
+                         ValueError, r"unknown loss_type 'clip'; choose one of .*contrastive"),
+    "missing --config file": (lambda t, p: train.parse_args(["--config", str(p / "nope.yaml")]),
+                              FileNotFoundError, r"nope.yaml not found; see configs/"),
+    "--set without =": (lambda t, p: train.parse_args(["--set", "hidden_dim"]), SystemExit, r"KEY=VALUE"),
+    "--resume with --overwrite": (lambda t, p: train.parse_args(["--resume", "--overwrite"]),
+                                  SystemExit, r"pass one of them"),
+    # --- run folders and checkpoints
+    "fresh run into a trained folder": (lambda t, p: train.main(flags_of(t)),
+                                        FileExistsError, r"already holds a run .*--resume.*--output_dir.*--overwrite"),
+    "resume with more epochs": (lambda t, p: train.main(flags_of(t, "--resume", "--epochs", "3")),
+                                ValueError, r"differences \(saved, requested\): {'epochs': \(1, 3\)}.*cannot be extended"),
+    "resume with another lr": (lambda t, p: train.main(flags_of(t, "--resume", "--lr", "0.5")),
+                               ValueError, r"cannot resume .*'lr': \(0.001, 0.5\)"),
+    "resume where nothing ran": (lambda t, p: train.train(train.load_config(None, output_dir=str(p)), resume=True),
+                                 FileNotFoundError, r"nothing to resume in .*drop --resume"),
+    "truncated model.safetensors": (lambda t, p: train.load_aligner(damaged_copy(t, p, "model.safetensors")),
+                                    ValueError, r"copy/checkpoint-\d+/model.safetensors is damaged or truncated.*"
+                                                r"--overwrite"),
+    "truncated state.pt": (lambda t, p: train.train(train.load_config(damaged_copy(t, p, "state.pt") / "config.yaml",
+                                                                     output_dir=str(p / "copy")), resume=True),
+                           ValueError, r"copy/checkpoint-\d+/state.pt is damaged or truncated"),
+    "weights of a bigger model": (lambda t, p: loop.load_trainable(
+                                      train.build_model(train.load_config(t / "config.yaml", **{"model.n_layers": 2})),
+                                      loop.RunFolder(t).load_weights(), t),
+                                  ValueError, r"saved from a different model config.*missing \['encoders.touch.blocks.1"),
+    "weights of a smaller model": (lambda t, p: loop.load_trainable(
+                                       train.build_model(train.load_config(t / "config.yaml", **{"model.n_registers": 2})),
+                                       loop.RunFolder(t).load_weights(), t),
+                                   ValueError, r"shape mismatches \['decoders.touch|shape mismatches \['encoders"),
+    "--phase1_run that does not exist": (lambda t, p: L.main(["--phase1_run", str(p / "no-run"), "--output_dir",
+                                                              str(p / "out")]),
+                                         FileNotFoundError, r"no-run is not a phase-1 run folder .*--output_dir of"),
+    # --- data
+    "--datasets_dir without data": (lambda t, p: train.train(train.parse_args(["--datasets_dir", str(p),
+                                                                               "--output_dir", str(p / "o")])[0]),
+                                    FileNotFoundError, r"no TVL train.csv with rows found under"),
+    "--stage1_checkpoint that does not exist": (
+        lambda t, p: train.get_encoder(train.parse_args(["--stage1_checkpoint", str(p / "stage1.pth")])[0], "touch"),
+        FileNotFoundError, r"stage1.pth.*does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_clear_error(case, trained, tmp_path):
+    action, error, words = CASES[case]
+    before = sorted(p.name for p in trained.iterdir()), (trained / "metrics.jsonl").read_text()
+    with pytest.raises(error, match=words):
+        action(trained, tmp_path)
+    assert (sorted(p.name for p in trained.iterdir()), (trained / "metrics.jsonl").read_text()) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# images and prompts given to a trained captioner
+
+def image_cases():
+    good = torch.rand(2, 3, 64, 64)
+    return {
+        "uint8 images": ((good * 255).to(torch.uint8), r"images are torch.uint8.*images.float\(\) / 255"),
+        "0-255 float images": (good * 255, r"range over \[.*, 25\d\].*divide 0–255 images by 255"),
+        "normalised images": ((good - 0.5) / 0.05, r"range over .*do not normalise them first"),
+        "grayscale images": (good[:, :1], r"B×3×H×W in \[0, 1\], got \(2, 1, 64, 64\).*RGB"),
+        "wrong size": (torch.rand(2, 3, 32, 32), r"32, 32\) pixels but the vision encoder takes 64×64"),
+    }
+
+
+@pytest.mark.parametrize("case", image_cases())
+def test_generate_refuses_images_it_cannot_read(case, aligner, decoder_dir):
+    images, words = image_cases()[case]
+    with pytest.raises(ValueError, match=words):
+        make_mm(aligner, decoder_dir, max_new_tokens=2).generate(list(images))
+
+
+def test_an_empty_prompt_is_used_as_given_not_replaced(aligner, decoder_dir):
+    mm = make_mm(aligner, decoder_dir)
+    prefix, mask = torch.zeros(1, 2, mm.hidden), torch.ones(1, 2, dtype=torch.bool)
+    empty = mm.assemble(prefix, mask, "")["attention_mask"].shape[1]
+    default = mm.assemble(prefix, mask, mm.llm_cfg.prompt)["attention_mask"].shape[1]
+    assert empty < default
+
+
+def test_yaml_numbers_pyyaml_reads_as_strings_are_coerced(tmp_path):
+    cfg = train.load_config(yaml_file(tmp_path, "lr: 1e-3\nmodel:\n  flow_weight: 5e-1\n"))
+    assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.model.flow_weight == 0.5
+    assert train.parse_args(["--set", "lr=1e-3", "n_train=2e3"])[0].n_train == 2000

@@ -1,0 +1,280 @@
+"""The one training loop's guarantees, proven by doing the damage: kill -9 in the middle of a slowed
+checkpoint write, a NaN gradient on the last step of an epoch, a fresh run into a folder that holds a run,
+a resume that cannot be exact, two processes building one feature cache; and the optimizer's rules.
+
+Comparisons between an interrupted and an uninterrupted run are exact (torch.equal / ==) where both run
+in this process at one thread: the same operations in the same order give the same bits. Where a run
+happens in a child process, the child is also pinned to one thread, but the comparison allows a relative
+1e-6: that is far below what a wrong batch, a replayed step or a lost optimizer state changes (those move
+losses by 1e-3 or more on this tiny model), and it does not ask two processes to agree on bits.
+"""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import core
+import data
+import loop
+import train
+from conftest import STEPS, STEPS_PER_EPOCH, TINY, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(train.__file__).resolve().parent
+def rows(run_dir, kind=None):
+    return [r for r in loop.RunFolder(run_dir).rows() if kind is None or r["kind"] == kind]
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows(run_dir, "step")}
+
+
+def assert_exactly_one_row_per_step_and_epoch(run_dir):
+    assert [r["step"] for r in rows(run_dir, "step")] == list(range(1, STEPS + 1))
+    assert [r["epoch"] for r in rows(run_dir, "epoch")] == list(range(TINY["epochs"]))
+
+
+def final_weights(run_dir):
+    return load_file(str(Path(run_dir) / "checkpoint" / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------
+# kill -9 at random moments of a slowed checkpoint write
+
+DRIVER = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    torch.set_num_threads(1)
+    import safetensors.torch, loop, train
+
+    def slowly(fn):  # widen every stage of a checkpoint write, so a kill lands inside one
+        def wrapped(*args, **kwargs):
+            time.sleep(0.05)
+            out = fn(*args, **kwargs)
+            time.sleep(0.05)
+            return out
+        return wrapped
+
+    save = loop.RunFolder.save
+    def announced(self, step, *args):
+        print("SAVE", step, flush=True)
+        return save(self, step, *args)
+    loop.RunFolder.save = announced
+    safetensors.torch.save_file = slowly(safetensors.torch.save_file)
+    torch.save = slowly(torch.save)
+    loop._fsync = slowly(loop._fsync)
+    loop.os.replace = slowly(loop.os.replace)
+    cfg = train.load_config(None, **json.loads(sys.argv[1]))
+    train.train(cfg, resume=sys.argv[2] == "resume")
+""")
+
+
+def test_kill_9_during_checkpoint_writes_always_leaves_a_state_that_resumes_exactly(reference_run, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    settings = {**TINY, "cache_dir": str(cache_dir), "output_dir": str(run_dir)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    rng = random.Random(0)
+    # each process is killed at a random moment of its first checkpoint write, which takes about 0.7 s when
+    # slowed: early (half-written files), late (files complete, link not yet swapped) and after the swap
+    for window in ((0.0, 0.35), (0.35, 0.7), (0.7, 1.05)):
+        mode = "resume" if loop.RunFolder(run_dir).checkpoint is not None else "fresh"
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings), mode], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:
+            if line.startswith("SAVE"):
+                time.sleep(rng.uniform(*window))
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        run = loop.RunFolder(run_dir)
+        if run.checkpoint is not None:  # whatever is on disk is one complete checkpoint
+            run.load_weights()  # loads: not truncated
+            assert run.load_state()["position"]["step"] == run.checkpoint_step()
+    train.train(tiny(cache_dir, run_dir), resume=loop.RunFolder(run_dir).checkpoint is not None)
+    assert_exactly_one_row_per_step_and_epoch(run_dir)
+    np.testing.assert_allclose(list(step_losses(run_dir).values()), list(step_losses(reference_run).values()), rtol=1e-6)
+    expected = final_weights(reference_run)
+    for name, value in final_weights(run_dir).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+    leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith(".") or p.name.startswith("checkpoint-")]
+    assert leftovers == [f"checkpoint-{STEPS:08d}"]  # only the folder the link points at
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite updates are never saved
+
+class NanGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite), NaN backward: what an overflow in a backward pass does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def nan_gradient_at(step, monkeypatch):
+    original, calls = core.AlignmentModel.forward, []
+
+    def forward(self, batch):
+        loss, parts = original(self, batch)
+        calls.append(1)
+        return (NanGradient.apply(loss) if len(calls) == step else loss), parts
+    monkeypatch.setattr(core.AlignmentModel, "forward", forward)
+
+
+def test_nan_gradient_on_the_last_step_of_an_epoch_is_never_saved(reference_run, cache_dir, tmp_path, monkeypatch):
+    cfg = tiny(cache_dir, tmp_path)
+    with monkeypatch.context() as patch:
+        nan_gradient_at(STEPS, patch)  # the last step of epoch 2, whose end would write a checkpoint
+        with pytest.raises(loop.NonFiniteLoss, match=rf"gradient norm became nan at step {STEPS} \(epoch 1\).*"
+                                                     rf"last good checkpoint \(step {STEPS_PER_EPOCH}\)"):
+            train.train(cfg)
+    run = loop.RunFolder(tmp_path)
+    assert run.checkpoint_step() == STEPS_PER_EPOCH
+    assert all(torch.isfinite(t).all() for t in run.load_weights().values())
+    train.train(cfg, resume=True)  # the kept checkpoint is the good one: the run ends as if nothing happened
+    assert step_losses(tmp_path) == step_losses(reference_run)
+    assert_exactly_one_row_per_step_and_epoch(tmp_path)
+
+
+def test_a_nan_before_the_first_checkpoint_says_nothing_is_kept(cache_dir, tmp_path, monkeypatch):
+    nan_gradient_at(STEPS_PER_EPOCH, monkeypatch)
+    with pytest.raises(loop.NonFiniteLoss, match="No checkpoint had been written yet.*nothing in .* is kept"):
+        train.train(tiny(cache_dir, tmp_path))
+    assert loop.RunFolder(tmp_path).checkpoint is None
+
+
+def test_an_exploding_learning_rate_stops_before_anything_non_finite_is_saved(cache_dir, tmp_path):
+    with pytest.raises(loop.NonFiniteLoss, match="became"):
+        train.train(tiny(cache_dir, tmp_path, lr=1e6, warmup_steps=1))
+    run = loop.RunFolder(tmp_path)
+    assert run.checkpoint is None or all(torch.isfinite(t).all() for t in run.load_weights().values())
+
+
+# ----------------------------------------------------------------------------------------------
+# a run folder is never overwritten silently; resume is exact or refused
+
+def test_a_fresh_run_into_a_folder_with_a_run_is_refused_and_overwrite_replaces_it(reference_run, cache_dir, tmp_path):
+    before = (reference_run / "metrics.jsonl").read_text(), final_weights(reference_run)
+    with pytest.raises(FileExistsError, match=rf"{reference_run} already holds a run.*--resume.*--output_dir.*--overwrite"):
+        train.train(tiny(cache_dir, reference_run, lr=5e-4))
+    assert (reference_run / "metrics.jsonl").read_text() == before[0]  # nothing touched
+    assert all(torch.equal(v, before[1][k]) for k, v in final_weights(reference_run).items())
+    copy = tmp_path / "copy"
+    train.train(tiny(cache_dir, copy, epochs=1))
+    train.train(tiny(cache_dir, copy, lr=5e-4, epochs=1), overwrite=True)
+    assert train.load_config(copy / "config.yaml").lr == 5e-4
+    assert [r["step"] for r in rows(copy, "step")] == list(range(1, STEPS_PER_EPOCH + 1))  # the old rows are gone
+
+
+@pytest.mark.parametrize("how", ["cli", "ensure_trained"])
+def test_resume_with_more_epochs_is_refused_the_same_way_everywhere(reference_run, cache_dir, how):
+    cfg = tiny(cache_dir, reference_run, epochs=4)
+    with pytest.raises(ValueError, match=r"'epochs': \(2, 4\).*schedule.*cannot be extended"):
+        train.train(cfg, resume=True) if how == "cli" else train.ensure_trained(cfg)
+
+
+def test_interrupted_metrics_are_truncated_to_the_checkpoint_on_resume(reference_run, cache_dir, tmp_path):
+    cfg = tiny(cache_dir, tmp_path)
+
+    def interrupt(row):  # Ctrl-C after step 6, in the middle of epoch 2: steps 5-6 are logged but not saved
+        if row["kind"] == "step" and row["step"] == 6:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, callback=interrupt)
+    # a kill -9 can also leave half a row at the end of the file
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "step": 7, "lo')
+    train.train(cfg, resume=True)
+    assert_exactly_one_row_per_step_and_epoch(tmp_path)
+    assert step_losses(tmp_path) == step_losses(reference_run)
+    epoch = rows(tmp_path, "epoch")[1]
+    assert epoch["train loss"] == pytest.approx(rows(reference_run, "epoch")[1]["train loss"], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimizer's rules
+
+def test_weight_decay_spares_registers_positions_queries_directions_temperature_biases_and_norms():
+    cfg = core.ModelConfig(hidden_dim=32, n_registers=4, n_shared=2, n_layers=1, n_heads=2, embed_dim=16,
+                           loss_type="combined")
+    model = core.AlignmentModel(cfg, {"vision": 12, "touch": 12}, {"vision": 5, "touch": 5})
+    opt, _ = loop.make_optimizer(model, 1e-3, 0.05, 10, 100)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decayed}
+    assert names and all(name.endswith(".weight") for name in names)
+    for spared in ("encoders.vision.registers", "encoders.vision.feature_pos", "decoders.vision.queries",
+                   "flow.direction.weight", "logit_scale", "encoders.vision.blocks.0.attn.q.bias",
+                   "encoders.vision.norm.weight"):
+        assert spared not in names, spared
+
+
+def test_the_temperature_is_clamped_in_place_and_keeps_learning_at_the_bound():
+    cfg = core.ModelConfig(hidden_dim=32, n_registers=4, n_shared=2, n_layers=1, n_heads=2, embed_dim=16,
+                           nested_dropout="none", preservation_weight=0.0, init_temperature=0.005)
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(16, 5, 4, generator=g)
+    batch = {m: core.Features(x.mean(1), x, torch.ones(16, 5, dtype=torch.bool))
+             for m, x in ((m, latent @ torch.randn(4, 12, generator=g)) for m in ("vision", "touch"))}
+    model = core.AlignmentModel(cfg, {"vision": 12, "touch": 12}, {"vision": 5, "touch": 5})
+    model.after_optimizer_step()  # 1/0.005 = 200 > 100: clamped before the first step
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    loss, parts = model(batch)
+    loss.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0  # not stuck at the bound
+    assert parts["temperature"].item() == pytest.approx(0.01)  # the logged temperature is the one used
+
+
+def test_each_torchrun_rank_draws_its_own_nested_dropout():
+    draws = {}
+    for rank in (0, 1):
+        torch.manual_seed(loop.step_seed(0, rank, step=3))
+        draws[rank] = core.NestedDropout(16, "uniform").train()(64).sum(1)
+    assert not torch.equal(draws[0], draws[1])
+    torch.manual_seed(loop.step_seed(0, 0, step=3))
+    assert torch.equal(core.NestedDropout(16, "uniform").train()(64).sum(1), draws[0])  # and resumes the same
+
+
+# ----------------------------------------------------------------------------------------------
+# two processes building one feature cache
+
+CACHE_DRIVER = textwrap.dedent("""
+    import sys, numpy as np, torch
+    torch.set_num_threads(1)
+    import core, data
+    feats = data.cached_features(core.create_encoder("synth-touch"), data.SynthTouch(48, seed=3, image_size=64),
+                                 sys.argv[1], batch_size=8)
+    np.save(sys.argv[2], np.asarray(feats.pooled))
+""")
+
+
+def test_two_processes_rebuilding_one_cache_both_get_it_whole(tmp_path):
+    cache = tmp_path / "cache"
+    reference = data.cached_features(core.create_encoder("synth-touch"), data.SynthTouch(48, seed=3, image_size=64),
+                                     cache, batch_size=8)
+    folder = next(p for p in cache.iterdir() if p.is_dir())
+    (folder / "tokens.npy").write_bytes(b"damaged")  # both processes must rebuild it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", CACHE_DRIVER, str(cache), str(tmp_path / f"out{i}.npy")],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0, proc.stderr.read()
+    for i in range(2):  # the same encoder on the same images, at one thread in every process: a 1e-6 margin
+        np.testing.assert_allclose(np.load(tmp_path / f"out{i}.npy"), np.asarray(reference.pooled), rtol=1e-6,
+                                   atol=1e-6)
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [folder.name]  # no .tmp / .old left
