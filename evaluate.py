@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -340,6 +341,125 @@ def leakage(info: pd.DataFrame) -> pd.DataFrame:
             row["other shared (leakage)"], row["leaks into"] = best.score, best.modality
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Leakage: what a modality's shared representation gives away about its own private factors
+#
+# The protocol of the identifiability literature (Daunhawer et al., ICLR 2023): probes are fit on one
+# split and scored on another, linear AND non-linear (logistic regression and a small MLP for discrete
+# factors; ridge and kernel ridge R² for continuous ones), since a representation can hide a factor from a
+# linear read-out and still carry it. Scores are normalised, (score − chance) / (1 − chance), so 0 is
+# chance and 1 is perfect for every factor and metric alike.
+
+PROBES = ("linear", "non-linear")
+
+
+def fit_probe(kind: str, continuous: bool, fit_x, fit_y, test_x, test_y) -> tuple[float, float]:
+    """(score, chance) of one probe: accuracy vs the test majority rate, or R² vs 0."""
+    from sklearn.kernel_ridge import KernelRidge
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+    scaler = StandardScaler().fit(fit_x)
+    fit_x, test_x = scaler.transform(fit_x), scaler.transform(test_x)
+    if continuous:
+        probe = Ridge(alpha=10.0) if kind == "linear" else KernelRidge(alpha=1.0, kernel="rbf",
+                                                                       gamma=1.0 / fit_x.shape[1])
+        return float(probe.fit(fit_x, fit_y).score(test_x, test_y)), 0.0
+    probe = (LogisticRegression(C=0.1, tol=1e-3, max_iter=300) if kind == "linear" else
+             MLPClassifier((128,), alpha=1e-2, max_iter=500, random_state=0))
+    majority = np.bincount(test_y).max() / len(test_y)
+    return float(probe.fit(fit_x, fit_y).score(test_x, test_y)), float(majority)
+
+
+def probe_sources(sources: dict[str, tuple[np.ndarray, np.ndarray]], fit_factors: dict[str, np.ndarray],
+                  test_factors: dict[str, np.ndarray], factors: list[str], probes=PROBES) -> pd.DataFrame:
+    """Every factor decoded from every source by every probe. `sources`: name → (fit rows, test rows) of
+    features. One row per (source, factor, probe) with score, chance and 'normalised' (0 chance, 1 perfect)."""
+    from sklearn.exceptions import ConvergenceWarning
+    rows = []
+    with threadpool_limits(1), warnings.catch_warnings():  # small problems: BLAS threads only contend
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe's iteration budget is part of its definition
+        for source, (fit_x, test_x) in sources.items():
+            for name in factors:
+                fit_y, fit_rows = probe_target(name, fit_factors)
+                test_y, test_rows = probe_target(name, test_factors)
+                continuous = name in SynthTouch.CONTINUOUS_FACTORS
+                for kind in probes:
+                    score, chance = fit_probe(kind, continuous, fit_x[fit_rows], fit_y, test_x[test_rows], test_y)
+                    rows.append(dict(source=source, factor=name, probe=kind, score=score, chance=chance,
+                                     normalised=(score - chance) / (1 - chance)))
+    return pd.DataFrame(rows)
+
+
+def source_rows(encoded: Encoded, source: str, k: int, n_shared: int) -> np.ndarray:
+    """N×features of one probe source: 'shared tokens' (first k ≤ n_shared registers, concatenated), 'shared
+    embedding' (the aligned embedding of the first k), 'private tokens' (registers n_shared..k−1)."""
+    if source == "shared tokens":
+        return encoded.tokens[:, :k].flatten(1).numpy()
+    if source == "shared embedding":
+        return encoded.embeddings[k].numpy()
+    return encoded.tokens[:, n_shared:k].flatten(1).numpy()
+
+
+def leakage_by_k(model: core.AlignmentModel, fit: dict[str, Encoded], fit_factors: dict[str, np.ndarray],
+                 test: dict[str, Encoded], test_factors: dict[str, np.ndarray], ks=None,
+                 probes=PROBES, factors: list[str] | None = None) -> pd.DataFrame:
+    """For every modality and prefix length k: its own private factors and the shared factors decoded from
+    its shared tokens (the first min(k, n_shared) registers), from its aligned shared embedding at k, and
+    from its private tokens (registers n_shared..k−1, when k > n_shared). `fit` / `test`: `encode_all` of
+    two splits (probes are fit on the first, scored on the second). The other modality's private factors
+    are decoded too, as a sanity control only: that modality's sensor never sees them, so its tokens
+    cannot know them (SynthTouch renders them bit-identically), whatever the model.
+
+    One row per (modality, k, source, factor, probe); 'role' is 'own private' (leakage when the source is
+    shared), 'shared' or 'other private (control)'. Representations that do not change with k (shared ones
+    beyond n_shared, the causal mask guarantees it) are probed once and reported at every k. Each source is
+    asked only what it is there to answer: shared tokens every role, the shared embedding its own private
+    and the shared factors, the private tokens their own private factors. `factors` limits the factors.
+    """
+    ks = prefix_ks(model, ks)
+    n_shared = model.cfg.n_shared
+    roles = {name: group for name, group in SynthTouch.factor_groups.items()
+             if name in fit_factors and name in test_factors and (factors is None or name in factors)}
+    asks = {"shared tokens": ("own private", "shared", "other private (control)"),
+            "shared embedding": ("own private", "shared"), "private tokens": ("own private",)}
+    tables = []
+    for m in model.cfg.modalities:
+        if m not in ("vision", "touch"):
+            continue
+        role = {name: "shared" if g == "shared" else "own private" if g == m else "other private (control)"
+                for name, g in roles.items()}
+        done = {}
+        for k in ks:
+            j = min(k, n_shared)
+            keys = [("shared tokens", j), ("shared embedding", j)] + ([("private tokens", k)] if k > n_shared else [])
+            for key in keys:
+                if key not in done:
+                    rows = (source_rows(fit[m], *key, n_shared), source_rows(test[m], *key, n_shared))
+                    names = [name for name in role if role[name] in asks[key[0]]]
+                    done[key] = probe_sources({key[0]: rows}, fit_factors, test_factors, names, probes)
+                tables.append(done[key].assign(modality=m, k=k, role=done[key].factor.map(role)))
+    columns = ["modality", "k", "source", "factor", "role", "probe", "score", "chance", "normalised"]
+    return pd.concat(tables, ignore_index=True)[columns]
+
+
+def leakage_summary(table: pd.DataFrame, probe: str = "non-linear") -> pd.DataFrame:
+    """The headline: per modality and k, the worst (largest) normalised score of an own private factor
+    from the shared tokens and from the shared embedding, beside the mean of the shared factors from the
+    same embedding and of the own private factors from the private tokens."""
+    t = table[table.probe == probe]
+    discrete = t[~t.factor.isin(list(SynthTouch.CONTINUOUS_FACTORS))]
+
+    def pick(source, role, how):
+        part = discrete[(discrete.source == source) & (discrete.role == role)]
+        return part.groupby(["modality", "k"]).normalised.agg(how)
+    out = pd.DataFrame({"leak into shared tokens (max)": pick("shared tokens", "own private", "max"),
+                        "leak into shared embedding (max)": pick("shared embedding", "own private", "max"),
+                        "shared factors from shared embedding (mean)": pick("shared embedding", "shared", "mean"),
+                        "own private from private tokens (mean)": pick("private tokens", "own private", "mean")})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

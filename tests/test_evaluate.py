@@ -309,3 +309,54 @@ def test_eval_json_is_plain_json(tmp_path):
     evaluate.evaluate_prefixes(model_of(), features(), None, ks=[1, 8], out_path=tmp_path / "eval.json")
     rows = json.loads((tmp_path / "eval.json").read_text())
     assert list(rows) == ["1", "8"] and "vision->touch R@1 pair" in rows["1"] and "chance@1 pair" in rows["8"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Leakage by k: a measure that reports failure for a model built to leak, and none for one built not to
+
+def planted_encoded(n, seed, leak: str):
+    """Encoded outputs of a 4-register model (n_shared 2) whose content is known: shared token 0 holds
+    texture, private token 2 holds the modality's own private factor, and the shared tokens also hold it
+    when `leak` is 'linear' (one-hot) or 'xor' (as signs of products of feature pairs, each feature alone
+    independent of the factor: a linear probe cannot read it, a non-linear one can); 'none' leaks nothing."""
+    rng = np.random.default_rng(seed)
+    factors = {name: rng.integers(len(values), size=n) for name, values in SynthTouch.FACTORS.items()}
+    encoded = {}
+    for m, private in (("vision", "color"), ("touch", "hardness")):
+        x = rng.normal(size=(n, 4, 16)) * 0.3
+        x[np.arange(n), 0, factors["texture"]] += 3
+        x[np.arange(n), 2, factors[private]] += 3
+        if leak == "linear":
+            x[np.arange(n), 1, factors[private]] += 3
+        elif leak == "xor":  # per class c, features 2c and 2c+1 of token 1: a random sign s and ±s (+ when c)
+            for c in range(len(SynthTouch.FACTORS[private])):
+                sign = rng.choice([-1.0, 1.0], size=n)
+                x[:, 1, 2 * c], x[:, 1, 2 * c + 1] = sign, sign * np.where(factors[private] == c, 1.0, -1.0)
+        tokens = torch.tensor(x, dtype=torch.float32)
+        embeddings = {k: tokens[:, :min(k, 2)].mean(1) for k in (1, 2, 4)}
+        encoded[m] = evaluate.Encoded(tokens, embeddings, None)
+    return encoded, factors
+
+
+@pytest.mark.parametrize("leak", ["none", "linear", "xor"])
+def test_leakage_by_k_reports_failure_only_for_a_leaking_model(leak):
+    model = model_of(n_registers=4, n_shared=2)
+    fit, fit_factors = planted_encoded(600, 0, leak)
+    test, test_factors = planted_encoded(400, 1, leak)
+    table = evaluate.leakage_by_k(model, fit, fit_factors, test, test_factors,
+                                  factors=["texture", "color", "hardness"])
+    assert set(table.k) == {1, 2, 4} and set(table.probe) == {"linear", "non-linear"}
+    summary = evaluate.leakage_summary(table)
+    at_shared = summary.xs(2, level="k")
+    if leak == "none":  # 0.15: the issue's bar, about 5 standard errors of chance accuracy on 400 samples
+        assert (at_shared["leak into shared tokens (max)"] < 0.15).all()
+    else:
+        assert (at_shared["leak into shared tokens (max)"] > 0.5).all()
+    linear = evaluate.leakage_summary(table, probe="linear").xs(2, level="k")["leak into shared tokens (max)"]
+    if leak == "xor":  # hidden from a linear read-out, so a linear-only measure would call it clean
+        assert (linear < 0.15).all()
+    # the parts that do not depend on leaking: private tokens know their factor, the shared embedding texture
+    assert (summary.xs(4, level="k")["own private from private tokens (mean)"] > 0.4).all()
+    assert (at_shared["shared factors from shared embedding (mean)"] > 0.15).all()
+    controls = table[(table.role == "other private (control)") & (table.k == 2)]
+    assert (controls.normalised < 0.15).all()  # the other modality's private factors are never in these tokens
