@@ -407,10 +407,12 @@ class TVLDataset(FileRows):
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"TVL root {self.root} does not exist; expected {expected}")
         # TVL drops SSVTP rows without images, then splits each subset on its own
-        subsets = [self.readable_rows(self._ssvtp_rows(table), where), self.readable_rows(self._hct_rows(table), where)]
-        for row in subsets[0]:  # an SSVTP caption is the first line of its labels file
-            with open(row.pop("labels")) as file:
-                row["caption"] = file.readline().strip()
+        rows = self.readable_rows(self._ssvtp_rows(table) + self._hct_rows(table), where)
+        for row in rows:  # an SSVTP caption is the first line of its labels file
+            if "labels" in row:
+                with open(row.pop("labels")) as file:
+                    row["caption"] = file.readline().strip()
+        subsets = [[r for r in rows if r["subset"] == "ssvtp"], [r for r in rows if r["subset"] != "ssvtp"]]
         if split != "test":  # a subset of one row cannot be split: it trains
             subsets = [split_rows(rows, "train" if split == "train" else "held") if len(rows) > 1 else
                        rows * (split == "train") for rows in subsets]
