@@ -307,6 +307,8 @@ def split_rows(rows: list, part: str, fraction: float = VAL_FRACTION) -> list:
     """TVL's split of a train.csv: sklearn's train_test_split(train_size=1 - fraction, random_state=42),
     `part` 'train' or 'held' (the held-out fraction)."""
     from sklearn.model_selection import train_test_split
+    if len(rows) < 2:  # nothing to hold out: a single row trains
+        return rows if part == "train" else []
     kept, held = train_test_split(rows, train_size=1 - fraction, random_state=SPLIT_SEED)
     return kept if part == "train" else held
 
@@ -413,9 +415,8 @@ class TVLDataset(FileRows):
                 with open(row.pop("labels")) as file:
                     row["caption"] = file.readline().strip()
         subsets = [[r for r in rows if r["subset"] == "ssvtp"], [r for r in rows if r["subset"] != "ssvtp"]]
-        if split != "test":  # a subset of one row cannot be split: it trains
-            subsets = [split_rows(rows, "train" if split == "train" else "held") if len(rows) > 1 else
-                       rows * (split == "train") for rows in subsets]
+        if split != "test":
+            subsets = [split_rows(rows, "train" if split == "train" else "held") for rows in subsets]
         rows = subsets[0] + subsets[1]
         if not rows:
             raise FileNotFoundError(f"no TVL {table}.csv with rows found under {self.root}; expected {expected}")

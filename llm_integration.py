@@ -679,15 +679,18 @@ def check_resumable(run_dir: Path, cfg: LLMConfig):
 # 6. Metrics, all offline: BLEU-4 and CIDEr-D from the COCO caption toolkit (pycocoevalcap), exact captions,
 # per-adjective precision / recall / F1 (adjective-list captions: TVL), attribute accuracy (SynthTouch)
 
-# what COCO's PTBTokenizer drops after tokenizing (pycocoevalcap/tokenizer/ptbtokenizer.py)
-PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+# what COCO's PTBTokenizer drops after tokenizing (pycocoevalcap/tokenizer/ptbtokenizer.py); brackets come
+# out of PTB as -LRB- etc., which it drops too
+PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";",
+               "(", ")", "[", "]", "{", "}", '"'}
+# PTB tokens: clitics split off ("it's" -> it 's, "don't" -> do n't), hyphenated words whole, other marks alone
+PTB_TOKEN = re.compile(r"n't\b|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:-[a-z0-9]+)*?(?=n't\b)|[a-z0-9]+(?:-[a-z0-9]+)*|\S")
 
 
 def tokenize(text: str) -> str:
-    """What COCO's PTBTokenizer gives for plain captions, without its Java: lower-case words (hyphenated and
-    apostrophe words kept whole), punctuation split off and dropped, joined by single spaces."""
-    tokens = re.findall(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]+", text.lower())
-    return " ".join(t for t in tokens if t not in PUNCTUATION)
+    """What COCO's PTBTokenizer gives for plain English captions, without its Java: lower-case PTB tokens
+    with punctuation dropped, joined by single spaces."""
+    return " ".join(t for t in PTB_TOKEN.findall(text.lower()) if t not in PUNCTUATION)
 
 
 def _coco_inputs(candidates: list[str], references) -> tuple[dict, dict]:

@@ -293,3 +293,97 @@ def test_missing_and_unreadable_files_are_named_or_skipped_with_one_warning(tvl_
     index = next(i for i, r in enumerate(strict.rows) if r["vision"] == str(corrupt))
     with pytest.raises(ValueError, match="data2/test/vision/3.jpg is corrupt"):
         strict[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# Your own data: a folder of CSV files, phase 1 and phase 2 from the command line
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    """vision + caption: 120 of scikit-learn's digits (train.csv 96 rows, test.csv 24, no val.csv)."""
+    return data.write_digits_csv(tmp_path_factory.mktemp("digits"), image_size=16, n=120)
+
+
+@pytest.fixture(scope="module")
+def synth_csv_dir(tmp_path_factory):
+    """vision + touch + caption, with all three split files."""
+    splits = {split: [data.SynthTouch(n, image_size=16, split=split)[i] for i in range(n)]
+              for split, n in (("train", 64), ("val", 16), ("test", 16))}
+    return data.write_csv_dataset(tmp_path_factory.mktemp("synth-csv"), splits)
+
+
+def test_csv_splits_follow_the_files_or_a_fixed_split(digits_dir, synth_csv_dir):
+    sets = {s: data.CSVDataset(digits_dir, s, 16) for s in ("train", "val", "test")}
+    assert {s: len(d) for s, d in sets.items()} == {"train": 86, "val": 10, "test": 24}  # val: 10% of train.csv
+    assert not {r["vision"] for r in sets["train"].rows} & {r["vision"] for r in sets["val"].rows}
+    assert [r["vision"] for r in data.CSVDataset(digits_dir, "val", 16).rows] == [r["vision"] for r in sets["val"].rows]
+    item = sets["test"][0]
+    assert set(item) == {"vision", "caption", "factors", "index"} and item["vision"].shape == (3, 16, 16)
+    assert item["caption"].startswith("a handwritten digit ")
+    assert data.csv_modalities(digits_dir) == ("vision", "text")
+    assert data.csv_modalities(synth_csv_dir) == ("vision", "touch", "text")
+    assert len(data.CSVDataset(synth_csv_dir, "val", 16)) == 16
+
+
+def test_csv_errors_name_the_file(digits_dir, tmp_path):
+    (tmp_path / "train.csv").write_text("image,label\na.png,1\n")
+    with pytest.raises(ValueError, match=r"train.csv has columns \['image', 'label'\]; a dataset needs at least two"):
+        data.csv_modalities(tmp_path)
+    (tmp_path / "train.csv").write_text("vision,caption\nmissing.png,a cat\n")
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
+        data.CSVDataset(tmp_path, "train")
+
+
+@pytest.mark.parametrize("which", ["digits", "synth"])
+def test_csv_route_trains_phase_1_and_phase_2_from_the_command_line(which, digits_dir, synth_csv_dir, in_tmp):
+    folder = {"digits": digits_dir, "synth": synth_csv_dir}[which]
+    cfg, _ = train.parse_args(["--datasets_dir", str(folder)])
+    assert cfg.dataset == "csv" and cfg.model.modalities == data.csv_modalities(folder)
+    train.main(["--datasets_dir", str(folder), "--output_dir", "runs/p1", "--epochs", "1", "--batch_size", "16",
+                "--set", "model.hidden_dim=32", "model.n_layers=1", "warmup_steps=2"])
+    table = evaluate.read_eval(in_tmp / "runs" / "p1" / "eval.json")
+    assert {"vision->text R@1 caption", "chance@1 caption"} <= set(table.columns)
+    image_modalities = [m for m in cfg.model.modalities if m != "text"]  # the decoder captions from these
+    L.main(["--phase1_run", "runs/p1", "--output_dir", "runs/p2", "--epochs", "1", "--batch_size", "16", "--k", "2",
+            "--modalities", *image_modalities])
+    rows = json.loads((in_tmp / "runs" / "p2" / "caption_eval.json").read_text())["rows"]
+    assert {"bleu4", "cider_d", "caption accuracy"} <= set(rows[-1])
+    # SynthTouch's captions are adjective lists, the digits' are sentences
+    assert ("adjective f1" in rows[-1]) == (which == "synth")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics that hold when captions repeat
+
+def test_caption_level_hits_count_any_item_with_the_same_caption():
+    codes = data._caption_codes(["a", "a", "b", "b", "c", "c"])
+    relevant = evaluate.factor_match({"caption": codes}, ["caption"])
+    similarity = torch.eye(6)[[1, 0, 3, 2, 5, 4]]  # every query retrieves the other item of its caption
+    assert evaluate.recall_at(similarity, torch.eye(6, dtype=torch.bool))[1] == 0
+    assert evaluate.recall_at(similarity, relevant)[1] == 1
+    assert evaluate.chance_recall(relevant)[1] == pytest.approx(2 / 6)  # 2 of 6 gallery items share a caption
+
+
+def test_tokenize_as_coco_does_for_plain_captions():
+    assert L.tokenize("A Soft, smooth surface.") == "a soft smooth surface"
+    assert L.tokenize("well-known; it's (hard)! Don't...") == "well-known it 's hard do n't"
+
+
+def test_caption_accuracy_and_per_adjective_scores_by_hand():
+    references = ["soft, smooth", "hard, rough", "soft, rough"]
+    captions = ["Smooth and soft.", "hard, smooth", "soft, rough"]
+    assert L.exact_match(captions, references) == pytest.approx(1 / 3)  # order differs in the first: not exact
+    assert L.is_adjective_list(references) and not L.is_adjective_list(["a handwritten digit one"])
+    scores = L.adjective_scores(captions, references)
+    per = scores["per adjective"]
+    # smooth: named twice, right once; in one reference, found -> precision 1/2, recall 1
+    assert per["smooth"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3)}
+    # rough: named once, right; in two references -> precision 1, recall 1/2
+    assert per["rough"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3)}
+    assert scores["adjective recall"] == pytest.approx((1 + 1 + 1 + 0.5) / 4)
+
+
+def test_bleu4_with_several_references_uses_the_closest_length():
+    # candidate 4 words; references of 3 and 7 words: the closest is 3, so no brevity penalty, and every
+    # n-gram of "a b c d" is in the second reference: BLEU-4 = 1
+    assert L.bleu4(["a b c d"], [["x y z", "a b c d e f g"]]) == pytest.approx(1.0)
