@@ -6,16 +6,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
+import pickle
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -41,6 +46,9 @@ class EncoderConfig:
     max_tokens: int = 32  # text: token features are padded/truncated to this many word pieces
     init_seed: int = 0  # random-init encoders are a function of this seed, so caches stay valid
     timm_kwargs: dict = field(default_factory=dict, hash=False)
+    mean: tuple[float, ...] | None = None  # input normalisation; None: the model's own
+    std: tuple[float, ...] | None = None
+    background: bool = False  # touch: the encoder takes tactile images minus the sensor's background image
 
     def key(self) -> str:
         """A short stable hash: the encoder's part of a feature-cache key."""
@@ -59,6 +67,7 @@ ENCODERS: dict[str, EncoderConfig] = {
     "openclip-vit-l-14": EncoderConfig(
         "open_clip", "ViT-L-14", "vision", pretrained="datacomp_xl_s13b_b90k"),
     "clip-vit-b-32": EncoderConfig("open_clip", "ViT-B-32", "vision", pretrained="openai"),
+    # a TVL stage-1 checkpoint as `weights` sets the architecture, image size and normalisation (tvl_architecture)
     "tvl-touch-vit-tiny": EncoderConfig("timm", "vit_tiny_patch16_224", "touch", dim=768),
 }
 # Hub names of the seed package resolve to the same entries.
@@ -83,7 +92,11 @@ def resolve_encoder(spec: str | EncoderConfig, **overrides) -> EncoderConfig:
         if name not in ENCODERS:
             raise ValueError(f"unknown encoder {spec!r}; known: {sorted(ENCODERS) + sorted(ENCODER_ALIASES)}")
         cfg = ENCODERS[name]
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+    cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
+    if cfg.family == "timm" and cfg.weights and not cfg.weights.endswith(".safetensors"):
+        _check_weights_file(cfg)
+        cfg = dataclasses.replace(cfg, **tvl_architecture(cfg.weights))
+    return cfg
 
 
 class FrozenEncoder(nn.Module):
@@ -166,50 +179,145 @@ def _check_weights_file(cfg: EncoderConfig):
                                 "pass the path of a downloaded checkpoint, or weights=None for random init")
 
 
+@contextlib.contextmanager
+def hub_or_cache():
+    """Hugging Face hub downloads as usual when the hub answers; when it does not, the local cache only,
+    so weights that are missing offline fail at once instead of after a minute of retries."""
+    from huggingface_hub import constants
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or not reachable
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def config_key_hint(modality: str) -> str:
+    """Where a train config names this modality's encoder: what a missing-weights error tells the user to change."""
+    flag = " or --stage1_checkpoint FILE" if modality == "touch" else ""
+    return (f"set `encoders.{modality}` in the config (e.g. --set 'encoders.{modality}={{name: NAME, weights: FILE}}'"
+            f"{flag})")
+
+
 def _build_open_clip(cfg: EncoderConfig) -> ImageEncoder:
     import open_clip
     open_clip.add_model_config(ROOT / "configs" / "open_clip")
     _check_weights_file(cfg)
     pretrained = cfg.weights or cfg.pretrained
     try:
-        model = open_clip.create_model(cfg.model_name, pretrained=pretrained,
-                                       force_image_size=cfg.image_size)
+        with hub_or_cache():
+            model = open_clip.create_model(cfg.model_name, pretrained=pretrained, force_image_size=cfg.image_size)
     except RuntimeError as err:  # open_clip raises RuntimeError for unknown models and failed downloads
+        if cfg.weights:  # the file is there (checked above) but is not this architecture's
+            raise RuntimeError(f"the weights file {cfg.weights} does not load into open_clip {cfg.model_name!r}: "
+                               f"{' '.join(str(err).split())[:300]}. Pass the model name the file was saved from (open_clip names: "
+                               f"{open_clip.list_models()[:8]}...), or another file") from err
         raise RuntimeError(
-            f"could not build open_clip {cfg.model_name!r} with pretrained={pretrained!r}: {err}. Offline, "
-            "pass `weights=<local .pt/.bin/.safetensors file>` or pretrained=None for random weights; "
+            f"could not build open_clip {cfg.model_name!r} with pretrained={pretrained!r}: {str(err)[:300]}. Offline, "
+            f"pass the weights as a local file: {config_key_hint(cfg.modality)} with a downloaded "
+            "open_clip_model.safetensors / .bin / .pt, or pretrained: null for random weights; "
             f"models: {open_clip.list_models()[:8]}...") from err
     visual = model.visual
     visual.output_tokens = True
     patch = visual.conv1.kernel_size[0]
     _check_patch_grid(cfg, patch)
-    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    mean = cfg.mean or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = cfg.std or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
     dim = visual.proj.shape[1] if visual.proj is not None else visual.transformer.width
     return ImageEncoder(cfg, visual, mean, std, patch, dim, _open_clip_tokens)
 
 
-def load_tvl_tactile_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The `tactile_encoder.*` weights of a TVL stage-1 checkpoint, loaded without unpickling code.
+# TVL's tactile image statistics (tvl_enc/tacvis.py), the normalisation its stage-1 encoders were trained with:
+# raw tactile images, and tactile images minus the sensor's background image (subtract_background)
+TVL_TACTILE_MEAN_STD = {
+    False: ((0.29174602047139075, 0.2971325588927249, 0.2910404549605639),
+            (0.18764469044810236, 0.19467651810273057, 0.21871583397361818)),
+    True: ((-0.00809318389762342, -0.01887447008747725, -0.018430588238856332),
+           (0.04535400223885517, 0.044029170444552575, 0.05332520729596308)),
+}
+TVL_VIT_BY_WIDTH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}
+
+
+def read_tvl_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], object]:
+    """(tactile encoder state, args) of a TVL stage-1 checkpoint, loaded without unpickling code.
 
     TVL stores `{'model','optimizer','epoch','scaler','args'}` with `args` an argparse.Namespace, so
-    `weights_only=True` needs exactly that class on the allow-list and nothing else.
+    `weights_only=True` needs exactly that class on the allow-list and nothing else: any other pickled
+    object is refused before it is built, so nothing it carries runs.
     """
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise pickle.UnpicklingError(
+            f"{path} holds a pickled object other than tensors, plain containers and argparse.Namespace, so it was "
+            f"refused without running it ({str(err).splitlines()[0][:200]}). Only load checkpoints you trust; "
+            "re-save one you trust with only its 'model' state dict and args") from err
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a TVL stage-1 checkpoint: expected a dict with a 'model' state dict")
     prefix = "tactile_encoder."
     tactile = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return tactile or state
+    return tactile or state, ckpt.get("args")
+
+
+def write_tvl_checkpoint(tactile: nn.Module, path: str | os.PathLike, **args) -> Path:
+    """A checkpoint in TVL's stage-1 layout, {'model','optimizer','epoch','scaler','args'} with `model` holding
+    logit_scale and tactile_encoder.*: what --stage1_checkpoint reads (for trying the route without TVL's files).
+    `args` become its argparse.Namespace (TVL's main_pretrain flags, e.g. tactile_model="vit_tiny_patch16_224")."""
+    model = {"logit_scale": torch.tensor(math.log(1 / 0.07)),
+             **{f"tactile_encoder.{k}": v for k, v in tactile.state_dict().items()}}
+    torch.save({"model": model, "optimizer": {"state": {}, "param_groups": []}, "epoch": 0,
+                "scaler": {"scale": 65536.0}, "args": argparse.Namespace(**args)}, path)
+    return Path(path)
+
+
+def load_tvl_tactile_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The `tactile_encoder.*` weights of a TVL stage-1 checkpoint (see read_tvl_checkpoint)."""
+    return read_tvl_checkpoint(path)[0]
+
+
+def tvl_architecture(path: str | os.PathLike) -> dict:
+    """EncoderConfig fields of the tactile encoder in a TVL stage-1 checkpoint: the timm name from its args
+    (`tactile_model`; by width when absent), image size, patch size, depth and output width from the tensor
+    shapes, and TVL's tactile normalisation (with background subtraction when its args say so)."""
+    stat = os.stat(path)
+    return dict(_tvl_architecture(os.path.abspath(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)  # keyed by path, mtime and size: a file rewritten in place is read again
+def _tvl_architecture(path: str, mtime_ns: int, size: int) -> tuple:
+    state, args = read_tvl_checkpoint(path)
+    name = getattr(args, "tactile_model", None)
+    if "pos_embed" not in state or "patch_embed.proj.weight" not in state or not (name or "vit").startswith("vit"):
+        raise ValueError(f"the tactile encoder in {path} (tactile_model={name!r}) is not a ViT; FlexAlign reads its "
+                         "patch tokens, so it takes ViT stage-1 encoders (vit_tiny/small/base_patch16_224)")
+    width, _, patch, _ = state["patch_embed.proj.weight"].shape
+    prefix_tokens = int("cls_token" in state) + (state["reg_token"].shape[1] if "reg_token" in state else 0)
+    side = math.isqrt(state["pos_embed"].shape[1] - prefix_tokens)
+    if name is None and width not in TVL_VIT_BY_WIDTH:
+        raise ValueError(f"{path} has no args.tactile_model and a ViT width {width} that names no TVL encoder "
+                         f"({TVL_VIT_BY_WIDTH}); pass encoders.touch={{name: ..., model_name: <timm name>}}")
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    background = getattr(args, "subtract_background", None) is not None
+    mean, std = TVL_TACTILE_MEAN_STD[background]
+    return tuple(dict(model_name=name or TVL_VIT_BY_WIDTH[width], image_size=side * patch,
+                      dim=state["head.weight"].shape[0] if "head.weight" in state else 0,
+                      timm_kwargs=dict(patch_size=patch, depth=depth), mean=mean, std=std,
+                      background=background).items())
 
 
 def _build_timm(cfg: EncoderConfig) -> ImageEncoder:
     import timm
     _check_weights_file(cfg)
     try:
-        vit = timm.create_model(cfg.model_name, pretrained=False, num_classes=cfg.dim or 768,
+        vit = timm.create_model(cfg.model_name, pretrained=False, num_classes=768 if cfg.dim is None else cfg.dim,
                                 global_pool="avg", img_size=cfg.image_size, **cfg.timm_kwargs)
     except RuntimeError as err:
         raise ValueError(f"timm cannot build {cfg.model_name!r}: {err}") from err
@@ -220,12 +328,30 @@ def _build_timm(cfg: EncoderConfig) -> ImageEncoder:
             state = load_file(cfg.weights)
         else:
             state = load_tvl_tactile_state(cfg.weights)
-        missing, unexpected = vit.load_state_dict(state, strict=False)
-        if missing:
-            raise ValueError(f"{cfg.weights} does not fit timm {cfg.model_name} (dim={cfg.dim}): "
-                             f"missing {missing[:5]}..., unexpected {unexpected[:5]}...; check model_name/dim")
-    mean, std = vit.pretrained_cfg.get("mean", (0.5,) * 3), vit.pretrained_cfg.get("std", (0.5,) * 3)
-    return ImageEncoder(cfg, vit, mean, std, vit.patch_embed.patch_size[0], vit.num_classes, _timm_tokens)
+        mismatch = state_mismatch(vit.state_dict(), state)
+        if mismatch:  # a deeper, wider or other model's weights: never load them partly
+            raise ValueError(f"{cfg.weights} does not fit timm {cfg.model_name} (image_size={cfg.image_size}, "
+                             f"dim={cfg.dim}, {cfg.timm_kwargs or 'default depth and patch size'}): {mismatch}. The "
+                             "weights come from another architecture: pass a TVL stage-1 checkpoint with "
+                             "--stage1_checkpoint (its architecture is read from it), or set model_name / "
+                             "timm_kwargs / dim to the ones it was trained with")
+        vit.load_state_dict(state)
+    mean = cfg.mean or vit.pretrained_cfg.get("mean", (0.5,) * 3)
+    std = cfg.std or vit.pretrained_cfg.get("std", (0.5,) * 3)
+    dim = vit.num_classes or vit.num_features  # num_classes 0: TVL's common_latent_dim checkpoints have no head
+    return ImageEncoder(cfg, vit, mean, std, vit.patch_embed.patch_size[0], dim, _timm_tokens)
+
+
+def state_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `given` from loading exactly into a module whose state is `own` (None: it fits). Unexpected
+    tensors count as much as missing ones: a bigger model's weights must not load partly into a smaller one."""
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in given.items()
+             if k in own and own[k].shape != v.shape]
+    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    if not (wrong or missing or unexpected):
+        return None
+    return (f"{len(wrong)} shape mismatches {wrong[:3]}, {len(missing)} missing tensors {missing[:3]}, "
+            f"{len(unexpected)} unexpected tensors {unexpected[:3]}")
 
 
 def minilm_path() -> str:
@@ -240,13 +366,18 @@ class TextEncoder(FrozenEncoder):
     def __init__(self, cfg: EncoderConfig):
         from sentence_transformers import SentenceTransformer
         path = cfg.weights or cfg.model_name
-        if path in ENCODER_ALIASES and ENCODER_ALIASES[path] == "minilm":
+        if ENCODER_ALIASES.get(path) == "minilm":
             path = minilm_path()
-        elif not Path(path).is_dir():
-            raise FileNotFoundError(
-                f"text encoder {path!r} is not a local folder and only all-MiniLM-L6-v2 ships offline; "
-                "pass the folder of a saved sentence-transformers model")
-        st = SentenceTransformer(path, device="cpu")
+        elif cfg.weights and not Path(path).is_dir():
+            raise FileNotFoundError(f"text encoder weights {path!r} is not a local folder; pass the folder of a "
+                                    "saved sentence-transformers model")
+        try:
+            with hub_or_cache():  # a hub name: from the Hugging Face cache, or downloaded when the hub answers
+                st = SentenceTransformer(path, device="cpu")
+        except OSError as err:
+            raise OSError(f"cannot load the sentence-transformers model {path!r} ({str(err).splitlines()[0][:200]}). "
+                          f"Offline, pass a local folder: {config_key_hint('text')} with the folder of a saved "
+                          "sentence-transformers model; all-MiniLM-L6-v2 ships offline as `minilm`") from err
         st.max_seq_length = cfg.max_tokens
         super().__init__(cfg, st.get_embedding_dimension(), cfg.max_tokens)
         self.st = st
@@ -286,6 +417,9 @@ DESIGNS = ("flextok", "fluxtalk", "adapter")
 ATTENTIONS = ("joint", "cross")
 DROPOUT_MODES = ("power_of_two", "uniform", "linear", "none")
 LOSS_TYPES = ("contrastive", "flow_matching", "combined")
+# How the shared tokens are kept free of a modality's private information (the preservation decoder
+# otherwise pushes it into them): see AlignmentModel.preservation_input and decorrelation_penalty.
+LEAKAGE_GUARDS = ("none", "stopgrad", "cross", "decorrelate")
 
 
 @dataclass
@@ -308,13 +442,20 @@ class ModelConfig:
     complementary_reg_weight: float = 0.0
     mrl_dims: tuple[int, ...] = ()  # Matryoshka: extra contrastive losses on these leading embedding dims
     decoder_layers: int = 1  # preservation decoder depth
+    # none: the preservation decoder reads every kept token | stopgrad: it reads the shared tokens through a
+    # stop-gradient, so rebuilding private detail is the private tokens' job | cross: it rebuilds modality A
+    # from B's shared tokens and A's private ones | decorrelate: a penalty on the cross-correlation of the
+    # shared and private tokens (weight leakage_guard_weight)
+    leakage_guard: str = "none"
+    leakage_guard_weight: float = 1.0
     init_temperature: float = 0.07
 
     def __post_init__(self):
         self.modalities, self.mrl_dims = tuple(self.modalities), tuple(self.mrl_dims)
         for name, value, allowed in (("design", self.design, DESIGNS), ("attention", self.attention, ATTENTIONS),
                                      ("nested_dropout", self.nested_dropout, DROPOUT_MODES),
-                                     ("loss_type", self.loss_type, LOSS_TYPES)):
+                                     ("loss_type", self.loss_type, LOSS_TYPES),
+                                     ("leakage_guard", self.leakage_guard, LEAKAGE_GUARDS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
         unknown = set(self.modalities) - set(MODALITIES)
@@ -582,6 +723,20 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     return torch.pdist(x).pow(2).mul(-t).exp().mean().log()
 
 
+def decorrelation_penalty(tokens: torch.Tensor, keep: torch.Tensor, n_shared: int) -> torch.Tensor:
+    """Mean squared cross-correlation (over the batch) between the mean kept shared token and the mean kept
+    private token, B×R×D tokens: 0 when no linear function of one predicts the other. Rows that kept no
+    private token do not count (after Barlow Twins' and VICReg's correlation penalties, across groups)."""
+    keep = keep.to(tokens.dtype)[..., None]
+    rows = keep[:, n_shared:].sum((1, 2)) > 0
+    if rows.sum() < 2:
+        return tokens.sum() * 0  # nothing private in this batch to decorrelate from
+    shared = (tokens[rows, :n_shared] * keep[rows, :n_shared]).sum(1) / keep[rows, :n_shared].sum(1)
+    private = (tokens[rows, n_shared:] * keep[rows, n_shared:]).sum(1) / keep[rows, n_shared:].sum(1)
+    standard = [(x - x.mean(0)) / (x.std(0) + 1e-5) for x in (shared, private)]
+    return (standard[0].T @ standard[1] / len(shared)).pow(2).mean()
+
+
 class FlowMatcher(nn.Module):
     """Rectified flow between modalities' shared embeddings (after CrossFlow): a velocity field
     v(x_t, t | A→B) trained on straight paths x_t = (1−t)·x_A + t·x_B, one direction per ordered pair."""
@@ -694,17 +849,24 @@ class AlignmentModel(nn.Module):
         """One training step's loss and its parts (nested dropout active in train mode)."""
         cfg, parts, emb = self.cfg, {}, {}
         B = len(next(iter(batch.values())).pooled)
-        preservation, regular = [], []
+        preservation, regular, decorrelation = [], [], []
+        tokens_of, keep_of = {}, {}
         for m in cfg.modalities:
-            tokens = self.tokens(m, batch[m])
+            tokens_of[m] = self.tokens(m, batch[m])
+            if cfg.design != "adapter":
+                keep_of[m] = self.dropout(B, tokens_of[m].device)
+        for m in cfg.modalities:
+            tokens = tokens_of[m]
             if cfg.design == "adapter":
                 emb[m] = tokens[:, 0]
                 continue
-            keep = self.dropout(B, tokens.device)
+            keep = keep_of[m]
             emb[m] = self.shared_embedding(m, tokens, keep)
             if cfg.preservation_weight > 0:
-                recon = self.decoders[m](tokens, keep)
+                recon = self.decoders[m](*self.preservation_input(m, tokens_of, keep_of))
                 preservation.append(preservation_loss(recon, batch[m].tokens, batch[m].mask))
+            if cfg.leakage_guard == "decorrelate":
+                decorrelation.append(decorrelation_penalty(tokens, keep, cfg.n_shared))
             if cfg.complementary_reg_weight > 0 and cfg.n_shared < cfg.n_registers:
                 # only complementary tokens that survived dropout are regularised
                 overlap = tokens[:, :cfg.n_shared].mean(1)
@@ -733,12 +895,30 @@ class AlignmentModel(nn.Module):
         if preservation:
             parts["preservation"] = torch.stack(preservation).mean()
             loss = loss + cfg.preservation_weight * parts["preservation"]
+        if decorrelation:
+            parts["decorrelation"] = torch.stack(decorrelation).mean()
+            loss = loss + cfg.leakage_guard_weight * parts["decorrelation"]
         if regular:
             parts["complementary"] = torch.stack(regular).mean()
             loss = loss + cfg.complementary_reg_weight * parts["complementary"]
         if "contrastive" in parts:
             parts["temperature"] = (1 / self.logit_scale.exp()).detach()  # the one used: clamped after each step
         return loss, parts
+
+    def preservation_input(self, modality: str, tokens: dict[str, torch.Tensor], keep: dict[str, torch.Tensor]):
+        """(registers, keep mask) the preservation decoder of `modality` rebuilds its features from, per the
+        leakage guard: its own tokens; with the shared ones behind a stop-gradient; or the next modality's
+        shared tokens beside its own private ones (cross-modal reconstruction)."""
+        S, guard = self.cfg.n_shared, self.cfg.leakage_guard
+        own, own_keep = tokens[modality], keep[modality]
+        if guard == "stopgrad":
+            return torch.cat([own[:, :S].detach(), own[:, S:]], 1), own_keep
+        if guard == "cross":
+            names = self.cfg.modalities
+            other = names[(names.index(modality) + 1) % len(names)]
+            return (torch.cat([tokens[other][:, :S], own[:, S:]], 1),
+                    torch.cat([keep[other][:, :S], own_keep[:, S:]], 1))
+        return own, own_keep
 
     def after_optimizer_step(self):
         """Clamp the temperature parameter itself (as CLIP does), so it stays learnable at the bound."""

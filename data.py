@@ -238,82 +238,427 @@ def _tensor(chw):
 
 
 # -----------------------------------------------------------------------------
-# real data: TVL (Fu et al. 2024)
+# real data: TVL (Fu et al. 2024) and your own CSV files
 
 
-def load_image(path, image_size):
-    """Image file -> 3xSxS float tensor in [0,1]; a file PIL cannot decode raises ValueError."""
+def open_image(path) -> Image.Image:
+    """An image file as RGB; a missing file raises FileNotFoundError, an undecodable one ValueError, naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} does not exist; fix the path in the CSV, or pass skip_missing=True "
+                                "(config: skip_missing: true) to drop rows whose files are missing")
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-    except FileNotFoundError:  # a missing file is not a corrupt one; its own error already names it
-        raise
+            return image.convert("RGB")
     except OSError as e:  # PIL's UnidentifiedImageError and truncated-file errors are both OSErrors
-        raise ValueError(f"image {path} is corrupt or not a decodable image ({e})") from e
+        raise ValueError(f"image {path} is corrupt or not a decodable image ({e}); replace it, or pass "
+                         "skip_missing=True to drop rows whose files cannot be read") from e
+
+
+def resized(image: Image.Image, image_size: int) -> torch.Tensor:
+    image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return _tensor(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255)
 
 
-class TVLDataset(torch.utils.data.Dataset):
-    LAYOUT = ("{root}/ssvtp/{split}.csv (column url = images_rgb/image_N_rgb.jpg, captions in "
-              "ssvtp/text/labels_N.txt) and/or {root}/hct/data{{1,2,3}}/{split}.csv "
-              "(header url,tactile,tactile_background,caption)")
+def load_image(path, image_size):
+    """Image file -> 3xSxS float tensor in [0,1] (a plain resize)."""
+    return resized(open_image(path), image_size)
 
-    def __init__(self, root, split="train", image_size=224):
-        if split not in ("train", "test"):
-            raise ValueError(f"TVL split must be train or test; got {split!r}")
-        self.root, self.split, self.image_size = os.path.abspath(root), split, image_size
-        expected = self.LAYOUT.format(root=self.root, split=split)
-        if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"TVL root {self.root} does not exist; expected {expected}")
-        self.rows = self._ssvtp_rows() + self._hct_rows()  # (vision path, touch path, caption)
-        if not self.rows:
-            raise FileNotFoundError(f"no TVL {split}.csv with rows found under {self.root}; expected {expected}")
 
-    def _ssvtp_rows(self):
-        folder = os.path.join(self.root, "ssvtp")
-        table = os.path.join(folder, f"{self.split}.csv")
-        if not os.path.isfile(table):
-            return []
-        rows = []
-        with open(table, newline="") as file:
-            for record in csv.DictReader(file):
-                url = record["url"]
-                number = re.search(r"image_(\d+)_rgb", url)
-                if number is None:
-                    raise ValueError(f"{table}: url {url!r} does not look like images_rgb/image_N_rgb.jpg")
-                with open(os.path.join(folder, "text", f"labels_{number.group(1)}.txt")) as labels:
-                    caption = labels.readline().strip()
-                rows.append((os.path.join(folder, url), os.path.join(folder, url.replace("rgb", "tac")), caption))
-        return rows
+# TVL's image preparation (tvl_enc/tacvis.py, load_vision_data / load_tactile_data), without its training
+# augmentations: frozen features are computed once, so every epoch sees the evaluation-time preparation.
+TVL_CROP_SCALE = math.sqrt(2) * 0.18  # the vision crop's side, as a fraction of the image's longer side
+TVL_DATA3_TOP = 200  # HCT data3 frames are cropped 200 px from the top, as its captions were labelled
 
-    def _hct_rows(self):
-        rows = []
-        for k in (1, 2, 3):
-            folder = os.path.join(self.root, "hct", f"data{k}")
-            table = os.path.join(folder, f"{self.split}.csv")
-            if os.path.isfile(table):
-                with open(table, newline="") as file:
-                    for record in csv.DictReader(file):
-                        rows.append((os.path.join(folder, record["url"]), os.path.join(folder, record["tactile"]),
-                                     record["caption"].strip()))
-        return rows
+
+def tvl_vision(path, image_size: int, subset: str) -> torch.Tensor:
+    """A square crop of side ceil(sqrt(2)*0.18*max(h, w)), centred for SSVTP, at the top centre for HCT
+    (200 px down in data3), resized to image_size."""
+    import torchvision.transforms.functional as TF
+    image = open_image(path)
+    width, height = image.size
+    side = int(math.ceil(TVL_CROP_SCALE * max(width, height)))
+    if subset == "ssvtp":
+        image = TF.center_crop(image, side)
+    else:
+        image = TF.crop(image, TVL_DATA3_TOP if subset == "data3" else 0, (width - side) // 2, side, side)
+    return resized(image, image_size)
+
+
+def _pad_and_rotate(image: Image.Image) -> Image.Image:
+    """TVL's tac_padding: zero-pad the shorter side to a square, then rotate 90 degrees counter-clockwise."""
+    import torchvision.transforms.functional as TF
+    width, height = image.size
+    side = max(width, height)
+    return TF.rotate(TF.pad(image, [(side - width) // 2, (side - height) // 2]), 90)
+
+
+def tvl_touch(path, image_size: int, background=None) -> torch.Tensor:
+    """The tactile image padded to a square, rotated, resized. With `background` (HCT's tactile_background),
+    the background image, prepared the same way, is subtracted at full resolution first, as TVL's
+    subtract_background does: the result is signed, in [-1, 1], and the encoder normalises it with TVL's
+    background statistics (core.TVL_TACTILE_MEAN_STD)."""
+    import torchvision.transforms.functional as TF
+    image = _pad_and_rotate(open_image(path))
+    if background is None:
+        return resized(image, image_size)
+    difference = TF.to_tensor(image) - TF.to_tensor(_pad_and_rotate(open_image(background)))
+    return TF.resize(difference, [image_size, image_size], antialias=True)
+
+
+SPLIT_SEED = 42  # TVL's random_state for its train/val split; also splits CSV datasets without val/test files
+VAL_FRACTION = 0.1
+
+
+def split_rows(rows: list, part: str, fraction: float = VAL_FRACTION) -> list:
+    """TVL's split of a train.csv: sklearn's train_test_split(train_size=1 - fraction, random_state=42),
+    `part` 'train' or 'held' (the held-out fraction)."""
+    from sklearn.model_selection import train_test_split
+    if len(rows) < 2:  # nothing to hold out: a single row trains
+        return rows if part == "train" else []
+    kept, held = train_test_split(rows, train_size=1 - fraction, random_state=SPLIT_SEED)
+    return kept if part == "train" else held
+
+
+def _caption_codes(captions: list[str]) -> np.ndarray:
+    """Each caption's index among the distinct captions: items with the same code have the same caption."""
+    codes = {}
+    return np.array([codes.setdefault(c, len(codes)) for c in captions])
+
+
+class FileRows(torch.utils.data.Dataset):
+    """Rows of image files and captions: what TVLDataset and CSVDataset share. A row is a dict with
+    "caption" and image paths under IMAGE_KEYS; `load(modality, row)` prepares one image."""
+    IMAGE_KEYS = ("vision", "touch")
+
+    def __init__(self, rows: list[dict], image_sizes: dict[str, int], where: str):
+        if not rows:
+            raise FileNotFoundError(f"{where}: no rows with readable images")
+        self.rows, self.image_sizes = rows, dict(image_sizes)
+
+    def readable_rows(self, rows: list[dict], where: str) -> list[dict]:
+        """The rows whose files all exist; a missing file fails naming it, unless skip_missing drops its row
+        (missing or undecodable files then count in one warning)."""
+        if not self.skip_missing:
+            for row in rows:
+                for path in self._files(row):
+                    if not os.path.isfile(path):
+                        raise FileNotFoundError(f"{where}: file {path} does not exist; fix the path, or pass "
+                                                "skip_missing=True (config: skip_missing: true) to drop such rows")
+            return rows
+        readable = [row for row in rows if self._readable(row)]
+        if len(readable) < len(rows):
+            warnings.warn(f"{where}: skipped {len(rows) - len(readable)} of {len(rows)} rows whose files are missing "
+                          "or unreadable (skip_missing=True)")
+        return readable
+
+    def _files(self, row):
+        return [row[key] for key in self.IMAGE_KEYS if row.get(key)]
+
+    @staticmethod
+    def _decodable(path) -> bool:
+        try:
+            Image.open(path).close()  # reads the header only: cheap enough for every row
+        except OSError:  # missing, or not an image
+            return False
+        return True
+
+    def _readable(self, row) -> bool:
+        return (all(os.path.isfile(path) for path in self._files(row))
+                and all(self._decodable(row[key]) for key in self.IMAGE_KEYS if row.get(key)))
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        vision, touch, caption = self.rows[i]
-        return dict(vision=load_image(vision, self.image_size), touch=load_image(touch, self.image_size),
-                    caption=caption, factors={}, index=int(i))
+        row = self.rows[i]
+        item = {m: self.load(m, row) for m in self.image_sizes}
+        return dict(item, caption=row["caption"], factors={}, index=int(i))
 
     @property
     def captions(self):
-        return [caption for _, _, caption in self.rows]
+        return [row["caption"] for row in self.rows]
+
+    def factor_table(self):
+        """What real data knows about its items: which ones share a caption (caption-level retrieval)."""
+        return {"caption": _caption_codes(self.captions)}
 
     @property
     def fingerprint(self):
-        digest = hashlib.sha1(f"{self.root}|{self.split}|{len(self.rows)}".encode()).hexdigest()[:12]
-        return f"tvl-{self.split}-s{self.image_size}-{digest}"
+        """What the cached features of this dataset depend on: the recipe, and every file's size and
+        modification time, so replacing an image (same path, same row count) gives a new cache."""
+        files = [(path, *_stat(path)) for row in self.rows for path in self._files(row) + [row.get("background")]
+                 if path]
+        recipe = json.dumps([type(self).__name__, self.root, self.split, self.image_sizes, self.skip_missing,
+                             self.rows, files], sort_keys=True, default=str)
+        digest = hashlib.sha1(recipe.encode()).hexdigest()[:12]
+        return f"{type(self).__name__.lower()}-{self.split}-{digest}"
+
+
+def _stat(path) -> tuple[int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError:  # checked when the rows were read; a file gone since then fails when it is loaded
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
+
+
+def tvl_records(table: str, columns: tuple[str, ...]) -> list[dict]:
+    """The rows of a TVL CSV, after checking its header has the columns TVL's layout gives it."""
+    with open(table, newline="") as file:
+        reader = csv.DictReader(file)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{table} has the header {reader.fieldnames} but TVL's layout needs the columns "
+                             f"{list(columns)} (missing {missing}); fix its first line, e.g. {','.join(columns)}")
+        return list(reader)
+
+
+class TVLDataset(FileRows):
+    """The Touch-Vision-Language layout: ssvtp/ and hct/data{1,2,3}/, prepared as TVL prepares it.
+
+    split "train" and "val" are TVL's 90/10 split of each subset's train.csv (seed 42), "test" its test.csv.
+    image_size: one size, or {modality: size} so each encoder gets images at its own size; only the image
+    modalities named there are loaded. subtract_background: subtract HCT's tactile_background image (and, for
+    SSVTP, ssvtp/tac_background.png, TVL's tvl_enc/data/tac_background.png), as TVL's subtract_background.
+    """
+    IMAGE_KEYS = ("vision", "touch", "background")
+    LAYOUT = ("{root}/ssvtp/{split}.csv (column url = images_rgb/image_N_rgb.jpg, captions in "
+              "ssvtp/text/labels_N.txt) and/or {root}/hct/data{{1,2,3}}/{split}.csv "
+              "(header url,tactile,tactile_background,caption); or, for your own data, {root}/train.csv with "
+              "columns among vision,touch,caption")
+
+    def __init__(self, root, split="train", image_size=224, subtract_background=False, skip_missing=False):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"TVL split must be train, val or test; got {split!r}")
+        self.root, self.split, self.subtract_background = os.path.abspath(root), split, subtract_background
+        self.skip_missing = skip_missing
+        where = f"TVL {split} under {self.root}"
+        table = "test" if split == "test" else "train"
+        expected = self.LAYOUT.format(root=self.root, split=table)
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"TVL root {self.root} does not exist; expected {expected}")
+        # TVL drops SSVTP rows without images, then splits each subset on its own
+        rows = self.readable_rows(self._ssvtp_rows(table) + self._hct_rows(table), where)
+        for row in rows:  # an SSVTP caption is the first line of its labels file
+            if "labels" in row:
+                with open(row.pop("labels")) as file:
+                    row["caption"] = file.readline().strip()
+        subsets = [[r for r in rows if r["subset"] == "ssvtp"], [r for r in rows if r["subset"] != "ssvtp"]]
+        if split != "test":
+            subsets = [split_rows(rows, "train" if split == "train" else "held") for rows in subsets]
+        rows = subsets[0] + subsets[1]
+        if not rows:
+            raise FileNotFoundError(f"no TVL {table}.csv with rows found under {self.root}; expected {expected}")
+        sizes = image_size if isinstance(image_size, dict) else {"vision": image_size, "touch": image_size}
+        super().__init__(rows, sizes, where)
+
+    def _ssvtp_rows(self, table_name):
+        folder = os.path.join(self.root, "ssvtp")
+        table = os.path.join(folder, f"{table_name}.csv")
+        if not os.path.isfile(table):
+            return []
+        background = os.path.join(folder, "tac_background.png") if self.subtract_background else None
+        if background and not os.path.isfile(background):
+            raise FileNotFoundError(f"subtract_background needs SSVTP's tactile background image at {background}; "
+                                    "copy TVL's tvl_enc/data/tac_background.png there, or train without it")
+        rows = []
+        for record in tvl_records(table, ("url",)):
+            url = record["url"]
+            number = re.search(r"image_(\d+)_rgb", url)
+            if number is None:
+                raise ValueError(f"{table}: url {url!r} does not look like images_rgb/image_N_rgb.jpg")
+            labels = os.path.join(folder, "text", f"labels_{number.group(1)}.txt")
+            rows.append(dict(vision=os.path.join(folder, url), touch=os.path.join(folder, url.replace("rgb", "tac")),
+                             background=background, labels=labels, subset="ssvtp"))
+        return rows
+
+    def _hct_rows(self, table_name):
+        rows = []
+        hct = os.path.join(self.root, "hct")
+        for name in sorted(os.listdir(hct)) if os.path.isdir(hct) else []:
+            table = os.path.join(hct, name, f"{table_name}.csv")
+            if os.path.isfile(table):
+                for record in tvl_records(table, ("url", "tactile", "tactile_background", "caption")):
+                    folder = os.path.join(hct, name)
+                    background = os.path.join(folder, record["tactile_background"])
+                    if not os.path.isfile(background):  # TVL's fallback: the sensor's background image
+                        background = str(Path(background).parents[2] / "digit_background.png")
+                    rows.append(dict(vision=os.path.join(folder, record["url"]),
+                                     touch=os.path.join(folder, record["tactile"]),
+                                     background=background if self.subtract_background else None,
+                                     caption=record["caption"].strip(), subset=name))
+        return rows
+
+    def _files(self, row):  # SSVTP rows also need their labels file
+        return super()._files(row) + ([row["labels"]] if "labels" in row else [])
+
+    def load(self, modality, row):
+        if modality == "vision":
+            return tvl_vision(row["vision"], self.image_sizes["vision"], row["subset"])
+        return tvl_touch(row["touch"], self.image_sizes["touch"], row["background"])
+CSV_COLUMNS = {"vision": "vision", "touch": "touch", "caption": "text"}  # CSV column -> modality
+
+
+def csv_columns(folder) -> list[str]:
+    """The columns of <folder>/train.csv that name data (vision, touch, caption), in that order."""
+    table = Path(folder) / "train.csv"
+    with open(table, newline="") as file:
+        header = next(csv.reader(file), [])
+    found = [c for c in CSV_COLUMNS if c in header]
+    if len(found) < 2:
+        raise ValueError(f"{table} has columns {header}; a dataset needs at least two of {list(CSV_COLUMNS)} "
+                         "(image paths relative to the CSV, and captions)")
+    return found
+
+
+def csv_modalities(folder) -> tuple[str, ...]:
+    """The modalities of a CSV dataset: one per data column (caption -> text)."""
+    return tuple(CSV_COLUMNS[c] for c in csv_columns(folder))
+
+
+def dataset_layout(folder) -> str:
+    """'csv' when the folder holds a train.csv of your own, else 'tvl' (ssvtp/, hct/)."""
+    return "csv" if (Path(folder) / "train.csv").is_file() else "tvl"
+
+
+class CSVDataset(FileRows):
+    """Your own data: <root>/train.csv (and optionally val.csv, test.csv) with columns among vision, touch
+    (image paths relative to the CSV) and caption. Without test.csv, 10% of train.csv is the test split;
+    without val.csv, 10% of the rest is the validation split (seed 42, as TVL splits). Images get a plain
+    resize to image_size (one size, or {modality: size}); only the image modalities named there are loaded."""
+
+    def __init__(self, root, split="train", image_size=224, skip_missing=False):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"CSV split must be train, val or test; got {split!r}")
+        self.root, self.split, self.skip_missing = os.path.abspath(root), split, skip_missing
+        if not (Path(self.root) / "train.csv").is_file():
+            raise FileNotFoundError(f"no {self.root}/train.csv; a CSV dataset is a folder with train.csv (and "
+                                    "optionally val.csv, test.csv) with columns among vision, touch, caption")
+        self.columns = csv_columns(self.root)
+        where = f"{self.root}/{split}.csv"
+        rows = self.readable_rows(self._table(split), where)
+        sizes = image_size if isinstance(image_size, dict) else dict.fromkeys(("vision", "touch"), image_size)
+        super().__init__(rows, {m: size for m, size in sizes.items() if m in self.columns}, where)
+
+    def _table(self, split) -> list[dict]:
+        """The rows of <split>.csv; a missing test.csv or val.csv is carved out of train.csv, test first."""
+        root = Path(self.root)
+        if split != "train" and (root / f"{split}.csv").is_file():
+            return self._read(root / f"{split}.csv")
+        rows = self._read(root / "train.csv")
+        for held in ("test", "val"):
+            if (root / f"{held}.csv").is_file():
+                continue
+            if split == held:
+                return split_rows(rows, "held")
+            rows = split_rows(rows, "train")
+        return rows
+
+    def _read(self, table: Path) -> list[dict]:
+        with open(table, newline="") as file:
+            records = list(csv.DictReader(file))
+        missing = [c for c in self.columns if records and c not in records[0]]
+        if missing:
+            raise ValueError(f"{table} lacks the columns {missing} that train.csv has; give every split the same columns")
+        return [{c: (record[c].strip() if c == "caption" else str(table.parent / record[c])) for c in self.columns}
+                | ({} if "caption" in self.columns else {"caption": ""}) for record in records]
+
+    def load(self, modality, row):
+        return load_image(row[modality], self.image_sizes[modality])
+
+
+def write_csv_dataset(folder, splits: dict[str, list[dict]]) -> Path:
+    """Write your-own-data layout: per split, rows of {"vision": image, "touch": image, "caption": str}
+    (images as PIL images or 3xHxW tensors in [0, 1]) -> <folder>/images/<split>_<i>_<column>.png + <split>.csv."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        columns = [c for c in CSV_COLUMNS if c in rows[0]]
+        with open(folder / f"{split}.csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(columns)
+            for i, row in enumerate(tqdm(rows, desc=f"writing {split}.csv images", leave=False)):
+                record = []
+                for column in columns:
+                    if column == "caption":
+                        record.append(row[column])
+                        continue
+                    name = f"images/{split}_{i}_{column}.png"
+                    _pil(row[column]).save(folder / name)
+                    record.append(name)
+                writer.writerow(record)
+    return folder
+
+
+def _pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def write_tvl_layout(folder, splits: dict[str, "SynthTouch"], image_size: int = 64) -> Path:
+    """SynthTouch samples in the exact TVL layout, to try the TVL route without the data: even samples go to
+    ssvtp/ (train.csv/test.csv with column url, text/labels_N.txt), odd ones to hct/data{1,2,3}/ (header
+    url,tactile,tactile_background,caption, contact.json, a bare-gel background image). Vision images sit
+    where TVL's crop finds them and touch images are turned so its rotation turns them back, so the prepared
+    images are the rendered ones (up to JPEG and resizing)."""
+    folder, number = Path(folder), 0
+    tables = {}  # csv path -> rows
+    gel = Image.new("RGB", (image_size, image_size), tuple(int(255 * c) for c in SynthTouch.GEL))
+    for split, dataset in splits.items():
+        for i in tqdm(range(len(dataset)), desc=f"writing TVL {split}", leave=False):
+            sample = dataset[i]
+            vision, touch = _pil(sample["vision"]), _pil(sample["touch"]).resize((image_size, image_size)).rotate(-90)
+            subset = "ssvtp" if i % 2 == 0 else f"data{1 + i // 2 % 3}"
+            width = max(4 * image_size, 272 if subset == "data3" else 0)  # data3 is cropped 200 px down
+            side = int(math.ceil(TVL_CROP_SCALE * width))
+            top = int(round((width - side) / 2)) if subset == "ssvtp" else TVL_DATA3_TOP * (subset == "data3")
+            canvas = Image.new("RGB", (width, width), (128, 128, 128))
+            canvas.paste(vision.resize((side, side), Image.Resampling.BILINEAR), ((width - side) // 2, top))
+            if subset == "ssvtp":
+                root, number = folder / "ssvtp", number + 1
+                url = f"images_rgb/image_{number}_rgb.jpg"
+                files = {url: canvas, url.replace("rgb", "tac"): touch}
+                (root / "text").mkdir(parents=True, exist_ok=True)
+                (root / "text" / f"labels_{number}.txt").write_text(sample["caption"] + "\n")
+                tables.setdefault(root / f"{split}.csv", [["url"]]).append([url])
+            else:
+                root = folder / "hct" / subset
+                row = [f"{split}/vision/{i}.jpg", f"{split}/tactile/{i}.jpg", "background/background.jpg"]
+                files = {row[0]: canvas, row[1]: touch, row[2]: gel}
+                tables.setdefault(root / f"{split}.csv", [["url", "tactile", "tactile_background", "caption"]]
+                                  ).append(row + [sample["caption"]])
+                contact = json.loads((root / "contact.json").read_text()) if (root / "contact.json").is_file() else {}
+                for key, path in zip(("vision", "tactile", "background"), row):
+                    contact.setdefault(key, []).append(path)
+                root.mkdir(parents=True, exist_ok=True)
+                (root / "contact.json").write_text(json.dumps(contact))
+            for name, image in files.items():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                image.save(root / name, quality=90)
+    for path, rows in tables.items():
+        with open(path, "w", newline="") as file:
+            csv.writer(file).writerows(rows)
+    if (folder / "ssvtp").is_dir():  # the bare gel, for subtract_background (TVL ships its own)
+        gel.save(folder / "ssvtp" / "tac_background.png")
+    return folder
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_digits_csv(folder, image_size: int = 32, n: int | None = None) -> Path:
+    """A CSV dataset nobody here designed: scikit-learn's bundled handwritten digits (8x8, 1797 of them),
+    upsampled to image_size RGB PNGs, captioned "a handwritten digit seven". train.csv and test.csv (the last
+    20%, as sklearn orders them); val.csv is left to the 10% split. n: only the first n digits."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images, labels = digits.images[:n], digits.target[:n]
+    rows = [{"vision": Image.fromarray((image * 255 / 16).astype(np.uint8)).convert("RGB").resize(
+                 (image_size, image_size), Image.Resampling.NEAREST),
+             "caption": f"a handwritten digit {DIGIT_NAMES[label]}"} for image, label in zip(images, labels)]
+    cut = int(len(rows) * 0.8)
+    return write_csv_dataset(folder, {"train": rows[:cut], "test": rows[cut:]})
 
 
 # -----------------------------------------------------------------------------

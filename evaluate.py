@@ -3,7 +3,8 @@ each token know?
 
 encode             one forward pass per modality → every register output, the shared embedding for
                    every prefix length k, and the preservation cosine for every k
-evaluate_prefixes  retrieval R@1/R@5 (exact pair and factor level, directly and by flow transport) and
+evaluate_prefixes  retrieval R@1/R@5 (exact pair, and factor level on SynthTouch or caption level on real data,
+                   directly and by flow transport) and
                    preservation cosine for every k → a table with one row per k, and eval.json
 prefix_drops       is quality non-decreasing in k? the largest drop next to the test set's sampling noise
 information_map    linear probes of every factor from every single token and from each token group
@@ -159,7 +160,9 @@ def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, core.Featu
 
     Rows: k (the number of tokens used; the adapter's only row is k = 1, its full embedding).
     Columns: '<a>-><b> R@{1,5} pair' (the paired item is retrieved), '... factor' (an item with the same
-    shared discrete factors is; only when `factors` is given), '... flow' (queries transported to the
+    shared discrete factors is; SynthTouch `factors`), '... caption' (an item with the same caption is; real
+    data, whose `factor_table()` is {"caption": codes}: its chance level follows the caption frequencies),
+    '... flow' (queries transported to the
     other modality by the flow head first; flow-matching models only), '<m> recon cos' (preservation
     decoder) and the chance level of each recall ('chance@1 pair', ...). Written to `out_path` as
     {k: {metric: value}} JSON when given.
@@ -168,7 +171,9 @@ def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, core.Featu
     encoded = encode_all(model, features, ks, batch_size, one_pass)
     n = len(features[model.cfg.modalities[0]].pooled)
     relevant = {"pair": torch.eye(n, dtype=torch.bool)}
-    if factors is not None:
+    if factors is not None and "caption" in factors:  # real data: captions repeat, so the same caption is a hit
+        relevant["caption"] = factor_match(factors, ["caption"])
+    elif factors is not None:
         names = list(shared_factors or shared_discrete_factors())
         unknown = [name for name in names if name not in factors]
         if unknown:

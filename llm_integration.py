@@ -14,10 +14,11 @@ and any trained decoder tensors in model.safetensors, state.pt), metrics.jsonl a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
-import math
 import os
 import re
 import shutil
@@ -578,7 +579,7 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
                          f"use --batch_size {n} or less")
     run = None
     if output_dir is not None:
-        run = loop.RunFolder(output_dir)
+        run = run_folder(output_dir)
         run.start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
     index_batches = loop.index_batches(n, cfg.batch_size, cfg.seed)
     sources = {}  # epoch -> every sample's token source, drawn up front so a resumed epoch sees the same
@@ -598,77 +599,91 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
                     desc="phase 2 · captioning")
 
 
+def run_folder(path) -> loop.RunFolder:
+    """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as defaults."""
+    return loop.RunFolder(path, defaults={"llm": LLMConfig().to_dict()})
+
+
 # what may differ when a phase-2 run is resumed: generation settings and where things live
 RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.cache_dir", "llm.local_files_only")
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Metrics, all offline: attribute accuracy (SynthTouch), BLEU-4, CIDEr-D
+# 6. Metrics, all offline: BLEU-4 and CIDEr-D from the COCO caption toolkit (pycocoevalcap), exact captions,
+# per-adjective precision / recall / F1 (adjective-list captions: TVL), attribute accuracy (SynthTouch)
 
-def words(text: str) -> list[str]:
-    """Lower-case words without punctuation (what the COCO caption tokenizer leaves for scoring)."""
-    return re.findall(r"[a-z0-9]+", text.lower())
+# what COCO's PTBTokenizer drops after tokenizing (pycocoevalcap/tokenizer/ptbtokenizer.py); brackets come
+# out of PTB as -LRB- etc., which it drops too
+PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";",
+               "(", ")", "[", "]", "{", "}", '"'}
+# PTB tokens: clitics split off ("it's" -> it 's, "don't" -> do n't), hyphenated words whole, other marks alone
+PTB_TOKEN = re.compile(r"n't\b|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:-[a-z0-9]+)*?(?=n't\b)|[a-z0-9]+(?:-[a-z0-9]+)*|\S")
 
 
-def ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+def tokenize(text: str) -> str:
+    """What COCO's PTBTokenizer gives for plain English captions, without its Java: lower-case PTB tokens
+    with punctuation dropped, joined by single spaces."""
+    return " ".join(t for t in PTB_TOKEN.findall(text.lower()) if t not in PUNCTUATION)
 
 
-def _reference_lists(references) -> list[list[str]]:
-    return [[r] if isinstance(r, str) else list(r) for r in references]
+def _coco_inputs(candidates: list[str], references) -> tuple[dict, dict]:
+    """pycocoevalcap's {id: [tokenized reference, ...]} and {id: [tokenized candidate]}."""
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    if len(refs) != len(candidates):
+        raise ValueError(f"{len(candidates)} captions but {len(refs)} reference sets; they must pair up")
+    return ({i: [tokenize(r) for r in rs] for i, rs in enumerate(refs)},
+            {i: [tokenize(c)] for i, c in enumerate(candidates)})
 
 
 def bleu4(candidates: list[str], references) -> float:
-    """Corpus BLEU-4 (Papineni et al. 2002): clipped n-gram precisions for n=1..4, geometric mean,
-    brevity penalty against the closest reference length. `references`: one str or a list per candidate."""
-    matched, possible = [0] * 4, [0] * 4
-    cand_len = ref_len = 0
-    for cand, refs in zip(candidates, _reference_lists(references)):
-        c, rs = words(cand), [words(r) for r in refs]
-        cand_len += len(c)
-        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]
-        for n in range(1, 5):
-            best = Counter()
-            for r in rs:
-                best |= ngrams(r, n)
-            matched[n - 1] += sum(min(v, best[g]) for g, v in ngrams(c, n).items())
-            possible[n - 1] += max(len(c) - n + 1, 0)
-    if min(matched) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / p) for m, p in zip(matched, possible)) / 4
-    brevity = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / max(cand_len, 1))
-    return brevity * math.exp(log_precision)
+    """Corpus BLEU-4 as the COCO caption toolkit computes it (closest reference length for the brevity
+    penalty). `references`: one str or a list of str per candidate."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorer prints its n-gram counts
+        scores, _ = Bleu(4).compute_score(*_coco_inputs(candidates, references))
+    return float(scores[3])
 
 
-def cider_d(candidates: list[str], references, sigma: float = 6.0) -> float:
-    """CIDEr-D (Vedantam et al. 2015, as in coco-caption): TF-IDF n-gram vectors (n=1..4, document
-    frequency over this corpus's reference sets), candidate weights clipped to the reference's, cosine
-    times a Gaussian length penalty, averaged over n and references, ×10."""
-    ref_words = [[words(r) for r in refs] for refs in _reference_lists(references)]
-    df = Counter()
-    for refs in ref_words:
-        df.update({g for r in refs for n in range(1, 5) for g in ngrams(r, n)})
-    log_n = math.log(len(ref_words))
+def cider_d(candidates: list[str], references) -> float:
+    """CIDEr-D as the COCO caption toolkit computes it (its `Cider`: TF-IDF n-grams, n = 1..4, document
+    frequencies over this corpus's references, clipped candidate counts, Gaussian length penalty, x10)."""
+    from pycocoevalcap.cider.cider import Cider
+    score, _ = Cider().compute_score(*_coco_inputs(candidates, references))
+    return float(score)
 
-    def vectors(tokens):
-        vec = [{g: tf * (log_n - math.log(max(1.0, df[g]))) for g, tf in ngrams(tokens, n).items()}
-               for n in range(1, 5)]
-        return vec, [math.sqrt(sum(v * v for v in d.values())) for d in vec]
 
-    scores = []
-    for cand, refs in zip(candidates, ref_words):
-        c_tokens = words(cand)
-        c_vec, c_norm = vectors(c_tokens)
-        total = 0.0
-        for r_tokens in refs:
-            r_vec, r_norm = vectors(r_tokens)
-            penalty = math.exp(-((len(c_tokens) - len(r_tokens)) ** 2) / (2 * sigma ** 2))
-            for n in range(4):
-                if c_norm[n] and r_norm[n]:
-                    dot = sum(min(v, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0) for g, v in c_vec[n].items())
-                    total += dot / (c_norm[n] * r_norm[n]) * penalty / 4
-        scores.append(10.0 * total / len(refs))
-    return float(np.mean(scores))
+def exact_match(candidates: list[str], references) -> float:
+    """Caption accuracy: how often a caption equals its reference (one of them), after tokenizing."""
+    gts, res = _coco_inputs(candidates, references)
+    return float(np.mean([res[i][0] in gts[i] for i in res]))
+
+
+def adjectives(caption: str) -> set[str]:
+    """The adjectives of a list caption ("soft, smooth and shiny"): comma / "and" separated, tokenized."""
+    items = re.split(r",|\band\b", caption.lower())
+    return {tokenize(item) for item in items} - {""}
+
+
+def is_adjective_list(references: list[str]) -> bool:
+    """Captions that are lists of one- or two-word items, at least two on average (TVL, SynthTouch)."""
+    items = [adjectives(r) for r in references]
+    return (all(len(a.split()) <= 2 for its in items for a in its)
+            and float(np.mean([len(its) for its in items])) >= 2)
+
+
+def adjective_scores(candidates: list[str], references: list[str]) -> dict:
+    """Per adjective of the references: precision (of the captions naming it, how many should), recall (of
+    the references with it, how many captions name it) and F1; and their means over adjectives (macro)."""
+    said, true = [adjectives(c) for c in candidates], [adjectives(r) for r in references]
+    per = {}
+    for word in sorted(set().union(*true)):
+        hits = sum(word in s and word in t for s, t in zip(said, true))
+        named, present = sum(word in s for s in said), sum(word in t for t in true)
+        precision, recall = hits / named if named else 0.0, hits / present
+        f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+        per[word] = {"precision": precision, "recall": recall, "f1": f1}
+    macro = {f"adjective {k}": float(np.mean([v[k] for v in per.values()])) for k in ("precision", "recall", "f1")}
+    return {**macro, "per adjective": per}
 
 
 def factor_groups() -> dict[str, str]:
@@ -705,7 +720,12 @@ def attribute_baselines(train_factors: list[dict], test_factors: list[dict]) -> 
 
 
 def caption_metrics(captions: list[str], references: list[str], factors: list[dict] | None = None) -> dict:
-    out = {"bleu4": bleu4(captions, references), "cider_d": cider_d(captions, references)}
+    """BLEU-4, CIDEr-D and caption accuracy (exact match); per-adjective scores for adjective-list captions;
+    per-factor attribute accuracy when SynthTouch `factors` are given."""
+    out = {"bleu4": bleu4(captions, references), "cider_d": cider_d(captions, references),
+           "caption accuracy": exact_match(captions, references)}
+    if is_adjective_list(references):
+        out.update(adjective_scores(captions, references))
     if factors is not None:
         out.update(attribute_accuracy(captions, factors))
     return out
@@ -762,7 +782,7 @@ def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, 
                   callback=None) -> dict:
     """caption_eval.json of `output_dir`, training only what is missing: a finished run of the same config
     is reused, an interrupted one resumes, otherwise phase 2 starts. Re-running a notebook costs nothing."""
-    run = loop.RunFolder(output_dir)
+    run = run_folder(output_dir)
     if run.checkpoint is None:
         return run_phase2(phase1_run, output_dir, llm_cfg, callback=callback)
     saved = run.saved_config()
@@ -792,12 +812,17 @@ def main(argv=None):
         overrides["source.k"] = args.k
     if args.modalities:
         overrides["source.modalities"] = tuple(args.modalities)
+    else:  # the image modalities the phase-1 run has (a vision+text run has no touch tokens to caption from)
+        phase1 = train.run_folder(args.phase1_run)
+        has = phase1.saved_config()["model"]["modalities"] if phase1.config_path.is_file() else IMAGE_MODALITIES
+        overrides["source.modalities"] = tuple(m for m in IMAGE_MODALITIES if m in has)
     if args.resume and args.overwrite:
         raise SystemExit("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")
     result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(args.config, **overrides), args.resume,
                         overwrite=args.overwrite)
     for row in result["rows"]:
-        print(f"{row['modalities']:>13} k={row['k']:<3} accuracy {row.get('accuracy', float('nan')):.3f}  "
+        accuracy = row.get("accuracy", row.get("caption accuracy"))  # attributes (SynthTouch), else exact captions
+        print(f"{row['modalities']:>13} k={row['k']:<3} accuracy {accuracy:.3f}  "
               f"BLEU-4 {row['bleu4']:.3f}  CIDEr-D {row['cider_d']:.3f}")
     print(f"wrote {Path(args.output_dir) / 'caption_eval.json'}")
 

@@ -66,8 +66,11 @@ def flatten(values: dict, prefix: str = "") -> dict:
 class RunFolder:
     """config.yaml + metrics.jsonl + checkpoint/ of one run (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike, main: bool = True):
+    def __init__(self, path: str | os.PathLike, main: bool = True, defaults: dict | None = None):
+        """`defaults`: the config's field defaults. A config.yaml written before a field existed lacks it; it
+        is read as the default (a field is only ever added with a default that keeps the old behaviour)."""
         self.path, self.main = Path(path), main  # only the main process of a torchrun job writes
+        self.defaults = flatten(defaults or {})
 
     @property
     def config_path(self) -> Path:
@@ -94,7 +97,7 @@ class RunFolder:
         if not self.config_path.is_file():
             raise FileNotFoundError(f"{self.path} holds a checkpoint but no config.yaml; it cannot be resumed. "
                                     "Start a new output_dir, or pass --overwrite to replace it")
-        saved, mine, ignore = flatten(self.saved_config()), flatten(config), set(ignore)
+        saved, mine, ignore = {**self.defaults, **flatten(self.saved_config())}, flatten(config), set(ignore)
         diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in ignore and saved.get(k) != v}
         if diff:
             hint = ""
@@ -232,13 +235,10 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str):
     """Load exactly the trainable tensors: a missing, extra or reshaped tensor is an error, not a skip."""
     own = trainable_tensors(model)
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in tensors.items()
-             if k in own and own[k].shape != v.shape]
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if wrong or missing or unexpected:
-        raise ValueError(f"{source} was saved from a different model config: shape mismatches {wrong[:3]}, missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]}; build the model from the config.yaml saved "
-                         "beside it")
+    mismatch = core.state_mismatch(own, tensors)
+    if mismatch:
+        raise ValueError(f"{source} was saved from a different model config: {mismatch}; build the model from "
+                         "the config.yaml saved beside it")
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)

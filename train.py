@@ -35,9 +35,10 @@ class TrainConfig:
     encoders: dict = field(default_factory=lambda: {"vision": "synth-vision", "touch": "synth-touch",
                                                     "text": "minilm"})
     model: core.ModelConfig = field(default_factory=core.ModelConfig)
-    # data: the SynthTouch testbed, or the TVL layout under datasets_dir
+    # data: the SynthTouch testbed, the TVL layout under datasets_dir, or your own CSV files (dataset: csv)
     dataset: str = "synthtouch"
     datasets_dir: str | None = None
+    skip_missing: bool = False  # real data: drop rows whose files are missing (counted in one warning)
     n_train: int = 4000
     n_val: int = 500
     n_test: int = 1000
@@ -99,20 +100,34 @@ def design_on_testbed(design: str, **overrides) -> TrainConfig:
 # ----------------------------------------------------------------------------------------------
 # Data: datasets, frozen encoders and their cached features
 
+DATASETS = ("synthtouch", "tvl", "csv")
+
+
 def make_dataset(cfg: TrainConfig, split: str):
     if cfg.dataset == "synthtouch":
         n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
         return data.SynthTouch(n, seed=cfg.data_seed, image_size=cfg.image_size, split=split)
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {DATASETS}")
+    if not cfg.datasets_dir:
+        raise ValueError(f"dataset {cfg.dataset!r} needs datasets_dir (--datasets_dir: the folder holding ssvtp/ and "
+                         "hct/, or your train.csv)")
+    # each image encoder gets its images at its own size
+    sizes = {m: encoder_config(cfg, m).image_size for m in ("vision", "touch") if m in cfg.model.modalities}
     if cfg.dataset == "tvl":
-        if not cfg.datasets_dir:
-            raise ValueError("dataset 'tvl' needs datasets_dir (the folder holding ssvtp/ and hct/)")
-        if split == "val":
-            return None  # TVL ships train and test only
-        return data.TVLDataset(cfg.datasets_dir, split=split, image_size=cfg.image_size)
-    raise ValueError(f"unknown dataset {cfg.dataset!r}; choose 'synthtouch' or 'tvl'")
+        background = "touch" in sizes and encoder_config(cfg, "touch").background
+        return data.TVLDataset(cfg.datasets_dir, split, sizes, subtract_background=background,
+                               skip_missing=cfg.skip_missing)
+    missing = set(cfg.model.modalities) - set(data.csv_modalities(cfg.datasets_dir))
+    if missing:
+        raise ValueError(f"model.modalities {list(cfg.model.modalities)} asks for {sorted(missing)}, but "
+                         f"{cfg.datasets_dir}/train.csv has columns {data.csv_columns(cfg.datasets_dir)}; set "
+                         f"model.modalities to {list(data.csv_modalities(cfg.datasets_dir))} or a subset")
+    return data.CSVDataset(cfg.datasets_dir, split, sizes, skip_missing=cfg.skip_missing)
 
 
 def encoder_config(cfg: TrainConfig, modality: str) -> core.EncoderConfig:
+    """The frozen encoder of a modality (a TVL stage-1 checkpoint as touch weights sets its own architecture)."""
     spec = cfg.encoders[modality]
     if isinstance(spec, dict):
         spec = dict(spec)
@@ -203,6 +218,11 @@ def to_yaml(cfg: TrainConfig) -> dict:
 RESUME_IGNORES = ("output_dir", "log_name", "cache_dir", "log_every")
 
 
+def run_folder(path, main: bool = True) -> loop.RunFolder:
+    """A phase-1 run folder; its config.yaml is compared field by field, missing fields read as defaults."""
+    return loop.RunFolder(path, main, defaults=to_yaml(TrainConfig()))
+
+
 def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool = False) -> Path:
     """Train phase 1 and return the run folder. `callback(row)` sees every metrics row (live plots).
 
@@ -212,7 +232,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     loop.check_hyperparameters(cfg, "phase-1 config")
     dist = Distributed()
     device = core_device()
-    run = loop.RunFolder(cfg.run_dir, main=dist.main)
+    run = run_folder(cfg.run_dir, main=dist.main)
     run.check_start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
     if dist.world > 1 and not dist.main:
         torch.distributed.barrier()  # rank 0 fills the feature cache first: no two ranks write one cache folder
@@ -256,7 +276,7 @@ def ensure_trained(cfg: TrainConfig, callback=None) -> Path:
     """The run folder of `cfg`, training only what is missing: a finished run (eval.json) of the same config
     is reused, an interrupted one resumes, otherwise training starts. Re-running a notebook costs nothing.
     A folder holding a run of another config (epochs included) is refused, as on the command line."""
-    run = loop.RunFolder(cfg.run_dir)
+    run = run_folder(cfg.run_dir)
     if run.checkpoint is None:
         return train(cfg, callback=callback)
     run.check_same_config(to_yaml(cfg), RESUME_IGNORES)
@@ -336,7 +356,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--stage1_checkpoint", help="TVL stage-1 checkpoint: its tactile encoder becomes the touch encoder")
-    parser.add_argument("--datasets_dir", help="TVL data folder (ssvtp/, hct/); without it the SynthTouch testbed is used")
+    parser.add_argument("--datasets_dir", help="TVL data folder (ssvtp/, hct/) or your own (train.csv with columns among "
+                        "vision, touch, caption); without it the SynthTouch testbed is used")
     for flag, (_, kind) in FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -354,11 +375,12 @@ def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
     cfg = load_config(args.config, **overrides)
-    if args.datasets_dir:
-        cfg.dataset, cfg.datasets_dir = "tvl", args.datasets_dir
-    if args.stage1_checkpoint:
-        cfg.encoders["touch"] = {"name": "tvl-touch-vit-tiny", "weights": args.stage1_checkpoint,
-                                 "image_size": cfg.image_size}
+    if args.datasets_dir:  # the folder says which layout it is; a CSV's columns say which modalities it has
+        cfg.dataset, cfg.datasets_dir = data.dataset_layout(args.datasets_dir), args.datasets_dir
+        if cfg.dataset == "csv" and "model.modalities" not in overrides:
+            cfg.model.modalities = data.csv_modalities(args.datasets_dir)
+    if args.stage1_checkpoint:  # its own architecture, image size and normalisation come with it
+        cfg.encoders["touch"] = {"name": "tvl-touch-vit-tiny", "weights": args.stage1_checkpoint}
     if args.resume and args.overwrite:
         raise SystemExit("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")
     return cfg, RunMode(args.resume, args.overwrite)

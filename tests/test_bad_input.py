@@ -2,10 +2,13 @@
 one, and the fix. A case is (what the user does, the exception, a regex of the words the message must hold).
 Nothing already trained is touched by a refused command (checked for the cases that meet a trained run)."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+import core
+import data
 import llm_integration as L
 import loop
 import train
@@ -40,6 +43,26 @@ def yaml_file(tmp_path, text):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     return path
+
+
+def tvl_with_header(tmp_path, header):
+    """A TVL-layout folder whose HCT train.csv has another first line."""
+    folder = data.write_tvl_layout(tmp_path / "tvl", {"train": data.SynthTouch(6, image_size=32),
+                                                      "test": data.SynthTouch(4, seed=1, image_size=32)}, 32)
+    table = folder / "hct" / "data1" / "train.csv"
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join([header] + lines[1:]) + "\n")
+    return folder
+
+
+def other_vit_weights(tmp_path, **timm_kwargs):
+    """A timm ViT's weights saved as safetensors, from another architecture than the synth-touch encoder."""
+    import timm
+    from safetensors.torch import save_file
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=128, global_pool="avg",
+                            img_size=64, **{"patch_size": 8, "depth": 2, **timm_kwargs})
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    return str(tmp_path / "vit.safetensors")
 
 
 CASES = {
@@ -91,7 +114,7 @@ CASES = {
     "weights of a bigger model": (lambda t, p: loop.load_trainable(
                                       train.build_model(train.load_config(t / "config.yaml", **{"model.n_layers": 2})),
                                       loop.RunFolder(t).load_weights(), t),
-                                  ValueError, r"saved from a different model config.*missing \['encoders.touch.blocks.1"),
+                                  ValueError, r"saved from a different model config.*missing tensors \['encoders.touch.blocks.1"),
     "weights of a smaller model": (lambda t, p: loop.load_trainable(
                                        train.build_model(train.load_config(t / "config.yaml", **{"model.n_registers": 2})),
                                        loop.RunFolder(t).load_weights(), t),
@@ -100,6 +123,21 @@ CASES = {
                                                               str(p / "out")]),
                                          FileNotFoundError, r"no-run is not a phase-1 run folder .*--output_dir of"),
     # --- data
+    "TVL CSV with another header": (lambda t, p: data.TVLDataset(tvl_with_header(p, "image,touch,bg,text"),
+                                                                  image_size=32),
+                                    ValueError, r"data1/train.csv has the header \['image', 'touch', 'bg', 'text'\] but "
+                                                r"TVL's layout needs the columns .*fix its first line"),
+    "timm weights of a deeper ViT": (lambda t, p: core.create_encoder("synth-touch",
+                                                                      weights=other_vit_weights(p, depth=12)),
+                                     ValueError, r"vit.safetensors does not fit timm.*unexpected tensors \['blocks.10"
+                                                 r".*--stage1_checkpoint"),
+    "open_clip weights of another model": (lambda t, p: core.create_encoder("synth-vision",
+                                                                             weights=other_vit_weights(p)),
+                                            RuntimeError, r"weights file .*vit.safetensors does not load into open_clip "
+                                                          r"'FlexAlign-ViT-Tiny'.*Pass the model name the file was saved"),
+    "timm weights of another patch size": (lambda t, p: core.create_encoder("synth-touch",
+                                                                            weights=other_vit_weights(p, patch_size=16)),
+                                           ValueError, r"does not fit timm.*shape mismatches \['patch_embed"),
     "--datasets_dir without data": (lambda t, p: train.train(train.parse_args(["--datasets_dir", str(p),
                                                                                "--output_dir", str(p / "o")])[0]),
                                     FileNotFoundError, r"no TVL train.csv with rows found under"),
@@ -151,3 +189,12 @@ def test_yaml_numbers_pyyaml_reads_as_strings_are_coerced(tmp_path):
     cfg = train.load_config(yaml_file(tmp_path, "lr: 1e-3\nmodel:\n  flow_weight: 5e-1\n"))
     assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.model.flow_weight == 0.5
     assert train.parse_args(["--set", "lr=1e-3", "n_train=2e3"])[0].n_train == 2000
+
+
+def test_replacing_an_image_under_the_same_path_gives_another_feature_cache(tmp_path):
+    folder = data.write_tvl_layout(tmp_path / "tvl", {"train": data.SynthTouch(6, image_size=32),
+                                                      "test": data.SynthTouch(4, seed=1, image_size=32)}, 32)
+    dataset = data.TVLDataset(folder, split="test", image_size=32)
+    image, before = Path(dataset.rows[0]["vision"]), dataset.fingerprint
+    image.write_bytes(image.read_bytes() + b"\0")  # same path, same row count, other content
+    assert data.TVLDataset(folder, split="test", image_size=32).fingerprint != before

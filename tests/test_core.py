@@ -475,3 +475,55 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
     core.atomic_write(path, lambda tmp: tmp.write_text("new"))
     assert path.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Leakage guards: what keeps a modality's private information out of its shared tokens
+
+def test_stopgrad_guard_sends_reconstruction_gradient_to_private_tokens_only():
+    model = build(small(leakage_guard="stopgrad"))
+    tokens = {m: torch.randn(4, 8, 32, requires_grad=True) for m in ("vision", "touch")}
+    keep = {m: torch.ones(4, 8, dtype=torch.bool) for m in tokens}
+    model.decoders["vision"](*model.preservation_input("vision", tokens, keep)).pow(2).sum().backward()
+    grad = tokens["vision"].grad
+    assert grad[:, :model.cfg.n_shared].abs().max() == 0 and grad[:, model.cfg.n_shared:].abs().max() > 0
+    assert tokens["touch"].grad is None
+
+
+def test_cross_guard_rebuilds_a_modality_from_the_other_ones_shared_tokens():
+    model = build(small(leakage_guard="cross"))
+    S = model.cfg.n_shared
+    tokens = {m: torch.randn(4, 8, 32) for m in ("vision", "touch")}
+    keep = {"vision": torch.arange(8)[None].expand(4, -1) < 6, "touch": torch.arange(8)[None].expand(4, -1) < 2}
+    registers, kept = model.preservation_input("vision", tokens, keep)
+    assert torch.equal(registers[:, :S], tokens["touch"][:, :S]) and torch.equal(registers[:, S:], tokens["vision"][:, S:])
+    assert torch.equal(kept[:, :S], keep["touch"][:, :S]) and torch.equal(kept[:, S:], keep["vision"][:, S:])
+
+
+def test_decorrelation_penalty_is_high_for_copied_information_and_low_for_independent():
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(256, 2, 16, generator=g)
+    keep = torch.ones(256, 6, dtype=torch.bool)
+    copied = torch.cat([shared, shared + 0.1 * torch.randn(256, 2, 16, generator=g),
+                        torch.randn(256, 2, 16, generator=g)], 1)
+    independent = torch.cat([shared, torch.randn(256, 4, 16, generator=g)], 1)
+    high, low = core.decorrelation_penalty(copied, keep, 2), core.decorrelation_penalty(independent, keep, 2)
+    # independent: each correlation ~ N(0, 1/256), so the mean square is ~1/256; copied: ~(1/2)² / 16 per entry
+    assert low < 3 / 256 < high
+    assert core.decorrelation_penalty(copied, torch.arange(6)[None].expand(256, -1) < 2, 2) == 0  # no private kept
+
+
+@pytest.mark.parametrize("guard", core.LEAKAGE_GUARDS)
+def test_every_leakage_guard_trains(guard):
+    cfg = small(leakage_guard=guard)
+    model = build(cfg)
+    batch = paired_features(32)
+    before = eval_loss(model, batch)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        loss, parts = model.train()(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ("decorrelation" in parts) == (guard == "decorrelate")
+    assert before - eval_loss(model, batch) > 0.2 * abs(before)

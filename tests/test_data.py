@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import ImageTextDataset, SynthTouch, TVLDataset, create_dataloader, get_device, set_seed
+from data import ImageTextDataset, SynthTouch, create_dataloader, get_device, set_seed
 
 # -----------------------------------------------------------------------------
 # SynthTouch
@@ -136,7 +136,7 @@ def test_fingerprint_names_the_content():
 
 
 # -----------------------------------------------------------------------------
-# TVLDataset, on a tiny fake layout
+# a tiny fake TVL layout: its images serve the seed-package tests below
 
 
 def _jpeg(path, color):
@@ -168,25 +168,7 @@ def tvl_root(tmp_path):
     return tmp_path
 
 
-def test_tvl_reads_both_subsets(tvl_root):
-    ds = TVLDataset(tvl_root, split="train", image_size=16)
-    assert len(ds) == 3 and ds.captions == ["smooth, hard 3", "smooth, hard 8", "bumpy, rough"]
-    first, last = ds[0], ds[2]
-    assert set(first) == {"vision", "touch", "caption", "factors", "index"} and first["factors"] == {}
-    assert first["vision"].shape == (3, 16, 16) and first["vision"].dtype == torch.float32
-    assert first["vision"][0].mean() > 0.9 and first["touch"][2].mean() > 0.9  # red image, blue touch
-    assert last["vision"].mean() > 0.9 and last["touch"].mean() < 0.1 and last["caption"] == "bumpy, rough"
-    assert ds.fingerprint == TVLDataset(tvl_root, image_size=16).fingerprint
-
-
-def test_tvl_errors_name_the_problem(tvl_root, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        TVLDataset(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="test.csv"):
-        TVLDataset(tvl_root, split="test")
-    (tvl_root / "ssvtp/images_rgb/image_8_rgb.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match="image_8_rgb.jpg.*corrupt"):
-        TVLDataset(tvl_root)[1]
+# TVLDataset itself: tests/test_real_data.py
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import core
@@ -187,6 +189,18 @@ def test_resume_with_more_epochs_is_refused_the_same_way_everywhere(reference_ru
     cfg = tiny(cache_dir, reference_run, epochs=4)
     with pytest.raises(ValueError, match=r"'epochs': \(2, 4\).*schedule.*cannot be extended"):
         train.train(cfg, resume=True) if how == "cli" else train.ensure_trained(cfg)
+
+
+def test_a_run_from_before_a_config_field_existed_is_still_reused(reference_run, cache_dir, tmp_path):
+    """A field added later (with a default that keeps the old behaviour) must not orphan older runs."""
+    old = tmp_path / "old"
+    shutil.copytree(reference_run, old, symlinks=True)
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    del saved["model"]["leakage_guard"]
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert train.ensure_trained(tiny(cache_dir, old)) == old
+    with pytest.raises(ValueError, match=r"'model.leakage_guard': \('none', 'stopgrad'\)"):
+        train.ensure_trained(tiny(cache_dir, old, **{"model.leakage_guard": "stopgrad"}))
 
 
 def test_interrupted_metrics_are_truncated_to_the_checkpoint_on_resume(reference_run, cache_dir, tmp_path):
