@@ -372,6 +372,18 @@ def eval_loss(model, batch):
         return model(batch)[0].item()
 
 
+def fit(model, batch, steps=30) -> dict:
+    """`steps` Adam steps on one batch; the loss parts of the last one."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss, parts = model.train()(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    return parts
+
+
 @pytest.mark.parametrize("loss_type", core.LOSS_TYPES)
 @pytest.mark.parametrize("design", DESIGN_CONFIGS)
 def test_every_design_and_loss_type_trains(design, loss_type):
@@ -379,18 +391,11 @@ def test_every_design_and_loss_type_trains(design, loss_type):
     model = build(cfg)
     batch = paired_features(32, cfg.modalities)
     before, encoders = eval_loss(model, batch), copy.deepcopy(model.encoders)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(30):
-        loss, parts = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    parts = fit(model, batch)
     expected = set(EXPECTED_PARTS[loss_type])
     expected |= {"preservation"} if cfg.preservation_weight else set()
     expected |= {"complementary"} if cfg.complementary_reg_weight else set()
     assert set(parts) == expected
-    assert torch.isfinite(loss)
     assert before - eval_loss(model, batch) > 0.2 * abs(before)  # abs: the uniformity term is negative
     assert hasattr(model, "flow") == (loss_type != "contrastive")
     # every loss type shapes the encoders (a loss that trains only its own head would leave them as built)
@@ -404,12 +409,7 @@ def test_flow_matching_alone_aligns_pairs_and_does_not_collapse():
     cfg = small(nested_dropout="none", loss_type="flow_matching", preservation_weight=0.0)
     model = build(cfg)
     batch = paired_features(32)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss, _ = model.train()(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(model, batch, steps=60)
     model.eval()
     with torch.no_grad():
         a, b = (F.normalize(model.shared_embedding(m, model.tokens(m, batch[m])), dim=-1) for m in ("vision", "touch"))
@@ -519,11 +519,6 @@ def test_every_leakage_guard_trains(guard):
     model = build(cfg)
     batch = paired_features(32)
     before = eval_loss(model, batch)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(30):
-        loss, parts = model.train()(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    parts = fit(model, batch)
     assert ("decorrelation" in parts) == (guard == "decorrelate")
     assert before - eval_loss(model, batch) > 0.2 * abs(before)
