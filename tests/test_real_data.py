@@ -8,6 +8,8 @@ import json
 import math
 import os
 import pickle
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -186,6 +188,20 @@ def test_seed_command_lines_train_end_to_end_on_tvl(flags, tvl_dir, stage1_check
     # each encoder got its images at its own size: 64 px vision, the checkpoint's 224 px touch
     touch = train.get_encoder(train.load_config(run / "config.yaml"), "touch")
     assert touch.cfg.image_size == 224
+
+
+def test_seed_command_line_under_torchrun_on_tvl(tvl_dir, stage1_checkpoint, in_tmp):
+    """`torchrun --nproc_per_node=2 train.py --stage1_checkpoint ... --datasets_dir ...` as the seeds write it."""
+    argv = [{"CKPT": stage1_checkpoint, "DIR": str(tvl_dir)}.get(a, a) for a in SEED]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(ROOT, "train.py"), *argv, "--n_registers", "32", "--n_shared", "8",
+                    "--set", "model.hidden_dim=32", "model.n_heads=2", "model.n_layers=1", "warmup_steps=2"],
+                   cwd=in_tmp, env=env, check=True, capture_output=True, timeout=300)
+    run = in_tmp / "runs" / "seed"
+    assert [r["epoch"] for r in train.read_metrics(run) if r["kind"] == "epoch"] == [0]
+    table = evaluate.read_eval(run / "eval.json")
+    assert list(table.index) == [1, 2, 4, 8, 16, 32] and "vision->touch R@1 caption" in table
 
 
 def test_a_missing_pretrained_encoder_fails_at_once_saying_what_to_pass(tvl_dir, stage1_checkpoint, in_tmp, monkeypatch):
