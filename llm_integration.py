@@ -151,12 +151,13 @@ def load_decoder(model_name: str, cache_dir="cache", local_files_only=False, dty
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = tiny_decoder_folder(model_name, cache_dir) if model_name in TINY_DECODERS else model_name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+        with core.hub_or_cache():  # the hub when it answers, else the local cache only: no minute of retries
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
     except OSError as err:
         raise OSError(
             f"cannot load the decoder {model_name!r} ({str(err).splitlines()[0][:300]}) Without network or downloaded "
-            "weights, pass model_name=<local folder with config.json, the weights and the tokenizer files> "
+            "weights, pass --model_name (model_name: in configs/phase2.yaml) <local folder with config.json, the weights and the tokenizer files> "
             "(e.g. from `huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct --local-dir DIR` on a connected "
             f"machine), or a built-in testbed decoder {sorted(TINY_DECODERS)}") from err
     if tokenizer.pad_token_id is None:

@@ -122,6 +122,10 @@ CASES = {
     "--phase1_run that does not exist": (lambda t, p: L.main(["--phase1_run", str(p / "no-run"), "--output_dir",
                                                               str(p / "out")]),
                                          FileNotFoundError, r"no-run is not a phase-1 run folder .*--output_dir of"),
+    "a Qwen decoder that is not downloaded": (lambda t, p: L.load_decoder("Qwen/Qwen2.5-0.5B-Instruct",
+                                                                           local_files_only=True),
+                                              OSError, r"cannot load the decoder 'Qwen/Qwen2.5-0.5B-Instruct'.*pass "
+                                                       r"--model_name .*local folder"),
     # --- data
     "TVL CSV with another header": (lambda t, p: data.TVLDataset(tvl_with_header(p, "image,touch,bg,text"),
                                                                   image_size=32),
