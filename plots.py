@@ -2,8 +2,12 @@
 (built without pyplot, so nothing is shown twice or left open); notebooks save it with
 workbook.save_figure. Colours: one per factor group, the same in every figure (GROUP_COLORS); the
 vision and touch colours also stand for those modalities.
+
+Importing this module inside IPython makes every Figure display as a PNG image (see `show_figures_as_png`).
 """
 from __future__ import annotations
+
+import io
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -11,6 +15,30 @@ from matplotlib.figure import Figure
 GROUP_COLORS = {"shared": "#6a3d9a", "vision": "#e66101", "touch": "#1b7f79"}
 MODALITY_MARKERS = {"vision": "o", "touch": "^", "text": "s"}
 CHANCE_STYLE = dict(color="0.45", linestyle=":", linewidth=1.2)
+DPI = 110
+
+
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes: what notebooks display, the k slider shows and workbook.save_figure writes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def show_figures_as_png():
+    """Without pyplot no inline backend is active, and IPython shows a Figure as the text `<Figure size ...>`.
+    Registering a PNG formatter for Figure makes `fig` (or `display(fig)`) an `image/png` output, which
+    JupyterLab, VS Code and executed notebooks (nbclient) all render. Outside IPython this does nothing."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["image/png"].for_type(Figure, png)
+
+
+show_figures_as_png()
 
 
 def _image(content) -> np.ndarray:

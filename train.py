@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None) -> Path:
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     rng = None  # the RNG state at the start of an unfinished step: an interrupt restarts that step with it
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc="phase 1", disable=not dist.main)
+    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc=f"phase 1: {run_dir.name}", disable=not dist.main)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
