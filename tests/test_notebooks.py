@@ -117,3 +117,11 @@ def test_rerunning_one_notebook_keeps_the_numbers_of_the_others(tmp_path, monkey
     report = workbook.run(tmp_path, smoke=True, only=["02"]).read_text()
     assert json.loads((tmp_path / "numbers.json").read_text()) == {"01 data": {"a": 1}, "02 phase 1": {"b": 3}}
     assert "| 01_data_and_encoders | 1.0 |" in report and "02_phase1_training" in report
+
+
+def test_each_training_progress_bar_names_its_run(run_dir):
+    """Notebook 03 trains several runs in one cell; each bar says which (tqdm's text fallback of its widget)."""
+    nb = nbformat.read(run_dir / "03_prefix_quality.ipynb", as_version=4)
+    bars = {o["data"]["text/plain"].split(":")[1].strip() for o in outputs(nb)
+            if o.get("data", {}).get("text/plain", "").startswith("phase 1: ")}
+    assert {"dropout-uniform", "dropout-linear", "dropout-none"} <= bars
