@@ -82,7 +82,8 @@ def local_encoder(path: str | os.PathLike) -> EncoderConfig | None:
     if (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file():
         return EncoderConfig("sentence_transformers", str(path), "text")
     if (path / "open_clip_config.json").is_file():
-        return EncoderConfig("open_clip", f"local-dir:{path}", "vision")
+        vision = json.loads((path / "open_clip_config.json").read_text()).get("model_cfg", {}).get("vision_cfg", {})
+        return EncoderConfig("open_clip", f"local-dir:{path}", "vision", image_size=vision.get("image_size", 224))
     return None
 
 
@@ -221,7 +222,8 @@ def _build_open_clip(cfg: EncoderConfig) -> ImageEncoder:
     _check_weights_file(cfg)
     pretrained = _open_clip_weights(cfg)
     note = functools.partial(_note_random_init, cfg)
-    logging.getLogger().addFilter(note)  # open_clip logs through the root logger
+    if pretrained is None and not cfg.model_name.startswith("local-dir:"):  # a folder without weights is no intent
+        logging.getLogger().addFilter(note)  # open_clip logs through the root logger
     try:
         model = open_clip.create_model(cfg.model_name, pretrained=pretrained,
                                        force_image_size=cfg.image_size)

@@ -65,6 +65,22 @@ def test_local_sentence_transformers_folder_is_a_text_model_name():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_local_open_clip_folder_is_a_vision_model_name(tmp_path):
+    """The layout `huggingface-cli download <open_clip repo> --local-dir DIR` writes: config + weights."""
+    import json
+    import open_clip
+    reference = core.create_encoder("synth-vision", init_seed=7)
+    model_cfg = open_clip.get_model_config(reference.cfg.model_name)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    clip = open_clip.create_model(reference.cfg.model_name)
+    clip.visual.load_state_dict(reference.net.state_dict())
+    torch.save(clip.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    model = core.VisionTextAligner(core.AlignmentConfig(vision_model_name=str(tmp_path), text_model_name="minilm"))
+    images = torch.rand(2, 3, 64, 64)
+    # the same weights and the same operations: only float noise may differ
+    torch.testing.assert_close(model.encoders["vision"](images).pooled, reference(images).pooled, atol=1e-5, rtol=1e-5)
+
+
 def test_config_device_moves_the_model():
     model = core.VisionTextAligner(core.AlignmentConfig(vision_model_name="synth-vision", text_model_name="minilm",
                                                         d_align=32, hidden_dim=32, device="meta"))
@@ -116,3 +132,11 @@ def test_a_random_decoder_left_frozen_is_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         L.MultimodalLLM(aligner, L.LLMConfig(model_name=folder, train_decoder="full"))
+
+
+def test_random_testbed_encoder_is_said_once_in_plain_words(monkeypatch, capsys, caplog):
+    monkeypatch.setattr(core, "_RANDOM_INIT_NOTED", set())
+    for _ in range(2):
+        core.create_encoder("synth-vision")
+    assert capsys.readouterr().out.count("random weights (pretrained=None), as intended") == 1
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
