@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test lab sync bench clean
+.PHONY: setup demo test test-browser lab sync bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,10 +19,13 @@ demo: setup  ## the workbook: every notebook on SynthTouch -> runs/demo/
 test: setup  ## unit tests + every notebook in smoke mode
 	$(PY) -m pytest -q
 
-lab: setup  ## JupyterLab with the modules importable from the notebooks
-	$(VENV)/bin/jupyter lab notebooks/
+test-browser: setup  ## JupyterLab in headless Chromium (Debian's chromium): Run All, figures as images, k slider
+	$(PY) -m pytest -q -m browser tests/test_browser.py
 
-sync: setup  ## rewrite notebooks/*.ipynb from their .py twins
+lab: sync  ## JupyterLab with the modules importable (FLEXALIGN_SMOKE=1 make lab: tiny sizes, runs/lab-smoke)
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
+
+sync: setup  ## notebooks/*.py to the form JupyterLab saves; create missing .ipynb working copies
 	$(PY) workbook.py --sync
 
 bench: setup  ## speed benchmarks, printed as ratios measured in one run

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -84,14 +85,27 @@ class EncoderOutput(NamedTuple):
     mask: torch.Tensor  # B×T bool, True where a token is real (text is padded)
 
 
+def local_encoder(path: str | os.PathLike) -> EncoderConfig | None:
+    """An encoder saved in a folder: a sentence-transformers model (`model.save(DIR)`) or an open_clip hub
+    snapshot (`huggingface-cli download timm/vit_base_patch32_clip_224.openai --local-dir DIR`)."""
+    path = Path(path)
+    if (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file():
+        return EncoderConfig("sentence_transformers", str(path), "text")
+    if (path / "open_clip_config.json").is_file():
+        vision = json.loads((path / "open_clip_config.json").read_text()).get("model_cfg", {}).get("vision_cfg", {})
+        return EncoderConfig("open_clip", f"local-dir:{path}", "vision", image_size=vision.get("image_size", 224))
+    return None
+
+
 def resolve_encoder(spec: str | EncoderConfig, **overrides) -> EncoderConfig:
     if isinstance(spec, EncoderConfig):
         cfg = spec
     else:
         name = ENCODER_ALIASES.get(spec, spec)
-        if name not in ENCODERS:
-            raise ValueError(f"unknown encoder {spec!r}; known: {sorted(ENCODERS) + sorted(ENCODER_ALIASES)}")
-        cfg = ENCODERS[name]
+        cfg = ENCODERS.get(name) or local_encoder(spec)
+        if cfg is None:
+            raise ValueError(f"unknown encoder {spec!r}: not a folder holding a saved sentence-transformers model or "
+                             f"an open_clip snapshot, nor a known name {sorted(ENCODERS) + sorted(ENCODER_ALIASES)}")
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     if cfg.family == "timm" and cfg.weights and not cfg.weights.endswith(".safetensors"):
         _check_weights_file(cfg)
@@ -179,19 +193,26 @@ def _check_weights_file(cfg: EncoderConfig):
                                 "pass the path of a downloaded checkpoint, or weights=None for random init")
 
 
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers within 3 s; never asked when HF_HUB_OFFLINE says not to."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def hub_or_cache():
     """Hugging Face hub downloads as usual when the hub answers; when it does not, the local cache only,
     so weights that are missing offline fail at once instead of after a minute of retries."""
     from huggingface_hub import constants
-    endpoint = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
-        reachable = True
-    except OSError:
-        reachable = False
     saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = saved or not reachable
+    constants.HF_HUB_OFFLINE = saved or not hub_reachable()
     try:
         yield
     finally:
@@ -205,11 +226,55 @@ def config_key_hint(modality: str) -> str:
             f"{flag})")
 
 
+_RANDOM_INIT_NOTED: set[str] = set()
+
+
+def _note_random_init(cfg: EncoderConfig, record: logging.LogRecord) -> bool:
+    """A logging filter: open_clip warns "No pretrained weights loaded" on every random-init build. With
+    pretrained=None that is the intent (the testbed's encoders are random on purpose), so say it once, plainly."""
+    if "No pretrained weights loaded" not in record.getMessage():
+        return True
+    if cfg.model_name not in _RANDOM_INIT_NOTED:
+        _RANDOM_INIT_NOTED.add(cfg.model_name)
+        print(f"{cfg.model_name}: random weights (pretrained=None), as intended; nothing is downloaded")
+    return False
+
+
+def _open_clip_weights(cfg: EncoderConfig) -> str | None:
+    """What to pass open_clip as `pretrained`: a local file, or the hub tag when the hub answers. Weights
+    already in the Hugging Face cache load from disk; missing ones fail at once when the hub is unreachable
+    or HF_HUB_OFFLINE=1 (instead of a minute of download retries), saying what to pass instead."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+    if cfg.weights or not cfg.pretrained:
+        return cfg.weights
+    hub = open_clip.get_pretrained_cfg(cfg.model_name, cfg.pretrained).get("hf_hub", "")
+    if not hub:
+        return cfg.pretrained
+    repo, filename = os.path.split(hub)
+    for name in ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin"):
+        cached = try_to_load_from_cache(repo, name, cache_dir=os.environ.get("HF_HUB_CACHE"))
+        if isinstance(cached, str):
+            return cached
+    if not hub_reachable():
+        known = sorted(n for n, c in ENCODERS.items() if c.modality == cfg.modality and not c.pretrained)
+        raise FileNotFoundError(
+            f"the {cfg.modality} encoder {cfg.model_name} (pretrained {cfg.pretrained!r}) is not in the Hugging Face "
+            f"cache and the hub is unreachable (or HF_HUB_OFFLINE is set). Pass instead, as the model name "
+            f"(AlignmentConfig({cfg.modality}_model_name=...)), or in a train config ({config_key_hint(cfg.modality)}): "
+            f"a local folder with the weights (`huggingface-cli download {repo} --local-dir DIR` on a connected "
+            f"machine), a local weights file, or an offline testbed encoder {known}")
+    return cfg.pretrained
+
+
 def _build_open_clip(cfg: EncoderConfig) -> ImageEncoder:
     import open_clip
     open_clip.add_model_config(ROOT / "configs" / "open_clip")
     _check_weights_file(cfg)
-    pretrained = cfg.weights or cfg.pretrained
+    pretrained = _open_clip_weights(cfg)
+    note = functools.partial(_note_random_init, cfg)
+    if pretrained is None and not cfg.model_name.startswith("local-dir:"):  # a folder without weights is no intent
+        logging.getLogger().addFilter(note)  # open_clip logs through the root logger
     try:
         with hub_or_cache():
             model = open_clip.create_model(cfg.model_name, pretrained=pretrained, force_image_size=cfg.image_size)
@@ -223,6 +288,8 @@ def _build_open_clip(cfg: EncoderConfig) -> ImageEncoder:
             f"pass the weights as a local file: {config_key_hint(cfg.modality)} with a downloaded "
             "open_clip_model.safetensors / .bin / .pt, or pretrained: null for random weights; "
             f"models: {open_clip.list_models()[:8]}...") from err
+    finally:
+        logging.getLogger().removeFilter(note)
     visual = model.visual
     visual.output_tokens = True
     patch = visual.conv1.kernel_size[0]
@@ -1002,6 +1069,7 @@ class AlignmentConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     seed: int = 42
+    device: str | torch.device | None = None  # `cfg.device = get_device()`; VisionTextAligner moves there
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(design="adapter", modalities=("vision", "text"), hidden_dim=self.hidden_dim,
@@ -1018,6 +1086,24 @@ class VisionTextAligner(Aligner):
                                {m: e.num_tokens for m, e in encoders.items()})
         super().__init__(encoders, model)
         self.config = cfg
+        if cfg.device is not None:
+            self.to(cfg.device)
+
+
+def set_seed(seed):
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def get_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------

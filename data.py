@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import warnings
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from core import Features
+from core import Features, get_device, set_seed  # noqa: F401 (the seed API imports them from here too)
 
 # -----------------------------------------------------------------------------
 # SynthTouch
@@ -731,20 +730,6 @@ def create_dataloader(dataset, batch_size, shuffle=True, num_workers=0, seed=0, 
     generator = torch.Generator().manual_seed(seed)  # the same seed gives the same batches
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                                        collate_fn=collate, generator=generator, drop_last=drop_last)
-
-
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds every CUDA device too
-
-
-def get_device():
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -500,7 +500,9 @@ def project_2d(embeddings: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 class NeighbourViewer:
     """A query of one modality and its top-5 neighbours of another, at the prefix length the slider
     says. `viewer.widget` is what the notebook displays; `viewer.slider.value = k` redraws, and
-    `viewer.figure` / `viewer.neighbours` hold what was drawn (so the callback is testable headless)."""
+    `viewer.figure` / `viewer.neighbours` hold what was drawn (so the callback is testable headless).
+    The figure is shown as PNG bytes in an Image widget: a widget value the browser redraws on every
+    change, in any front end, with no captured display output to go stale."""
 
     def __init__(self, encoded: dict[str, Encoded], dataset, query: int = 0, source="vision", target="touch",
                  top: int = 5, shared_factors=None):
@@ -513,11 +515,11 @@ class NeighbourViewer:
         ks = sorted(encoded[source].embeddings)
         self.slider = ipywidgets.SelectionSlider(options=ks, value=ks[-1], description="k tokens")
         self.query = ipywidgets.BoundedIntText(value=query, min=0, max=len(dataset) - 1, description="query")
-        self.output = ipywidgets.Output()
+        self.image = ipywidgets.Image(format="png")
         self.figure, self.neighbours = None, None
         self.slider.observe(lambda change: self.draw(), names="value")
         self.query.observe(lambda change: self.draw(), names="value")
-        self.widget = ipywidgets.VBox([ipywidgets.HBox([self.slider, self.query]), self.output])
+        self.widget = ipywidgets.VBox([ipywidgets.HBox([self.slider, self.query]), self.image])
         self.draw()
 
     def neighbours_at(self, k: int, query: int) -> np.ndarray:
@@ -549,13 +551,10 @@ class NeighbourViewer:
 
     def draw(self):
         import plots
-        from IPython.display import display
         k, query = self.slider.value, self.query.value
         self.neighbours = self.neighbours_at(k, query)
         self.figure = plots.neighbours([self.panel(k, query)])
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(self.figure)
+        self.image.value = plots.png(self.figure)
 
     def static_figure(self, ks):
         """The same view for a few k at once, one row each: the notebook reads well without a kernel."""

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -146,8 +147,36 @@ def tiny_decoder_folder(name: str, cache_dir: str | os.PathLike = "cache") -> Pa
     return folder
 
 
-def load_decoder(model_name: str, cache_dir="cache", local_files_only=False, dtype=torch.float32):
-    """(model, tokenizer) by built-in name, hub name or local folder; offline misses fail clearly."""
+def check_tokenizer(tokenizer, n_embeddings: int, texts, model_name: str):
+    """A tokenizer whose special ids fall outside the decoder's embedding, or that cannot write `texts` back,
+    trains and captions silently wrong (e.g. a WordLevel tokenizer reloaded as another class): fail at load."""
+    outside = {t: i for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids) if not 0 <= i < n_embeddings}
+    if outside:
+        raise ValueError(f"the tokenizer of {model_name!r} has special tokens {outside} outside the decoder's "
+                         f"embedding ({n_embeddings} rows); give every special token a row (add it to the vocabulary, "
+                         "model.resize_token_embeddings(len(tokenizer))) and save both with save_pretrained")
+    for text in texts:  # compared without whitespace and case, which word-level tokenizers may change
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        back = tokenizer.decode(ids, skip_special_tokens=True)
+        if "".join(back.split()).lower() != "".join(text.split()).lower():
+            raise ValueError(f"the tokenizer of {model_name!r} does not write text back: {text!r} -> "
+                             f"{tokenizer.convert_ids_to_tokens(ids)} -> {back!r}. Its vocabulary lacks these words "
+                             "or it was reloaded as another tokenizer class: save it with save_pretrained from "
+                             "PreTrainedTokenizerFast(tokenizer_object=...) and check tokenizer_class in "
+                             "tokenizer_config.json")
+
+
+def text_nll(decoder, tokenizer, text: str) -> float:
+    """Mean next-token loss (nats) of `text` under the decoder: about ln(vocabulary) for a random decoder."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(decoder.device)
+    with torch.no_grad():
+        return decoder(input_ids=ids, labels=ids).loss.float().item()
+
+
+def load_decoder(model_name: str, cache_dir="cache", local_files_only=False, dtype=torch.float32,
+                 probe_texts=PROMPTS[:1]):
+    """(model, tokenizer) by built-in name, hub name or local folder; offline misses fail clearly, and so do
+    tokenizers that do not fit the model or cannot write `probe_texts` back."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = tiny_decoder_folder(model_name, cache_dir) if model_name in TINY_DECODERS else model_name
     try:
@@ -166,6 +195,7 @@ def load_decoder(model_name: str, cache_dir="cache", local_files_only=False, dty
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {model_name!r} has no eos token, so captions could never end; set "
                          f"tokenizer.eos_token (Qwen chat models use '{EOS}')")
+    check_tokenizer(tokenizer, model.get_input_embeddings().num_embeddings, probe_texts, model_name)
     return model, tokenizer
 
 
@@ -276,7 +306,7 @@ class MultimodalLLM(nn.Module):
         training = cfg.decoder_training
         half = device.type == "cuda" and cfg.bf16 and training != "full"
         decoder, self.tokenizer = load_decoder(cfg.model_name, cfg.cache_dir, cfg.local_files_only,
-                                               torch.bfloat16 if half else torch.float32)
+                                               torch.bfloat16 if half else torch.float32, (cfg.prompt,))
         self.hidden = decoder.config.hidden_size
         decoder.requires_grad_(training == "full")
         if training == "lora":
@@ -284,6 +314,8 @@ class MultimodalLLM(nn.Module):
             decoder = get_peft_model(decoder, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
                                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
         self.decoder = decoder.to(device)
+        if training == "frozen":
+            self.warn_if_untrained()
         self.projector = nn.ModuleDict({
             m: Projector(cfg.projector, token_width(phase1), self.hidden, self.n_registers) for m in self.modalities
         }).to(device)
@@ -293,6 +325,19 @@ class MultimodalLLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.projector.parameters()).device
+
+    def warn_if_untrained(self):
+        """A frozen decoder must already write language. A random one predicts the next token no better than
+        uniform guessing (loss about ln V); 0.8 ln V leaves room for chance structure, while a trained model sits
+        far below (a few nats for a short prompt)."""
+        import warnings
+        nll = text_nll(self.decoder, self.tokenizer, self.llm_cfg.prompt)
+        chance = math.log(self.decoder.get_input_embeddings().num_embeddings)
+        if nll > 0.8 * chance:
+            warnings.warn(f"the decoder {self.llm_cfg.model_name!r} predicts its prompt no better than chance ({nll:.2f} "
+                          f"nats per token; uniform guessing {chance:.2f}): it looks randomly initialised, and frozen "
+                          f"(train_decoder={self.llm_cfg.train_decoder!r}) it can only write garbage. Pass "
+                          "train_decoder='full' to train it, or a pretrained decoder", stacklevel=3)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -369,7 +414,7 @@ class MultimodalLLM(nn.Module):
             images = torch.stack(list(images))
         images = core.check_images(images, modality)
         size = self.aligner.encoders[modality].cfg.image_size
-        if images.shape[-2:] != (size, size):
+        if min(images.shape[-2:]) < size:  # larger images are resized by the encoder, as in phase 1
             raise ValueError(f"{modality} images are {tuple(images.shape[-2:])} pixels but the {modality} encoder "
                              f"takes {size}×{size}; resize them (e.g. data.ImageTextDataset(..., image_size={size}))")
         return images
@@ -607,6 +652,25 @@ def run_folder(path) -> loop.RunFolder:
 
 # what may differ when a phase-2 run is resumed: generation settings and where things live
 RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.cache_dir", "llm.local_files_only")
+
+
+def train_captioning(mm_model: MultimodalLLM, loader, num_epochs: int | None = None, **fit_kwargs) -> list[dict]:
+    """The seed API's phase 2: train the captioner on a DataLoader of (image, caption) batches, such as
+    `create_dataloader(ImageTextDataset(...), batch_size)`. The frozen aligner turns the images into phase-1
+    tokens once; `fit_captioner` then trains on them for `num_epochs` epochs of the loader's batch size
+    (`fit_kwargs`: output_dir, resume, callback). Returns the metrics rows."""
+    tokens, captions = [], []
+    for batch in tqdm(loader, desc="phase-1 tokens of the training images", leave=False):
+        tokens.append(mm_model.image_tokens(core.batch_inputs(batch, "vision"))["vision"].cpu())
+        captions += list(core.batch_inputs(batch, "text"))
+    check_tokenizer(mm_model.tokenizer, mm_model.decoder.get_input_embeddings().num_embeddings, captions[:16],
+                    mm_model.llm_cfg.model_name)
+    cfg = mm_model.llm_cfg
+    epochs, batch_size = num_epochs or cfg.epochs, min(loader.batch_size or cfg.batch_size, len(captions))
+    steps = epochs * (len(captions) // batch_size)
+    mm_model.llm_cfg = dataclasses.replace(cfg, epochs=epochs, batch_size=batch_size,
+                                           warmup_steps=min(cfg.warmup_steps, steps // 10))
+    return fit_captioner(mm_model, {"vision": torch.cat(tokens)}, captions, **fit_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 (built without pyplot, so nothing is shown twice or left open); notebooks save it with
 workbook.save_figure. Colours: one per factor group, the same in every figure (GROUP_COLORS); the
 vision and touch colours also stand for those modalities.
+
+Importing this module inside IPython makes every Figure display as a PNG image (see `show_figures_as_png`).
 """
 from __future__ import annotations
+
+import io
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -11,6 +15,30 @@ from matplotlib.figure import Figure
 GROUP_COLORS = {"shared": "#6a3d9a", "vision": "#e66101", "touch": "#1b7f79"}
 MODALITY_MARKERS = {"vision": "o", "touch": "^", "text": "s"}
 CHANCE_STYLE = dict(color="0.45", linestyle=":", linewidth=1.2)
+DPI = 110
+
+
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes: what notebooks display, the k slider shows and workbook.save_figure writes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def show_figures_as_png():
+    """Without pyplot no inline backend is active, and IPython shows a Figure as the text `<Figure size ...>`.
+    Registering a PNG formatter for Figure makes `fig` (or `display(fig)`) an `image/png` output, which
+    JupyterLab, VS Code and executed notebooks (nbclient) all render. Outside IPython this does nothing."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["image/png"].for_type(Figure, png)
+
+
+show_figures_as_png()
 
 
 def _image(content) -> np.ndarray:
@@ -435,5 +463,19 @@ def caption_sources(table, baseline: dict, title: str = "Which tokens the decode
     ax.set_ylabel("attribute accuracy (fraction right)")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8, loc="upper left", title="dotted: majority baseline", title_fontsize=7)
+    ax.set_title(title)
+    return fig
+
+
+def recall_vs_chance(bars: dict[str, tuple[float, float]],
+                     title: str = "Caption-level retrieval at k = n_shared, test split") -> Figure:
+    """One bar per {label: (recall, chance)}: a recall with the chance level it must beat marked on it."""
+    fig = Figure(figsize=(1.8 * len(bars) + 2.4, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(bars)), [v for v, _ in bars.values()], color="tab:blue", label="R@1")
+    ax.scatter(range(len(bars)), [c for _, c in bars.values()], color="black", marker="_", s=600, label="chance")
+    ax.set_xticks(range(len(bars)), list(bars))
+    ax.set_ylim(0, 1)
+    ax.legend()
     ax.set_title(title)
     return fig

@@ -262,7 +262,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
         return quick_eval(model, val_feats, val_set) if val_feats is not None and dist.main else {}
 
     loop.fit(model, loss_fn, loop.index_batches(n, cfg.batch_size, cfg.seed), steps_per_epoch, cfg, run,
-             resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1 · {cfg.run_dir.name}",
+             resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1: {cfg.run_dir.name}",
              rank=dist.rank)
     if dist.main:
         test_set, test_feats = split_data(cfg, "test")

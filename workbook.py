@@ -3,10 +3,12 @@
     python workbook.py --out runs/demo            # the full workbook on SynthTouch
     python workbook.py --out runs/smoke --smoke   # tiny sizes, for the tests
 
-Notebooks live in notebooks/ as jupytext percent-format `.py` files (reviewable diffs) paired with
-output-free `.ipynb` files (what JupyterLab opens). Inside a notebook, `settings()` says whether this
-is a smoke run and where the run folder is; `save_figure` and `record` put figures and key numbers
-there, and `report.md` is written from them at the end.
+Notebooks live in notebooks/ as jupytext percent-format `.py` files: the only tracked source, with no
+metadata header, so a diff shows code and prose only. The `.ipynb` twins are untracked working copies
+(git ignores them) that `--sync` creates for JupyterLab; notebooks/jupytext.toml pairs the two and filters
+all metadata, so saving in JupyterLab writes outputs into the `.ipynb` and only code and prose into the
+`.py`. Inside a notebook, `start()` says whether this is a smoke run and where the run folder is;
+`save_figure` and `record` put figures and key numbers there, and `report.md` is written from them.
 """
 from __future__ import annotations
 
@@ -23,22 +25,36 @@ SMOKE_ENV, RUN_DIR_ENV = "FLEXALIGN_SMOKE", "FLEXALIGN_RUN_DIR"
 
 
 def settings() -> tuple[bool, Path]:
-    """(smoke, run_dir) for the notebook being executed; interactive sessions write to runs/lab.
+    """(smoke, run_dir) for the notebook being executed; interactive sessions write to runs/lab, or to
+    runs/lab-smoke in smoke mode (tiny runs must never be resumed or reused by a full-size session).
 
     Also moves to the repository root, so the relative paths of configs (cache/, runs/) mean the same
     in JupyterLab (which starts kernels in notebooks/) as in `make demo`."""
     os.chdir(ROOT)
     smoke = os.environ.get(SMOKE_ENV, "0") == "1"
-    run_dir = Path(os.environ.get(RUN_DIR_ENV, ROOT / "runs" / "lab"))
+    run_dir = Path(os.environ.get(RUN_DIR_ENV, ROOT / "runs" / ("lab-smoke" if smoke else "lab")))
     run_dir.mkdir(parents=True, exist_ok=True)
+    return smoke, run_dir
+
+
+def start() -> tuple[bool, Path]:
+    """A notebook's first call: `settings()`, and in smoke mode a visible note that its numbers mean nothing."""
+    smoke, run_dir = settings()
+    if smoke:
+        from IPython.display import HTML, display
+        display(HTML(f"<div style='border:2px solid #c0392b;padding:6px 10px;background:#fdecea'><b>Smoke mode</b> "
+                     f"({SMOKE_ENV}=1): tiny data and one or two epochs, only to check that every cell runs. "
+                     "Captions, recalls and probes are at chance here; the numbers are not meaningful. "
+                     f"Run folder: <code>{run_dir}</code></div>"))
     return smoke, run_dir
 
 
 def save_figure(fig, name: str) -> Path:
     """Save a figure as `<run_dir>/figures/<name>.png` and return the path."""
+    import plots
     path = settings()[1] / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    path.write_bytes(plots.png(fig))
     return path
 
 
@@ -63,26 +79,44 @@ def notebook_paths() -> list[Path]:
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 
 
+# What the tracked `.py` files hold: cells only. The same filters are in notebooks/jupytext.toml, which
+# JupyterLab's jupytext reads when it saves a paired notebook, so both write identical files.
+PY_FORMAT = {"extension": ".py", "format_name": "percent", "notebook_metadata_filter": "-all",
+             "cell_metadata_filter": "-all"}
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+
+
 def to_notebook(py_path: Path):
     """The jupytext `.py` file as an nbformat notebook (the `.py` file is the source of truth)."""
     import jupytext
     nb = jupytext.read(py_path)
+    nb.metadata = {"kernelspec": KERNELSPEC}  # JupyterLab opens it on the project kernel without asking
     for i, cell in enumerate(nb.cells):
-        cell.id = f"cell-{i:02d}"  # nbformat draws random ids; fixed ones keep the .ipynb diff-stable
+        cell.id = f"cell-{i:02d}"  # nbformat draws random ids; fixed ones keep executed copies comparable
     return nb
 
 
+def canonical_py(py_path: Path) -> str:
+    """The text JupyterLab's jupytext writes for this notebook: cells, no header, no cell metadata."""
+    import jupytext
+    return jupytext.writes(to_notebook(py_path), fmt=PY_FORMAT)
+
+
 def sync_notebooks() -> list[Path]:
-    """Rewrite every `.ipynb` from its `.py` twin, outputs stripped. Returns the files written."""
+    """Bring each `.py` to its canonical form and create its `.ipynb` working copy where missing (an
+    existing one keeps its outputs; jupytext takes the cells from whichever twin is newer). Returns the
+    files written."""
     import jupytext
     written = []
     for py in notebook_paths():
-        nb = to_notebook(py)
-        path = py.with_suffix(".ipynb")
-        text = jupytext.writes(nb, fmt="ipynb")
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
-            written.append(path)
+        text = canonical_py(py)
+        if py.read_text() != text:
+            py.write_text(text)
+            written.append(py)
+        ipynb = py.with_suffix(".ipynb")
+        if not ipynb.exists():
+            ipynb.write_text(jupytext.writes(to_notebook(py), fmt="ipynb"))
+            written.append(ipynb)
     return written
 
 
@@ -146,7 +180,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="run folder")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every cell runs")
     parser.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 01 02")
-    parser.add_argument("--sync", action="store_true", help="only rewrite the .ipynb files from the .py files")
+    parser.add_argument("--sync", action="store_true",
+                        help="only normalise the .py files and create missing .ipynb working copies")
     args = parser.parse_args(argv)
     if args.sync:
         print("\n".join(map(str, sync_notebooks())) or "notebooks already in sync")

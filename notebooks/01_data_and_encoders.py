@@ -1,16 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 01 · The SynthTouch testbed and the frozen encoders
 #
@@ -36,7 +23,7 @@ import train
 import workbook
 from data import SynthTouch
 
-smoke, run_dir = workbook.settings()
+smoke, run_dir = workbook.start()
 cfg = train.load_config(None, **({"n_train": 256, "n_val": 64, "n_test": 128} if smoke else {}))
 print(f"smoke mode: {smoke}; run folder: {run_dir}; {cfg.n_train} train / {cfg.n_val} val / {cfg.n_test} test samples")
 
@@ -134,7 +121,7 @@ timings
 factors = train_data.factor_table()
 value_names = dict(SynthTouch.FACTORS)
 for modality, private in (("vision", "color"), ("touch", "hardness")):
-    points = evaluate.project_2d({modality: torch.from_numpy(train_features[modality].pooled[:])})
+    points = evaluate.project_2d({modality: torch.tensor(train_features[modality].pooled)})  # a copy: the cache is read-only
     fig = plots.embedding_views(points, factors, ["roughness", private], value_names,
                                 title=f"Frozen {modality} features (PCA of pooled features)")
     workbook.save_figure(fig, f"01_frozen_{modality}_features")

@@ -1,16 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 02 · Phase 1: aligning ordered register tokens
 #
@@ -32,7 +19,7 @@ import plots
 import train
 import workbook
 
-smoke, run_dir = workbook.settings()
+smoke, run_dir = workbook.start()
 SMOKE = {"n_train": 256, "n_val": 64, "n_test": 128, "epochs": 2, "batch_size": 64} if smoke else {}
 cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
 cfg.model

@@ -1,16 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 03 · Coarse to fine: how good is every prefix of k tokens, and what does each token know?
 #
@@ -31,7 +18,7 @@ import train
 import workbook
 from data import SynthTouch
 
-smoke, run_dir = workbook.settings()
+smoke, run_dir = workbook.start()
 # the same sizes and run folders as notebook 02, so runs trained there are reused here
 SMOKE = {"n_train": 256, "n_val": 64, "n_test": 128, "epochs": 2, "batch_size": 64} if smoke else {}
 cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)

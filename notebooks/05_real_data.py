@@ -1,16 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 05 · Real data: TVL folders, stage-1 checkpoints, your own CSV
 #
@@ -30,7 +17,6 @@
 # Everything runs through `train.parse_args`, i.e. exactly the seed command lines.
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 import timm
 import torch
@@ -39,6 +25,7 @@ import core
 import data
 import evaluate
 import llm_integration
+import plots
 import train
 import workbook
 
@@ -46,7 +33,7 @@ TVL_DIR = None  # e.g. "DATA/tvl": the folder holding ssvtp/ and hct/
 STAGE1_CHECKPOINT = None  # e.g. "stage1_best.pth" from TVL's tvl_enc
 CSV_DIR = None  # e.g. "DATA/mine": train.csv with columns among vision, touch, caption
 
-smoke, run_dir = workbook.settings()
+smoke, run_dir = workbook.start()
 n_pairs, epochs, llm_epochs = (48, 2, 1) if smoke else (600, 10, 10)
 
 # %% [markdown]
@@ -108,19 +95,14 @@ csv_table.filter(like="R@1")
 k = csv_cfg.model.n_shared
 bars = {"TVL vision→touch": (tvl_table.loc[8, "vision->touch R@1 caption"], tvl_table.loc[8, "chance@1 caption"]),
         "digits vision→text": (csv_table.loc[k, "vision->text R@1 caption"], csv_table.loc[k, "chance@1 caption"])}
-fig, ax = plt.subplots(figsize=(6, 3))
-ax.bar(range(2), [v for v, _ in bars.values()], color="tab:blue", label="caption-level R@1")
-ax.scatter(range(2), [c for _, c in bars.values()], color="black", marker="_", s=600, label="chance")
-ax.set_xticks(range(2), list(bars))
-ax.set_ylim(0, 1)
-ax.legend()
-ax.set_title("Caption-level retrieval at k = n_shared, test split")
+fig = plots.recall_vs_chance(bars)
 workbook.save_figure(fig, "05_caption_retrieval")
+fig
 
 # %% [markdown]
 # ## Phase 2: captions
 # Phase 2 trains a decoder on each phase-1 run, as `python llm_integration.py --phase1_run RUN --output_dir OUT`
-# does (`--modalities vision` for a vision + text run: the decoder captions from the image modalities). Its
+# does (the decoder captions from the image modalities of the phase-1 run: vision alone for the digits). Its
 # metrics are the COCO caption toolkit's BLEU-4 and CIDEr-D, caption accuracy (the exact caption), and, for
 # adjective-list captions such as TVL's, precision / recall / F1 per adjective.
 

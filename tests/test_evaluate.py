@@ -254,6 +254,18 @@ def test_slider_callback_redraws_the_neighbours_of_that_k(viewer):
     assert viewer.neighbours.tolist() == viewer.neighbours_at(1, 5).tolist()
 
 
+def test_slider_shows_the_new_figure_as_a_png_image(viewer):
+    """The widget the notebook shows is an Image holding a PNG of the current figure; moving k replaces it."""
+    import io
+    import matplotlib.image
+    viewer.slider.value = 4
+    at_4 = bytes(viewer.image.value)
+    height, width, _ = matplotlib.image.imread(io.BytesIO(at_4), format="png").shape
+    assert viewer.image.format == "png" and width > 500 and height > 200
+    viewer.slider.value = 1
+    assert bytes(viewer.image.value) != at_4
+
+
 def test_static_row_has_one_row_per_k(viewer):
     figure = viewer.static_figure([1, 4])
     assert len(drawn_images(figure)) == 12

@@ -209,7 +209,7 @@ def test_a_missing_pretrained_encoder_fails_at_once_saying_what_to_pass(tvl_dir,
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never download here, even where the hub answers
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(in_tmp / "empty-hub-cache"))
     started = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"ViT-L-14.*datacomp_xl_s13b_b90k.*encoders\.vision"):
+    with pytest.raises(FileNotFoundError, match=r"ViT-L-14.*datacomp_xl_s13b_b90k.*encoders\.vision"):
         train.main(["--config", os.path.join(ROOT, "configs", "tvl.yaml"), "--stage1_checkpoint", stage1_checkpoint,
                     "--datasets_dir", str(tvl_dir), "--output_dir", "out", "--epochs", "1"])
     with pytest.raises(OSError, match=r"all-mpnet-base-v2.*encoders\.text"):
