@@ -261,7 +261,8 @@ def _open_clip_weights(cfg: EncoderConfig) -> str | None:
         raise FileNotFoundError(
             f"the {cfg.modality} encoder {cfg.model_name} (pretrained {cfg.pretrained!r}) is not in the Hugging Face "
             f"cache and the hub is unreachable (or HF_HUB_OFFLINE is set). Pass instead, as the model name "
-            f"(AlignmentConfig({cfg.modality}_model_name=...)), or in a train config ({config_key_hint(cfg.modality)}): "
+            f"(AlignmentConfig({cfg.modality}_model_name=...)), or in a train config "
+            f"({config_key_hint(cfg.modality)}): "
             f"a local folder with the weights (`huggingface-cli download {repo} --local-dir DIR` on a connected "
             f"machine), a local weights file, or an offline testbed encoder {known}")
     return cfg.pretrained
@@ -281,7 +282,8 @@ def _build_open_clip(cfg: EncoderConfig) -> ImageEncoder:
     except RuntimeError as err:  # open_clip raises RuntimeError for unknown models and failed downloads
         if cfg.weights:  # the file is there (checked above) but is not this architecture's
             raise RuntimeError(f"the weights file {cfg.weights} does not load into open_clip {cfg.model_name!r}: "
-                               f"{' '.join(str(err).split())[:300]}. Pass the model name the file was saved from (open_clip names: "
+                               f"{' '.join(str(err).split())[:300]}. Pass the model name the file was saved from "
+                               f"(open_clip names: "
                                f"{open_clip.list_models()[:8]}...), or another file") from err
         raise RuntimeError(
             f"could not build open_clip {cfg.model_name!r} with pretrained={pretrained!r}: {str(err)[:300]}. Offline, "
@@ -1174,7 +1176,8 @@ def _build(cls, values: dict, prefix: str, origin: dict):
     unknown = sorted(set(values) - known)
     if unknown:
         where = sorted({origin.get(prefix + k, "") for k in unknown})
-        raise ConfigError(f"unknown {prefix[:-1] or 'config'} keys {unknown} {', '.join(where)}; known: {sorted(known)}")
+        raise ConfigError(f"unknown {prefix[:-1] or 'config'} keys {unknown} {', '.join(where)}; "
+                          f"known: {sorted(known)}")
     typed = {}
     for key, value in values.items():
         hint = hints[key]

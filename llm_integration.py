@@ -186,7 +186,8 @@ def load_decoder(model_name: str, cache_dir="cache", local_files_only=False, dty
     except OSError as err:
         raise OSError(
             f"cannot load the decoder {model_name!r} ({str(err).splitlines()[0][:300]}) Without network or downloaded "
-            "weights, pass --model_name (model_name: in configs/phase2.yaml) <local folder with config.json, the weights and the tokenizer files> "
+            "weights, pass --model_name (model_name: in configs/phase2.yaml) <local folder with config.json, the "
+            "weights and the tokenizer files> "
             "(e.g. from `huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct --local-dir DIR` on a connected "
             f"machine), or a built-in testbed decoder {sorted(TINY_DECODERS)}") from err
     if tokenizer.pad_token_id is None:

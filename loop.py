@@ -90,7 +90,8 @@ class RunFolder:
         try:
             return yaml.safe_load(self.config_path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"{self.config_path} is not valid YAML ({err}); restore it or start a new output_dir") from err
+            raise ValueError(f"{self.config_path} is not valid YAML ({err}); restore it or start a new "
+                             "output_dir") from err
 
     def check_same_config(self, config: dict, ignore: Iterable[str] = ()):
         """Refuse to continue a run with a config that differs in anything that changes training."""

@@ -65,8 +65,9 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("n_train", "n_val", "n_test") if self.dataset == "synthtouch" else ():
             if getattr(self, name) < 1:
+                default = TrainConfig.__dataclass_fields__[name].default
                 raise ValueError(f"{name} must be at least 1 (the size of the SynthTouch {name[2:]} split), got "
-                                 f"{getattr(self, name)}; e.g. {name}: {TrainConfig.__dataclass_fields__[name].default}")
+                                 f"{getattr(self, name)}; e.g. {name}: {default}")
         loop.check_hyperparameters(self, "phase-1 config")
 
     def to_dict(self) -> dict:
