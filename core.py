@@ -538,6 +538,12 @@ class ModelConfig:
             raise ValueError(f"nested_dropout='power_of_two' draws k from {{1, 2, 4, ...}} and needs a power-of-two "
                              f"n_registers, got {self.n_registers}; use 'uniform' or n_registers="
                              f"{1 << (self.n_registers.bit_length() - 1)}")
+        if self.loss_type == "flow_matching":
+            raise ValueError("loss_type 'flow_matching' on its own does not align the modalities: the flow head learns "
+                             "a transport while nothing pulls paired embeddings together (on SynthTouch's default "
+                             "config, with a uniformity term against collapse, vision→touch factor R@1 stayed at "
+                             "chance, 0.03 vs 0.02). Use loss_type: combined (--loss_type combined --flow_weight 0.5): "
+                             "contrastive alignment, and the flow head for transport retrieval")
         if any(d > self.embed_dim or d < 1 for d in self.mrl_dims):
             raise ValueError(f"mrl_dims {self.mrl_dims} must lie in 1..embed_dim={self.embed_dim}")
 
@@ -784,14 +790,6 @@ def complementary_regularizer(complementary: torch.Tensor, overlap: torch.Tensor
     return ((l2 + diversity) * keep).sum() / keep.sum()
 
 
-def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
-    """Wang & Isola's uniformity loss, log E exp(−t·|x_i − x_j|²) over pairs of L2-normalised rows: it is
-    lowest when the embeddings spread over the sphere, so a loss that pulls pairs together (flow
-    matching alone) cannot collapse every embedding to one point."""
-    x = F.normalize(x, dim=-1)
-    return torch.pdist(x).pow(2).mul(-t).exp().mean().log()
-
-
 def decorrelation_penalty(tokens: torch.Tensor, keep: torch.Tensor, n_shared: int) -> torch.Tensor:
     """Mean squared cross-correlation (over the batch) between the mean kept shared token and the mean kept
     private token, B×R×D tokens: 0 when no linear function of one predicts the other. Rows that kept no
@@ -878,8 +876,7 @@ class AlignmentModel(nn.Module):
                 self.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m],
                                                                  cfg.decoder_layers, cfg.n_heads)
                                                for m in cfg.modalities})
-        if cfg.loss_type in ("contrastive", "combined"):  # a flow-only model has no temperature to learn
-            self.logit_scale = nn.Parameter(torch.tensor(1 / cfg.init_temperature).log())
+        self.logit_scale = nn.Parameter(torch.tensor(1 / cfg.init_temperature).log())
         self.pairs = [(a, b) for i, a in enumerate(cfg.modalities) for b in cfg.modalities[i + 1:]]
         if cfg.loss_type != "contrastive":
             self.flow = FlowMatcher(cfg.embed_dim, self.pairs + [(b, a) for a, b in self.pairs], hidden=H)
@@ -942,25 +939,18 @@ class AlignmentModel(nn.Module):
                 regular.append(complementary_regularizer(tokens[:, cfg.n_shared:], overlap, keep[:, cfg.n_shared:]))
         gathered = {m: gather_with_grad(e) for m, e in emb.items()}
         loss = torch.zeros((), device=gathered[cfg.modalities[0]].device)
-        if cfg.loss_type in ("contrastive", "combined"):
-            dims = tuple(cfg.mrl_dims) + (cfg.embed_dim,)
-            parts["contrastive"] = torch.stack([matryoshka_info_nce(gathered[a], gathered[b], self.logit_scale, dims)
-                                                for a, b in self.pairs]).mean()
-            loss = loss + parts["contrastive"]
-        if cfg.loss_type in ("flow_matching", "combined"):
-            # The flow transports L2-normalised shared embeddings, A→B and B→A. With contrastive alignment
-            # (combined) the flow only learns the transport (detached). Alone, it is the alignment
-            # objective: straight paths between pairs are cheapest when paired embeddings coincide, and the
-            # uniformity term keeps them spread (a flow loss alone is minimised by one collapsed point).
-            alone = cfg.loss_type == "flow_matching"
-            unit = {m: F.normalize(e, dim=-1) if alone else F.normalize(e, dim=-1).detach() for m, e in emb.items()}
+        dims = tuple(cfg.mrl_dims) + (cfg.embed_dim,)
+        parts["contrastive"] = torch.stack([matryoshka_info_nce(gathered[a], gathered[b], self.logit_scale, dims)
+                                            for a, b in self.pairs]).mean()
+        loss = loss + parts["contrastive"]
+        if cfg.loss_type == "combined":
+            # The contrastive loss aligns; the flow head learns to transport the L2-normalised shared embeddings
+            # A→B and B→A (detached: it does not shape them, see ModelConfig on flow_matching alone).
+            unit = {m: F.normalize(e, dim=-1).detach() for m, e in emb.items()}
             flows = [self.flow.loss(unit[a], unit[b], f"{a}->{b}") for a, b in self.pairs] + \
                     [self.flow.loss(unit[b], unit[a], f"{b}->{a}") for a, b in self.pairs]
             parts["flow"] = torch.stack(flows).mean()
             loss = loss + cfg.flow_weight * parts["flow"]
-            if alone:
-                parts["uniformity"] = torch.stack([uniformity(gathered[m]) for m in cfg.modalities]).mean()
-                loss = loss + parts["uniformity"]
         if preservation:
             parts["preservation"] = torch.stack(preservation).mean()
             loss = loss + cfg.preservation_weight * parts["preservation"]
@@ -970,8 +960,7 @@ class AlignmentModel(nn.Module):
         if regular:
             parts["complementary"] = torch.stack(regular).mean()
             loss = loss + cfg.complementary_reg_weight * parts["complementary"]
-        if "contrastive" in parts:
-            parts["temperature"] = (1 / self.logit_scale.exp()).detach()  # the one used: clamped after each step
+        parts["temperature"] = (1 / self.logit_scale.exp()).detach()  # the one used: clamped after each step
         return loss, parts
 
     def preservation_input(self, modality: str, tokens: dict[str, torch.Tensor], keep: dict[str, torch.Tensor]):
@@ -991,9 +980,8 @@ class AlignmentModel(nn.Module):
 
     def after_optimizer_step(self):
         """Clamp the temperature parameter itself (as CLIP does), so it stays learnable at the bound."""
-        if hasattr(self, "logit_scale"):
-            with torch.no_grad():
-                self.logit_scale.clamp_(max=math.log(100))
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=math.log(100))
 
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW must not decay: learned tokens and positions, and the temperature."""

@@ -91,6 +91,8 @@ CASES = {
                                   ValueError, r"lr must be a number, got True in .*bad.yaml"),
     "--loss_type clip": (lambda t, p: train.parse_args(["--loss_type", "clip"]),
                          ValueError, r"unknown loss_type 'clip'; choose one of .*contrastive"),
+    "--loss_type flow_matching alone": (lambda t, p: train.parse_args(["--loss_type", "flow_matching"]),
+                                        ValueError, r"'flow_matching' on its own does not align.*--loss_type combined"),
     "missing --config file": (lambda t, p: train.parse_args(["--config", str(p / "nope.yaml")]),
                               FileNotFoundError, r"nope.yaml not found; see configs/"),
     "--set without =": (lambda t, p: train.parse_args(["--set", "hidden_dim"]), SystemExit, r"KEY=VALUE"),
