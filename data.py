@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from core import Features, get_device, set_seed  # noqa: F401 (the seed API imports them from here too)
+from core import Features, atomic_write, get_device, set_seed  # noqa: F401 (the seed API imports them from here too)
 
 # -----------------------------------------------------------------------------
 # SynthTouch
@@ -573,20 +574,26 @@ def write_csv_dataset(folder, splits: dict[str, list[dict]]) -> Path:
     (folder / "images").mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
         columns = [c for c in CSV_COLUMNS if c in rows[0]]
-        with open(folder / f"{split}.csv", "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(columns)
-            for i, row in enumerate(tqdm(rows, desc=f"writing {split}.csv images", leave=False)):
-                record = []
-                for column in columns:
-                    if column == "caption":
-                        record.append(row[column])
-                        continue
-                    name = f"images/{split}_{i}_{column}.png"
-                    _pil(row[column]).save(folder / name)
-                    record.append(name)
-                writer.writerow(record)
+        records = [columns]
+        for i, row in enumerate(tqdm(rows, desc=f"writing {split}.csv images", leave=False)):
+            record = []
+            for column in columns:
+                if column == "caption":
+                    record.append(row[column])
+                    continue
+                name = f"images/{split}_{i}_{column}.png"
+                _pil(row[column]).save(folder / name)
+                record.append(name)
+            records.append(record)
+        write_csv(folder / f"{split}.csv", records)
     return folder
+
+
+def write_csv(path, rows: list[list]) -> Path:
+    """A CSV file written atomically: a crash never leaves a table that ends mid-row."""
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return atomic_write(path, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
 
 
 def _pil(image) -> Image.Image:
@@ -636,8 +643,7 @@ def write_tvl_layout(folder, splits: dict[str, "SynthTouch"], image_size: int = 
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
                 image.save(root / name, quality=90)
     for path, rows in tables.items():
-        with open(path, "w", newline="") as file:
-            csv.writer(file).writerows(rows)
+        write_csv(path, rows)
     if (folder / "ssvtp").is_dir():  # the bare gel, for subtract_background (TVL ships its own)
         gel.save(folder / "ssvtp" / "tac_background.png")
     return folder

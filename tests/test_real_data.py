@@ -131,7 +131,8 @@ def test_a_checkpoint_carrying_another_object_is_refused_and_nothing_runs(tactil
     marker = in_tmp / "code-ran"
     path = in_tmp / "evil.pth"
     core.write_tvl_checkpoint(tactile_vit, path, tactile_model="vit_tiny_patch16_224")
-    ckpt = torch.load(path, weights_only=False)  # our own file: add the foreign object to it
+    with torch.serialization.safe_globals([argparse.Namespace]):  # our own file, in TVL's allowed layout
+        ckpt = torch.load(path, weights_only=True)
     ckpt["args"].payload = RunsCode(str(marker))
     torch.save(ckpt, path)
     with pytest.raises(pickle.UnpicklingError, match="evil.pth holds a pickled object.*refused without running it"):
