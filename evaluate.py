@@ -254,21 +254,6 @@ def probe_target(name: str, factors: dict[str, np.ndarray]) -> tuple[np.ndarray,
     return np.stack([np.cos(angle), np.sin(angle)], 1), rows
 
 
-def probe_score(train_x, train_y, test_x, test_y, continuous: bool) -> tuple[float, float]:
-    """(score, chance) of a linear probe fit on train, scored on test. Discrete: logistic regression,
-    accuracy vs the majority-class rate on test. Continuous: ridge, R² vs 0 (predicting the mean)."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.preprocessing import StandardScaler
-    scaler = StandardScaler().fit(train_x)
-    train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
-    if continuous:
-        return Ridge(alpha=10.0).fit(train_x, train_y).score(test_x, test_y), 0.0
-    # strong L2 (C=0.1) and tol 1e-3: a probe is a readout, not a tuned classifier; it converges in ~0.03 s
-    probe = LogisticRegression(C=0.1, tol=1e-3, max_iter=300).fit(train_x, train_y)
-    majority = np.bincount(test_y).max() / len(test_y)
-    return probe.score(test_x, test_y), majority
-
-
 def token_sources(tokens: torch.Tensor, n_shared: int) -> dict[str, np.ndarray]:
     """Feature sets a probe reads: every single token, and the shared / private groups concatenated."""
     R = tokens.shape[1]
@@ -311,8 +296,8 @@ def probe_row(m, source, name, sources, subset, train_factors, test_factors) -> 
     continuous = name in SynthTouch.CONTINUOUS_FACTORS
     train_y, train_rows = probe_target(name, {k: v[subset] for k, v in train_factors.items()})
     test_y, test_rows = probe_target(name, test_factors)
-    score, chance = probe_score(sources[0][source][train_rows], train_y, sources[1][source][test_rows], test_y,
-                                continuous)
+    score, chance = fit_probe("linear", continuous, sources[0][source][train_rows], train_y,
+                              sources[1][source][test_rows], test_y)
     return dict(modality=m, source=source, factor=name, group=SynthTouch.factor_groups[name],
                 metric="R²" if continuous else "accuracy", score=score, chance=chance,
                 **{"above chance": (score - chance) / (1 - chance)})
