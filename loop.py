@@ -303,7 +303,8 @@ def check_hyperparameters(hp, where: str):
 
 
 def _all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    """One device sync for all tensors (this runs after every step), not one per tensor."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], steps_per_epoch: int, hp,
