@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test test-browser lab sync bench clean
+.PHONY: setup demo study test test-browser lab sync bench clean
 
 setup: $(VENV)/.installed
 
@@ -15,6 +15,9 @@ $(VENV)/.installed: requirements.txt
 
 demo: setup  ## the workbook: every notebook on SynthTouch -> runs/demo/
 	$(PY) workbook.py --out runs/demo
+
+study: setup  ## every phase-1 variant × 3 seeds, mean ± std -> runs/study/study.md (see README for its run time)
+	$(PY) study.py --out runs/study
 
 test: setup  ## unit tests + every notebook in smoke mode
 	$(PY) -m pytest -q

@@ -517,6 +517,8 @@ class ModelConfig:
     # shared and private tokens (weight leakage_guard_weight)
     leakage_guard: str = "none"
     leakage_guard_weight: float = 1.0
+    alignment_weight: float = 0.0  # confidence-weighted alignment of the paired shared embeddings (alignment_loss)
+    token_dim: int | None = None  # numbers one register token may carry (TokenBottleneck); None: hidden_dim
     init_temperature: float = 0.07
 
     def __post_init__(self):
@@ -544,6 +546,8 @@ class ModelConfig:
                              "but pairs never came together (vision→touch factor R@1 0.03, chance 0.02). Use "
                              "loss_type: combined (--loss_type combined --flow_weight 0.5): contrastive alignment, and "
                              "the flow head for transport retrieval")
+        if self.token_dim is not None and not 1 <= self.token_dim <= self.hidden_dim:
+            raise ValueError(f"token_dim={self.token_dim} must lie in 1..hidden_dim={self.hidden_dim}, or be null")
         if any(d > self.embed_dim or d < 1 for d in self.mrl_dims):
             raise ValueError(f"mrl_dims {self.mrl_dims} must lie in 1..embed_dim={self.embed_dim}")
 
@@ -684,6 +688,15 @@ class RegisterTokenModule(nn.Module):
         return last.weights[:, T:, :T] if self.attention == "joint" else last.weights
 
 
+class TokenBottleneck(nn.Sequential):
+    """What one register token may carry: each token goes down to `dim` numbers and back up to the model's
+    width (a rank-`dim` map, applied token by token). FlexTok's tokens are 6-number FSQ codes; without such a
+    limit one 128-wide token holds every factor of the testbed at once, and longer prefixes add nothing."""
+
+    def __init__(self, hidden_dim: int, dim: int):
+        super().__init__(nn.Linear(hidden_dim, dim), nn.Linear(dim, hidden_dim))
+
+
 class NestedDropout(nn.Module):
     """Keeps a prefix of the registers. Returns a B×R keep mask; dropped registers are *excluded*
     (from pooling and from the preservation decoder's attention) rather than zeroed, which is exactly
@@ -761,6 +774,24 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tor
     logits = logit_scale.exp() * a @ b.T
     labels = torch.arange(len(a), device=a.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def alignment_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Confidence-weighted alignment: the squared distance between the L2-normalised rows of a pair, weighted
+    by how surely InfoNCE already matches them (the softmax probability of the positive, both directions,
+    detached). InfoNCE's pull on a positive pair fades as (1 − p), so once pairs are ranked first nothing
+    removes what one modality sees and the other cannot (it can sit in directions the other never uses);
+    this pull grows with p, so matched pairs keep coming together until their embeddings agree, the alignment
+    condition under which contrastive learning keeps only the shared content (Wang & Isola 2020; Daunhawer
+    et al. 2023). The weight is p above chance, (p − 1/B)/(1 − 1/B): off while nothing is matched yet, where a
+    plain alignment term collapses every embedding to one point (measured: within one epoch at weight 4)."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    with torch.no_grad():
+        logits = logit_scale.exp() * a @ b.T
+        p = (logits.softmax(1).diagonal() + logits.softmax(0).diagonal()) / 2
+        chance = 1 / len(a)
+        confidence = (p - chance).clamp(min=0) / (1 - chance)  # 0 up to chance: collapsed rows are not pulled
+    return (confidence * (a - b).pow(2).sum(-1)).mean()
 
 
 def matryoshka_info_nce(a, b, logit_scale, dims: tuple[int, ...]) -> torch.Tensor:
@@ -871,6 +902,8 @@ class AlignmentModel(nn.Module):
                 input_dims[m], input_tokens[m], H, cfg.n_registers, cfg.n_layers, cfg.n_heads, cfg.attention,
                 registers_init=clone) for m in cfg.modalities})
             self.heads = nn.ModuleDict({m: nn.Linear(H, cfg.embed_dim) for m in cfg.modalities})
+            if cfg.token_dim is not None:
+                self.bottlenecks = nn.ModuleDict({m: TokenBottleneck(H, cfg.token_dim) for m in cfg.modalities})
             self.dropout = NestedDropout(cfg.n_registers, cfg.nested_dropout, cfg.nested_dropout_rate)
             if cfg.preservation_weight > 0:
                 self.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m],
@@ -885,8 +918,9 @@ class AlignmentModel(nn.Module):
     def n_tokens(self) -> int:
         return 1 if self.cfg.design == "adapter" else self.cfg.n_registers
 
-    def tokens(self, modality: str, feats: Features) -> torch.Tensor:
-        """All output tokens of a modality, B×R×hidden (the adapter's one token is its embedding)."""
+    def tokens(self, modality: str, feats: Features, n_registers: int | None = None) -> torch.Tensor:
+        """All output tokens of a modality, B×R×hidden (the adapter's one token is its embedding);
+        `n_registers` runs the register module with only its first n registers (the prefix reference)."""
         if modality not in self.encoders:
             raise ValueError(f"this model has no {modality!r} branch; it was trained on {self.cfg.modalities}")
         if self.cfg.design == "adapter":
@@ -894,7 +928,8 @@ class AlignmentModel(nn.Module):
                 raise ValueError(f"{modality} features are {feats.pooled.shape[-1]} wide but this adapter was built "
                                  f"for {self.input_dims[modality]}; check the encoder and the feature cache")
             return self.encoders[modality](feats.pooled)[:, None, :]
-        return self.encoders[modality](feats.tokens, feats.mask)
+        tokens = self.encoders[modality](feats.tokens, feats.mask, n_registers=n_registers)
+        return self.bottlenecks[modality](tokens) if self.cfg.token_dim is not None else tokens
 
     def shared_embedding(self, modality: str, tokens: torch.Tensor, keep: torch.Tensor | None = None):
         """Mean of the kept shared tokens → projection. `keep`: B×R mask from nested dropout."""
@@ -943,6 +978,10 @@ class AlignmentModel(nn.Module):
         parts["contrastive"] = torch.stack([matryoshka_info_nce(gathered[a], gathered[b], self.logit_scale, dims)
                                             for a, b in self.pairs]).mean()
         loss = loss + parts["contrastive"]
+        if cfg.alignment_weight > 0:
+            parts["alignment"] = torch.stack([alignment_loss(gathered[a], gathered[b], self.logit_scale)
+                                               for a, b in self.pairs]).mean()
+            loss = loss + cfg.alignment_weight * parts["alignment"]
         if cfg.loss_type == "combined":
             # The contrastive loss aligns; the flow head learns to transport the L2-normalised shared embeddings
             # A→B and B→A (detached: it does not shape them, see ModelConfig on flow_matching alone).

@@ -56,11 +56,25 @@ class SynthTouch(torch.utils.data.Dataset):
     # the phase on that circle (evaluate.probe_target); a test checks these against the renderer.
     PHASE_PERIODS = {"phase_x": dict(stripes=1, checker=1, dots=1, waves=1),
                      "phase_y": dict(stripes=None, checker=2, dots=1, waves=2)}
+    # fine, local factors: one value in [0, 1) per tile of a side×side grid, so that knowing them takes many
+    # numbers, each about a small part of the image; this is what later register tokens are there for.
+    # wear fades the print and flattens the grooves of the central tiles (seen and felt), stain darkens the
+    # ink of each tile of the whole picture (seen only), compliance lets the central tiles sink deeper into the
+    # gel (felt only). A value is a tuple of side² floats, row by row.
+    DETAILS = OrderedDict(wear=3, stain=4, compliance=3)
+    # how much of the image each grid covers: half the side of a centred square, in image widths; the
+    # central grids lie inside the contact disk of a light press, so the gel feels every one of their tiles
+    DETAIL_EXTENT = dict(wear=0.18, stain=0.5, compliance=0.18)
+    # coarse factors are about the whole image, fine ones about its parts (the information map's order)
+    SCALE = dict(texture="coarse", orientation="coarse", roughness="coarse", phase_x="coarse", phase_y="coarse",
+                 color="coarse", lighting="coarse", hardness="coarse", pressure="coarse",
+                 wear="fine", stain="fine", compliance="fine")
     # who sees what: shared factors reach both the camera and the gel, private ones only one of them
     factor_groups = dict(
         texture="shared", orientation="shared", roughness="shared", phase_x="shared", phase_y="shared",
         color="vision", lighting="vision",
         hardness="touch", pressure="touch",
+        wear="shared", stain="vision", compliance="touch",
     )
     # factor -> value -> caption adjective; adjectives are unique across factors so captions parse back
     ADJECTIVES = dict(
@@ -86,7 +100,7 @@ class SynthTouch(torch.utils.data.Dataset):
     LIGHT = dict(dim=0.5, bright=1.0)
     DEPTH = dict(soft=1.0, medium=0.65, hard=0.4)  # soft objects sink deeper into the gel ...
     BLUR = dict(soft=0.03, medium=0.015, hard=0.004)  # ... and smear the imprint (Gaussian sigma)
-    CONTACT_RADIUS = dict(light=0.27, firm=0.41)
+    CONTACT_RADIUS = dict(light=0.30, firm=0.41)
     GEL = np.array([0.70, 0.78, 0.90], dtype=np.float32)  # pale bluish background of a DIGIT sensor
     LED_ANGLES = np.deg2rad([0.0, 120.0, 240.0]).astype(np.float32)  # red, green, blue LEDs on three sides
 
@@ -111,7 +125,7 @@ class SynthTouch(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self):
-        return f"synthtouch-v1-n{self.n}-seed{self.seed}-s{self.image_size}-{self.split}"
+        return f"synthtouch-v2-n{self.n}-seed{self.seed}-s{self.image_size}-{self.split}"
 
     @property
     def captions(self):
@@ -121,11 +135,25 @@ class SynthTouch(torch.utils.data.Dataset):
         return self._draw_factors(self._streams(i)[0])
 
     def factor_table(self):
-        # discrete factors as integer codes into FACTORS[name], continuous ones as floats
+        # discrete factors as integer codes into FACTORS[name], continuous ones as floats, details as N×side²
         rows = [self.factors_of(i) for i in range(self.n)]
         table = {name: np.array([values.index(r[name]) for r in rows]) for name, values in self.FACTORS.items()}
-        table.update({name: np.array([r[name] for r in rows]) for name in self.CONTINUOUS_FACTORS})
+        table.update({name: np.array([r[name] for r in rows]) for name in (*self.CONTINUOUS_FACTORS, *self.DETAILS)})
         return table
+
+    @classmethod
+    def describe(cls, name: str) -> str:
+        """A factor's values in words, for tables."""
+        if name in cls.FACTORS:
+            return ", ".join(cls.FACTORS[name])
+        if name in cls.DETAILS:
+            return f"{cls.DETAILS[name]}×{cls.DETAILS[name]} tiles, each in [0, 1)"
+        return "continuous in [%g, %g)" % cls.CONTINUOUS_FACTORS[name]
+
+    @classmethod
+    def is_continuous(cls, name: str) -> bool:
+        """Whether a probe regresses the factor (R²) rather than classifying it (accuracy)."""
+        return name in cls.CONTINUOUS_FACTORS or name in cls.DETAILS
 
     def render(self, factors, seed):
         """One sample from chosen factors; the rest, and the noise, come from `seed`."""
@@ -137,9 +165,14 @@ class SynthTouch(torch.utils.data.Dataset):
                 low, high = self.CONTINUOUS_FACTORS[name]
                 if not low <= value < high:
                     raise ValueError(f"factor {name!r} value {value!r} is outside [{low}, {high})")
+            elif name in self.DETAILS:
+                tiles = self.DETAILS[name] ** 2
+                if np.shape(value) != (tiles,) or not all(0 <= v < 1 for v in value):
+                    raise ValueError(f"factor {name!r} needs {tiles} values in [0, 1), one per tile; got {value!r}")
+                factors = {**factors, name: tuple(float(v) for v in value)}
             else:
-                raise ValueError(f"unknown factor {name!r} (value {value!r}); "
-                                 f"allowed factors: {list(self.FACTORS) + list(self.CONTINUOUS_FACTORS)}")
+                raise ValueError(f"unknown factor {name!r} (value {value!r}); allowed factors: "
+                                 f"{list(self.FACTORS) + list(self.CONTINUOUS_FACTORS) + list(self.DETAILS)}")
         streams = self._streams_from(np.random.SeedSequence(seed))
         # draw every factor first so that fixing one factor never shifts the others
         sample = self._render({**self._draw_factors(streams[0]), **factors}, streams)
@@ -177,7 +210,18 @@ class SynthTouch(torch.utils.data.Dataset):
     def _draw_factors(self, rng):
         factors = {name: values[rng.integers(len(values))] for name, values in self.FACTORS.items()}
         factors.update({name: float(rng.uniform(low, high)) for name, (low, high) in self.CONTINUOUS_FACTORS.items()})
+        # every tile is drawn whatever the other values, so no factor shifts the random numbers of another
+        factors.update({name: tuple(rng.uniform(0, 1, side * side).tolist()) for name, side in self.DETAILS.items()})
         return factors
+
+    def _tiles(self, name, values, outside, X, Y):
+        """size×size map of a detail: each pixel gets its tile's value, `outside` beyond the grid."""
+        side, extent = self.DETAILS[name], self.DETAIL_EXTENT[name]
+        grid = np.asarray(values, dtype=np.float32).reshape(side, side)
+        col = np.floor((X + extent) / (2 * extent) * side).astype(int)
+        row = np.floor((Y + extent) / (2 * extent) * side).astype(int)
+        inside = (col >= 0) & (col < side) & (row >= 0) & (row < side)
+        return np.where(inside, grid[row.clip(0, side - 1), col.clip(0, side - 1)], np.float32(outside))
 
     def _render(self, f, streams):
         _, vision_rng, touch_rng = streams
@@ -201,10 +245,16 @@ class SynthTouch(torch.utils.data.Dataset):
         else:  # waves
             p = 0.5 + 0.5 * np.cos(2 * np.pi * (across + 0.3 * np.sin(np.pi * along)))
 
-        # vision: the pattern printed in the sample's colour, under its lighting, seen by a noisy camera
-        # (images are built channels-first: numpy is several times faster than with a trailing 3)
+        # wear, shared: the worn central tiles' print fades towards grey and their grooves flatten
+        wear = self._tiles("wear", f["wear"], 0.0, X, Y)
+        p_worn = p + 0.8 * wear * (0.5 - p)
+        relief = p * (1 - 0.8 * wear)
+
+        # vision: the pattern printed in the sample's colour and stains, under its lighting, seen by a noisy
+        # camera (images are built channels-first: numpy is several times faster than with a trailing 3)
         hue = np.array(self.HUE[f["color"]], dtype=np.float32)[:, None, None]
-        vision = self.LIGHT[f["lighting"]] * (0.12 + 0.88 * hue * p)
+        stain = self._tiles("stain", f["stain"], 0.0, X, Y)
+        vision = self.LIGHT[f["lighting"]] * (0.12 + 0.88 * hue * p_worn) * (1 - 0.5 * stain)
         noise = 0.06 * (vision_rng.random(vision.shape, dtype=np.float32) - 0.5)  # uniform: 5x cheaper than normal
         vision = vision * vision_rng.uniform(0.92, 1.08) + noise
 
@@ -212,7 +262,8 @@ class SynthTouch(torch.utils.data.Dataset):
         # rendered photometrically, as three coloured LEDs from different sides light its slopes
         radius = self.CONTACT_RADIUS[f["pressure"]]
         contact = np.clip((radius - np.sqrt(X ** 2 + Y ** 2)) / 0.03, 0, 1)  # soft-edged contact patch
-        pressed = self.DEPTH[f["hardness"]] * contact * (0.4 + self.RELIEF[f["roughness"]] * p)
+        give = 0.6 + 0.8 * self._tiles("compliance", f["compliance"], 0.5, X, Y)  # 1 outside the central tiles
+        pressed = self.DEPTH[f["hardness"]] * contact * give * (0.4 + self.RELIEF[f["roughness"]] * relief)
         height = self._blur(pressed, self.BLUR[f["hardness"]] * size)
         slope_y, slope_x = np.gradient(height, 1 / size)  # slopes per image width, size-independent
         cos, sin = np.cos(self.LED_ANGLES)[:, None, None], np.sin(self.LED_ANGLES)[:, None, None]

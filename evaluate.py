@@ -85,7 +85,7 @@ def encode(model: core.AlignmentModel, modality: str, features: core.Features, k
             tokens.append(out.cpu())
             per_k = {k: out for k in ks}
         else:
-            per_k = {k: model.encoders[modality](feats.tokens, feats.mask, n_registers=k) for k in ks}
+            per_k = {k: model.tokens(modality, feats, n_registers=k) for k in ks}
         for k, out in per_k.items():
             embeddings[k].append(model.prefix_embeddings(modality, out, [k])[k].cpu())
             if has_decoder:
@@ -202,8 +202,34 @@ def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, core.Featu
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "k"
     if out_path is not None:
-        core.atomic_write(out_path, lambda tmp: Path(tmp).write_text(json.dumps(
-            {str(k): row for k, row in table.to_dict(orient="index").items()}, indent=1)))
+        write_eval(table, out_path)
+    return table
+
+
+def write_eval(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """A table of rows k as eval.json, {k: {metric: value}}, written atomically."""
+    return core.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(
+        {str(k): row for k, row in table.to_dict(orient="index").items()}, indent=1)))
+
+
+def evaluate_run(model: core.AlignmentModel, features: dict[str, core.Features], factors: dict[str, np.ndarray] | None,
+                 fit_features: dict[str, core.Features] | None = None, fit_factors: dict[str, np.ndarray] | None = None,
+                 out_path=None) -> pd.DataFrame:
+    """`evaluate_prefixes` and, on SynthTouch (where private factors are known), the leakage columns of
+    `leakage_columns` for every k: probes fit on `fit_*` (the validation split) and scored on `features`.
+    The whole leakage table goes beside `out_path` as leakage.csv."""
+    table = evaluate_prefixes(model, features, factors)
+    private = [name for name, group in SynthTouch.factor_groups.items() if group != "shared"]
+    if fit_features is not None and factors is not None and fit_factors is not None and \
+            all(name in factors for name in private):
+        ks = list(table.index)
+        leaks = leakage_by_k(model, encode_all(model, fit_features, ks), fit_factors, encode_all(model, features, ks),
+                             factors, ks)
+        table = table.join(leakage_columns(leaks))
+        if out_path is not None:
+            core.atomic_write(Path(out_path).with_name("leakage.csv"), lambda tmp: leaks.to_csv(tmp, index=False))
+    if out_path is not None:
+        write_eval(table, out_path)
     return table
 
 
@@ -245,7 +271,7 @@ def probe_target(name: str, factors: dict[str, np.ndarray]) -> tuple[np.ndarray,
     (SynthTouch.PHASE_PERIODS), so it is decoded as (cos 2πφ/P, sin 2πφ/P), scored by R², on the rows
     whose texture shows it at all."""
     values = np.asarray(factors[name])
-    if name not in SynthTouch.CONTINUOUS_FACTORS:
+    if name not in SynthTouch.PHASE_PERIODS:  # class codes, or a detail's tile values (R² averaged over tiles)
         return values, np.ones(len(values), dtype=bool)
     textures = np.asarray(SynthTouch.FACTORS["texture"])[factors["texture"]]
     period = np.array([SynthTouch.PHASE_PERIODS[name][t] or np.nan for t in textures], dtype=float)
@@ -293,7 +319,7 @@ def information_map(train_tokens: dict[str, torch.Tensor], train_factors: dict[s
 
 def probe_row(m, source, name, sources, subset, train_factors, test_factors) -> dict:
     """One cell of the information map: `sources` = (train, test) feature sets of modality m."""
-    continuous = name in SynthTouch.CONTINUOUS_FACTORS
+    continuous = SynthTouch.is_continuous(name)
     train_y, train_rows = probe_target(name, {k: v[subset] for k, v in train_factors.items()})
     test_y, test_rows = probe_target(name, test_factors)
     score, chance = fit_probe("linear", continuous, sources[0][source][train_rows], train_y,
@@ -313,11 +339,24 @@ def group_summary(info: pd.DataFrame) -> pd.DataFrame:
     return table.assign(chance=chance).reindex(list(GROUP_ORDER), level="group")
 
 
+def order_by_token(info: pd.DataFrame) -> pd.DataFrame:
+    """The information map's order in one table: per modality, factor kind (who sees it × coarse or fine,
+    SynthTouch.SCALE) and single token i, the mean probe score above chance. Coarse factors should be read
+    from the first token on, fine ones only from later tokens, and the other modality's private factors
+    from none."""
+    single = info[info.source.str.startswith("token ")].copy()
+    single["token"] = single.source.str.removeprefix("token ").astype(int)
+    owner = np.where(single.group == "shared", "shared", np.where(single.group == single.modality, "own private",
+                                                                  "other private"))
+    single["kind"] = owner + " · " + single.factor.map(SynthTouch.SCALE)
+    return single.pivot_table(index=["modality", "kind"], columns="token", values="above chance")
+
+
 def leakage(info: pd.DataFrame) -> pd.DataFrame:
-    """For every private factor: how well the shared tokens of its own modality and of the other
-    modality decode it, next to its private tokens and chance. The other modality never sees the
-    factor, so its shared tokens can only decode it through leakage (or a dataset correlation).
-    'leaks into' names the other modality (the best one, when there are several)."""
+    """For every private factor: how well the shared tokens of its own modality decode it (leakage), next to
+    its private tokens and chance, and the other modality's shared tokens as a sanity control: that sensor
+    never sees the factor (SynthTouch renders it bit-identically), so they sit at chance for any model, an
+    untrained one included. 'other modality' names it (the best one, when there are several)."""
     rows = []
     private = info[info.group.isin(["vision", "touch"]) & info.source.isin(["shared", "private"])]
     for (factor, group), part in private.groupby(["factor", "group"], sort=False):
@@ -328,7 +367,7 @@ def leakage(info: pd.DataFrame) -> pd.DataFrame:
         others = other[other.source == "shared"]
         if len(others):  # with several other modalities, the one that decodes the factor best
             best = others.loc[others.score.idxmax()]
-            row["other shared (leakage)"], row["leaks into"] = best.score, best.modality
+            row["other shared (control)"], row["other modality"] = best.score, best.modality
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -375,7 +414,7 @@ def probe_sources(sources: dict[str, tuple[np.ndarray, np.ndarray]], fit_factors
             for name in factors:
                 fit_y, fit_rows = probe_target(name, fit_factors)
                 test_y, test_rows = probe_target(name, test_factors)
-                continuous = name in SynthTouch.CONTINUOUS_FACTORS
+                continuous = SynthTouch.is_continuous(name)
                 for kind in probes:
                     score, chance = fit_probe(kind, continuous, fit_x[fit_rows], fit_y, test_x[test_rows], test_y)
                     rows.append(dict(source=source, factor=name, probe=kind, score=score, chance=chance,
@@ -422,7 +461,7 @@ def leakage_by_k(model: core.AlignmentModel, fit: dict[str, Encoded], fit_factor
         role = {name: "shared" if g == "shared" else "own private" if g == m else "other private (control)"
                 for name, g in roles.items()}
         done = {}
-        for k in ks:
+        for k in tqdm(ks, desc=f"leakage probes: {m}", leave=False):
             j = min(k, n_shared)
             keys = [("shared tokens", j), ("shared embedding", j)] + ([("private tokens", k)] if k > n_shared else [])
             for key in keys:
@@ -436,20 +475,34 @@ def leakage_by_k(model: core.AlignmentModel, fit: dict[str, Encoded], fit_factor
 
 
 def leakage_summary(table: pd.DataFrame, probe: str = "non-linear") -> pd.DataFrame:
-    """The headline: per modality and k, the worst (largest) normalised score of an own private factor
-    from the shared tokens and from the shared embedding, beside the mean of the shared factors from the
-    same embedding and of the own private factors from the private tokens."""
+    """The headline: per modality and k, the worst (largest) normalised score of an own private factor from
+    the shared tokens and from the shared embedding, beside the mean of the coarse shared factors and of the
+    fine shared ones (SynthTouch.SCALE) from the same embedding, and of the own private factors from the
+    private tokens (coarse and fine apart)."""
     t = table[table.probe == probe]
-    discrete = t[~t.factor.isin(list(SynthTouch.CONTINUOUS_FACTORS))]
+    scale = t.factor.map(SynthTouch.SCALE)
 
-    def pick(source, role, how):
-        part = discrete[(discrete.source == source) & (discrete.role == role)]
+    def pick(source, role, how, size=None):
+        part = t[(t.source == source) & (t.role == role) & ((scale == size) if size else True)]
+        part = part[~part.factor.isin(list(SynthTouch.PHASE_PERIODS))]  # phases: instance identity, not a class
         return part.groupby(["modality", "k"]).normalised.agg(how)
-    out = pd.DataFrame({"leak into shared tokens (max)": pick("shared tokens", "own private", "max"),
-                        "leak into shared embedding (max)": pick("shared embedding", "own private", "max"),
-                        "shared factors from shared embedding (mean)": pick("shared embedding", "shared", "mean"),
-                        "own private from private tokens (mean)": pick("private tokens", "own private", "mean")})
-    return out
+    return pd.DataFrame({"leak into shared tokens (max)": pick("shared tokens", "own private", "max"),
+                         "leak into shared embedding (max)": pick("shared embedding", "own private", "max"),
+                         "shared factors from shared embedding (mean)": pick("shared embedding", "shared", "mean", "coarse"),
+                         "fine shared from shared embedding (mean)": pick("shared embedding", "shared", "mean", "fine"),
+                         "own private from private tokens (mean)": pick("private tokens", "own private", "mean", "coarse"),
+                         "own fine private from private tokens (mean)": pick("private tokens", "own private", "mean",
+                                                                               "fine")})
+
+
+def leakage_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """`leakage_summary` of both probes as eval.json columns, one row per k: '<modality> <measure> [<probe>]'."""
+    parts = []
+    for probe in table.probe.unique():
+        summary = leakage_summary(table, probe).unstack("modality")
+        summary.columns = [f"{m} {measure} [{probe}]" for measure, m in summary.columns]
+        parts.append(summary)
+    return pd.concat(parts, axis=1)
 
 
 # ----------------------------------------------------------------------------------------------

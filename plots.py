@@ -95,7 +95,8 @@ def prefix_curves(tables: dict, metrics: list[str], title: str, chance: dict[str
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_ks, [str(k) for k in all_ks])
         ax.set_xlabel("prefix length k (tokens, log2 scale)")
-        ax.set_ylabel("mean cosine similarity" if "cos" in metric else "recall (fraction of queries)")
+        ax.set_ylabel("mean cosine similarity" if "cos" in metric else
+                      "probe score (0 = chance, 1 = perfect)" if "[" in metric else "recall (fraction of queries)")
         ax.set_title(metric, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -136,10 +137,31 @@ def information_map(info, n_shared: int, title: str = "Information map: linear p
     return fig
 
 
+def order_by_token(table, title: str = "What each single token knows, coarse and fine") -> Figure:
+    """One panel per modality: evaluate.order_by_token's mean probe score above chance of each kind of
+    factor, against the token index; solid for coarse factors, dashed for fine ones, in the group colour."""
+    modalities = list(dict.fromkeys(table.index.get_level_values("modality")))
+    fig = Figure(figsize=(5 * len(modalities), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(modalities), sharey=True))
+    for ax, m in zip(axes, modalities):
+        for kind, row in table.loc[m].iterrows():
+            owner, scale = kind.split(" · ")
+            color = GROUP_COLORS["shared"] if owner == "shared" else GROUP_COLORS[m] if owner == "own private" else "0.6"
+            ax.plot(row.index, row.to_numpy(), marker="o", markersize=3, color=color,
+                    linestyle="-" if scale == "coarse" else "--", label=kind)
+        ax.set_xlabel("register token index")
+        ax.set_title(f"{m} tokens", color=GROUP_COLORS.get(m, "black"))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean probe score above chance")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.suptitle(title)
+    return fig
+
+
 def leakage(table, title: str = "Private factors: decoded from which tokens?") -> Figure:
-    """Bars per private factor: the own modality's private and shared tokens and the other modality's
-    shared tokens (leakage), with the chance level as a black tick."""
-    columns = [c for c in ("own private", "own shared", "other shared (leakage)") if c in table.columns]
+    """Bars per private factor: the own modality's private and shared tokens (leakage) and the other
+    modality's shared tokens (a sanity control), with the chance level as a black tick."""
+    columns = [c for c in ("own private", "own shared", "other shared (control)") if c in table.columns]
     fig = Figure(figsize=(1.3 * len(table) + 3, 3.8), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(columns)
@@ -154,7 +176,7 @@ def leakage(table, title: str = "Private factors: decoded from which tokens?") -
     _color_factor_labels(ax.get_xticklabels(), dict(zip(table.factor, table.group)))
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("private factor (colour = the modality that sees it)")
-    ax.set_ylabel("probe accuracy on test (fraction)")
+    ax.set_ylabel("probe score on test (accuracy, or R²)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1), markerscale=0.3)
     fig.suptitle(title)
     return fig
@@ -263,7 +285,8 @@ def render_variations(dataset, base: dict, changes: list[tuple[str, str]], seed:
     """`dataset.render` of `base`, then of `base` with one factor changed per column. Under each image:
     how many pixels moved against the base, so the reader sees which sensor a factor reaches."""
     from data import SynthTouch
-    columns = [("base", base)] + [(f"{name} → {value}", {**base, name: value}) for name, value in changes]
+    columns = [("base", base)] + [(f"{name} → {value if isinstance(value, str) else 'other tiles'}",
+                                   {**base, name: value}) for name, value in changes]
     rendered = [dataset.render(factors, seed) for _, factors in columns]
     fig = Figure(figsize=(2.1 * len(columns), 4.8), layout="constrained")
     axes = fig.subplots(2, len(columns), squeeze=False)

@@ -53,6 +53,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10  # steps between loss rows in metrics.jsonl
+    # evaluation: probe leakage (SynthTouch) for eval.json at the end, about a minute at the testbed's size
+    leakage_probes: bool = True
     # output
     output_dir: str = "runs/phase1/default"
     log_name: str | None = None  # a sub-folder of output_dir, as in the TVL seed command lines
@@ -216,7 +218,7 @@ def to_yaml(cfg: TrainConfig) -> dict:
 
 
 # what may differ when a run is resumed: where things are written and how often rows are logged
-RESUME_IGNORES = ("output_dir", "log_name", "cache_dir", "log_every")
+RESUME_IGNORES = ("output_dir", "log_name", "cache_dir", "log_every", "leakage_probes")
 
 
 def run_folder(path, main: bool = True) -> loop.RunFolder:
@@ -267,7 +269,8 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
              rank=dist.rank)
     if dist.main:
         test_set, test_feats = split_data(cfg, "test")
-        evaluate_run(model, test_feats, test_set, cfg.run_dir / "eval.json")
+        evaluate_run(model, test_feats, test_set, cfg.run_dir / "eval.json",
+                     *((val_feats, val_set) if cfg.leakage_probes else ()))
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return cfg.run_dir
@@ -307,9 +310,10 @@ def quick_eval(model, feats, dataset) -> dict:
     return {f"val {name}": float(value) for name, value in table.iloc[0].items() if "R@1" in name}
 
 
-def evaluate_run(model, feats, dataset, out_path: Path):
+def evaluate_run(model, feats, dataset, out_path: Path, fit_feats=None, fit_set=None):
     import evaluate
-    return evaluate.evaluate_prefixes(model, feats, factor_codes(dataset), out_path=out_path)
+    fit_factors = factor_codes(fit_set) if fit_set is not None else None
+    return evaluate.evaluate_run(model, feats, factor_codes(dataset), fit_feats, fit_factors, out_path=out_path)
 
 
 def train_alignment(model: core.Aligner, loader, num_epochs: int, lr: float | None = None) -> dict:

@@ -40,14 +40,16 @@ fig
 
 # %% [markdown]
 # ## Who sees what
-# The factor table: the values of each discrete factor, its group, and which modality carries it.
-# The continuous phases are instance detail: they make exact-pair retrieval meaningful (one right answer
-# instead of a whole factor class) and appear in no caption.
+# The factor table: the values of each factor, its group (which modality carries it) and its scale.
+# *Coarse* factors are about the whole surface: the discrete ones the captions name, and the continuous phases,
+# instance detail that makes exact-pair retrieval meaningful (one right answer instead of a whole factor class).
+# *Fine* factors are about its parts, one value per tile of a grid: wear (the central tiles' print fades and
+# their grooves flatten: seen and felt), stains (every tile's ink darkens: seen only) and compliance (the central
+# tiles sink deeper into the gel: felt only). They appear in no caption; they are what later tokens are for.
 
 # %%
-factor_table = pd.DataFrame([{"factor": name, "group": group,
-                              "values": ", ".join(SynthTouch.FACTORS.get(name, [])) or
-                              "continuous in [%g, %g)" % SynthTouch.CONTINUOUS_FACTORS[name]}
+factor_table = pd.DataFrame([{"factor": name, "group": group, "scale": SynthTouch.SCALE[name],
+                              "values": SynthTouch.describe(name)}
                              for name, group in SynthTouch.factor_groups.items()]).set_index("factor")
 factor_table
 
@@ -60,13 +62,17 @@ fig
 # ## The physics is honest
 # `render` draws a sample from chosen factors. Changing a vision-only factor must leave the touch image
 # untouched, changing a touch-only factor must leave the vision image untouched, and a shared factor changes
-# both. Under each image: the share of pixels that moved against the base column (same seed, same noise).
+# both. Under each image: the share of pixels that moved against the base column (same seed, same noise). The
+# last three columns set every other tile of a fine factor.
 
 # %%
 base = {"texture": "stripes", "orientation": "diagonal", "roughness": "medium", "color": "red",
         "lighting": "bright", "hardness": "medium", "pressure": "firm"}
+checker = {name: tuple(0.9 * ((i // side + i % side) % 2) for i in range(side * side))  # every other tile
+           for name, side in SynthTouch.DETAILS.items()}
+base.update({name: (0.0,) * side ** 2 for name, side in SynthTouch.DETAILS.items()})  # no wear, stains, give
 changes = [("color", "blue"), ("lighting", "dim"), ("hardness", "soft"), ("pressure", "light"),
-           ("texture", "dots"), ("orientation", "vertical")]
+           ("texture", "dots"), ("orientation", "vertical"), *checker.items()]
 fig = plots.render_variations(train_set, base, changes)
 workbook.save_figure(fig, "01_render_variations")
 fig

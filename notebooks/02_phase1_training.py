@@ -20,7 +20,7 @@ import train
 import workbook
 
 smoke, run_dir = workbook.start()
-SMOKE = {"n_train": 256, "n_val": 64, "n_test": 128, "epochs": 2, "batch_size": 64} if smoke else {}
+SMOKE = workbook.SMOKE_PHASE1 if smoke else {}
 cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
 cfg.model
 

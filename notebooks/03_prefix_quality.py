@@ -3,24 +3,32 @@
 #
 # Register i never attends to registers after it, so one forward pass gives the representation for every
 # prefix length k at once (a test proves it equals k separate passes with only k registers). Nested dropout
-# trains every prefix to stand on its own. This notebook measures quality against k for each design line and
-# each nested-dropout mode, reads out with linear probes which token carries which factor (the *information
-# map*), checks whether shared tokens leak private factors, shows where registers look in the image, and
-# ends with a slider over k that shows a query's nearest neighbours of the other modality.
+# trains every prefix to stand on its own. SynthTouch has information at two scales: *coarse* factors about the
+# whole surface (texture, orientation, roughness, colour, lighting, hardness, pressure, the pattern's phase)
+# and *fine* ones about its parts, one value per tile of a grid (wear, seen and felt; stains, seen only;
+# compliance, felt only). So a short prefix can hold the coarse picture and longer ones add the detail.
+#
+# This notebook measures quality against k for each nested-dropout mode and design line, compares the designs
+# that keep private information out of the shared tokens (leakage against k), reads out with probes which
+# token carries which factor (the *information map*), shows where registers look in the image, and ends with
+# a slider over k that shows a query's nearest neighbours of the other modality.
 
 # %%
+from pathlib import Path
+
 import pandas as pd
 from IPython.display import display
 
 import evaluate
 import plots
+import study
 import train
 import workbook
 from data import SynthTouch
 
 smoke, run_dir = workbook.start()
 # the same sizes and run folders as notebook 02, so runs trained there are reused here
-SMOKE = {"n_train": 256, "n_val": 64, "n_test": 128, "epochs": 2, "batch_size": 64} if smoke else {}
+SMOKE = workbook.SMOKE_PHASE1 if smoke else {}
 cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
 print(f"smoke mode: {smoke}; {cfg.n_train} train / {cfg.n_test} test samples, {cfg.epochs} epochs per run")
 
@@ -29,7 +37,9 @@ print(f"smoke mode: {smoke}; {cfg.n_train} train / {cfg.n_test} test samples, {c
 # The nested-dropout ablation trains `configs/default.yaml` four times, changing only `nested_dropout`:
 # `power_of_two` (k drawn from 1, 2, 4, …), `uniform` (k drawn from 1…R), `linear` (drop probability rising
 # from 0 on the first register to 0.5 on the last) and `none` (always all registers). The design lines are the
-# three of notebook 02 at testbed width. A finished run of the same config is reused, so re-running costs nothing.
+# three of notebook 02 at testbed width. The leakage designs are the study's variants (`study.py`), seed 0: the
+# default without its guard, and each guard alone in its place. A finished run of the same config is reused, so
+# re-running costs nothing.
 
 # %%
 dropout_runs = {"power_of_two": train.ensure_trained(cfg)}
@@ -40,7 +50,11 @@ for mode in ("uniform", "linear", "none"):
 design_runs = {design: train.ensure_trained(train.design_on_testbed(
     design, output_dir=str(run_dir / "phase1" / f"testbed-{design}"), **SMOKE))
     for design in ("flextok", "fluxtalk", "adapter")}
-print({name: f"{train.training_minutes(run):.1f} min" for name, run in {**dropout_runs, **design_runs}.items()})
+guard_runs = {"default": dropout_runs["power_of_two"]}
+guard_runs.update({variant: train.ensure_trained(study.run_config(variant, 0, run_dir / "study", **SMOKE))
+                   for variant in study.LEAKAGE_VARIANTS})
+print({name: f"{train.training_minutes(run):.1f} min"
+       for name, run in {**dropout_runs, **design_runs, **guard_runs}.items()})
 
 # %% [markdown]
 # ## Quality vs k, per nested-dropout mode
@@ -102,24 +116,80 @@ workbook.record("03 design lines: vision->touch R@1 pair at k=1 and at the full 
 fig
 
 # %% [markdown]
+# ## Mean ± std over seeds
+# One training run is one draw: the same command gives different numbers with another seed. `make study`
+# trains every variant with three seeds and writes `runs/study/study.md`; when it exists, here it is. The
+# README quotes it.
+
+# %%
+study_table = Path("runs/study/study.md")
+print(study_table.read_text() if study_table.is_file() else "no runs/study/study.md yet: run `make study`")
+
+# %% [markdown]
+# ## Leakage against k, per design
+# For each modality: how well the *own* private factors (colour, lighting, stains for vision; hardness,
+# pressure, compliance for touch) can be read from its aligned shared embedding at every k — the worst factor,
+# with a small MLP or kernel ridge probe fit on the validation split and scored on test, normalised so that
+# 0 is chance and 1 perfect. Beside it, the coarse shared factors from the same embedding, which must stay
+# high. A design that keeps private information out of the shared tokens has low leakage at every k.
+
+# %%
+guard_tables = {name: evaluate.read_eval(run / "eval.json") for name, run in guard_runs.items()}
+leak_metrics = [f"{m} {measure} [non-linear]" for measure in ("leak into shared embedding (max)",
+                                                              "shared factors from shared embedding (mean)")
+                for m in cfg.model.modalities]
+fig = plots.prefix_curves(guard_tables, leak_metrics, "Own private factors in the shared embedding vs k, per design "
+                          "(non-linear probes, test split)")
+workbook.save_figure(fig, "03_leakage_vs_k")
+workbook.record("03 leakage designs at k = n_shared (non-linear probe, normalised)",
+                **{f"{name}: {metric}": table.loc[k_shared, metric] for name, table in guard_tables.items()
+                   for metric in leak_metrics})
+fig
+
+# %% [markdown]
 # ## The information map: which token knows which factor
-# For the default model we encode the training and test splits once, then fit a linear probe for every factor
-# from every single register token and from the shared and private token groups of each modality: logistic
-# regression for discrete factors (accuracy), ridge regression for the continuous phases (R² of (cos, sin) of
-# the phase). Probes are fit on train and scored on test. Cells show the score above chance,
+# For the default model and for the same model without a leakage guard, we encode the training and test
+# splits once, then fit a linear probe for every factor from every single register token and from the shared
+# and private token groups of each modality: logistic regression for discrete factors (accuracy), ridge
+# regression for the phases (R² of (cos, sin) of the phase) and for the fine factors (R² averaged over the
+# tiles). Probes are fit on train and scored on test. Cells show the score above chance,
 # (score − chance)/(1 − chance), so 0 is chance and 1 is perfect; factor names are coloured by who sees them.
 
 # %%
-model = train.load_aligner(dropout_runs["power_of_two"]).model
-train_set, train_features = train.split_data(cfg, "train")
 test_set, test_features = train.split_data(cfg, "test")
+train_set, train_features = train.split_data(cfg, "train")
 last = [cfg.model.n_registers]
-train_tokens = {m: e.tokens for m, e in evaluate.encode_all(model, train_features, last, progress=True).items()}
-test_encoded = evaluate.encode_all(model, test_features, cfg.model.prefix_lengths, progress=True)
-info = evaluate.information_map(train_tokens, train_set.factor_table(), {m: e.tokens for m, e in test_encoded.items()},
-                                test_set.factor_table(), n_shared=k_shared)
-fig = plots.information_map(info, n_shared=k_shared)
+
+
+def probe_map(run):
+    net = train.load_aligner(run).model
+    fit = {m: e.tokens for m, e in evaluate.encode_all(net, train_features, last, progress=True).items()}
+    scored = evaluate.encode_all(net, test_features, cfg.model.prefix_lengths, progress=True)
+    info = evaluate.information_map(fit, train_set.factor_table(), {m: e.tokens for m, e in scored.items()},
+                                    test_set.factor_table(), n_shared=k_shared)
+    return net, scored, info
+
+
+model, test_encoded, info = probe_map(dropout_runs["power_of_two"])
+_, _, unguarded_info = probe_map(guard_runs["no leakage guard"])
+fig = plots.information_map(info, n_shared=k_shared, title="Information map of the default model")
 workbook.save_figure(fig, "03_information_map")
+fig
+
+# %%
+fig = plots.information_map(unguarded_info, n_shared=k_shared, title="… and of the same model without a leakage guard")
+workbook.save_figure(fig, "03_information_map_unguarded")
+fig
+
+# %% [markdown]
+# The order in one picture: the mean probe score of each kind of factor from each single token. Coarse factors
+# (solid) should be readable from the first token on; fine ones (dashed) only from later tokens; private
+# factors of the own modality (its colour) only from the private tokens after the white line of the map above.
+
+# %%
+order = evaluate.order_by_token(info)
+fig = plots.order_by_token(order)
+workbook.save_figure(fig, "03_order_by_token")
 fig
 
 # %% [markdown]
@@ -129,24 +199,25 @@ fig
 
 # %%
 groups = evaluate.group_summary(info)
-workbook.record("03 information map (probe score on test; accuracy, or R² for phases)",
+workbook.record("03 information map (probe score on test; accuracy, or R² for phases and fine factors)",
                 **{f"{factor} ({group}) from {column}": value for (group, factor, _), row in groups.iterrows()
                    for column, value in row.items()})
 groups.round(3)
 
 # %% [markdown]
-# ## Leakage: do shared tokens carry private factors?
-# A private factor is seen by one modality only. If the *other* modality's shared tokens decode it above chance,
-# information leaks through the alignment (the other sensor cannot see it, so it could only have come from a
-# correlation in the data — SynthTouch draws factors independently, so there is none to exploit).
+# ## Private factors, token group by token group
+# Each private factor from the own modality's private and shared tokens (linear probes). The third bar is a
+# sanity control, not a leakage measure: the *other* modality's shared tokens are computed from a sensor that
+# never sees the factor (SynthTouch renders it bit-identically whatever its value), so they must sit at chance
+# for any model, trained or not. Leakage is the own shared tokens' bar, and the curves above.
 
 # %%
 leaks = evaluate.leakage(info)
 fig = plots.leakage(leaks)
 workbook.save_figure(fig, "03_leakage")
-workbook.record("03 leakage (probe accuracy on test)",
+workbook.record("03 private factors by token group (linear probe accuracy on test)",
                 **{f"{row.factor}: {column}": row[column] for _, row in leaks.iterrows()
-                   for column in ("own private", "own shared", "other shared (leakage)", "chance")})
+                   for column in ("own private", "own shared", "other shared (control)", "chance")})
 display(leaks.round(3))
 fig
 

@@ -22,7 +22,7 @@ import workbook
 from data import SynthTouch
 
 smoke, run_dir = workbook.start()
-SMOKE = {"n_train": 256, "n_val": 64, "n_test": 128, "epochs": 2, "batch_size": 64} if smoke else {}
+SMOKE = workbook.SMOKE_PHASE1 if smoke else {}
 phase1_cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
 SMOKE_LLM = {"epochs": 1, "warmup_steps": 2, "max_new_tokens": 8} if smoke else {}
 llm_cfg = llm_integration.load_llm_config(None, **SMOKE_LLM)

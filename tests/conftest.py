@@ -23,7 +23,7 @@ def one_thread():
 
 TINY = {"n_train": 128, "n_val": 32, "n_test": 64, "batch_size": 32, "epochs": 2, "warmup_steps": 2, "log_every": 1,
         "model.hidden_dim": 32, "model.n_registers": 4, "model.n_shared": 2, "model.n_layers": 1,
-        "model.n_heads": 2, "model.embed_dim": 32}
+        "model.n_heads": 2, "model.embed_dim": 32, "leakage_probes": False}
 STEPS_PER_EPOCH = TINY["n_train"] // TINY["batch_size"]
 STEPS = STEPS_PER_EPOCH * TINY["epochs"]
 

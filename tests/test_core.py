@@ -107,19 +107,19 @@ def test_attention_maps_are_distributions_over_real_input_tokens(attention):
         assert ((mass > 0) & (mass < 1)).all()
 
 
-@pytest.mark.parametrize("design, attention", [("flextok", "joint"), ("fluxtalk", "cross")])
-def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_passes(design, attention):
-    cfg = small(design=design, attention=attention, n_shared=4)
+@pytest.mark.parametrize("design, attention, token_dim", [("flextok", "joint", None), ("fluxtalk", "cross", None),
+                                                          ("flextok", "joint", 3)])
+def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_passes(design, attention, token_dim):
+    cfg = small(design=design, attention=attention, n_shared=4, token_dim=token_dim)
     model = build(cfg).eval()
     feats = paired_features(4)["vision"]
-    module = model.encoders["vision"]
     with torch.no_grad():
         tokens = model.tokens("vision", feats)
         assert tokens.shape == (4, 8, 32)
         embeddings = model.prefix_embeddings("vision", tokens, cfg.prefix_lengths)
         recon = model.reconstruction_cosine("vision", tokens, feats, cfg.prefix_lengths)
         for k in cfg.prefix_lengths:
-            alone = module(feats.tokens, feats.mask, n_registers=k)
+            alone = model.tokens("vision", feats, n_registers=k)
             shared = alone[:, :min(k, cfg.n_shared)]
             torch.testing.assert_close(embeddings[k], model.heads["vision"](shared.mean(1)), atol=1e-5, rtol=1e-5)
             decoded = model.decoders["vision"](alone, torch.ones(4, k, dtype=torch.bool))
@@ -504,3 +504,53 @@ def test_every_leakage_guard_trains(guard):
     parts = fit(model, batch)
     assert ("decorrelation" in parts) == (guard == "decorrelate")
     assert before - eval_loss(model, batch) > 0.2 * abs(before)
+
+
+def test_alignment_removes_what_infonce_leaves_once_pairs_are_matched():
+    """The reason for alignment_weight: a vision embedding = shared content + a private offset in a direction
+    the touch embeddings never use. Pairs are already ranked first, so InfoNCE's gradient on the offset is
+    almost nil; the confidence-weighted alignment term pulls it out at full strength."""
+    g = torch.Generator().manual_seed(0)
+    shared = F.normalize(torch.randn(64, 8, generator=g), dim=-1)
+    touch = torch.cat([shared, torch.zeros(64, 1)], 1)
+    offset = torch.full((64, 1), 0.5, requires_grad=True)  # a private factor, here a constant shift
+    scale = torch.tensor(100.0).log()  # the clamped temperature the model trains at
+    for loss_fn in (core.info_nce, core.alignment_loss):
+        offset.grad = None
+        loss_fn(torch.cat([shared, offset], 1), touch, scale).backward()
+        pull = offset.grad.abs().mean().item()
+        if loss_fn is core.info_nce:
+            infonce_pull = pull
+    # measured: InfoNCE ~1e-5, alignment ~0.7 (= d/dx of 2 − 2·cos with cos = 1/sqrt(1.25), times p ≈ 1)
+    assert pull > 1000 * infonce_pull
+
+
+def test_alignment_is_off_while_nothing_is_matched_and_zero_for_identical_pairs():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    scale = torch.tensor(1 / 0.07).log()
+    unmatched = core.alignment_loss(a, b, scale)
+    # unrelated rows: p(positive) is about 1/64, so the term is ~2/64 of the plain alignment distance (~2)
+    assert unmatched < 0.1
+    assert core.alignment_loss(a, a.clone(), scale) < 1e-6
+    # matched but apart (cosine 1/sqrt(1.25), so a distance of ~0.21 at p ≈ 1): pulled, ~7× the unmatched term
+    assert core.alignment_loss(a, a + 0.5 * b, scale) > 5 * unmatched
+
+
+def test_alignment_weight_adds_the_alignment_part():
+    model = build(small(alignment_weight=1.0, leakage_guard="stopgrad"))
+    model.train()
+    _, parts = model(paired_features(16))
+    assert "alignment" in parts and parts["alignment"] >= 0
+
+
+def test_token_bottleneck_limits_each_token_to_token_dim_numbers():
+    model = build(small(token_dim=3)).eval()
+    with torch.no_grad():
+        tokens = model.tokens("vision", paired_features(64)["vision"])  # 64×8×32
+    for i in (0, 5):  # one token across 64 samples is an affine function of 3 numbers: centred, its rank is ≤ 3
+        centred = tokens[:, i] - tokens[:, i].mean(0)
+        singular = torch.linalg.svdvals(centred)
+        assert singular[3] < 1e-4 * singular[0], singular[:5]  # float32 round-off, far below the 3 kept
+    with pytest.raises(ValueError, match="token_dim=64 must lie in 1..hidden_dim=32"):
+        small(token_dim=64)

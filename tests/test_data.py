@@ -83,6 +83,31 @@ def test_private_factors_are_pixel_exactly_private(factor):
                 assert touch_changed == (group in ("shared", "touch")), (factor, value, other)
 
 
+@pytest.mark.parametrize("detail", list(SynthTouch.DETAILS))
+def test_every_tile_of_a_detail_reaches_exactly_its_modalities(detail):
+    """Fine factors keep the privacy guarantee tile by tile: changing one tile's value changes the images of
+    the modalities that see the detail, and leaves the other's bit-identical. Light pressure, the smaller
+    contact disk, so a shared tile the gel could not feel would show up here."""
+    ds, group = SynthTouch(1, image_size=32), SynthTouch.factor_groups[detail]
+    base = dict(pressure="light", texture="stripes", roughness="coarse")
+    tiles = SynthTouch.DETAILS[detail] ** 2
+    for tile in range(tiles):
+        low, high = [0.1] * tiles, [0.1] * tiles
+        high[tile] = 0.9
+        a, b = ds.render({**base, detail: low}, seed=5), ds.render({**base, detail: high}, seed=5)
+        assert (not torch.equal(a["vision"], b["vision"])) == (group in ("shared", "vision")), (detail, tile)
+        assert (not torch.equal(a["touch"], b["touch"])) == (group in ("shared", "touch")), (detail, tile)
+
+
+def test_details_are_tuples_of_tile_values_in_the_factor_table():
+    ds = SynthTouch(20, seed=2)
+    table = ds.factor_table()
+    for name, side in SynthTouch.DETAILS.items():
+        assert table[name].shape == (20, side * side) and 0 <= table[name].min() and table[name].max() < 1
+        assert tuple(table[name][3]) == ds.factors_of(3)[name]
+        assert SynthTouch.is_continuous(name) and SynthTouch.SCALE[name] == "fine"
+
+
 def test_phase_is_shared():
     ds = SynthTouch(1)
     a, b = ds.render(dict(phase_x=0.1), seed=3), ds.render(dict(phase_x=0.4), seed=3)
@@ -119,6 +144,10 @@ def test_bad_inputs_raise_clear_errors():
         ds.render(dict(smell="sweet"), seed=0)
     with pytest.raises(ValueError, match="phase_x"):
         ds.render(dict(phase_x=1.5), seed=0)
+    with pytest.raises(ValueError, match="stain.*16 values"):
+        ds.render(dict(stain=[0.5] * 9), seed=0)
+    with pytest.raises(ValueError, match="wear.*in \\[0, 1\\)"):
+        ds.render(dict(wear=[1.5] * 9), seed=0)
     with pytest.raises(ValueError, match="image_size"):
         SynthTouch(2, image_size=8)
     with pytest.raises(ValueError, match="train, val, test"):

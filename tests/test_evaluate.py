@@ -186,9 +186,20 @@ def test_group_summary_and_leakage_report_chance(info):
     assert set(table.index) == {"color", "lighting", "hardness", "pressure"}
     assert table.loc["color", "own private"] > 0.95
     # touch never sees colour: its shared tokens decode it at chance level, nothing leaks
-    assert table.loc["color", "other shared (leakage)"] < table.loc["color", "chance"] + 0.15
-    assert table.loc["hardness", "other shared (leakage)"] < table.loc["hardness", "chance"] + 0.15
-    assert table.loc["color", "leaks into"] == "touch" and table.loc["hardness", "leaks into"] == "vision"
+    assert table.loc["color", "other shared (control)"] < table.loc["color", "chance"] + 0.15
+    assert table.loc["hardness", "other shared (control)"] < table.loc["hardness", "chance"] + 0.15
+    assert table.loc["color", "other modality"] == "touch" and table.loc["hardness", "other modality"] == "vision"
+
+
+def test_order_by_token_reads_which_kind_of_factor_each_token_holds(info):
+    """Kinds are means over their factors, and one factor of each kind is planted: texture of the four coarse
+    shared factors (token 0, so ~1/4), the own private one of two (token 2, ~1/2); the rest read at chance (0)
+    up to probe noise on 200 test rows (a few hundredths)."""
+    order = evaluate.order_by_token(info)
+    for m in ("vision", "touch"):
+        assert order.loc[(m, "shared · coarse"), 0] > 0.2 > 0.1 > order.loc[(m, "shared · coarse"), 3]
+        assert order.loc[(m, "own private · coarse"), 2] > 0.4 > 0.1 > order.loc[(m, "own private · coarse"), 0]
+        assert order.loc[(m, "other private · coarse")].max() < 0.1
 
 
 # ----------------------------------------------------------------------------------------------
