@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -626,6 +627,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
+def check_token_shape(tokens: torch.Tensor, num_tokens: int, dim: int):
+    _, T, D = tokens.shape
+    if D != dim or T != num_tokens:
+        raise ValueError(f"features are B×{T}×{D} but this register module was built for B×{num_tokens}×{dim}; "
+                         "check the encoder and the feature cache")
+
+
 class RegisterTokenModule(nn.Module):
     """Input projection + learnable ordered registers + transformer (joint or cross attention).
 
@@ -652,10 +660,8 @@ class RegisterTokenModule(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, n_registers: int | None = None):
         """tokens: B×T×input_dim frozen features; mask: B×T (True = real token).
         `n_registers` runs with only the first n registers (the prefix property's reference)."""
+        check_token_shape(tokens, self.num_input_tokens, self.input_dim)
         B, T, D = tokens.shape
-        if D != self.input_dim or T != self.num_input_tokens:
-            raise ValueError(f"features are B×{T}×{D} but this register module was built for "
-                             f"B×{self.num_input_tokens}×{self.input_dim}; check the encoder and the feature cache")
         R = n_registers or self.n_registers
         mask = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
         feats = self.in_proj(tokens) + self.feature_pos
@@ -799,8 +805,14 @@ def matryoshka_info_nce(a, b, logit_scale, dims: tuple[int, ...]) -> torch.Tenso
     return torch.stack([info_nce(a[:, :d], b[:, :d], logit_scale) for d in dims]).mean()
 
 
-def preservation_loss(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 − cosine similarity between reconstructed and frozen token features, over real tokens."""
+def preservation_loss(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                      centre: torch.Tensor | None = None) -> torch.Tensor:
+    """1 − cosine similarity between reconstructed and frozen token features, over real tokens. With `centre`
+    (T×D, the mean feature of each position), both are measured from it: most of a frozen feature's length is what every
+    sample shares (position, the encoder's biases), which a raw cosine rewards for free, while what the
+    tokens are there to keep is what varies between samples."""
+    if centre is not None:
+        reconstruction, target = reconstruction - centre, target - centre
     cos = F.cosine_similarity(reconstruction, target, dim=-1)
     mask = mask.to(cos.dtype)
     return 1 - (cos * mask).sum() / mask.sum()
@@ -879,6 +891,16 @@ class Features(NamedTuple):
         pooled, tokens, mask = (torch.as_tensor(a[index]) for a in self)
         return Features(pooled.to(device, torch.float32), tokens.to(device, torch.float32), mask.to(device))
 
+    def mean_token(self, batch_size: int = 1024) -> torch.Tensor:
+        """T×D: the mean feature of each token position over the real tokens of every row, read batch by
+        batch (a cached split is a memory map)."""
+        total, count = 0.0, 0.0
+        for start in range(0, len(self.pooled), batch_size):
+            part = self.batch(np.arange(start, min(start + batch_size, len(self.pooled))))
+            weight = part.mask.to(torch.float32)[..., None]
+            total, count = total + (part.tokens * weight).sum(0), count + weight.sum(0)
+        return total / count.clamp(min=1)
+
 
 class AlignmentModel(nn.Module):
     """Works on frozen features, so training reads the feature cache and never runs an encoder.
@@ -901,6 +923,12 @@ class AlignmentModel(nn.Module):
             self.encoders = nn.ModuleDict({m: RegisterTokenModule(
                 input_dims[m], input_tokens[m], H, cfg.n_registers, cfg.n_layers, cfg.n_heads, cfg.attention,
                 registers_init=clone) for m in cfg.modalities})
+            # What every sample's frozen features share, per position, comes off before the register module, so
+            # its attention starts from what differs between samples: without it the touch embeddings of all
+            # samples start at cosine 0.997 and contrastive learning sat at chance for 3 to 5 epochs. Set from the
+            # training split by set_feature_centres, then learned like a bias.
+            self.feature_centres = nn.ParameterDict({m: nn.Parameter(torch.zeros(input_tokens[m], input_dims[m]))
+                                                     for m in cfg.modalities})
             self.heads = nn.ModuleDict({m: nn.Linear(H, cfg.embed_dim) for m in cfg.modalities})
             if cfg.token_dim is not None:
                 self.bottlenecks = nn.ModuleDict({m: TokenBottleneck(H, cfg.token_dim) for m in cfg.modalities})
@@ -928,7 +956,9 @@ class AlignmentModel(nn.Module):
                 raise ValueError(f"{modality} features are {feats.pooled.shape[-1]} wide but this adapter was built "
                                  f"for {self.input_dims[modality]}; check the encoder and the feature cache")
             return self.encoders[modality](feats.pooled)[:, None, :]
-        tokens = self.encoders[modality](feats.tokens, feats.mask, n_registers=n_registers)
+        check_token_shape(feats.tokens, self.input_tokens[modality], self.input_dims[modality])
+        tokens = self.encoders[modality](feats.tokens - self.feature_centres[modality], feats.mask,
+                                         n_registers=n_registers)
         return self.bottlenecks[modality](tokens) if self.cfg.token_dim is not None else tokens
 
     def shared_embedding(self, modality: str, tokens: torch.Tensor, keep: torch.Tensor | None = None):
@@ -965,7 +995,9 @@ class AlignmentModel(nn.Module):
             emb[m] = self.shared_embedding(m, tokens, keep)
             if cfg.preservation_weight > 0:
                 recon = self.decoders[m](*self.preservation_input(m, tokens_of, keep_of))
-                preservation.append(preservation_loss(recon, batch[m].tokens, batch[m].mask))
+                # the training mean the centre started from, not the batch's: every rank of a run uses the same
+                centre = self.feature_centres[m].detach()
+                preservation.append(preservation_loss(recon, batch[m].tokens, batch[m].mask, centre))
             if cfg.leakage_guard == "decorrelate":
                 decorrelation.append(decorrelation_penalty(tokens, keep, cfg.n_shared))
             if cfg.complementary_reg_weight > 0 and cfg.n_shared < cfg.n_registers:
@@ -1017,6 +1049,18 @@ class AlignmentModel(nn.Module):
                     torch.cat([keep[other][:, :S], own_keep[:, S:]], 1))
         return own, own_keep
 
+    @torch.no_grad()
+    def set_feature_centres(self, features: dict[str, Features]):
+        """Start each modality's feature centre at the mean token of its training features."""
+        for m in self.cfg.modalities:
+            if m in getattr(self, "feature_centres", {}):
+                self.feature_centres[m].copy_(features[m].mean_token())
+
+    def complete_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint saved before feature centres existed computed exactly what zero centres compute."""
+        own = getattr(self, "feature_centres", {})
+        return {**{f"feature_centres.{m}": torch.zeros_like(p) for m, p in own.items()}, **tensors}
+
     def after_optimizer_step(self):
         """Clamp the temperature parameter itself (as CLIP does), so it stays learnable at the bound."""
         with torch.no_grad():
@@ -1026,16 +1070,18 @@ class AlignmentModel(nn.Module):
         """Parameters AdamW must not decay: learned tokens and positions, and the temperature."""
         return {name for name, _ in self.named_parameters()
                 if name.rsplit(".", 1)[-1] in ("registers", "feature_pos", "queries", "logit_scale")
-                or name.startswith("flow.direction.")}
+                or name.startswith(("flow.direction.", "feature_centres."))}
 
     @torch.no_grad()
-    def reconstruction_cosine(self, modality: str, tokens: torch.Tensor, feats: Features, ks: list[int]):
-        """Per-sample preservation cosine for every prefix length k (B per k)."""
+    def reconstruction_cosine(self, modality: str, tokens: torch.Tensor, feats: Features, ks: list[int],
+                              centre: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per-sample preservation cosine for every prefix length k (B per k), both sides measured from
+        `centre`, the mean feature of the split (`Features.mean_token`), as the preservation loss does."""
         R = tokens.shape[1]
         out = {}
         for k in ks:
             keep = (torch.arange(R, device=tokens.device)[None] < min(k, R)).expand(len(tokens), -1)
-            cos = F.cosine_similarity(self.decoders[modality](tokens, keep), feats.tokens, dim=-1)
+            cos = F.cosine_similarity(self.decoders[modality](tokens, keep) - centre, feats.tokens - centre, dim=-1)
             mask = feats.mask.to(cos.dtype)
             out[k] = (cos * mask).sum(1) / mask.sum(1)
         return out

@@ -58,9 +58,9 @@ class SynthTouch(torch.utils.data.Dataset):
                      "phase_y": dict(stripes=None, checker=2, dots=1, waves=2)}
     # fine, local factors: one value in [0, 1) per tile of a side×side grid, so that knowing them takes many
     # numbers, each about a small part of the image; this is what later register tokens are there for.
-    # wear fades the print and flattens the grooves of the central tiles (seen and felt), stain darkens the
-    # ink of each tile of the whole picture (seen only), compliance lets the central tiles sink deeper into the
-    # gel (felt only). A value is a tuple of side² floats, row by row.
+    # wear rubs the pattern off the central tiles (seen and felt), stain turns the ink of each tile of the
+    # whole picture brown (seen only), compliance lets the central tiles sink deeper into the gel (felt only).
+    # A value is a tuple of side² floats, row by row.
     DETAILS = OrderedDict(wear=3, stain=4, compliance=3)
     # how much of the image each grid covers: half the side of a centred square, in image widths; the
     # central grids lie inside the contact disk of a light press, so the gel feels every one of their tiles
@@ -101,6 +101,7 @@ class SynthTouch(torch.utils.data.Dataset):
     DEPTH = dict(soft=1.0, medium=0.65, hard=0.4)  # soft objects sink deeper into the gel ...
     BLUR = dict(soft=0.03, medium=0.015, hard=0.004)  # ... and smear the imprint (Gaussian sigma)
     CONTACT_RADIUS = dict(light=0.30, firm=0.41)
+    STAIN_HUE = np.array([0.45, 0.30, 0.12], dtype=np.float32)  # brown
     GEL = np.array([0.70, 0.78, 0.90], dtype=np.float32)  # pale bluish background of a DIGIT sensor
     LED_ANGLES = np.deg2rad([0.0, 120.0, 240.0]).astype(np.float32)  # red, green, blue LEDs on three sides
 
@@ -125,7 +126,7 @@ class SynthTouch(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self):
-        return f"synthtouch-v2-n{self.n}-seed{self.seed}-s{self.image_size}-{self.split}"
+        return f"synthtouch-v3-n{self.n}-seed{self.seed}-s{self.image_size}-{self.split}"
 
     @property
     def captions(self):
@@ -245,16 +246,18 @@ class SynthTouch(torch.utils.data.Dataset):
         else:  # waves
             p = 0.5 + 0.5 * np.cos(2 * np.pi * (across + 0.3 * np.sin(np.pi * along)))
 
-        # wear, shared: the worn central tiles' print fades towards grey and their grooves flatten
+        # wear, shared: on the worn central tiles the pattern is rubbed away, flat and pale to the eye and
+        # smooth to the gel
         wear = self._tiles("wear", f["wear"], 0.0, X, Y)
-        p_worn = p + 0.8 * wear * (0.5 - p)
-        relief = p * (1 - 0.8 * wear)
+        relief = p * (1 - wear)
+        p_worn = relief + 0.6 * wear
 
-        # vision: the pattern printed in the sample's colour and stains, under its lighting, seen by a noisy
-        # camera (images are built channels-first: numpy is several times faster than with a trailing 3)
-        hue = np.array(self.HUE[f["color"]], dtype=np.float32)[:, None, None]
-        stain = self._tiles("stain", f["stain"], 0.0, X, Y)
-        vision = self.LIGHT[f["lighting"]] * (0.12 + 0.88 * hue * p_worn) * (1 - 0.5 * stain)
+        # vision: the pattern printed in the sample's colour, its ink stained brown tile by tile, under its
+        # lighting, seen by a noisy camera (channels-first: numpy is several times faster than with a trailing 3)
+        stain = self._tiles("stain", f["stain"], 0.0, X, Y)[None]
+        hue = (1 - 0.8 * stain) * np.array(self.HUE[f["color"]], dtype=np.float32)[:, None, None] + \
+            0.8 * stain * self.STAIN_HUE[:, None, None]
+        vision = self.LIGHT[f["lighting"]] * (0.12 + 0.88 * hue * p_worn)
         noise = 0.06 * (vision_rng.random(vision.shape, dtype=np.float32) - 0.5)  # uniform: 5x cheaper than normal
         vision = vision * vision_rng.uniform(0.92, 1.08) + noise
 
@@ -262,7 +265,7 @@ class SynthTouch(torch.utils.data.Dataset):
         # rendered photometrically, as three coloured LEDs from different sides light its slopes
         radius = self.CONTACT_RADIUS[f["pressure"]]
         contact = np.clip((radius - np.sqrt(X ** 2 + Y ** 2)) / 0.03, 0, 1)  # soft-edged contact patch
-        give = 0.6 + 0.8 * self._tiles("compliance", f["compliance"], 0.5, X, Y)  # 1 outside the central tiles
+        give = 0.4 + 1.2 * self._tiles("compliance", f["compliance"], 0.5, X, Y)  # 1 outside the central tiles
         pressed = self.DEPTH[f["hardness"]] * contact * give * (0.4 + self.RELIEF[f["roughness"]] * relief)
         height = self._blur(pressed, self.BLUR[f["hardness"]] * size)
         slope_y, slope_x = np.gradient(height, 1 / size)  # slopes per image width, size-independent

@@ -77,6 +77,7 @@ def encode(model: core.AlignmentModel, modality: str, features: core.Features, k
     device = next(model.parameters()).device
     n = len(features.pooled)
     has_decoder = hasattr(model, "decoders")
+    centre = features.mean_token().to(device) if has_decoder else None
     tokens, embeddings, recon = [], {k: [] for k in ks}, {k: [] for k in ks}
     for start in tqdm(range(0, n, batch_size), desc=f"encode {modality}", disable=not progress, leave=False):
         feats = features.batch(np.arange(start, min(start + batch_size, n)), device)
@@ -89,7 +90,7 @@ def encode(model: core.AlignmentModel, modality: str, features: core.Features, k
         for k, out in per_k.items():
             embeddings[k].append(model.prefix_embeddings(modality, out, [k])[k].cpu())
             if has_decoder:
-                recon[k].append(model.reconstruction_cosine(modality, out, feats, [k])[k].cpu())
+                recon[k].append(model.reconstruction_cosine(modality, out, feats, [k], centre)[k].cpu())
     return Encoded(torch.cat(tokens) if tokens else None,
                    {k: torch.cat(v) for k, v in embeddings.items()},
                    {k: torch.cat(v) for k, v in recon.items()} if has_decoder else None)

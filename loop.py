@@ -236,6 +236,8 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str):
     """Load exactly the trainable tensors: a missing, extra or reshaped tensor is an error, not a skip."""
     own = trainable_tensors(model)
+    if hasattr(model, "complete_state"):  # tensors an older version of the model did not have yet
+        tensors = model.complete_state(tensors)
     mismatch = core.state_mismatch(own, tensors)
     if mismatch:
         raise ValueError(f"{source} was saved from a different model config: {mismatch}; build the model from "

@@ -244,7 +244,9 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     if dist.world > 1 and dist.main:
         torch.distributed.barrier()
     torch.manual_seed(cfg.seed)  # the initial weights (torchrun broadcasts rank 0's anyway)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    model.set_feature_centres(train_feats)
+    model = model.to(device)
     n = len(next(iter(train_feats.values())).pooled)
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:

@@ -117,13 +117,14 @@ def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_pas
         tokens = model.tokens("vision", feats)
         assert tokens.shape == (4, 8, 32)
         embeddings = model.prefix_embeddings("vision", tokens, cfg.prefix_lengths)
-        recon = model.reconstruction_cosine("vision", tokens, feats, cfg.prefix_lengths)
+        centre = feats.mean_token()
+        recon = model.reconstruction_cosine("vision", tokens, feats, cfg.prefix_lengths, centre)
         for k in cfg.prefix_lengths:
             alone = model.tokens("vision", feats, n_registers=k)
             shared = alone[:, :min(k, cfg.n_shared)]
             torch.testing.assert_close(embeddings[k], model.heads["vision"](shared.mean(1)), atol=1e-5, rtol=1e-5)
             decoded = model.decoders["vision"](alone, torch.ones(4, k, dtype=torch.bool))
-            expected = F.cosine_similarity(decoded, feats.tokens, dim=-1).mean(1)
+            expected = F.cosine_similarity(decoded - centre, feats.tokens - centre, dim=-1).mean(1)
             torch.testing.assert_close(recon[k], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(embeddings[4], embeddings[8])  # beyond n_shared nothing changes
 
@@ -234,6 +235,20 @@ def test_preservation_is_one_minus_mean_cosine_over_real_tokens():
            for i, j in [(0, 0), (0, 1), (1, 0)]]
     assert core.preservation_loss(recon, target, mask).item() == pytest.approx(1 - np.mean(cos), rel=1e-10)
     assert core.preservation_loss(3 * target, target, mask).item() == pytest.approx(0, abs=1e-12)
+
+
+def test_centred_preservation_ignores_what_every_sample_shares():
+    """Frozen features = a large common part + a small per-sample part. Rebuilding only the common part
+    scores well on the raw cosine and at chance once both sides are measured from the mean feature."""
+    g = torch.Generator().manual_seed(4)
+    common = 10 * torch.randn(1, 5, 8, generator=g)
+    target = common + torch.randn(64, 5, 8, generator=g)
+    mask = torch.ones(64, 5, dtype=torch.bool)
+    only_common = common.expand(64, -1, -1) + 0.01 * torch.randn(64, 5, 8, generator=g)
+    centre = target.mean(0)
+    assert core.preservation_loss(only_common, target, mask) < 0.05  # raw: looks nearly perfect
+    assert core.preservation_loss(only_common, target, mask, centre) > 0.8  # centred: ~1, nothing kept
+    assert core.preservation_loss(target, target, mask, centre) < 1e-6
 
 
 def test_complementary_regularizer_is_l2_plus_squared_cosine_to_the_overlap():
@@ -554,3 +569,14 @@ def test_token_bottleneck_limits_each_token_to_token_dim_numbers():
         assert singular[3] < 1e-4 * singular[0], singular[:5]  # float32 round-off, far below the 3 kept
     with pytest.raises(ValueError, match="token_dim=64 must lie in 1..hidden_dim=32"):
         small(token_dim=64)
+
+
+def test_feature_centres_start_at_the_training_mean_and_old_checkpoints_load_as_zero_centres():
+    model = build(small())
+    feats = paired_features(32)
+    model.set_feature_centres(feats)
+    torch.testing.assert_close(model.feature_centres["vision"], feats["vision"].tokens.mean(0))
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("feature_centres.")}
+    completed = model.complete_state(old)
+    assert (completed["feature_centres.touch"] == 0).all() and "feature_centres.touch" not in old
+    assert "feature_centres.vision" in model.no_weight_decay()
