@@ -31,8 +31,9 @@ VARIANTS = {
     "stop-gradient": {"model.leakage_guard": "stopgrad", "model.alignment_weight": 0.0},
     "cross-modal reconstruction": {"model.leakage_guard": "cross", "model.alignment_weight": 0.0},
     "decorrelation": {"model.leakage_guard": "decorrelate", "model.alignment_weight": 0.0},
+    "token bottleneck": {"model.token_dim": 8},  # the default with 8 numbers per token: less leaks, less retrieved
 }
-LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruction", "decorrelation")
+LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruction", "decorrelation", "token bottleneck")
 SEEDS = (0, 1, 2)
 PROBE = "non-linear"
 
@@ -67,6 +68,10 @@ def headline(run_dir: str | os.PathLike) -> dict:
     for m, part in private.groupby("modality"):
         coarse = part[part.factor.map(evaluate.SynthTouch.SCALE) == "coarse"]
         out[f"{m} own private accuracy from private tokens (min), k={R}"] = coarse.score.min()
+    shared = leaks[(leaks.probe == PROBE) & (leaks.source == "shared tokens") & (leaks.role == "shared") & (leaks.k == S)
+                   & leaks.factor.isin(evaluate.shared_discrete_factors())]
+    for m, part in shared.groupby("modality"):
+        out[f"{m} coarse shared factors from shared tokens (min), k={S}"] = part.normalised.min()
     return out
 
 
@@ -94,7 +99,8 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     """mean ± std (over seeds, sample std) of every number, one row per variant, variants in study order."""
     numbers = rows.drop(columns="seed").groupby("variant", sort=False)
     mean, std, n = numbers.mean(), numbers.std(ddof=1), numbers.size()
-    table = mean.round(3).astype(str) + " ± " + std.round(3).astype(str)
+    spread = std.round(3).map(lambda x: "" if pd.isna(x) else f" ± {x}")  # one seed has no spread
+    table = mean.round(3).map(str) + spread
     return table.assign(seeds=n).T
 
 

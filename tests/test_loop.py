@@ -196,11 +196,11 @@ def test_a_run_from_before_a_config_field_existed_is_still_reused(reference_run,
     old = tmp_path / "old"
     shutil.copytree(reference_run, old, symlinks=True)
     saved = yaml.safe_load((old / "config.yaml").read_text())
-    del saved["model"]["leakage_guard"]
+    del saved["model"]["token_dim"]
     (old / "config.yaml").write_text(yaml.safe_dump(saved))
     assert train.ensure_trained(tiny(cache_dir, old)) == old
-    with pytest.raises(ValueError, match=r"'model.leakage_guard': \('none', 'stopgrad'\)"):
-        train.ensure_trained(tiny(cache_dir, old, **{"model.leakage_guard": "stopgrad"}))
+    with pytest.raises(ValueError, match=r"'model.token_dim': \(None, 8\)"):
+        train.ensure_trained(tiny(cache_dir, old, **{"model.token_dim": 8}))
 
 
 def test_interrupted_metrics_are_truncated_to_the_checkpoint_on_resume(reference_run, cache_dir, tmp_path):
