@@ -115,13 +115,27 @@ def write(rows: pd.DataFrame, root: str | os.PathLike = "runs/study") -> Path:
     return root / "study.md"
 
 
+def curves(variants=("default", "no nested dropout"), seed: int = 0, root: str | os.PathLike = "runs/study"):
+    """Quality against k of finished study runs (one seed): the figure at the top of the README."""
+    import plots
+    tables = {v: evaluate.read_eval(run_config(v, seed, root).run_dir / "eval.json") for v in variants}
+    chance = {"vision->touch R@1 pair": "chance@1 pair", "vision->touch R@1 factor": "chance@1 factor"}
+    return plots.prefix_curves(tables, [*chance, "vision recon cos", "touch recon cos"],
+                               f"Quality vs prefix length k (test split, seed {seed})", chance)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--out", default="runs/study", help="study folder (default: runs/study)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side, one thread each")
+    parser.add_argument("--figure", help="only draw quality vs k of default and 'no nested dropout' (seed 0), to this PNG")
     args = parser.parse_args(argv)
+    if args.figure:
+        import plots
+        Path(args.figure).write_bytes(plots.png(curves(root=args.out)))
+        return
     rows = study(args.variants, args.seeds, args.out, args.jobs)
     print(Path(write(rows, args.out)).read_text())
 
