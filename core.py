@@ -864,9 +864,36 @@ class Features(NamedTuple):
     mask: torch.Tensor  # N×T bool, True where a token is real (text is padded)
 
     def batch(self, index, device="cpu") -> "Features":
-        """Rows `index` as float32 tensors on `device`; a memmap is read from disk only here."""
-        pooled, tokens, mask = (torch.as_tensor(a[index]) for a in self)
+        """Rows `index` as float32 tensors on `device`; a memmap is read from disk only here (read_rows)."""
+        pooled, tokens, mask = (torch.as_tensor(read_rows(a, index)) for a in self)
         return Features(pooled.to(device, torch.float32), tokens.to(device, torch.float32), mask.to(device))
+
+
+def read_rows(array, index):
+    """array[index]. A whole .npy memmap (as np.load opens a cache file) is read with one os.preadv per run of
+    consecutive rows, in file order: the rows never enter this process's memory map (a memmap's pages count as
+    resident once touched, so reading a cache larger than memory through it would fill the resident set)."""
+    import numpy as np
+    if not (isinstance(array, np.memmap) and array.flags.c_contiguous
+            and array.offset + array.nbytes == os.path.getsize(array.filename)):  # a view of part of a file
+        return array[index]
+    index = np.asarray(index)
+    order = np.argsort(index, kind="stable")
+    rows = index[order]
+    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    row_bytes = array.itemsize * math.prod(array.shape[1:])
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    with open(array.filename, "rb", buffering=0) as file:
+        for start, stop in zip([0, *breaks], [*breaks, len(rows)]):
+            buffer = memoryview(out[start:stop]).cast("B")
+            if os.preadv(file.fileno(), [buffer], array.offset + int(rows[start]) * row_bytes) != len(buffer):
+                raise OSError(f"{array.filename} ended before row {rows[stop - 1]}: the file was truncated; "
+                              "delete its cache folder and it is rebuilt")
+    if (order == np.arange(len(order))).all():
+        return out
+    result = np.empty_like(out)
+    result[order] = out
+    return result
 
 
 class AlignmentModel(nn.Module):
