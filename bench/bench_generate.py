@@ -44,7 +44,7 @@ def qwen_shaped_decoder(folder: Path) -> Path:
     return folder
 
 
-def compare(mm: L.MultimodalLLM, n: int, new_tokens: int):
+def compare(mm: L.MultimodalLLM, n: int, new_tokens: int, name: str):
     torch.manual_seed(0)
     tokens = {m: torch.randn(n, mm.n_registers, L.token_width(mm.aligner.cfg)) for m in mm.modalities}
     # every caption runs the full length, so both ways do the same amount of decoding
@@ -54,7 +54,7 @@ def compare(mm: L.MultimodalLLM, n: int, new_tokens: int):
     looped, slow = timed(lambda: [c for i in range(n) for c in mm.generate_from_tokens(
         {m: t[i:i + 1] for m, t in tokens.items()}, use_cache=False, **fixed)])
     prefix = mm.n_registers * len(mm.modalities)
-    print(f"decoder {mm.llm_cfg.model_name}: {n} captions × {new_tokens} tokens, prefix {prefix} tokens, "
+    print(f"decoder {name}: {n} captions × {new_tokens} tokens, prefix {prefix} tokens, "
           f"{torch.get_num_threads()} threads")
     print(f"  per-sample loop, no KV cache: {slow:8.2f} s  {n * new_tokens / slow:8.1f} tokens/s")
     print(f"  batched + KV cache:           {fast:8.2f} s  {n * new_tokens / fast:8.1f} tokens/s")
@@ -72,13 +72,13 @@ def main():
     cfg = train.load_config()  # the testbed's phase-1 shape; weights do not matter for speed
     torch.manual_seed(0)
     aligner = core.Aligner({m: train.get_encoder(cfg, m) for m in cfg.model.modalities}, train.build_model(cfg))
-    compare(L.MultimodalLLM(aligner, L.LLMConfig()).eval(), args.n, args.new_tokens)
+    compare(L.MultimodalLLM(aligner, L.LLMConfig()).eval(), args.n, args.new_tokens, L.LLMConfig().model_name)
     with tempfile.TemporaryDirectory() as folder:
         qwen_shaped_decoder(Path(folder))
         # full: the weights are random on purpose, so no "untrained decoder" warning; nothing trains here
         mm, load = timed(lambda: L.MultimodalLLM(aligner, L.LLMConfig(model_name=folder, train_decoder="full")).eval())
         params = sum(p.numel() for p in mm.decoder.parameters()) / 1e6
-        tokens = compare(mm, args.n_qwen, args.new_tokens_qwen)
+        tokens = compare(mm, args.n_qwen, args.new_tokens_qwen, "Qwen2.5-0.5B-shaped (random weights)")
         _, first = timed(lambda: mm.generate_from_tokens({m: t[:1] for m, t in tokens.items()},
                                                          max_new_tokens=args.new_tokens_qwen,
                                                          min_new_tokens=args.new_tokens_qwen))
