@@ -584,22 +584,37 @@ class Attention(nn.Module):
         self.k, self.v = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim)
         self.record_weights, self.weights = False, None  # set record_weights to keep the attention map
 
-    def forward(self, x, context, allowed):
-        """x: B×L×D queries, context: B×S×D keys/values, allowed: (B×)L×S bool."""
-        B, L, D = x.shape
-        S = context.shape[1]
-        q = self.q(x).view(B, L, self.n_heads, -1).transpose(1, 2)
-        k = self.k(context).view(B, S, self.n_heads, -1).transpose(1, 2)
-        v = self.v(context).view(B, S, self.n_heads, -1).transpose(1, 2)
-        mask = allowed.unsqueeze(1) if allowed.dim() == 3 else allowed
-        if self.record_weights:  # the explicit path, only for figures
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:2], self.n_heads, -1).transpose(1, 2)  # B×L×D -> B×heads×L×D/heads
+
+    def attend(self, q, k, v, allowed, record: bool = True) -> torch.Tensor:
+        """Heads in, B×L×D out. allowed: (B×)L×S bool, or None when every query may see every key."""
+        mask = allowed.unsqueeze(1) if allowed is not None and allowed.dim() == 3 else allowed
+        if self.record_weights and record:  # the explicit path, only for figures
             logits = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-            probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+            probs = (logits if mask is None else logits.masked_fill(~mask, float("-inf"))).softmax(-1)
             self.weights = probs.mean(1).detach()
             y = probs @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
+        return self.out(y.transpose(1, 2).flatten(2))
+
+    def forward(self, x, context, allowed):
+        """x: B×L×D queries, context: B×S×D keys/values, allowed: (B×)L×S bool or None."""
+        return self.attend(self.heads(self.q(x)), self.heads(self.k(context)), self.heads(self.v(context)), allowed)
+
+    def joint(self, x, n_features: int, feature_allowed, register_allowed, registers_only: bool):
+        """Self-attention over x = [features | registers] as register_attention_mask allows it, without computing
+        what that mask throws away: features attend to features alone (feature_allowed: B×1×T), registers to
+        [features | registers ≤ i] (register_allowed: B×R×(T+R)). `registers_only`: only the registers' rows
+        (in the last block nothing reads the features' rows). The map recorded is the registers'."""
+        T = n_features
+        k, v = self.heads(self.k(x)), self.heads(self.v(x))
+        registers = self.attend(self.heads(self.q(x[:, T:])), k, v, register_allowed)
+        if registers_only:
+            return registers
+        features = self.attend(self.heads(self.q(x[:, :T])), k[:, :, :T], v[:, :, :T], feature_allowed, record=False)
+        return torch.cat([features, registers], 1)
 
 
 class MLP(nn.Sequential):
@@ -624,6 +639,13 @@ class Block(nn.Module):
         x = x + self.attn(h, h, self_allowed)
         if self.cross is not None:
             x = x + self.cross(self.norm2(x), self.norm_ctx(context), cross_allowed)
+        return x + self.mlp(self.norm3(x))
+
+    def joint(self, x, n_features: int, feature_allowed, register_allowed, registers_only: bool = False):
+        """forward() on x = [features | registers] under register_attention_mask (see Attention.joint);
+        `registers_only` returns the registers' rows alone, skipping the features' attention and MLP."""
+        update = self.attn.joint(self.norm1(x), n_features, feature_allowed, register_allowed, registers_only)
+        x = (x[:, n_features:] if registers_only else x) + update
         return x + self.mlp(self.norm3(x))
 
 
@@ -668,12 +690,12 @@ class RegisterTokenModule(nn.Module):
         regs = self.registers[:R].expand(B, R, -1)
         causal = torch.ones(R, R, dtype=torch.bool, device=tokens.device).tril()
         if self.attention == "joint":
-            x = torch.cat([feats, regs], dim=1)
-            allowed = register_attention_mask(T, R, tokens.device).expand(B, -1, -1) & \
-                torch.cat([mask, torch.ones(B, R, dtype=torch.bool, device=mask.device)], 1)[:, None, :]
-            for block in self.blocks:
-                x = block(x, allowed)
-            out = x[:, T:]
+            # register_attention_mask split in two: features see real features, registers also registers <= i
+            feature_allowed = mask[:, None, :]
+            register_allowed = torch.cat([mask[:, None, :].expand(B, R, T), causal.expand(B, R, R)], 2)
+            out = torch.cat([feats, regs], dim=1)
+            for i, block in enumerate(self.blocks):
+                out = block.joint(out, T, feature_allowed, register_allowed, registers_only=i == len(self.blocks) - 1)
         else:
             cross_allowed = mask[:, None, :].expand(B, R, T)
             out = regs
@@ -690,8 +712,7 @@ class RegisterTokenModule(nn.Module):
             self.forward(tokens, mask)
         finally:
             last.record_weights = False
-        T = self.num_input_tokens
-        return last.weights[:, T:, :T] if self.attention == "joint" else last.weights
+        return last.weights[:, :, :self.num_input_tokens]  # joint: the rest of each row is registers <= i
 
 
 class TokenBottleneck(nn.Sequential):
@@ -755,10 +776,9 @@ class FeatureDecoder(nn.Module):
     def forward(self, registers: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         B, T = registers.shape[0], len(self.queries)
         x = self.queries.expand(B, -1, -1)
-        everyone = torch.ones(T, T, dtype=torch.bool, device=x.device)
         cross_allowed = keep[:, None, :].expand(B, T, keep.shape[1])
         for block in self.blocks:
-            x = block(x, everyone, registers, cross_allowed)
+            x = block(x, None, registers, cross_allowed)  # the queries see each other without a mask
         return self.out(x)
 
 
@@ -887,8 +907,8 @@ class Features(NamedTuple):
     mask: torch.Tensor  # N×T bool, True where a token is real (text is padded)
 
     def batch(self, index, device="cpu") -> "Features":
-        """Rows `index` as float32 tensors on `device`; a memmap is read from disk only here."""
-        pooled, tokens, mask = (torch.as_tensor(a[index]) for a in self)
+        """Rows `index` as float32 tensors on `device`; a memmap is read from disk only here (read_rows)."""
+        pooled, tokens, mask = (torch.as_tensor(read_rows(a, index)) for a in self)
         return Features(pooled.to(device, torch.float32), tokens.to(device, torch.float32), mask.to(device))
 
     def mean_token(self, batch_size: int = 1024) -> torch.Tensor:
@@ -900,6 +920,33 @@ class Features(NamedTuple):
             weight = part.mask.to(torch.float32)[..., None]
             total, count = total + (part.tokens * weight).sum(0), count + weight.sum(0)
         return total / count.clamp(min=1)
+
+
+def read_rows(array, index):
+    """array[index]. A whole .npy memmap (as np.load opens a cache file) is read with one os.preadv per run of
+    consecutive rows, in file order: the rows never enter this process's memory map (a memmap's pages count as
+    resident once touched, so reading a cache larger than memory through it would fill the resident set)."""
+    import numpy as np
+    if not (isinstance(array, np.memmap) and array.flags.c_contiguous
+            and array.offset + array.nbytes == os.path.getsize(array.filename)):  # a view of part of a file
+        return array[index]
+    index = np.asarray(index)
+    order = np.argsort(index, kind="stable")
+    rows = index[order]
+    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    row_bytes = array.itemsize * math.prod(array.shape[1:])
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    with open(array.filename, "rb", buffering=0) as file:
+        for start, stop in zip([0, *breaks], [*breaks, len(rows)]):
+            buffer = memoryview(out[start:stop]).cast("B")
+            if os.preadv(file.fileno(), [buffer], array.offset + int(rows[start]) * row_bytes) != len(buffer):
+                raise OSError(f"{array.filename} ended before row {rows[stop - 1]}: the file was truncated; "
+                              "delete its cache folder and it is rebuilt")
+    if (order == np.arange(len(order))).all():
+        return out
+    result = np.empty_like(out)
+    result[order] = out
+    return result
 
 
 class AlignmentModel(nn.Module):

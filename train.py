@@ -52,6 +52,9 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     seed: int = 0
+    # >1: an epoch takes blocks of this many consecutive cached samples in a shuffled order (shuffled within
+    # each block), so a feature cache larger than memory is read in long runs (e.g. 1024 for TVL at 257 tokens)
+    shuffle_block: int = 1
     log_every: int = 10  # steps between loss rows in metrics.jsonl
     # evaluation: probe leakage (SynthTouch) for eval.json at the end, about a minute at the testbed's size
     leakage_probes: bool = True
@@ -71,6 +74,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1 (the size of the SynthTouch {name[2:]} split), got "
                                  f"{getattr(self, name)}; e.g. {name}: {default}")
         loop.check_hyperparameters(self, "phase-1 config")
+        if self.shuffle_block < 1:
+            raise ValueError(f"shuffle_block must be at least 1 (1: a plain shuffle), got {self.shuffle_block}; "
+                             "e.g. shuffle_block: 1024")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -258,17 +264,19 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
         ddp = torch.nn.parallel.DistributedDataParallel(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def loss_fn(index):
-        batch = {m: f.batch(dist.local_slice(index), device) for m, f in train_feats.items()}
+    def load(index):  # runs in fit's reading thread, ahead of the step
+        return {m: f.batch(dist.local_slice(index), device) for m, f in train_feats.items()}
+
+    def loss_fn(batch):
         with autocast:
             return ddp(batch)
 
     def epoch_end(epoch):
         return quick_eval(model, val_feats, val_set) if val_feats is not None and dist.main else {}
 
-    loop.fit(model, loss_fn, loop.index_batches(n, cfg.batch_size, cfg.seed), steps_per_epoch, cfg, run,
-             resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1: {cfg.run_dir.name}",
-             rank=dist.rank)
+    loop.fit(model, loss_fn, loop.index_batches(n, cfg.batch_size, cfg.seed, cfg.shuffle_block), steps_per_epoch,
+             cfg, run, resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1: {cfg.run_dir.name}",
+             rank=dist.rank, load=load)
     if dist.main:
         test_set, test_feats = split_data(cfg, "test")
         evaluate_run(model, test_feats, test_set, cfg.run_dir / "eval.json",

@@ -13,6 +13,7 @@ all metadata, so saving in JupyterLab writes outputs into the `.ipynb` and only 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -122,15 +123,18 @@ def sync_notebooks() -> list[Path]:
     return written
 
 
-def execute(py_path: Path, out_dir: Path, smoke: bool, timeout: int = 1800) -> Path:
-    """Execute one notebook with the repo root as working directory; write the executed copy."""
+def execute(py_path: Path, out_dir: Path, smoke: bool) -> Path:
+    """Execute one notebook with the repo root as working directory; write the executed copy. No cell has a
+    time limit (a training cell on a slow machine must not be killed); a dead kernel is noticed within seconds
+    (nbclient polls it), and output that never arrives after a cell's reply fails after a minute, not never."""
     import nbformat
     from nbclient import NotebookClient
     nb = to_notebook(py_path)
     env = {SMOKE_ENV: "1" if smoke else "0", RUN_DIR_ENV: str(out_dir.resolve())}
     os.environ.update(env)  # the kernel inherits the environment of this process
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client = NotebookClient(nb, timeout=None, iopub_timeout=60, raise_on_iopub_timeout=True, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}})
     out_path = out_dir / py_path.with_suffix(".ipynb").name
     try:
         client.execute()
@@ -156,12 +160,30 @@ def write_report(out_dir: Path, timings: dict[str, float], smoke: bool) -> Path:
     return path
 
 
+def code_key() -> str:
+    """A hash of every notebook, module and config: a notebook finished under another key must run again."""
+    files = sorted([*ROOT.glob("*.py"), *NOTEBOOKS.glob("*.py"), *(ROOT / "configs").rglob("*.yaml")])
+    return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+
+
 def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Path:
     """Execute the notebooks (all, or those named by `only`) into out_dir and write report.md. Numbers and
-    timings of notebooks not re-run this time are kept, so `--only 04` refreshes one part of a report."""
+    timings of notebooks not re-run this time are kept, so `--only 04` refreshes one part of a report.
+
+    An interrupted run continues where it stopped: progress.json lists the notebooks finished so far (with
+    the code key), those are skipped, and the one interrupted runs again (its training resumes from its
+    checkpoint through train.ensure_trained). A run that completes removes progress.json."""
     from tqdm.auto import tqdm
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [p for p in notebook_paths() if not only or any(p.name.startswith(o) for o in only)]
+    progress_path, key = out_dir / "progress.json", code_key()
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+    done = set(progress.get("done", [])) if progress.get("key") == key and progress.get("smoke") == smoke else set()
+    skipped = [p for p in paths if p.stem in done and (out_dir / p.with_suffix(".ipynb").name).exists()]
+    if skipped:
+        print(f"continuing an interrupted run: {', '.join(p.stem for p in skipped)} already done "
+              f"(delete {progress_path} to run them again)", flush=True)
+    paths = [p for p in paths if p not in skipped]
     numbers_path, timings_path = out_dir / "numbers.json", out_dir / "timings.json"
     numbers = json.loads(numbers_path.read_text()) if numbers_path.exists() else {}
     # a notebook's sections start with its number ("02 design lines"); drop those about to be rewritten
@@ -173,7 +195,10 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
         execute(path, out_dir, smoke)
         timings[path.stem] = time.perf_counter() - start
         timings_path.write_text(json.dumps(dict(sorted(timings.items())), indent=1))
+        done.add(path.stem)
+        progress_path.write_text(json.dumps({"key": key, "smoke": smoke, "done": sorted(done)}))
         print(f"{path.stem}: {timings[path.stem]:.0f} s", flush=True)
+    progress_path.unlink(missing_ok=True)
     return write_report(out_dir, dict(sorted(timings.items())), smoke)
 
 

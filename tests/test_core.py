@@ -81,6 +81,21 @@ def test_joint_mask_features_never_see_registers():
     assert torch.equal(allowed[4:, 4:], torch.ones(3, 3).tril().bool())  # register i → registers ≤ i
 
 
+def test_joint_path_equals_one_masked_attention_over_features_and_registers():
+    """The joint path skips what register_attention_mask throws away (features' attention to registers, the
+    features' update in the last block): it must give what the whole mask over [features | registers] gives.
+    float32 with another summation order over a few keys: agreement to ~1e-6, so 1e-5 would catch any change."""
+    module = register_module("joint")
+    x, mask = torch.randn(3, T, 16), torch.tensor([[True] * T, [True] * (T - 2) + [False] * 2, [True] + [False] * 5])
+    R = module.n_registers
+    with torch.no_grad():
+        sequence = torch.cat([module.in_proj(x) + module.feature_pos, module.registers.expand(3, R, -1)], 1)
+        allowed = core.register_attention_mask(T, R) & torch.cat([mask, torch.ones(3, R, dtype=torch.bool)], 1)[:, None]
+        for block in module.blocks:
+            sequence = block(sequence, allowed)
+        torch.testing.assert_close(module(x, mask), module.norm(sequence[:, T:]), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("attention", ["joint", "cross"])
 def test_masked_input_tokens_have_no_influence(attention):
     module = register_module(attention)

@@ -292,3 +292,46 @@ def test_two_processes_rebuilding_one_cache_both_get_it_whole(tmp_path):
         np.testing.assert_allclose(np.load(tmp_path / f"out{i}.npy"), np.asarray(reference.pooled), rtol=1e-6,
                                    atol=1e-6)
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [folder.name]  # no .tmp / .old left
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a cache larger than memory: block-shuffled epochs, rows read with preadv, prefetching
+
+
+def test_block_shuffled_epochs_are_permutations_read_block_by_block():
+    n, batch, block = 1000, 16, 64
+    order = loop.epoch_order(n, seed=3, epoch=2, block=block)
+    assert sorted(order) == list(range(n))
+    assert np.array_equal(order, loop.epoch_order(n, seed=3, epoch=2, block=block))  # resume sees the same
+    assert not np.array_equal(order, loop.epoch_order(n, seed=3, epoch=3, block=block))
+    assert np.array_equal(loop.epoch_order(n, 3, 2), np.random.default_rng([3, 2]).permutation(n))  # block 1: as before
+    blocks = [set(b // block) for b in loop.index_batches(n, batch, 3, block)(2)]
+    assert max(map(len, blocks)) <= 2  # the short last block shifts the batches after it by part of a batch
+    assert set().union(*blocks) == set(range(-(-n // block)))  # every block visited
+    whole = [set(b // block) for b in loop.index_batches(1024, batch, 3, block)(2)]
+    assert all(len(b) == 1 for b in whole)  # blocks of whole batches: each batch reads one region of the file
+
+
+def test_read_rows_of_a_memmap_equal_fancy_indexing(tmp_path):
+    array = np.lib.format.open_memmap(tmp_path / "t.npy", "w+", np.float16, (50, 3, 4))
+    array[:] = np.random.default_rng(0).standard_normal((50, 3, 4))
+    array.flush()
+    cached = np.load(tmp_path / "t.npy", mmap_mode="r")
+    for index in ([0, 1, 2, 9, 10, 49], [7, 3, 3, 40], np.arange(50)[::-1]):
+        assert np.array_equal(core.read_rows(cached, index), cached[np.asarray(index)])
+    assert np.array_equal(core.read_rows(cached[10:], [0, 5]), cached[[10, 15]])  # a view is indexed as such
+
+
+def test_prefetched_keeps_order_raises_errors_and_stops_early():
+    assert list(loop.prefetched(range(10), lambda i: i * i)) == [i * i for i in range(10)]
+
+    def fail_at_3(i):
+        if i == 3:
+            raise ValueError("unreadable batch 3")
+        return i
+    with pytest.raises(ValueError, match="batch 3"):
+        list(loop.prefetched(range(10), fail_at_3))
+    loaded = []
+    items = loop.prefetched(range(1000), loaded.append)
+    next(items), items.close()
+    assert len(loaded) <= 4  # what was in flight, not the rest

@@ -119,6 +119,30 @@ def test_rerunning_one_notebook_keeps_the_numbers_of_the_others(tmp_path, monkey
     assert "| 01_data_and_encoders | 1.0 |" in report and "02_phase1_training" in report
 
 
+def test_an_interrupted_workbook_continues_where_it_stopped(tmp_path, monkeypatch):
+    """make demo after Ctrl-C: the notebooks finished are skipped, the interrupted one runs again; a run that
+    completes leaves no progress behind, so the next make demo runs every notebook."""
+    ran, stop_at = [], ["02_phase1_training"]
+
+    def fake_execute(path, out_dir, smoke):
+        ran.append(path.stem)
+        if path.stem in stop_at:
+            raise KeyboardInterrupt
+        (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
+
+    monkeypatch.setattr(workbook, "execute", fake_execute)
+    with pytest.raises(KeyboardInterrupt):
+        workbook.run(tmp_path, smoke=True)
+    assert ran == ["01_data_and_encoders", "02_phase1_training"]
+    ran.clear(), stop_at.clear()
+    workbook.run(tmp_path, smoke=True)
+    names = [p.stem for p in workbook.notebook_paths()]
+    assert ran == names[1:] and not (tmp_path / "progress.json").exists()
+    ran.clear()
+    workbook.run(tmp_path, smoke=True)
+    assert ran == names
+
+
 def test_each_training_progress_bar_names_its_run(run_dir):
     """Notebook 03 trains several runs in one cell; each bar says which (tqdm's text fallback of its widget)."""
     nb = nbformat.read(run_dir / "03_prefix_quality.ipynb", as_version=4)

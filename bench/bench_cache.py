@@ -1,0 +1,62 @@
+"""Feature cache speed: one phase-1 epoch (loop.fit, the testbed config) reading frozen features from the
+feature cache against the same epoch rendering the SynthTouch images and running the frozen encoders on every
+batch, measured in the same run (the ratio is what counts). Both train the same model from the same weights
+on the same batches. The one-off cost of building the cache is printed beside them.
+
+    python bench/bench_cache.py [--n_train 4000]
+"""
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import core  # noqa: E402
+import data  # noqa: E402
+import loop  # noqa: E402
+import train  # noqa: E402
+
+
+def one_epoch(cfg, read_batch) -> tuple[float, float]:
+    """(wall, CPU) seconds of one training epoch whose batch of sample indices `index` is read_batch(index). CPU
+    time is what the epoch costs whatever else the machine runs; wall time is what it took on this one now."""
+    torch.manual_seed(cfg.seed)
+    model = train.build_model(cfg)
+    n = cfg.n_train
+    start, start_cpu = time.perf_counter(), time.process_time()
+    loop.fit(model, lambda index: model(read_batch(index)), loop.index_batches(n, cfg.batch_size, cfg.seed),
+             n // cfg.batch_size, dataclasses.replace(cfg, epochs=1), desc="one epoch")
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_train", type=int, default=4000, help="training samples (the testbed's n_train)")
+    args = parser.parse_args()
+    cfg = train.load_config(n_train=args.n_train)
+    dataset = train.make_dataset(cfg, "train")
+    encoders = {m: train.get_encoder(cfg, m) for m in cfg.model.modalities}
+    with tempfile.TemporaryDirectory() as cache_dir:  # a cold cache of its own: the build is timed too
+        start = time.perf_counter()
+        cached = {m: data.cached_features(e, dataset, cache_dir) for m, e in encoders.items()}
+        build = time.perf_counter() - start
+        from_cache = one_epoch(cfg, lambda index: {m: f.batch(index) for m, f in cached.items()})
+
+    def encode(index):
+        items = data.collate([dataset[int(i)] for i in index])
+        return {m: core.Features(*encoders[m](core.batch_inputs(items, m))) for m in cfg.model.modalities}
+
+    on_the_fly = one_epoch(cfg, encode)
+    print(f"one phase-1 epoch, {args.n_train} samples, batch {cfg.batch_size}, modalities "
+          f"{list(cfg.model.modalities)}, {torch.get_num_threads()} threads")
+    print(f"encoding on the fly: {on_the_fly[0]:7.1f} s wall {on_the_fly[1]:7.1f} s CPU")
+    print(f"from the cache:      {from_cache[0]:7.1f} s wall {from_cache[1]:7.1f} s CPU  (building the cache once: "
+          f"{build:.1f} s wall)")
+    print(f"speed-up: {on_the_fly[1] / from_cache[1]:.1f}x CPU time, {on_the_fly[0] / from_cache[0]:.1f}x wall")
+
+if __name__ == "__main__":
+    main()

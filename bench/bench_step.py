@@ -1,0 +1,127 @@
+"""Phase-1 training step speed: the register module (core.RegisterTokenModule, joint attention) against the
+obvious first implementation a researcher would write, `nn.TransformerEncoder` with a boolean mask over
+[features | registers], at the same config and in the same run (the ratio is what counts). A step is forward,
+backward and an AdamW step, each side with its own optimizer as it would be written: loop.make_optimizer for
+the register module, a plain torch.optim.AdamW for the reference. The cross-attention variant is timed too.
+
+    python bench/bench_step.py [--seconds 20] [--seed_batch 16]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import core  # noqa: E402
+import loop  # noqa: E402
+import train  # noqa: E402
+
+
+class PlainRegisters(nn.Module):
+    """The reference: the same computation as RegisterTokenModule(attention="joint"), written with
+    nn.TransformerEncoder over [features | registers] and a boolean mask that hides the registers from the
+    features and later registers from earlier ones."""
+
+    def __init__(self, input_dim, num_input_tokens, hidden_dim, n_registers, n_layers, n_heads):
+        super().__init__()
+        self.in_proj = nn.Sequential(nn.LayerNorm(input_dim), nn.Linear(input_dim, hidden_dim))
+        self.feature_pos = nn.Parameter(torch.randn(num_input_tokens, hidden_dim) * 0.02)
+        self.registers = nn.Parameter(torch.randn(n_registers, hidden_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(hidden_dim, n_heads, 4 * hidden_dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(hidden_dim)
+
+    def forward(self, tokens, mask):
+        B, T, _ = tokens.shape
+        R = len(self.registers)
+        x = torch.cat([self.in_proj(tokens) + self.feature_pos, self.registers.expand(B, R, -1)], 1)
+        blocked = ~core.register_attention_mask(T, R, tokens.device)
+        padding = ~torch.cat([mask, torch.ones(B, R, dtype=torch.bool, device=mask.device)], 1)
+        return self.norm(self.encoder(x, mask=blocked, src_key_padding_mask=padding)[:, T:])
+
+
+def copy_weights(plain: PlainRegisters, module: core.RegisterTokenModule):
+    """The register module's weights into the reference (its key bias is zero), so their outputs can be compared."""
+    with torch.no_grad():
+        for name in ("in_proj.0.weight", "in_proj.0.bias", "in_proj.1.weight", "in_proj.1.bias", "feature_pos",
+                     "registers", "norm.weight", "norm.bias"):
+            plain.get_parameter(name).copy_(module.get_parameter(name))
+        for layer, block in zip(plain.encoder.layers, module.blocks):
+            a = block.attn
+            layer.self_attn.in_proj_weight.copy_(torch.cat([a.q.weight, a.k.weight, a.v.weight]))
+            layer.self_attn.in_proj_bias.copy_(torch.cat([a.q.bias, torch.zeros_like(a.q.bias), a.v.bias]))
+            for mine, theirs in ((a.out, layer.self_attn.out_proj), (block.norm1, layer.norm1),
+                                 (block.norm3, layer.norm2), (block.mlp[0], layer.linear1), (block.mlp[2], layer.linear2)):
+                theirs.load_state_dict(mine.state_dict())
+
+
+def step_fn(module, optimizer, tokens, mask):
+    def step():
+        loss = module(tokens, mask).square().mean()  # any loss of every output: backward runs through all
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def median_step_seconds(steps: dict, seconds: float) -> tuple[dict, dict]:
+    """Median (wall, CPU) seconds per step of each function, calling them in turn (so a busy moment on a shared
+    machine hits all of them alike) until `seconds` of CPU time have passed, after one warm-up call each. CPU
+    time is what a step costs whatever else the machine runs; wall time is what it takes on this one now."""
+    for step in steps.values():
+        step()
+    wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
+    deadline = time.process_time() + seconds
+    while time.process_time() < deadline or min(len(t) for t in wall.values()) < 3:
+        for name, step in steps.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return ({name: sorted(t)[len(t) // 2] for name, t in wall.items()},
+            {name: sorted(t)[len(t) // 2] for name, t in cpu.items()})
+
+
+def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, batch, seconds):
+    torch.manual_seed(0)
+    shape = (input_dim, n_tokens, hidden, n_registers, n_layers, n_heads)
+    plain = PlainRegisters(*shape)
+    joint, cross = core.RegisterTokenModule(*shape, "joint"), core.RegisterTokenModule(*shape, "cross")
+    tokens, mask = torch.randn(batch, n_tokens, input_dim), torch.ones(batch, n_tokens, dtype=torch.bool)
+    copy_weights(plain, joint)
+    with torch.no_grad():
+        difference = (plain(tokens, mask) - joint(tokens, mask)).abs().max().item()
+    steps = {"plain": step_fn(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4), tokens, mask)}
+    for name, module in (("joint", joint), ("cross", cross)):
+        steps[name] = step_fn(module, loop.make_optimizer(module, 1e-4, 0.05, 0, 1)[0], tokens, mask)
+    wall, cpu = median_step_seconds(steps, seconds)
+    print(f"{what}: batch {batch}, {n_tokens} feature tokens × {input_dim}, hidden {hidden}, {n_layers} layers, "
+          f"{n_heads} heads, {n_registers} registers, {torch.get_num_threads()} threads; median ms/step, wall and CPU")
+    for name, label in (("plain", "plain nn.TransformerEncoder + mask"), ("joint", "RegisterTokenModule, joint"),
+                        ("cross", "RegisterTokenModule, cross")):
+        print(f"  {label:36s} {wall[name] * 1e3:8.1f} wall {cpu[name] * 1e3:8.1f} CPU")
+    print(f"  same outputs with the same weights: largest difference {difference:.1e}")
+    print(f"  speed-up joint vs plain: {cpu['plain'] / cpu['joint']:.2f}x CPU time, "
+          f"{wall['plain'] / wall['joint']:.2f}x wall; cross costs {cpu['cross'] / cpu['joint']:.2f}x joint (CPU)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20, help="CPU seconds of timing per config")
+    parser.add_argument("--seed_batch", type=int, default=16, help="batch at the seed config")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = train.load_config()
+    m, enc = cfg.model, train.get_encoder(cfg, cfg.model.modalities[0])
+    compare(f"testbed ({cfg.model.modalities[0]} features)", enc.dim, enc.num_tokens, m.hidden_dim,
+            m.n_registers, m.n_layers, m.n_heads, cfg.batch_size, args.seconds)
+    compare("seed config", 1024, 257, 512, 32, 4, 8, args.seed_batch, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
