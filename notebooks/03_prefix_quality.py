@@ -51,7 +51,8 @@ design_runs = {design: train.ensure_trained(train.design_on_testbed(
     design, output_dir=str(run_dir / "phase1" / f"testbed-{design}"), **SMOKE))
     for design in ("flextok", "fluxtalk", "adapter")}
 guard_runs = {"default": dropout_runs["power_of_two"]}
-guard_runs.update({variant: train.ensure_trained(study.run_config(variant, 0, run_dir / "study", **SMOKE))
+guard_runs.update({variant: train.ensure_trained(study.run_config(variant, 0, run_dir / "study",
+                                                                  **{**SMOKE, "leakage_probes": True}))
                    for variant in study.LEAKAGE_VARIANTS})
 print({name: f"{train.training_minutes(run):.1f} min"
        for name, run in {**dropout_runs, **design_runs, **guard_runs}.items()})
@@ -143,7 +144,7 @@ fig = plots.prefix_curves(guard_tables, leak_metrics, "Own private factors in th
 workbook.save_figure(fig, "03_leakage_vs_k")
 workbook.record("03 leakage designs at k = n_shared (non-linear probe, normalised)",
                 **{f"{name}: {metric}": table.loc[k_shared, metric] for name, table in guard_tables.items()
-                   for metric in leak_metrics})
+                   for metric in leak_metrics if metric in table})
 fig
 
 # %% [markdown]
