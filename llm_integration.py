@@ -2,6 +2,9 @@
 
     python llm_integration.py --phase1_run runs/phase1/default --output_dir runs/phase2/default
     python llm_integration.py --phase1_run RUN --output_dir OUT --model_name /models/Qwen2.5-1.5B-Instruct
+    python llm_integration.py --phase1_run runs/phase1/default --output_dir runs/phase2/seeds --seeds 0 1 2
+    python llm_integration.py --phase1_run runs/phase1/default --output_dir runs/phase2/ablation --seeds 0 \
+        --ablation --split val
 
 The phase-1 model stays frozen. The first k tokens of the chosen modalities (a `TokenSource`) go through
 a per-modality projector into the decoder's embedding space and are spliced into the user turn:
@@ -9,7 +12,11 @@ a per-modality projector into the decoder's embedding space and are spliced into
 is a small Qwen2 (random init, trained fully) with a tokenizer trained offline on SynthTouch captions;
 a real Qwen (by hub name or local folder) stays frozen and only the projector (optionally LoRA) trains.
 Training runs through the one loop of loop.py; a run folder holds config.yaml, checkpoint/ (the projector's
-and any trained decoder tensors in model.safetensors, state.pt), metrics.jsonl and caption_eval.json.
+and any trained decoder tensors in model.safetensors, state.pt), metrics.jsonl (with the validation split's
+numbers after every epoch: settings and epochs are chosen on them) and caption_eval.json (the test split, for
+reporting; caption_eval_val.json with --split val). On SynthTouch every evaluated token source carries the
+linear-probe ceiling of its very tokens beside its caption accuracy. `--seeds` trains once per seed and
+writes mean and std over seeds (phase2_<split>.csv/.json); `--ablation` adds the settings of ABLATIONS.
 """
 from __future__ import annotations
 
@@ -23,11 +30,13 @@ import math
 import os
 import re
 import shutil
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import yaml
@@ -35,6 +44,7 @@ from tqdm.auto import tqdm
 
 import core
 import data
+import evaluate
 import loop
 import train
 
@@ -89,6 +99,8 @@ def prefix_grid(n_tokens: int) -> list[int]:
 TINY_DECODERS = {
     "synthtouch-qwen2-tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "synthtouch-qwen2-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
 }
 TOKENIZER_VOCAB, TOKENIZER_CAPTIONS = 384, 4000
 # Qwen's chat format and special tokens, so the tiny decoder is driven exactly like the real one.
@@ -211,6 +223,7 @@ DECODER_TRAINING = ("auto", "frozen", "lora", "full")
 class LLMConfig:
     model_name: str = "synthtouch-qwen2-tiny"  # built-in name, hub name (Qwen/Qwen2.5-1.5B-Instruct) or folder
     projector: str = "linear"
+    standardize_tokens: bool = False  # each register channel standardised by training-split statistics first
     source: TokenSource = field(default_factory=TokenSource)  # the most generate() and evaluation feed
     # Training draws, per sample, one modality or all of source.modalities, and k from prefix_grid (0
     # included), so one model captions from any source, and the k=0 / single-modality results are the
@@ -264,7 +277,7 @@ class Projector(nn.Module):
     `mlp2x_gelu`, plus a learned embedding per register slot, so the decoder knows which register (of
     which modality: each has its own projector) it reads wherever the token lands in the sequence."""
 
-    def __init__(self, kind: str, dim_in: int, dim_out: int, n_tokens: int):
+    def __init__(self, kind: str, dim_in: int, dim_out: int, n_tokens: int, standardize: bool = False):
         super().__init__()
         if kind == "linear":
             self.net = nn.Linear(dim_in, dim_out)
@@ -273,11 +286,22 @@ class Projector(nn.Module):
         else:
             raise ValueError(f"unknown projector {kind!r}; choose one of {PROJECTORS}")
         self.slots = nn.Parameter(torch.randn(n_tokens, dim_out) * 0.02)
+        # `standardize`: (tokens - shift) * scale per register and channel, set from the training split by
+        # `fit_statistics` and trained on from there (which also puts them in the checkpoint); else the identity
+        self.shift = nn.Parameter(torch.zeros(n_tokens, dim_in), requires_grad=standardize)
+        self.scale = nn.Parameter(torch.ones(n_tokens, dim_in), requires_grad=standardize)
         self.dim_in, self.dim_out = dim_in, dim_out
+
+    @torch.no_grad()
+    def fit_statistics(self, tokens: torch.Tensor):
+        """Standardise every register channel by the statistics of `tokens` (N×R×dim_in), as a linear probe's
+        StandardScaler does, so that a channel's small variance does not hide what it holds."""
+        self.shift.copy_(tokens.mean(0))
+        self.scale.copy_(1 / tokens.std(0).clamp_min(1e-6))
 
     def forward(self, tokens: torch.Tensor, index: list[int]) -> torch.Tensor:
         """tokens B×R×dim_in → B×len(index)×dim_out for registers `index`."""
-        return self.net(tokens[:, index]) + self.slots[index]
+        return self.net((tokens[:, index] - self.shift[index]) * self.scale[index]) + self.slots[index]
 
 
 def token_width(cfg: core.ModelConfig) -> int:
@@ -318,7 +342,8 @@ class MultimodalLLM(nn.Module):
         if training == "frozen":
             self.warn_if_untrained()
         self.projector = nn.ModuleDict({
-            m: Projector(cfg.projector, token_width(phase1), self.hidden, self.n_registers) for m in self.modalities
+            m: Projector(cfg.projector, token_width(phase1), self.hidden, self.n_registers, cfg.standardize_tokens)
+            for m in self.modalities
         }).to(device)
         self.source = self.resolve(cfg.source)
         self._prompt_ids = {}
@@ -609,11 +634,12 @@ def encode_tokens(model: core.AlignmentModel, feats: dict[str, core.Features],
 
 def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: list[str],
                   output_dir: str | os.PathLike | None = None, resume: bool = False, callback=None,
-                  extra: dict | None = None, overwrite: bool = False) -> list[dict]:
+                  extra: dict | None = None, overwrite: bool = False, val: tuple | None = None) -> list[dict]:
     """Train the projector (and the decoder, per train_decoder) to write `captions` from `tokens`, by the
     one loop of loop.py. With output_dir: a run folder (checkpoint after every epoch and on Ctrl-C,
     metrics.jsonl), `resume=True` continues it exactly, `overwrite=True` replaces it. `callback(row)`
-    sees every metrics row."""
+    sees every metrics row. `val` = (tokens, captions, factors or None) of the validation split: every
+    epoch row then gets its numbers (`validation_numbers`), the curve that epochs are chosen on."""
     cfg = mm.llm_cfg
     loop.check_hyperparameters(cfg, "phase-2 config")
     n = len(captions)
@@ -628,6 +654,10 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
     if output_dir is not None:
         run = run_folder(output_dir)
         run.start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
+    if cfg.standardize_tokens and not resume:  # a resumed run loads its own
+        for m, projector in mm.projector.items():
+            if m in tokens:
+                projector.fit_statistics(tokens[m])
     index_batches = loop.index_batches(n, cfg.batch_size, cfg.seed)
     sources = {}  # epoch -> every sample's token source, drawn up front so a resumed epoch sees the same
 
@@ -642,8 +672,30 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
         keep = {m: k[index] for m, k in sources[epoch].items()}
         return mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep), {}
 
-    return loop.fit(mm, loss_fn, batches, steps_per_epoch, cfg, run, resume=resume, callback=callback,
-                    desc="phase 2 · captioning")
+    epoch_end = None if val is None else lambda epoch: validation_numbers(mm, *val)
+    return loop.fit(mm, loss_fn, batches, steps_per_epoch, cfg, run, resume=resume, epoch_end=epoch_end,
+                    callback=callback, desc="phase 2 · captioning")
+
+
+@torch.no_grad()
+def validation_numbers(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: list[str],
+                       factors: list[dict] | None = None, batch_size: int = 256) -> dict[str, float]:
+    """The caption loss from the full token source (teacher-forced; batch means weighted by rows), and with
+    SynthTouch factors the attribute accuracy of greedy captions from it, per group: what settings and
+    epochs are chosen on."""
+    was_training = mm.training
+    mm.eval()
+    n, total = len(captions), 0.0
+    for start in range(0, n, batch_size):
+        chunk = {m: t[start:start + batch_size] for m, t in tokens.items()}
+        rows = captions[start:start + batch_size]
+        total += mm.loss(chunk, rows, mm.keep_masks(mm.source, len(rows))).item() * len(rows)
+    out = {"val loss": total / n}
+    if factors is not None:
+        accuracy = attribute_accuracy(mm.generate_from_tokens(tokens, mm.source), factors)
+        out.update({f"val {k}": accuracy[f"{k}"] for k in ("accuracy", *(f"accuracy {g}" for g in evaluate.GROUP_ORDER))})
+    mm.train(was_training)
+    return out
 
 
 def run_folder(path) -> loop.RunFolder:
@@ -820,43 +872,197 @@ def evaluate_captions(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], refere
     return {"rows": rows}
 
 
+EVAL_FILES = {"test": "caption_eval.json", "val": "caption_eval_val.json"}  # test: reporting; val: choosing
+
+
+def eval_file(output_dir: str | os.PathLike, split: str) -> Path:
+    """Where a phase-2 run keeps its evaluation on `split`."""
+    if split not in EVAL_FILES:
+        raise ValueError(f"split must be one of {list(EVAL_FILES)} (val chooses settings, test reports), got {split!r}")
+    return Path(output_dir) / EVAL_FILES[split]
+
+
+def split_factors(dataset) -> list[dict] | None:
+    """Every sample's SynthTouch factors; None for datasets without them (real data)."""
+    return [dataset.factors_of(i) for i in range(len(dataset))] if hasattr(dataset, "factors_of") else None
+
+
 def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm_cfg: LLMConfig | None = None,
-               resume: bool = False, callback=None, overwrite: bool = False) -> dict:
-    """Train phase 2 on a phase-1 run's training split, evaluate on its test split, write caption_eval.json."""
-    phase1_run, output_dir = Path(phase1_run), Path(output_dir)
+               resume: bool = False, callback=None, overwrite: bool = False, split: str = "test") -> dict:
+    """Train phase 2 on a phase-1 run's training split (the validation split's numbers logged after every
+    epoch) and evaluate on `split`: "val" to choose settings and epochs, "test" only to report them. Writes
+    caption_eval.json (test) or caption_eval_val.json; on SynthTouch every row also holds the linear-probe
+    ceiling of its very tokens ("probe accuracy ..." keys, `add_probe_ceiling`)."""
+    phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
     llm_cfg = llm_cfg or load_llm_config()
     aligner = train.load_aligner(phase1_run).to(train.core_device())
     cfg = train.load_config(phase1_run / "config.yaml")
     train_set, train_feats = train.split_data(cfg, "train")
-    test_set, test_feats = train.split_data(cfg, "test")
+    val_set, val_feats = train.split_data(cfg, "val")
+    if split == "val" and val_set is None:
+        raise ValueError(f"the phase-1 run {phase1_run} has no validation split to evaluate on; use split='test' "
+                         "(--split test) or add a val.csv to its dataset")
+    train_tokens = encode_tokens(aligner.model, train_feats)
+    val = None if val_set is None else (encode_tokens(aligner.model, val_feats), val_set.captions, split_factors(val_set))
     data.set_seed(llm_cfg.seed)
     mm = MultimodalLLM(aligner, llm_cfg)
-    fit_captioner(mm, encode_tokens(aligner.model, train_feats), train_set.captions, output_dir, resume=resume,
-                  callback=callback, extra={"phase1_run": str(phase1_run)}, overwrite=overwrite)
-    has_factors = hasattr(test_set, "factors_of")
-    test_factors = [test_set.factors_of(i) for i in range(len(test_set))] if has_factors else None
-    result = evaluate_captions(mm, encode_tokens(aligner.model, test_feats), test_set.captions, test_factors)
-    if has_factors:
-        result["baselines"] = attribute_baselines([train_set.factors_of(i) for i in range(len(train_set))],
-                                                  test_factors)
-    result.update(phase1_run=str(phase1_run), llm=llm_cfg.to_dict())
-    core.atomic_write(output_dir / "caption_eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    fit_captioner(mm, train_tokens, train_set.captions, output_dir, resume=resume, callback=callback,
+                  extra={"phase1_run": str(phase1_run)}, overwrite=overwrite, val=val)
+    if not resume:  # a replaced run's evaluations are stale, whichever split they were of
+        for name in EVAL_FILES.values():
+            (output_dir / name).unlink(missing_ok=True)
+    if split == "val":
+        eval_set, eval_tokens = val_set, val[0]
+    else:
+        eval_set, eval_feats = train.split_data(cfg, "test")
+        eval_tokens = encode_tokens(aligner.model, eval_feats)
+    factors = split_factors(eval_set)
+    result = evaluate_captions(mm, eval_tokens, eval_set.captions, factors)
+    if factors is not None:
+        train_factors = split_factors(train_set)
+        result["baselines"] = attribute_baselines(train_factors, factors)
+        weights = loop.RunFolder(phase1_run).checkpoint / "model.safetensors"
+        cache = CEILINGS.setdefault((str(weights.resolve()), weights.stat().st_mtime_ns, split), {})
+        add_probe_ceiling(mm, result["rows"], train_tokens, train_factors, eval_tokens, factors, cache)
+    result.update(split=split, phase1_run=str(phase1_run), llm=llm_cfg.to_dict())
+    core.atomic_write(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     return result
 
 
 def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm_cfg: LLMConfig,
-                  callback=None) -> dict:
-    """caption_eval.json of `output_dir`, training only what is missing: a finished run of the same config
-    is reused, an interrupted one resumes, otherwise phase 2 starts. Re-running a notebook costs nothing."""
+                  callback=None, split: str = "test") -> dict:
+    """The evaluation on `split` of `output_dir` (caption_eval.json for test), training only what is missing:
+    a finished run of the same config is reused, an interrupted one resumes, otherwise phase 2 starts.
+    Re-running a notebook costs nothing."""
     run = run_folder(output_dir)
     if run.checkpoint is None:
-        return run_phase2(phase1_run, output_dir, llm_cfg, callback=callback)
+        return run_phase2(phase1_run, output_dir, llm_cfg, callback=callback, split=split)
     saved = run.saved_config()
     run.check_same_config({"llm": llm_cfg.to_dict(), "decoder_hidden_size": saved.get("decoder_hidden_size"),
                            "phase1_run": str(phase1_run)}, RESUME_IGNORES)
-    if (run.path / "caption_eval.json").is_file():
-        return json.loads((run.path / "caption_eval.json").read_text())
-    return run_phase2(phase1_run, output_dir, llm_cfg, resume=True, callback=callback)
+    done = eval_file(run.path, split)
+    if done.is_file():
+        return json.loads(done.read_text())
+    return run_phase2(phase1_run, output_dir, llm_cfg, resume=True, callback=callback, split=split)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The ceiling beside the result, and statistics over seeds
+
+def source_features(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], source: TokenSource) -> np.ndarray:
+    """N×(k·width·modalities): the very tokens the decoder sees from `source`, concatenated (a probe's input)."""
+    source = mm.resolve(source)
+    index = mm.register_index(source.groups)[:source.k]
+    return torch.cat([tokens[m][:, index].flatten(1) for m in source.modalities], 1).float().numpy()
+
+
+def probe_ceiling(mm: MultimodalLLM, source: TokenSource, fit_tokens: dict[str, torch.Tensor], fit_factors: list[dict],
+                  test_tokens: dict[str, torch.Tensor], test_factors: list[dict], max_fit: int = 2000) -> dict:
+    """What the tokens the decoder sees from `source` know: per caption attribute, the test accuracy of the
+    information map's linear probe (`evaluate.fit_probe("linear")`) fit on at most `max_fit` rows of the fit
+    split; keys as attribute_accuracy's. With no tokens (k = 0) a probe can only name the fit split's most
+    common value, so the ceiling is the majority baseline."""
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+    source = mm.resolve(source)
+    if source.k == 0:
+        return attribute_baselines(fit_factors, test_factors)["majority"]
+    rows = np.random.default_rng(0).permutation(len(fit_factors))[:max_fit]
+    fit_x, test_x = source_features(mm, fit_tokens, source)[rows], source_features(mm, test_tokens, source)
+    per_factor = {}
+    # small problems: BLAS threads only contend; the iteration budget is part of the probe's definition
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for name, values in data.SynthTouch.FACTORS.items():
+            fit_y = np.array([values.index(fit_factors[i][name]) for i in rows])
+            test_y = np.array([values.index(f[name]) for f in test_factors])
+            per_factor[name] = evaluate.fit_probe("linear", False, fit_x, fit_y, test_x, test_y)[0]
+    return summarize_accuracy(per_factor)
+
+
+def add_probe_ceiling(mm: MultimodalLLM, rows: list[dict], fit_tokens, fit_factors, test_tokens, test_factors,
+                      cache: dict | None = None):
+    """Put beside each row of `evaluate_captions` the probe ceiling of its tokens, as "probe accuracy ...".
+    The ceiling depends on phase 1 alone: `cache` (a dict for one phase-1 model and split) keeps it across
+    phase-2 runs."""
+    cache = {} if cache is None else cache
+    for row in tqdm(rows, desc="probe ceilings", leave=False):
+        modalities = None if row["modalities"] == "none" else tuple(row["modalities"].split("+"))
+        source = TokenSource(modalities, row["k"], mm.source.groups)
+        if source not in cache:
+            cache[source] = probe_ceiling(mm, source, fit_tokens, fit_factors, test_tokens, test_factors)
+        row.update({f"probe {key}": value for key, value in cache[source].items()})
+    return rows
+
+
+# probe ceilings already computed in this process, per (phase-1 weights file, its modification time, split)
+CEILINGS: dict[tuple, dict] = {}
+
+
+# What the ablation of issue 14 changes on top of configs/phase2.yaml, one suspect at a time: where information
+# is lost between the tokens and the captions (`--seeds 0 --ablation --split val`; chosen on val only).
+ABLATIONS = {
+    "standardized tokens": {"standardize_tokens": True},
+    "decoder 4 layers, width 256": {"model_name": "synthtouch-qwen2-small"},
+    "no source mixing": {"mix_sources": False},
+    "linear projector": {"projector": "linear"},
+    "lr 1e-3": {"lr": 1e-3},
+    "60 epochs": {"epochs": 60},
+}
+
+
+def seed_statistics(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, settings: dict[str, LLMConfig],
+                    seeds=(0, 1, 2), split: str = "test") -> pd.DataFrame:
+    """Each setting trained once per seed (in output_dir/<setting>/seed<s>; finished runs are reused) and
+    evaluated on `split`. One row per (setting, token source): the mean and std over seeds of every
+    attribute accuracy and of its probe ceiling, with the majority baseline; written to
+    output_dir/phase2_<split>.csv, and the targets of each setting (`target_summary`) to phase2_<split>.json."""
+    output_dir = Path(output_dir)
+    frames, baselines = [], None
+    for name, llm_cfg in settings.items():
+        for seed in tqdm(seeds, desc=f"phase 2 · {name} · seeds", leave=False):
+            run = output_dir / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") / f"seed{seed}"
+            result = ensure_phase2(phase1_run, run, dataclasses.replace(llm_cfg, seed=seed), split=split)
+            rows = pd.DataFrame(result["rows"]).drop(columns=["examples", "per adjective"], errors="ignore")
+            frames.append(rows.assign(setting=name, seed=seed))
+            baselines = result.get("baselines", {}).get("majority", {})  # SynthTouch only
+    runs = pd.concat(frames, ignore_index=True)
+    numbers = [c for c in runs.columns if c.startswith(("accuracy", "probe accuracy", "caption accuracy"))
+               or c in ("bleu4", "cider_d")]
+    table = runs.groupby(["setting", "modalities", "k"], sort=False)[numbers].agg(["mean", "std"])
+    table.columns = [f"{c} {stat}" for c, stat in table.columns]
+    table = table.reset_index().assign(**{f"majority {k}": v for k, v in baselines.items() if k in numbers})
+    core.atomic_write(output_dir / f"phase2_{split}.csv", lambda tmp: table.to_csv(tmp, index=False))
+    summary = {name: target_summary(part) if baselines else {}  # the targets are about SynthTouch attributes
+               for name, part in table.groupby("setting", sort=False)}
+    summary = {"split": split, "seeds": list(seeds), "phase1_run": str(phase1_run), "settings": summary}
+    core.atomic_write(output_dir / f"phase2_{split}.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+    return table
+
+
+def target_summary(table: pd.DataFrame) -> dict[str, float]:
+    """The numbers the phase-2 targets are stated in, from one setting's rows of `seed_statistics`: from all
+    tokens of every modality, each group's mean accuracy, its std over seeds and its share of the probe
+    ceiling; at every k, the largest shortfall of the private groups below their ceiling; and the controls
+    (no tokens; one modality's tokens) next to the majority baseline of the groups they cannot know."""
+    both = max(table.modalities, key=lambda m: (m != "none", m.count("+")))
+    full = table[table.modalities == both].sort_values("k")
+    last = full.iloc[-1]
+    out = {"source": f"{both} k={int(last.k)}", "accuracy": last["accuracy mean"], "accuracy std": last["accuracy std"]}
+    for group in evaluate.GROUP_ORDER:
+        column = f"accuracy {group}"
+        out.update({column: last[f"{column} mean"], f"{column} std": last[f"{column} std"],
+                    f"{column} / probe": last[f"{column} mean"] / last[f"probe {column} mean"]})
+        if group != "shared":
+            gaps = full[full.k > 0][f"probe {column} mean"] - full[full.k > 0][f"{column} mean"]
+            out[f"{column} worst shortfall below probe over k"] = float(gaps.max())
+    # the controls: what no tokens, or one modality's tokens, say about what they cannot know
+    for source, column in (("none", "accuracy"), ("vision", "accuracy touch"), ("touch", "accuracy vision")):
+        rows = table[table.modalities == source].sort_values("k")
+        if len(rows):
+            out[f"control {source}: {column}"] = rows.iloc[-1][f"{column} mean"]
+            out[f"control {source}: majority {column}"] = rows.iloc[-1][f"majority {column}"]
+    return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}
 
 
 def main(argv=None):
@@ -872,6 +1078,13 @@ def main(argv=None):
     parser.add_argument("--modalities", nargs="+", choices=IMAGE_MODALITIES, help="token source modalities")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    parser.add_argument("--split", choices=list(EVAL_FILES), default="test",
+                        help="evaluate on val (to choose settings and epochs) or test (to report)")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="train once per seed (output_dir/<setting>/seed<s>) and write mean ± std over seeds to "
+                             "output_dir/phase2_<split>.csv and .json")
+    parser.add_argument("--ablation", action="store_true",
+                        help="with --seeds: every setting of llm_integration.ABLATIONS on top of the config")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     if args.k is not None:
@@ -884,13 +1097,26 @@ def main(argv=None):
         overrides["source.modalities"] = tuple(m for m in IMAGE_MODALITIES if m in has)
     if args.resume and args.overwrite:
         raise SystemExit("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")
+    if args.ablation and not args.seeds:
+        raise SystemExit("--ablation trains every setting once per seed: add --seeds (e.g. --seeds 0)")
+    if args.seeds:
+        if args.resume or args.overwrite:
+            raise SystemExit("--seeds reuses finished runs and resumes interrupted ones by itself; drop "
+                             "--resume/--overwrite (or choose a new --output_dir)")
+        settings = {"config": {}, **(ABLATIONS if args.ablation else {})}
+        table = seed_statistics(args.phase1_run, args.output_dir, {
+            name: load_llm_config(args.config, **{**overrides, **changes}) for name, changes in settings.items()},
+            args.seeds, args.split)
+        print(table.to_string(index=False, float_format="%.3f"))
+        print(f"wrote {Path(args.output_dir) / f'phase2_{args.split}.csv'} and .json")
+        return
     result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(args.config, **overrides), args.resume,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, split=args.split)
     for row in result["rows"]:
         accuracy = row.get("accuracy", row.get("caption accuracy"))  # attributes (SynthTouch), else exact captions
         print(f"{row['modalities']:>13} k={row['k']:<3} accuracy {accuracy:.3f}  "
               f"BLEU-4 {row['bleu4']:.3f}  CIDEr-D {row['cider_d']:.3f}")
-    print(f"wrote {Path(args.output_dir) / 'caption_eval.json'}")
+    print(f"wrote {eval_file(args.output_dir, args.split)}")
 
 
 if __name__ == "__main__":

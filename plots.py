@@ -490,6 +490,38 @@ def caption_sources(table, baseline: dict, title: str = "Which tokens the decode
     return fig
 
 
+def caption_vs_probe(table, baseline: dict, groups: dict[str, str],
+                     title: str = "Caption accuracy vs what the tokens hold") -> Figure:
+    """table: one row per k (0 = no prefix) with `accuracy <attribute>` and `probe accuracy <attribute>` (the
+    linear-probe ceiling of the very tokens the decoder saw); groups: attribute → who sees it. One panel per
+    group and per attribute, in group colour: the caption (solid), its ceiling (dashed), the gap shaded, the
+    majority baseline dotted."""
+    panels = [(f"all {g}" if g == "shared" else f"all {g}-only", f"accuracy {g}", g) for g in GROUP_COLORS]
+    panels += [(name, f"accuracy {name}", group) for name, group in groups.items()]
+    fig = Figure(figsize=(11, 5.6), layout="constrained")
+    axes = fig.subplots(2, 5, sharex=True, sharey=True).ravel()
+    ks = list(table.index)
+    x = np.arange(len(ks))
+    for ax, (label, column, group) in zip(axes, panels):
+        color = GROUP_COLORS[group]
+        ax.plot(x, table[column], marker="o", color=color, label="caption")
+        ax.plot(x, table[f"probe {column}"], marker="o", markerfacecolor="white", linestyle="--", color=color,
+                label="linear probe of the same tokens")
+        ax.fill_between(x, table[column], table[f"probe {column}"], color=color, alpha=0.15)
+        ax.axhline(baseline[column], label="majority baseline", **CHANCE_STYLE)
+        ax.set_title(label, color=color, fontsize=10)
+        ax.set_xticks(x, [str(k) for k in ks])
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.supxlabel("tokens per modality given to the decoder (k; 0 = none)")
+    fig.supylabel("attribute accuracy (fraction right)")
+    fig.suptitle(title)
+    return fig
+
+
 def recall_vs_chance(bars: dict[str, tuple[float, float]],
                      title: str = "Caption-level retrieval at k = n_shared, test split") -> Figure:
     """One bar per {label: (recall, chance)}: a recall with the chance level it must beat marked on it."""

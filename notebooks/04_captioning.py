@@ -32,8 +32,10 @@ llm_cfg
 # ## Phase 1, then phase 2
 # Phase 1 is the default run of notebook 02 (trained here if it is missing). Phase 2 then trains on the
 # training split: per sample it draws which modality's tokens the decoder sees (vision, touch or both) and how
-# many (k from 0, 1, 2, 4, … all), so one model answers for every token source. After training it captions the
-# test split from every source and writes `caption_eval.json`. Finished runs are reused, interrupted ones resume.
+# many (k from 0, 1, 2, 4, … all), so one model answers for every token source. After every epoch it captions
+# the validation split (the `val` columns below): settings and the number of epochs are chosen on these, never
+# on test. After training it captions the test split from every source, for reporting only, and writes
+# `caption_eval.json`. Finished runs are reused, interrupted ones resume.
 
 # %%
 phase1_run = train.ensure_trained(phase1_cfg)
@@ -105,6 +107,23 @@ workbook.save_figure(fig, "04_accuracy_vs_k")
 fig
 
 # %% [markdown]
+# ## What the captions say, beside what the tokens hold
+# For every attribute and every k, the caption accuracy (solid) next to its ceiling (dashed): a linear probe
+# (the information map's) fit on the training split's tokens and scored on the test split, reading exactly
+# the tokens the decoder saw at that k (both modalities' first k). The shaded gap is information the tokens
+# hold and the captions lose; where the probe itself sits at the baseline, the tokens do not hold the
+# attribute at all (which tokens should hold what is phase 1's business, notebook 03).
+
+# %%
+fig = plots.caption_vs_probe(vs_k, majority, llm_integration.factor_groups(),
+                             f"Caption accuracy vs the linear probe of the same tokens ({both})")
+workbook.save_figure(fig, "04_caption_vs_probe")
+display(fig)
+gap = pd.DataFrame({f"{g} {what}": vs_k[f"{prefix}accuracy {g}"] for g in ("shared", "vision", "touch")
+                    for what, prefix in (("caption", ""), ("probe", "probe "))})
+gap.round(3)
+
+# %% [markdown]
 # ## Which tokens the decoder sees
 # All tokens of one modality, of both, or none. Vision tokens cannot know hardness or pressure, so the touch-only
 # attributes fall to the baseline; touch tokens cannot know colour or lighting. Shared attributes come through
@@ -131,13 +150,17 @@ recorded = workbook.record(
        for column in groups},
     **{f"majority {column}": majority[column] for column in groups},
     **{f"chance {column}": chance[column] for column in groups},
-    **{f"{both} {metric}": full.loc[both, metric] for metric in ("bleu4", "cider_d")})
+    **{f"{both} {metric}": full.loc[both, metric] for metric in ("bleu4", "cider_d")},
+    **{f"{both} probe {column}": full.loc[both, f"probe {column}"] for column in groups})
 print(f"From all {mm.source.k} tokens of {both}, captions name {sources.loc[both, 'accuracy']:.0%} of the attributes "
       f"right; with no prefix {sources.loc['none', 'accuracy']:.0%}, and always naming the most common value "
       f"{majority['accuracy']:.0%}.\n"
       f"Touch-only attributes (hardness, pressure): {sources.loc['touch', 'accuracy touch']:.0%} from touch tokens, "
       f"{sources.loc['vision', 'accuracy touch']:.0%} from vision tokens (majority baseline "
-      f"{majority['accuracy touch']:.0%}).")
+      f"{majority['accuracy touch']:.0%}).\n"
+      f"The linear probe of the same {both} tokens: " + ", ".join(
+          f"{group} {full.loc[both, f'accuracy {group}']:.0%} of {full.loc[both, f'probe accuracy {group}']:.0%}"
+          for group in ("shared", "vision", "touch")) + " (caption of probe).")
 
 # %% [markdown]
 # A decoder attached to frozen phase-1 tokens writes the caption from whatever prefix it is given: more tokens

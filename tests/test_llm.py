@@ -3,8 +3,10 @@ seed package's quick start and the command line, on a random tiny aligner and a 
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import llm_integration as L
@@ -247,6 +249,65 @@ def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, 
                            tmp_path / "resumed", resume=True)
 
 
+def factor_tokens(n, seed=0):
+    """n SynthTouch samples' factors and captions, and tokens that hold two factors: vision token 0 the
+    colour, touch token 1 the hardness (one-hot, 6 units on a random background the same for every sample,
+    so that nothing else in a token tells samples apart and a decoder cannot memorise captions by it)."""
+    dataset = data.SynthTouch(n, seed=seed)
+    factors = [dataset.factors_of(i) for i in range(n)]
+    tokens = {m: t.repeat(n, 1, 1) for m, t in random_tokens(1).items()}
+    for name, modality, slot in (("color", "vision", 0), ("hardness", "touch", 1)):
+        values = data.SynthTouch.FACTORS[name]
+        codes = torch.tensor([values.index(f[name]) for f in factors])
+        tokens[modality][:, slot, :len(values)] += 6.0 * F.one_hot(codes, len(values))
+    return tokens, factors, dataset.captions
+
+
+# A guess that ignores the input scores the rate of the value it names: between 1/|values| and the majority
+# rate, which differ by a few points here; sampling noise on 200 held-out rows adds std <= 0.035. A token
+# that leaks the factor scores ~1 instead. So "at the baseline" is |accuracy - majority| < 0.12.
+AT_BASELINE = 0.12
+
+
+def test_probe_ceiling_reads_exactly_the_tokens_the_decoder_sees(aligner, decoder_dir):
+    mm = make_mm(aligner, decoder_dir)
+    fit, fit_factors, _ = factor_tokens(400)
+    test, test_factors, _ = factor_tokens(200, seed=1)
+    majority = L.attribute_baselines(fit_factors, test_factors)["majority"]
+
+    def ceiling(modalities, k):
+        return L.probe_ceiling(mm, L.TokenSource(modalities, k), fit, fit_factors, test, test_factors)
+
+    assert ceiling(None, 0) == majority  # no tokens: a probe can only name the most common value
+    assert ceiling(("touch",), 2)["accuracy hardness"] > 0.95  # token 1 is among the first 2 ...
+    for modalities, k, name in ((("touch",), 1, "hardness"), (("vision",), 8, "hardness"), (("touch",), 8, "color")):
+        assert abs(ceiling(modalities, k)[f"accuracy {name}"] - majority[f"accuracy {name}"]) < AT_BASELINE
+    both = ceiling(("vision", "touch"), 4)  # ... not the first 1; both modalities' tokens are read together
+    assert both["accuracy color"] > 0.95 and both["accuracy hardness"] > 0.95
+    assert L.source_features(mm, test, L.TokenSource(("vision", "touch"), 4)).shape == (200, 2 * 4 * 32)
+
+
+def test_captions_name_only_what_their_tokens_can_know(aligner, decoder_dir):
+    tokens, factors, captions = factor_tokens(320)
+    held, held_factors, _ = factor_tokens(200, seed=1)
+    mm = make_mm(aligner, decoder_dir, train_decoder="full", epochs=40, batch_size=32, lr=1e-2, warmup_steps=10,
+                 max_new_tokens=30)
+    L.fit_captioner(mm, tokens, captions)
+    majority = L.attribute_baselines(factors, held_factors)["majority"]
+
+    def accuracy(modalities, k=None):
+        return L.attribute_accuracy(mm.generate_from_tokens(held, L.TokenSource(modalities, k)), held_factors)
+
+    # the vision token that knows the colour is read: far above what no information gives (the micro decoder
+    # does not learn to read the touch token's hardness in this budget, so only the colour is asserted here)
+    assert accuracy(("vision", "touch"))["accuracy color"] > majority["accuracy color"] + 0.3
+    for modalities, k, unknown in ((None, 0, ("color", "hardness")), (("vision",), None, ("hardness",)),
+                                   (("touch",), None, ("color",))):
+        got = accuracy(modalities, k)
+        for name in unknown:  # a caption may only name what its tokens can know
+            assert abs(got[f"accuracy {name}"] - majority[f"accuracy {name}"]) < AT_BASELINE, (modalities, name)
+
+
 # ----------------------------------------------------------------------------------------------
 # the seed package's quick start and the command line
 
@@ -274,20 +335,52 @@ def test_seed_quick_start_runs_as_written():
     assert isinstance(caption, list) and len(caption) == 1 and isinstance(caption[0], str)
 
 
-def test_command_line_writes_caption_eval_json(decoder_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_phase1(tmp_path_factory):
+    """A one-epoch phase-1 run on a few SynthTouch samples, through train.py."""
+    tmp_path = tmp_path_factory.mktemp("cli")
     cfg = train.load_config(None, n_train=32, n_val=8, n_test=16, cache_dir=str(tmp_path / "features"),
                             output_dir=str(tmp_path / "phase1"),
                             **{"model.hidden_dim": 32, "model.n_registers": 4, "model.n_shared": 2,
                                "model.n_layers": 1, "model.n_heads": 2, "model.embed_dim": 32})
     cfg.epochs, cfg.batch_size = 1, 16
     train.train(cfg)
+    return cfg.run_dir
+
+
+PHASE2_FLAGS = ["--epochs", "1", "--batch_size", "16", "--train_decoder", "full"]
+
+
+def test_command_line_writes_caption_eval_json(tiny_phase1, decoder_dir, tmp_path):
     out = tmp_path / "phase2"
-    L.main(["--phase1_run", str(cfg.run_dir), "--output_dir", str(out), "--model_name", decoder_dir,
-            "--epochs", "1", "--batch_size", "16", "--train_decoder", "full"])
+    L.main(["--phase1_run", str(tiny_phase1), "--output_dir", str(out), "--model_name", decoder_dir, *PHASE2_FLAGS])
     result = json.loads((out / "caption_eval.json").read_text())
     runs = {(r["modalities"], r["k"]) for r in result["rows"]}
     assert runs == {("none", 0)} | {(m, k) for m in ("vision", "touch", "vision+touch") for k in (1, 2, 4)}
     row = result["rows"][-1]
     assert {"bleu4", "cider_d", "accuracy", "accuracy shared", "accuracy vision", "accuracy touch"} <= set(row)
-    assert set(result["baselines"]) == {"majority", "chance"}
+    assert {"probe accuracy", "probe accuracy touch", "probe accuracy hardness"} <= set(row)  # the ceiling beside it
+    assert set(result["baselines"]) == {"majority", "chance"} and result["split"] == "test"
     assert L.MultimodalLLM.load(out).llm_cfg.epochs == 1  # the run folder rebuilds its model alone
+    epoch = [r for r in train.read_metrics(out) if r["kind"] == "epoch"][-1]
+    assert {"val loss", "val accuracy", "val accuracy touch"} <= set(epoch)  # the curve epochs are chosen on
+
+
+def test_command_line_seed_statistics_on_the_validation_split(tiny_phase1, decoder_dir, tmp_path):
+    L.main(["--phase1_run", str(tiny_phase1), "--output_dir", str(tmp_path), "--model_name", decoder_dir,
+            *PHASE2_FLAGS, "--seeds", "0", "1", "--split", "val"])
+    runs = [json.loads((tmp_path / "config" / f"seed{s}" / "caption_eval_val.json").read_text()) for s in (0, 1)]
+    assert not list(tmp_path.rglob("caption_eval.json"))  # the test split was never evaluated
+    table = pd.read_csv(tmp_path / "phase2_val.csv").set_index(["modalities", "k"])
+    last = [r["rows"][-1] for r in runs]  # vision+touch, all tokens
+    for column in ("accuracy", "accuracy touch", "probe accuracy touch"):
+        values = [r[column] for r in last]
+        assert table.loc[("vision+touch", 4), f"{column} mean"] == pytest.approx(sum(values) / 2)
+        assert table.loc[("vision+touch", 4), f"{column} std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    summary = json.loads((tmp_path / "phase2_val.json").read_text())
+    targets = summary["settings"]["config"]
+    assert summary["split"] == "val" and summary["seeds"] == [0, 1] and targets["source"] == "vision+touch k=4"
+    assert targets["accuracy touch / probe"] == pytest.approx(
+        table.loc[("vision+touch", 4), "accuracy touch mean"] / table.loc[("vision+touch", 4), "probe accuracy touch mean"])
+    assert {"control none: accuracy", "control vision: accuracy touch", "control touch: majority accuracy vision",
+            "accuracy vision worst shortfall below probe over k"} <= set(targets)
