@@ -24,7 +24,7 @@ import pytest
 import workbook
 
 pytestmark = pytest.mark.browser
-NOTEBOOK_TIMEOUT_S = 420  # a smoke notebook takes 1-2 minutes on 2 cores; 03 the most (12 small runs, 5 with leakage probes), 4 when busy
+NOTEBOOK_TIMEOUT_S = 420  # a smoke notebook: 1-2 min on 2 cores; 03 the most (12 small runs), ~4 min when busy
 
 
 def chromium() -> str:
