@@ -71,12 +71,13 @@ class Encoded(NamedTuple):
 
 @torch.no_grad()
 def encode(model: core.AlignmentModel, modality: str, features: core.Features, ks: list[int],
-           batch_size: int = 256, one_pass: bool = True, progress: bool = False) -> Encoded:
+           batch_size: int = 256, one_pass: bool = True, progress: bool = False, reconstruct: bool = True) -> Encoded:
     """Everything evaluation needs for one modality, on the CPU. `one_pass=False` runs the register
-    module once per k with only k registers (the slow reference)."""
+    module once per k with only k registers (the slow reference); `reconstruct=False` skips the
+    preservation decoder (probes need only tokens and embeddings)."""
     device = next(model.parameters()).device
     n = len(features.pooled)
-    has_decoder = hasattr(model, "decoders")
+    has_decoder = hasattr(model, "decoders") and reconstruct
     centre = features.mean_token().to(device) if has_decoder else None
     tokens, embeddings, recon = [], {k: [] for k in ks}, {k: [] for k in ks}
     for start in tqdm(range(0, n, batch_size), desc=f"encode {modality}", disable=not progress, leave=False):
@@ -97,7 +98,7 @@ def encode(model: core.AlignmentModel, modality: str, features: core.Features, k
 
 
 def encode_all(model, features: dict[str, core.Features], ks, batch_size=256, one_pass=True,
-               progress=False) -> dict[str, Encoded]:
+               progress=False, reconstruct=True) -> dict[str, Encoded]:
     """`encode` for every modality of the model, in eval mode (the model's mode is restored after)."""
     missing = [m for m in model.cfg.modalities if m not in features]
     if missing:
@@ -109,7 +110,8 @@ def encode_all(model, features: dict[str, core.Features], ks, batch_size=256, on
     was_training = model.training
     model.eval()
     try:
-        return {m: encode(model, m, features[m], ks, batch_size, one_pass, progress) for m in model.cfg.modalities}
+        return {m: encode(model, m, features[m], ks, batch_size, one_pass, progress, reconstruct)
+                for m in model.cfg.modalities}
     finally:
         model.train(was_training)
 
@@ -156,7 +158,7 @@ def retrieval_metrics(queries: torch.Tensor, gallery: torch.Tensor, relevant: di
 
 def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, core.Features],
                       factors: dict[str, np.ndarray] | None, ks=None, shared_factors=None, batch_size=256,
-                      out_path=None, one_pass: bool = True) -> pd.DataFrame:
+                      out_path=None, one_pass: bool = True, encoded: dict | None = None) -> pd.DataFrame:
     """Quality of every prefix length k on one split, from one forward pass per modality.
 
     Rows: k (the number of tokens used; the adapter's only row is k = 1, its full embedding).
@@ -169,7 +171,7 @@ def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, core.Featu
     {k: {metric: value}} JSON when given.
     """
     ks = prefix_ks(model, ks)
-    encoded = encode_all(model, features, ks, batch_size, one_pass)
+    encoded = encoded or encode_all(model, features, ks, batch_size, one_pass)  # `encoded`: encode_all's, given
     n = len(features[model.cfg.modalities[0]].pooled)
     relevant = {"pair": torch.eye(n, dtype=torch.bool)}
     if factors is not None and "caption" in factors:  # real data: captions repeat, so the same caption is a hit
@@ -219,13 +221,14 @@ def evaluate_run(model: core.AlignmentModel, features: dict[str, core.Features],
     """`evaluate_prefixes` and, on SynthTouch (where private factors are known), the leakage columns of
     `leakage_columns` for every k: probes fit on `fit_*` (the validation split) and scored on `features`.
     The whole leakage table goes beside `out_path` as leakage.csv."""
-    table = evaluate_prefixes(model, features, factors)
+    ks = prefix_ks(model)
+    encoded = encode_all(model, features, ks)  # once, for retrieval and the leakage probes alike
+    table = evaluate_prefixes(model, features, factors, ks, encoded=encoded)
     private = [name for name, group in SynthTouch.factor_groups.items() if group != "shared"]
     if fit_features is not None and factors is not None and fit_factors is not None and \
             all(name in factors for name in private):
-        ks = list(table.index)
-        leaks = leakage_by_k(model, encode_all(model, fit_features, ks), fit_factors, encode_all(model, features, ks),
-                             factors, ks)
+        fit = encode_all(model, fit_features, ks, reconstruct=False)
+        leaks = leakage_by_k(model, fit, fit_factors, encoded, factors, ks)
         table = table.join(leakage_columns(leaks))
         if out_path is not None:
             core.atomic_write(Path(out_path).with_name("leakage.csv"), lambda tmp: leaks.to_csv(tmp, index=False))

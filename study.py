@@ -17,9 +17,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 import evaluate
+import plots
 import train
 
 # name -> overrides of configs/default.yaml. The default carries the leakage design the workbook adopted;
@@ -76,7 +78,6 @@ def headline(run_dir: str | os.PathLike) -> dict:
 
 
 def _train(cfg: train.TrainConfig) -> Path:
-    import torch
     torch.set_num_threads(1)  # several small runs side by side use the cores better than one run on all
     return train.ensure_trained(cfg)
 
@@ -117,7 +118,6 @@ def write(rows: pd.DataFrame, root: str | os.PathLike = "runs/study") -> Path:
 
 def curves(variants=("default", "no nested dropout"), seed: int = 0, root: str | os.PathLike = "runs/study"):
     """Quality against k of finished study runs (one seed): the figure at the top of the README."""
-    import plots
     tables = {v: evaluate.read_eval(run_config(v, seed, root).run_dir / "eval.json") for v in variants}
     chance = {"vision->touch R@1 pair": "chance@1 pair", "vision->touch R@1 factor": "chance@1 factor"}
     return plots.prefix_curves(tables, [*chance, "vision recon cos", "touch recon cos"],
@@ -133,7 +133,6 @@ def main(argv=None):
     parser.add_argument("--figure", help="only draw quality vs k of default and 'no nested dropout' (seed 0), to this PNG")
     args = parser.parse_args(argv)
     if args.figure:
-        import plots
         Path(args.figure).write_bytes(plots.png(curves(root=args.out)))
         return
     rows = study(args.variants, args.seeds, args.out, args.jobs)
