@@ -220,7 +220,9 @@ def evaluate_run(model: core.AlignmentModel, features: dict[str, core.Features],
                  out_path=None) -> pd.DataFrame:
     """`evaluate_prefixes` and, on SynthTouch (where private factors are known), the leakage columns of
     `leakage_columns` for every k: probes fit on `fit_*` (the validation split) and scored on `features`.
-    The whole leakage table goes beside `out_path` as leakage.csv."""
+    The whole leakage table goes beside `out_path` as leakage.csv, and the information map (every factor from
+    every token, `information_map`, fit and scored on the same splits) as information.csv, so notebooks can
+    draw both for runs whose weights they do not have (`read_information`)."""
     ks = prefix_ks(model)
     encoded = encode_all(model, features, ks)  # once, for retrieval and the leakage probes alike
     table = evaluate_prefixes(model, features, factors, ks, encoded=encoded)
@@ -232,9 +234,21 @@ def evaluate_run(model: core.AlignmentModel, features: dict[str, core.Features],
         table = table.join(leakage_columns(leaks))
         if out_path is not None:
             core.atomic_write(Path(out_path).with_name("leakage.csv"), lambda tmp: leaks.to_csv(tmp, index=False))
+            info = information_map({m: e.tokens for m, e in fit.items()}, fit_factors,
+                                   {m: e.tokens for m, e in encoded.items()}, factors, model.cfg.n_shared)
+            core.atomic_write(Path(out_path).with_name("information.csv"), lambda tmp: info.to_csv(tmp, index=False))
     if out_path is not None:
         write_eval(table, out_path)
     return table
+
+
+def read_information(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The information map a run's evaluation wrote (information.csv), as `information_map` returned it."""
+    path = Path(run_dir) / "information.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: runs evaluated with leakage probes write it (train.py with "
+                                f"leakage_probes: true, the default); re-train or re-evaluate {Path(run_dir)}")
+    return pd.read_csv(path)
 
 
 def read_eval(path: str | os.PathLike) -> pd.DataFrame:

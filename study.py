@@ -8,11 +8,19 @@ Each (variant, seed) is an ordinary phase-1 run folder (runs/study/<variant>/see
 train.ensure_trained, so an interrupted study continues where it stopped and a finished run is never
 trained twice. Epochs and weights were chosen on the validation split; the test split is only read here.
 Writes runs/study/runs.csv (one row per run) and runs/study/study.md (mean ± std per variant).
+
+The notebooks compare the default model with these variants. `make demo` trains only the default; the
+variants' curves and tables come from `runs/study` when you have trained them, and otherwise from the
+reference results in docs/study (each run's config, metrics and evaluation tables, no weights), which
+`--reference` writes:
+
+    python study.py --seeds 0 --reference                 # train seed 0 of every variant, refresh docs/study
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -34,10 +42,16 @@ VARIANTS = {
     "cross-modal reconstruction": {"model.leakage_guard": "cross", "model.alignment_weight": 0.0},
     "decorrelation": {"model.leakage_guard": "decorrelate", "model.alignment_weight": 0.0},
     "token bottleneck": {"model.token_dim": 8},  # the default with 8 numbers per token: less leaks, less retrieved
+    # the other nested-dropout modes, and the three design lines of the SPEC on the testbed's features and width
+    "uniform nested dropout": {"model.nested_dropout": "uniform"},
+    "linear nested dropout": {"model.nested_dropout": "linear"},
+    **{f"{design} design": train.design_overrides(design) for design in ("flextok", "fluxtalk", "adapter")},
 }
 LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruction", "decorrelation", "token bottleneck")
 SEEDS = (0, 1, 2)
 PROBE = "non-linear"
+REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference results: tables of seed-0 runs, no weights
+REFERENCE_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv")
 
 
 def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", **overrides) -> train.TrainConfig:
@@ -47,33 +61,60 @@ def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", 
     return train.load_config(None, **{**VARIANTS[variant], "seed": seed, "output_dir": str(folder), **overrides})
 
 
+def finished_run(variant: str, seed: int = 0, root: str | os.PathLike = "runs/study") -> Path:
+    """The folder of a finished study run: yours in `root` when you trained it (`make study`), otherwise its
+    reference results in docs/study (tables only: `evaluate.read_eval`, `read_information`, `headline` and
+    `train.training_minutes` read them; `train.load_aligner` needs weights, which only your own runs have)."""
+    for folder in (run_config(variant, seed, root).run_dir, run_config(variant, seed, REFERENCE).run_dir):
+        if (folder / "eval.json").is_file():
+            return folder
+    raise FileNotFoundError(f"no finished run of study variant {variant!r}, seed {seed}, in {root} or in "
+                            f"{REFERENCE}; train it with: python study.py --variants '{variant}' --seeds {seed}")
+
+
+def save_reference(runs) -> None:
+    """Copy the tables of finished runs (REFERENCE_FILES, not the weights) into the reference folder."""
+    for run in runs:
+        target = REFERENCE / run.parent.name / run.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in REFERENCE_FILES:
+            shutil.copyfile(run / name, target / name)
+
+
 def headline(run_dir: str | os.PathLike) -> dict:
-    """The numbers the README quotes, from a run's eval.json and leakage.csv (test split)."""
+    """The numbers the README quotes, from a run's eval.json and leakage.csv (test split). Rows say k=n_shared
+    (the complete shared embedding) and k=all (every register), so variants with other register counts line
+    up; a number a design does not have (no preservation decoder, one adapter embedding) is NaN."""
     run_dir = Path(run_dir)
     cfg = train.load_config(run_dir / "config.yaml")
     table = evaluate.read_eval(run_dir / "eval.json")
-    S, R = cfg.model.n_shared, cfg.model.n_registers
-    out = {"R@1 pair, k=1": table.loc[1, "vision->touch R@1 pair"],
-           f"R@1 pair, k={S}": table.loc[S, "vision->touch R@1 pair"],
-           f"R@1 factor, k={S}": table.loc[S, "vision->touch R@1 factor"]}
+    R = table.index.max()  # the adapter has one embedding, whatever its config's register counts say
+    S = min(cfg.model.n_shared, R)
+
+    def cell(k, column):
+        return table.at[k, column] if column in table else float("nan")
+
+    out = {"n_shared": S, "n_registers": R, "R@1 pair, k=1": cell(1, "vision->touch R@1 pair"),
+           "R@1 pair, k=n_shared": cell(S, "vision->touch R@1 pair"),
+           "R@1 factor, k=n_shared": cell(S, "vision->touch R@1 factor")}
     for m in cfg.model.modalities:
-        out[f"{m} recon cos, k=1"] = table.loc[1, f"{m} recon cos"]
-        out[f"{m} recon cos, k={R}"] = table.loc[R, f"{m} recon cos"]
+        out[f"{m} recon cos, k=1"] = cell(1, f"{m} recon cos")
+        out[f"{m} recon cos, k=all"] = cell(R, f"{m} recon cos")
         for measure in ("leak into shared embedding (max)", "leak into shared tokens (max)",
                         "shared factors from shared embedding (mean)", "fine shared from shared embedding (mean)"):
-            out[f"{m} {measure}, k={S}"] = table.loc[S, f"{m} {measure} [{PROBE}]"]
-        out[f"{m} own private from private tokens (mean), k={R}"] = \
-            table.loc[R, f"{m} own private from private tokens (mean) [{PROBE}]"]
+            out[f"{m} {measure}, k=n_shared"] = cell(S, f"{m} {measure} [{PROBE}]")
+        out[f"{m} own private from private tokens (mean), k=all"] = \
+            cell(R, f"{m} own private from private tokens (mean) [{PROBE}]")
     leaks = pd.read_csv(run_dir / "leakage.csv")
     private = leaks[(leaks.probe == PROBE) & (leaks.source == "private tokens") & (leaks.role == "own private")
                     & (leaks.k == R)]
-    for m, part in private.groupby("modality"):
-        coarse = part[part.factor.map(evaluate.SynthTouch.SCALE) == "coarse"]
-        out[f"{m} own private accuracy from private tokens (min), k={R}"] = coarse.score.min()
+    for m in cfg.model.modalities:
+        coarse = private[(private.modality == m) & (private.factor.map(evaluate.SynthTouch.SCALE) == "coarse")]
+        out[f"{m} own private accuracy from private tokens (min), k=all"] = coarse.score.min()
     shared = leaks[(leaks.probe == PROBE) & (leaks.source == "shared tokens") & (leaks.role == "shared") & (leaks.k == S)
                    & leaks.factor.isin(evaluate.shared_discrete_factors())]
-    for m, part in shared.groupby("modality"):
-        out[f"{m} coarse shared factors from shared tokens (min), k={S}"] = part.normalised.min()
+    for m in cfg.model.modalities:
+        out[f"{m} coarse shared factors from shared tokens (min), k=n_shared"] = shared[shared.modality == m].normalised.min()
     return out
 
 
@@ -93,15 +134,15 @@ def study(variants=tuple(VARIANTS), seeds=SEEDS, root: str | os.PathLike = "runs
     else:
         runs = {key: train.ensure_trained(cfg) for key, cfg in tqdm(configs.items(), desc="study runs")}
     rows = [{"variant": v, "seed": s, **headline(run)} for (v, s), run in runs.items()]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).assign(run=[str(run) for run in runs.values()])
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     """mean ± std (over seeds, sample std) of every number, one row per variant, variants in study order."""
-    numbers = rows.drop(columns="seed").groupby("variant", sort=False)
+    numbers = rows.drop(columns=["seed", "run"]).groupby("variant", sort=False)
     mean, std, n = numbers.mean(), numbers.std(ddof=1), numbers.size()
     spread = std.round(3).map(lambda x: "" if pd.isna(x) else f" ± {x}")  # one seed has no spread
-    table = mean.round(3).map(str) + spread
+    table = mean.round(3).map(lambda x: "–" if pd.isna(x) else str(x)) + spread  # –: the design has no such number
     return table.assign(seeds=n).T
 
 
@@ -118,7 +159,7 @@ def write(rows: pd.DataFrame, root: str | os.PathLike = "runs/study") -> Path:
 
 def curves(variants=("default", "no nested dropout"), seed: int = 0, root: str | os.PathLike = "runs/study"):
     """Quality against k of finished study runs (one seed): the figure at the top of the README."""
-    tables = {v: evaluate.read_eval(run_config(v, seed, root).run_dir / "eval.json") for v in variants}
+    tables = {v: evaluate.read_eval(finished_run(v, seed, root) / "eval.json") for v in variants}
     chance = {"vision->touch R@1 pair": "chance@1 pair", "vision->touch R@1 factor": "chance@1 factor"}
     return plots.prefix_curves(tables, [*chance, "vision recon cos", "touch recon cos"],
                                f"Quality vs prefix length k (test split, seed {seed})", chance)
@@ -131,12 +172,17 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/study", help="study folder (default: runs/study)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side, one thread each")
     parser.add_argument("--figure", help="only draw quality vs k of default and 'no nested dropout' (seed 0), to this PNG")
+    parser.add_argument("--reference", action="store_true",
+                        help="also copy the finished runs' tables into docs/study, the reference results that "
+                             "notebooks fall back on")
     args = parser.parse_args(argv)
     if args.figure:
         Path(args.figure).write_bytes(plots.png(curves(root=args.out)))
         return
     rows = study(args.variants, args.seeds, args.out, args.jobs)
     print(Path(write(rows, args.out)).read_text())
+    if args.reference:
+        save_reference(map(Path, rows.run))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ class TrainConfig:
     # >1: an epoch takes blocks of this many consecutive cached samples in a shuffled order (shuffled within
     # each block), so a feature cache larger than memory is read in long runs (e.g. 1024 for TVL at 257 tokens)
     shuffle_block: int = 1
+    # the step under bf16 autocast on the CPU too (on a GPU it always is): pays on CPUs with AVX-512 BF16 or AMX
+    # at the seed config's width (bench/bench_step.py), not at the testbed's, nor on CPUs without them
+    cpu_bf16: bool = False
     log_every: int = 10  # steps between loss rows in metrics.jsonl
     # evaluation: probe leakage (SynthTouch) for eval.json at the end, about a minute at the testbed's size
     leakage_probes: bool = True
@@ -94,8 +97,14 @@ DESIGN_KEYS = ("design", "n_registers", "n_shared", "attention", "nested_dropout
 
 def design_on_testbed(design: str, **overrides) -> TrainConfig:
     """configs/<design>.yaml's design (register counts, attention, dropout, losses) at the testbed's data,
-    encoders and width, so the three design lines are compared side by side on the same cached features.
-    Matryoshka sizes scale with the embedding width."""
+    encoders and width, so the three design lines are compared side by side on the same cached features."""
+    output_dir = str(Path(load_config(DEFAULT_CONFIG).output_dir).parent / f"testbed-{design}")
+    return load_config(DEFAULT_CONFIG, **{**design_overrides(design), "output_dir": output_dir, **overrides})
+
+
+def design_overrides(design: str) -> dict:
+    """The overrides of configs/default.yaml that put configs/<design>.yaml's design on the testbed
+    (`design_on_testbed`). Matryoshka sizes scale with the embedding width."""
     path = DEFAULT_CONFIG.parent / f"{design}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml") if p != DEFAULT_CONFIG)
@@ -103,8 +112,7 @@ def design_on_testbed(design: str, **overrides) -> TrainConfig:
     line, base = load_config(path), load_config(DEFAULT_CONFIG)
     keep = {f"model.{key}": getattr(line.model, key) for key in DESIGN_KEYS}
     keep["model.mrl_dims"] = [d * base.model.embed_dim // line.model.embed_dim for d in line.model.mrl_dims]
-    keep["output_dir"] = str(Path(base.output_dir).parent / f"testbed-{design}")
-    return load_config(DEFAULT_CONFIG, **{**keep, **overrides})
+    return keep
 
 # ----------------------------------------------------------------------------------------------
 # Data: datasets, frozen encoders and their cached features
@@ -262,7 +270,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     ddp = model
     if dist.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.cpu_bf16)
 
     def load(index):  # runs in fit's reading thread, ahead of the step
         return {m: f.batch(dist.local_slice(index), device) for m, f in train_feats.items()}
@@ -274,8 +282,9 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     def epoch_end(epoch):
         return quick_eval(model, val_feats, val_set) if val_feats is not None and dist.main else {}
 
+    # the bar names the run by its last two folders: phase1/default, or a study's default/seed-0
     loop.fit(model, loss_fn, loop.index_batches(n, cfg.batch_size, cfg.seed, cfg.shuffle_block), steps_per_epoch,
-             cfg, run, resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1: {cfg.run_dir.name}",
+             cfg, run, resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1: {cfg.run_dir.parent.name}/{cfg.run_dir.name}",
              rank=dist.rank, load=load)
     if dist.main:
         test_set, test_feats = split_data(cfg, "test")

@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 SMOKE_ENV, RUN_DIR_ENV = "FLEXALIGN_SMOKE", "FLEXALIGN_RUN_DIR"
 # phase-1 sizes of a smoke run (every notebook, the same, so runs are shared between notebooks)
-# (leakage probes only where a notebook asks for them: on 64 validation rows they measure nothing anyway)
-SMOKE_PHASE1 = {"n_train": 256, "n_val": 64, "n_test": 128, "epochs": 2, "batch_size": 64, "leakage_probes": False}
+SMOKE_PHASE1 = {"n_train": 256, "n_val": 64, "n_test": 128, "epochs": 2, "batch_size": 64}
 
 
 def settings() -> tuple[bool, Path]:

@@ -2,7 +2,9 @@
 obvious first implementation a researcher would write, `nn.TransformerEncoder` with a boolean mask over
 [features | registers], at the same config and in the same run (the ratio is what counts). A step is forward,
 backward and an AdamW step, each side with its own optimizer as it would be written: loop.make_optimizer for
-the register module, a plain torch.optim.AdamW for the reference. The cross-attention variant is timed too.
+the register module, a plain torch.optim.AdamW for the reference. The cross-attention variant is timed too,
+and both joint implementations under bf16 autocast (train.py's `cpu_bf16`; it pays only on CPUs with AVX-512
+BF16 or AMX, and at widths where matrix products dominate).
 
     python bench/bench_step.py [--seconds 20] [--seed_batch 16]
 """
@@ -59,9 +61,11 @@ def copy_weights(plain: PlainRegisters, module: core.RegisterTokenModule):
                 theirs.load_state_dict(mine.state_dict())
 
 
-def step_fn(module, optimizer, tokens, mask):
+def step_fn(module, optimizer, tokens, mask, bf16=False):
     def step():
-        loss = module(tokens, mask).square().mean()  # any loss of every output: backward runs through all
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = module(tokens, mask)
+        loss = out.float().square().mean()  # any loss of every output: backward runs through all
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -95,18 +99,25 @@ def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, b
     copy_weights(plain, joint)
     with torch.no_grad():
         difference = (plain(tokens, mask) - joint(tokens, mask)).abs().max().item()
-    steps = {"plain": step_fn(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4), tokens, mask)}
-    for name, module in (("joint", joint), ("cross", cross)):
-        steps[name] = step_fn(module, loop.make_optimizer(module, 1e-4, 0.05, 0, 1)[0], tokens, mask)
+    def timed(module, bf16=False):  # each side with the optimizer it would be written with
+        optimizer = (torch.optim.AdamW(module.parameters(), lr=1e-4) if module is plain
+                     else loop.make_optimizer(module, 1e-4, 0.05, 0, 1)[0])
+        return step_fn(module, optimizer, tokens, mask, bf16)
+
+    steps = {"plain": timed(plain), "joint": timed(joint), "cross": timed(cross),
+             "plain bf16": timed(plain, bf16=True), "joint bf16": timed(joint, bf16=True)}
     wall, cpu = median_step_seconds(steps, seconds)
     print(f"{what}: batch {batch}, {n_tokens} feature tokens × {input_dim}, hidden {hidden}, {n_layers} layers, "
           f"{n_heads} heads, {n_registers} registers, {torch.get_num_threads()} threads; median ms/step, wall and CPU")
     for name, label in (("plain", "plain nn.TransformerEncoder + mask"), ("joint", "RegisterTokenModule, joint"),
-                        ("cross", "RegisterTokenModule, cross")):
+                        ("cross", "RegisterTokenModule, cross"), ("plain bf16", "plain, bf16 autocast"),
+                        ("joint bf16", "RegisterTokenModule, joint, bf16")):
         print(f"  {label:36s} {wall[name] * 1e3:8.1f} wall {cpu[name] * 1e3:8.1f} CPU")
     print(f"  same outputs with the same weights: largest difference {difference:.1e}")
     print(f"  speed-up joint vs plain: {cpu['plain'] / cpu['joint']:.2f}x CPU time, "
           f"{wall['plain'] / wall['joint']:.2f}x wall; cross costs {cpu['cross'] / cpu['joint']:.2f}x joint (CPU)")
+    print(f"  with bf16 autocast: joint bf16 vs plain {cpu['plain'] / cpu['joint bf16']:.2f}x CPU time, "
+          f"vs plain bf16 {cpu['plain bf16'] / cpu['joint bf16']:.2f}x")
 
 
 def main():

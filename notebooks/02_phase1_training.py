@@ -7,15 +7,16 @@
 # Nested dropout keeps only a random prefix of the registers at each step, so every prefix learns to stand on
 # its own.
 #
-# First we train the CPU default (`configs/default.yaml`) and watch the loss live; then the three design lines
-# of the project — FlexTok-style registers, FluxTalk-style registers and the MLP-adapter baseline — on the same
-# cached features, and compare them.
+# First we train the CPU default (`configs/default.yaml`) and watch the loss live; then we compare the three
+# design lines of the project — FlexTok-style registers, FluxTalk-style registers and the MLP-adapter baseline —
+# trained on the same cached features by the study (`study.py`).
 
 # %%
 import pandas as pd
 
 import evaluate
 import plots
+import study
 import train
 import workbook
 
@@ -55,19 +56,24 @@ table.filter(regex="R@1|recon|chance@1").round(3)
 
 # %% [markdown]
 # ## Three design lines on the same features
-# `train.design_on_testbed(name)` takes a design line's register layout, attention, dropout and losses from
-# `configs/<name>.yaml` and keeps the testbed's data, encoders and width, so the comparison is fair:
+# Each design line takes its register layout, attention, dropout and losses from `configs/<name>.yaml` and keeps
+# the testbed's data, encoders and width (`train.design_on_testbed`), so the comparison is fair:
 # **flextok** (32 registers, 8 shared, joint attention, power-of-two nested dropout, preservation loss),
 # **fluxtalk** (4 registers, 3 overlapping + 1 complementary, cross-attention, linear nested dropout,
 # complementary L2 + diversity), and **adapter** (the seed package's MLP adapters with Matryoshka + CLIP loss,
 # one embedding, no registers) — the baseline the registers must beat.
+#
+# They are variants of the study (`python study.py --variants "flextok design" "fluxtalk design" "adapter design"
+# --seeds 0`, about 20 minutes here). `study.finished_run` finds your own runs in `runs/study` when you have
+# trained them, and otherwise the reference results shipped in `docs/study` (the runs' configs, metrics and
+# evaluation tables), so this demo trains only the default above.
 
 # %%
 rows = {}
 for design in ("flextok", "fluxtalk", "adapter"):
-    design_cfg = train.design_on_testbed(design, output_dir=str(run_dir / "phase1" / f"testbed-{design}"), **SMOKE)
-    design_run = train.ensure_trained(design_cfg)
-    model = train.load_aligner(design_run).model
+    design_run = study.finished_run(f"{design} design")
+    design_cfg = train.load_config(design_run / "config.yaml")
+    model = train.build_model(design_cfg)
     k = model.n_tokens if design == "adapter" else design_cfg.model.n_shared
     result = evaluate.read_eval(design_run / "eval.json").loc[k]
     rows[design] = {"registers": model.n_tokens, "shared": k, "attention": design_cfg.model.attention,

@@ -34,28 +34,26 @@ print(f"smoke mode: {smoke}; {cfg.n_train} train / {cfg.n_test} test samples, {c
 
 # %% [markdown]
 # ## The runs
-# The nested-dropout ablation trains `configs/default.yaml` four times, changing only `nested_dropout`:
-# `power_of_two` (k drawn from 1, 2, 4, …), `uniform` (k drawn from 1…R), `linear` (drop probability rising
-# from 0 on the first register to 0.5 on the last) and `none` (always all registers). The design lines are the
-# three of notebook 02 at testbed width. The leakage designs are the study's variants (`study.py`), seed 0: the
-# default without its guard, and each guard alone in its place. A finished run of the same config is reused, so
-# re-running costs nothing.
+# The default model is notebook 02's run. Everything it is compared with is a variant of the study
+# (`study.py`, seed 0), each changing one thing of `configs/default.yaml`: the nested-dropout mode
+# (`power_of_two`, the default: k drawn from 1, 2, 4, …; `uniform`: k drawn from 1…R; `linear`: drop
+# probability rising from 0 on the first register to 0.5 on the last; `none`: always all registers), the design
+# line (the three of notebook 02 at testbed width), or the leakage design (the default without its guard, and
+# each guard alone in its place). `study.finished_run` takes your own run from `runs/study` when you have trained
+# it (`make study`), otherwise the reference results in `docs/study`: the same runs' configs, metrics and
+# evaluation tables, trained on this testbed with this code (no weights). The table says which is which.
 
 # %%
-dropout_runs = {"power_of_two": train.ensure_trained(cfg)}
-for mode in ("uniform", "linear", "none"):
-    mode_cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / f"dropout-{mode}"),
-                                 **{"model.nested_dropout": mode, **SMOKE})
-    dropout_runs[mode] = train.ensure_trained(mode_cfg)
-design_runs = {design: train.ensure_trained(train.design_on_testbed(
-    design, output_dir=str(run_dir / "phase1" / f"testbed-{design}"), **SMOKE))
-    for design in ("flextok", "fluxtalk", "adapter")}
-guard_runs = {"default": dropout_runs["power_of_two"]}
-guard_runs.update({variant: train.ensure_trained(study.run_config(variant, 0, run_dir / "study",
-                                                                  **{**SMOKE, "leakage_probes": True}))
-                   for variant in study.LEAKAGE_VARIANTS})
-print({name: f"{train.training_minutes(run):.1f} min"
-       for name, run in {**dropout_runs, **design_runs, **guard_runs}.items()})
+default_run = train.ensure_trained(cfg)
+dropout_runs = {"power_of_two": default_run,
+                **{mode: study.finished_run(f"{mode} nested dropout") for mode in ("uniform", "linear")},
+                "none": study.finished_run("no nested dropout")}
+design_runs = {design: study.finished_run(f"{design} design") for design in ("flextok", "fluxtalk", "adapter")}
+guard_runs = {"default": default_run, **{variant: study.finished_run(variant) for variant in study.LEAKAGE_VARIANTS}}
+everything = {**{f"dropout {m}": r for m, r in dropout_runs.items()}, **{f"{d} design": r for d, r in design_runs.items()},
+              **{f"guard: {g}": r for g, r in guard_runs.items()}}
+pd.DataFrame({"run folder": {name: str(run) for name, run in everything.items()},
+              "training minutes": {name: round(train.training_minutes(run), 1) for name, run in everything.items()}})
 
 # %% [markdown]
 # ## Quality vs k, per nested-dropout mode
@@ -119,12 +117,12 @@ fig
 # %% [markdown]
 # ## Mean ± std over seeds
 # One training run is one draw: the same command gives different numbers with another seed. `make study`
-# trains every variant with three seeds and writes `runs/study/study.md`; when it exists, here it is. The
-# README quotes it.
+# trains every variant with three seeds and writes `runs/study/study.md`; when it exists, here it is, and
+# otherwise the reference table in `docs/study`, which the README quotes.
 
 # %%
-study_table = Path("runs/study/study.md")
-print(study_table.read_text() if study_table.is_file() else "no runs/study/study.md yet: run `make study`")
+study_table = next(path for path in (Path("runs/study/study.md"), study.REFERENCE / "study.md") if path.is_file())
+print(f"{study_table}:\n{study_table.read_text()}")
 
 # %% [markdown]
 # ## Leakage against k, per design
@@ -160,30 +158,16 @@ fig
 
 # %% [markdown]
 # ## The information map: which token knows which factor
-# For the default model and for the same model without a leakage guard, we encode the training and test
-# splits once, then fit a linear probe for every factor from every single register token and from the shared
-# and private token groups of each modality: logistic regression for discrete factors (accuracy), ridge
-# regression for the phases (R² of (cos, sin) of the phase) and for the fine factors (R² averaged over the
-# tiles). Probes are fit on train and scored on test. Cells show the score above chance,
+# For the default model and for the same model without a leakage guard: a linear probe for every factor from
+# every single register token and from the shared and private token groups of each modality — logistic
+# regression for discrete factors (accuracy), ridge regression for the phases (R² of (cos, sin) of the phase)
+# and for the fine factors (R² averaged over the tiles). Probes are fit on the validation split and scored on
+# test, when the run is evaluated (`information.csv` beside `eval.json`). Cells show the score above chance,
 # (score − chance)/(1 − chance), so 0 is chance and 1 is perfect; factor names are coloured by who sees them.
 
 # %%
-test_set, test_features = train.split_data(cfg, "test")
-train_set, train_features = train.split_data(cfg, "train")
-last = [cfg.model.n_registers]
-
-
-def probe_map(run):
-    net = train.load_aligner(run).model
-    fit = {m: e.tokens for m, e in evaluate.encode_all(net, train_features, last, progress=True).items()}
-    scored = evaluate.encode_all(net, test_features, cfg.model.prefix_lengths, progress=True)
-    info = evaluate.information_map(fit, train_set.factor_table(), {m: e.tokens for m, e in scored.items()},
-                                    test_set.factor_table(), n_shared=k_shared)
-    return net, scored, info
-
-
-model, test_encoded, info = probe_map(dropout_runs["power_of_two"])
-_, _, unguarded_info = probe_map(guard_runs["no leakage guard"])
+info = evaluate.read_information(default_run)
+unguarded_info = evaluate.read_information(guard_runs["no leakage guard"])
 fig = plots.information_map(info, n_shared=k_shared, title="Information map of the default model")
 workbook.save_figure(fig, "03_information_map")
 fig
@@ -236,14 +220,20 @@ fig
 # %% [markdown]
 # ## Where each register looks
 # Attention of each register over the image patches in the last block, for one test sample, first register to
-# last: joint attention (FlexTok-style default model) and cross-attention (FluxTalk-style). The patch grid is
-# 8×8 over a 64×64 image.
+# last: joint attention (the FlexTok-style default model) and, when you have trained it (`python study.py
+# --variants "fluxtalk design" --seeds 0`; reference results carry no weights), cross-attention (FluxTalk-style).
+# The patch grid is 8×8 over a 64×64 image.
 
 # %%
-fluxtalk = train.load_aligner(design_runs["fluxtalk"]).model
+test_set, test_features = train.split_data(cfg, "test")
+model = train.load_aligner(default_run).model
+test_encoded = evaluate.encode_all(model, test_features, cfg.model.prefix_lengths, progress=True)
+nets = {"joint (default)": model}
+if (design_runs["fluxtalk"] / "checkpoint").exists():
+    nets["cross (fluxtalk)"] = train.load_aligner(design_runs["fluxtalk"]).model
 sample = test_set[0]
 rows = {f"{name} · {m}": (sample[m], evaluate.attention_maps(net, m, test_features[m], 0))
-        for name, net in (("joint (default)", model), ("cross (fluxtalk)", fluxtalk)) for m in cfg.model.modalities}
+        for name, net in nets.items() for m in cfg.model.modalities}
 fig = plots.attention_maps(rows)
 workbook.save_figure(fig, "03_attention_maps")
 fig

@@ -1,10 +1,14 @@
 """The statistics command: runs per (variant, seed) with leakage in eval.json, mean ± std per variant."""
+import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
+import evaluate
 import study
+import train
 from conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,17 +36,36 @@ def test_each_run_is_a_run_folder_with_leakage_at_every_k(rows):
     assert {"color", "stain", "hardness", "compliance", "wear"} <= set(leaks.factor)
 
 
+def test_the_information_map_is_written_beside_eval_json_and_read_back(rows):
+    run = rows[0] / "default" / "seed-0"
+    saved = evaluate.read_information(run)
+    # the same map, recomputed from the saved weights on the same splits (validation fits, test scores)
+    cfg = train.load_config(run / "config.yaml")
+    model, ks = train.load_aligner(run).model, [cfg.model.n_registers]
+    (val_set, val), (test_set, test) = train.split_data(cfg, "val"), train.split_data(cfg, "test")
+    tokens = {name: {m: e.tokens for m, e in evaluate.encode_all(model, feats, ks).items()}
+              for name, feats in (("val", val), ("test", test))}
+    again = evaluate.information_map(tokens["val"], val_set.factor_table(), tokens["test"], test_set.factor_table(),
+                                     cfg.model.n_shared)
+    assert list(saved.columns) == list(again.columns) and len(saved) == len(again)
+    assert (saved.source.unique() == again.source.unique()).all()
+    # same process, same inputs, same probes: equal up to the CSV's decimal round trip (17 significant digits)
+    assert np.allclose(saved.score, again.score, rtol=0, atol=1e-12)
+    with pytest.raises(FileNotFoundError, match="information.csv is missing"):
+        evaluate.read_information(rows[0])
+
+
 def test_one_row_per_run_and_mean_pm_std_per_variant(rows):
     root, table = rows
     assert list(zip(table.variant, table.seed)) == [("default", 0), ("default", 1), ("no nested dropout", 0),
                                                      ("no nested dropout", 1)]
     assert table["R@1 pair, k=1"].between(0, 1).all()
     # another seed is another run: the numbers differ (identical ones would mean the seed was ignored)
-    assert table.iloc[0]["vision recon cos, k=4"] != table.iloc[1]["vision recon cos, k=4"]
+    assert table.iloc[0]["vision recon cos, k=all"] != table.iloc[1]["vision recon cos, k=all"]
     summary = study.summarise(table)
     assert list(summary.columns) == ["default", "no nested dropout"]
-    mean = table[table.variant == "default"]["R@1 pair, k=2"].mean()
-    assert summary.loc["R@1 pair, k=2", "default"].startswith(f"{mean:.3f} ± ")
+    mean = table[table.variant == "default"]["R@1 pair, k=n_shared"].mean()
+    assert summary.loc["R@1 pair, k=n_shared", "default"].startswith(f"{mean:.3f} ± ")
     assert summary.loc["seeds", "default"] == 2
     path = study.write(table, root)
     assert "no nested dropout" in path.read_text() and (root / "runs.csv").is_file()
@@ -53,6 +76,36 @@ def test_a_finished_study_is_read_back_without_training(rows, cache_dir, monkeyp
     monkeypatch.setattr(study.train, "train", lambda *a, **k: pytest.fail("trained a finished run again"))
     again = study.study(["default"], [0], root, **{**TINY, "cache_dir": str(cache_dir), "leakage_probes": True})
     assert again.iloc[0].equals(table.iloc[0])
+
+
+def test_finished_runs_come_from_your_study_and_otherwise_from_the_reference(rows, tmp_path, monkeypatch):
+    root, table = rows
+    monkeypatch.setattr(study, "REFERENCE", tmp_path / "reference")
+    with pytest.raises(FileNotFoundError, match="python study.py --variants 'default' --seeds 2"):
+        study.finished_run("default", 2, tmp_path / "nothing trained here")
+    study.save_reference(map(study.Path, table.run))
+    copied = sorted(p.relative_to(study.REFERENCE).as_posix() for p in study.REFERENCE.rglob("*") if p.is_file())
+    assert copied == sorted(f"{run}/{name}" for run in ("default/seed-0", "default/seed-1", "no-nested-dropout/seed-0",
+                                                       "no-nested-dropout/seed-1") for name in study.REFERENCE_FILES)
+    assert study.finished_run("default", 1, root) == root / "default" / "seed-1"  # your own run first
+    reference = study.finished_run("default", 1, tmp_path / "nothing trained here")
+    assert reference == study.REFERENCE / "default" / "seed-1"
+    # the reference holds what the notebooks read of a run, and gives the same numbers
+    assert study.headline(reference) == study.headline(root / "default" / "seed-1")
+    assert evaluate.read_information(reference).equals(evaluate.read_information(root / "default" / "seed-1"))
+
+
+@pytest.mark.parametrize("variant", list(study.VARIANTS))
+def test_the_reference_results_are_of_todays_config(variant, tmp_path):
+    run = study.finished_run(variant, 0, tmp_path)  # nothing trained in tmp_path: the shipped reference
+    assert run.is_relative_to(study.REFERENCE) and all((run / name).is_file() for name in study.REFERENCE_FILES)
+    saved, today = train.load_config(run / "config.yaml"), study.run_config(variant, 0, study.REFERENCE)
+    where = {name: getattr(today, name) for name in train.RESUME_IGNORES}  # where it ran, not what it trained
+    assert dataclasses.replace(saved, **where) == today, (
+        f"{run} was trained with other settings than study.VARIANTS[{variant!r}] now gives; refresh it with "
+        f"python study.py --variants '{variant}' --seeds 0 --reference")
+    numbers = study.headline(run)
+    assert 0 < numbers["R@1 factor, k=n_shared"] <= 1 and numbers["n_shared"] <= numbers["n_registers"]
 
 
 def test_unknown_variant_names_the_choices():

@@ -120,6 +120,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference_run, cache_
     assert step_losses(tmp_path) == step_losses(reference_run)
 
 
+def test_cpu_bf16_runs_the_step_under_bf16_autocast(reference_run, cache_dir, tmp_path, monkeypatch):
+    seen = []
+    build = train.build_model
+
+    def build_and_watch(cfg):  # a hook on the model's first linear layer records its output dtype
+        model = build(cfg)
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        first.register_forward_hook(lambda *args: seen.append(args[2].dtype))
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_and_watch)
+    run = train.train(tiny(cache_dir, tmp_path / "bf16", cpu_bf16=True))
+    assert torch.bfloat16 in seen  # training steps (validation and evaluation run in float32)
+    ours, reference = step_losses(run), step_losses(reference_run)
+    # the same run in bf16: bf16 keeps 8 mantissa bits (relative rounding 2^-9 per operation), so after a few
+    # steps losses drift apart by far more than float32 noise but stay near each other; 10% bounds it loosely
+    assert ours.keys() == reference.keys() and all(np.isfinite(v) for v in ours.values())
+    assert abs(ours[1] - reference[1]) < 0.1 * reference[1]
+
+
 def test_resume_with_another_config_names_the_differences(reference_run, cache_dir):
     cfg = tiny(cache_dir, reference_run, lr=5e-4, **{"model.n_registers": 8})
     with pytest.raises(ValueError, match="another config") as err:
