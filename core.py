@@ -483,13 +483,15 @@ def create_encoder(spec: str | EncoderConfig, **overrides) -> FrozenEncoder:
 # ----------------------------------------------------------------------------------------------
 # 2. Register tokens: one small class per idea (attention mask, attention, registers, nested dropout)
 
-DESIGNS = ("flextok", "fluxtalk", "adapter")
 ATTENTIONS = ("joint", "cross")
 DROPOUT_MODES = ("power_of_two", "uniform", "linear", "none")
 LOSS_TYPES = ("contrastive", "flow_matching", "combined")
-# How the shared tokens are kept free of a modality's private information (the preservation decoder
-# otherwise pushes it into them): see AlignmentModel.preservation_input and decorrelation_penalty.
-LEAKAGE_GUARDS = ("none", "stopgrad", "cross", "decorrelate")
+
+
+def doubling_grid(n: int) -> list[int]:
+    """1, 2, 4, ... below n, then n itself: the prefix lengths k of every curve (phase 1 and phase 2) and the
+    ones power_of_two nested dropout draws from."""
+    return [1 << i for i in range(n.bit_length()) if 1 << i < n] + [n]
 
 
 @dataclass
@@ -529,7 +531,7 @@ class ModelConfig:
                                      ("loss_type", self.loss_type, LOSS_TYPES),
                                      ("leakage_guard", self.leakage_guard, LEAKAGE_GUARDS)):
             if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+                raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(allowed)}")
         unknown = set(self.modalities) - set(MODALITIES)
         if unknown or len(self.modalities) < 2:
             raise ValueError(f"modalities {self.modalities} must be at least two of {MODALITIES}")
@@ -556,8 +558,7 @@ class ModelConfig:
     def prefix_lengths(self) -> list[int]:
         """The k grid every curve is drawn on: 1, 2, 4, ..., n_shared (the complete shared embedding) and
         n_registers itself."""
-        powers = [1 << i for i in range(self.n_registers.bit_length()) if 1 << i < self.n_registers]
-        return sorted({*powers, self.n_shared, self.n_registers})
+        return sorted({*doubling_grid(self.n_registers), self.n_shared})
 
 
 def register_attention_mask(n_features: int, n_registers: int, device=None) -> torch.Tensor:
@@ -743,7 +744,7 @@ class NestedDropout(nn.Module):
     def sample_k(self, batch: int, device=None) -> torch.Tensor:
         R = self.n_tokens
         if self.mode == "power_of_two":
-            choices = torch.tensor([1 << i for i in range(R.bit_length())], device=device)
+            choices = torch.tensor(doubling_grid(R), device=device)  # R is a power of two (ModelConfig)
             return choices[torch.randint(len(choices), (batch,), device=device)]
         if self.mode == "uniform":
             return torch.randint(1, R + 1, (batch,), device=device)
@@ -949,8 +950,205 @@ def read_rows(array, index):
     return result
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. Design lines and leakage guards: each a class behind one interface, chosen by name from a registry
+#    (ModelConfig.design from DESIGNS, ModelConfig.leakage_guard from LEAKAGE_GUARDS). A new design line is
+#    one class and one DESIGNS entry; nothing outside this section asks which design a model has.
+
+class LeakageGuard:
+    """none: the preservation decoder of a modality rebuilds its features from every kept token of its own."""
+
+    def preservation_input(self, cfg: ModelConfig, modality: str, tokens: dict[str, torch.Tensor],
+                           keep: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(registers, keep mask) the preservation decoder of `modality` reads."""
+        return tokens[modality], keep[modality]
+
+    def penalty(self, tokens: torch.Tensor, keep: torch.Tensor, n_shared: int) -> torch.Tensor | None:
+        """An extra loss on one modality's tokens (weight leakage_guard_weight), or None."""
+        return None
+
+
+class StopGradGuard(LeakageGuard):
+    """stopgrad: the decoder reads the shared tokens through a stop-gradient, so rebuilding private detail
+    is the private tokens' job."""
+
+    def preservation_input(self, cfg, modality, tokens, keep):
+        own = tokens[modality]
+        return torch.cat([own[:, :cfg.n_shared].detach(), own[:, cfg.n_shared:]], 1), keep[modality]
+
+
+class CrossGuard(LeakageGuard):
+    """cross: modality A is rebuilt from the next modality's shared tokens beside A's own private ones
+    (cross-modal reconstruction), so A's shared tokens gain nothing from carrying A's private detail."""
+
+    def preservation_input(self, cfg, modality, tokens, keep):
+        S, names = cfg.n_shared, cfg.modalities
+        other = names[(names.index(modality) + 1) % len(names)]
+        return (torch.cat([tokens[other][:, :S], tokens[modality][:, S:]], 1),
+                torch.cat([keep[other][:, :S], keep[modality][:, S:]], 1))
+
+
+class DecorrelateGuard(LeakageGuard):
+    """decorrelate: a penalty on the cross-correlation of the shared and private tokens."""
+
+    def penalty(self, tokens, keep, n_shared):
+        return decorrelation_penalty(tokens, keep, n_shared)
+
+
+LEAKAGE_GUARDS = {"none": LeakageGuard, "stopgrad": StopGradGuard, "cross": CrossGuard,
+                  "decorrelate": DecorrelateGuard}
+
+
+class RegisterDesign:
+    """FlexTok-style registers (the SPEC's first design line): per modality, R learned register tokens read
+    the frozen token features; nested dropout keeps a prefix of them in training; the first n_shared are
+    pooled into the shared embedding and the rest stay private; a preservation decoder rebuilds the frozen
+    features from the kept tokens. Each modality's registers are initialised afresh.
+
+    The interface of every design line: `build` adds its modules to the model (their names are the
+    checkpoint's keys); `tokens`, `shared_embedding` and `batch_terms` (a training step's embeddings and the
+    losses on tokens); and what callers ask instead of the design's name: `n_tokens`, `shared_k` (tokens in
+    the full shared embedding), `token_width`, `prefix_lengths` (the k grid) and `has_registers`."""
+    has_registers = True
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.guard = LEAKAGE_GUARDS[cfg.leakage_guard]()
+
+    @property
+    def n_tokens(self) -> int:
+        return self.cfg.n_registers
+
+    @property
+    def shared_k(self) -> int:
+        return self.cfg.n_shared
+
+    @property
+    def token_width(self) -> int:
+        return self.cfg.hidden_dim
+
+    @property
+    def prefix_lengths(self) -> list[int]:
+        return self.cfg.prefix_lengths
+
+    def registers_init(self) -> torch.Tensor | None:
+        """One initialisation every modality's registers start from, or None to draw each afresh."""
+        return None
+
+    def build(self, model: nn.Module, input_dims: dict[str, int], input_tokens: dict[str, int]):
+        cfg, H = self.cfg, self.cfg.hidden_dim
+        clone = self.registers_init()
+        model.encoders = nn.ModuleDict({m: RegisterTokenModule(
+            input_dims[m], input_tokens[m], H, cfg.n_registers, cfg.n_layers, cfg.n_heads, cfg.attention,
+            registers_init=clone) for m in cfg.modalities})
+        # What every sample's frozen features share, per position, comes off before the register module, so
+        # its attention starts from what differs between samples: without it the touch embeddings of all
+        # samples start at cosine 0.997 and contrastive learning sat at chance for 3 to 5 epochs. Set from the
+        # training split by set_feature_centres, then learned like a bias.
+        model.feature_centres = nn.ParameterDict({m: nn.Parameter(torch.zeros(input_tokens[m], input_dims[m]))
+                                                  for m in cfg.modalities})
+        model.heads = nn.ModuleDict({m: nn.Linear(H, cfg.embed_dim) for m in cfg.modalities})
+        if cfg.token_dim is not None:
+            model.bottlenecks = nn.ModuleDict({m: TokenBottleneck(H, cfg.token_dim) for m in cfg.modalities})
+        model.dropout = NestedDropout(cfg.n_registers, cfg.nested_dropout, cfg.nested_dropout_rate)
+        if cfg.preservation_weight > 0:
+            model.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m], cfg.decoder_layers,
+                                                              cfg.n_heads) for m in cfg.modalities})
+
+    def tokens(self, model, modality: str, feats: Features, n_registers: int | None = None) -> torch.Tensor:
+        check_token_shape(feats.tokens, model.input_tokens[modality], model.input_dims[modality])
+        tokens = model.encoders[modality](feats.tokens - model.feature_centres[modality], feats.mask,
+                                          n_registers=n_registers)
+        return model.bottlenecks[modality](tokens) if self.cfg.token_dim is not None else tokens
+
+    def shared_embedding(self, model, modality: str, tokens: torch.Tensor, keep: torch.Tensor | None = None):
+        """Mean of the kept shared tokens → projection. `keep`: B×R mask from nested dropout."""
+        shared = tokens[:, :self.cfg.n_shared]
+        weight = (keep[:, :self.cfg.n_shared] if keep is not None else torch.ones(shared.shape[:2], device=shared.device))
+        weight = weight.to(shared.dtype)[..., None]
+        return model.heads[modality]((shared * weight).sum(1) / weight.sum(1))
+
+    def batch_terms(self, model, batch: dict[str, Features]):
+        """A training step's shared embeddings {modality: B×embed_dim} and its losses on tokens
+        {name: [one per modality]} (preservation, the guard's decorrelation, complementary)."""
+        cfg, emb = self.cfg, {}
+        terms = {"preservation": [], "decorrelation": [], "complementary": []}
+        B = len(next(iter(batch.values())).pooled)
+        tokens_of, keep_of = {}, {}
+        for m in cfg.modalities:
+            tokens_of[m] = model.tokens(m, batch[m])
+            keep_of[m] = model.dropout(B, tokens_of[m].device)
+        for m in cfg.modalities:
+            tokens, keep = tokens_of[m], keep_of[m]
+            emb[m] = self.shared_embedding(model, m, tokens, keep)
+            if cfg.preservation_weight > 0:
+                recon = model.decoders[m](*self.guard.preservation_input(cfg, m, tokens_of, keep_of))
+                # the training mean the centre started from, not the batch's: every rank of a run uses the same
+                centre = model.feature_centres[m].detach()
+                terms["preservation"].append(preservation_loss(recon, batch[m].tokens, batch[m].mask, centre))
+            penalty = self.guard.penalty(tokens, keep, cfg.n_shared)
+            if penalty is not None:
+                terms["decorrelation"].append(penalty)
+            if cfg.complementary_reg_weight > 0 and cfg.n_shared < cfg.n_registers:
+                # only complementary tokens that survived dropout are regularised
+                overlap = tokens[:, :cfg.n_shared].mean(1)
+                terms["complementary"].append(
+                    complementary_regularizer(tokens[:, cfg.n_shared:], overlap, keep[:, cfg.n_shared:]))
+        return emb, terms
+
+
+class FluxTalkDesign(RegisterDesign):
+    """FluxTalk-style (the SPEC's second design line): a few registers, usually with cross attention and
+    linear nested dropout (configs/fluxtalk.yaml); every modality's registers start from one clone."""
+
+    def registers_init(self):
+        return torch.randn(self.cfg.n_registers, self.cfg.hidden_dim) * 0.02
+
+
+class AdapterDesign:
+    """The MLP-adapter baseline of the seed package: per modality an MLP maps the pooled frozen feature
+    straight to the shared embedding, which is its one token. No registers, nested dropout or decoder."""
+    has_registers = False
+    n_tokens = shared_k = 1
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    @property
+    def token_width(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def prefix_lengths(self) -> list[int]:
+        return [1]  # one token: its only "prefix" is the full embedding
+
+    def build(self, model, input_dims, input_tokens):
+        model.encoders = nn.ModuleDict({m: MLP(input_dims[m], self.cfg.hidden_dim, self.cfg.embed_dim)
+                                        for m in self.cfg.modalities})
+
+    def tokens(self, model, modality, feats, n_registers=None):
+        if feats.pooled.shape[-1] != model.input_dims[modality]:
+            raise ValueError(f"{modality} features are {feats.pooled.shape[-1]} wide but this adapter was built "
+                             f"for {model.input_dims[modality]}; check the encoder and the feature cache")
+        return model.encoders[modality](feats.pooled)[:, None, :]
+
+    def shared_embedding(self, model, modality, tokens, keep=None):
+        return tokens[:, 0]
+
+    def batch_terms(self, model, batch):
+        return {m: model.tokens(m, batch[m])[:, 0] for m in self.cfg.modalities}, {}
+
+
+DESIGNS = {"flextok": RegisterDesign, "fluxtalk": FluxTalkDesign, "adapter": AdapterDesign}
+# how much each loss on tokens weighs: the ModelConfig field
+TERM_WEIGHTS = {"preservation": "preservation_weight", "decorrelation": "leakage_guard_weight",
+                "complementary": "complementary_reg_weight"}
+
+
 class AlignmentModel(nn.Module):
-    """Works on frozen features, so training reads the feature cache and never runs an encoder.
+    """Works on frozen features, so training reads the feature cache and never runs an encoder. The design
+    line (`cfg.design`, a DESIGNS class, as `self.design`) builds the modules and turns features into tokens;
+    the losses across modalities are the same for every design.
 
     `input_dims` / `input_tokens`: modality → width / number of the frozen token features.
     """
@@ -961,61 +1159,27 @@ class AlignmentModel(nn.Module):
         if missing:
             raise ValueError(f"no input features for modalities {missing}; have {sorted(input_dims)}")
         self.cfg, self.input_dims, self.input_tokens = cfg, dict(input_dims), dict(input_tokens)
-        H = cfg.hidden_dim
-        if cfg.design == "adapter":
-            self.encoders = nn.ModuleDict({m: MLP(input_dims[m], H, cfg.embed_dim) for m in cfg.modalities})
-        else:
-            # FluxTalk clones one register initialisation per modality; FlexTok draws each afresh.
-            clone = torch.randn(cfg.n_registers, H) * 0.02 if cfg.design == "fluxtalk" else None
-            self.encoders = nn.ModuleDict({m: RegisterTokenModule(
-                input_dims[m], input_tokens[m], H, cfg.n_registers, cfg.n_layers, cfg.n_heads, cfg.attention,
-                registers_init=clone) for m in cfg.modalities})
-            # What every sample's frozen features share, per position, comes off before the register module, so
-            # its attention starts from what differs between samples: without it the touch embeddings of all
-            # samples start at cosine 0.997 and contrastive learning sat at chance for 3 to 5 epochs. Set from the
-            # training split by set_feature_centres, then learned like a bias.
-            self.feature_centres = nn.ParameterDict({m: nn.Parameter(torch.zeros(input_tokens[m], input_dims[m]))
-                                                     for m in cfg.modalities})
-            self.heads = nn.ModuleDict({m: nn.Linear(H, cfg.embed_dim) for m in cfg.modalities})
-            if cfg.token_dim is not None:
-                self.bottlenecks = nn.ModuleDict({m: TokenBottleneck(H, cfg.token_dim) for m in cfg.modalities})
-            self.dropout = NestedDropout(cfg.n_registers, cfg.nested_dropout, cfg.nested_dropout_rate)
-            if cfg.preservation_weight > 0:
-                self.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m],
-                                                                 cfg.decoder_layers, cfg.n_heads)
-                                               for m in cfg.modalities})
+        self.design = DESIGNS[cfg.design](cfg)
+        self.design.build(self, self.input_dims, self.input_tokens)
         self.logit_scale = nn.Parameter(torch.tensor(1 / cfg.init_temperature).log())
         self.pairs = [(a, b) for i, a in enumerate(cfg.modalities) for b in cfg.modalities[i + 1:]]
         if cfg.loss_type != "contrastive":
-            self.flow = FlowMatcher(cfg.embed_dim, self.pairs + [(b, a) for a, b in self.pairs], hidden=H)
+            self.flow = FlowMatcher(cfg.embed_dim, self.pairs + [(b, a) for a, b in self.pairs], hidden=cfg.hidden_dim)
 
     @property
     def n_tokens(self) -> int:
-        return 1 if self.cfg.design == "adapter" else self.cfg.n_registers
+        return self.design.n_tokens
 
     def tokens(self, modality: str, feats: Features, n_registers: int | None = None) -> torch.Tensor:
-        """All output tokens of a modality, B×R×hidden (the adapter's one token is its embedding);
+        """All output tokens of a modality, B×R×token_width (the adapter's one token is its embedding);
         `n_registers` runs the register module with only its first n registers (the prefix reference)."""
         if modality not in self.encoders:
             raise ValueError(f"this model has no {modality!r} branch; it was trained on {self.cfg.modalities}")
-        if self.cfg.design == "adapter":
-            if feats.pooled.shape[-1] != self.input_dims[modality]:
-                raise ValueError(f"{modality} features are {feats.pooled.shape[-1]} wide but this adapter was built "
-                                 f"for {self.input_dims[modality]}; check the encoder and the feature cache")
-            return self.encoders[modality](feats.pooled)[:, None, :]
-        check_token_shape(feats.tokens, self.input_tokens[modality], self.input_dims[modality])
-        tokens = self.encoders[modality](feats.tokens - self.feature_centres[modality], feats.mask,
-                                         n_registers=n_registers)
-        return self.bottlenecks[modality](tokens) if self.cfg.token_dim is not None else tokens
+        return self.design.tokens(self, modality, feats, n_registers)
 
     def shared_embedding(self, modality: str, tokens: torch.Tensor, keep: torch.Tensor | None = None):
-        """Mean of the kept shared tokens → projection. `keep`: B×R mask from nested dropout."""
-        if self.cfg.design == "adapter":
-            return tokens[:, 0]
-        shared = tokens[:, :self.cfg.n_shared]
-        weight = (keep[:, :self.cfg.n_shared] if keep is not None else torch.ones(shared.shape[:2], device=shared.device))
-        weight = weight.to(shared.dtype)[..., None]
-        return self.heads[modality]((shared * weight).sum(1) / weight.sum(1))
+        """The shared embedding from a modality's tokens; `keep`: B×R mask from nested dropout."""
+        return self.design.shared_embedding(self, modality, tokens, keep)
 
     def prefix_embeddings(self, modality: str, tokens: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
         """Shared embedding for every prefix length k from one set of register outputs."""
@@ -1025,32 +1189,8 @@ class AlignmentModel(nn.Module):
 
     def forward(self, batch: dict[str, Features]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training step's loss and its parts (nested dropout active in train mode)."""
-        cfg, parts, emb = self.cfg, {}, {}
-        B = len(next(iter(batch.values())).pooled)
-        preservation, regular, decorrelation = [], [], []
-        tokens_of, keep_of = {}, {}
-        for m in cfg.modalities:
-            tokens_of[m] = self.tokens(m, batch[m])
-            if cfg.design != "adapter":
-                keep_of[m] = self.dropout(B, tokens_of[m].device)
-        for m in cfg.modalities:
-            tokens = tokens_of[m]
-            if cfg.design == "adapter":
-                emb[m] = tokens[:, 0]
-                continue
-            keep = keep_of[m]
-            emb[m] = self.shared_embedding(m, tokens, keep)
-            if cfg.preservation_weight > 0:
-                recon = self.decoders[m](*self.preservation_input(m, tokens_of, keep_of))
-                # the training mean the centre started from, not the batch's: every rank of a run uses the same
-                centre = self.feature_centres[m].detach()
-                preservation.append(preservation_loss(recon, batch[m].tokens, batch[m].mask, centre))
-            if cfg.leakage_guard == "decorrelate":
-                decorrelation.append(decorrelation_penalty(tokens, keep, cfg.n_shared))
-            if cfg.complementary_reg_weight > 0 and cfg.n_shared < cfg.n_registers:
-                # only complementary tokens that survived dropout are regularised
-                overlap = tokens[:, :cfg.n_shared].mean(1)
-                regular.append(complementary_regularizer(tokens[:, cfg.n_shared:], overlap, keep[:, cfg.n_shared:]))
+        cfg, parts = self.cfg, {}
+        emb, terms = self.design.batch_terms(self, batch)
         gathered = {m: gather_with_grad(e) for m, e in emb.items()}
         loss = torch.zeros((), device=gathered[cfg.modalities[0]].device)
         dims = tuple(cfg.mrl_dims) + (cfg.embed_dim,)
@@ -1069,32 +1209,17 @@ class AlignmentModel(nn.Module):
                     [self.flow.loss(unit[b], unit[a], f"{b}->{a}") for a, b in self.pairs]
             parts["flow"] = torch.stack(flows).mean()
             loss = loss + cfg.flow_weight * parts["flow"]
-        if preservation:
-            parts["preservation"] = torch.stack(preservation).mean()
-            loss = loss + cfg.preservation_weight * parts["preservation"]
-        if decorrelation:
-            parts["decorrelation"] = torch.stack(decorrelation).mean()
-            loss = loss + cfg.leakage_guard_weight * parts["decorrelation"]
-        if regular:
-            parts["complementary"] = torch.stack(regular).mean()
-            loss = loss + cfg.complementary_reg_weight * parts["complementary"]
+        for name, values in terms.items():
+            if values:
+                parts[name] = torch.stack(values).mean()
+                loss = loss + getattr(cfg, TERM_WEIGHTS[name]) * parts[name]
         parts["temperature"] = (1 / self.logit_scale.exp()).detach()  # the one used: clamped after each step
         return loss, parts
 
     def preservation_input(self, modality: str, tokens: dict[str, torch.Tensor], keep: dict[str, torch.Tensor]):
         """(registers, keep mask) the preservation decoder of `modality` rebuilds its features from, per the
-        leakage guard: its own tokens; with the shared ones behind a stop-gradient; or the next modality's
-        shared tokens beside its own private ones (cross-modal reconstruction)."""
-        S, guard = self.cfg.n_shared, self.cfg.leakage_guard
-        own, own_keep = tokens[modality], keep[modality]
-        if guard == "stopgrad":
-            return torch.cat([own[:, :S].detach(), own[:, S:]], 1), own_keep
-        if guard == "cross":
-            names = self.cfg.modalities
-            other = names[(names.index(modality) + 1) % len(names)]
-            return (torch.cat([tokens[other][:, :S], own[:, S:]], 1),
-                    torch.cat([keep[other][:, :S], own_keep[:, S:]], 1))
-        return own, own_keep
+        leakage guard (LEAKAGE_GUARDS)."""
+        return self.design.guard.preservation_input(self.cfg, modality, tokens, keep)
 
     @torch.no_grad()
     def set_feature_centres(self, features: dict[str, Features]):

@@ -46,10 +46,7 @@ def shared_discrete_factors() -> list[str]:
 
 def prefix_ks(model: core.AlignmentModel, ks=None) -> list[int]:
     """The prefix lengths to evaluate: the model's 1, 2, 4, ..., n_registers grid, or `ks` checked."""
-    if model.cfg.design == "adapter":
-        default = [1]  # one token: its only "prefix" is the full embedding
-    else:
-        default = model.cfg.prefix_lengths
+    default = model.design.prefix_lengths
     if ks is None:
         return default
     ks = sorted({int(k) for k in ks})
@@ -82,7 +79,7 @@ def encode(model: core.AlignmentModel, modality: str, features: core.Features, k
     tokens, embeddings, recon = [], {k: [] for k in ks}, {k: [] for k in ks}
     for start in tqdm(range(0, n, batch_size), desc=f"encode {modality}", disable=not progress, leave=False):
         feats = features.batch(np.arange(start, min(start + batch_size, n)), device)
-        if one_pass or model.cfg.design == "adapter":
+        if one_pass or not model.design.has_registers:
             out = model.tokens(modality, feats)
             tokens.append(out.cpu())
             per_k = {k: out for k in ks}
@@ -515,9 +512,9 @@ def leakage_columns(table: pd.DataFrame) -> pd.DataFrame:
 @torch.no_grad()
 def attention_maps(model: core.AlignmentModel, modality: str, features: core.Features, index: int) -> np.ndarray:
     """R×h×w: where each register looks among the image patches of sample `index` (last block)."""
-    if model.cfg.design == "adapter":
-        raise ValueError("the adapter design has no registers and so no attention maps; use a flextok or "
-                         "fluxtalk model")
+    if not model.design.has_registers:
+        raise ValueError(f"the {model.cfg.design} design has no registers and so no attention maps; use a flextok "
+                         "or fluxtalk model")
     feats = features.batch(np.array([index]), next(model.parameters()).device)
     maps = model.encoders[modality].attention_maps(feats.tokens, feats.mask)[0].cpu().numpy()
     side = int(round(maps.shape[1] ** 0.5))

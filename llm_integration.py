@@ -88,7 +88,7 @@ class TokenSource:
 
 def prefix_grid(n_tokens: int) -> list[int]:
     """The k values trained and evaluated: 0 (no prefix), 1, 2, 4, ... and n_tokens."""
-    return [0] + [1 << i for i in range(n_tokens.bit_length()) if 1 << i < n_tokens] + [n_tokens]
+    return [0] + core.doubling_grid(n_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,11 +304,6 @@ class Projector(nn.Module):
         return self.net((tokens[:, index] - self.shift[index]) * self.scale[index]) + self.slots[index]
 
 
-def token_width(cfg: core.ModelConfig) -> int:
-    """Width of `AlignmentModel.tokens`: registers are hidden_dim wide, the adapter's token is the embedding."""
-    return cfg.embed_dim if cfg.design == "adapter" else cfg.hidden_dim
-
-
 # ----------------------------------------------------------------------------------------------
 # 4. The multimodal model: a frozen phase-1 aligner, one projector per image modality, a decoder
 
@@ -326,7 +321,7 @@ class MultimodalLLM(nn.Module):
         if not self.modalities:
             raise ValueError(f"the aligner has no image modality to caption from (it has {phase1.modalities})")
         self.n_registers = aligner.model.n_tokens
-        self.n_shared = 1 if phase1.design == "adapter" else phase1.n_shared
+        self.n_shared = aligner.model.design.shared_k
         device = next(aligner.model.parameters()).device
         training = cfg.decoder_training
         half = device.type == "cuda" and cfg.bf16 and training != "full"
@@ -342,7 +337,7 @@ class MultimodalLLM(nn.Module):
         if training == "frozen":
             self.warn_if_untrained()
         self.projector = nn.ModuleDict({
-            m: Projector(cfg.projector, token_width(phase1), self.hidden, self.n_registers, cfg.standardize_tokens)
+            m: Projector(cfg.projector, aligner.model.design.token_width, self.hidden, self.n_registers, cfg.standardize_tokens)
             for m in self.modalities
         }).to(device)
         self.source = self.resolve(cfg.source)
@@ -457,7 +452,7 @@ class MultimodalLLM(nn.Module):
             projector, width = self.projector[m], tokens[m].shape[-1]
             if width != projector.dim_in:
                 raise ValueError(f"the {m} tokens are {width} wide but the {m} projector takes {projector.dim_in}; "
-                                 "build the projector for this phase-1 model (token_width(aligner.cfg))")
+                                 "build the projector for this phase-1 model (aligner.model.design.token_width)")
             if projector.dim_out != self.hidden:
                 raise ValueError(f"the {m} projector outputs width {projector.dim_out} but the decoder's hidden size "
                                  f"is {self.hidden}; build the projector for this decoder")

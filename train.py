@@ -315,7 +315,7 @@ def factor_codes(dataset) -> dict | None:
 def quick_eval(model, feats, dataset) -> dict:
     """Validation retrieval at k = n_shared (all k come in eval.json at the end)."""
     import evaluate
-    k = model.cfg.n_shared if model.cfg.design != "adapter" else 1
+    k = model.design.shared_k
     table = evaluate.evaluate_prefixes(model, feats, factor_codes(dataset), ks=[k])
     return {f"val {name}": float(value) for name, value in table.iloc[0].items() if "R@1" in name}
 

@@ -46,7 +46,7 @@ def qwen_shaped_decoder(folder: Path) -> Path:
 
 def compare(mm: L.MultimodalLLM, n: int, new_tokens: int, name: str):
     torch.manual_seed(0)
-    tokens = {m: torch.randn(n, mm.n_registers, L.token_width(mm.aligner.cfg)) for m in mm.modalities}
+    tokens = {m: torch.randn(n, mm.n_registers, mm.aligner.model.design.token_width) for m in mm.modalities}
     # every caption runs the full length, so both ways do the same amount of decoding
     fixed = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     mm.generate_from_tokens({m: t[:2] for m, t in tokens.items()}, **fixed)  # warm-up

@@ -68,7 +68,7 @@ for design in ("flextok", "fluxtalk", "adapter"):
     design_cfg = train.design_on_testbed(design, output_dir=str(run_dir / "phase1" / f"testbed-{design}"), **SMOKE)
     design_run = train.ensure_trained(design_cfg)
     model = train.load_aligner(design_run).model
-    k = model.n_tokens if design == "adapter" else design_cfg.model.n_shared
+    k = model.design.shared_k
     result = evaluate.read_eval(design_run / "eval.json").loc[k]
     rows[design] = {"registers": model.n_tokens, "shared": k, "attention": design_cfg.model.attention,
                     "nested dropout": design_cfg.model.nested_dropout,
