@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from core import Features, atomic_write, get_device, set_seed  # noqa: F401 (the seed API imports them from here too)
+from config import atomic_write
+from core import get_device, set_seed  # noqa: F401 (the seed API imports them from here too)
+from features import Features
 
 # -----------------------------------------------------------------------------
 # SynthTouch
@@ -350,7 +352,7 @@ def tvl_touch(path, image_size: int, background=None) -> torch.Tensor:
     """The tactile image padded to a square, rotated, resized. With `background` (HCT's tactile_background),
     the background image, prepared the same way, is subtracted at full resolution first, as TVL's
     subtract_background does: the result is signed, in [-1, 1], and the encoder normalises it with TVL's
-    background statistics (core.TVL_TACTILE_MEAN_STD)."""
+    background statistics (encoders.TVL_TACTILE_MEAN_STD)."""
     import torchvision.transforms.functional as TF
     image = _pad_and_rotate(open_image(path))
     if background is None:

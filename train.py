@@ -23,7 +23,10 @@ import yaml
 
 import core
 import data
+import evaluate
 import loop
+from config import load_dataclass
+from encoders import EncoderConfig, FrozenEncoder, create_encoder, resolve_encoder
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -31,7 +34,7 @@ DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 @dataclass
 class TrainConfig:
-    # frozen encoders per modality: a name from core.ENCODERS, or {name: ..., weights: ..., ...overrides}
+    # frozen encoders per modality: a name from encoders.ENCODERS, or {name: ..., weights: ..., ...overrides}
     encoders: dict = field(default_factory=lambda: {"vision": "synth-vision", "touch": "synth-touch",
                                                     "text": "minilm"})
     model: core.ModelConfig = field(default_factory=core.ModelConfig)
@@ -84,7 +87,7 @@ class TrainConfig:
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
     """A YAML config (configs/default.yaml when None) with overrides; model fields as "model.<name>"."""
-    return core.load_dataclass(TrainConfig, path or DEFAULT_CONFIG, overrides, nested="model")
+    return load_dataclass(TrainConfig, path or DEFAULT_CONFIG, overrides, nested="model")
 
 
 # what a design line keeps when it moves to the testbed; data, encoders, width and optimisation come from default.yaml
@@ -135,22 +138,22 @@ def make_dataset(cfg: TrainConfig, split: str):
     return data.CSVDataset(cfg.datasets_dir, split, sizes, skip_missing=cfg.skip_missing)
 
 
-def encoder_config(cfg: TrainConfig, modality: str) -> core.EncoderConfig:
+def encoder_config(cfg: TrainConfig, modality: str) -> EncoderConfig:
     """The frozen encoder of a modality (a TVL stage-1 checkpoint as touch weights sets its own architecture)."""
     spec = cfg.encoders[modality]
     if isinstance(spec, dict):
         spec = dict(spec)
-        return core.resolve_encoder(spec.pop("name"), **spec)
-    return core.resolve_encoder(spec)
+        return resolve_encoder(spec.pop("name"), **spec)
+    return resolve_encoder(spec)
 
 
-_ENCODERS: dict[core.EncoderConfig, core.FrozenEncoder] = {}  # built once per process
+_ENCODERS: dict[EncoderConfig, FrozenEncoder] = {}  # built once per process
 
 
-def get_encoder(cfg: TrainConfig, modality: str) -> core.FrozenEncoder:
+def get_encoder(cfg: TrainConfig, modality: str) -> FrozenEncoder:
     enc_cfg = encoder_config(cfg, modality)
     if enc_cfg not in _ENCODERS:
-        _ENCODERS[enc_cfg] = core.create_encoder(enc_cfg)
+        _ENCODERS[enc_cfg] = create_encoder(enc_cfg)
     return _ENCODERS[enc_cfg]
 
 
@@ -314,14 +317,12 @@ def factor_codes(dataset) -> dict | None:
 
 def quick_eval(model, feats, dataset) -> dict:
     """Validation retrieval at k = n_shared (all k come in eval.json at the end)."""
-    import evaluate
     k = model.design.shared_k
     table = evaluate.evaluate_prefixes(model, feats, factor_codes(dataset), ks=[k])
     return {f"val {name}": float(value) for name, value in table.iloc[0].items() if "R@1" in name}
 
 
 def evaluate_run(model, feats, dataset, out_path: Path, fit_feats=None, fit_set=None):
-    import evaluate
     fit_factors = factor_codes(fit_set) if fit_set is not None else None
     return evaluate.evaluate_run(model, feats, factor_codes(dataset), fit_feats, fit_factors, out_path=out_path)
 

@@ -19,6 +19,7 @@ import core  # noqa: E402
 import data  # noqa: E402
 import loop  # noqa: E402
 import train  # noqa: E402
+from features import Features  # noqa: E402
 
 
 def one_epoch(cfg, read_batch) -> tuple[float, float]:
@@ -48,7 +49,7 @@ def main():
 
     def encode(index):
         items = data.collate([dataset[int(i)] for i in index])
-        return {m: core.Features(*encoders[m](core.batch_inputs(items, m))) for m in cfg.model.modalities}
+        return {m: Features(*encoders[m](core.batch_inputs(items, m))) for m in cfg.model.modalities}
 
     on_the_fly = one_epoch(cfg, encode)
     print(f"one phase-1 epoch, {args.n_train} samples, batch {cfg.batch_size}, modalities "

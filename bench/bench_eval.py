@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
+from features import Features  # noqa: E402
 
 
 def best_time(fn, repeats: int) -> tuple[object, float]:
@@ -29,7 +30,7 @@ def best_time(fn, repeats: int) -> tuple[object, float]:
 
 
 def compare(model: core.AlignmentModel, features: dict, repeats: int, what: str):
-    evaluate.evaluate_prefixes(model, {m: core.Features(*(a[:64] for a in f)) for m, f in features.items()}, None)
+    evaluate.evaluate_prefixes(model, {m: Features(*(a[:64] for a in f)) for m, f in features.items()}, None)
     one, fast = best_time(lambda: evaluate.evaluate_prefixes(model, features, None), repeats)
     each, slow = best_time(lambda: evaluate.evaluate_prefixes(model, features, None, one_pass=False), repeats)
     same = bool(((one - each).abs() < 1e-5).all().all())
@@ -46,7 +47,7 @@ def main():
     dims = {m: train.get_encoder(cfg, m).dim for m in cfg.model.modalities}
     n_tokens = {m: train.get_encoder(cfg, m).num_tokens for m in cfg.model.modalities}
     torch.manual_seed(0)
-    features = {m: core.Features(torch.randn(args.n, dims[m]), torch.randn(args.n, n_tokens[m], dims[m]),
+    features = {m: Features(torch.randn(args.n, dims[m]), torch.randn(args.n, n_tokens[m], dims[m]),
                                  torch.ones(args.n, n_tokens[m], dtype=torch.bool)) for m in cfg.model.modalities}
     print(f"{args.n} items × {len(cfg.model.modalities)} modalities, k in {cfg.model.prefix_lengths}, design "
           f"{cfg.model.design} ({cfg.model.n_registers} registers, hidden {cfg.model.hidden_dim}), "

@@ -24,7 +24,7 @@ import workbook
 from data import SynthTouch
 
 smoke, run_dir = workbook.start()
-cfg = train.load_config(None, **({"n_train": 256, "n_val": 64, "n_test": 128} if smoke else {}))
+cfg = train.load_config(None, **workbook.smoke_sizes(workbook.SMOKE_DATA))
 print(f"smoke mode: {smoke}; run folder: {run_dir}; {cfg.n_train} train / {cfg.n_val} val / {cfg.n_test} test samples")
 
 # %% [markdown]

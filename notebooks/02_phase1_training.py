@@ -20,7 +20,7 @@ import train
 import workbook
 
 smoke, run_dir = workbook.start()
-SMOKE = workbook.SMOKE_PHASE1 if smoke else {}
+SMOKE = workbook.smoke_sizes(workbook.SMOKE_PHASE1)
 cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
 cfg.model
 

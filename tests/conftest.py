@@ -6,6 +6,7 @@ import core
 import data
 import llm_integration as L
 import train
+from encoders import create_encoder
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def decoder_dir(tmp_path_factory):
 def aligner():
     cfg = core.ModelConfig(modalities=("vision", "touch"), hidden_dim=32, n_registers=8, n_shared=2, n_layers=1,
                            n_heads=2, embed_dim=32)
-    encoders = {"vision": core.create_encoder("synth-vision"), "touch": core.create_encoder("synth-touch")}
+    encoders = {"vision": create_encoder("synth-vision"), "touch": create_encoder("synth-touch")}
     torch.manual_seed(0)
     model = core.AlignmentModel(cfg, {m: e.dim for m, e in encoders.items()},
                                 {m: e.num_tokens for m, e in encoders.items()})

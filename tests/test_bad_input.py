@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import core
 import data
 import llm_integration as L
 import loop
 import train
 from conftest import TINY, make_mm, tiny
+from encoders import create_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,15 +133,15 @@ CASES = {
                                                                   image_size=32),
                                     ValueError, r"data1/train.csv has the header \['image', 'touch', 'bg', 'text'\] but "
                                                 r"TVL's layout needs the columns .*fix its first line"),
-    "timm weights of a deeper ViT": (lambda t, p: core.create_encoder("synth-touch",
+    "timm weights of a deeper ViT": (lambda t, p: create_encoder("synth-touch",
                                                                       weights=other_vit_weights(p, depth=12)),
                                      ValueError, r"vit.safetensors does not fit timm.*unexpected tensors \['blocks.10"
                                                  r".*--stage1_checkpoint"),
-    "open_clip weights of another model": (lambda t, p: core.create_encoder("synth-vision",
+    "open_clip weights of another model": (lambda t, p: create_encoder("synth-vision",
                                                                              weights=other_vit_weights(p)),
                                             RuntimeError, r"weights file .*vit.safetensors does not load into open_clip "
                                                           r"'FlexAlign-ViT-Tiny'.*Pass the model name the file was saved"),
-    "timm weights of another patch size": (lambda t, p: core.create_encoder("synth-touch",
+    "timm weights of another patch size": (lambda t, p: create_encoder("synth-touch",
                                                                             weights=other_vit_weights(p, patch_size=16)),
                                            ValueError, r"does not fit timm.*shape mismatches \['patch_embed"),
     "--datasets_dir without data": (lambda t, p: train.train(train.parse_args(["--datasets_dir", str(p),

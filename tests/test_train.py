@@ -17,6 +17,7 @@ import core
 import loop
 import train
 from conftest import STEPS, TINY, tiny
+from features import Features
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run faster on one thread
 
@@ -204,7 +205,7 @@ def ddp_batch(n=16, width=12, tokens=5):
     out = {}
     for m in DDP_MODEL.modalities:
         x = latent @ torch.randn(4, width, generator=g) + 0.1 * torch.randn(n, tokens, width, generator=g)
-        out[m] = core.Features(x.mean(1), x, torch.ones(n, tokens, dtype=torch.bool))
+        out[m] = Features(x.mean(1), x, torch.ones(n, tokens, dtype=torch.bool))
     return out
 
 
@@ -217,7 +218,7 @@ def ddp_model():
 
 def loss_and_grads(model, batch, rank=0, world=1):
     per = len(batch["vision"].pooled) // world
-    local = {m: core.Features(*(a[rank * per:(rank + 1) * per] for a in f)) for m, f in batch.items()}
+    local = {m: Features(*(a[rank * per:(rank + 1) * per] for a in f)) for m, f in batch.items()}
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     loss, parts = wrapped(local)
     loss.backward()  # DDP averages the gradients over ranks here
