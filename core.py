@@ -630,6 +630,9 @@ TERM_WEIGHTS = {"preservation": "preservation_weight", "decorrelation": "leakage
                 "complementary": "complementary_reg_weight"}
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. The phase-1 model: a design line plus the losses across modalities, the same for every design
+
 class AlignmentModel(nn.Module):
     """Works on frozen features, so training reads the feature cache and never runs an encoder. The design
     line (`cfg.design`, a DESIGNS class, as `self.design`) builds the modules and turns features into tokens;
@@ -745,7 +748,7 @@ class AlignmentModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Raw inputs in, embeddings out: frozen encoders + an AlignmentModel; the seed package's API.
+# 5. Raw inputs in, embeddings out: frozen encoders + an AlignmentModel; the seed package's API.
 
 BATCH_KEYS = {"vision": ("vision", "image"), "touch": ("touch",), "text": ("caption",)}
 

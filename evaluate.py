@@ -102,7 +102,7 @@ def encode_all(model, features: dict[str, Features], ks, batch_size=256, one_pas
     missing = [m for m in model.cfg.modalities if m not in features]
     if missing:
         raise ValueError(f"features lack modalities {missing} of this model (it aligns {model.cfg.modalities}); "
-                         "pass features for every modality, e.g. from train.split_data(cfg, 'test')")
+                         "pass features for every modality, e.g. from phase1.split_data(cfg, 'test')")
     sizes = {m: len(features[m].pooled) for m in model.cfg.modalities}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"modalities have different numbers of samples {sizes}; retrieval needs paired rows")

@@ -39,12 +39,12 @@ import torch.nn as nn
 import yaml
 from tqdm.auto import tqdm
 
-import captions
 import core
 import data
 import evaluate
 import loop
-import train
+import phase1
+from captions import attribute_accuracy, attribute_baselines, caption_metrics, summarize_accuracy
 from config import atomic_write, load_dataclass
 from encoders import check_images, hub_or_cache
 from features import Features
@@ -317,10 +317,10 @@ class MultimodalLLM(nn.Module):
         super().__init__()
         self.llm_cfg = cfg = llm_cfg or LLMConfig()
         self.aligner = aligner.eval().requires_grad_(False)
-        phase1 = aligner.cfg
-        self.modalities = tuple(m for m in phase1.modalities if m in IMAGE_MODALITIES)
+        phase1_cfg = aligner.cfg
+        self.modalities = tuple(m for m in phase1_cfg.modalities if m in IMAGE_MODALITIES)
         if not self.modalities:
-            raise ValueError(f"the aligner has no image modality to caption from (it has {phase1.modalities})")
+            raise ValueError(f"the aligner has no image modality to caption from (it has {phase1_cfg.modalities})")
         self.n_registers = aligner.model.n_tokens
         self.n_shared = aligner.model.design.shared_k
         device = next(aligner.model.parameters()).device
@@ -605,7 +605,7 @@ class MultimodalLLM(nn.Module):
     def load(cls, run_dir: str | os.PathLike, aligner: core.Aligner | None = None) -> "MultimodalLLM":
         """A trained phase-2 model from its run folder, on `aligner` (default: its phase-1 run's)."""
         saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-        aligner = aligner or train.load_aligner(saved["phase1_run"])
+        aligner = aligner or phase1.load_aligner(saved["phase1_run"])
         return cls(aligner, LLMConfig(**saved["llm"])).load_weights(run_dir)
 
 
@@ -688,7 +688,7 @@ def validation_numbers(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], capti
         total += mm.loss(chunk, rows, mm.keep_masks(mm.source, len(rows))).item() * len(rows)
     out = {"val loss": total / n}
     if factors is not None:
-        accuracy = captions.attribute_accuracy(mm.generate_from_tokens(tokens, mm.source), factors)
+        accuracy = attribute_accuracy(mm.generate_from_tokens(tokens, mm.source), factors)
         out.update({f"val {k}": accuracy[f"{k}"] for k in ("accuracy", *(f"accuracy {g}" for g in evaluate.GROUP_ORDER))})
     mm.train(was_training)
     return out
@@ -739,7 +739,7 @@ def evaluate_captions(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], refere
     for modalities, k in tqdm(runs, desc="caption eval"):
         captions = mm.generate_from_tokens(tokens, TokenSource(modalities or source.modalities, k, source.groups))
         rows.append({"modalities": "+".join(modalities) or "none", "k": k,
-                     **captions.caption_metrics(captions, references, factors),
+                     **caption_metrics(captions, references, factors),
                      "examples": [{"reference": r, "generated": c}
                                   for r, c in zip(references[:n_examples], captions[:n_examples])]})
     return {"rows": rows}
@@ -768,10 +768,10 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     ceiling of its very tokens ("probe accuracy ..." keys, `add_probe_ceiling`)."""
     phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
     llm_cfg = llm_cfg or load_llm_config()
-    aligner = train.load_aligner(phase1_run).to(train.core_device())
-    cfg = train.load_config(phase1_run / "config.yaml")
-    train_set, train_feats = train.split_data(cfg, "train")
-    val_set, val_feats = train.split_data(cfg, "val")
+    aligner = phase1.load_aligner(phase1_run).to(phase1.core_device())
+    cfg = phase1.load_config(phase1_run / "config.yaml")
+    train_set, train_feats = phase1.split_data(cfg, "train")
+    val_set, val_feats = phase1.split_data(cfg, "val")
     if split == "val" and val_set is None:
         raise ValueError(f"the phase-1 run {phase1_run} has no validation split to evaluate on; use split='test' "
                          "(--split test) or add a val.csv to its dataset")
@@ -787,13 +787,13 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     if split == "val":
         eval_set, eval_tokens = val_set, val[0]
     else:
-        eval_set, eval_feats = train.split_data(cfg, "test")
+        eval_set, eval_feats = phase1.split_data(cfg, "test")
         eval_tokens = encode_tokens(aligner.model, eval_feats)
     factors = split_factors(eval_set)
     result = evaluate_captions(mm, eval_tokens, eval_set.captions, factors)
     if factors is not None:
         train_factors = split_factors(train_set)
-        result["baselines"] = captions.attribute_baselines(train_factors, factors)
+        result["baselines"] = attribute_baselines(train_factors, factors)
         weights = loop.RunFolder(phase1_run).checkpoint / "model.safetensors"
         cache = CEILINGS.setdefault((str(weights.resolve()), weights.stat().st_mtime_ns, split), {})
         add_probe_ceiling(mm, result["rows"], train_tokens, train_factors, eval_tokens, factors, cache)
@@ -839,7 +839,7 @@ def probe_ceiling(mm: MultimodalLLM, source: TokenSource, fit_tokens: dict[str, 
     from threadpoolctl import threadpool_limits
     source = mm.resolve(source)
     if source.k == 0:
-        return captions.attribute_baselines(fit_factors, test_factors)["majority"]
+        return attribute_baselines(fit_factors, test_factors)["majority"]
     rows = np.random.default_rng(0).permutation(len(fit_factors))[:max_fit]
     fit_x, test_x = source_features(mm, fit_tokens, source)[rows], source_features(mm, test_tokens, source)
     per_factor = {}
@@ -850,7 +850,7 @@ def probe_ceiling(mm: MultimodalLLM, source: TokenSource, fit_tokens: dict[str, 
             fit_y = np.array([values.index(fit_factors[i][name]) for i in rows])
             test_y = np.array([values.index(f[name]) for f in test_factors])
             per_factor[name] = evaluate.fit_probe("linear", False, fit_x, fit_y, test_x, test_y)[0]
-    return captions.summarize_accuracy(per_factor)
+    return summarize_accuracy(per_factor)
 
 
 def add_probe_ceiling(mm: MultimodalLLM, rows: list[dict], fit_tokens, fit_factors, test_tokens, test_factors,
@@ -965,8 +965,9 @@ def main(argv=None):
     if args.modalities:
         overrides["source.modalities"] = tuple(args.modalities)
     else:  # the image modalities the phase-1 run has (a vision+text run has no touch tokens to caption from)
-        phase1 = train.run_folder(args.phase1_run)
-        has = phase1.saved_config()["model"]["modalities"] if phase1.config_path.is_file() else IMAGE_MODALITIES
+        phase1_folder = phase1.run_folder(args.phase1_run)
+        has = (phase1_folder.saved_config()["model"]["modalities"] if phase1_folder.config_path.is_file()
+               else IMAGE_MODALITIES)
         overrides["source.modalities"] = tuple(m for m in IMAGE_MODALITIES if m in has)
     if args.resume and args.overwrite:
         raise SystemExit("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")

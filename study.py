@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 import evaluate
+import phase1
 import plots
 import train
 
@@ -40,17 +41,17 @@ SEEDS = (0, 1, 2)
 PROBE = "non-linear"
 
 
-def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", **overrides) -> train.TrainConfig:
+def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", **overrides) -> phase1.TrainConfig:
     if variant not in VARIANTS:
         raise ValueError(f"unknown study variant {variant!r}; choose from {list(VARIANTS)}")
     folder = Path(root) / variant.replace(" ", "-").replace(":", "") / f"seed-{seed}"
-    return train.load_config(None, **{**VARIANTS[variant], "seed": seed, "output_dir": str(folder), **overrides})
+    return phase1.load_config(None, **{**VARIANTS[variant], "seed": seed, "output_dir": str(folder), **overrides})
 
 
 def headline(run_dir: str | os.PathLike) -> dict:
     """The numbers the README quotes, from a run's eval.json and leakage.csv (test split)."""
     run_dir = Path(run_dir)
-    cfg = train.load_config(run_dir / "config.yaml")
+    cfg = phase1.load_config(run_dir / "config.yaml")
     table = evaluate.read_eval(run_dir / "eval.json")
     S, R = cfg.model.n_shared, cfg.model.n_registers
     out = {"R@1 pair, k=1": table.loc[1, "vision->touch R@1 pair"],
@@ -77,7 +78,7 @@ def headline(run_dir: str | os.PathLike) -> dict:
     return out
 
 
-def _train(cfg: train.TrainConfig) -> Path:
+def _train(cfg: phase1.TrainConfig) -> Path:
     torch.set_num_threads(1)  # several small runs side by side use the cores better than one run on all
     return train.ensure_trained(cfg)
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
 import data  # noqa: E402
 import loop  # noqa: E402
-import train  # noqa: E402
+import phase1  # noqa: E402
 from features import Features  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def one_epoch(cfg, read_batch) -> tuple[float, float]:
     """(wall, CPU) seconds of one training epoch whose batch of sample indices `index` is read_batch(index). CPU
     time is what the epoch costs whatever else the machine runs; wall time is what it took on this one now."""
     torch.manual_seed(cfg.seed)
-    model = train.build_model(cfg)
+    model = phase1.build_model(cfg)
     n = cfg.n_train
     start, start_cpu = time.perf_counter(), time.process_time()
     loop.fit(model, lambda index: model(read_batch(index)), loop.index_batches(n, cfg.batch_size, cfg.seed),
@@ -38,9 +38,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n_train", type=int, default=4000, help="training samples (the testbed's n_train)")
     args = parser.parse_args()
-    cfg = train.load_config(n_train=args.n_train)
-    dataset = train.make_dataset(cfg, "train")
-    encoders = {m: train.get_encoder(cfg, m) for m in cfg.model.modalities}
+    cfg = phase1.load_config(n_train=args.n_train)
+    dataset = phase1.make_dataset(cfg, "train")
+    encoders = {m: phase1.get_encoder(cfg, m) for m in cfg.model.modalities}
     with tempfile.TemporaryDirectory() as cache_dir:  # a cold cache of its own: the build is timed too
         start = time.perf_counter()
         cached = {m: data.cached_features(e, dataset, cache_dir) for m, e in encoders.items()}

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
 import evaluate  # noqa: E402
-import train  # noqa: E402
+import phase1  # noqa: E402
 from features import Features  # noqa: E402
 
 
@@ -43,9 +43,9 @@ def main():
     parser.add_argument("--n", type=int, default=1000, help="test items (the default test split size)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions; the fastest counts")
     args = parser.parse_args()
-    cfg = train.load_config()  # the testbed's model shape; weights do not matter for speed
-    dims = {m: train.get_encoder(cfg, m).dim for m in cfg.model.modalities}
-    n_tokens = {m: train.get_encoder(cfg, m).num_tokens for m in cfg.model.modalities}
+    cfg = phase1.load_config()  # the testbed's model shape; weights do not matter for speed
+    dims = {m: phase1.get_encoder(cfg, m).dim for m in cfg.model.modalities}
+    n_tokens = {m: phase1.get_encoder(cfg, m).num_tokens for m in cfg.model.modalities}
     torch.manual_seed(0)
     features = {m: Features(torch.randn(args.n, dims[m]), torch.randn(args.n, n_tokens[m], dims[m]),
                                  torch.ones(args.n, n_tokens[m], dtype=torch.bool)) for m in cfg.model.modalities}

@@ -15,13 +15,14 @@
 import pandas as pd
 
 import evaluate
+import phase1
 import plots
 import train
 import workbook
 
 smoke, run_dir = workbook.start()
 SMOKE = workbook.smoke_sizes(workbook.SMOKE_PHASE1)
-cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
+cfg = phase1.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
 cfg.model
 
 # %% [markdown]
@@ -55,7 +56,7 @@ table.filter(regex="R@1|recon|chance@1").round(3)
 
 # %% [markdown]
 # ## Three design lines on the same features
-# `train.design_on_testbed(name)` takes a design line's register layout, attention, dropout and losses from
+# `phase1.design_on_testbed(name)` takes a design line's register layout, attention, dropout and losses from
 # `configs/<name>.yaml` and keeps the testbed's data, encoders and width, so the comparison is fair:
 # **flextok** (32 registers, 8 shared, joint attention, power-of-two nested dropout, preservation loss),
 # **fluxtalk** (4 registers, 3 overlapping + 1 complementary, cross-attention, linear nested dropout,
@@ -65,9 +66,9 @@ table.filter(regex="R@1|recon|chance@1").round(3)
 # %%
 rows = {}
 for design in ("flextok", "fluxtalk", "adapter"):
-    design_cfg = train.design_on_testbed(design, output_dir=str(run_dir / "phase1" / f"testbed-{design}"), **SMOKE)
+    design_cfg = phase1.design_on_testbed(design, output_dir=str(run_dir / "phase1" / f"testbed-{design}"), **SMOKE)
     design_run = train.ensure_trained(design_cfg)
-    model = train.load_aligner(design_run).model
+    model = phase1.load_aligner(design_run).model
     k = model.design.shared_k
     result = evaluate.read_eval(design_run / "eval.json").loc[k]
     rows[design] = {"registers": model.n_tokens, "shared": k, "attention": design_cfg.model.attention,

@@ -19,6 +19,7 @@ from pathlib import Path
 from IPython.display import display
 
 import evaluate
+import phase1
 import plots
 import study
 import train
@@ -29,7 +30,7 @@ from data import SynthTouch
 smoke, run_dir = workbook.start()
 # the same sizes and run folders as notebook 02, so runs trained there are reused here
 SMOKE = workbook.smoke_sizes(workbook.SMOKE_PHASE1)
-cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
+cfg = phase1.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
 print(f"smoke mode: {smoke}; {cfg.n_train} train / {cfg.n_test} test samples, {cfg.epochs} epochs per run")
 
 # %% [markdown]
@@ -44,10 +45,10 @@ print(f"smoke mode: {smoke}; {cfg.n_train} train / {cfg.n_test} test samples, {c
 # %%
 dropout_runs = {"power_of_two": train.ensure_trained(cfg)}
 for mode in ("uniform", "linear", "none"):
-    mode_cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / f"dropout-{mode}"),
+    mode_cfg = phase1.load_config(None, output_dir=str(run_dir / "phase1" / f"dropout-{mode}"),
                                  **{"model.nested_dropout": mode, **SMOKE})
     dropout_runs[mode] = train.ensure_trained(mode_cfg)
-design_runs = {design: train.ensure_trained(train.design_on_testbed(
+design_runs = {design: train.ensure_trained(phase1.design_on_testbed(
     design, output_dir=str(run_dir / "phase1" / f"testbed-{design}"), **SMOKE))
     for design in ("flextok", "fluxtalk", "adapter")}
 guard_runs = {"default": dropout_runs["power_of_two"]}
@@ -156,13 +157,13 @@ fig
 # (score − chance)/(1 − chance), so 0 is chance and 1 is perfect; factor names are coloured by who sees them.
 
 # %%
-test_set, test_features = train.split_data(cfg, "test")
-train_set, train_features = train.split_data(cfg, "train")
+test_set, test_features = phase1.split_data(cfg, "test")
+train_set, train_features = phase1.split_data(cfg, "train")
 last = [cfg.model.n_registers]
 
 
 def probe_map(run):
-    net = train.load_aligner(run).model
+    net = phase1.load_aligner(run).model
     fit = {m: e.tokens for m, e in evaluate.encode_all(net, train_features, last, progress=True).items()}
     scored = evaluate.encode_all(net, test_features, cfg.model.prefix_lengths, progress=True)
     info = evaluate.information_map(fit, train_set.factor_table(), {m: e.tokens for m, e in scored.items()},
@@ -228,7 +229,7 @@ fig
 # 8×8 over a 64×64 image.
 
 # %%
-fluxtalk = train.load_aligner(design_runs["fluxtalk"]).model
+fluxtalk = phase1.load_aligner(design_runs["fluxtalk"]).model
 sample = test_set[0]
 rows = {f"{name} · {m}": (sample[m], evaluate.attention_maps(net, m, test_features[m], 0))
         for name, net in (("joint (default)", model), ("cross (fluxtalk)", fluxtalk)) for m in cfg.model.modalities}

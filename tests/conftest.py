@@ -5,6 +5,7 @@ import torch
 import core
 import data
 import llm_integration as L
+import phase1
 import train
 from encoders import create_encoder
 
@@ -29,8 +30,8 @@ STEPS_PER_EPOCH = TINY["n_train"] // TINY["batch_size"]
 STEPS = STEPS_PER_EPOCH * TINY["epochs"]
 
 
-def tiny(cache_dir, output_dir, **overrides) -> train.TrainConfig:
-    return train.load_config(None, **{**TINY, "cache_dir": str(cache_dir), "output_dir": str(output_dir), **overrides})
+def tiny(cache_dir, output_dir, **overrides) -> phase1.TrainConfig:
+    return phase1.load_config(None, **{**TINY, "cache_dir": str(cache_dir), "output_dir": str(output_dir), **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import data
 import llm_integration as L
+import phase1
 import train
 from captions import attribute_accuracy, attribute_baselines, bleu4, cider_d
 from conftest import make_mm, micro_decoder
@@ -340,7 +341,7 @@ def test_seed_quick_start_runs_as_written():
 def tiny_phase1(tmp_path_factory):
     """A one-epoch phase-1 run on a few SynthTouch samples, through train.py."""
     tmp_path = tmp_path_factory.mktemp("cli")
-    cfg = train.load_config(None, n_train=32, n_val=8, n_test=16, cache_dir=str(tmp_path / "features"),
+    cfg = phase1.load_config(None, n_train=32, n_val=8, n_test=16, cache_dir=str(tmp_path / "features"),
                             output_dir=str(tmp_path / "phase1"),
                             **{"model.hidden_dim": 32, "model.n_registers": 4, "model.n_shared": 2,
                                "model.n_layers": 1, "model.n_heads": 2, "model.embed_dim": 32})

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 import core
 import data
 import loop
+import phase1
 import train
 from conftest import STEPS, STEPS_PER_EPOCH, TINY, tiny
 from encoders import create_encoder
@@ -80,7 +81,7 @@ DRIVER = textwrap.dedent("""
     torch.save = slowly(torch.save)
     loop._fsync = slowly(loop._fsync)
     loop.os.replace = slowly(loop.os.replace)
-    cfg = train.load_config(None, **json.loads(sys.argv[1]))
+    cfg = phase1.load_config(None, **json.loads(sys.argv[1]))
     train.train(cfg, resume=sys.argv[2] == "resume")
 """)
 
@@ -182,7 +183,7 @@ def test_a_fresh_run_into_a_folder_with_a_run_is_refused_and_overwrite_replaces_
     copy = tmp_path / "copy"
     train.train(tiny(cache_dir, copy, epochs=1))
     train.train(tiny(cache_dir, copy, lr=5e-4, epochs=1), overwrite=True)
-    assert train.load_config(copy / "config.yaml").lr == 5e-4
+    assert phase1.load_config(copy / "config.yaml").lr == 5e-4
     assert [r["step"] for r in rows(copy, "step")] == list(range(1, STEPS_PER_EPOCH + 1))  # the old rows are gone
 
 
@@ -272,7 +273,8 @@ def test_each_torchrun_rank_draws_its_own_nested_dropout():
 CACHE_DRIVER = textwrap.dedent("""
     import sys, numpy as np, torch
     torch.set_num_threads(1)
-    import data, encoders
+    import data
+    from encoders import create_encoder
     feats = data.cached_features(create_encoder("synth-touch"), data.SynthTouch(48, seed=3, image_size=64),
                                  sys.argv[1], batch_size=8)
     np.save(sys.argv[2], np.asarray(feats.pooled))

@@ -20,11 +20,12 @@ import yaml
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-import captions
 import data
 import evaluate
 import llm_integration as L
+import phase1
 import train
+from captions import adjective_scores, bleu4, exact_match, is_adjective_list, tokenize
 from encoders import TVL_TACTILE_MEAN_STD, create_encoder, resolve_encoder, write_tvl_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -188,7 +189,7 @@ def test_seed_command_lines_train_end_to_end_on_tvl(flags, tvl_dir, stage1_check
     assert table["chance@1 caption"].iloc[0] == pytest.approx(np.sum(counts ** 2) / len(captions) ** 2)
     assert (table["vision->touch R@1 caption"] >= table["vision->touch R@1 pair"]).all()
     # each encoder got its images at its own size: 64 px vision, the checkpoint's 224 px touch
-    touch = train.get_encoder(train.load_config(run / "config.yaml"), "touch")
+    touch = phase1.get_encoder(phase1.load_config(run / "config.yaml"), "touch")
     assert touch.cfg.image_size == 224
 
 
@@ -220,8 +221,8 @@ def test_a_missing_pretrained_encoder_fails_at_once_saying_what_to_pass(tvl_dir,
 
 
 def test_tvl_config_is_the_seeds_setting():
-    cfg = train.load_config(os.path.join(ROOT, "configs", "tvl.yaml"))
-    vision = train.encoder_config(cfg, "vision")
+    cfg = phase1.load_config(os.path.join(ROOT, "configs", "tvl.yaml"))
+    vision = phase1.encoder_config(cfg, "vision")
     assert (vision.model_name, vision.pretrained, vision.image_size) == ("ViT-L-14", "datacomp_xl_s13b_b90k", 224)
     assert cfg.dataset == "tvl" and cfg.encoders["touch"] == "tvl-touch-vit-tiny" and cfg.image_size == 224
     assert (cfg.model.n_registers, cfg.model.n_shared, cfg.model.hidden_dim) == (32, 8, 512)
@@ -383,16 +384,16 @@ def test_caption_level_hits_count_any_item_with_the_same_caption():
 
 
 def test_tokenize_as_coco_does_for_plain_captions():
-    assert captions.tokenize("A Soft, smooth surface.") == "a soft smooth surface"
-    assert captions.tokenize("well-known; it's (hard)! Don't...") == "well-known it 's hard do n't"
+    assert tokenize("A Soft, smooth surface.") == "a soft smooth surface"
+    assert tokenize("well-known; it's (hard)! Don't...") == "well-known it 's hard do n't"
 
 
 def test_caption_accuracy_and_per_adjective_scores_by_hand():
     references = ["soft, smooth", "hard, rough", "soft, rough"]
     captions = ["Smooth and soft.", "hard, smooth", "soft, rough"]
-    assert captions.exact_match(captions, references) == pytest.approx(1 / 3)  # order differs in the first: not exact
-    assert captions.is_adjective_list(references) and not captions.is_adjective_list(["a handwritten digit one"])
-    scores = captions.adjective_scores(captions, references)
+    assert exact_match(captions, references) == pytest.approx(1 / 3)  # order differs in the first: not exact
+    assert is_adjective_list(references) and not is_adjective_list(["a handwritten digit one"])
+    scores = adjective_scores(captions, references)
     per = scores["per adjective"]
     # smooth: named twice, right once; in one reference, found -> precision 1/2, recall 1
     assert per["smooth"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3)}
@@ -404,4 +405,4 @@ def test_caption_accuracy_and_per_adjective_scores_by_hand():
 def test_bleu4_with_several_references_uses_the_closest_length():
     # candidate 4 words; references of 3 and 7 words: the closest is 3, so no brevity penalty, and every
     # n-gram of "a b c d" is in the second reference: BLEU-4 = 1
-    assert captions.bleu4(["a b c d"], [["x y z", "a b c d e f g"]]) == pytest.approx(1.0)
+    assert bleu4(["a b c d"], [["x y z", "a b c d e f g"]]) == pytest.approx(1.0)
