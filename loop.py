@@ -37,7 +37,7 @@ import torch.nn as nn
 import yaml
 from tqdm.auto import tqdm
 
-import core
+from config import atomic_write, state_mismatch
 
 CHECKPOINT = "checkpoint"  # a link to the newest complete checkpoint folder, swapped atomically
 
@@ -136,7 +136,7 @@ class RunFolder:
                     target.unlink()
             self.clean_leftovers(keep_current=False)
             self.path.mkdir(parents=True, exist_ok=True)
-            core.atomic_write(self.config_path, lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+            atomic_write(self.config_path, lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
 
     def clean_leftovers(self, keep_current: bool = True):
         """Checkpoint folders and temporary files a crash left behind (never the current checkpoint)."""
@@ -209,7 +209,7 @@ class RunFolder:
         if self.main:
             kept = "".join(json.dumps(row) + "\n" for row in self.rows()
                            if row["step"] <= step and not (row["kind"] == "epoch" and row["epoch"] >= epoch))
-            core.atomic_write(self.metrics_path, lambda tmp: tmp.write_text(kept))
+            atomic_write(self.metrics_path, lambda tmp: tmp.write_text(kept))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -240,7 +240,7 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: P
     own = trainable_tensors(model)
     if hasattr(model, "complete_state"):  # tensors an older version of the model did not have yet
         tensors = model.complete_state(tensors)
-    mismatch = core.state_mismatch(own, tensors)
+    mismatch = state_mismatch(own, tensors)
     if mismatch:
         raise ValueError(f"{source} was saved from a different model config: {mismatch}; build the model from "
                          "the config.yaml saved beside it")

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import io
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+from data import SynthTouch
 
 GROUP_COLORS = {"shared": "#6a3d9a", "vision": "#e66101", "touch": "#1b7f79"}
 MODALITY_MARKERS = {"vision": "o", "touch": "^", "text": "s"}
@@ -63,7 +68,6 @@ def _color_factor_labels(labels, groups: dict[str, str]):
 
 
 def _group_legend(ax, groups, **kwargs):
-    from matplotlib.patches import Patch
     present = [g for g in GROUP_COLORS if g in set(groups)]
     ax.legend(handles=[Patch(color=GROUP_COLORS[g], label=f"{g} factor" if g == "shared" else f"{g}-only factor")
                        for g in present], fontsize=8, **kwargs)
@@ -209,9 +213,6 @@ def embedding_views(points: dict, factors: dict, names: list[str], value_names: 
                     title: str = "Shared embeddings of both modalities (PCA)") -> Figure:
     """points: modality → N×2. One panel per factor name, points coloured by that factor's value,
     marker = modality. Aligned modalities overlap; a shared factor should form clusters, a private one not."""
-    import matplotlib
-    from matplotlib.lines import Line2D
-    from data import SynthTouch
     fig = Figure(figsize=(4.6 * len(names), 4.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(names)))
     for ax, name in zip(axes, names):
@@ -233,7 +234,7 @@ def embedding_views(points: dict, factors: dict, names: list[str], value_names: 
 
 
 def neighbours(panels: list[dict]) -> Figure:
-    """Rows from evaluate.NeighbourViewer.panel: the query, then its nearest neighbours of the other
+    """Rows from widgets.NeighbourViewer.panel: the query, then its nearest neighbours of the other
     modality, each with its factors (in their group colours). Frame: green = the query's own pair,
     blue = same shared factors, red = different."""
     n_cols = 1 + max(len(p["neighbours"]) for p in panels)
@@ -264,7 +265,6 @@ def neighbours(panels: list[dict]) -> Figure:
 
 def sample_grid(samples: list[dict], title: str = "SynthTouch samples: camera (top), touch sensor (bottom)") -> Figure:
     """Vision over touch for each sample, its caption underneath with each adjective in its group colour."""
-    from data import SynthTouch
     fig = Figure(figsize=(2.0 * len(samples), 5.0), layout="constrained")
     axes = fig.subplots(2, len(samples), squeeze=False)
     for col, sample in enumerate(samples):
@@ -284,7 +284,6 @@ def sample_grid(samples: list[dict], title: str = "SynthTouch samples: camera (t
 def render_variations(dataset, base: dict, changes: list[tuple[str, str]], seed: int = 0) -> Figure:
     """`dataset.render` of `base`, then of `base` with one factor changed per column. Under each image:
     how many pixels moved against the base, so the reader sees which sensor a factor reaches."""
-    from data import SynthTouch
     columns = [("base", base)] + [(f"{name} → {value if isinstance(value, str) else 'other tiles'}",
                                    {**base, name: value}) for name, value in changes]
     rendered = [dataset.render(factors, seed) for _, factors in columns]
@@ -306,8 +305,6 @@ def render_variations(dataset, base: dict, changes: list[tuple[str, str]], seed:
 
 def factor_visibility(factor_groups: dict[str, str], title: str = "Which modality sees which factor") -> Figure:
     """Factors × (vision, touch, text caption): a filled cell where that modality carries the factor."""
-    from matplotlib.patches import Rectangle
-    from data import SynthTouch
     names = list(factor_groups)
     sees = {"shared": ("vision", "touch"), "vision": ("vision",), "touch": ("touch",)}
     fig = Figure(figsize=(4.2, 0.42 * len(names) + 1.2), layout="constrained")
@@ -403,7 +400,6 @@ def design_comparison(table, metrics: list[str], title: str = "Design lines on t
 
 def _caption_lines(ax, caption: str, factors: dict, y: float, label: str):
     """`label: caption` under an axes, each adjective in its group colour, grey and struck when wrong."""
-    from data import SynthTouch
     parsed = SynthTouch.parse_caption(caption)
     wrong = sum(parsed[name] != factors[name] for name in SynthTouch.FACTORS)
     ax.text(0.0, y, f"{label} ({len(SynthTouch.FACTORS) - wrong}/{len(SynthTouch.FACTORS)} right): {caption}",

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 import evaluate
+import phase1
 import plots
 import train
 
@@ -45,7 +46,7 @@ VARIANTS = {
     # the other nested-dropout modes, and the three design lines of the SPEC on the testbed's features and width
     "uniform nested dropout": {"model.nested_dropout": "uniform"},
     "linear nested dropout": {"model.nested_dropout": "linear"},
-    **{f"{design} design": train.design_overrides(design) for design in ("flextok", "fluxtalk", "adapter")},
+    **{f"{design} design": phase1.design_overrides(design) for design in ("flextok", "fluxtalk", "adapter")},
 }
 LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruction", "decorrelation", "token bottleneck")
 SEEDS = (0, 1, 2)
@@ -54,17 +55,17 @@ REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference resu
 REFERENCE_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv")
 
 
-def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", **overrides) -> train.TrainConfig:
+def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", **overrides) -> phase1.TrainConfig:
     if variant not in VARIANTS:
         raise ValueError(f"unknown study variant {variant!r}; choose from {list(VARIANTS)}")
     folder = Path(root) / variant.replace(" ", "-").replace(":", "") / f"seed-{seed}"
-    return train.load_config(None, **{**VARIANTS[variant], "seed": seed, "output_dir": str(folder), **overrides})
+    return phase1.load_config(None, **{**VARIANTS[variant], "seed": seed, "output_dir": str(folder), **overrides})
 
 
 def finished_run(variant: str, seed: int = 0, root: str | os.PathLike = "runs/study") -> Path:
     """The folder of a finished study run: yours in `root` when you trained it (`make study`), otherwise its
     reference results in docs/study (tables only: `evaluate.read_eval`, `read_information`, `headline` and
-    `train.training_minutes` read them; `train.load_aligner` needs weights, which only your own runs have)."""
+    `train.training_minutes` read them; `phase1.load_aligner` needs weights, which only your own runs have)."""
     for folder in (run_config(variant, seed, root).run_dir, run_config(variant, seed, REFERENCE).run_dir):
         if (folder / "eval.json").is_file():
             return folder
@@ -86,7 +87,7 @@ def headline(run_dir: str | os.PathLike) -> dict:
     (the complete shared embedding) and k=all (every register), so variants with other register counts line
     up; a number a design does not have (no preservation decoder, one adapter embedding) is NaN."""
     run_dir = Path(run_dir)
-    cfg = train.load_config(run_dir / "config.yaml")
+    cfg = phase1.load_config(run_dir / "config.yaml")
     table = evaluate.read_eval(run_dir / "eval.json")
     R = table.index.max()  # the adapter has one embedding, whatever its config's register counts say
     S = min(cfg.model.n_shared, R)
@@ -118,7 +119,7 @@ def headline(run_dir: str | os.PathLike) -> dict:
     return out
 
 
-def _train(cfg: train.TrainConfig) -> Path:
+def _train(cfg: phase1.TrainConfig) -> Path:
     torch.set_num_threads(1)  # several small runs side by side use the cores better than one run on all
     return train.ensure_trained(cfg)
 

@@ -20,11 +20,16 @@ import sys
 import time
 from pathlib import Path
 
+import plots
+
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 SMOKE_ENV, RUN_DIR_ENV = "FLEXALIGN_SMOKE", "FLEXALIGN_RUN_DIR"
-# phase-1 sizes of a smoke run (every notebook, the same, so runs are shared between notebooks)
-SMOKE_PHASE1 = {"n_train": 256, "n_val": 64, "n_test": 128, "epochs": 2, "batch_size": 64}
+# The config overrides of a smoke run, by what they shrink; every notebook uses the same, so runs are shared
+# between notebooks.
+SMOKE_DATA = {"n_train": 256, "n_val": 64, "n_test": 128}
+SMOKE_PHASE1 = {**SMOKE_DATA, "epochs": 2, "batch_size": 64}
+SMOKE_PHASE2 = {"epochs": 1, "warmup_steps": 2, "max_new_tokens": 8}
 
 
 def settings() -> tuple[bool, Path]:
@@ -52,9 +57,14 @@ def start() -> tuple[bool, Path]:
     return smoke, run_dir
 
 
+def smoke_sizes(sizes: dict) -> dict:
+    """`sizes` (SMOKE_DATA, SMOKE_PHASE1 or SMOKE_PHASE2) in smoke mode, {} in a full run: a notebook's config
+    overrides."""
+    return sizes if settings()[0] else {}
+
+
 def save_figure(fig, name: str) -> Path:
     """Save a figure as `<run_dir>/figures/<name>.png` and return the path."""
-    import plots
     path = settings()[1] / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(plots.png(fig))

@@ -25,14 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
 import data  # noqa: E402
 import loop  # noqa: E402
-import train  # noqa: E402
+import phase1  # noqa: E402
+from features import Features  # noqa: E402
 
 
 def one_epoch(cfg, read_batch) -> tuple[float, float]:
     """(wall, CPU) seconds of one training epoch whose batch of sample indices `index` is read_batch(index). CPU
     time is what the epoch costs whatever else the machine runs; wall time is what it took on this one now."""
     torch.manual_seed(cfg.seed)
-    model = train.build_model(cfg)
+    model = phase1.build_model(cfg)
     n = cfg.n_train
     start, start_cpu = time.perf_counter(), time.process_time()
     loop.fit(model, lambda index: model(read_batch(index)), loop.index_batches(n, cfg.batch_size, cfg.seed),
@@ -53,9 +54,9 @@ def main():
             "vision": {"name": "openclip-vit-l-14", "pretrained": None}, "touch": "tvl-touch-vit-tiny"})
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
-    cfg = train.load_config(train.DEFAULT_CONFIG.with_name("tvl.yaml") if args.seed_config else None, **overrides)
-    dataset = train.make_dataset(cfg, "train")
-    encoders = {m: train.get_encoder(cfg, m) for m in cfg.model.modalities}
+    cfg = phase1.load_config(phase1.DEFAULT_CONFIG.with_name("tvl.yaml") if args.seed_config else None, **overrides)
+    dataset = phase1.make_dataset(cfg, "train")
+    encoders = {m: phase1.get_encoder(cfg, m) for m in cfg.model.modalities}
     with tempfile.TemporaryDirectory() as cache_dir:  # a cold cache of its own: the build is timed too
         start = time.perf_counter()
         cached = {m: data.cached_features(e, dataset, cache_dir) for m, e in encoders.items()}
@@ -64,7 +65,7 @@ def main():
 
     def encode(index):
         items = data.collate([dataset[int(i)] for i in index])
-        return {m: core.Features(*encoders[m](core.batch_inputs(items, m))) for m in cfg.model.modalities}
+        return {m: Features(*encoders[m](core.batch_inputs(items, m))) for m in cfg.model.modalities}
 
     on_the_fly = one_epoch(cfg, encode)
     print(f"one phase-1 epoch, {args.n_train} samples, batch {cfg.batch_size}, {cfg.image_size} px, encoders "

@@ -15,7 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
 import evaluate  # noqa: E402
-import train  # noqa: E402
+import phase1  # noqa: E402
+from features import Features  # noqa: E402
 
 
 def best_time(fn, repeats: int) -> tuple[object, float]:
@@ -29,7 +30,7 @@ def best_time(fn, repeats: int) -> tuple[object, float]:
 
 
 def compare(model: core.AlignmentModel, features: dict, repeats: int, what: str):
-    evaluate.evaluate_prefixes(model, {m: core.Features(*(a[:64] for a in f)) for m, f in features.items()}, None)
+    evaluate.evaluate_prefixes(model, {m: Features(*(a[:64] for a in f)) for m, f in features.items()}, None)
     one, fast = best_time(lambda: evaluate.evaluate_prefixes(model, features, None), repeats)
     each, slow = best_time(lambda: evaluate.evaluate_prefixes(model, features, None, one_pass=False), repeats)
     same = bool(((one - each).abs() < 1e-5).all().all())
@@ -42,11 +43,11 @@ def main():
     parser.add_argument("--n", type=int, default=1000, help="test items (the default test split size)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions; the fastest counts")
     args = parser.parse_args()
-    cfg = train.load_config()  # the testbed's model shape; weights do not matter for speed
-    dims = {m: train.get_encoder(cfg, m).dim for m in cfg.model.modalities}
-    n_tokens = {m: train.get_encoder(cfg, m).num_tokens for m in cfg.model.modalities}
+    cfg = phase1.load_config()  # the testbed's model shape; weights do not matter for speed
+    dims = {m: phase1.get_encoder(cfg, m).dim for m in cfg.model.modalities}
+    n_tokens = {m: phase1.get_encoder(cfg, m).num_tokens for m in cfg.model.modalities}
     torch.manual_seed(0)
-    features = {m: core.Features(torch.randn(args.n, dims[m]), torch.randn(args.n, n_tokens[m], dims[m]),
+    features = {m: Features(torch.randn(args.n, dims[m]), torch.randn(args.n, n_tokens[m], dims[m]),
                                  torch.ones(args.n, n_tokens[m], dtype=torch.bool)) for m in cfg.model.modalities}
     print(f"{args.n} items × {len(cfg.model.modalities)} modalities, k in {cfg.model.prefix_lengths}, design "
           f"{cfg.model.design} ({cfg.model.n_registers} registers, hidden {cfg.model.hidden_dim}), "

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
 import llm_integration as L  # noqa: E402
-import train  # noqa: E402
+import phase1  # noqa: E402
 
 # Qwen/Qwen2.5-0.5B's config.json, but for the vocabulary
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -46,7 +46,7 @@ def qwen_shaped_decoder(folder: Path) -> Path:
 
 def compare(mm: L.MultimodalLLM, n: int, new_tokens: int, name: str):
     torch.manual_seed(0)
-    tokens = {m: torch.randn(n, mm.n_registers, L.token_width(mm.aligner.cfg)) for m in mm.modalities}
+    tokens = {m: torch.randn(n, mm.n_registers, mm.aligner.model.design.token_width) for m in mm.modalities}
     # every caption runs the full length, so both ways do the same amount of decoding
     fixed = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     mm.generate_from_tokens({m: t[:2] for m, t in tokens.items()}, **fixed)  # warm-up
@@ -69,9 +69,9 @@ def main():
     parser.add_argument("--n_qwen", type=int, default=4, help="captions on the Qwen2.5-0.5B-shaped decoder")
     parser.add_argument("--new_tokens_qwen", type=int, default=12, help="tokens per caption there")
     args = parser.parse_args()
-    cfg = train.load_config()  # the testbed's phase-1 shape; weights do not matter for speed
+    cfg = phase1.load_config()  # the testbed's phase-1 shape; weights do not matter for speed
     torch.manual_seed(0)
-    aligner = core.Aligner({m: train.get_encoder(cfg, m) for m in cfg.model.modalities}, train.build_model(cfg))
+    aligner = core.Aligner({m: phase1.get_encoder(cfg, m) for m in cfg.model.modalities}, phase1.build_model(cfg))
     compare(L.MultimodalLLM(aligner, L.LLMConfig()).eval(), args.n, args.new_tokens, L.LLMConfig().model_name)
     with tempfile.TemporaryDirectory() as folder:
         qwen_shaped_decoder(Path(folder))

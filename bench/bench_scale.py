@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
 import loop  # noqa: E402
+from features import Features  # noqa: E402
 
 TOKENS, WIDTH, MODALITIES = 257, 1024, ("vision", "touch")
 ROW_BYTES = TOKENS * WIDTH * 2 + WIDTH * 4 + TOKENS  # tokens (float16), pooled (float32), mask, per modality
@@ -57,7 +58,7 @@ def train_from(folder: Path, in_ram: bool, steps: int, batch: int, block: int) -
         for path in sum(files.values(), []):
             with open(path, "rb") as f:
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    feats = {m: core.Features(*(np.load(p, mmap_mode=None if in_ram else "r") for p in paths))
+    feats = {m: Features(*(np.load(p, mmap_mode=None if in_ram else "r") for p in paths))
              for m, paths in files.items()}
     n = len(feats[MODALITIES[0]].pooled)
     cfg = core.ModelConfig(modalities=MODALITIES, hidden_dim=64, n_registers=8, n_shared=2, n_layers=1, n_heads=4,

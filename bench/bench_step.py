@@ -19,7 +19,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
 import loop  # noqa: E402
-import train  # noqa: E402
+import phase1  # noqa: E402
 
 
 class PlainRegisters(nn.Module):
@@ -127,8 +127,8 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = train.load_config()
-    m, enc = cfg.model, train.get_encoder(cfg, cfg.model.modalities[0])
+    cfg = phase1.load_config()
+    m, enc = cfg.model, phase1.get_encoder(cfg, cfg.model.modalities[0])
     compare(f"testbed ({cfg.model.modalities[0]} features)", enc.dim, enc.num_tokens, m.hidden_dim,
             m.n_registers, m.n_layers, m.n_heads, cfg.batch_size, args.seconds)
     compare("seed config", 1024, 257, 512, 32, 4, 8, args.seed_batch, args.seconds)

@@ -18,13 +18,13 @@ import torch
 from IPython.display import display
 
 import evaluate
+import phase1
 import plots
-import train
 import workbook
 from data import SynthTouch
 
 smoke, run_dir = workbook.start()
-cfg = train.load_config(None, **({"n_train": 256, "n_val": 64, "n_test": 128} if smoke else {}))
+cfg = phase1.load_config(None, **workbook.smoke_sizes(workbook.SMOKE_DATA))
 print(f"smoke mode: {smoke}; run folder: {run_dir}; {cfg.n_train} train / {cfg.n_val} val / {cfg.n_test} test samples")
 
 # %% [markdown]
@@ -86,7 +86,7 @@ fig
 # token features and a token mask.
 
 # %%
-encoders = {m: train.get_encoder(cfg, m) for m in ("vision", "touch", "text")}
+encoders = {m: phase1.get_encoder(cfg, m) for m in ("vision", "touch", "text")}
 examples = [train_set[i] for i in range(4)]
 rows = []
 for modality, encoder in encoders.items():
@@ -107,7 +107,7 @@ pd.DataFrame(rows).set_index("modality")
 timings = {}
 for attempt in ("first call", "second call"):
     start = time.perf_counter()
-    train_data, train_features = train.split_data(cfg, "train")
+    train_data, train_features = phase1.split_data(cfg, "train")
     timings[attempt] = time.perf_counter() - start
 for modality, features in train_features.items():
     print(f"{modality}: pooled {features.pooled.shape}, tokens {features.tokens.shape} ({features.tokens.dtype}), "

@@ -15,14 +15,15 @@
 import pandas as pd
 
 import evaluate
+import phase1
 import plots
 import study
 import train
 import workbook
 
 smoke, run_dir = workbook.start()
-SMOKE = workbook.SMOKE_PHASE1 if smoke else {}
-cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
+SMOKE = workbook.smoke_sizes(workbook.SMOKE_PHASE1)
+cfg = phase1.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
 cfg.model
 
 # %% [markdown]
@@ -57,7 +58,7 @@ table.filter(regex="R@1|recon|chance@1").round(3)
 # %% [markdown]
 # ## Three design lines on the same features
 # Each design line takes its register layout, attention, dropout and losses from `configs/<name>.yaml` and keeps
-# the testbed's data, encoders and width (`train.design_on_testbed`), so the comparison is fair:
+# the testbed's data, encoders and width (`phase1.design_on_testbed`), so the comparison is fair:
 # **flextok** (32 registers, 8 shared, joint attention, power-of-two nested dropout, preservation loss),
 # **fluxtalk** (4 registers, 3 overlapping + 1 complementary, cross-attention, linear nested dropout,
 # complementary L2 + diversity), and **adapter** (the seed package's MLP adapters with Matryoshka + CLIP loss,
@@ -72,9 +73,9 @@ table.filter(regex="R@1|recon|chance@1").round(3)
 rows = {}
 for design in ("flextok", "fluxtalk", "adapter"):
     design_run = study.finished_run(f"{design} design")
-    design_cfg = train.load_config(design_run / "config.yaml")
-    model = train.build_model(design_cfg)
-    k = model.n_tokens if design == "adapter" else design_cfg.model.n_shared
+    design_cfg = phase1.load_config(design_run / "config.yaml")
+    model = phase1.build_model(design_cfg)
+    k = model.design.shared_k
     result = evaluate.read_eval(design_run / "eval.json").loc[k]
     rows[design] = {"registers": model.n_tokens, "shared": k, "attention": design_cfg.model.attention,
                     "nested dropout": design_cfg.model.nested_dropout,

@@ -20,16 +20,18 @@ import pandas as pd
 from IPython.display import display
 
 import evaluate
+import phase1
 import plots
 import study
 import train
+import widgets
 import workbook
 from data import SynthTouch
 
 smoke, run_dir = workbook.start()
 # the same sizes and run folders as notebook 02, so runs trained there are reused here
-SMOKE = workbook.SMOKE_PHASE1 if smoke else {}
-cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
+SMOKE = workbook.smoke_sizes(workbook.SMOKE_PHASE1)
+cfg = phase1.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
 print(f"smoke mode: {smoke}; {cfg.n_train} train / {cfg.n_test} test samples, {cfg.epochs} epochs per run")
 
 # %% [markdown]
@@ -82,19 +84,7 @@ fig
 # %%
 n_queries = cfg.n_test
 k_shared = cfg.model.n_shared
-summary = {}
-for mode, table in dropout_tables.items():
-    drops = evaluate.prefix_drops(table, n_queries)
-    summary[mode] = {"R@1 pair at k=1": table.loc[1, "vision->touch R@1 pair"],
-                     f"R@1 pair at k={k_shared}": table.loc[k_shared, "vision->touch R@1 pair"],
-                     "R@1 factor at k=1": table.loc[1, "vision->touch R@1 factor"],
-                     f"R@1 factor at k={k_shared}": table.loc[k_shared, "vision->touch R@1 factor"],
-                     "vision recon cos at k=1": table.loc[1, "vision recon cos"],
-                     f"vision recon cos at k={table.index[-1]}": table["vision recon cos"].iloc[-1],
-                     "largest recall drop": drops["largest drop"].max(),
-                     "noise (2 SE) at that drop": drops.loc[drops["largest drop"].idxmax(), "noise (z·SE)"],
-                     "any drop beyond noise": bool(drops["any drop beyond noise"].any())}
-summary = pd.DataFrame(summary).T
+summary = evaluate.prefix_summary(dropout_tables, n_queries, k_shared)
 workbook.record("03 nested-dropout ablation (vision->touch, test)",
                 **{f"{mode}: {name}": value for mode, row in summary.iterrows() for name, value in row.items()})
 summary.round(3)
@@ -225,12 +215,12 @@ fig
 # The patch grid is 8×8 over a 64×64 image.
 
 # %%
-test_set, test_features = train.split_data(cfg, "test")
-model = train.load_aligner(default_run).model
+test_set, test_features = phase1.split_data(cfg, "test")
+model = phase1.load_aligner(default_run).model
 test_encoded = evaluate.encode_all(model, test_features, cfg.model.prefix_lengths, progress=True)
 nets = {"joint (default)": model}
 if (design_runs["fluxtalk"] / "checkpoint").exists():
-    nets["cross (fluxtalk)"] = train.load_aligner(design_runs["fluxtalk"]).model
+    nets["cross (fluxtalk)"] = phase1.load_aligner(design_runs["fluxtalk"]).model
 sample = test_set[0]
 rows = {f"{name} · {m}": (sample[m], evaluate.attention_maps(net, m, test_features[m], 0))
         for name, net in nets.items() for m in cfg.model.modalities}
@@ -258,7 +248,7 @@ fig
 # The static figure below shows a few k at once, so the notebook also reads without a running kernel.
 
 # %%
-viewer = evaluate.NeighbourViewer(test_encoded, test_set, query=0)
+viewer = widgets.NeighbourViewer(test_encoded, test_set, query=0)
 display(viewer.widget)
 fig = viewer.static_figure([1, 2, k_shared])
 workbook.save_figure(fig, "03_neighbours")

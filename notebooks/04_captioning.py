@@ -16,16 +16,17 @@ import pandas as pd
 from IPython.display import HTML, display
 
 import llm_integration
+import phase1
 import plots
 import train
 import workbook
+from captions import factor_groups
 from data import SynthTouch
 
 smoke, run_dir = workbook.start()
-SMOKE = workbook.SMOKE_PHASE1 if smoke else {}
-phase1_cfg = train.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
-SMOKE_LLM = {"epochs": 1, "warmup_steps": 2, "max_new_tokens": 8} if smoke else {}
-llm_cfg = llm_integration.load_llm_config(None, **SMOKE_LLM)
+SMOKE = workbook.smoke_sizes(workbook.SMOKE_PHASE1)
+phase1_cfg = phase1.load_config(None, output_dir=str(run_dir / "phase1" / "default"), **SMOKE)
+llm_cfg = llm_integration.load_llm_config(None, **workbook.smoke_sizes(workbook.SMOKE_PHASE2))
 llm_cfg
 
 # %% [markdown]
@@ -115,7 +116,7 @@ fig
 # attribute at all (which tokens should hold what is phase 1's business, notebook 03).
 
 # %%
-fig = plots.caption_vs_probe(vs_k, majority, llm_integration.factor_groups(),
+fig = plots.caption_vs_probe(vs_k, majority, factor_groups(),
                              f"Caption accuracy vs the linear probe of the same tokens ({both})")
 workbook.save_figure(fig, "04_caption_vs_probe")
 display(fig)

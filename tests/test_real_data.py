@@ -20,11 +20,13 @@ import yaml
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-import core
 import data
 import evaluate
 import llm_integration as L
+import phase1
 import train
+from captions import adjective_scores, bleu4, exact_match, is_adjective_list, tokenize
+from encoders import TVL_TACTILE_MEAN_STD, create_encoder, resolve_encoder, write_tvl_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +50,7 @@ def tactile_vit():
 @pytest.fixture(scope="module")
 def stage1_checkpoint(tactile_vit, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "stage1_best.pth"
-    return str(core.write_tvl_checkpoint(tactile_vit, path, tactile_model="vit_tiny_patch16_224", batch_size=256,
+    return str(write_tvl_checkpoint(tactile_vit, path, tactile_model="vit_tiny_patch16_224", batch_size=256,
                                          subtract_background=None, datasets=["ssvtp", "hct"]))
 
 
@@ -92,15 +94,15 @@ def test_the_checkpoint_has_tvls_key_layout(stage1_checkpoint):
 # The touch encoder is rebuilt from the checkpoint itself
 
 def test_checkpoint_sets_architecture_size_and_normalisation(stage1_checkpoint):
-    cfg = core.resolve_encoder("tvl-touch-vit-tiny", weights=stage1_checkpoint, image_size=64)
+    cfg = resolve_encoder("tvl-touch-vit-tiny", weights=stage1_checkpoint, image_size=64)
     assert (cfg.model_name, cfg.image_size, cfg.dim) == ("vit_tiny_patch16_224", 224, 768)  # not the 64 asked for
-    assert (cfg.mean, cfg.std) == core.TVL_TACTILE_MEAN_STD[False] and not cfg.background
+    assert (cfg.mean, cfg.std) == TVL_TACTILE_MEAN_STD[False] and not cfg.background
 
 
 def test_checkpoint_touch_encoder_gives_the_saved_models_outputs(stage1_checkpoint, tactile_vit):
-    encoder = core.create_encoder("tvl-touch-vit-tiny", weights=stage1_checkpoint)
+    encoder = create_encoder("tvl-touch-vit-tiny", weights=stage1_checkpoint)
     images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in core.TVL_TACTILE_MEAN_STD[False])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in TVL_TACTILE_MEAN_STD[False])
     with torch.no_grad():
         expected = tactile_vit((images - mean) / std)
     pooled = encoder(images).pooled
@@ -111,10 +113,10 @@ def test_checkpoint_touch_encoder_gives_the_saved_models_outputs(stage1_checkpoi
 
 
 def test_background_subtraction_comes_from_the_checkpoint_args(tactile_vit, tmp_path):
-    path = core.write_tvl_checkpoint(tactile_vit, tmp_path / "bg.pth", tactile_model="vit_tiny_patch16_224",
+    path = write_tvl_checkpoint(tactile_vit, tmp_path / "bg.pth", tactile_model="vit_tiny_patch16_224",
                                      subtract_background="background")
-    cfg = core.resolve_encoder("tvl-touch-vit-tiny", weights=str(path))
-    assert cfg.background and (cfg.mean, cfg.std) == core.TVL_TACTILE_MEAN_STD[True]
+    cfg = resolve_encoder("tvl-touch-vit-tiny", weights=str(path))
+    assert cfg.background and (cfg.mean, cfg.std) == TVL_TACTILE_MEAN_STD[True]
 
 
 class RunsCode:
@@ -130,7 +132,7 @@ class RunsCode:
 def test_a_checkpoint_carrying_another_object_is_refused_and_nothing_runs(tactile_vit, tvl_dir, in_tmp):
     marker = in_tmp / "code-ran"
     path = in_tmp / "evil.pth"
-    core.write_tvl_checkpoint(tactile_vit, path, tactile_model="vit_tiny_patch16_224")
+    write_tvl_checkpoint(tactile_vit, path, tactile_model="vit_tiny_patch16_224")
     with torch.serialization.safe_globals([argparse.Namespace]):  # our own file, in TVL's allowed layout
         ckpt = torch.load(path, weights_only=True)
     ckpt["args"].payload = RunsCode(str(marker))
@@ -187,7 +189,7 @@ def test_seed_command_lines_train_end_to_end_on_tvl(flags, tvl_dir, stage1_check
     assert table["chance@1 caption"].iloc[0] == pytest.approx(np.sum(counts ** 2) / len(captions) ** 2)
     assert (table["vision->touch R@1 caption"] >= table["vision->touch R@1 pair"]).all()
     # each encoder got its images at its own size: 64 px vision, the checkpoint's 224 px touch
-    touch = train.get_encoder(train.load_config(run / "config.yaml"), "touch")
+    touch = phase1.get_encoder(phase1.load_config(run / "config.yaml"), "touch")
     assert touch.cfg.image_size == 224
 
 
@@ -214,13 +216,13 @@ def test_a_missing_pretrained_encoder_fails_at_once_saying_what_to_pass(tvl_dir,
         train.main(["--config", os.path.join(ROOT, "configs", "tvl.yaml"), "--stage1_checkpoint", stage1_checkpoint,
                     "--datasets_dir", str(tvl_dir), "--output_dir", "out", "--epochs", "1"])
     with pytest.raises(OSError, match=r"all-mpnet-base-v2.*encoders\.text"):
-        core.create_encoder("minilm", model_name="sentence-transformers/all-mpnet-base-v2")
+        create_encoder("minilm", model_name="sentence-transformers/all-mpnet-base-v2")
     assert time.perf_counter() - started < 60  # ViT-L-14's random init is most of it; no download retries
 
 
 def test_tvl_config_is_the_seeds_setting():
-    cfg = train.load_config(os.path.join(ROOT, "configs", "tvl.yaml"))
-    vision = train.encoder_config(cfg, "vision")
+    cfg = phase1.load_config(os.path.join(ROOT, "configs", "tvl.yaml"))
+    vision = phase1.encoder_config(cfg, "vision")
     assert (vision.model_name, vision.pretrained, vision.image_size) == ("ViT-L-14", "datacomp_xl_s13b_b90k", 224)
     assert cfg.dataset == "tvl" and cfg.encoders["touch"] == "tvl-touch-vit-tiny" and cfg.image_size == 224
     assert (cfg.model.n_registers, cfg.model.n_shared, cfg.model.hidden_dim) == (32, 8, 512)
@@ -382,16 +384,16 @@ def test_caption_level_hits_count_any_item_with_the_same_caption():
 
 
 def test_tokenize_as_coco_does_for_plain_captions():
-    assert L.tokenize("A Soft, smooth surface.") == "a soft smooth surface"
-    assert L.tokenize("well-known; it's (hard)! Don't...") == "well-known it 's hard do n't"
+    assert tokenize("A Soft, smooth surface.") == "a soft smooth surface"
+    assert tokenize("well-known; it's (hard)! Don't...") == "well-known it 's hard do n't"
 
 
 def test_caption_accuracy_and_per_adjective_scores_by_hand():
     references = ["soft, smooth", "hard, rough", "soft, rough"]
     captions = ["Smooth and soft.", "hard, smooth", "soft, rough"]
-    assert L.exact_match(captions, references) == pytest.approx(1 / 3)  # order differs in the first: not exact
-    assert L.is_adjective_list(references) and not L.is_adjective_list(["a handwritten digit one"])
-    scores = L.adjective_scores(captions, references)
+    assert exact_match(captions, references) == pytest.approx(1 / 3)  # order differs in the first: not exact
+    assert is_adjective_list(references) and not is_adjective_list(["a handwritten digit one"])
+    scores = adjective_scores(captions, references)
     per = scores["per adjective"]
     # smooth: named twice, right once; in one reference, found -> precision 1/2, recall 1
     assert per["smooth"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3)}
@@ -403,4 +405,4 @@ def test_caption_accuracy_and_per_adjective_scores_by_hand():
 def test_bleu4_with_several_references_uses_the_closest_length():
     # candidate 4 words; references of 3 and 7 words: the closest is 3, so no brevity penalty, and every
     # n-gram of "a b c d" is in the second reference: BLEU-4 = 1
-    assert L.bleu4(["a b c d"], [["x y z", "a b c d e f g"]]) == pytest.approx(1.0)
+    assert bleu4(["a b c d"], [["x y z", "a b c d e f g"]]) == pytest.approx(1.0)

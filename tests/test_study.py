@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import evaluate
+import phase1
 import study
 import train
 from conftest import TINY
@@ -40,9 +41,9 @@ def test_the_information_map_is_written_beside_eval_json_and_read_back(rows):
     run = rows[0] / "default" / "seed-0"
     saved = evaluate.read_information(run)
     # the same map, recomputed from the saved weights on the same splits (validation fits, test scores)
-    cfg = train.load_config(run / "config.yaml")
-    model, ks = train.load_aligner(run).model, [cfg.model.n_registers]
-    (val_set, val), (test_set, test) = train.split_data(cfg, "val"), train.split_data(cfg, "test")
+    cfg = phase1.load_config(run / "config.yaml")
+    model, ks = phase1.load_aligner(run).model, [cfg.model.n_registers]
+    (val_set, val), (test_set, test) = phase1.split_data(cfg, "val"), phase1.split_data(cfg, "test")
     tokens = {name: {m: e.tokens for m, e in evaluate.encode_all(model, feats, ks).items()}
               for name, feats in (("val", val), ("test", test))}
     again = evaluate.information_map(tokens["val"], val_set.factor_table(), tokens["test"], test_set.factor_table(),
@@ -99,7 +100,7 @@ def test_finished_runs_come_from_your_study_and_otherwise_from_the_reference(row
 def test_the_reference_results_are_of_todays_config(variant, tmp_path):
     run = study.finished_run(variant, 0, tmp_path)  # nothing trained in tmp_path: the shipped reference
     assert run.is_relative_to(study.REFERENCE) and all((run / name).is_file() for name in study.REFERENCE_FILES)
-    saved, today = train.load_config(run / "config.yaml"), study.run_config(variant, 0, study.REFERENCE)
+    saved, today = phase1.load_config(run / "config.yaml"), study.run_config(variant, 0, study.REFERENCE)
     where = {name: getattr(today, name) for name in train.RESUME_IGNORES}  # where it ran, not what it trained
     assert dataclasses.replace(saved, **where) == today, (
         f"{run} was trained with other settings than study.VARIANTS[{variant!r}] now gives; refresh it with "

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 
 import core
 import loop
+import phase1
 import train
 from conftest import STEPS, TINY, tiny
+from features import Features
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run faster on one thread
 
@@ -34,7 +36,7 @@ def test_train_writes_config_weights_metrics_and_eval(reference_run, cache_dir):
     names = {p.name for p in reference_run.iterdir()}
     assert {"config.yaml", "checkpoint", "metrics.jsonl", "eval.json"} <= names
     assert {p.name for p in (reference_run / "checkpoint").iterdir()} == {"model.safetensors", "state.pt"}
-    saved = train.load_config(reference_run / "config.yaml")
+    saved = phase1.load_config(reference_run / "config.yaml")
     assert saved == tiny(cache_dir, reference_run)
     assert [row["step"] for row in rows(reference_run, "step")] == list(range(1, STEPS + 1))
     epochs = rows(reference_run, "epoch")
@@ -47,7 +49,7 @@ def test_train_writes_config_weights_metrics_and_eval(reference_run, cache_dir):
     assert recalls and all(0 <= v <= 1 for v in recalls)
     with safe_open(str(reference_run / "checkpoint" / "model.safetensors"), "pt") as f:
         assert f.metadata()["step"] == str(STEPS)
-    aligner = train.load_aligner(reference_run)
+    aligner = phase1.load_aligner(reference_run)
     assert not aligner.training and aligner.cfg == saved.model
     weights = load_file(str(reference_run / "checkpoint" / "model.safetensors"))
     assert all(torch.equal(v, weights[k]) for k, v in aligner.model.state_dict().items())
@@ -114,7 +116,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference_run, cache_
             train.train(cfg)
     state = loop.RunFolder(tmp_path).load_state()["position"]
     assert (state["step"], state["epoch"]) == (4, 1)  # the end of epoch 0
-    aligner = train.load_aligner(tmp_path)
+    aligner = phase1.load_aligner(tmp_path)
     assert all(torch.isfinite(p).all() for p in aligner.model.parameters())
     train.train(cfg, resume=True)  # and it is the good one: training goes on as if nothing happened
     assert step_losses(tmp_path) == step_losses(reference_run)
@@ -182,7 +184,7 @@ def test_fluxtalk_seed_flags_map_to_the_config():
 
 
 def test_cli_without_flags_is_the_default_config_and_set_reaches_any_field():
-    assert train.parse_args([])[0] == train.load_config(None)
+    assert train.parse_args([])[0] == phase1.load_config(None)
     cfg, mode = train.parse_args(["--config", str(ROOT / "configs" / "default.yaml"), "--resume",
                                     "--set", "model.hidden_dim=64", "n_train=100", "model.modalities=[vision, text]"])
     assert mode.resume and cfg.model.hidden_dim == 64 and cfg.n_train == 100 and cfg.model.modalities == ("vision", "text")
@@ -207,7 +209,7 @@ def test_datasets_dir_without_data_fails_clearly(cache_dir, tmp_path):
 def test_missing_stage1_checkpoint_fails_clearly(tmp_path):
     cfg, _ = train.parse_args(["--stage1_checkpoint", str(tmp_path / "stage1.pth")])
     with pytest.raises(FileNotFoundError, match="stage1.pth.*does not exist"):
-        train.get_encoder(cfg, "touch")
+        phase1.get_encoder(cfg, "touch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +226,7 @@ def ddp_batch(n=16, width=12, tokens=5):
     out = {}
     for m in DDP_MODEL.modalities:
         x = latent @ torch.randn(4, width, generator=g) + 0.1 * torch.randn(n, tokens, width, generator=g)
-        out[m] = core.Features(x.mean(1), x, torch.ones(n, tokens, dtype=torch.bool))
+        out[m] = Features(x.mean(1), x, torch.ones(n, tokens, dtype=torch.bool))
     return out
 
 
@@ -237,7 +239,7 @@ def ddp_model():
 
 def loss_and_grads(model, batch, rank=0, world=1):
     per = len(batch["vision"].pooled) // world
-    local = {m: core.Features(*(a[rank * per:(rank + 1) * per] for a in f)) for m, f in batch.items()}
+    local = {m: Features(*(a[rank * per:(rank + 1) * per] for a in f)) for m, f in batch.items()}
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     loss, parts = wrapped(local)
     loss.backward()  # DDP averages the gradients over ranks here
@@ -279,7 +281,7 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(ROOT / "train.py"), "--output_dir", str(ddp_dir), *flags],
                    cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
-    single_dir = train.train(train.load_config(None, **settings, output_dir=str(tmp_path / "single")))
+    single_dir = train.train(phase1.load_config(None, **settings, output_dir=str(tmp_path / "single")))
     # Two ranks sum each gradient in another order than one process (all-reduce of half batches), so they
     # agree to rounding, ~1e-7 relative in float32. AdamW divides by sqrt(v): a parameter whose gradient were
     # only rounding noise (as a key bias was, before keys lost their bias) would step ±lr by the noise's

@@ -1,0 +1,141 @@
+"""What a run keeps on disk, read and written safely: typed YAML configs (`load_dataclass`, every bad value
+named with its file and fix), atomic file writes, and the check that saved weights fit a module
+(`state_mismatch`). No model code: every other module may import this one."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+
+import torch
+import yaml
+
+
+# ----------------------------------------------------------------------------------------------
+# Files written atomically (checkpoints and run folders are loop.py's).
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call write(tmp_path) then rename tmp_path to path (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a power loss cannot leave an empty file
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs as data: a YAML file per setting, read into a dataclass; command-line and notebook
+# overrides name nested fields with a dot ("model.n_shared", "source.k").
+
+def load_dataclass(cls, path: str | os.PathLike, overrides: dict, nested: str):
+    """`cls` built from a YAML file with `overrides` applied ("<nested>.<field>" keys reach the nested
+    dataclass field `nested`). Every value is checked against its field's type and coerced where YAML
+    is ambiguous (PyYAML reads `1e-3` as a string), and every error names the key, the value, where it
+    came from (the file or an override) and what to write instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; see configs/ for the shipped ones")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}; fix that line "
+                         "(YAML is `key: value`, nested keys indented by two spaces)") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold `key: value` lines, got a {type(values).__name__}")
+    origin = {key: f"in {path}" for key in values}
+    origin.update({f"{nested}.{key}": f"in {path}" for key in values.get(nested) or {}})
+    for key, value in overrides.items():
+        section, dot, name = key.partition(".")
+        if dot and section == nested:
+            values[nested] = dict(values.get(nested) or {})
+            values[nested][name] = value
+        else:
+            values[key] = value
+        origin[key] = "given as an override"
+    try:
+        return _build(cls, values, "", origin)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a dataclass's own check: say which config it came from
+        raise ValueError(f"{err} [config {path}{f', overrides {overrides}' if overrides else ''}]") from None
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong kind or an unknown key; the message already says where it came from."""
+
+
+def _build(cls, values: dict, prefix: str, origin: dict):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = sorted({origin.get(prefix + k, "") for k in unknown})
+        raise ConfigError(f"unknown {prefix[:-1] or 'config'} keys {unknown} {', '.join(where)}; "
+                          f"known: {sorted(known)}")
+    typed = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            typed[key] = _build(hint, value or {}, f"{key}.", origin) if isinstance(value, dict) else value
+        else:
+            typed[key] = _coerce(value, hint, prefix + key, origin.get(prefix + key, ""))
+    return cls(**typed)
+
+
+def _coerce(value, hint, key: str, where: str):
+    """`value` as the type `hint` asks for, or a ValueError that says what to write."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _coerce(value, option, key, where)
+                except ConfigError as err:
+                    errors.append(err)
+        raise errors[0]
+    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+        return tuple(_coerce(v, typing.get_args(hint)[0], key, where) for v in value)
+    kind = typing.get_origin(hint) or hint
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)  # "1e-3" (a string to PyYAML) is a number; "abc" is not
+        except ValueError:
+            number = None
+        if number is not None and (kind is float or number.is_integer()):
+            return kind(number)
+    if kind in (str, dict, list) and isinstance(value, kind):
+        return value
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list",
+                dict: "a mapping", list: "a list"}.get(kind, str(hint))
+    raise ConfigError(f"{key} must be {expected}, got {value!r} {where}; e.g. {key}: "
+                     f"{ {bool: 'true', int: '64', float: '0.001', str: 'name', tuple: '[a, b]'}.get(kind, '...') }")
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved weights against a module
+
+def state_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `given` from loading exactly into a module whose state is `own` (None: it fits). Unexpected
+    tensors count as much as missing ones: a bigger model's weights must not load partly into a smaller one."""
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in given.items()
+             if k in own and own[k].shape != v.shape]
+    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    if not (wrong or missing or unexpected):
+        return None
+    return (f"{len(wrong)} shape mismatches {wrong[:3]}, {len(missing)} missing tensors {missing[:3]}, "
+            f"{len(unexpected)} unexpected tensors {unexpected[:3]}")

@@ -1,0 +1,195 @@
+"""A phase-1 run as data: its config (`TrainConfig`, read from YAML by `load_config`; `design_on_testbed`) and
+what that config builds: the datasets (`make_dataset`), the frozen encoders (`get_encoder`, each built once per
+process), their cached features (`split_data`), the model (`build_model`), and a finished run loaded back
+(`load_aligner`, `run_folder`). Training them is train.py's; phase 2, the notebooks and the benchmarks build
+on this module without importing the training script."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import core
+import data
+import loop
+from config import load_dataclass
+from encoders import EncoderConfig, FrozenEncoder, create_encoder, resolve_encoder
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+
+
+@dataclass
+class TrainConfig:
+    # frozen encoders per modality: a name from encoders.ENCODERS, or {name: ..., weights: ..., ...overrides}
+    encoders: dict = field(default_factory=lambda: {"vision": "synth-vision", "touch": "synth-touch",
+                                                    "text": "minilm"})
+    model: core.ModelConfig = field(default_factory=core.ModelConfig)
+    # data: the SynthTouch testbed, the TVL layout under datasets_dir, or your own CSV files (dataset: csv)
+    dataset: str = "synthtouch"
+    datasets_dir: str | None = None
+    skip_missing: bool = False  # real data: drop rows whose files are missing (counted in one warning)
+    n_train: int = 4000
+    n_val: int = 500
+    n_test: int = 1000
+    image_size: int = 64
+    data_seed: int = 0
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    # >1: an epoch takes blocks of this many consecutive cached samples in a shuffled order (shuffled within
+    # each block), so a feature cache larger than memory is read in long runs (e.g. 1024 for TVL at 257 tokens)
+    shuffle_block: int = 1
+    # the step under bf16 autocast on the CPU too (on a GPU it always is): pays on CPUs with AVX-512 BF16 or AMX
+    # at the seed config's width (bench/bench_step.py), not at the testbed's, nor on CPUs without them
+    cpu_bf16: bool = False
+    log_every: int = 10  # steps between loss rows in metrics.jsonl
+    # evaluation: probe leakage (SynthTouch) for eval.json at the end, about a minute at the testbed's size
+    leakage_probes: bool = True
+    # output
+    output_dir: str = "runs/phase1/default"
+    log_name: str | None = None  # a sub-folder of output_dir, as in the TVL seed command lines
+    cache_dir: str = "cache/features"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.log_name if self.log_name else Path(self.output_dir)
+
+    def __post_init__(self):
+        for name in ("n_train", "n_val", "n_test") if self.dataset == "synthtouch" else ():
+            if getattr(self, name) < 1:
+                default = TrainConfig.__dataclass_fields__[name].default
+                raise ValueError(f"{name} must be at least 1 (the size of the SynthTouch {name[2:]} split), got "
+                                 f"{getattr(self, name)}; e.g. {name}: {default}")
+        loop.check_hyperparameters(self, "phase-1 config")
+        if self.shuffle_block < 1:
+            raise ValueError(f"shuffle_block must be at least 1 (1: a plain shuffle), got {self.shuffle_block}; "
+                             "e.g. shuffle_block: 1024")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
+    """A YAML config (configs/default.yaml when None) with overrides; model fields as "model.<name>"."""
+    return load_dataclass(TrainConfig, path or DEFAULT_CONFIG, overrides, nested="model")
+
+
+# what a design line keeps when it moves to the testbed; data, encoders, width and optimisation come from default.yaml
+DESIGN_KEYS = ("design", "n_registers", "n_shared", "attention", "nested_dropout", "nested_dropout_rate", "loss_type",
+               "flow_weight", "preservation_weight", "complementary_reg_weight")
+
+
+def design_on_testbed(design: str, **overrides) -> TrainConfig:
+    """configs/<design>.yaml's design (register counts, attention, dropout, losses) at the testbed's data,
+    encoders and width, so the three design lines are compared side by side on the same cached features."""
+    output_dir = str(Path(load_config(DEFAULT_CONFIG).output_dir).parent / f"testbed-{design}")
+    return load_config(DEFAULT_CONFIG, **{**design_overrides(design), "output_dir": output_dir, **overrides})
+
+
+def design_overrides(design: str) -> dict:
+    """The overrides of configs/default.yaml that put configs/<design>.yaml's design on the testbed
+    (`design_on_testbed`). Matryoshka sizes scale with the embedding width."""
+    path = DEFAULT_CONFIG.parent / f"{design}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml") if p != DEFAULT_CONFIG)
+        raise FileNotFoundError(f"no design line {design!r} ({path} missing); known: {known}")
+    line, base = load_config(path), load_config(DEFAULT_CONFIG)
+    keep = {f"model.{key}": getattr(line.model, key) for key in DESIGN_KEYS}
+    keep["model.mrl_dims"] = [d * base.model.embed_dim // line.model.embed_dim for d in line.model.mrl_dims]
+    return keep
+
+# ----------------------------------------------------------------------------------------------
+# Data: datasets, frozen encoders and their cached features
+
+DATASETS = ("synthtouch", *data.LAYOUTS)
+
+
+def make_dataset(cfg: TrainConfig, split: str):
+    if cfg.dataset == "synthtouch":
+        n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
+        return data.SynthTouch(n, seed=cfg.data_seed, image_size=cfg.image_size, split=split)
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {DATASETS}")
+    if not cfg.datasets_dir:
+        raise ValueError(f"dataset {cfg.dataset!r} needs datasets_dir (--datasets_dir: the folder holding ssvtp/ and "
+                         "hct/, or your train.csv)")
+    # each image encoder gets its images at its own size
+    sizes = {m: encoder_config(cfg, m).image_size for m in ("vision", "touch") if m in cfg.model.modalities}
+    background = "touch" in sizes and encoder_config(cfg, "touch").background
+    return data.LAYOUTS[cfg.dataset].for_run(cfg.datasets_dir, split, sizes, cfg.model.modalities,
+                                             skip_missing=cfg.skip_missing, touch_background=background)
+
+
+def encoder_config(cfg: TrainConfig, modality: str) -> EncoderConfig:
+    """The frozen encoder of a modality (a TVL stage-1 checkpoint as touch weights sets its own architecture)."""
+    spec = cfg.encoders[modality]
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        return resolve_encoder(spec.pop("name"), **spec)
+    return resolve_encoder(spec)
+
+
+_ENCODERS: dict[EncoderConfig, FrozenEncoder] = {}  # built once per process
+
+
+def get_encoder(cfg: TrainConfig, modality: str) -> FrozenEncoder:
+    enc_cfg = encoder_config(cfg, modality)
+    if enc_cfg not in _ENCODERS:
+        _ENCODERS[enc_cfg] = create_encoder(enc_cfg)
+    return _ENCODERS[enc_cfg]
+
+
+def split_data(cfg: TrainConfig, split: str):
+    """(dataset, {modality: cached Features}) for one split; None when the dataset has no such split."""
+    dataset = make_dataset(cfg, split)
+    if dataset is None:
+        return None, None
+    device = core_device()
+    feats = {m: data.cached_features(get_encoder(cfg, m), dataset, cfg.cache_dir, device=device)
+             for m in cfg.model.modalities}
+    return dataset, feats
+
+
+def core_device() -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_model(cfg: TrainConfig) -> core.AlignmentModel:
+    dims, tokens = {}, {}
+    for m in cfg.model.modalities:
+        enc = get_encoder(cfg, m)
+        dims[m], tokens[m] = enc.dim, enc.num_tokens
+    return core.AlignmentModel(cfg.model, dims, tokens)
+
+
+def load_aligner(run_dir: str | os.PathLike) -> core.Aligner:
+    """The trained phase-1 model of a run folder with its frozen encoders, in eval mode."""
+    run = loop.RunFolder(run_dir)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{run.path} is not a phase-1 run folder (no config.yaml in it); pass the "
+                                "--output_dir of a finished train.py run, e.g. runs/phase1/default")
+    cfg = load_config(run.config_path)
+    model = build_model(cfg)
+    loop.load_trainable(model, run.load_weights(), run.path)
+    return core.Aligner({m: get_encoder(cfg, m) for m in cfg.model.modalities}, model).eval()
+
+
+def to_yaml(cfg: TrainConfig) -> dict:
+    values = cfg.to_dict()
+    values["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values["model"].items()}
+    return values
+
+
+def run_folder(path, main: bool = True) -> loop.RunFolder:
+    """A phase-1 run folder; its config.yaml is compared field by field, missing fields read as defaults."""
+    return loop.RunFolder(path, main, defaults=to_yaml(TrainConfig()))

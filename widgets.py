@@ -1,0 +1,73 @@
+"""The notebook's interactive views: `NeighbourViewer`, a query and its nearest neighbours of the other
+modality at the prefix length k that a slider picks. Built on evaluate.py's embeddings and plots.py's figures."""
+from __future__ import annotations
+
+import ipywidgets
+import numpy as np
+import torch.nn.functional as F
+
+import plots
+from core import batch_inputs
+from data import SynthTouch
+from evaluate import Encoded, shared_discrete_factors
+
+class NeighbourViewer:
+    """A query of one modality and its top-5 neighbours of another, at the prefix length the slider
+    says. `viewer.widget` is what the notebook displays; `viewer.slider.value = k` redraws, and
+    `viewer.figure` / `viewer.neighbours` hold what was drawn (so the callback is testable headless).
+    The figure is shown as PNG bytes in an Image widget: a widget value the browser redraws on every
+    change, in any front end, with no captured display output to go stale."""
+
+    def __init__(self, encoded: dict[str, Encoded], dataset, query: int = 0, source="vision", target="touch",
+                 top: int = 5, shared_factors=None):
+        for m in (source, target):
+            if m not in encoded:
+                raise ValueError(f"no embeddings for {m!r}; have {sorted(encoded)}")
+        self.encoded, self.dataset, self.source, self.target, self.top = encoded, dataset, source, target, top
+        self.shared_factors = list(shared_factors or shared_discrete_factors())
+        ks = sorted(encoded[source].embeddings)
+        self.slider = ipywidgets.SelectionSlider(options=ks, value=ks[-1], description="k tokens")
+        self.query = ipywidgets.BoundedIntText(value=query, min=0, max=len(dataset) - 1, description="query")
+        self.image = ipywidgets.Image(format="png")
+        self.figure, self.neighbours = None, None
+        self.slider.observe(lambda change: self.draw(), names="value")
+        self.query.observe(lambda change: self.draw(), names="value")
+        self.widget = ipywidgets.VBox([ipywidgets.HBox([self.slider, self.query]), self.image])
+        self.draw()
+
+    def neighbours_at(self, k: int, query: int) -> np.ndarray:
+        """Indices of the `top` gallery items most similar to the query at prefix length k."""
+        q = F.normalize(self.encoded[self.source].embeddings[k][query], dim=-1)
+        gallery = F.normalize(self.encoded[self.target].embeddings[k], dim=-1)
+        return (gallery @ q).topk(self.top).indices.numpy()
+
+    @staticmethod
+    def describe(item) -> list[tuple[str, str]]:
+        """(text, factor group) lines under an item: its discrete factors, or its caption without them."""
+        factors = item.get("factors") or {}
+        lines = [(str(factors[f]), SynthTouch.factor_groups[f]) for f in SynthTouch.FACTORS if f in factors]
+        return lines or [(item["caption"], "shared")]
+
+    def panel(self, k: int, query: int) -> dict:
+        """What one row of the figure shows: the query, its neighbours, and which of them match."""
+        query_item = self.dataset[query]
+        known = bool(query_item.get("factors"))
+        neighbours = []
+        for i in self.neighbours_at(k, query):
+            item = self.dataset[int(i)]
+            same = known and all(item["factors"][f] == query_item["factors"][f] for f in self.shared_factors)
+            neighbours.append(dict(content=batch_inputs(item, self.target), lines=self.describe(item),
+                                   pair=int(i) == query, factor_match=same))
+        return dict(title=f"k = {k}: {self.source} query {query} → top-{self.top} {self.target}",
+                    query=dict(content=batch_inputs(query_item, self.source), lines=self.describe(query_item)),
+                    neighbours=neighbours)
+
+    def draw(self):
+        k, query = self.slider.value, self.query.value
+        self.neighbours = self.neighbours_at(k, query)
+        self.figure = plots.neighbours([self.panel(k, query)])
+        self.image.value = plots.png(self.figure)
+
+    def static_figure(self, ks):
+        """The same view for a few k at once, one row each: the notebook reads well without a kernel."""
+        return plots.neighbours([self.panel(k, self.query.value) for k in ks])
