@@ -879,7 +879,7 @@ ABLATIONS = {
     "decoder 4 layers, width 256": {"model_name": "synthtouch-qwen2-small"},
     "no source mixing": {"mix_sources": False},
     "linear projector": {"projector": "linear"},
-    "lr 1e-3": {"lr": 1e-3},
+    "lr 3e-3": {"lr": 3e-3},  # the setting before the validation ablation chose 1e-3
     "60 epochs": {"epochs": 60},
 }
 
