@@ -182,8 +182,9 @@ def main(argv=None):
         return
     rows = study(args.variants, args.seeds, args.out, args.jobs)
     print(Path(write(rows, args.out)).read_text())
-    if args.reference:
+    if args.reference:  # the runs' tables and this table, docs/study/study.md
         save_reference(map(Path, rows.run))
+        write(rows, REFERENCE)
 
 
 if __name__ == "__main__":
