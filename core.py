@@ -59,10 +59,13 @@ class ModelConfig:
     leakage_guard_weight: float = 1.0
     alignment_weight: float = 0.0  # confidence-weighted alignment of the paired shared embeddings (alignment_loss)
     token_dim: int | None = None  # numbers one register token may carry (TokenBottleneck); None: hidden_dim
+    token_levels: tuple[int, ...] = ()  # FSQ levels of those numbers (FlexTok: 8 8 8 5 5 5); (): not quantised
+    bottleneck_tokens: str = "all"  # which tokens pass the bottleneck: all | shared (the private ones stay wide)
     init_temperature: float = 0.07
 
     def __post_init__(self):
         self.modalities, self.mrl_dims = tuple(self.modalities), tuple(self.mrl_dims)
+        self.token_levels = tuple(self.token_levels)
         for name, value, allowed in (("design", self.design, DESIGNS), ("attention", self.attention, ATTENTIONS),
                                      ("nested_dropout", self.nested_dropout, DROPOUT_MODES),
                                      ("loss_type", self.loss_type, LOSS_TYPES),
@@ -88,6 +91,12 @@ class ModelConfig:
                              "the flow head for transport retrieval")
         if self.token_dim is not None and not 1 <= self.token_dim <= self.hidden_dim:
             raise ValueError(f"token_dim={self.token_dim} must lie in 1..hidden_dim={self.hidden_dim}, or be null")
+        if self.bottleneck_tokens not in ("all", "shared"):
+            raise ValueError(f"unknown bottleneck_tokens {self.bottleneck_tokens!r}; choose 'all' or 'shared'")
+        if self.token_levels and (self.token_dim != len(self.token_levels) or min(self.token_levels) < 2):
+            raise ValueError(f"token_levels={list(self.token_levels)} quantise each of a token's token_dim numbers to "
+                             f"that many levels: give one level (at least 2) per number and token_dim="
+                             f"{len(self.token_levels)} (token_dim is {self.token_dim})")
         if any(d > self.embed_dim or d < 1 for d in self.mrl_dims):
             raise ValueError(f"mrl_dims {self.mrl_dims} must lie in 1..embed_dim={self.embed_dim}")
 
@@ -253,13 +262,35 @@ class RegisterTokenModule(nn.Module):
         return last.weights[:, :, :self.num_input_tokens]  # joint: the rest of each row is registers <= i
 
 
+def finite_scalar_quantize(z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """FSQ (Mentzer et al. 2023), as FlexTok's tokens: number i of the last axis is squashed into `levels[i]`
+    evenly spaced values in [-1, 1] and rounded to the nearest, with a straight-through gradient. A rounded
+    code cannot carry a small leftover of a factor the way a continuous number can: any probe reads a
+    continuous residual, however small, once it rescales the features."""
+    half = (levels - 1) * (1 + 1e-3) / 2  # the 1e-3 keeps tanh's bound just outside the outermost level
+    offset = (levels % 2 == 0).to(z.dtype) * 0.5  # even level counts sit between the integers
+    bounded = (z + (offset / half).atanh()).tanh() * half - offset
+    rounded = bounded + (bounded.round() - bounded).detach()
+    return rounded / (levels // 2)
+
+
 class TokenBottleneck(nn.Sequential):
     """What one register token may carry: each token goes down to `dim` numbers and back up to the model's
-    width (a rank-`dim` map, applied token by token). FlexTok's tokens are 6-number FSQ codes; without such a
-    limit one 128-wide token holds every factor of the testbed at once, and longer prefixes add nothing."""
+    width (a rank-`dim` map, applied token by token), with `levels` those numbers are FSQ codes. FlexTok's
+    tokens are 6-number FSQ codes; without such a limit one 128-wide token holds every factor of the testbed
+    at once, and longer prefixes add nothing."""
 
-    def __init__(self, hidden_dim: int, dim: int):
-        super().__init__(nn.Linear(hidden_dim, dim), nn.Linear(dim, hidden_dim))
+    def __init__(self, hidden_dim: int, dim: int, levels: tuple[int, ...] = ()):
+        super().__init__(nn.Linear(hidden_dim, dim), nn.Linear(dim, hidden_dim))  # down, up: checkpoint keys 0, 1
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32), persistent=False)
+
+    def codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each token's `dim` numbers (rounded to the FSQ grid when the bottleneck has levels)."""
+        z = self[0](tokens)
+        return finite_scalar_quantize(z, self.levels.to(z.dtype)) if len(self.levels) else z
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self[1](self.codes(tokens))
 
 
 class NestedDropout(nn.Module):
@@ -534,7 +565,7 @@ class RegisterDesign:
                                                   for m in cfg.modalities})
         model.heads = nn.ModuleDict({m: nn.Linear(H, cfg.embed_dim) for m in cfg.modalities})
         if cfg.token_dim is not None:
-            model.bottlenecks = nn.ModuleDict({m: TokenBottleneck(H, cfg.token_dim) for m in cfg.modalities})
+            model.bottlenecks = nn.ModuleDict({m: TokenBottleneck(H, cfg.token_dim, cfg.token_levels) for m in cfg.modalities})
         model.dropout = NestedDropout(cfg.n_registers, cfg.nested_dropout, cfg.nested_dropout_rate)
         if cfg.preservation_weight > 0:
             model.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m], cfg.decoder_layers,
@@ -544,7 +575,12 @@ class RegisterDesign:
         check_token_shape(feats.tokens, model.input_tokens[modality], model.input_dims[modality])
         tokens = model.encoders[modality](feats.tokens - model.feature_centres[modality], feats.mask,
                                           n_registers=n_registers)
-        return model.bottlenecks[modality](tokens) if self.cfg.token_dim is not None else tokens
+        if self.cfg.token_dim is None:
+            return tokens
+        if self.cfg.bottleneck_tokens == "shared":
+            S = self.cfg.n_shared
+            return torch.cat([model.bottlenecks[modality](tokens[:, :S]), tokens[:, S:]], 1)
+        return model.bottlenecks[modality](tokens)
 
     def shared_embedding(self, model, modality: str, tokens: torch.Tensor, keep: torch.Tensor | None = None):
         """Mean of the kept shared tokens → projection. `keep`: B×R mask from nested dropout."""

@@ -230,6 +230,11 @@ class LLMConfig:
     # included), so one model captions from any source, and the k=0 / single-modality results are the
     # decoder's honest best rather than inputs it never saw. False: always train on `source` as is.
     mix_sources: bool = True
+    # Batches of samples of similar length (prefix + caption): rows are padded to the longest of their batch,
+    # and with mixed sources random batches compute 1.6× the token positions (SynthTouch: 250880 vs 154688 an
+    # epoch). Off by default: batches of one length are batches of one token source, and on the validation
+    # split (seed 0, 30 epochs) that cost touch-only attributes 0.849 against 0.915 with random batches.
+    group_by_length: bool = False
     train_decoder: str = "auto"  # auto: full for built-in decoders (they start random), frozen otherwise
     lora_r: int = 16
     lora_alpha: int = 32
@@ -656,16 +661,27 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
                 projector.fit_statistics(tokens[m])
     index_batches = loop.index_batches(n, cfg.batch_size, cfg.seed)
     sources = {}  # epoch -> every sample's token source, drawn up front so a resumed epoch sees the same
+    caption_lengths = mm.caption_ids(captions)[1].sum(1).cpu().numpy() if cfg.group_by_length else None
 
-    def batches(epoch):
-        return [(epoch, index) for index in index_batches(epoch)]
-
-    def loss_fn(batch):
-        epoch, index = batch
+    def epoch_sources(epoch):
         if epoch not in sources:
             sources.clear()
             sources[epoch] = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        keep = {m: k[index] for m, k in sources[epoch].items()}
+        return sources[epoch]
+
+    def batches(epoch):
+        index = index_batches(epoch)
+        if cfg.group_by_length:  # the epoch's shuffled samples sorted by length, cut, the batches shuffled
+            length = sum(k.sum(1).numpy() for k in epoch_sources(epoch).values()) + caption_lengths
+            order = np.concatenate(index)
+            order = order[np.argsort(length[order], kind="stable")]
+            index = [np.sort(order[i:i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
+            index = [index[i] for i in np.random.default_rng([cfg.seed, epoch]).permutation(len(index))]
+        return [(epoch, i) for i in index]
+
+    def loss_fn(batch):
+        epoch, index = batch
+        keep = {m: k[index] for m, k in epoch_sources(epoch).items()}
         return mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep), {}
 
     epoch_end = None if val is None else lambda epoch: validation_numbers(mm, *val)

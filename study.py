@@ -43,12 +43,18 @@ VARIANTS = {
     "cross-modal reconstruction": {"model.leakage_guard": "cross", "model.alignment_weight": 0.0},
     "decorrelation": {"model.leakage_guard": "decorrelate", "model.alignment_weight": 0.0},
     "token bottleneck": {"model.token_dim": 8},  # the default with 8 numbers per token: less leaks, less retrieved
+    # FlexTok's token format: each token 6 numbers rounded to 8·8·8·5·5·5 levels (FSQ), so no small leftover of
+    # a private factor survives in it
+    "FSQ tokens": {"model.token_dim": 6, "model.token_levels": [8, 8, 8, 5, 5, 5]},
+    "FSQ shared tokens": {"model.token_dim": 6, "model.token_levels": [8, 8, 8, 5, 5, 5],
+                          "model.bottleneck_tokens": "shared"},  # the private tokens stay continuous
     # the other nested-dropout modes, and the three design lines of the SPEC on the testbed's features and width
     "uniform nested dropout": {"model.nested_dropout": "uniform"},
     "linear nested dropout": {"model.nested_dropout": "linear"},
     **{f"{design} design": phase1.design_overrides(design) for design in ("flextok", "fluxtalk", "adapter")},
 }
-LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruction", "decorrelation", "token bottleneck")
+LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruction", "decorrelation", "token bottleneck",
+                    "FSQ tokens", "FSQ shared tokens")
 SEEDS = (0, 1, 2)
 PROBE = "non-linear"
 REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference results: tables of seed-0 runs, no weights

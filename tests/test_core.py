@@ -587,6 +587,37 @@ def test_token_bottleneck_limits_each_token_to_token_dim_numbers():
         small(token_dim=64)
 
 
+def test_quantised_tokens_take_only_their_levels_and_pass_gradients_straight_through():
+    levels = torch.tensor([8.0, 5.0, 2.0])
+    z = (torch.randn(4096, 3, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    codes = core.finite_scalar_quantize(z, levels)
+    for i, (n, grid) in enumerate(zip((8, 5, 2), ([j / 4 for j in range(-4, 4)], [-1, -0.5, 0, 0.5, 1], [-1, 0]))):
+        # 4096 draws of N(0, 9) squashed by tanh reach every level; each level is a multiple of 1/(levels // 2),
+        # exact in float32, so comparing sets of values is exact here
+        assert sorted(set(codes[:, i].tolist())) == grid, (n, sorted(set(codes[:, i].tolist())))
+    codes.sum().backward()  # rounding has no gradient: the straight-through estimator passes tanh's, which is
+    # positive but underflows to 0 in float32 where tanh has saturated (|z| > ~9, a few of these draws)
+    assert (z.grad >= 0).all() and (z.grad > 0).float().mean() > 0.95
+    model = build(small(token_dim=3, token_levels=(8, 5, 5))).eval()
+    with torch.no_grad():
+        feats = paired_features(64)["vision"]
+        raw = model.encoders["vision"](feats.tokens - model.feature_centres["vision"], feats.mask)
+        code = model.bottlenecks["vision"].codes(raw)
+    assert len({tuple(c) for c in code.flatten(0, 1).tolist()}) <= 8 * 5 * 5
+    # bottleneck_tokens: shared rounds the shared tokens alone; the private ones are the register module's own
+    model = build(small(token_dim=3, token_levels=(8, 5, 5), bottleneck_tokens="shared")).eval()
+    with torch.no_grad():
+        raw = model.encoders["vision"](feats.tokens - model.feature_centres["vision"], feats.mask)
+        tokens = model.tokens("vision", feats)
+    S = model.cfg.n_shared
+    assert torch.equal(tokens[:, S:], raw[:, S:])  # the same tensor passed through: exact
+    torch.testing.assert_close(tokens[:, :S], model.bottlenecks["vision"](raw[:, :S]))
+    with pytest.raises(ValueError, match=r"token_levels=\[8, 5\].*token_dim=2 \(token_dim is 3\)"):
+        small(token_dim=3, token_levels=(8, 5))
+    with pytest.raises(ValueError, match="unknown bottleneck_tokens 'private'"):
+        small(token_dim=3, bottleneck_tokens="private")
+
+
 def test_feature_centres_start_at_the_training_mean_and_old_checkpoints_load_as_zero_centres():
     model = build(small())
     feats = paired_features(32)

@@ -224,9 +224,11 @@ def test_frozen_decoder_by_default_and_lora_on_request(aligner, decoder_dir, tmp
     assert reloaded.generate_from_tokens(tokens) == lora.generate_from_tokens(tokens)
 
 
-def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, decoder_dir, tmp_path):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, decoder_dir, tmp_path, group_by_length):
     tokens, targets, _ = two_class_data(32)
-    settings = dict(train_decoder="full", epochs=2, batch_size=16, warmup_steps=2, log_every=1)
+    settings = dict(train_decoder="full", epochs=2, batch_size=16, warmup_steps=2, log_every=1,
+                    group_by_length=group_by_length)
     straight = make_mm(aligner, decoder_dir, **settings)
     L.fit_captioner(straight, tokens, targets, tmp_path / "straight")
 
@@ -249,6 +251,28 @@ def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, 
     with pytest.raises(ValueError, match="cannot resume .* another config"):
         L.fit_captioner(make_mm(aligner, decoder_dir, **dict(settings, batch_size=8)), tokens, targets,
                            tmp_path / "resumed", resume=True)
+
+
+def test_batches_grouped_by_length_pad_less_and_see_the_same_samples(aligner, decoder_dir):
+    tokens, targets, _ = two_class_data(64)
+    lengths = {}  # per batch, each row's length: prefix tokens + caption tokens
+    for group in (False, True):
+        mm = make_mm(aligner, decoder_dir, train_decoder="full", epochs=1, batch_size=8, warmup_steps=1,
+                     group_by_length=group)
+        batches, real_loss = [], mm.loss
+
+        def loss(batch_tokens, captions, keep, prompt=None):
+            batches.append(sum(k.sum(1) for k in keep.values()) + mm.caption_ids(captions)[1].sum(1))
+            return real_loss(batch_tokens, captions, keep, prompt)
+
+        mm.loss = loss
+        L.fit_captioner(mm, tokens, targets)
+        lengths[group] = batches
+    # the same token sources were drawn for the same samples; grouping only changes which share a batch
+    assert sorted(torch.cat(lengths[True]).tolist()) == sorted(torch.cat(lengths[False]).tolist())
+    padded = {group: sum(int(b.max()) * len(b) for b in batches) for group, batches in lengths.items()}
+    ideal = int(torch.cat(lengths[True]).sort().values.view(-1, 8).max(1).values.sum()) * 8
+    assert padded[True] == ideal < padded[False], padded  # sorted then cut: the least padding there is
 
 
 def factor_tokens(n, seed=0):
