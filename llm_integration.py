@@ -230,11 +230,10 @@ class LLMConfig:
     # included), so one model captions from any source, and the k=0 / single-modality results are the
     # decoder's honest best rather than inputs it never saw. False: always train on `source` as is.
     mix_sources: bool = True
-    # Batches of samples of similar length (prefix + caption): rows are padded to the longest of their batch,
-    # and with mixed sources random batches compute 1.6× the token positions (SynthTouch: 250880 vs 154688 an
-    # epoch). Off by default: batches of one length are batches of one token source, and on the validation
-    # split (seed 0, 30 epochs) that cost touch-only attributes 0.849 against 0.915 with random batches.
-    group_by_length: bool = False
+    # The decoder sees each batch in this many chunks of rows of similar length (MultimodalLLM.loss): rows are
+    # padded to the longest of what the decoder sees at once, and with mixed sources random batches of 64 hold
+    # 1.6× the positions their rows need. 1 (the default) keeps runs saved before it as they were.
+    length_chunks: int = 1
     train_decoder: str = "auto"  # auto: full for built-in decoders (they start random), frozen otherwise
     lora_r: int = 16
     lora_alpha: int = 32
@@ -260,6 +259,8 @@ class LLMConfig:
         if self.train_decoder not in DECODER_TRAINING:
             raise ValueError(f"unknown train_decoder {self.train_decoder!r}; choose one of {DECODER_TRAINING}")
         loop.check_hyperparameters(self, "phase-2 config")
+        if self.length_chunks < 1:
+            raise ValueError(f"length_chunks={self.length_chunks} must be at least 1 (1: the whole batch at once)")
 
     @property
     def decoder_training(self) -> str:
@@ -540,11 +541,22 @@ class MultimodalLLM(nn.Module):
 
     def loss(self, tokens: dict[str, torch.Tensor], captions: list[str], keep: dict[str, torch.Tensor],
              prompt: str | None = None) -> torch.Tensor:
-        """Next-token cross-entropy on the captions and EOS, given prefix + prompt."""
+        """Next-token cross-entropy on the captions and EOS, given prefix + prompt: the mean over every caption
+        token of the batch. With `length_chunks` > 1 the rows, sorted by length, go through the decoder in that
+        many chunks, each cut to its own longest row instead of the batch's: the same mean and gradient (up to
+        float rounding: left padding leaves each row's logits unchanged) from fewer computed positions."""
         prefix, prefix_mask = self.prefix(tokens, keep, self.source.groups)
         inputs = self.assemble(prefix, prefix_mask, self.llm_cfg.prompt if prompt is None else prompt, captions)
-        with self.autocast():
-            return self.decoder(**inputs, use_cache=False).loss
+        lengths = inputs["attention_mask"].sum(1)
+        total, counted = 0.0, 0
+        for rows in lengths.argsort().chunk(self.llm_cfg.length_chunks):
+            width = int(lengths[rows].max())  # rows are left-padded: their real positions are the last `width`
+            chunk = {name: value[rows, -width:] for name, value in inputs.items()}
+            count = int((chunk["labels"][:, 1:] != -100).sum())  # the decoder's loss is the mean over these
+            with self.autocast():
+                total = total + self.decoder(**chunk, use_cache=False).loss * count
+            counted += count
+        return total / counted
 
     # --- generation
 
@@ -661,27 +673,16 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
                 projector.fit_statistics(tokens[m])
     index_batches = loop.index_batches(n, cfg.batch_size, cfg.seed)
     sources = {}  # epoch -> every sample's token source, drawn up front so a resumed epoch sees the same
-    caption_lengths = mm.caption_ids(captions)[1].sum(1).cpu().numpy() if cfg.group_by_length else None
-
-    def epoch_sources(epoch):
-        if epoch not in sources:
-            sources.clear()
-            sources[epoch] = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        return sources[epoch]
 
     def batches(epoch):
-        index = index_batches(epoch)
-        if cfg.group_by_length:  # the epoch's shuffled samples sorted by length, cut, the batches shuffled
-            length = sum(k.sum(1).numpy() for k in epoch_sources(epoch).values()) + caption_lengths
-            order = np.concatenate(index)
-            order = order[np.argsort(length[order], kind="stable")]
-            index = [np.sort(order[i:i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
-            index = [index[i] for i in np.random.default_rng([cfg.seed, epoch]).permutation(len(index))]
-        return [(epoch, i) for i in index]
+        return [(epoch, index) for index in index_batches(epoch)]
 
     def loss_fn(batch):
         epoch, index = batch
-        keep = {m: k[index] for m, k in epoch_sources(epoch).items()}
+        if epoch not in sources:
+            sources.clear()
+            sources[epoch] = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        keep = {m: k[index] for m, k in sources[epoch].items()}
         return mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep), {}
 
     epoch_end = None if val is None else lambda epoch: validation_numbers(mm, *val)

@@ -1,7 +1,8 @@
 """Where a phase-2 epoch's time goes, on a trained phase-1 run: the parts of one training step (projected
 prefix, decoder inputs, decoder forward, the whole step with backward and AdamW; fp32 and with CPU bf16
 autocast) and the validation pass that follows every epoch, in milliseconds on one batch; then one epoch of
-training with random batches against batches grouped by length (`group_by_length`), back to back, as a ratio.
+training with whole batches against the same batches in length chunks (`length_chunks`), back to back, as
+ratios.
 
     python bench/profile_phase2.py --phase1_run runs/phase1/default [--threads 1] [--batch_size 64]
 """
@@ -37,7 +38,7 @@ def main(argv=None):
     cfg = phase1.load_config(Path(args.phase1_run) / "config.yaml")
     (train_set, train_feats), (val_set, val_feats) = phase1.split_data(cfg, "train"), phase1.split_data(cfg, "val")
     tokens, val_tokens = L.encode_tokens(aligner.model, train_feats), L.encode_tokens(aligner.model, val_feats)
-    llm_cfg = L.load_llm_config(None, batch_size=args.batch_size)
+    llm_cfg = L.load_llm_config(None, batch_size=args.batch_size, length_chunks=1)
     mm = L.MultimodalLLM(aligner, llm_cfg).train()
     optimizer = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=llm_cfg.lr)
     index = torch.arange(args.batch_size)
@@ -69,15 +70,16 @@ def main(argv=None):
     L.validation_numbers(mm, val_tokens, val_set.captions, L.split_factors(val_set))
     print(f"{'validation after an epoch':32s} {(time.perf_counter() - start) * 1000:8.1f} ms "
           f"({steps} training steps per epoch)")
-    epoch_seconds = {}
-    for group in (False, True):
-        model = L.MultimodalLLM(aligner, L.load_llm_config(None, batch_size=args.batch_size, epochs=1,
-                                                           group_by_length=group))
+    settings = {"whole batches": {"length_chunks": 1},
+                **{f"{n} length chunks": {"length_chunks": n} for n in (2, 4, 8)}}
+    seconds = {}
+    for name, setting in settings.items():
+        model = L.MultimodalLLM(aligner, L.load_llm_config(None, batch_size=args.batch_size, epochs=1, **setting))
         start = time.perf_counter()
         L.fit_captioner(model, tokens, train_set.captions)
-        epoch_seconds[group] = time.perf_counter() - start
-    print(f"one training epoch: random batches {epoch_seconds[False]:.1f} s, grouped by length "
-          f"{epoch_seconds[True]:.1f} s: {epoch_seconds[False] / epoch_seconds[True]:.2f}x")
+        seconds[name] = time.perf_counter() - start
+        print(f"one training epoch, {name}: {seconds[name]:.1f} s, "
+              f"{seconds['whole batches'] / seconds[name]:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
