@@ -61,6 +61,9 @@ class ModelConfig:
     token_dim: int | None = None  # numbers one register token may carry (TokenBottleneck); None: hidden_dim
     token_levels: tuple[int, ...] = ()  # FSQ levels of those numbers (FlexTok: 8 8 8 5 5 5); (): not quantised
     bottleneck_tokens: str = "all"  # which tokens pass the bottleneck: all | shared (the private ones stay wide)
+    # FSQ warm-up: the fraction of training steps whose codes are tanh-bounded but not yet rounded, so alignment
+    # is learned with a smooth gradient before rounding starts (evaluation always rounds)
+    round_after: float = 0.0
     init_temperature: float = 0.07
 
     def __post_init__(self):
@@ -97,6 +100,9 @@ class ModelConfig:
             raise ValueError(f"token_levels={list(self.token_levels)} quantise each of a token's token_dim numbers to "
                              f"that many levels: give one level (at least 2) per number and token_dim="
                              f"{len(self.token_levels)} (token_dim is {self.token_dim})")
+        if not 0 <= self.round_after < 1 or (self.round_after and not self.token_levels):
+            raise ValueError(f"round_after={self.round_after} is the fraction of training before FSQ codes are "
+                             "rounded: give a number in [0, 1) together with token_levels")
         if any(d > self.embed_dim or d < 1 for d in self.mrl_dims):
             raise ValueError(f"mrl_dims {self.mrl_dims} must lie in 1..embed_dim={self.embed_dim}")
 
@@ -262,7 +268,7 @@ class RegisterTokenModule(nn.Module):
         return last.weights[:, :, :self.num_input_tokens]  # joint: the rest of each row is registers <= i
 
 
-def finite_scalar_quantize(z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+def finite_scalar_quantize(z: torch.Tensor, levels: torch.Tensor, rounded: bool = True) -> torch.Tensor:
     """FSQ (Mentzer et al. 2023), as FlexTok's tokens: number i of the last axis is squashed into `levels[i]`
     evenly spaced values in [-1, 1] and rounded to the nearest, with a straight-through gradient. A rounded
     code cannot carry a small leftover of a factor the way a continuous number can: any probe reads a
@@ -270,8 +276,9 @@ def finite_scalar_quantize(z: torch.Tensor, levels: torch.Tensor) -> torch.Tenso
     half = (levels - 1) * (1 + 1e-3) / 2  # the 1e-3 keeps tanh's bound just outside the outermost level
     offset = (levels % 2 == 0).to(z.dtype) * 0.5  # even level counts sit between the integers
     bounded = (z + (offset / half).atanh()).tanh() * half - offset
-    rounded = bounded + (bounded.round() - bounded).detach()
-    return rounded / (levels // 2)
+    if rounded:
+        bounded = bounded + (bounded.round() - bounded).detach()
+    return bounded / (levels // 2)
 
 
 class TokenBottleneck(nn.Sequential):
@@ -283,11 +290,15 @@ class TokenBottleneck(nn.Sequential):
     def __init__(self, hidden_dim: int, dim: int, levels: tuple[int, ...] = ()):
         super().__init__(nn.Linear(hidden_dim, dim), nn.Linear(dim, hidden_dim))  # down, up: checkpoint keys 0, 1
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32), persistent=False)
+        self.warming_up = False  # set by AlignmentModel.before_step while training is inside round_after
 
     def codes(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Each token's `dim` numbers (rounded to the FSQ grid when the bottleneck has levels)."""
+        """Each token's `dim` numbers (rounded to the FSQ grid when the bottleneck has levels, except in
+        training during the warm-up)."""
         z = self[0](tokens)
-        return finite_scalar_quantize(z, self.levels.to(z.dtype)) if len(self.levels) else z
+        if not len(self.levels):
+            return z
+        return finite_scalar_quantize(z, self.levels.to(z.dtype), rounded=not (self.training and self.warming_up))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self[1](self.codes(tokens))
@@ -756,6 +767,12 @@ class AlignmentModel(nn.Module):
         """A checkpoint saved before feature centres existed computed exactly what zero centres compute."""
         own = getattr(self, "feature_centres", {})
         return {**{f"feature_centres.{m}": torch.zeros_like(p) for m, p in own.items()}, **tensors}
+
+    def before_step(self, step: int, total_steps: int):
+        """The loop's call before each training step: FSQ codes stay unrounded for the first round_after of
+        training (a function of the step alone, so a resumed run rounds exactly where it did)."""
+        for bottleneck in getattr(self, "bottlenecks", {}).values():
+            bottleneck.warming_up = step < self.cfg.round_after * total_steps
 
     def after_optimizer_step(self):
         """Clamp the temperature parameter itself (as CLIP does), so it stays learnable at the bound."""

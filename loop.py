@@ -345,7 +345,8 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
     (prefetched); hp: epochs, lr, weight_decay, warmup_steps, grad_clip, seed, log_every. With `run`, a
     checkpoint after every epoch and on Ctrl-C, metrics.jsonl, and exact `resume`. `epoch_end(epoch)`
     adds validation numbers to the epoch row; `callback(row)` sees every row (live plots). A model may
-    define `after_optimizer_step()` (phase 1 clamps its temperature there).
+    define `before_step(step, total_steps)` (phase 1's FSQ warm-up) and `after_optimizer_step()` (phase 1
+    clamps its temperature there).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(model, hp.lr, hp.weight_decay, hp.warmup_steps, steps_per_epoch * hp.epochs)
@@ -357,7 +358,7 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
         sched.load_state_dict(state["scheduler"])
         position = state["position"]
         run.truncate_metrics(position["step"], position["epoch"])
-    after_step = getattr(model, "after_optimizer_step", None)
+    before_step, after_step = getattr(model, "before_step", None), getattr(model, "after_optimizer_step", None)
     rows = []
 
     def log(row):
@@ -406,6 +407,8 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
             todo = itertools.islice(batches(epoch), skip, steps_per_epoch)
             for batch in (prefetched(todo, load) if load is not None else todo):
                 torch.manual_seed(step_seed(hp.seed, rank, step))
+                if before_step is not None:
+                    before_step(step, steps_per_epoch * hp.epochs)
                 loss, parts = loss_fn(batch)
                 if not torch.isfinite(loss):
                     stop("loss", loss.item(), parts)

@@ -48,6 +48,10 @@ VARIANTS = {
     "FSQ tokens": {"model.token_dim": 6, "model.token_levels": [8, 8, 8, 5, 5, 5]},
     "FSQ shared tokens": {"model.token_dim": 6, "model.token_levels": [8, 8, 8, 5, 5, 5],
                           "model.bottleneck_tokens": "shared"},  # the private tokens stay continuous
+    # the same, trained on unrounded (tanh-bounded) codes for the first half of training: is rounding what
+    # slows alignment down, or the 6-number code itself?
+    "FSQ shared tokens warm-up": {"model.token_dim": 6, "model.token_levels": [8, 8, 8, 5, 5, 5],
+                                  "model.bottleneck_tokens": "shared", "model.round_after": 0.5},
     # the other nested-dropout modes, and the three design lines of the SPEC on the testbed's features and width
     "uniform nested dropout": {"model.nested_dropout": "uniform"},
     "linear nested dropout": {"model.nested_dropout": "linear"},

@@ -1,5 +1,6 @@
 """Register tokens, nested dropout, every loss, the three design lines, configs and checkpoints, on
 small random features (the frozen encoders are tested in test_encoders.py)."""
+import argparse
 import copy
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import core
+import loop
 from config import atomic_write
 from core import Features, ModelConfig, NestedDropout, RegisterTokenModule
 
@@ -616,6 +618,34 @@ def test_quantised_tokens_take_only_their_levels_and_pass_gradients_straight_thr
         small(token_dim=3, token_levels=(8, 5))
     with pytest.raises(ValueError, match="unknown bottleneck_tokens 'private'"):
         small(token_dim=3, bottleneck_tokens="private")
+
+
+def test_fsq_warm_up_trains_on_unrounded_codes_until_round_after_and_evaluation_always_rounds():
+    levels = torch.tensor([8.0, 5.0])
+    z = torch.randn(512, 2, generator=torch.Generator().manual_seed(0))
+    smooth, rounded = core.finite_scalar_quantize(z, levels, rounded=False), core.finite_scalar_quantize(z, levels)
+    # the same scale: rounding moves each number by at most half a level step, 1 / (2 * (levels // 2))
+    assert ((smooth - rounded).abs() <= 0.5 / (levels // 2) + 1e-6).all()
+    assert len(set(smooth[:, 0].tolist())) > 8 and len(set(rounded[:, 0].tolist())) <= 8
+    model = build(small(token_dim=2, token_levels=(8, 5), round_after=0.5))
+    feats = paired_features(16)
+    seen = []
+    hp = argparse.Namespace(epochs=2, lr=1e-3, weight_decay=0.0, warmup_steps=1, grad_clip=1.0, seed=0, log_every=1)
+    batches = [{m: f.batch(np.arange(i * 8, i * 8 + 8), torch.device("cpu")) for m, f in feats.items()}
+               for i in range(2)]
+
+    def loss_fn(batch):
+        seen.append(model.bottlenecks["vision"].warming_up)  # what the step's forward pass used
+        return model(batch)
+    loop.fit(model, loss_fn, lambda epoch: batches, 2, hp)
+    assert seen == [True, True, False, False]  # steps 0, 1 of 4 unrounded: round_after 0.5 of training
+    model.before_step(0, 4)  # inside the warm-up again: training unrounded, evaluation rounded all the same
+    with torch.no_grad():
+        raw = model.encoders["vision"](feats["vision"].tokens - model.feature_centres["vision"], feats["vision"].mask)
+        assert len(set(model.train().bottlenecks["vision"].codes(raw)[..., 0].flatten().tolist())) > 8
+        assert len(set(model.eval().bottlenecks["vision"].codes(raw)[..., 0].flatten().tolist())) <= 8
+    with pytest.raises(ValueError, match="round_after=0.5 .* together with token_levels"):
+        small(round_after=0.5)
 
 
 def test_feature_centres_start_at_the_training_mean_and_old_checkpoints_load_as_zero_centres():
