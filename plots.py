@@ -395,6 +395,26 @@ def design_comparison(table, metrics: list[str], title: str = "Design lines on t
     return fig
 
 
+def tradeoff(table, x: str, y: str, target_x: float, target_y: float,
+             title: str = "What keeping private factors out costs, per design") -> Figure:
+    """One point per design (rows of `table`, columns x, y and their "<name> std"; error bars where a design has
+    several seeds), with the target region (x ≤ target_x, y ≥ target_y) shaded: a design inside meets both."""
+    fig = Figure(figsize=(9, 4.8), layout="constrained")
+    ax = fig.subplots()
+    ax.add_patch(Rectangle((-0.1, target_y), target_x + 0.1, 1.1 - target_y, color="#2ca02c", alpha=0.12, lw=0))
+    ax.text(-0.08, 1.04, "target", color="#2ca02c", fontsize=8, va="top")
+    colors = matplotlib.colormaps["tab20"].colors
+    for i, (name, row) in enumerate(table.iterrows()):
+        seeds = f" ({int(row['seeds'])} seeds)" if row.get("seeds", 1) > 1 else ""
+        ax.errorbar(row[x], row[y], xerr=row.get(f"{x} std"), yerr=row.get(f"{y} std"), fmt="o", ms=6, capsize=2,
+                    color=colors[i % len(colors)], label=f"{name}{seeds}")
+    ax.set(xlabel=x + "\n(normalised probe score: 0 chance, 1 perfect; lower is better)", ylabel=y,
+           xlim=(-0.1, 1.0), ylim=(0, 1.05), title=title)
+    ax.xaxis.label.set_fontsize(8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------
 # Phase 2: captions from token prefixes (notebook 04)
 

@@ -157,6 +157,32 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     return table.assign(seeds=n).T
 
 
+LEAK = "worst own-private leakage into the shared embedding, k=n_shared"
+RETRIEVAL = "R@1 factor, k=n_shared"
+
+
+def read_rows(root: str | os.PathLike = "runs/study") -> pd.DataFrame:
+    """One row per run (runs.csv): your study's runs for the variants you have trained, the reference results'
+    for the others, as `finished_run` chooses folders."""
+    reference = pd.read_csv(REFERENCE / "runs.csv")
+    if not (Path(root) / "runs.csv").is_file():
+        return reference
+    mine = pd.read_csv(Path(root) / "runs.csv")
+    return pd.concat([mine, reference[~reference.variant.isin(mine.variant)]], ignore_index=True)
+
+
+def tradeoff(rows: pd.DataFrame) -> pd.DataFrame:
+    """What each variant pays for keeping private factors out: per variant, mean and std over seeds of the worst
+    own-private leakage into the aligned shared embedding (the larger of the modalities' worst factors, each
+    run) and of factor-level vision→touch R@1, both at k = n_shared. Variants without a leakage number (the
+    adapter has no private tokens to keep apart) are left out."""
+    leak_columns = [c for c in rows.columns if c.endswith("leak into shared embedding (max), k=n_shared")]
+    per_run = rows.assign(**{LEAK: rows[leak_columns].max(axis=1, skipna=False)}).dropna(subset=[LEAK, RETRIEVAL])
+    grouped = per_run.groupby("variant", sort=False)[[LEAK, RETRIEVAL]]
+    table = grouped.mean().join(grouped.std(ddof=1), rsuffix=" std").assign(seeds=grouped.size())
+    return table.reindex([v for v in VARIANTS if v in table.index])
+
+
 def write(rows: pd.DataFrame, root: str | os.PathLike = "runs/study") -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

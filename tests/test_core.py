@@ -492,6 +492,28 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_the_decoder_attends_among_its_queries_once_per_batch_and_computes_what_b_copies_compute():
+    torch.manual_seed(0)
+    decoder = core.FeatureDecoder(hidden_dim=32, output_dim=12, num_tokens=6, n_layers=2, n_heads=4)
+    registers = torch.randn(5, 8, 32)
+    keep = torch.arange(8)[None] < torch.tensor([1, 2, 4, 8, 3])[:, None]
+    once = decoder(registers, keep)
+    once.pow(2).sum().backward()
+    grad_once = decoder.queries.grad.clone()
+    decoder.zero_grad()
+    # the reference: every sample carries its own copy of the queries through every block
+    x, allowed = decoder.queries.expand(5, -1, -1), keep[:, None, :].expand(5, 6, 8)
+    for block in decoder.blocks:
+        x = block(x, None, registers, allowed)
+    copies = decoder.out(x)
+    copies.pow(2).sum().backward()
+    # float32 sums in another order (one row instead of five, then a sum over the batch for the gradient):
+    # values of order 1 agree to ~1e-6, so 1e-5 absolute / 1e-4 relative leaves room and still fails on any
+    # real difference (a dropped block or mask changes them by order 1)
+    torch.testing.assert_close(once, copies, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_once, decoder.queries.grad, atol=1e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Leakage guards: what keeps a modality's private information out of its shared tokens
 

@@ -112,3 +112,21 @@ def test_the_reference_results_are_of_todays_config(variant, tmp_path):
 def test_unknown_variant_names_the_choices():
     with pytest.raises(ValueError, match="no leakage guard"):
         study.run_config("no such variant", 0)
+
+
+def test_the_tradeoff_takes_each_runs_worse_modality_then_mean_and_std_over_seeds(tmp_path):
+    leak_v, leak_t = "vision leak into shared embedding (max), k=n_shared", "touch leak into shared embedding (max), k=n_shared"
+    rows = pd.DataFrame({"variant": ["FSQ tokens", "default", "default", "adapter design"], "seed": [0, 0, 1, 0],
+                         leak_v: [0.05, 0.6, 0.2, np.nan], leak_t: [0.10, 0.3, 0.4, np.nan],
+                         study.RETRIEVAL: [0.6, 0.9, 0.8, 0.1]})
+    table = study.tradeoff(rows)
+    assert list(table.index) == ["default", "FSQ tokens"]  # study order; no leakage number (adapter): left out
+    # per run the worse modality (0.6, then 0.4), then over seeds: a leaky design reads as leaky
+    assert table.loc["default", study.LEAK] == pytest.approx(0.5)
+    assert table.loc["default", f"{study.LEAK} std"] == pytest.approx(np.std([0.6, 0.4], ddof=1))
+    assert table.loc["FSQ tokens", study.LEAK] == pytest.approx(0.10) and table.loc["default", "seeds"] == 2
+    # your runs replace the reference's for the variants you trained, the reference fills in the rest
+    rows.to_csv(tmp_path / "runs.csv", index=False)
+    merged = study.read_rows(tmp_path)
+    reference = pd.read_csv(study.REFERENCE / "runs.csv")
+    assert (merged.variant == "default").sum() == 2 and set(merged.variant) == set(reference.variant)
