@@ -52,6 +52,9 @@ VARIANTS = {
     # slows alignment down, or the 6-number code itself?
     "FSQ shared tokens warm-up": {"model.token_dim": 6, "model.token_levels": [8, 8, 8, 5, 5, 5],
                                   "model.bottleneck_tokens": "shared", "model.round_after": 0.5},
+    # its `none` ablation: does nested dropout still beat (or tie) training on all tokens at every k?
+    "FSQ shared tokens no nested dropout": {"model.token_dim": 6, "model.token_levels": [8, 8, 8, 5, 5, 5],
+                                            "model.bottleneck_tokens": "shared", "model.nested_dropout": "none"},
     # the other nested-dropout modes, and the three design lines of the SPEC on the testbed's features and width
     "uniform nested dropout": {"model.nested_dropout": "uniform"},
     "linear nested dropout": {"model.nested_dropout": "linear"},
