@@ -22,8 +22,8 @@ demo: setup  ## the workbook: every notebook on SynthTouch -> runs/demo/
 study: setup  ## every phase-1 variant × 3 seeds, mean ± std -> runs/study/study.md (see README for its run time)
 	$(PY) study.py --out runs/study
 
-test: setup  ## unit tests + every notebook in smoke mode
-	$(PY) -m pytest -q
+test: setup  ## unit tests + every notebook in smoke mode, one pytest-xdist worker per core (tests/conftest.py)
+	$(PY) -m pytest -q -n auto
 
 test-browser: setup  ## JupyterLab in headless Chromium (Debian's chromium): Run All, figures as images, k slider
 	$(PY) -m pytest -q -m browser tests/test_browser.py

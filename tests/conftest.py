@@ -1,4 +1,6 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and how `make test` spreads them over the cores (pytest-xdist)."""
+import os
+
 import pytest
 import torch
 
@@ -8,6 +10,36 @@ import llm_integration as L
 import phase1
 import train
 from encoders import create_encoder
+
+
+# ----------------------------------------------------------------------------------------------
+# make test: `pytest -n auto`, one pytest-xdist worker per core
+
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:  # the cores are split among the workers: more threads per worker would only contend
+    THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # and in what the tests start: notebook kernels, torchrun
+# Modules whose tests share a run that a module fixture builds once: the notebooks, run one after another on
+# one run folder (3.5 min at one thread), and the study's four tiny runs (80 s). Their tests stay on one worker;
+# every other test goes to whichever worker is free.
+ONE_WORKER = ("test_notebooks.py", "test_study.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        """Work units: a whole module of ONE_WORKER, else one test. xdist hands out the largest units first."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module.rsplit("/", 1)[-1] in ONE_WORKER else nodeid
+
+    return SharedRunScheduling(config, log)
 
 
 @pytest.fixture(scope="module")
