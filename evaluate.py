@@ -346,23 +346,19 @@ def information_map(train_tokens: dict[str, torch.Tensor], train_factors: dict[s
             for source in token_sources(train_tokens[m][:1], n_shared) for name in factor_names]
     sources = {m: (token_sources(train_tokens[m][subset], n_shared), token_sources(test_tokens[m], n_shared))
                for m in train_tokens}
-    # Each probe is a tiny problem: BLAS threads only contend (30× slower on a busy 2-core machine).
-    with threadpool_limits(1):
-        rows = [probe_row(m, source, name, sources[m], subset, train_factors, test_factors)
-                for m, source, name in tqdm(jobs, desc="linear probes", leave=False)]
-    return pd.DataFrame(rows)
+    train_factors = {k: np.asarray(v)[subset] for k, v in train_factors.items()}
 
+    def task(m, source, name):  # the arguments of fit_probe, made when a process is ready for them
+        train_y, train_rows = probe_target(name, train_factors)
+        test_y, test_rows = probe_target(name, test_factors)
+        return ("linear", SynthTouch.is_continuous(name), sources[m][0][source][train_rows], train_y,
+                sources[m][1][source][test_rows], test_y)
 
-def probe_row(m, source, name, sources, subset, train_factors, test_factors) -> dict:
-    """One cell of the information map: `sources` = (train, test) feature sets of modality m."""
-    continuous = SynthTouch.is_continuous(name)
-    train_y, train_rows = probe_target(name, {k: v[subset] for k, v in train_factors.items()})
-    test_y, test_rows = probe_target(name, test_factors)
-    score, chance = fit_probe("linear", continuous, sources[0][source][train_rows], train_y,
-                              sources[1][source][test_rows], test_y)
-    return dict(modality=m, source=source, factor=name, group=SynthTouch.factor_groups[name],
-                metric="R²" if continuous else "accuracy", score=score, chance=chance,
-                **{"above chance": (score - chance) / (1 - chance)})
+    scores = fit_probes((task(*job) for job in jobs), len(jobs), "linear probes")
+    return pd.DataFrame([dict(modality=m, source=source, factor=name, group=SynthTouch.factor_groups[name],
+                              metric="R²" if SynthTouch.is_continuous(name) else "accuracy", score=score,
+                              chance=chance, **{"above chance": (score - chance) / (1 - chance)})
+                         for (m, source, name), (score, chance) in zip(jobs, scores)])
 
 
 def group_summary(info: pd.DataFrame) -> pd.DataFrame:
@@ -422,6 +418,7 @@ PROBES = ("linear", "non-linear")
 
 def fit_probe(kind: str, continuous: bool, fit_x, fit_y, test_x, test_y) -> tuple[float, float]:
     """(score, chance) of one probe: accuracy vs the test majority rate, or R² vs 0."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.kernel_ridge import KernelRidge
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.neural_network import MLPClassifier
@@ -435,27 +432,43 @@ def fit_probe(kind: str, continuous: bool, fit_x, fit_y, test_x, test_y) -> tupl
     probe = (LogisticRegression(C=0.1, tol=1e-3, max_iter=300) if kind == "linear" else
              MLPClassifier((128,), alpha=1e-2, max_iter=500, random_state=0))
     majority = np.bincount(test_y).max() / len(test_y)
-    return float(probe.fit(fit_x, fit_y).score(test_x, test_y)), float(majority)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe's iteration budget is part of its definition
+        return float(probe.fit(fit_x, fit_y).score(test_x, test_y)), float(majority)
+
+
+def probe_processes() -> int:
+    """How many processes fit probes side by side: as many as the threads torch was given to train with
+    (`torch.get_num_threads()`), so a study's runs side by side, one thread each, fit theirs one by one."""
+    return max(1, torch.get_num_threads())
+
+
+def fit_probes(tasks, n_tasks: int, desc: str | None = None) -> list[tuple[float, float]]:
+    """`fit_probe(*task)` of every task (an iterable of argument tuples), in order, in `probe_processes()`
+    processes. Each probe is a small problem on which BLAS threads only contend (30× slower on a busy 2-core
+    machine), so every fit runs on one thread, here or in a worker, and gives the same score either way."""
+    from joblib import Parallel, delayed, parallel_config
+    processes = max(1, min(probe_processes(), n_tasks))  # one: joblib fits them here, one after another
+    with threadpool_limits(1), parallel_config(backend="loky", inner_max_num_threads=1):
+        results = Parallel(n_jobs=processes, return_as="generator")(delayed(fit_probe)(*task) for task in tasks)
+        return list(tqdm(results, total=n_tasks, desc=desc, leave=False, disable=desc is None))
 
 
 def probe_sources(sources: dict[str, tuple[np.ndarray, np.ndarray]], fit_factors: dict[str, np.ndarray],
                   test_factors: dict[str, np.ndarray], factors: list[str], probes=PROBES) -> pd.DataFrame:
     """Every factor decoded from every source by every probe. `sources`: name → (fit rows, test rows) of
     features. One row per (source, factor, probe) with score, chance and 'normalised' (0 chance, 1 perfect)."""
-    from sklearn.exceptions import ConvergenceWarning
-    rows = []
-    with threadpool_limits(1), warnings.catch_warnings():  # small problems: BLAS threads only contend
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe's iteration budget is part of its definition
-        for source, (fit_x, test_x) in sources.items():
-            for name in factors:
-                fit_y, fit_rows = probe_target(name, fit_factors)
-                test_y, test_rows = probe_target(name, test_factors)
-                continuous = SynthTouch.is_continuous(name)
-                for kind in probes:
-                    score, chance = fit_probe(kind, continuous, fit_x[fit_rows], fit_y, test_x[test_rows], test_y)
-                    rows.append(dict(source=source, factor=name, probe=kind, score=score, chance=chance,
-                                     normalised=(score - chance) / (1 - chance)))
-    return pd.DataFrame(rows)
+    jobs = [(source, name, kind) for source in sources for name in factors for kind in probes]
+
+    def task(source, name, kind):
+        (fit_x, test_x), (fit_y, fit_rows), (test_y, test_rows) = \
+            sources[source], probe_target(name, fit_factors), probe_target(name, test_factors)
+        return kind, SynthTouch.is_continuous(name), fit_x[fit_rows], fit_y, test_x[test_rows], test_y
+
+    scores = fit_probes((task(*job) for job in jobs), len(jobs))
+    return pd.DataFrame([dict(source=source, factor=name, probe=kind, score=score, chance=chance,
+                              normalised=(score - chance) / (1 - chance))
+                         for (source, name, kind), (score, chance) in zip(jobs, scores)])
 
 
 def source_rows(encoded: Encoded, source: str, k: int, n_shared: int) -> np.ndarray:

@@ -55,6 +55,12 @@ VARIANTS = {
     # its `none` ablation: does nested dropout still beat (or tie) training on all tokens at every k?
     "FSQ shared tokens no nested dropout": {"model.token_dim": 6, "model.token_levels": [8, 8, 8, 5, 5, 5],
                                             "model.bottleneck_tokens": "shared", "model.nested_dropout": "none"},
+    # wider FSQ codes for the shared tokens (12 and 24 numbers instead of 6, the same levels repeated): is the
+    # 6-number code what caps retrieval, and how much more leaks through a wider one?
+    "FSQ shared tokens 12-number code": {"model.token_dim": 12, "model.token_levels": [8, 8, 8, 5, 5, 5] * 2,
+                                         "model.bottleneck_tokens": "shared"},
+    "FSQ shared tokens 24-number code": {"model.token_dim": 24, "model.token_levels": [8, 8, 8, 5, 5, 5] * 4,
+                                         "model.bottleneck_tokens": "shared"},
     # the other nested-dropout modes, and the three design lines of the SPEC on the testbed's features and width
     "uniform nested dropout": {"model.nested_dropout": "uniform"},
     "linear nested dropout": {"model.nested_dropout": "linear"},

@@ -386,3 +386,27 @@ def test_leakage_by_k_reports_failure_only_for_a_leaking_model(leak):
     assert (at_shared["shared factors from shared embedding (mean)"] > 0.15).all()
     controls = table[(table.role == "other private (control)") & (table.k == 2)]
     assert (controls.normalised < 0.15).all()  # the other modality's private factors are never in these tokens
+
+
+def test_probes_fit_in_parallel_processes_give_the_scores_of_one_process(monkeypatch):
+    """Evaluation fits its probes in as many processes as torch has threads (a demo run: two). Every fit is
+    the same one-thread problem either way; only BLAS's handling of how an array happens to sit in memory may
+    differ between processes, which can move an R² by float rounding (1e-6 allows for it) or flip a prediction
+    that sits on a decision boundary (so an accuracy may move by one test row, 1/200)."""
+    fit, fit_factors = planted_tokens(300, 0)
+    test, test_factors = planted_tokens(200, 1)
+    sources = {"all tokens": (fit["vision"].flatten(1).numpy(), test["vision"].flatten(1).numpy())}
+    factors = ["texture", "color", "phase_x"]  # linear and MLP classifiers, ridge and kernel ridge R²
+    monkeypatch.setattr(evaluate, "probe_processes", lambda: 1)
+    here = evaluate.probe_sources(sources, fit_factors, test_factors, factors)
+    monkeypatch.setattr(evaluate, "probe_processes", lambda: 2)
+    parallel = evaluate.probe_sources(sources, fit_factors, test_factors, factors)
+    assert here[["source", "factor", "probe"]].equals(parallel[["source", "factor", "probe"]])
+    assert np.allclose(here.score, parallel.score, rtol=0, atol=np.where(here.chance > 0, 1 / 200 + 1e-12, 1e-6))
+    assert (here.normalised > 0.5).sum() >= 4  # texture and phase, both probes: equal scores are not equal failures
+    fit, test = {"vision": fit["vision"]}, {"vision": test["vision"]}
+    maps = [evaluate.information_map(fit, fit_factors, test, test_factors, n_shared=2)]
+    monkeypatch.setattr(evaluate, "probe_processes", lambda: 1)
+    maps.append(evaluate.information_map(fit, fit_factors, test, test_factors, n_shared=2))
+    assert maps[0].drop(columns=["score", "above chance"]).equals(maps[1].drop(columns=["score", "above chance"]))
+    assert np.allclose(maps[0].score, maps[1].score, rtol=0, atol=1 / 200 + 1e-6)
