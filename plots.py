@@ -538,6 +538,34 @@ def caption_vs_probe(table, baseline: dict, groups: dict[str, str],
     return fig
 
 
+def caption_ablation(table, title: str = "Phase-2 settings on the validation split, vision + touch tokens") -> Figure:
+    """table: one row per (setting, k) with `accuracy <group>`, `probe accuracy <group>` and `majority accuracy
+    <group>`, all settings captioning the same phase-1 tokens. One panel per factor group: each setting's caption
+    accuracy against k (solid), the linear-probe ceiling of those tokens (dashed, black), the majority baseline."""
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(GROUP_COLORS), sharey=True)
+    settings = list(dict.fromkeys(table.setting))
+    colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(settings)))
+    for ax, group in zip(axes, GROUP_COLORS):
+        column = f"accuracy {group}"
+        for setting, color in zip(settings, colors):
+            rows = table[table.setting == setting].sort_values("k")
+            x = np.arange(len(rows))
+            ax.plot(x, rows[column], marker="o", color=color, label=setting)
+        ax.plot(x, rows[f"probe {column}"], linestyle="--", color="black", label="linear probe of the same tokens")
+        ax.axhline(rows[f"majority {column}"].iloc[0], label="majority baseline", **CHANCE_STYLE)
+        ax.set_xticks(x, [str(k) for k in rows.k])
+        ax.set_title("shared attributes" if group == "shared" else f"{group}-only attributes",
+                     color=GROUP_COLORS[group])
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("attribute accuracy (fraction right)")
+    fig.supxlabel("tokens per modality given to the decoder (k)")
+    fig.legend(*axes[-1].get_legend_handles_labels(), loc="outside right center", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
 def recall_vs_chance(bars: dict[str, tuple[float, float]],
                      title: str = "Caption-level retrieval at k = n_shared, test split") -> Figure:
     """One bar per {label: (recall, chance)}: a recall with the chance level it must beat marked on it."""

@@ -269,6 +269,35 @@ def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, 
                            tmp_path / "resumed", resume=True)
 
 
+def test_standardised_tokens_reach_the_decoder_at_unit_scale_and_travel_with_the_checkpoint(aligner, decoder_dir,
+                                                                                           tmp_path):
+    tokens, targets, _ = two_class_data(32)
+    # channels whose scales span 1e-2..1e2 around offsets of up to 10 (configs/phase2.yaml: what the shared tokens
+    # leak lies in small-variance channels); the label's ±3 sits on every channel, so it is read either way
+    scale = 10.0 ** torch.linspace(-2, 2, 32)
+    tokens = {m: t * scale + torch.linspace(-10, 10, 32) for m, t in tokens.items()}
+    settings = dict(standardize_tokens=True, train_decoder="full", epochs=2, batch_size=16, warmup_steps=2, lr=1e-3)
+    mm = make_mm(aligner, decoder_dir, **settings)
+    projector = mm.projector["vision"]
+    projector.fit_statistics(tokens["vision"])
+    seen = (tokens["vision"] - projector.shift) * projector.scale  # what the projector's first layer reads
+    # float32 rounding of (x − mean) · (1 / std): ~1e-7 relative to |x| / std, at most 1e3 here (offset 10,
+    # std 1e-2 · 3), so 1e-3 bounds it with room; torch.std is the unbiased one, so the std comes out 1
+    torch.testing.assert_close(seen.mean(0), torch.zeros_like(seen[0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(seen.std(0), torch.ones_like(seen[0]), atol=1e-3, rtol=1e-3)
+
+    # training fits them from the training tokens (then trains them), and a reloaded run uses its own
+    trained = make_mm(aligner, decoder_dir, **settings)
+    L.fit_captioner(trained, tokens, targets, tmp_path / "run")
+    # AdamW moves a parameter by about lr a step, so 4 steps leave the shift within 2 · 4 · lr of the mean
+    shift = trained.projector["touch"].shift.detach()
+    torch.testing.assert_close(shift, tokens["touch"].mean(0), atol=8e-3, rtol=0)
+    reloaded = L.MultimodalLLM.load(tmp_path / "run", aligner)
+    for name, value in trained.projector.state_dict().items():
+        assert torch.equal(value, reloaded.projector.state_dict()[name]), name
+    assert reloaded.generate_from_tokens(tokens) == trained.generate_from_tokens(tokens)
+
+
 def factor_tokens(n, seed=0):
     """n SynthTouch samples' factors and captions, and tokens that hold two factors: vision token 0 the
     colour, touch token 1 the hardness (one-hot, 6 units on a random background the same for every sample,
