@@ -231,13 +231,16 @@ def load_state(path: Path) -> dict:
                          "train again with --overwrite") from err
 
 
-def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: the trainable parameters, and the tensors a model fits to data before training
+    and keeps fixed, if it names them in `fitted_tensors()` (phase 2's token statistics)."""
+    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return tensors | (model.fitted_tensors() if hasattr(model, "fitted_tensors") else {})
 
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str):
-    """Load exactly the trainable tensors: a missing, extra or reshaped tensor is an error, not a skip."""
-    own = trainable_tensors(model)
+    """Load exactly the checkpoint's tensors: a missing, extra or reshaped tensor is an error, not a skip."""
+    own = checkpoint_tensors(model)
     if hasattr(model, "complete_state"):  # tensors an older version of the model did not have yet
         tensors = model.complete_state(tensors)
     mismatch = state_mismatch(own, tensors)
@@ -375,7 +378,7 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
             raise NonFiniteLoss(f"parameters became non-finite at step {step}; not saved. {kept()}")
         where = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "sums": sums, "count": count,
                  "seconds": seconds}
-        run.save(step, trainable_tensors(model),
+        run.save(step, checkpoint_tensors(model),
                  {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "position": where})
 
     def kept() -> str:

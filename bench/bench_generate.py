@@ -1,7 +1,7 @@
 """Caption generation speed: one batched, left-padded, KV-cached `generate` call against a per-sample loop
 without a cache, measured in the same run (the ratio is what counts), on the built-in testbed decoder and on a
 decoder of Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 heads, 2 KV heads, MLP 4864; random weights and the
-testbed's 384-token vocabulary, since nothing can be downloaded), plus that decoder's time to a first caption:
+testbed's vocabulary of about 400 tokens, since nothing can be downloaded), plus that decoder's time to a first caption:
 loading it from its folder, then one caption.
 
     python bench/bench_generate.py [--n 64] [--new_tokens 24] [--n_qwen 4] [--new_tokens_qwen 12]

@@ -142,6 +142,10 @@ def test_length_chunks_give_the_same_loss_and_gradient_from_fewer_positions(alig
     # any real difference (a chunk's mean taken unweighted instead of per caption token would be off by ~1e-1)
     torch.testing.assert_close(losses[3], losses[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[3], grads[1], rtol=1e-4, atol=1e-6)
+    # and the loss is the decoder's own (transformers' cross-entropy over every position, labels shifted), which
+    # `loss` reproduces from the caption positions' logits only; same products, same tolerance
+    inputs = mm.assemble(*mm.prefix(tokens, keep, mm.source.groups), mm.llm_cfg.prompt, captions)
+    torch.testing.assert_close(losses[3], mm.decoder(**inputs).loss, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="length_chunks=0 must be at least 1"):
         L.LLMConfig(length_chunks=0)
 
@@ -197,6 +201,8 @@ def test_bad_inputs_fail_with_clear_errors(aligner, decoder_dir, tmp_path):
         make_mm(aligner, "Qwen/Qwen2.5-0.5B-Instruct", local_files_only=True)
     with pytest.raises(ValueError, match="unknown projector"):
         L.LLMConfig(projector="mlp3x")
+    with pytest.raises(ValueError, match="standardize_tokens='channels' is not a choice: use true"):
+        L.LLMConfig(standardize_tokens="channels")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,12 +292,46 @@ def test_standardised_tokens_reach_the_decoder_at_unit_scale_and_travel_with_the
     torch.testing.assert_close(seen.mean(0), torch.zeros_like(seen[0]), atol=1e-3, rtol=0)
     torch.testing.assert_close(seen.std(0), torch.ones_like(seen[0]), atol=1e-3, rtol=1e-3)
 
-    # training fits them from the training tokens (then trains them), and a reloaded run uses its own
+    # training fits them from the training tokens and keeps them fixed (the optimizer never sees them), and a
+    # reloaded run uses its own; the mean of 32 float32 values of up to 10 is exact to ~1e-6, 1e-5 bounds it
     trained = make_mm(aligner, decoder_dir, **settings)
     L.fit_captioner(trained, tokens, targets, tmp_path / "run")
-    # AdamW moves a parameter by about lr a step, so 4 steps leave the shift within 2 · 4 · lr of the mean
-    shift = trained.projector["touch"].shift.detach()
-    torch.testing.assert_close(shift, tokens["touch"].mean(0), atol=8e-3, rtol=0)
+    torch.testing.assert_close(trained.projector["touch"].shift, tokens["touch"].mean(0), atol=1e-5, rtol=0)
+    reloaded = L.MultimodalLLM.load(tmp_path / "run", aligner)
+    for name, value in trained.projector.state_dict().items():
+        assert torch.equal(value, reloaded.projector.state_dict()[name]), name
+    assert reloaded.generate_from_tokens(tokens) == trained.generate_from_tokens(tokens)
+
+
+def test_whitened_tokens_reach_the_decoder_decorrelated_and_travel_with_the_checkpoint(aligner, decoder_dir, tmp_path):
+    tokens, targets, _ = two_class_data(32)
+    # every register's 32 channels mixed by a random rotation of scales 1e-2..1e2: per channel they look alike,
+    # the small directions hide in combinations of channels (what per-channel standardisation cannot undo)
+    rotation = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)))[0]
+    mixing = rotation * 10.0 ** torch.linspace(-2, 2, 32)
+    tokens = {m: t @ mixing.T + 5.0 for m, t in tokens.items()}
+    settings = dict(standardize_tokens="whiten", train_decoder="full", epochs=2, batch_size=16, warmup_steps=2, lr=1e-3)
+    projector = make_mm(aligner, decoder_dir, **settings).projector["vision"]
+    projector.fit_statistics(tokens["vision"])
+    seen = torch.einsum("nrd,rde->nre", tokens["vision"] - projector.shift, projector.scale).double()
+    for register in range(seen.shape[1]):
+        x = tokens["vision"][:, register].double()
+        variances = torch.linalg.eigvalsh(torch.cov(x.T))
+        after = torch.linalg.eigvalsh(torch.cov(seen[:, register].T))
+        # ZCA keeps the eigenvectors and maps variance λ to λ / (λ + floor · mean λ): the floor is the only
+        # thing between the result and the identity. float32 rounding of the product (sums of 32 terms of
+        # ~1e-7 relative error, on inputs up to 1e2 / 1e-2 the whitened scale) stays far below 1e-3
+        expected = variances / (variances + L.WHITENING_FLOOR * variances.mean())
+        torch.testing.assert_close(after, expected, atol=1e-3, rtol=1e-3)
+        assert (after[variances >= variances.mean()] > 1 / (1 + L.WHITENING_FLOOR) - 1e-3).all()
+
+    # fixed through training (AdamW's steps would undo a whitening matrix), saved with the run, and a reloaded
+    # run reads its tokens the same way
+    trained = make_mm(aligner, decoder_dir, **settings)
+    fitted = make_mm(aligner, decoder_dir, **settings).projector["touch"]
+    fitted.fit_statistics(tokens["touch"])
+    L.fit_captioner(trained, tokens, targets, tmp_path / "run")
+    assert torch.equal(trained.projector["touch"].scale, fitted.scale)
     reloaded = L.MultimodalLLM.load(tmp_path / "run", aligner)
     for name, value in trained.projector.state_dict().items():
         assert torch.equal(value, reloaded.projector.state_dict()[name]), name
@@ -382,6 +422,18 @@ def test_seed_quick_start_runs_as_written():
     image = dataset[0]["image"]
     caption = mm_model.generate([image], prompt="Describe this image:")
     assert isinstance(caption, list) and len(caption) == 1 and isinstance(caption[0], str)
+
+
+def test_the_built_in_tokenizer_reads_the_chat_template_and_captions_word_by_word(tmp_path):
+    _, tokenizer = L.load_decoder("synthtouch-qwen2-tiny", cache_dir=tmp_path)
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": "\x00" + L.PROMPTS[0]}], tokenize=False,
+                                         add_generation_prompt=True)
+    pieces = [tokenizer.convert_ids_to_tokens(tokenizer(t, add_special_tokens=False).input_ids) for t in turn.split("\x00")]
+    # every position costs the same in the decoder: the template's words are one token each, as the captions' are
+    assert pieces == [["<|im_start|>", "user", "Ċ"],
+                      ["Describe", "Ġthis", "Ġimage", ":", "<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"]]
+    caption = data.SynthTouch(1, seed=5).captions[0]
+    assert len(tokenizer(caption, add_special_tokens=False).input_ids) == 2 * caption.count(",") + 1
 
 
 @pytest.fixture(scope="module")
