@@ -332,12 +332,12 @@ class Projector(nn.Module):
         each eigenvalue λ scaled by 1 / sqrt(λ + WHITENING_FLOOR · mean λ), so directions of near-zero variance
         are not blown up). What a register holds in a combination of channels of small variance is then as
         loud as the rest, which is what lets the decoder learn it in a few epochs (configs/phase2.yaml)."""
-        centred = tokens - tokens.mean(0)
         self.shift.copy_(tokens.mean(0))
         if self.scale.dim() == 2:
             self.scale.copy_(1 / tokens.std(0).clamp_min(1e-6))
             return
-        covariance = torch.einsum("nrd,nre->rde", centred.double(), centred.double()) / max(len(tokens) - 1, 1)
+        centred = (tokens - self.shift).double()
+        covariance = torch.einsum("nrd,nre->rde", centred, centred) / max(len(tokens) - 1, 1)
         eigenvalues, vectors = torch.linalg.eigh(covariance)
         eigenvalues = eigenvalues.clamp_min(0) + WHITENING_FLOOR * eigenvalues.mean(-1, keepdim=True) + 1e-12
         self.scale.copy_((vectors * eigenvalues.rsqrt()[:, None, :]) @ vectors.transpose(1, 2))
