@@ -399,7 +399,6 @@ class MultimodalLLM(nn.Module):
         """A frozen decoder must already write language. A random one predicts the next token no better than
         uniform guessing (loss about ln V); 0.8 ln V leaves room for chance structure, while a trained model sits
         far below (a few nats for a short prompt)."""
-        import warnings
         nll = text_nll(self.decoder, self.tokenizer, self.llm_cfg.prompt)
         chance = math.log(self.decoder.get_input_embeddings().num_embeddings)
         if nll > 0.8 * chance:
@@ -903,21 +902,15 @@ def probe_ceiling(mm: MultimodalLLM, source: TokenSource, fit_tokens: dict[str, 
     information map's linear probe (`evaluate.fit_probe("linear")`) fit on at most `max_fit` rows of the fit
     split; keys as attribute_accuracy's. With no tokens (k = 0) a probe can only name the fit split's most
     common value, so the ceiling is the majority baseline."""
-    from sklearn.exceptions import ConvergenceWarning
-    from threadpoolctl import threadpool_limits
     source = mm.resolve(source)
     if source.k == 0:
         return attribute_baselines(fit_factors, test_factors)["majority"]
     rows = np.random.default_rng(0).permutation(len(fit_factors))[:max_fit]
     fit_x, test_x = source_features(mm, fit_tokens, source)[rows], source_features(mm, test_tokens, source)
-    per_factor = {}
-    # small problems: BLAS threads only contend; the iteration budget is part of the probe's definition
-    with threadpool_limits(1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for name, values in data.SynthTouch.FACTORS.items():
-            fit_y = np.array([values.index(fit_factors[i][name]) for i in rows])
-            test_y = np.array([values.index(f[name]) for f in test_factors])
-            per_factor[name] = evaluate.fit_probe("linear", False, fit_x, fit_y, test_x, test_y)[0]
+    factors = data.SynthTouch.FACTORS
+    tasks = [("linear", False, fit_x, np.array([values.index(fit_factors[i][name]) for i in rows]),
+              test_x, np.array([values.index(f[name]) for f in test_factors])) for name, values in factors.items()]
+    per_factor = {name: score for name, (score, _) in zip(factors, evaluate.fit_probes(tasks, len(tasks)))}
     return summarize_accuracy(per_factor)
 
 
