@@ -854,9 +854,12 @@ def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/feat
     The cache folder is named by the dataset fingerprint, the modality and a hash of the encoder
     config, and is written to a temporary folder that is renamed into place only when complete, with
     checksums, so an interrupted or damaged cache is detected and rebuilt, never silently used.
+    `encoder` is a FrozenEncoder or its EncoderConfig; a config is built into an encoder only when the
+    cache must be written (building one imports open_clip or timm: ~10 s of a process that only reads).
     """
-    modality = encoder.modality
-    folder = Path(cache_dir) / f"{dataset.fingerprint}-{modality}-{encoder.cfg.model_name}-{encoder.cfg.key()}"
+    enc_cfg = getattr(encoder, "cfg", encoder)
+    modality = enc_cfg.modality
+    folder = Path(cache_dir) / f"{dataset.fingerprint}-{modality}-{enc_cfg.model_name}-{enc_cfg.key()}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     # One process builds a cache folder at a time (several notebooks, or torchrun ranks, may ask at once);
     # the others wait for the lock and then find the finished cache.
@@ -864,6 +867,9 @@ def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/feat
         fcntl.flock(lock, fcntl.LOCK_EX)
         cached = _load_cache(folder, verify)
         if cached is None:
+            if encoder is enc_cfg:
+                from encoders import create_encoder
+                encoder = create_encoder(enc_cfg)
             _build_cache(encoder, dataset, folder, batch_size, device)
             cached = _load_cache(folder, verify=False)
     return cached

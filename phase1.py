@@ -154,8 +154,9 @@ def split_data(cfg: TrainConfig, split: str):
     if dataset is None:
         return None, None
     device = core_device()
-    feats = {m: data.cached_features(get_encoder(cfg, m), dataset, cfg.cache_dir, device=device)
-             for m in cfg.model.modalities}
+    # an encoder this process built already, else its config: built only if its cache is missing
+    encoders = {m: _ENCODERS.get(encoder_config(cfg, m), encoder_config(cfg, m)) for m in cfg.model.modalities}
+    feats = {m: data.cached_features(encoders[m], dataset, cfg.cache_dir, device=device) for m in encoders}
     return dataset, feats
 
 
@@ -164,12 +165,13 @@ def core_device() -> torch.device:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_model(cfg: TrainConfig) -> core.AlignmentModel:
-    dims, tokens = {}, {}
-    for m in cfg.model.modalities:
-        enc = get_encoder(cfg, m)
-        dims[m], tokens[m] = enc.dim, enc.num_tokens
-    return core.AlignmentModel(cfg.model, dims, tokens)
+def build_model(cfg: TrainConfig, feats: dict[str, data.Features] | None = None) -> core.AlignmentModel:
+    """The phase-1 model of `cfg`, sized for its encoders' features: read off `feats` (cached features of those
+    encoders, N×T×D tokens) when given, so training from a warm cache never builds an encoder."""
+    shapes = ({m: tuple(feats[m].tokens.shape[1:]) for m in cfg.model.modalities} if feats is not None else
+              {m: (get_encoder(cfg, m).num_tokens, get_encoder(cfg, m).dim) for m in cfg.model.modalities})
+    return core.AlignmentModel(cfg.model, {m: d for m, (_, d) in shapes.items()},
+                               {m: t for m, (t, _) in shapes.items()})
 
 
 def load_aligner(run_dir: str | os.PathLike) -> core.Aligner:

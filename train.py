@@ -77,7 +77,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     if dist.world > 1 and dist.main:
         torch.distributed.barrier()
     torch.manual_seed(cfg.seed)  # the initial weights (torchrun broadcasts rank 0's anyway)
-    model = build_model(cfg)
+    model = build_model(cfg, train_feats)
     model.set_feature_centres(train_feats)
     model = model.to(device)
     n = len(next(iter(train_feats.values())).pooled)

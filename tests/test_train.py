@@ -126,8 +126,8 @@ def test_cpu_bf16_runs_the_step_under_bf16_autocast(reference_run, cache_dir, tm
     seen = []
     build = train.build_model
 
-    def build_and_watch(cfg):  # a hook on the model's first linear layer records its output dtype
-        model = build(cfg)
+    def build_and_watch(cfg, feats=None):  # a hook on the model's first linear layer records its output dtype
+        model = build(cfg, feats)
         first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
         first.register_forward_hook(lambda *args: seen.append(args[2].dtype))
         return model
@@ -140,6 +140,23 @@ def test_cpu_bf16_runs_the_step_under_bf16_autocast(reference_run, cache_dir, tm
     # steps losses drift apart by far more than float32 noise but stay near each other; 10% bounds it loosely
     assert ours.keys() == reference.keys() and all(np.isfinite(v) for v in ours.values())
     assert abs(ours[1] - reference[1]) < 0.1 * reference[1]
+
+
+def test_training_from_a_warm_feature_cache_builds_no_encoder(reference_run, cache_dir, tmp_path, monkeypatch):
+    """Features cached, the model is sized from them: a process that trains never builds a frozen encoder
+    (building one imports open_clip or timm, ~10 s of every train.py, torchrun rank and notebook kernel)."""
+    import encoders
+    monkeypatch.setattr(phase1, "_ENCODERS", {})
+    monkeypatch.setattr(encoders, "create_encoder", lambda *a, **k: pytest.fail("built an encoder"))
+    monkeypatch.setattr(phase1, "create_encoder", lambda *a, **k: pytest.fail("built an encoder"))
+    run = train.train(tiny(cache_dir, tmp_path / "warm"))
+    assert step_losses(run).keys() == step_losses(reference_run).keys()
+    # and the model sized from the cache is the one sized from the encoders (the same shapes)
+    cfg = tiny(cache_dir, tmp_path / "warm")
+    _, feats = phase1.split_data(cfg, "train")
+    monkeypatch.undo()
+    from_cache, from_encoders = phase1.build_model(cfg, feats), phase1.build_model(cfg)
+    assert [p.shape for p in from_cache.parameters()] == [p.shape for p in from_encoders.parameters()]
 
 
 def test_resume_with_another_config_names_the_differences(reference_run, cache_dir):
