@@ -145,12 +145,35 @@ def execute(py_path: Path, out_dir: Path, smoke: bool) -> Path:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     client = NotebookClient(nb, timeout=None, iopub_timeout=60, raise_on_iopub_timeout=True, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT)}})
+
+    def shell_polls_in_steps(**_):
+        # With no cell time limit nbclient waits for a cell's reply in one unbounded poll of the shell socket, and
+        # when the cell shows widgets that poll can miss the reply and wait for ever (nbclient issue 312; seen here
+        # once in notebook 04's slider cell under `make test`: the kernel idle, the test hung for minutes)
+        client.kc.shell_channel.get_msg = poll_in_steps(client.kc.shell_channel.get_msg)
+
+    client.on_notebook_start = shell_polls_in_steps
     out_path = out_dir / py_path.with_suffix(".ipynb").name
     try:
         client.execute()
     finally:  # an executed copy is written even on failure, so the error is visible in context
         nbformat.write(nb, out_path)
     return out_path
+
+
+def poll_in_steps(get_msg, step: float = 1.0):
+    """An async `get_msg(timeout)` whose unbounded wait (timeout None) is a loop of `step`-second polls, each of
+    which sees a message that has arrived; a bounded wait is passed through unchanged."""
+    from queue import Empty
+
+    async def get(timeout=None):
+        while timeout is None:
+            try:
+                return await get_msg(timeout=step)
+            except Empty:
+                continue
+        return await get_msg(timeout=timeout)
+    return get
 
 
 def write_report(out_dir: Path, timings: dict[str, float], smoke: bool) -> Path:

@@ -150,3 +150,31 @@ def test_the_training_progress_bar_names_its_run(run_dir):
     bars = {o["data"]["text/plain"].split(":")[1].strip() for o in outputs(nb)
             if o.get("data", {}).get("text/plain", "").startswith("phase 1: ")}
     assert bars == {"phase1/default"}
+
+
+def test_waiting_for_a_cells_reply_never_hangs_on_one_unbounded_poll():
+    """workbook.execute waits for each reply in bounded polls (nbclient issue 312: an unbounded poll of the shell
+    socket can miss a reply when the cell shows widgets). A poll that misses the message when unbounded, as that
+    bug does, hangs; the stepped wait returns the message, and a bounded wait keeps its own timeout."""
+    import asyncio
+    from queue import Empty
+    calls = []
+
+    async def get_msg(timeout=None):
+        calls.append(timeout)
+        if timeout is None:
+            await asyncio.Event().wait()  # the missed wake-up: never returns
+        if len(calls) < 3:
+            raise Empty
+        return {"msg_type": "execute_reply"}
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(asyncio.wait_for(get_msg(), 0.2))
+    calls.clear()
+    stepped = workbook.poll_in_steps(get_msg, step=0.01)
+    assert asyncio.run(asyncio.wait_for(stepped(), 5)) == {"msg_type": "execute_reply"}
+    assert calls == [0.01, 0.01, 0.01]
+    calls.clear()
+    with pytest.raises(Empty):
+        asyncio.run(stepped(timeout=7))
+    assert calls == [7]
