@@ -848,14 +848,16 @@ def _load_cache(folder: Path, verify: bool) -> Features | None:
 
 
 def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/features",
-                    batch_size: int = 64, verify: bool = True, device: str | torch.device = "cpu") -> Features:
+                    batch_size: int = 64, verify: bool = True, device: str | torch.device = "cpu",
+                    build=None) -> Features:
     """Frozen features of `dataset` under `encoder`, computed once and then read from disk.
 
     The cache folder is named by the dataset fingerprint, the modality and a hash of the encoder
     config, and is written to a temporary folder that is renamed into place only when complete, with
     checksums, so an interrupted or damaged cache is detected and rebuilt, never silently used.
-    `encoder` is a FrozenEncoder or its EncoderConfig; a config is built into an encoder only when the
-    cache must be written (building one imports open_clip or timm: ~10 s of a process that only reads).
+    `encoder` is a FrozenEncoder or its EncoderConfig; a config is built into an encoder (by `build`, default
+    encoders.create_encoder) only when the cache must be written: building one imports open_clip or timm, ~10 s
+    of a process that only reads.
     """
     enc_cfg = getattr(encoder, "cfg", encoder)
     modality = enc_cfg.modality
@@ -869,7 +871,7 @@ def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/feat
         if cached is None:
             if encoder is enc_cfg:
                 from encoders import create_encoder
-                encoder = create_encoder(enc_cfg)
+                encoder = (build or create_encoder)(enc_cfg)
             _build_cache(encoder, dataset, folder, batch_size, device)
             cached = _load_cache(folder, verify=False)
     return cached

@@ -141,11 +141,14 @@ def encoder_config(cfg: TrainConfig, modality: str) -> EncoderConfig:
 _ENCODERS: dict[EncoderConfig, FrozenEncoder] = {}  # built once per process
 
 
-def get_encoder(cfg: TrainConfig, modality: str) -> FrozenEncoder:
-    enc_cfg = encoder_config(cfg, modality)
+def built_encoder(enc_cfg: EncoderConfig) -> FrozenEncoder:
     if enc_cfg not in _ENCODERS:
         _ENCODERS[enc_cfg] = create_encoder(enc_cfg)
     return _ENCODERS[enc_cfg]
+
+
+def get_encoder(cfg: TrainConfig, modality: str) -> FrozenEncoder:
+    return built_encoder(encoder_config(cfg, modality))
 
 
 def split_data(cfg: TrainConfig, split: str):
@@ -154,9 +157,9 @@ def split_data(cfg: TrainConfig, split: str):
     if dataset is None:
         return None, None
     device = core_device()
-    # an encoder this process built already, else its config: built only if its cache is missing
-    encoders = {m: _ENCODERS.get(encoder_config(cfg, m), encoder_config(cfg, m)) for m in cfg.model.modalities}
-    feats = {m: data.cached_features(encoders[m], dataset, cfg.cache_dir, device=device) for m in encoders}
+    # encoders are built (once per process) only where a cache is missing
+    feats = {m: data.cached_features(encoder_config(cfg, m), dataset, cfg.cache_dir, device=device,
+                                     build=built_encoder) for m in cfg.model.modalities}
     return dataset, feats
 
 
@@ -168,10 +171,14 @@ def core_device() -> torch.device:
 def build_model(cfg: TrainConfig, feats: dict[str, data.Features] | None = None) -> core.AlignmentModel:
     """The phase-1 model of `cfg`, sized for its encoders' features: read off `feats` (cached features of those
     encoders, N×T×D tokens) when given, so training from a warm cache never builds an encoder."""
-    shapes = ({m: tuple(feats[m].tokens.shape[1:]) for m in cfg.model.modalities} if feats is not None else
-              {m: (get_encoder(cfg, m).num_tokens, get_encoder(cfg, m).dim) for m in cfg.model.modalities})
-    return core.AlignmentModel(cfg.model, {m: d for m, (_, d) in shapes.items()},
-                               {m: t for m, (t, _) in shapes.items()})
+    dims, tokens = {}, {}
+    for m in cfg.model.modalities:
+        if feats is not None:
+            tokens[m], dims[m] = feats[m].tokens.shape[1:]
+        else:
+            enc = get_encoder(cfg, m)
+            dims[m], tokens[m] = enc.dim, enc.num_tokens
+    return core.AlignmentModel(cfg.model, dims, tokens)
 
 
 def load_aligner(run_dir: str | os.PathLike) -> core.Aligner:
