@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -568,6 +569,15 @@ class RegisterDesign:
         """One initialisation every modality's registers start from, or None to draw each afresh."""
         return None
 
+    def input_sizes(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, int]] | None:
+        """(widths, numbers) of the frozen token features a checkpoint's model was built for, read off its
+        tensors: the feature centres are one T×D tensor per modality (None for a checkpoint from before them)."""
+        names = [f"feature_centres.{m}" for m in self.cfg.modalities]
+        if not all(name in weights for name in names):
+            return None
+        shapes = {m: weights[name].shape for m, name in zip(self.cfg.modalities, names)}
+        return {m: D for m, (T, D) in shapes.items()}, {m: T for m, (T, D) in shapes.items()}
+
     def build(self, model: nn.Module, input_dims: dict[str, int], input_tokens: dict[str, int]):
         cfg, H = self.cfg, self.cfg.hidden_dim
         clone = self.registers_init()
@@ -659,6 +669,12 @@ class AdapterDesign:
     @property
     def prefix_lengths(self) -> list[int]:
         return [1]  # one token: its only "prefix" is the full embedding
+
+    def input_sizes(self, weights):
+        """As RegisterDesign.input_sizes: the MLP's first layer is hidden×D; it reads pooled features only, so
+        the number of tokens is not part of the model (1 stands for any)."""
+        return {m: weights[f"encoders.{m}.0.weight"].shape[1] for m in self.cfg.modalities}, \
+            {m: 1 for m in self.cfg.modalities}
 
     def build(self, model, input_dims, input_tokens):
         model.encoders = nn.ModuleDict({m: MLP(input_dims[m], self.cfg.hidden_dim, self.cfg.embed_dim)
@@ -821,19 +837,34 @@ def batch_inputs(batch: dict, modality: str):
 
 
 class Aligner(nn.Module):
-    """Frozen encoders + a trainable AlignmentModel, from images/captions to tokens and embeddings."""
+    """Frozen encoders + a trainable AlignmentModel, from images/captions to tokens and embeddings.
 
-    def __init__(self, encoders: dict[str, FrozenEncoder], model: AlignmentModel):
+    An encoder may be given as a function that builds it: it is then built on first use (`encoder`), so the
+    many callers that only read tokens off cached features (phase 2, the notebooks' analyses) never pay for
+    building one (~9 s of imports and set-up for the two testbed encoders)."""
+
+    def __init__(self, encoders: dict[str, FrozenEncoder | Callable[[], FrozenEncoder]], model: AlignmentModel):
         super().__init__()
-        self.encoders, self.model = nn.ModuleDict(encoders), model
+        self.model = model
+        self.encoders = nn.ModuleDict({m: e for m, e in encoders.items() if isinstance(e, nn.Module)})
+        self._encoder_builders = {m: e for m, e in encoders.items() if not isinstance(e, nn.Module)}
 
     @property
     def cfg(self) -> ModelConfig:
         return self.model.cfg
 
+    def encoder(self, modality: str) -> FrozenEncoder:
+        if modality not in self.encoders:
+            if modality not in self._encoder_builders:
+                raise ValueError(f"this aligner has no {modality!r} encoder; it has "
+                                 f"{sorted([*self.encoders, *self._encoder_builders])}")
+            device = next(self.model.parameters()).device
+            self.encoders[modality] = self._encoder_builders.pop(modality)().to(device).eval()
+        return self.encoders[modality]
+
     def features(self, modality: str, inputs) -> Features:
         device = next(self.model.parameters()).device
-        out = self.encoders[modality](inputs if modality == "text" else inputs.to(device))
+        out = self.encoder(modality)(inputs if modality == "text" else inputs.to(device))
         return Features(*out)
 
     def tokens(self, modality: str, inputs) -> torch.Tensor:

@@ -481,7 +481,7 @@ class MultimodalLLM(nn.Module):
                                  "resize them to one size")
             images = torch.stack(list(images))
         images = check_images(images, modality)
-        size = self.aligner.encoders[modality].cfg.image_size
+        size = self.aligner.encoder(modality).cfg.image_size
         if min(images.shape[-2:]) < size:  # larger images are resized by the encoder, as in phase 1
             raise ValueError(f"{modality} images are {tuple(images.shape[-2:])} pixels but the {modality} encoder "
                              f"takes {size}×{size}; resize them (e.g. data.ImageTextDataset(..., image_size={size}))")

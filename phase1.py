@@ -6,6 +6,7 @@ on this module without importing the training script."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,9 +169,14 @@ def core_device() -> torch.device:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_model(cfg: TrainConfig, feats: dict[str, data.Features] | None = None) -> core.AlignmentModel:
+def build_model(cfg: TrainConfig, feats: dict[str, data.Features] | None = None,
+                weights: dict[str, torch.Tensor] | None = None) -> core.AlignmentModel:
     """The phase-1 model of `cfg`, sized for its encoders' features: read off `feats` (cached features of those
-    encoders, N×T×D tokens) when given, so training from a warm cache never builds an encoder."""
+    encoders, N×T×D tokens) or off a checkpoint's `weights` when given, so that neither training from a warm
+    cache nor loading a trained model builds an encoder."""
+    sizes = None if weights is None else core.DESIGNS[cfg.model.design](cfg.model).input_sizes(weights)
+    if sizes is not None:
+        return core.AlignmentModel(cfg.model, *sizes)
     dims, tokens = {}, {}
     for m in cfg.model.modalities:
         if feats is not None:
@@ -182,15 +188,17 @@ def build_model(cfg: TrainConfig, feats: dict[str, data.Features] | None = None)
 
 
 def load_aligner(run_dir: str | os.PathLike) -> core.Aligner:
-    """The trained phase-1 model of a run folder with its frozen encoders, in eval mode."""
+    """The trained phase-1 model of a run folder with its frozen encoders, in eval mode. The model is sized
+    from its checkpoint and each encoder is built when first used (`core.Aligner.encoder`)."""
     run = loop.RunFolder(run_dir)
     if not run.config_path.is_file():
         raise FileNotFoundError(f"{run.path} is not a phase-1 run folder (no config.yaml in it); pass the "
                                 "--output_dir of a finished train.py run, e.g. runs/phase1/default")
     cfg = load_config(run.config_path)
-    model = build_model(cfg)
-    loop.load_trainable(model, run.load_weights(), run.path)
-    return core.Aligner({m: get_encoder(cfg, m) for m in cfg.model.modalities}, model).eval()
+    weights = run.load_weights()
+    model = build_model(cfg, weights=weights)
+    loop.load_trainable(model, weights, run.path)
+    return core.Aligner({m: functools.partial(get_encoder, cfg, m) for m in cfg.model.modalities}, model).eval()
 
 
 def to_yaml(cfg: TrainConfig) -> dict:

@@ -18,6 +18,7 @@ import loop
 import phase1
 import train
 from conftest import STEPS, TINY, tiny
+from encoders import create_encoder
 from features import Features
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run faster on one thread
@@ -157,6 +158,26 @@ def test_training_from_a_warm_feature_cache_builds_no_encoder(reference_run, cac
     monkeypatch.undo()
     from_cache, from_encoders = phase1.build_model(cfg, feats), phase1.build_model(cfg)
     assert [p.shape for p in from_cache.parameters()] == [p.shape for p in from_encoders.parameters()]
+
+
+def test_a_loaded_run_builds_each_encoder_only_when_images_come_in(reference_run, cache_dir, monkeypatch):
+    """load_aligner sizes the model from its checkpoint: reading tokens off cached features builds no encoder;
+    the first images of a modality build that one encoder, and its embeddings are those of the eager aligner."""
+    built = []
+    monkeypatch.setattr(phase1, "_ENCODERS", {})
+    monkeypatch.setattr(phase1, "create_encoder", lambda cfg: built.append(cfg.modality) or create_encoder(cfg))
+    aligner = phase1.load_aligner(reference_run)
+    cfg = phase1.load_config(reference_run / "config.yaml")
+    test_set, feats = phase1.split_data(cfg, "test")
+    tokens = aligner.model.tokens("vision", feats["vision"].batch(np.arange(4)))
+    assert built == [] and tokens.shape[:2] == (4, cfg.model.n_registers)
+    images = torch.stack([test_set[i]["vision"] for i in range(4)])
+    lazy = aligner.embed("vision", images)
+    assert built == ["vision"] and not aligner.encoders["vision"].training
+    eager = core.Aligner({m: phase1.get_encoder(cfg, m) for m in cfg.model.modalities}, aligner.model).eval()
+    torch.testing.assert_close(lazy, eager.embed("vision", images), rtol=0, atol=0)  # the same encoder object
+    with pytest.raises(ValueError, match="no 'text' encoder"):
+        aligner.encoder("text")
 
 
 def test_resume_with_another_config_names_the_differences(reference_run, cache_dir):
