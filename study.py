@@ -95,6 +95,10 @@ def finished_run(variant: str, seed: int = 0, root: str | os.PathLike = "runs/st
 def save_reference(runs) -> None:
     """Copy the tables of finished runs (REFERENCE_FILES, not the weights) into the reference folder."""
     for run in runs:
+        missing = [name for name in REFERENCE_FILES if not (run / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{run} has no {', '.join(missing)}: the reference holds what the notebooks read "
+                                    "of a run, the leakage probes' tables included; train it with leakage_probes: true")
         target = REFERENCE / run.parent.name / run.name
         target.mkdir(parents=True, exist_ok=True)
         for name in REFERENCE_FILES:
@@ -104,7 +108,8 @@ def save_reference(runs) -> None:
 def headline(run_dir: str | os.PathLike) -> dict:
     """The numbers the README quotes, from a run's eval.json and leakage.csv (test split). Rows say k=n_shared
     (the complete shared embedding) and k=all (every register), so variants with other register counts line
-    up; a number a design does not have (no preservation decoder, one adapter embedding) is NaN."""
+    up; a number a design does not have (no preservation decoder, one adapter embedding) or a run did not
+    measure (trained with `leakage_probes: false`: no leakage.csv) is NaN."""
     run_dir = Path(run_dir)
     cfg = phase1.load_config(run_dir / "config.yaml")
     table = evaluate.read_eval(run_dir / "eval.json")
@@ -125,7 +130,9 @@ def headline(run_dir: str | os.PathLike) -> dict:
             out[f"{m} {measure}, k=n_shared"] = cell(S, f"{m} {measure} [{PROBE}]")
         out[f"{m} own private from private tokens (mean), k=all"] = \
             cell(R, f"{m} own private from private tokens (mean) [{PROBE}]")
-    leaks = pd.read_csv(run_dir / "leakage.csv")
+    probed = (run_dir / "leakage.csv").is_file()
+    leaks = pd.read_csv(run_dir / "leakage.csv") if probed else pd.DataFrame(
+        columns=["probe", "source", "role", "k", "modality", "factor", "score", "normalised"])
     private = leaks[(leaks.probe == PROBE) & (leaks.source == "private tokens") & (leaks.role == "own private")
                     & (leaks.k == R)]
     for m in cfg.model.modalities:

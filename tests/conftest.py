@@ -21,7 +21,7 @@ if WORKERS > 1:  # the cores are split among the workers: more threads per worke
     torch.set_num_threads(THREADS)
     os.environ["OMP_NUM_THREADS"] = str(THREADS)  # and in what the tests start: notebook kernels, torchrun
 # Modules whose tests share a run that a module fixture builds once: the notebooks, run one after another on
-# one run folder (3.5 min at one thread), and the study's four tiny runs (80 s). Their tests stay on one worker;
+# one run folder (3.5 min at one thread), and the study's three tiny runs. Their tests stay on one worker;
 # every other test goes to whichever worker is free.
 ONE_WORKER = ("test_notebooks.py", "test_study.py")
 

@@ -365,7 +365,9 @@ def planted_encoded(n, seed, leak: str):
 @pytest.mark.parametrize("leak", ["none", "linear", "xor"])
 def test_leakage_by_k_reports_failure_only_for_a_leaking_model(leak):
     model = model_of(n_registers=4, n_shared=2)
-    fit, fit_factors = planted_encoded(600, 0, leak)
+    # fitting rows: a planted one-hot is read from 200 (one MLP batch, the cheapest fit); the MLP needs 600 to learn
+    # the xor leak's sign products (from 200 it reads touch's at 0.33, a leak the test must not miss)
+    fit, fit_factors = planted_encoded(600 if leak == "xor" else 200, 0, leak)
     test, test_factors = planted_encoded(400, 1, leak)
     # k = 2 (all shared tokens; the planted leak sits in token 1) and 4 (private tokens too): k = 1 would only
     # add probes of token 0, which leaks in no case (every k of a run: test_study, eval.json)
