@@ -395,7 +395,7 @@ def test_probes_fit_in_parallel_processes_give_the_scores_of_one_process(monkeyp
     the same one-thread problem either way; only BLAS's handling of how an array happens to sit in memory may
     differ between processes, which can move an R² by float rounding (1e-6 allows for it) or flip a prediction
     that sits on a decision boundary (so an accuracy may move by one test row, 1/200)."""
-    fit, fit_factors = planted_tokens(300, 0)
+    fit, fit_factors = planted_tokens(200, 0)
     test, test_factors = planted_tokens(200, 1)
     sources = {"all tokens": (fit["vision"].flatten(1).numpy(), test["vision"].flatten(1).numpy())}
     factors = ["texture", "color", "phase_x"]  # linear and MLP classifiers, ridge and kernel ridge R²
