@@ -187,6 +187,19 @@ def read_rows(root: str | os.PathLike = "runs/study") -> pd.DataFrame:
     return pd.concat([mine, reference[~reference.variant.isin(mine.variant)]], ignore_index=True)
 
 
+def merge_rows(new: pd.DataFrame, old_csv: Path) -> pd.DataFrame:
+    """The rows of a study folder's runs.csv (`old_csv`, if there is one) with `new` in place of those of the same
+    (variant, seed), in study order: a study of some variants or seeds adds to the table, never shrinks it."""
+    if not old_csv.is_file():
+        return new
+    old = pd.read_csv(old_csv)
+    kept = old[~old.set_index(["variant", "seed"]).index.isin(new.set_index(["variant", "seed"]).index)]
+    rows = pd.concat([kept, new], ignore_index=True)
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    return rows.sort_values(["variant", "seed"], key=lambda c: c.map(order) if c.name == "variant" else c,
+                            kind="stable", ignore_index=True)
+
+
 def tradeoff(rows: pd.DataFrame) -> pd.DataFrame:
     """What each variant pays for keeping private factors out: per variant, mean and std over seeds of the worst
     own-private leakage into the aligned shared embedding (the larger of the modalities' worst factors, each
@@ -233,10 +246,10 @@ def main(argv=None):
         Path(args.figure).write_bytes(plots.png(curves(root=args.out)))
         return
     rows = study(args.variants, args.seeds, args.out, args.jobs)
-    print(Path(write(rows, args.out)).read_text())
-    if args.reference:  # the runs' tables and this table, docs/study/study.md
+    print(Path(write(merge_rows(rows, Path(args.out) / "runs.csv"), args.out)).read_text())
+    if args.reference:  # the runs' tables, and their rows in docs/study/runs.csv and study.md
         save_reference(map(Path, rows.run))
-        write(rows, REFERENCE)
+        write(merge_rows(rows, REFERENCE / "runs.csv"), REFERENCE)
 
 
 if __name__ == "__main__":

@@ -138,3 +138,15 @@ def test_the_tradeoff_takes_each_runs_worse_modality_then_mean_and_std_over_seed
     merged = study.read_rows(tmp_path)
     reference = pd.read_csv(study.REFERENCE / "runs.csv")
     assert (merged.variant == "default").sum() == 2 and set(merged.variant) == set(reference.variant)
+
+
+def test_a_study_of_some_variants_or_seeds_adds_to_the_table_in_study_order(tmp_path):
+    """`python study.py --variants V --seeds S` (and --reference) replaces the rows of those runs in runs.csv and
+    keeps every other run's, so adding seeds to one variant never drops the rest of the table."""
+    pd.DataFrame({"variant": ["FSQ tokens", "default", "default"], "seed": [0, 0, 1], "x": [1, 2, 3]}).to_csv(
+        tmp_path / "runs.csv", index=False)
+    new = pd.DataFrame({"variant": ["FSQ tokens", "default"], "seed": [1, 1], "x": [4, 5]})
+    rows = study.merge_rows(new, tmp_path / "runs.csv")
+    assert list(zip(rows.variant, rows.seed, rows.x)) == [("default", 0, 2), ("default", 1, 5), ("FSQ tokens", 0, 1),
+                                                          ("FSQ tokens", 1, 4)]
+    assert study.merge_rows(new, tmp_path / "no study here" / "runs.csv").equals(new)
