@@ -672,9 +672,12 @@ class AdapterDesign:
 
     def input_sizes(self, weights):
         """As RegisterDesign.input_sizes: the MLP's first layer is hidden×D; it reads pooled features only, so
-        the number of tokens is not part of the model (1 stands for any)."""
-        return {m: weights[f"encoders.{m}.0.weight"].shape[1] for m in self.cfg.modalities}, \
-            {m: 1 for m in self.cfg.modalities}
+        the number of tokens is not part of the model (1 stands for any). None when the tensors are not an
+        adapter's (then the model is sized from its encoders and loading names what differs)."""
+        names = {m: f"encoders.{m}.0.weight" for m in self.cfg.modalities}
+        if not all(name in weights and weights[name].dim() == 2 for name in names.values()):
+            return None
+        return {m: weights[name].shape[1] for m, name in names.items()}, {m: 1 for m in self.cfg.modalities}
 
     def build(self, model, input_dims, input_tokens):
         model.encoders = nn.ModuleDict({m: MLP(input_dims[m], self.cfg.hidden_dim, self.cfg.embed_dim)

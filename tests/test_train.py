@@ -180,6 +180,23 @@ def test_a_loaded_run_builds_each_encoder_only_when_images_come_in(reference_run
         aligner.encoder("text")
 
 
+def test_an_adapter_run_is_sized_from_its_checkpoint_and_a_config_of_another_design_is_named(cache_dir, tmp_path,
+                                                                                            monkeypatch):
+    adapter = {"model.design": "adapter", "model.n_registers": 1, "model.n_shared": 1, "model.nested_dropout": "none",
+               "model.preservation_weight": 0.0}
+    run = train.train(tiny(cache_dir, tmp_path / "adapter", **adapter))
+    built = []
+    monkeypatch.setattr(phase1, "_ENCODERS", {})
+    monkeypatch.setattr(phase1, "create_encoder", lambda cfg: built.append(cfg.modality) or create_encoder(cfg))
+    assert phase1.load_aligner(run).cfg.design == "adapter" and built == []
+    # config.yaml edited to another design: the weights are no register model's, and loading says what differs
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"].update(design="flextok", n_registers=4, n_shared=2)
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ValueError, match="different model config"):
+        phase1.load_aligner(run)
+
+
 def test_resume_with_another_config_names_the_differences(reference_run, cache_dir):
     cfg = tiny(cache_dir, reference_run, lr=5e-4, **{"model.n_registers": 8})
     with pytest.raises(ValueError, match="another config") as err:
