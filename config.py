@@ -32,6 +32,27 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# Threads: make demo (workbook.run) runs notebooks side by side and gives a notebook more threads once the
+# others are done, by writing the number into the file this variable names (workbook.py sets it)
+
+THREADS_FILE_ENV = "FLEXALIGN_THREADS_FILE"
+
+
+def follow_thread_budget() -> int:
+    """torch's thread count, set first to the budget make demo last wrote for this process (unchanged anywhere
+    else). The training loop calls it before each step, the probes before they start."""
+    path = os.environ.get(THREADS_FILE_ENV)
+    if path:
+        try:
+            threads = int(Path(path).read_text())
+        except (OSError, ValueError):  # not written yet: the next call reads it
+            threads = 0
+        if threads > 0 and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------------------------
 # Configs as data: a YAML file per setting, read into a dataclass; command-line and notebook
 # overrides name nested fields with a dot ("model.n_shared", "source.k").
 

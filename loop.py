@@ -37,7 +37,7 @@ import torch.nn as nn
 import yaml
 from tqdm.auto import tqdm
 
-from config import atomic_write, state_mismatch
+from config import atomic_write, follow_thread_budget, state_mismatch
 
 CHECKPOINT = "checkpoint"  # a link to the newest complete checkpoint folder, swapped atomically
 
@@ -410,6 +410,7 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
             todo = itertools.islice(batches(epoch), skip, steps_per_epoch)
             for batch in (prefetched(todo, load) if load is not None else todo):
                 torch.manual_seed(step_seed(hp.seed, rank, step))
+                follow_thread_budget()
                 if before_step is not None:
                     before_step(step, steps_per_epoch * hp.epochs)
                 loss, parts = loss_fn(batch)

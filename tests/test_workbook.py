@@ -1,0 +1,185 @@
+"""How `make demo` runs the notebooks (workbook.run): lanes side by side with the cores shared among them, a failed
+notebook stopping the other lanes after their current notebook, Ctrl-C stopping every notebook at once."""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import workbook
+
+NAMES = [p.stem for p in workbook.notebook_paths()]
+
+
+def test_the_real_data_notebook_runs_beside_the_others_and_the_cores_are_shared(tmp_path, monkeypatch):
+    """05 reads nothing the others write, so it runs while 01 does, one thread each on two cores; 01–04 stay in
+    order (each reads what the one before made); once 05 is done, 01 is told (through its threads file, which the
+    training loop reads before each step) that it may use both cores, and the notebooks after it start on both."""
+    events = {name: threading.Event() for name in ("01 started", "05 done")}
+    seen = []
+
+    def fake_notebook(path, out_dir, smoke, threads, running, threads_file):
+        seen.append((path.stem, threads))
+        if path.name.startswith("05"):
+            assert events["01 started"].wait(10), "05 waited for 01: the lanes did not run side by side"
+            events["05 done"].set()
+        if path.name.startswith("01"):
+            assert threads_file.read_text() == "1"
+            events["01 started"].set()
+            assert events["05 done"].wait(10)
+            deadline = time.time() + 10  # 05's lane ends: 01, still running, is told it may use both cores
+            while threads_file.read_text() != "2" and time.time() < deadline:
+                time.sleep(0.01)
+            seen.append(("01 after 05", int(threads_file.read_text())))
+        (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
+
+    monkeypatch.setattr(workbook, "core_budget", lambda: 2)
+    monkeypatch.setattr(workbook, "run_notebook", fake_notebook)
+    report = workbook.run(tmp_path, smoke=True).read_text()
+    threads = dict(seen)
+    assert [name for name, _ in seen if name in NAMES and not name.startswith("05")] == [
+        n for n in NAMES if not n.startswith("05")]
+    assert threads["01_data_and_encoders"] == 1 and threads["05_real_data"] == 1
+    assert threads["01 after 05"] == 2 and threads["02_phase1_training"] == threads["04_captioning"] == 2
+    assert all(name in report for name in NAMES) and "side by side" in report
+    assert not (tmp_path / "progress.json").exists()
+
+
+def test_a_failed_notebook_lets_the_other_lane_finish_its_notebook_and_start_no_other(tmp_path, monkeypatch):
+    failed, ran = threading.Event(), []
+
+    def fake_notebook(path, out_dir, smoke, threads, running, threads_file):
+        ran.append(path.stem)
+        if path.name.startswith("05"):
+            failed.set()
+            raise RuntimeError("notebook 05_real_data.ipynb stopped")
+        assert failed.wait(10)  # 01 is still running when 05 fails
+        (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
+
+    monkeypatch.setattr(workbook, "run_notebook", fake_notebook)
+    with pytest.raises(RuntimeError, match="05_real_data"):
+        workbook.run(tmp_path, smoke=True)
+    assert sorted(ran) == ["01_data_and_encoders", "05_real_data"]
+    assert json.loads((tmp_path / "progress.json").read_text())["done"] == ["01_data_and_encoders"]
+
+
+STAND_INS = ("01_first", "05_beside")  # one notebook in each lane
+
+
+def stand_in_notebooks(tmp_path, monkeypatch, seconds: float) -> Path:
+    """The workbook's notebooks replaced by two one-cell ones, one per lane, each writing when it started, its
+    process and thread setting, then sleeping `seconds`; returns the run folder (two cores to share)."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for name in STAND_INS:
+        (folder / f"{name}.py").write_text(
+            "# %% [markdown]\n# A stand-in notebook.\n\n# %%\nimport json, os, pathlib, time\n"
+            f"out = pathlib.Path(os.environ['{workbook.RUN_DIR_ENV}']) / '{name}.json'\n"
+            "start = time.time()\n"
+            "out.write_text(json.dumps({'start': start, 'pid': os.getpid(), 'threads': os.environ['OMP_NUM_THREADS']}))\n"
+            f"time.sleep({seconds})\n"
+            "out.write_text(json.dumps({**json.loads(out.read_text()), 'end': time.time()}))\n")
+    monkeypatch.setattr(workbook, "NOTEBOOKS", folder)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    return tmp_path / "run"
+
+
+def test_two_lanes_run_as_two_processes_each_kernel_on_its_share_of_the_cores(tmp_path, monkeypatch):
+    out = stand_in_notebooks(tmp_path, monkeypatch, seconds=3)
+    report = workbook.run(out, smoke=True).read_text()
+    first, beside = (json.loads((out / f"{name}.json").read_text()) for name in STAND_INS)
+    assert first["threads"] == beside["threads"] == "1"
+    assert first["pid"] != beside["pid"]
+    # each sleeps 3 s: one after the other they could not overlap at all; side by side they overlap by most of it
+    assert min(first["end"], beside["end"]) - max(first["start"], beside["start"]) > 1.5
+    assert (out / "01_first.ipynb").is_file() and (out / "05_beside.ipynb").is_file()
+    assert "| 01_first |" in report and "| 05_beside |" in report
+
+
+def test_ctrl_c_stops_every_running_notebook_and_their_kernels(tmp_path, monkeypatch):
+    out = stand_in_notebooks(tmp_path, monkeypatch, seconds=120)
+
+    finished = threading.Event()
+
+    def interrupt_once_both_cells_run():
+        while not all((out / f"{n}.json").exists() for n in STAND_INS):
+            if finished.wait(0.2):
+                return  # the run ended without its cells: its own error fails the test, no signal is sent
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in a terminal sends make demo
+
+    # Python's own handler (KeyboardInterrupt), whatever the shell that started the tests set
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupter = threading.Thread(target=interrupt_once_both_cells_run, daemon=True)
+    start = time.time()
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            workbook.run(out, smoke=True)
+    finally:
+        finished.set()
+        interrupter.join()
+        signal.signal(signal.SIGINT, previous)
+    # the cells sleep 120 s: a run that waited for them instead of stopping them would take that long
+    assert time.time() - start < 90
+    kernels = [json.loads((out / f"{n}.json").read_text())["pid"] for n in STAND_INS]
+    deadline = time.time() + 20  # a kernel shut down by nbclient is gone within seconds
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    while any(map(alive, kernels)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(map(alive, kernels)), "a notebook's kernel kept running after Ctrl-C"
+    progress = out / "progress.json"  # nothing finished, so nothing is skipped next time
+    assert not progress.exists() or not json.loads(progress.read_text())["done"]
+
+
+def test_notebooks_side_by_side_lose_no_recorded_number(tmp_path, monkeypatch):
+    """Two kernels write numbers.json at once (02 and 05 in make demo): each record is read, updated and written
+    under a lock, so no section overwrites another's."""
+    monkeypatch.setenv(workbook.RUN_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(workbook.SMOKE_ENV, "1")
+    here = os.getcwd()
+
+    def record_many(lane: str):
+        for i in range(40):
+            workbook.record(f"{lane} section {i}", value=i)
+
+    lanes = [threading.Thread(target=record_many, args=(lane,)) for lane in ("02", "05")]
+    for lane in lanes:
+        lane.start()
+    for lane in lanes:
+        lane.join()
+    os.chdir(here)  # settings() moves to the repository root, as a notebook needs
+    assert len(json.loads((tmp_path / "numbers.json").read_text())) == 80
+
+
+def test_a_notebook_follows_the_thread_budget_make_demo_writes(tmp_path, monkeypatch):
+    """The kernel side of sharing the cores: before each training step (and before the probes) the thread count
+    becomes the number last written into the file that FLEXALIGN_THREADS_FILE names; outside make demo nothing
+    changes. Both modules name the variable alike (workbook does not import torch, so it cannot import it)."""
+    import torch
+
+    import config
+    import evaluate
+    assert workbook.THREADS_FILE_ENV == config.THREADS_FILE_ENV
+    before = torch.get_num_threads()
+    try:
+        file = tmp_path / "budget"
+        monkeypatch.setenv(config.THREADS_FILE_ENV, str(file))
+        assert config.follow_thread_budget() == before  # nothing written yet
+        file.write_text("1")
+        assert evaluate.probe_processes() == 1 and torch.get_num_threads() == 1
+        file.write_text("2")
+        assert config.follow_thread_budget() == 2 and torch.get_num_threads() == 2
+        monkeypatch.delenv(config.THREADS_FILE_ENV)
+        file.write_text("1")
+        assert config.follow_thread_budget() == 2
+    finally:
+        torch.set_num_threads(before)
