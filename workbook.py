@@ -27,7 +27,6 @@ import plots
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 SMOKE_ENV, RUN_DIR_ENV = "FLEXALIGN_SMOKE", "FLEXALIGN_RUN_DIR"
-THREADS_FILE_ENV = "FLEXALIGN_THREADS_FILE"  # config.THREADS_FILE_ENV (config imports torch; this module does not)
 # The config overrides of a smoke run, by what they shrink; every notebook uses the same, so runs are shared
 # between notebooks.
 SMOKE_DATA = {"n_train": 256, "n_val": 64, "n_test": 128}
@@ -168,14 +167,6 @@ def execute(py_path: Path, out_dir: Path, smoke: bool) -> Path:
     return out_path
 
 
-def atomic_write_text(path: Path, text: str):
-    """Write `text` so that a reader sees the old file or the new one, never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def poll_in_steps(get_msg, step: float = 1.0):
     """An async `get_msg(timeout)` whose unbounded wait (timeout None) is a loop of `step`-second polls, each of
     which sees a message that has arrived; a bounded wait is passed through unchanged."""
@@ -242,16 +233,16 @@ def core_budget() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_notebook(path: Path, out_dir: Path, smoke: bool, threads: int, running: set | None = None,
-                 threads_file: Path | None = None):
+def run_notebook(path: Path, out_dir: Path, smoke: bool, threads: int, running: set, threads_file: Path):
     """`execute` in a process of its own whose kernel computes on `threads` threads, or on the number last
     written into `threads_file` (read before every training step): notebooks side by side each need their own
     environment. The process is in `running` while it runs, so an interrupted `run` can stop it."""
     import subprocess
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **({THREADS_FILE_ENV: str(threads_file)} if threads_file else {})}
+
+    from config import THREADS_FILE_ENV  # here, not at the top: config imports torch, which --sync never needs
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), THREADS_FILE_ENV: str(threads_file)}
     command = [sys.executable, str(Path(__file__).resolve()), "--execute", str(path), "--out", str(out_dir)]
     child = subprocess.Popen(command + (["--smoke"] if smoke else []), env=env)
-    running = set() if running is None else running
     running.add(child)
     try:
         code = child.wait()
@@ -275,6 +266,8 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
+
+    from config import atomic_write
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [p for p in notebook_paths() if not only or any(p.name.startswith(o) for o in only)]
     progress_path, key = out_dir / "progress.json", code_key()
@@ -298,7 +291,7 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
     def share_cores() -> int:  # under the lock: the cores split among the lanes still working, told to each notebook
         threads = max(1, cores // max(1, busy[0]))
         for file in budgets.values():
-            atomic_write_text(file, str(threads))
+            atomic_write(file, lambda tmp: tmp.write_text(str(threads)))
         return threads
 
     def run_lane(lane: list[Path]):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 import workbook
 
 NAMES = [p.stem for p in workbook.notebook_paths()]
@@ -79,7 +80,8 @@ def stand_in_notebooks(tmp_path, monkeypatch, seconds: float) -> Path:
             "# %% [markdown]\n# A stand-in notebook.\n\n# %%\nimport json, os, pathlib, time\n"
             f"out = pathlib.Path(os.environ['{workbook.RUN_DIR_ENV}']) / '{name}.json'\n"
             "start = time.time()\n"
-            "out.write_text(json.dumps({'start': start, 'pid': os.getpid(), 'threads': os.environ['OMP_NUM_THREADS']}))\n"
+            "out.write_text(json.dumps({'start': start, 'pid': os.getpid(), 'threads': os.environ['OMP_NUM_THREADS'],\n"
+            f"                           'budget': os.environ['{config.THREADS_FILE_ENV}']}}))\n"
             f"time.sleep({seconds})\n"
             "out.write_text(json.dumps({**json.loads(out.read_text()), 'end': time.time()}))\n")
     monkeypatch.setattr(workbook, "NOTEBOOKS", folder)
@@ -92,6 +94,7 @@ def test_two_lanes_run_as_two_processes_each_kernel_on_its_share_of_the_cores(tm
     report = workbook.run(out, smoke=True).read_text()
     first, beside = (json.loads((out / f"{name}.json").read_text()) for name in STAND_INS)
     assert first["threads"] == beside["threads"] == "1"
+    assert first["budget"] != beside["budget"]  # each kernel reads its own thread budget
     assert first["pid"] != beside["pid"]
     # each sleeps 3 s: one after the other they could not overlap at all; side by side they overlap by most of it
     assert min(first["end"], beside["end"]) - max(first["start"], beside["start"]) > 1.5
@@ -163,12 +166,10 @@ def test_notebooks_side_by_side_lose_no_recorded_number(tmp_path, monkeypatch):
 def test_a_notebook_follows_the_thread_budget_make_demo_writes(tmp_path, monkeypatch):
     """The kernel side of sharing the cores: before each training step (and before the probes) the thread count
     becomes the number last written into the file that FLEXALIGN_THREADS_FILE names; outside make demo nothing
-    changes. Both modules name the variable alike (workbook does not import torch, so it cannot import it)."""
+    changes."""
     import torch
 
-    import config
     import evaluate
-    assert workbook.THREADS_FILE_ENV == config.THREADS_FILE_ENV
     before = torch.get_num_threads()
     try:
         file = tmp_path / "budget"
