@@ -320,6 +320,14 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX). Without them PyTorch emulates bf16,
+    and bf16 autocast makes a step slower, not faster: 10x at the testbed's width and 30x at the seed config's on
+    a 2-core AVX2 EPYC (bench/bench_step.py --bf16)."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                        "_is_amx_tile_supported"))
+
+
 def check_hyperparameters(hp, where: str):
     for name in ("epochs", "batch_size"):
         if not hasattr(hp, name):  # the seed API's loop takes its batches from a DataLoader

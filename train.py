@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,10 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     if dist.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.cpu_bf16)
+    if device.type == "cpu" and cfg.cpu_bf16 and not loop.cpu_has_bf16_units():
+        warnings.warn("cpu_bf16 is true, but this CPU has no AVX-512 BF16 or AMX units: PyTorch emulates bf16 on it, "
+                      "and a step takes 10-30x as long as in float32 (bench/bench_step.py --bf16). Set "
+                      "cpu_bf16: false in the config (or --set cpu_bf16=false); it pays only on CPUs with those units")
 
     def load(index):  # runs in fit's reading thread, ahead of the step
         return {m: f.batch(dist.local_slice(index), device) for m, f in train_feats.items()}

@@ -4,9 +4,10 @@ obvious first implementation a researcher would write, `nn.TransformerEncoder` w
 backward and an AdamW step, each side with its own optimizer as it would be written: loop.make_optimizer for
 the register module, a plain torch.optim.AdamW for the reference. The cross-attention variant is timed too,
 and both joint implementations under bf16 autocast (train.py's `cpu_bf16`; it pays only on CPUs with AVX-512
-BF16 or AMX, and at widths where matrix products dominate).
+BF16 or AMX, and at widths where matrix products dominate). Without those units bf16 is emulated, a step 10-30x
+slower than float32, so the bf16 rows are timed only on CPUs that have them, or with --bf16.
 
-    python bench/bench_step.py [--seconds 20] [--seed_batch 16]
+    python bench/bench_step.py [--seconds 20] [--seed_batch 16] [--bf16]
 """
 import argparse
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
@@ -72,6 +74,15 @@ def step_fn(module, optimizer, tokens, mask, bf16=False):
     return step
 
 
+def step_flops(module, tokens, mask) -> int:
+    """Floating-point operations of one forward + backward (matrix products and attention, as counted by
+    torch.utils.flop_counter): the work a step cannot avoid, whatever kernels run it."""
+    with FlopCounterMode(display=False) as counter:
+        module(tokens, mask).square().mean().backward()
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def median_step_seconds(steps: dict, seconds: float) -> tuple[dict, dict]:
     """Median (wall, CPU) seconds per step of each function, calling them in turn (so a busy moment on a shared
     machine hits all of them alike) until `seconds` of CPU time have passed, after one warm-up call each. CPU
@@ -90,7 +101,7 @@ def median_step_seconds(steps: dict, seconds: float) -> tuple[dict, dict]:
             {name: sorted(t)[len(t) // 2] for name, t in cpu.items()})
 
 
-def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, batch, seconds):
+def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, batch, seconds, bf16):
     torch.manual_seed(0)
     shape = (input_dim, n_tokens, hidden, n_registers, n_layers, n_heads)
     plain = PlainRegisters(*shape)
@@ -104,20 +115,27 @@ def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, b
                      else loop.make_optimizer(module, 1e-4, 0.05, 0, 1)[0])
         return step_fn(module, optimizer, tokens, mask, bf16)
 
-    steps = {"plain": timed(plain), "joint": timed(joint), "cross": timed(cross),
-             "plain bf16": timed(plain, bf16=True), "joint bf16": timed(joint, bf16=True)}
+    steps = {"plain": timed(plain), "joint": timed(joint), "cross": timed(cross)}
+    if bf16:
+        steps.update({"plain bf16": timed(plain, bf16=True), "joint bf16": timed(joint, bf16=True)})
     wall, cpu = median_step_seconds(steps, seconds)
     print(f"{what}: batch {batch}, {n_tokens} feature tokens × {input_dim}, hidden {hidden}, {n_layers} layers, "
           f"{n_heads} heads, {n_registers} registers, {torch.get_num_threads()} threads; median ms/step, wall and CPU")
     for name, label in (("plain", "plain nn.TransformerEncoder + mask"), ("joint", "RegisterTokenModule, joint"),
                         ("cross", "RegisterTokenModule, cross"), ("plain bf16", "plain, bf16 autocast"),
                         ("joint bf16", "RegisterTokenModule, joint, bf16")):
-        print(f"  {label:36s} {wall[name] * 1e3:8.1f} wall {cpu[name] * 1e3:8.1f} CPU")
+        if name in steps:
+            print(f"  {label:36s} {wall[name] * 1e3:8.1f} wall {cpu[name] * 1e3:8.1f} CPU")
     print(f"  same outputs with the same weights: largest difference {difference:.1e}")
     print(f"  speed-up joint vs plain: {cpu['plain'] / cpu['joint']:.2f}x CPU time, "
           f"{wall['plain'] / wall['joint']:.2f}x wall; cross costs {cpu['cross'] / cpu['joint']:.2f}x joint (CPU)")
-    print(f"  with bf16 autocast: joint bf16 vs plain {cpu['plain'] / cpu['joint bf16']:.2f}x CPU time, "
-          f"vs plain bf16 {cpu['plain bf16'] / cpu['joint bf16']:.2f}x")
+    work = {name: step_flops(module, tokens, mask) for name, module in (("plain", plain), ("joint", joint), ("cross", cross))}
+    print(f"  work per step (forward + backward): plain {work['plain'] / 1e9:.1f}, joint {work['joint'] / 1e9:.1f}, "
+          f"cross {work['cross'] / 1e9:.1f} GFLOP; joint does {work['plain'] / work['joint']:.2f}x less than plain, "
+          "so beyond that its speed-up can come only from running the same products faster")
+    if bf16:
+        print(f"  with bf16 autocast: joint bf16 vs plain {cpu['plain'] / cpu['joint bf16']:.2f}x CPU time, "
+              f"vs plain bf16 {cpu['plain bf16'] / cpu['joint bf16']:.2f}x")
 
 
 def main():
@@ -125,13 +143,17 @@ def main():
     parser.add_argument("--seconds", type=float, default=20, help="CPU seconds of timing per config")
     parser.add_argument("--seed_batch", type=int, default=16, help="batch at the seed config")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--bf16", action="store_true", help="time bf16 autocast even on a CPU without bf16 units")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    bf16 = args.bf16 or loop.cpu_has_bf16_units()
+    if not bf16:
+        print("bf16 autocast not timed: this CPU has no AVX-512 BF16 or AMX units, so bf16 is emulated (--bf16 times it)")
     cfg = phase1.load_config()
     m, enc = cfg.model, phase1.get_encoder(cfg, cfg.model.modalities[0])
     compare(f"testbed ({cfg.model.modalities[0]} features)", enc.dim, enc.num_tokens, m.hidden_dim,
-            m.n_registers, m.n_layers, m.n_heads, cfg.batch_size, args.seconds)
-    compare("seed config", 1024, 257, 512, 32, 4, 8, args.seed_batch, args.seconds)
+            m.n_registers, m.n_layers, m.n_heads, cfg.batch_size, args.seconds, bf16)
+    compare("seed config", 1024, 257, 512, 32, 4, 8, args.seed_batch, args.seconds, bf16)
 
 
 if __name__ == "__main__":

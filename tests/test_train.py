@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +135,31 @@ def test_cpu_bf16_runs_the_step_under_bf16_autocast(reference_run, cache_dir, tm
         return model
 
     monkeypatch.setattr(train, "build_model", build_and_watch)
-    run = train.train(tiny(cache_dir, tmp_path / "bf16", cpu_bf16=True))
+    # on a CPU without bf16 units it runs, and says once, before the first step, why it is slow and how to turn it off
+    monkeypatch.setattr(loop, "cpu_has_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match=r"no AVX-512 BF16 or AMX units.*Set cpu_bf16: false in the config") as caught:
+        run = train.train(tiny(cache_dir, tmp_path / "bf16", cpu_bf16=True))
+    assert sum("cpu_bf16" in str(w.message) for w in caught) == 1
     assert torch.bfloat16 in seen  # training steps (validation and evaluation run in float32)
     ours, reference = step_losses(run), step_losses(reference_run)
     # the same run in bf16: bf16 keeps 8 mantissa bits (relative rounding 2^-9 per operation), so after a few
     # steps losses drift apart by far more than float32 noise but stay near each other; 10% bounds it loosely
     assert ours.keys() == reference.keys() and all(np.isfinite(v) for v in ours.values())
     assert abs(ours[1] - reference[1]) < 0.1 * reference[1]
+
+
+def test_bf16_units_are_read_off_the_cpu(reference_run, cache_dir, tmp_path, monkeypatch):
+    """What the CPU reports decides the warning: the kernel's flags where it lists them (Linux), and a CPU with
+    the units trains under bf16 autocast without a word."""
+    flags = Path("/proc/cpuinfo")
+    if flags.is_file():
+        words = set(flags.read_text().split())
+        assert loop.cpu_has_bf16_units() == bool(words & {"avx512_bf16", "amx_tile"})
+    monkeypatch.setattr(loop, "cpu_has_bf16_units", lambda: True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.train(tiny(cache_dir, tmp_path / "units", cpu_bf16=True, epochs=1))
+    assert not [w for w in caught if "cpu_bf16" in str(w.message)]
 
 
 def test_training_from_a_warm_feature_cache_builds_no_encoder(reference_run, cache_dir, tmp_path, monkeypatch):
