@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
@@ -39,6 +40,22 @@ def one_epoch(cfg, read_batch) -> tuple[float, float]:
     loop.fit(model, lambda index: model(read_batch(index)), loop.index_batches(n, cfg.batch_size, cfg.seed),
              n // cfg.batch_size, dataclasses.replace(cfg, epochs=1), desc="one epoch")
     return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def work_per_pair(cfg, dataset, encoders) -> tuple[float, float]:
+    """Floating-point operations per pair of encoding (the frozen encoders' forward) and of a training step
+    (forward + backward, at the config's batch), as torch.utils.flop_counter counts them. Their ratio bounds what
+    the cache can save of the matrix products; rendering images and reading the cache are not counted."""
+    items = data.collate([dataset[i] for i in range(2)])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        feats = {m: Features(*encoders[m](core.batch_inputs(items, m))) for m in cfg.model.modalities}
+    encode = counter.get_total_flops() / 2
+    copies = max(cfg.batch_size // 2, 1)
+    batch = {m: Features(*(t.repeat(copies, *[1] * (t.dim() - 1)) for t in f)) for m, f in feats.items()}
+    model = phase1.build_model(cfg, feats).train()
+    with FlopCounterMode(display=False) as counter:
+        model(batch)[0].backward()
+    return encode, counter.get_total_flops() / (2 * copies)
 
 
 def main():
@@ -74,6 +91,10 @@ def main():
     print(f"from the cache:      {from_cache[0]:7.1f} s wall {from_cache[1]:7.1f} s CPU  (building the cache once: "
           f"{build:.1f} s wall)")
     print(f"speed-up: {on_the_fly[1] / from_cache[1]:.1f}x CPU time, {on_the_fly[0] / from_cache[0]:.1f}x wall")
+    encode, step = work_per_pair(cfg, dataset, encoders)
+    print(f"work per pair: encoding {encode / 1e9:.2f} GFLOP, a training step {step / 1e9:.2f} GFLOP (forward + "
+          f"backward): of the matrix products the cache can save at most {(encode + step) / step:.2f}x; rendering the "
+          "images adds to the on-the-fly side")
 
 if __name__ == "__main__":
     main()
