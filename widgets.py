@@ -69,5 +69,6 @@ class NeighbourViewer:
         self.image.value = plots.png(self.figure)
 
     def static_figure(self, ks):
-        """The same view for a few k at once, one row each: the notebook reads well without a kernel."""
-        return plots.neighbours([self.panel(k, self.query.value) for k in ks])
+        """The same view for a few k at once, one row for each k (in increasing order, each once, so a notebook
+        may ask for [1, 2, n_shared] whatever n_shared is): the notebook reads well without a kernel."""
+        return plots.neighbours([self.panel(k, self.query.value) for k in sorted(set(ks))])
