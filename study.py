@@ -33,6 +33,9 @@ import phase1
 import plots
 import train
 
+# FSQ on the shared tokens with a 12-number code (FlexTok's levels twice): the closest design to the target corner
+FSQ_SHARED_12 = {"model.token_dim": 12, "model.token_levels": [8, 8, 8, 5, 5, 5] * 2, "model.bottleneck_tokens": "shared"}
+
 # name -> overrides of configs/default.yaml. The default carries the leakage design the workbook adopted;
 # the guards below replace it, each alone, so they are compared on the same data, features and budget.
 VARIANTS = {
@@ -57,14 +60,12 @@ VARIANTS = {
                                             "model.bottleneck_tokens": "shared", "model.nested_dropout": "none"},
     # wider FSQ codes for the shared tokens (12 and 24 numbers instead of 6, the same levels repeated): is the
     # 6-number code what caps retrieval, and how much more leaks through a wider one?
-    "FSQ shared tokens 12-number code": {"model.token_dim": 12, "model.token_levels": [8, 8, 8, 5, 5, 5] * 2,
-                                         "model.bottleneck_tokens": "shared"},
+    "FSQ shared tokens 12-number code": FSQ_SHARED_12,
     "FSQ shared tokens 24-number code": {"model.token_dim": 24, "model.token_levels": [8, 8, 8, 5, 5, 5] * 4,
                                          "model.bottleneck_tokens": "shared"},
     # rounded codes learn slowly (factor-level R@1 still rising on the validation split after 14 epochs): the
     # 12-number code with twice the training
-    "FSQ shared tokens 12-number code 28 epochs": {"model.token_dim": 12, "model.token_levels": [8, 8, 8, 5, 5, 5] * 2,
-                                                   "model.bottleneck_tokens": "shared", "epochs": 28},
+    "FSQ shared tokens 12-number code 28 epochs": {**FSQ_SHARED_12, "epochs": 28},
     # the other nested-dropout modes, and the three design lines of the SPEC on the testbed's features and width
     "uniform nested dropout": {"model.nested_dropout": "uniform"},
     "linear nested dropout": {"model.nested_dropout": "linear"},
