@@ -15,6 +15,11 @@ reference results in docs/study (each run's config, metrics and evaluation table
 `--reference` writes:
 
     python study.py --seeds 0 --reference                 # train seed 0 of every variant, refresh docs/study
+
+A run's leakage probes are fit on the validation split (500 rows). How much of what they read is the probe's
+small fitting set, `--reprobe` shows on your finished runs (it needs their weights):
+
+    python study.py --reprobe 2000 --variants default --seeds 0 1 2    # refit on 2000 training rows, side by side
 """
 from __future__ import annotations
 
@@ -24,11 +29,13 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 import evaluate
+import loop
 import phase1
 import plots
 import train
@@ -110,14 +117,18 @@ def save_reference(runs) -> None:
             shutil.copyfile(run / name, target / name)
 
 
-def headline(run_dir: str | os.PathLike) -> dict:
+def headline(run_dir: str | os.PathLike, leaks: pd.DataFrame | None = None) -> dict:
     """The numbers the README quotes, from a run's eval.json and leakage.csv (test split). Rows say k=n_shared
     (the complete shared embedding) and k=all (every register), so variants with other register counts line
     up; a number a design does not have (no preservation decoder, one adapter embedding) or a run did not
-    measure (trained with `leakage_probes: false`: no leakage.csv) is NaN."""
+    measure (trained with `leakage_probes: false`: no leakage.csv) is NaN. `leaks`: a leakage table
+    (`evaluate.leakage_by_k`) to read the probe numbers from instead of the run's own (`reprobe`)."""
     run_dir = Path(run_dir)
     cfg = phase1.load_config(run_dir / "config.yaml")
     table = evaluate.read_eval(run_dir / "eval.json")
+    if leaks is not None:  # the probe columns of eval.json are a summary of leakage.csv: replace both
+        table = table.drop(columns=[c for c in table if c.endswith(tuple(f" [{p}]" for p in evaluate.PROBES))])
+        table = table.join(evaluate.leakage_columns(leaks))
     R = table.index.max()  # the adapter has one embedding, whatever its config's register counts say
     S = min(cfg.model.n_shared, R)
 
@@ -135,9 +146,10 @@ def headline(run_dir: str | os.PathLike) -> dict:
             out[f"{m} {measure}, k=n_shared"] = cell(S, f"{m} {measure} [{PROBE}]")
         out[f"{m} own private from private tokens (mean), k=all"] = \
             cell(R, f"{m} own private from private tokens (mean) [{PROBE}]")
-    probed = (run_dir / "leakage.csv").is_file()
-    leaks = pd.read_csv(run_dir / "leakage.csv") if probed else pd.DataFrame(
-        columns=["probe", "source", "role", "k", "modality", "factor", "score", "normalised"])
+    if leaks is None:
+        probed = (run_dir / "leakage.csv").is_file()
+        leaks = pd.read_csv(run_dir / "leakage.csv") if probed else pd.DataFrame(
+            columns=["probe", "source", "role", "k", "modality", "factor", "score", "normalised"])
     private = leaks[(leaks.probe == PROBE) & (leaks.source == "private tokens") & (leaks.role == "own private")
                     & (leaks.k == R)]
     for m in cfg.model.modalities:
@@ -148,6 +160,47 @@ def headline(run_dir: str | os.PathLike) -> dict:
     for m in cfg.model.modalities:
         out[f"{m} coarse shared factors from shared tokens (min), k=n_shared"] = shared[shared.modality == m].normalised.min()
     return out
+
+
+def reprobe(run_dir: str | os.PathLike, split: str = "train", rows: int = 2000) -> dict:
+    """`headline` of a finished run (with its weights) with the leakage probes fit on `rows` rows of `split`
+    instead of the validation split: a run's own probes are fit on the 500 validation rows, and a probe fit on
+    few rows reads less than the tokens hold (leakage and wanted factors alike). Scored on the test split, as
+    before; `rows` is a fixed random subset (seed 0), all of the split when it has fewer."""
+    run_dir = Path(run_dir)
+    cfg = phase1.load_config(run_dir / "config.yaml")
+    model = phase1.load_aligner(run_dir).model
+    (fit_set, fit_feats), (test_set, test_feats) = phase1.split_data(cfg, split), phase1.split_data(cfg, "test")
+    if fit_set is None:
+        raise ValueError(f"{run_dir}'s dataset has no {split!r} split to fit probes on; use split='train'")
+    subset = np.sort(np.random.default_rng(0).permutation(len(fit_set))[:rows])
+    fit_feats = {m: f.batch(subset) for m, f in fit_feats.items()}
+    fit_factors = {name: np.asarray(v)[subset] for name, v in fit_set.factor_table().items()}
+    R = evaluate.read_eval(run_dir / "eval.json").index.max()
+    ks = sorted({min(cfg.model.n_shared, R), R})  # the two prefix lengths `headline` reads
+    fit, test = (evaluate.encode_all(model, f, ks, reconstruct=False) for f in (fit_feats, test_feats))
+    leaks = evaluate.leakage_by_k(model, fit, fit_factors, test, test_set.factor_table(), ks, probes=(PROBE,))
+    return headline(run_dir, leaks)
+
+
+def compare_probes(variants, seeds, root: str | os.PathLike = "runs/study", rows: int = 2000) -> pd.DataFrame:
+    """The probe numbers of your finished runs (mean ± std over seeds, as `summarise`) with their own probes,
+    fit on the validation split, beside `reprobe`'s, fit on `rows` training rows: two columns per variant,
+    the rows that differ."""
+    runs = {(v, s): run_config(v, s, root).run_dir for v in variants for s in seeds}
+    missing = [f"{v!r} seed {s}" for (v, s), run in runs.items() if loop.RunFolder(run).checkpoint is None
+               or not (run / "eval.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"re-fitting probes needs a finished run with its weights in {root}; none for "
+                                f"{', '.join(missing)}: train them with python study.py --variants ... --seeds ...")
+    tables = {}
+    for label, measure in (("validation split", headline), (f"{rows} training rows", lambda r: reprobe(r, "train", rows))):
+        numbers = [{"variant": v, "seed": s, **measure(run)} for (v, s), run in tqdm(runs.items(), desc=f"probes: {label}")]
+        tables[label] = summarise(pd.DataFrame(numbers).assign(run=[str(r) for r in runs.values()]))
+    table = pd.concat(tables, axis=1).swaplevel(axis=1)
+    table.columns = [f"{variant}, probes fit on the {label}" for variant, label in table.columns]
+    table = table[[c for v in dict.fromkeys(variants) for c in table.columns if c.startswith(f"{v}, ")]]
+    return table[table.nunique(axis=1) > 1] if len(table.columns) > 1 else table
 
 
 def _train(cfg: phase1.TrainConfig) -> Path:
@@ -221,11 +274,14 @@ def write(rows: pd.DataFrame, root: str | os.PathLike = "runs/study") -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rows.to_csv(root / "runs.csv", index=False)
-    table = summarise(rows)
+    (root / "study.md").write_text(markdown(summarise(rows)))
+    return root / "study.md"
+
+
+def markdown(table: pd.DataFrame) -> str:
     lines = ["| | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in table.iterrows()]
-    (root / "study.md").write_text("\n".join(lines) + "\n")
-    return root / "study.md"
+    return "\n".join(lines) + "\n"
 
 
 def curves(variants=("default", "no nested dropout"), seed: int = 0, root: str | os.PathLike = "runs/study"):
@@ -246,7 +302,13 @@ def main(argv=None):
     parser.add_argument("--reference", action="store_true",
                         help="also copy the finished runs' tables into docs/study, the reference results that "
                              "notebooks fall back on")
+    parser.add_argument("--reprobe", type=int, metavar="ROWS",
+                        help="re-fit the leakage probes of your finished runs of --variants × --seeds on ROWS rows of the "
+                             "training split and print their numbers beside the runs' own (fit on the validation split)")
     args = parser.parse_args(argv)
+    if args.reprobe:
+        print(markdown(compare_probes(args.variants, args.seeds, args.out, args.reprobe)))
+        return
     if args.figure:
         Path(args.figure).write_bytes(plots.png(curves(root=args.out)))
         return

@@ -3,11 +3,12 @@ obvious first implementation a researcher would write, `nn.TransformerEncoder` w
 [features | registers], at the same config and in the same run (the ratio is what counts). A step is forward,
 backward and an AdamW step, each side with its own optimizer as it would be written: loop.make_optimizer for
 the register module, a plain torch.optim.AdamW for the reference. The cross-attention variant is timed too,
-and both joint implementations under bf16 autocast (train.py's `cpu_bf16`; it pays only on CPUs with AVX-512
-BF16 or AMX, and at widths where matrix products dominate). Without those units bf16 is emulated, a step 10-30x
+with --compile the joint module under torch.compile, and both joint implementations under bf16 autocast
+(train.py's `cpu_bf16`; it pays only on CPUs with AVX-512 BF16 or AMX, and at widths where matrix products
+dominate). Without those units bf16 is emulated, a step 10-30x
 slower than float32, so the bf16 rows are timed only on CPUs that have them, or with --bf16.
 
-    python bench/bench_step.py [--seconds 20] [--seed_batch 16] [--bf16]
+    python bench/bench_step.py [--seconds 20] [--seed_batch 16] [--bf16] [--compile]
 """
 import argparse
 import sys
@@ -101,11 +102,13 @@ def median_step_seconds(steps: dict, seconds: float) -> tuple[dict, dict]:
             {name: sorted(t)[len(t) // 2] for name, t in cpu.items()})
 
 
-def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, batch, seconds, bf16):
+def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, batch, seconds, bf16, compile=False):
     torch.manual_seed(0)
     shape = (input_dim, n_tokens, hidden, n_registers, n_layers, n_heads)
     plain = PlainRegisters(*shape)
     joint, cross = core.RegisterTokenModule(*shape, "joint"), core.RegisterTokenModule(*shape, "cross")
+    compiled = core.RegisterTokenModule(*shape, "joint")
+    compiled.load_state_dict(joint.state_dict())
     tokens, mask = torch.randn(batch, n_tokens, input_dim), torch.ones(batch, n_tokens, dtype=torch.bool)
     copy_weights(plain, joint)
     with torch.no_grad():
@@ -116,19 +119,29 @@ def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, b
         return step_fn(module, optimizer, tokens, mask, bf16)
 
     steps = {"plain": timed(plain), "joint": timed(joint), "cross": timed(cross)}
+    if compile:  # its own copy of the weights and optimizer; the first call (compiling) is the warm-up
+        optimizer = loop.make_optimizer(compiled, 1e-4, 0.05, 0, 1)[0]
+        steps["joint compiled"] = step_fn(torch.compile(compiled), optimizer, tokens, mask)
+        start = time.perf_counter()
+        steps["joint compiled"]()
+        compile_seconds = time.perf_counter() - start
     if bf16:
         steps.update({"plain bf16": timed(plain, bf16=True), "joint bf16": timed(joint, bf16=True)})
     wall, cpu = median_step_seconds(steps, seconds)
     print(f"{what}: batch {batch}, {n_tokens} feature tokens × {input_dim}, hidden {hidden}, {n_layers} layers, "
           f"{n_heads} heads, {n_registers} registers, {torch.get_num_threads()} threads; median ms/step, wall and CPU")
     for name, label in (("plain", "plain nn.TransformerEncoder + mask"), ("joint", "RegisterTokenModule, joint"),
-                        ("cross", "RegisterTokenModule, cross"), ("plain bf16", "plain, bf16 autocast"),
+                        ("cross", "RegisterTokenModule, cross"), ("joint compiled", "RegisterTokenModule, joint, compiled"),
+                        ("plain bf16", "plain, bf16 autocast"),
                         ("joint bf16", "RegisterTokenModule, joint, bf16")):
         if name in steps:
             print(f"  {label:36s} {wall[name] * 1e3:8.1f} wall {cpu[name] * 1e3:8.1f} CPU")
     print(f"  same outputs with the same weights: largest difference {difference:.1e}")
     print(f"  speed-up joint vs plain: {cpu['plain'] / cpu['joint']:.2f}x CPU time, "
           f"{wall['plain'] / wall['joint']:.2f}x wall; cross costs {cpu['cross'] / cpu['joint']:.2f}x joint (CPU)")
+    if compile:
+        print(f"  torch.compile: compiled joint vs joint {cpu['joint'] / cpu['joint compiled']:.2f}x CPU time, vs plain "
+              f"{cpu['plain'] / cpu['joint compiled']:.2f}x; compiling took {compile_seconds:.0f} s wall")
     work = {name: step_flops(module, tokens, mask) for name, module in (("plain", plain), ("joint", joint), ("cross", cross))}
     print(f"  work per step (forward + backward): plain {work['plain'] / 1e9:.1f}, joint {work['joint'] / 1e9:.1f}, "
           f"cross {work['cross'] / 1e9:.1f} GFLOP; joint does {work['plain'] / work['joint']:.2f}x less than plain, "
@@ -144,6 +157,8 @@ def main():
     parser.add_argument("--seed_batch", type=int, default=16, help="batch at the seed config")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--bf16", action="store_true", help="time bf16 autocast even on a CPU without bf16 units")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the joint module under torch.compile (compiling takes a minute or more)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bf16 = args.bf16 or loop.cpu_has_bf16_units()
@@ -152,8 +167,8 @@ def main():
     cfg = phase1.load_config()
     m, enc = cfg.model, phase1.get_encoder(cfg, cfg.model.modalities[0])
     compare(f"testbed ({cfg.model.modalities[0]} features)", enc.dim, enc.num_tokens, m.hidden_dim,
-            m.n_registers, m.n_layers, m.n_heads, cfg.batch_size, args.seconds, bf16)
-    compare("seed config", 1024, 257, 512, 32, 4, 8, args.seed_batch, args.seconds, bf16)
+            m.n_registers, m.n_layers, m.n_heads, cfg.batch_size, args.seconds, bf16, args.compile)
+    compare("seed config", 1024, 257, 512, 32, 4, 8, args.seed_batch, args.seconds, bf16, args.compile)
 
 
 if __name__ == "__main__":

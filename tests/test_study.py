@@ -77,6 +77,25 @@ def test_one_row_per_run_and_mean_pm_std_per_variant(rows):
     assert "no nested dropout" in path.read_text() and (root / "runs.csv").is_file()
 
 
+def test_probes_refit_on_other_rows_replace_every_probe_number_and_nothing_else(rows):
+    run = rows[0] / "default" / "seed-0"
+    own = study.headline(run)
+    probe_numbers = [key for key in own if "from" in key or "leak" in key]
+    assert len(probe_numbers) == 14  # seven per modality
+    # refit on every validation row, the run's own protocol: the same rows encoded in the same batch by the same
+    # process give the same features, and the probes are seeded, so the same scores up to leakage.csv's decimal
+    # round trip (17 significant digits)
+    again = study.reprobe(run, "val", rows=10**6)
+    assert list(again) == list(own)
+    assert np.allclose([again[k] for k in own], [own[k] for k in own], rtol=0, atol=1e-12, equal_nan=True)
+    # fit on the training split instead: other rows, other probe numbers; retrieval and reconstruction untouched
+    train_fit = study.reprobe(run, "train", rows=64)
+    assert all(train_fit[k] == own[k] for k in own if k not in probe_numbers)
+    assert sum(not np.isclose(train_fit[k], own[k]) for k in probe_numbers) >= 6
+    with pytest.raises(FileNotFoundError, match="needs a finished run with its weights.*'stop-gradient' seed 0"):
+        study.compare_probes(["default", "stop-gradient"], [0], rows[0], rows=64)
+
+
 def test_a_finished_study_is_read_back_without_training(rows, cache_dir, monkeypatch):
     root, table = rows
     monkeypatch.setattr(study.train, "train", lambda *a, **k: pytest.fail("trained a finished run again"))
