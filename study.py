@@ -171,6 +171,9 @@ def reprobe(run_dir: str | os.PathLike, split: str = "train", rows: int = 2000) 
     before; `rows` is a fixed random subset (seed 0), all of the split when it has fewer."""
     run_dir = Path(run_dir)
     cfg = phase1.load_config(run_dir / "config.yaml")
+    if cfg.dataset != "synthtouch":
+        raise ValueError(f"{run_dir} was trained on dataset {cfg.dataset!r}; the leakage probes need the factor "
+                         "labels that only SynthTouch has (dataset: synthtouch)")
     model = phase1.load_aligner(run_dir).model
     (fit_set, fit_feats), (test_set, test_feats) = phase1.split_data(cfg, split), phase1.split_data(cfg, "test")
     if fit_set is None:
@@ -186,23 +189,28 @@ def reprobe(run_dir: str | os.PathLike, split: str = "train", rows: int = 2000) 
 
 
 def compare_probes(variants, seeds, root: str | os.PathLike = "runs/study", rows: int = 2000) -> pd.DataFrame:
-    """The probe numbers of your finished runs (mean ± std over seeds, as `summarise`) with their own probes,
-    fit on the validation split, beside `reprobe`'s, fit on `rows` training rows: two columns per variant,
-    the rows that differ."""
+    """The numbers of your finished runs (mean ± std over seeds, as `summarise`) with their own probes, fit on the
+    validation split, beside `reprobe`'s, fit on `rows` training rows: two columns per variant, the rows that
+    the refit changes."""
     runs = {(v, s): run_config(v, s, root).run_dir for v in variants for s in seeds}
-    missing = [f"{v!r} seed {s}" for (v, s), run in runs.items() if loop.RunFolder(run).checkpoint is None
-               or not (run / "eval.json").is_file()]
+    missing = [(v, s) for (v, s), run in runs.items()
+               if loop.RunFolder(run).checkpoint is None or not (run / "eval.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"re-fitting probes needs a finished run with its weights in {root}; none for "
-                                f"{', '.join(missing)}: train them with python study.py --variants ... --seeds ...")
-    tables = {}
-    for label, measure in (("validation split", headline), (f"{rows} training rows", lambda r: reprobe(r, "train", rows))):
-        numbers = [{"variant": v, "seed": s, **measure(run)} for (v, s), run in tqdm(runs.items(), desc=f"probes: {label}")]
-        tables[label] = summarise(pd.DataFrame(numbers).assign(run=[str(r) for r in runs.values()]))
-    table = pd.concat(tables, axis=1).swaplevel(axis=1)
-    table.columns = [f"{variant}, probes fit on the {label}" for variant, label in table.columns]
-    table = table[[c for v in dict.fromkeys(variants) for c in table.columns if c.startswith(f"{v}, ")]]
-    return table[table.nunique(axis=1) > 1] if len(table.columns) > 1 else table
+        v, s = missing[0]
+        raise FileNotFoundError(f"re-fitting probes needs finished runs with their weights in {root}; there are none "
+                                f"for {', '.join(f'{v!r} seed {s}' for v, s in missing)}: train them first, e.g. "
+                                f"python study.py --variants '{v}' --seeds {s}")
+
+    def table(measure, what):
+        numbers = [{"variant": v, "seed": s, **measure(run)} for (v, s), run in tqdm(runs.items(), desc=what)]
+        return summarise(pd.DataFrame(numbers).assign(run=[str(run) for run in runs.values()]))
+    own = table(headline, "runs' own probes")
+    refit = table(lambda run: reprobe(run, "train", rows), f"probes refit on {rows} training rows")
+    columns = {}
+    for variant in own.columns:
+        columns[f"{variant}, probes fit on the validation split"] = own[variant]
+        columns[f"{variant}, probes fit on {rows} training rows"] = refit[variant]
+    return pd.DataFrame(columns)[(own != refit).any(axis=1)]
 
 
 def _train(cfg: phase1.TrainConfig) -> Path:

@@ -77,7 +77,7 @@ def test_one_row_per_run_and_mean_pm_std_per_variant(rows):
     assert "no nested dropout" in path.read_text() and (root / "runs.csv").is_file()
 
 
-def test_probes_refit_on_other_rows_replace_every_probe_number_and_nothing_else(rows):
+def test_probes_refit_on_other_rows_replace_every_probe_number_and_nothing_else(rows, tmp_path):
     run = rows[0] / "default" / "seed-0"
     own = study.headline(run)
     probe_numbers = [key for key in own if "from" in key or "leak" in key]
@@ -92,8 +92,18 @@ def test_probes_refit_on_other_rows_replace_every_probe_number_and_nothing_else(
     train_fit = study.reprobe(run, "train", rows=64)
     assert all(train_fit[k] == own[k] for k in own if k not in probe_numbers)
     assert sum(not np.isclose(train_fit[k], own[k]) for k in probe_numbers) >= 6
-    with pytest.raises(FileNotFoundError, match="needs a finished run with its weights.*'stop-gradient' seed 0"):
+    elsewhere = tmp_path / "digits run"
+    elsewhere.mkdir()
+    (elsewhere / "config.yaml").write_text((run / "config.yaml").read_text().replace("dataset: synthtouch", "dataset: csv"))
+    with pytest.raises(ValueError, match="trained on dataset 'csv'; the leakage probes need the factor labels"):
+        study.reprobe(elsewhere)
+    with pytest.raises(FileNotFoundError, match="none for 'stop-gradient' seed 0.*--variants 'stop-gradient' --seeds 0"):
         study.compare_probes(["default", "stop-gradient"], [0], rows[0], rows=64)
+    # side by side: the runs' own numbers and the refit ones, only the rows the refit changes
+    table = study.compare_probes(["default"], [0], rows[0], rows=64)
+    assert list(table.columns) == ["default, probes fit on the validation split", "default, probes fit on 64 training rows"]
+    assert set(table.index) <= {f"{k}" for k in probe_numbers} and len(table) >= 6
+    assert table.iloc[:, 0].astype(float).tolist() == [round(own[k], 3) for k in table.index]
 
 
 def test_a_finished_study_is_read_back_without_training(rows, cache_dir, monkeypatch):
