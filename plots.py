@@ -406,7 +406,8 @@ def tradeoff(table, x: str, y: str, target_x: float, target_y: float,
     colors = matplotlib.colormaps["tab20"].colors
     for i, (name, row) in enumerate(table.iterrows()):
         seeds = f" ({int(row['seeds'])} seeds)" if row.get("seeds", 1) > 1 else ""
-        ax.errorbar(row[x], row[y], xerr=row.get(f"{x} std"), yerr=row.get(f"{y} std"), fmt="o", ms=6, capsize=2,
+        marker = "osD^"[i // len(colors) % 4]  # past 20 designs the colours repeat: the marker tells them apart
+        ax.errorbar(row[x], row[y], xerr=row.get(f"{x} std"), yerr=row.get(f"{y} std"), fmt=marker, ms=6, capsize=2,
                     color=colors[i % len(colors)], label=f"{name}{seeds}")
     ax.set(xlabel=x + "\n(normalised probe score: 0 chance, 1 perfect; lower is better)", ylabel=y,
            xlim=(-0.1, 1.0), ylim=(0, 1.05), title=title)

@@ -8,6 +8,7 @@ import pytest
 
 import evaluate
 import phase1
+import plots
 import study
 import train
 from conftest import TINY
@@ -167,6 +168,16 @@ def test_the_tradeoff_takes_each_runs_worse_modality_then_mean_and_std_over_seed
     merged = study.read_rows(tmp_path)
     reference = pd.read_csv(study.REFERENCE / "runs.csv")
     assert (merged.variant == "default").sum() == 2 and set(merged.variant) == set(reference.variant)
+
+
+def test_every_design_in_the_tradeoff_figure_looks_different_past_twenty():
+    from matplotlib.colors import to_hex
+    names = [f"design {i}" for i in range(23)]  # more designs than the 20 colours of the palette
+    table = pd.DataFrame({study.LEAK: np.linspace(0, 0.9, 23), study.RETRIEVAL: 0.5, "seeds": 1}, index=names)
+    fig = plots.tradeoff(table, study.LEAK, study.RETRIEVAL, target_x=0.15, target_y=0.9)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    assert labels == names
+    assert len({(to_hex(h.lines[0].get_color()), h.lines[0].get_marker()) for h in handles}) == len(names)
 
 
 def test_a_study_of_some_variants_or_seeds_adds_to_the_table_in_study_order(tmp_path):
