@@ -73,6 +73,7 @@ VARIANTS = {
     # rounded codes learn slowly (factor-level R@1 still rising on the validation split after 14 epochs): the
     # 12-number code with twice the training
     "FSQ shared tokens 12-number code 28 epochs": {**FSQ_SHARED_12, "epochs": 28},
+    "FSQ shared tokens 12-number code 42 epochs": {**FSQ_SHARED_12, "epochs": 42},  # does three times still pay?
     # ... and trained on unrounded codes for its first half, as "FSQ shared tokens warm-up" does the 6-number code
     "FSQ shared tokens 12-number code 28 epochs warm-up": {**FSQ_SHARED_12, "epochs": 28, "model.round_after": 0.5},
     # the other nested-dropout modes, and the three design lines of the SPEC on the testbed's features and width
