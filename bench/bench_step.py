@@ -102,13 +102,11 @@ def median_step_seconds(steps: dict, seconds: float) -> tuple[dict, dict]:
             {name: sorted(t)[len(t) // 2] for name, t in cpu.items()})
 
 
-def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, batch, seconds, bf16, compile=False):
+def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, batch, seconds, bf16, compiled=False):
     torch.manual_seed(0)
     shape = (input_dim, n_tokens, hidden, n_registers, n_layers, n_heads)
     plain = PlainRegisters(*shape)
     joint, cross = core.RegisterTokenModule(*shape, "joint"), core.RegisterTokenModule(*shape, "cross")
-    compiled = core.RegisterTokenModule(*shape, "joint")
-    compiled.load_state_dict(joint.state_dict())
     tokens, mask = torch.randn(batch, n_tokens, input_dim), torch.ones(batch, n_tokens, dtype=torch.bool)
     copy_weights(plain, joint)
     with torch.no_grad():
@@ -119,9 +117,10 @@ def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, b
         return step_fn(module, optimizer, tokens, mask, bf16)
 
     steps = {"plain": timed(plain), "joint": timed(joint), "cross": timed(cross)}
-    if compile:  # its own copy of the weights and optimizer; the first call (compiling) is the warm-up
-        optimizer = loop.make_optimizer(compiled, 1e-4, 0.05, 0, 1)[0]
-        steps["joint compiled"] = step_fn(torch.compile(compiled), optimizer, tokens, mask)
+    if compiled:  # its own copy of the weights and optimizer; the first call (compiling) is the warm-up
+        copy = core.RegisterTokenModule(*shape, "joint")
+        copy.load_state_dict(joint.state_dict())
+        steps["joint compiled"] = step_fn(torch.compile(copy), loop.make_optimizer(copy, 1e-4, 0.05, 0, 1)[0], tokens, mask)
         start = time.perf_counter()
         steps["joint compiled"]()
         compile_seconds = time.perf_counter() - start
@@ -139,7 +138,7 @@ def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, b
     print(f"  same outputs with the same weights: largest difference {difference:.1e}")
     print(f"  speed-up joint vs plain: {cpu['plain'] / cpu['joint']:.2f}x CPU time, "
           f"{wall['plain'] / wall['joint']:.2f}x wall; cross costs {cpu['cross'] / cpu['joint']:.2f}x joint (CPU)")
-    if compile:
+    if compiled:
         print(f"  torch.compile: compiled joint vs joint {cpu['joint'] / cpu['joint compiled']:.2f}x CPU time, vs plain "
               f"{cpu['plain'] / cpu['joint compiled']:.2f}x; compiling took {compile_seconds:.0f} s wall")
     work = {name: step_flops(module, tokens, mask) for name, module in (("plain", plain), ("joint", joint), ("cross", cross))}
