@@ -6,6 +6,9 @@ encode             one forward pass per modality → every register output, the 
 evaluate_prefixes  retrieval R@1/R@5 (exact pair, and factor level on SynthTouch or caption level on real data,
                    directly and by flow transport) and
                    preservation cosine for every k → a table with one row per k, and eval.json
+retrieval_confusion
+                   which values of each shared factor the top-1 of retrieval mixes up, for every k
+                   (confusion.csv); top1_differs: the share of queries it gets wrong, factor by factor
 prefix_drops       is quality non-decreasing in k? the largest drop next to the test set's sampling noise
 information_map    linear probes of every factor from every single token and from each token group
 group_summary      probe scores per factor from each modality's shared and private groups, with chance
@@ -118,10 +121,19 @@ def encode_all(model, features: dict[str, Features], ks, batch_size=256, one_pas
 # ----------------------------------------------------------------------------------------------
 # Retrieval
 
+def cosine(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    return F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).T
+
+
+def top_items(similarity: torch.Tensor, depth: int = max(RANKS)) -> torch.Tensor:
+    """For each query (row), its `depth` most similar gallery items, best first. Recall and `nearest` both rank
+    with this one call, so where items tie (rounded FSQ codes can), both see the same top-1."""
+    return similarity.topk(min(depth, similarity.shape[1]), dim=1).indices
+
+
 def recall_at(similarity: torch.Tensor, relevant: torch.Tensor, ranks=RANKS) -> dict[int, float]:
     """Fraction of queries (rows) with a relevant gallery item (column) among their top-r most similar."""
-    top = similarity.topk(min(max(ranks), similarity.shape[1]), dim=1).indices
-    hits = relevant.gather(1, top)
+    hits = relevant.gather(1, top_items(similarity, max(ranks)))
     return {r: hits[:, :r].any(1).float().mean().item() for r in ranks}
 
 
@@ -147,12 +159,66 @@ def chance_recall(relevant: torch.Tensor, ranks=RANKS) -> dict[int, float]:
 def retrieval_metrics(queries: torch.Tensor, gallery: torch.Tensor, relevant: dict[str, torch.Tensor],
                       prefix: str, suffix: str = "") -> dict[str, float]:
     """R@1/R@5 for every relevance level ("pair", "factor"); columns like 'vision->touch R@1 pair'."""
-    similarity = F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).T
+    similarity = cosine(queries, gallery)
     out = {}
     for level, rel in relevant.items():
         for r, value in recall_at(similarity, rel).items():
             out[f"{prefix} R@{r} {level}{suffix}"] = value
     return out
+
+
+def nearest(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """For each query, the index of its most similar gallery item (cosine): the top-1 that R@1 judges."""
+    return top_items(cosine(queries, gallery))[:, 0]
+
+
+def top1_confusion(factors: dict[str, np.ndarray], name: str, top1: torch.Tensor) -> pd.DataFrame:
+    """Counts of (the query's value, its top-1 item's value) of a SynthTouch factor: which values retrieval mixes up."""
+    values = SynthTouch.FACTORS[name]
+    codes = np.asarray(factors[name])
+    counts = np.zeros((len(values), len(values)), dtype=int)
+    np.add.at(counts, (codes, codes[top1.numpy()]), 1)
+    return pd.DataFrame(counts, index=pd.Index(values, name="query"), columns=pd.Index(values, name="retrieved"))
+
+
+def retrieval_confusion(encoded: dict[str, Encoded], factors: dict[str, np.ndarray], ks: list[int],
+                        names: list[str] | None = None) -> pd.DataFrame:
+    """Where factor-level retrieval fails: for every k, direction a->b and shared discrete factor (`names`), the
+    `top1_confusion` counts, one row per (query value, retrieved value) with its count. evaluate_run writes it as
+    confusion.csv; `confusion_matrix` and `top1_differs` read it."""
+    rows = []
+    for k in ks:
+        for a in encoded:
+            for b in encoded:
+                if a == b:
+                    continue
+                top1 = nearest(encoded[a].embeddings[k], encoded[b].embeddings[k])
+                for name in names or shared_discrete_factors():
+                    counts = top1_confusion(factors, name, top1).stack()
+                    rows += [{"k": k, "direction": f"{a}->{b}", "factor": name, "query": query, "retrieved": retrieved,
+                              "count": int(count)} for (query, retrieved), count in counts.items()]
+    return pd.DataFrame(rows)
+
+
+def confusion_matrix(confusion: pd.DataFrame, k: int, factor: str, direction: str = "vision->touch") -> pd.DataFrame:
+    """One factor's query-value × retrieved-value counts at prefix length k, values in SynthTouch's order."""
+    rows = confusion[(confusion.k == k) & (confusion.direction == direction) & (confusion.factor == factor)]
+    if rows.empty:
+        raise ValueError(f"no confusion counts for k={k}, {direction}, {factor!r}; the table has k "
+                         f"{sorted(confusion.k.unique().tolist())}, directions {sorted(confusion.direction.unique())}, "
+                         f"factors {sorted(confusion.factor.unique())}")
+    values = SynthTouch.FACTORS[factor]
+    return rows.pivot(index="query", columns="retrieved", values="count").reindex(index=values, columns=values)
+
+
+def top1_differs(confusion: pd.DataFrame, k: int, direction: str = "vision->touch") -> pd.Series:
+    """Per shared factor, the share of queries whose top-1 item has another value of it. A query counts once per
+    factor it gets wrong, so the shares add up to at least 1 − R@1 factor, and the largest is at most that."""
+    shares = {}
+    for factor in confusion.factor.unique():
+        counts = confusion_matrix(confusion, k, factor, direction).to_numpy()
+        shares[factor] = 1 - np.trace(counts) / counts.sum()
+    return pd.Series(shares, name="top-1 differs")
 
 
 def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, Features],
@@ -163,8 +229,7 @@ def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, Features],
     Rows: k (the number of tokens used; the adapter's only row is k = 1, its full embedding).
     Columns: '<a>-><b> R@{1,5} pair' (the paired item is retrieved), '... factor' (an item with the same
     shared discrete factors is; SynthTouch `factors`), '... caption' (an item with the same caption is; real
-    data, whose `factor_table()` is {"caption": codes}: its chance level follows the caption frequencies),
-    '... flow' (queries transported to the
+    data, whose `factor_table()` is {"caption": codes}: its chance level follows the caption frequencies), '... flow' (queries transported to the
     other modality by the flow head first; flow-matching models only), '<m> recon cos' (preservation
     decoder) and the chance level of each recall ('chance@1 pair', ...). Written to `out_path` as
     {k: {metric: value}} JSON when given.
@@ -219,9 +284,10 @@ def evaluate_run(model: core.AlignmentModel, features: dict[str, Features], fact
                  out_path=None) -> pd.DataFrame:
     """`evaluate_prefixes` and, on SynthTouch (where private factors are known), the leakage columns of
     `leakage_columns` for every k: probes fit on `fit_*` (the validation split) and scored on `features`.
-    The whole leakage table goes beside `out_path` as leakage.csv, and the information map (every factor from
-    every token, `information_map`, fit and scored on the same splits) as information.csv, so notebooks can
-    draw both for runs whose weights they do not have (`read_information`)."""
+    The whole leakage table goes beside `out_path` as leakage.csv, the information map (every factor from
+    every token, `information_map`, fit and scored on the same splits) as information.csv, and which shared
+    factors retrieval gets wrong (`retrieval_confusion`) as confusion.csv, so notebooks can draw all three for
+    runs whose weights they do not have (`read_information`, `read_confusion`)."""
     ks = prefix_ks(model)
     encoded = encode_all(model, features, ks)  # once, for retrieval and the leakage probes alike
     table = evaluate_prefixes(model, features, factors, ks, encoded=encoded)
@@ -236,18 +302,31 @@ def evaluate_run(model: core.AlignmentModel, features: dict[str, Features], fact
             info = information_map({m: e.tokens for m, e in fit.items()}, fit_factors,
                                    {m: e.tokens for m, e in encoded.items()}, factors, model.cfg.n_shared)
             atomic_write(Path(out_path).with_name("information.csv"), lambda tmp: info.to_csv(tmp, index=False))
+    if out_path is not None and factors is not None and all(name in factors for name in shared_discrete_factors()):
+        confusion = retrieval_confusion(encoded, factors, ks)
+        atomic_write(Path(out_path).with_name("confusion.csv"), lambda tmp: confusion.to_csv(tmp, index=False))
     if out_path is not None:
         write_eval(table, out_path)
     return table
 
 
+def read_run_table(run_dir: str | os.PathLike, name: str, written_by: str) -> pd.DataFrame:
+    """A table `evaluate_run` wrote beside eval.json; a missing one says which runs have it (`written_by`)."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {written_by}; re-train {Path(run_dir)}")
+    return pd.read_csv(path)
+
+
 def read_information(run_dir: str | os.PathLike) -> pd.DataFrame:
     """The information map a run's evaluation wrote (information.csv), as `information_map` returned it."""
-    path = Path(run_dir) / "information.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: runs evaluated with leakage probes write it (train.py with "
-                                f"leakage_probes: true, the default); re-train or re-evaluate {Path(run_dir)}")
-    return pd.read_csv(path)
+    return read_run_table(run_dir, "information.csv", "runs evaluated with leakage probes write it (train.py with "
+                          "leakage_probes: true, the default)")
+
+
+def read_confusion(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The confusion.csv a run's evaluation wrote (`retrieval_confusion`)."""
+    return read_run_table(run_dir, "confusion.csv", "runs evaluated on SynthTouch since it came (2026-12) write it")
 
 
 def read_eval(path: str | os.PathLike) -> pd.DataFrame:

@@ -416,6 +416,40 @@ def tradeoff(table, x: str, y: str, target_x: float, target_y: float,
     return fig
 
 
+def retrieval_failures(shares: dict, confusions: dict, factor: str, recall: dict | None = None,
+                       title: str = "Where factor-level retrieval fails (vision→touch, top-1)") -> Figure:
+    """Left: per shared factor, the share of queries whose top-1 item has another value of it, one bar per run
+    (`shares`: run → Series factor → share; `recall`: run → R@1 factor, named in the legend). Right: one
+    confusion matrix of `factor` per run (`confusions`: run → query value × retrieved value counts), each cell
+    coloured by its share of the row, the count written on it."""
+    fig = Figure(figsize=(4.2 + 3.1 * len(confusions), 3.6), layout="constrained")
+    axes = fig.subplots(1, 1 + len(confusions), width_ratios=[1.3] + [1] * len(confusions))
+    factors = list(next(iter(shares.values())).index)
+    width = 0.8 / len(shares)
+    for i, (run, share) in enumerate(shares.items()):
+        label = run if recall is None else f"{run} (R@1 factor {recall[run]:.3f})"
+        bars = axes[0].bar(np.arange(len(factors)) + (i - (len(shares) - 1) / 2) * width, share[factors], width,
+                           label=label)
+        axes[0].bar_label(bars, fmt="%.3f", fontsize=7)
+    axes[0].set_xticks(range(len(factors)), factors)
+    top = max(float(share.max()) for share in shares.values())
+    axes[0].set(xlabel="shared factor", ylabel="share of queries: top-1 item\nwith another value", title="which factor is wrong",
+                ylim=(0, 1.45 * top + 0.01))  # head room for the legend above the bars
+    axes[0].legend(fontsize=7, loc="upper right")
+    for ax, (run, counts) in zip(axes[1:], confusions.items()):
+        rows = counts.to_numpy()
+        ax.imshow(rows / rows.sum(1, keepdims=True), cmap="Blues", vmin=0, vmax=1)
+        for (r, c), count in np.ndenumerate(rows):
+            ax.text(c, r, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if count > rows[r].sum() / 2 else "black")
+        ax.set_xticks(range(len(counts.columns)), counts.columns, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(counts.index)), counts.index, fontsize=8)
+        ax.set(xlabel=f"{factor} of the top-1 touch item", ylabel=f"{factor} of the vision query", title=run)
+        ax.title.set_fontsize(9)
+    fig.suptitle(title)
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------
 # Phase 2: captions from token prefixes (notebook 04)
 

@@ -87,6 +87,9 @@ SEEDS = (0, 1, 2)
 PROBE = "non-linear"
 REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference results: tables of seed-0 runs, no weights
 REFERENCE_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv")
+# copied too where a run has it: confusion.csv came after most reference runs were trained, and the reference keeps
+# no weights to compute it from; the runs notebook 03 reads it from have it (a test checks)
+LATER_REFERENCE_FILES = ("confusion.csv",)
 
 
 def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", **overrides) -> phase1.TrainConfig:
@@ -116,7 +119,7 @@ def save_reference(runs) -> None:
                                     "of a run, the leakage probes' tables included; train it with leakage_probes: true")
         target = REFERENCE / run.parent.name / run.name
         target.mkdir(parents=True, exist_ok=True)
-        for name in REFERENCE_FILES:
+        for name in REFERENCE_FILES + tuple(name for name in LATER_REFERENCE_FILES if (run / name).is_file()):
             shutil.copyfile(run / name, target / name)
 
 

@@ -124,6 +124,60 @@ def test_factor_match_and_chance_agree_with_a_random_ranking():
     assert evaluate.chance_recall(torch.eye(100, dtype=torch.bool))[5] == pytest.approx(0.05)
 
 
+def encoded_from(factors: dict[str, np.ndarray], texture: np.ndarray, noise: float) -> dict:
+    """Shared embeddings at k = 1 of both modalities that hold exactly the shared discrete factors (one-hot each),
+    with `texture` as what the model reads of the true texture, plus Gaussian noise of std `noise`."""
+    def one_hot(textures, g):
+        parts = [np.eye(len(SynthTouch.FACTORS[name]))[codes] for name, codes in
+                 (("texture", textures), ("orientation", factors["orientation"]), ("roughness", factors["roughness"]))]
+        x = torch.tensor(np.concatenate(parts, 1), dtype=torch.float32)
+        return x + noise * torch.randn(x.shape, generator=g)
+    g = torch.Generator().manual_seed(0)
+    return {m: evaluate.Encoded(None, {1: one_hot(texture, g)}, None) for m in ("vision", "touch")}
+
+
+def test_retrieval_confusion_names_the_values_retrieval_mixes_up():
+    factors = factor_table(n=400)
+    checker, waves = SynthTouch.FACTORS["texture"].index("checker"), SynthTouch.FACTORS["texture"].index("waves")
+    # a model that reads every shared factor: nothing is wrong, every confusion matrix is diagonal
+    perfect = evaluate.retrieval_confusion(encoded_from(factors, factors["texture"], 0.01), factors, [1])
+    assert (evaluate.top1_differs(perfect, 1) == 0).all()
+    # a model that cannot tell checker from waves (it reads both as checker): only those two are mixed up, about
+    # half of the queries of either (a tie broken by the noise), and nothing else
+    blind = np.where(factors["texture"] == waves, checker, factors["texture"])
+    table = evaluate.retrieval_confusion(encoded_from(factors, blind, 0.01), factors, [1])
+    counts = evaluate.confusion_matrix(table, 1, "texture")
+    assert list(counts.index) == list(counts.columns) == SynthTouch.FACTORS["texture"]
+    wrong = counts.to_numpy() * (1 - np.eye(4))
+    assert wrong.sum() == wrong[checker, waves] + wrong[waves, checker] and wrong[checker, waves] > 0 < wrong[waves, checker]
+    either = np.isin(factors["texture"], [checker, waves]).sum()
+    shares = evaluate.top1_differs(table, 1)
+    assert 0.3 * either / 400 < shares["texture"] < 0.7 * either / 400  # binomial: ~50% of ~200 queries, ±4 SE
+    assert shares["orientation"] == shares["roughness"] == 0
+    with pytest.raises(ValueError, match="no confusion counts for k=4.*has k \\[1\\]"):
+        evaluate.confusion_matrix(table, 4, "texture")
+
+
+def test_the_top_1_that_is_counted_wrong_is_the_one_r1_judges():
+    """Rounded codes tie: the shares must come from the same top-1 as R@1 factor, so that the largest share is at
+    most 1 − R@1 and their sum at least (a query misses when it gets at least one factor wrong)."""
+    factors = factor_table(n=300, seed=1)
+    encoded = encoded_from(factors, factors["texture"], 0.6)
+    encoded = {m: e._replace(embeddings={1: e.embeddings[1].round()}) for m, e in encoded.items()}  # many ties
+    relevant = {"factor": evaluate.factor_match(factors, evaluate.shared_discrete_factors())}  # as evaluate_prefixes
+    recall = evaluate.retrieval_metrics(encoded["vision"].embeddings[1], encoded["touch"].embeddings[1], relevant,
+                                        "vision->touch")["vision->touch R@1 factor"]
+    shares = evaluate.top1_differs(evaluate.retrieval_confusion(encoded, factors, [1]), 1)
+    assert 0.2 < 1 - recall < 0.9  # a model that fails, and the measure says so
+    # counts of 300 queries: exact fractions, compared with a tolerance far below one query (1/300)
+    assert shares.max() <= 1 - recall + 1e-9 and shares.sum() >= 1 - recall - 1e-9
+
+
+def test_a_missing_confusion_table_says_how_to_get_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="confusion.csv is missing.*re-train"):
+        evaluate.read_confusion(tmp_path)
+
+
 def test_prefix_drops_flags_only_drops_beyond_sampling_noise():
     table = pd.DataFrame({"a->b R@1 pair": [0.30, 0.50, 0.48, 0.60], "a->b R@1 factor": [0.2, 0.6, 0.3, 0.6],
                           "a recon cos": [0.1, 0.2, 0.3, 0.4]}, index=[1, 2, 4, 8])
@@ -316,6 +370,18 @@ def test_information_map_and_leakage_figures_colour_factors_by_group(info):
     fig = labelled(plots.leakage(evaluate.leakage(info)))
     labels = {t.get_text(): to_hex(t.get_color()) for t in fig.axes[0].get_xticklabels()}
     assert labels["color"] == plots.GROUP_COLORS["vision"] and labels["hardness"] == plots.GROUP_COLORS["touch"]
+
+
+def test_retrieval_failures_figure_has_one_confusion_matrix_per_run():
+    factors = factor_table(n=200)
+    tables = {"reads texture": evaluate.retrieval_confusion(encoded_from(factors, factors["texture"], 0.01), factors, [1]),
+              "blind": evaluate.retrieval_confusion(encoded_from(factors, np.zeros(200, int), 0.01), factors, [1])}
+    fig = labelled(plots.retrieval_failures({n: evaluate.top1_differs(t, 1) for n, t in tables.items()},
+                                            {n: evaluate.confusion_matrix(t, 1, "texture") for n, t in tables.items()},
+                                            "texture", {"reads texture": 1.0, "blind": 0.27}))
+    bars, *matrices = fig.axes
+    assert [ax.get_title() for ax in matrices] == list(tables) and all(len(ax.images) == 1 for ax in matrices)
+    assert len(bars.patches) == 2 * 3 and "R@1 factor 0.270" in bars.get_legend().get_texts()[1].get_text()
 
 
 def test_attention_and_embedding_figures():

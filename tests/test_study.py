@@ -125,13 +125,14 @@ def test_finished_runs_come_from_your_study_and_otherwise_from_the_reference(row
     study.save_reference(runs[:2])
     copied = sorted(p.relative_to(study.REFERENCE).as_posix() for p in study.REFERENCE.rglob("*") if p.is_file())
     assert copied == sorted(f"{run}/{name}" for run in ("default/seed-0", "default/seed-1")
-                            for name in study.REFERENCE_FILES)
+                            for name in study.REFERENCE_FILES + study.LATER_REFERENCE_FILES)
     assert study.finished_run("default", 1, root) == root / "default" / "seed-1"  # your own run first
     reference = study.finished_run("default", 1, tmp_path / "nothing trained here")
     assert reference == study.REFERENCE / "default" / "seed-1"
     # the reference holds what the notebooks read of a run, and gives the same numbers
     assert study.headline(reference) == study.headline(root / "default" / "seed-1")
     assert evaluate.read_information(reference).equals(evaluate.read_information(root / "default" / "seed-1"))
+    assert evaluate.read_confusion(reference).equals(evaluate.read_confusion(root / "default" / "seed-1"))
 
 
 @pytest.mark.parametrize("variant", list(study.VARIANTS))
@@ -145,6 +146,19 @@ def test_the_reference_results_are_of_todays_config(variant, tmp_path):
         f"python study.py --variants '{variant}' --seeds 0 --reference")
     numbers = study.headline(run)
     assert 0 < numbers["R@1 factor, k=n_shared"] <= 1 and numbers["n_shared"] <= numbers["n_registers"]
+
+
+@pytest.mark.parametrize("variant", ["FSQ shared tokens 12-number code 28 epochs"])  # what notebook 03 reads
+def test_the_reference_confusion_counts_are_of_the_runs_own_top_1(variant):
+    """confusion.csv of reference runs was computed later, from the runs' weights: it must be of the same top-1 as
+    the run's own R@1 factor in eval.json: the largest share wrong at most 1 − R@1, and their sum at least that."""
+    for seed in study.SEEDS:
+        run = study.finished_run(variant, seed, "nothing trained here")
+        confusion, table = evaluate.read_confusion(run), evaluate.read_eval(run / "eval.json")
+        for k in table.index:
+            for direction in ("vision->touch", "touch->vision"):
+                shares, miss = evaluate.top1_differs(confusion, k, direction), 1 - table.loc[k, f"{direction} R@1 factor"]
+                assert shares.max() <= miss + 1e-9 and shares.sum() >= miss - 1e-9, (seed, k, direction)
 
 
 def test_unknown_variant_names_the_choices():
