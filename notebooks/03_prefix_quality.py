@@ -187,9 +187,12 @@ fig
 # board; the README's statistics section has the numbers over three seeds.
 
 # %%
+# the default's test split through its weights, once: this figure and the ones further down read it
 test_set, test_features = phase1.split_data(cfg, "test")
 model = phase1.load_aligner(default_run).model
 test_encoded = evaluate.encode_all(model, test_features, cfg.model.prefix_lengths, progress=True)
+
+# %%
 closest = "FSQ shared tokens 12-number code 28 epochs"
 confusions = {"default": evaluate.retrieval_confusion(test_encoded, test_set.factor_table(), [k_shared]),
               closest: evaluate.read_confusion(study.finished_run(closest))}
