@@ -229,10 +229,10 @@ def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, Features],
     Rows: k (the number of tokens used; the adapter's only row is k = 1, its full embedding).
     Columns: '<a>-><b> R@{1,5} pair' (the paired item is retrieved), '... factor' (an item with the same
     shared discrete factors is; SynthTouch `factors`), '... caption' (an item with the same caption is; real
-    data, whose `factor_table()` is {"caption": codes}: its chance level follows the caption frequencies), '... flow' (queries transported to the
-    other modality by the flow head first; flow-matching models only), '<m> recon cos' (preservation
-    decoder) and the chance level of each recall ('chance@1 pair', ...). Written to `out_path` as
-    {k: {metric: value}} JSON when given.
+    data, whose `factor_table()` is {"caption": codes}: its chance level follows the caption frequencies),
+    '... flow' (queries transported to the other modality by the flow head first; flow-matching models only),
+    '<m> recon cos' (preservation decoder) and the chance level of each recall ('chance@1 pair', ...). Written
+    to `out_path` as {k: {metric: value}} JSON when given.
     """
     ks = prefix_ks(model, ks)
     encoded = encoded or encode_all(model, features, ks, batch_size, one_pass)  # `encoded`: encode_all's, given

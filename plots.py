@@ -433,8 +433,8 @@ def retrieval_failures(shares: dict, confusions: dict, factor: str, recall: dict
         axes[0].bar_label(bars, fmt="%.3f", fontsize=7)
     axes[0].set_xticks(range(len(factors)), factors)
     top = max(float(share.max()) for share in shares.values())
-    axes[0].set(xlabel="shared factor", ylabel="share of queries: top-1 item\nwith another value", title="which factor is wrong",
-                ylim=(0, 1.45 * top + 0.01))  # head room for the legend above the bars
+    axes[0].set(xlabel="shared factor", ylabel="share of queries: top-1 item\nwith another value",
+                title="which factor is wrong", ylim=(0, 1.45 * top + 0.01))  # head room for the legend
     axes[0].legend(fontsize=7, loc="upper right")
     for ax, (run, counts) in zip(axes[1:], confusions.items()):
         rows = counts.to_numpy()
