@@ -127,7 +127,8 @@ def cosine(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
 
 def top_items(similarity: torch.Tensor, depth: int = max(RANKS)) -> torch.Tensor:
     """For each query (row), its `depth` most similar gallery items, best first. Recall and `nearest` both rank
-    with this one call, so where items tie (rounded FSQ codes can), both see the same top-1."""
+    with this call at the same depth (topk breaks ties differently at another depth), so where items tie (rounded
+    FSQ codes can), both see the same top-1."""
     return similarity.topk(min(depth, similarity.shape[1]), dim=1).indices
 
 
@@ -167,9 +168,10 @@ def retrieval_metrics(queries: torch.Tensor, gallery: torch.Tensor, relevant: di
     return out
 
 
-def nearest(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """For each query, the index of its most similar gallery item (cosine): the top-1 that R@1 judges."""
-    return top_items(cosine(queries, gallery))[:, 0]
+def nearest(queries: torch.Tensor, gallery: torch.Tensor, ranks=RANKS) -> torch.Tensor:
+    """For each query, the index of its most similar gallery item (cosine): the top-1 that `recall_at` with the
+    same `ranks` judges."""
+    return top_items(cosine(queries, gallery), max(ranks))[:, 0]
 
 
 def top1_confusion(factors: dict[str, np.ndarray], name: str, top1: torch.Tensor) -> pd.DataFrame:
@@ -208,7 +210,12 @@ def confusion_matrix(confusion: pd.DataFrame, k: int, factor: str, direction: st
                          f"{sorted(confusion.k.unique().tolist())}, directions {sorted(confusion.direction.unique())}, "
                          f"factors {sorted(confusion.factor.unique())}")
     values = SynthTouch.FACTORS[factor]
-    return rows.pivot(index="query", columns="retrieved", values="count").reindex(index=values, columns=values)
+    unknown = sorted((set(rows["query"]) | set(rows["retrieved"])) - set(values))
+    if unknown:
+        raise ValueError(f"the confusion counts of {factor!r} name values {unknown} that SynthTouch does not have "
+                         f"({values}); the table is of another testbed version: re-evaluate the run with this code")
+    counts = rows.pivot(index="query", columns="retrieved", values="count")
+    return counts.reindex(index=values, columns=values).fillna(0).astype(int)  # a value never retrieved: 0
 
 
 def top1_differs(confusion: pd.DataFrame, k: int, direction: str = "vision->touch") -> pd.Series:
@@ -326,7 +333,9 @@ def read_information(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 def read_confusion(run_dir: str | os.PathLike) -> pd.DataFrame:
     """The confusion.csv a run's evaluation wrote (`retrieval_confusion`)."""
-    return read_run_table(run_dir, "confusion.csv", "runs evaluated on SynthTouch since it came (2026-12) write it")
+    return read_run_table(run_dir, "confusion.csv", "runs evaluated on SynthTouch since it came (2026-12) write it, "
+                          "and docs/study has it for the study runs notebook 03 reads (study.finished_run(..., "
+                          "needs=('confusion.csv',)) falls back to them)")
 
 
 def read_eval(path: str | os.PathLike) -> pd.DataFrame:

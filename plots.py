@@ -438,7 +438,7 @@ def retrieval_failures(shares: dict, confusions: dict, factor: str, recall: dict
     axes[0].legend(fontsize=7, loc="upper right")
     for ax, (run, counts) in zip(axes[1:], confusions.items()):
         rows = counts.to_numpy()
-        ax.imshow(rows / rows.sum(1, keepdims=True), cmap="Blues", vmin=0, vmax=1)
+        ax.imshow(rows / np.maximum(rows.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)  # a value no query had: 0
         for (r, c), count in np.ndenumerate(rows):
             ax.text(c, r, str(count), ha="center", va="center", fontsize=8,
                     color="white" if count > rows[r].sum() / 2 else "black")

@@ -99,12 +99,13 @@ def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", 
     return phase1.load_config(None, **{**VARIANTS[variant], "seed": seed, "output_dir": str(folder), **overrides})
 
 
-def finished_run(variant: str, seed: int = 0, root: str | os.PathLike = "runs/study") -> Path:
+def finished_run(variant: str, seed: int = 0, root: str | os.PathLike = "runs/study", needs=()) -> Path:
     """The folder of a finished study run: yours in `root` when you trained it (`make study`), otherwise its
     reference results in docs/study (tables only: `evaluate.read_eval`, `read_information`, `headline` and
-    `train.training_minutes` read them; `phase1.load_aligner` needs weights, which only your own runs have)."""
+    `train.training_minutes` read them; `phase1.load_aligner` needs weights, which only your own runs have).
+    `needs`: files the folder must also hold (confusion.csv: runs evaluated before it came lack it)."""
     for folder in (run_config(variant, seed, root).run_dir, run_config(variant, seed, REFERENCE).run_dir):
-        if (folder / "eval.json").is_file():
+        if all((folder / name).is_file() for name in ("eval.json", *needs)):
             return folder
     raise FileNotFoundError(f"no finished run of study variant {variant!r}, seed {seed}, in {root} or in "
                             f"{REFERENCE}; train it with: python study.py --variants '{variant}' --seeds {seed}")

@@ -176,15 +176,16 @@ fig
 # 0.75 (vision / touch, 3 seeds), while the 12-number code's stays under the line (0.09 / 0.11).
 
 # %% [markdown]
-# ## Why no design reaches R@1 0.9: which factor retrieval gets wrong
+# ## Why no design reaches the target corner: which factor retrieval gets wrong
 # Factor-level R@1 counts a vision query as found when its top-1 touch item has the same texture, orientation and
-# roughness. Left: for each of the three, the share of queries whose top-1 item has another value. Right: which
-# textures are taken for which, for the default (this notebook's run, from its weights) and for the design closest
-# to the target corner (its `confusion.csv`, which every SynthTouch evaluation writes). Nearly every miss is a
-# texture, and most of those are *checker* taken for *waves* or the reverse: both patterns are lines that change
-# along their length with period two (`SynthTouch._render`), and the touch sensor's blur leaves little else to
-# tell them apart by. So the target corner is missed mostly on one pair of values of the testbed, not across the
-# board; the README's statistics section has the numbers over three seeds.
+# roughness; designs that keep leakage under 0.15 stay near 0.83 (the trade-off above). Left: for each of the three,
+# the share of queries whose top-1 item has another value. Right: which textures are taken for which, for the
+# default (this notebook's run, from its weights) and for the design closest to the target corner (its
+# `confusion.csv`, which every SynthTouch evaluation writes). Nearly every miss is a texture, and most of those are
+# *checker* taken for *waves* or the reverse: both patterns are lines that change along their length with period two
+# (`SynthTouch._render`), and the touch sensor's blur leaves little else to tell them apart by. So the target corner
+# is missed mostly on one pair of values of the testbed, not across the board; the README's statistics section has
+# the numbers over three seeds.
 
 # %%
 # the default's test split through its weights, once: this figure and the ones further down read it
@@ -194,10 +195,11 @@ test_encoded = evaluate.encode_all(model, test_features, cfg.model.prefix_length
 
 # %%
 closest = "FSQ shared tokens 12-number code 28 epochs"
+closest_run = study.finished_run(closest, needs=("confusion.csv",))
 confusions = {"default": evaluate.retrieval_confusion(test_encoded, test_set.factor_table(), [k_shared]),
-              closest: evaluate.read_confusion(study.finished_run(closest))}
+              closest: evaluate.read_confusion(closest_run)}
 recall = {"default": dropout_tables["power_of_two"].loc[k_shared, "vision->touch R@1 factor"],
-          closest: evaluate.read_eval(study.finished_run(closest) / "eval.json").loc[k_shared, "vision->touch R@1 factor"]}
+          closest: evaluate.read_eval(closest_run / "eval.json").loc[k_shared, "vision->touch R@1 factor"]}
 shares = {name: evaluate.top1_differs(table, k_shared) for name, table in confusions.items()}
 workbook.record("03 vision->touch queries whose top-1 has another value, k = n_shared (test)",
                 **{f"{name}: {factor}": share for name, row in shares.items() for factor, share in row.items()})

@@ -156,6 +156,12 @@ def test_retrieval_confusion_names_the_values_retrieval_mixes_up():
     assert shares["orientation"] == shares["roughness"] == 0
     with pytest.raises(ValueError, match="no confusion counts for k=4.*has k \\[1\\]"):
         evaluate.confusion_matrix(table, 4, "texture")
+    # a value no query had and no top-1 was counts 0, not NaN; a value SynthTouch does not have is refused
+    without_dots = table[(table["query"] != "dots") & (table["retrieved"] != "dots")]
+    assert evaluate.confusion_matrix(without_dots, 1, "texture").loc["dots"].tolist() == [0, 0, 0, 0]
+    renamed = table.replace({"retrieved": {"dots": "spots"}})
+    with pytest.raises(ValueError, match="values \\['spots'\\] that SynthTouch does not have"):
+        evaluate.confusion_matrix(renamed, 1, "texture")
 
 
 def test_the_top_1_that_is_counted_wrong_is_the_one_r1_judges():
@@ -169,8 +175,12 @@ def test_the_top_1_that_is_counted_wrong_is_the_one_r1_judges():
                                         "vision->touch")["vision->touch R@1 factor"]
     shares = evaluate.top1_differs(evaluate.retrieval_confusion(encoded, factors, [1]), 1)
     assert 0.2 < 1 - recall < 0.9  # a model that fails, and the measure says so
-    # counts of 300 queries: exact fractions, compared with a tolerance far below one query (1/300)
-    assert shares.max() <= 1 - recall + 1e-9 and shares.sum() >= 1 - recall - 1e-9
+    # query by query: the item `nearest` picks is a hit exactly as often as R@1 counts (an argmax would pick
+    # other tied items). Recall is a float32 mean of 300 zeros and ones, exact to ~1e-7: compared in queries
+    top1 = evaluate.nearest(encoded["vision"].embeddings[1], encoded["touch"].embeddings[1])
+    hits = relevant["factor"][torch.arange(300), top1]
+    assert hits.sum().item() == round(recall * 300)
+    assert shares.max() <= 1 - recall + 1e-6 and shares.sum() >= 1 - recall - 1e-6
 
 
 def test_a_missing_confusion_table_says_how_to_get_one(tmp_path):

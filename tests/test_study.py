@@ -133,6 +133,13 @@ def test_finished_runs_come_from_your_study_and_otherwise_from_the_reference(row
     assert study.headline(reference) == study.headline(root / "default" / "seed-1")
     assert evaluate.read_information(reference).equals(evaluate.read_information(root / "default" / "seed-1"))
     assert evaluate.read_confusion(reference).equals(evaluate.read_confusion(root / "default" / "seed-1"))
+    # a folder without confusion.csv is passed over when a notebook needs it; the reference is taken instead
+    (root / "default" / "seed-1" / "confusion.csv").rename(root / "default" / "seed-1" / "confusion.csv.away")
+    try:
+        assert study.finished_run("default", 1, root) == root / "default" / "seed-1"
+        assert study.finished_run("default", 1, root, needs=("confusion.csv",)) == reference
+    finally:
+        (root / "default" / "seed-1" / "confusion.csv.away").rename(root / "default" / "seed-1" / "confusion.csv")
 
 
 @pytest.mark.parametrize("variant", list(study.VARIANTS))
@@ -158,7 +165,8 @@ def test_the_reference_confusion_counts_are_of_the_runs_own_top_1(variant):
         for k in table.index:
             for direction in ("vision->touch", "touch->vision"):
                 shares, miss = evaluate.top1_differs(confusion, k, direction), 1 - table.loc[k, f"{direction} R@1 factor"]
-                assert shares.max() <= miss + 1e-9 and shares.sum() >= miss - 1e-9, (seed, k, direction)
+                # recall is a float32 mean of 1000 zeros and ones (exact to ~1e-7), the shares exact fractions
+                assert shares.max() <= miss + 1e-6 and shares.sum() >= miss - 1e-6, (seed, k, direction)
 
 
 def test_unknown_variant_names_the_choices():
