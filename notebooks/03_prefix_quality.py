@@ -158,7 +158,7 @@ fig
 # term (`core.alignment_loss`) that keeps pulling matched pairs together. Compare its curve with the guards'
 # above: it still leaks, because the non-linear probe rescales what it reads, so even a small leftover of the
 # camera's colour in a continuous embedding is found. Limiting what a token can carry helps: the *token
-# bottleneck* (8 continuous numbers per token) leaks less, and *FSQ tokens* — FlexTok's own token format, 6
+# bottleneck* (8 continuous numbers per token) leaks less from touch, not reliably from vision, and *FSQ tokens* — FlexTok's own token format, 6
 # numbers per token rounded to a few levels each — leave no leftover to find: their curves sit near 0, the only
 # designs under the workbook's 0.15 (*FSQ shared tokens* rounds the shared tokens only, so the private ones keep
 # their detail). What it costs is retrieval: rounded tokens learn slowly, and in the default's 14 epochs they
