@@ -12,6 +12,8 @@ position, the running epoch sums). What the loop guarantees, for phase 1 and pha
 - a fresh run never replaces a run silently: a folder that holds a checkpoint needs resume or overwrite;
 - a checkpoint is written into its own folder, synced to disk, and swapped in with one atomic rename
   of a link, so a crash at any moment leaves either the old checkpoint or the new one, never a mix;
+- one process at a time trains a folder (`RunFolder.exclusive`, a file lock): two notebooks or two
+  JupyterLab tabs asking for the same run train it once, the second waiting for the first;
 - resume is exact: the randomness of step s is drawn from a generator seeded by (seed, rank, s), the
   batches of an epoch are a function of (seed, epoch), and metrics rows after the checkpoint are dropped,
   so `metrics.jsonl` reads as one uninterrupted run; a resume that cannot be exact (another config,
@@ -20,6 +22,8 @@ position, the running epoch sums). What the loop guarantees, for phase 1 and pha
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import itertools
 import json
 import math
@@ -148,6 +152,44 @@ class RunFolder:
                 shutil.rmtree(entry, ignore_errors=True)
             elif entry.name.startswith(".") and ".tmp" in entry.name:
                 entry.unlink(missing_ok=True) if not entry.is_dir() or entry.is_symlink() else shutil.rmtree(entry)
+
+    def trained(self, epochs: int) -> bool:
+        """Whether all `epochs` are trained and the checkpoint holds the last one's weights (its evaluation may
+        still be running in the process that trained it)."""
+        last = [row["step"] for row in self.rows() if row["kind"] == "epoch" and row["epoch"] == epochs - 1]
+        return bool(last) and self.checkpoint_step() == last[-1]
+
+    @contextlib.contextmanager
+    def exclusive(self, ready: Callable[[], bool] = lambda: False, poll: float = 1.0):
+        """Hold the folder's lock file (`.lock`) for the block: yields True once held. While another process
+        holds it, waits, or yields False as soon as `ready()` is true (say, the weights it trains are final).
+        A folder made only for the lock is removed again when nothing else was written into it."""
+        made = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / ".lock"
+        try:
+            with open(lock_path, "a") as handle:
+                held, told = False, False
+                while not held:
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        held = True
+                    except BlockingIOError:
+                        if ready():
+                            break
+                        if not told:
+                            print(f"another process is training {self.path}; waiting for it", flush=True)
+                            told = True
+                        time.sleep(poll)
+                try:
+                    yield held
+                finally:
+                    if held:
+                        fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            if made and [entry.name for entry in self.path.iterdir()] == [lock_path.name]:
+                lock_path.unlink()
+                self.path.rmdir()
 
     def checkpoint_step(self) -> int | None:
         folder = self.checkpoint

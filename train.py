@@ -119,17 +119,26 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     return cfg.run_dir
 
 
-def ensure_trained(cfg: TrainConfig, callback=None) -> Path:
+def ensure_trained(cfg: TrainConfig, callback=None, evaluated: bool = True) -> Path:
     """The run folder of `cfg`, training only what is missing: a finished run (eval.json) of the same config
     is reused, an interrupted one resumes, otherwise training starts. Re-running a notebook costs nothing.
-    A folder holding a run of another config (epochs included) is refused, as on the command line."""
+    A folder holding a run of another config (epochs included) is refused, as on the command line.
+
+    One process trains a folder at a time; another asking for it waits, then reuses the run. With
+    `evaluated=False` it returns as soon as the weights are final, without waiting for the test-split
+    evaluation: what notebook 04 needs, so `make demo` starts it beside notebook 02's evaluation."""
     run = run_folder(cfg.run_dir)
-    if run.checkpoint is None:
-        return train(cfg, callback=callback)
-    run.check_same_config(to_yaml(cfg), RESUME_IGNORES)
-    if (cfg.run_dir / "eval.json").is_file():
-        return cfg.run_dir
-    return train(cfg, resume=True, callback=callback)
+
+    def final() -> bool:
+        return not evaluated and run.checkpoint is not None and run.trained(cfg.epochs)
+
+    with run.exclusive(ready=final):  # held, or another process holds it and the weights are final
+        if run.checkpoint is None:
+            return train(cfg, callback=callback)
+        run.check_same_config(to_yaml(cfg), RESUME_IGNORES)
+        if (cfg.run_dir / "eval.json").is_file() or final():
+            return cfg.run_dir
+        return train(cfg, resume=True, callback=callback)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -78,7 +78,7 @@ def save_figure(fig, name: str) -> Path:
 def record(section: str, **numbers) -> dict:
     """Add key numbers of a notebook to `<run_dir>/numbers.json`; report.md is built from them."""
     path = settings()[1] / "numbers.json"
-    with open(path.with_name(".numbers.lock"), "w") as lock:  # notebooks side by side (LANES) record at once
+    with open(path.with_name(".numbers.lock"), "w") as lock:  # notebooks side by side record at once
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(path.read_text()) if path.exists() else {}
         data.setdefault(section, {}).update({k: _plain(v) for k, v in numbers.items()})
@@ -183,7 +183,7 @@ def poll_in_steps(get_msg, step: float = 1.0):
 
 
 def write_report(out_dir: Path, timings: dict[str, float], smoke: bool, wall: float | None = None) -> Path:
-    """report.md: each notebook's minutes (and `wall`, the seconds of the whole run, whose lanes ran side by
+    """report.md: each notebook's minutes (and `wall`, the seconds of the whole run, whose notebooks ran side by
     side), its key numbers and its figures."""
     numbers_path = out_dir / "numbers.json"
     numbers = json.loads(numbers_path.read_text()) if numbers_path.exists() else {}
@@ -191,8 +191,8 @@ def write_report(out_dir: Path, timings: dict[str, float], smoke: bool, wall: fl
              "| notebook | minutes |", "|---|---|"]
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
     if wall is not None:
-        lane_text = "; ".join(" → ".join(lane) for lane in LANES)
-        lines += ["", f"The whole run took {wall / 60:.1f} minutes, its lanes side by side ({lane_text})."]
+        lines += ["", f"The whole run took {wall / 60:.1f} minutes, notebooks side by side as soon as what each reads "
+                      "was there (workbook.AFTER)."]
     for section, values in numbers.items():
         lines += ["", f"## {section}", "", "| quantity | value |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items()]
@@ -210,20 +210,30 @@ def code_key() -> str:
     return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
 
 
-# Notebooks of one lane run one after another, each reading what the one before made (01's feature cache, 02's
-# phase-1 run for 03 and 04); notebook 05 reads nothing of theirs, so its lane runs beside them, the cores split
-# between the lanes still working. Side by side at one thread each, 02 and 05 did 1.2x the work of one at a time
-# on two threads (README: the demo 35.9 -> 30.8 minutes). A notebook not named here runs at the end of the first lane.
-LANES = (("01", "02", "03", "04"), ("05",))
+# When each notebook may start. One waits for the notebooks it reads from (01's feature cache, 02's default
+# phase-1 run) to be done; those not part of this run (`--only`) are not waited for. Notebook 04 reads only that
+# run's weights, so it starts once they are final (EARLY_START), beside 02's evaluation and 03; notebook 05 reads
+# nothing of theirs and starts at once. Side by side at one thread each, 02 and 05 did 1.2x the work of one at a
+# time on two threads (README: the demo 35.9 -> 30.8 minutes).
+AFTER = {"02": ("01",), "03": ("02",), "04": ("02",)}
+EARLY_START = {"04": ("02", "phase1/default")}  # notebook -> (the notebook it follows, the run folder it reads)
 
 
-def lanes(paths: list[Path]) -> list[list[Path]]:
-    """`paths` split into LANES (order kept), empty lanes dropped."""
-    index = {prefix: i for i, lane in enumerate(LANES) for prefix in lane}
-    split = [[] for _ in LANES]
-    for path in paths:
-        split[index.get(path.name[:2], 0)].append(path)
-    return [lane for lane in split if lane]
+def ready(path: Path, out_dir: Path, waiting: set[str]) -> bool:
+    """Whether notebook `path` may start, given the notebooks of this run `waiting` to start or running."""
+    prefix = path.name[:2]
+    early, run_folder = EARLY_START.get(prefix, (None, None))
+    for before in AFTER.get(prefix, ()):
+        if any(name.startswith(before) for name in waiting) and not (before == early and weights_final(out_dir / run_folder)):
+            return False
+    return True
+
+
+def weights_final(run_dir: Path) -> bool:
+    """Whether the phase-1 run in `run_dir` has trained its last epoch (its evaluation may still be running)."""
+    import loop  # here, not at the top: it imports torch, which --sync never needs
+    run = loop.RunFolder(run_dir)
+    return run.config_path.is_file() and run.trained(run.saved_config()["epochs"])
 
 
 def core_budget() -> int:
@@ -254,16 +264,16 @@ def run_notebook(path: Path, out_dir: Path, smoke: bool, threads: int, running: 
 
 
 def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Path:
-    """Execute the notebooks (all, or those named by `only`) into out_dir, lane by lane (LANES: side by side),
-    and write report.md. Numbers and timings of notebooks not re-run this time are kept, so `--only 04` refreshes
-    one part of a report.
+    """Execute the notebooks (all, or those named by `only`) into out_dir, each as soon as what it reads is there
+    (AFTER, EARLY_START), side by side with the cores shared among those running, and write report.md. Numbers
+    and timings of notebooks not re-run this time are kept, so `--only 04` refreshes one part of a report.
 
     An interrupted run continues where it stopped: progress.json lists the notebooks finished so far (with
     the code key), those are skipped, and the one interrupted runs again (its training resumes from its
     checkpoint through train.ensure_trained). A run that completes removes progress.json. When a notebook
-    fails, the other lanes finish the notebook they are in (nothing trained is lost) and start no other."""
+    fails, the others running finish (nothing trained is lost) and no other starts."""
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from tqdm.auto import tqdm
 
@@ -284,53 +294,55 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
     numbers = {section: v for section, v in numbers.items() if not any(section.startswith(p.name[:2]) for p in paths)}
     numbers_path.write_text(json.dumps(numbers, indent=1))
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    work, cores, lock, stop = lanes(paths), core_budget(), threading.Lock(), threading.Event()
-    started = time.perf_counter()
-    busy, running, budgets = [len(work)], set(), {}  # lanes still working; notebook processes; their thread files
+    cores, lock = core_budget(), threading.Lock()
+    pending, started_at, running, budgets = list(paths), time.perf_counter(), set(), {}  # processes; thread files
 
-    def share_cores() -> int:  # under the lock: the cores split among the lanes still working, told to each notebook
-        threads = max(1, cores // max(1, busy[0]))
+    def share_cores() -> int:  # under the lock: the cores split among the notebooks running, told to each
+        threads = max(1, cores // max(1, len(budgets)))
         for file in budgets.values():
             atomic_write(file, lambda tmp: tmp.write_text(str(threads)))
         return threads
 
-    def run_lane(lane: list[Path]):
+    def run_one(path: Path, threads: int):
+        start = time.perf_counter()
         try:
-            for path in lane:
-                if stop.is_set():
-                    return
-                with lock:
-                    budgets[path.stem] = out_dir / ".threads" / path.stem
-                    threads = share_cores()
-                start = time.perf_counter()
-                try:
-                    run_notebook(path, out_dir, smoke, threads, running, budgets[path.stem])
-                except BaseException:
-                    stop.set()
-                    raise
-                finally:
-                    with lock:
-                        budgets.pop(path.stem).unlink(missing_ok=True)
-                with lock:
-                    timings[path.stem] = time.perf_counter() - start
-                    timings_path.write_text(json.dumps(dict(sorted(timings.items())), indent=1))
-                    done.add(path.stem)
-                    progress_path.write_text(json.dumps({"key": key, "smoke": smoke, "done": sorted(done)}))
-                    bar.update(1)
-                    bar.write(f"{path.stem}: {timings[path.stem]:.0f} s, starting on {threads} thread(s)")
+            run_notebook(path, out_dir, smoke, threads, running, budgets[path.stem])
         finally:
-            with lock:  # the other lanes' notebooks take over this lane's cores from their next training step
-                busy[0] -= 1
+            with lock:  # the others take over this notebook's cores from their next training step
+                budgets.pop(path.stem).unlink(missing_ok=True)
                 share_cores()
+        with lock:
+            timings[path.stem] = time.perf_counter() - start
+            timings_path.write_text(json.dumps(dict(sorted(timings.items())), indent=1))
+            done.add(path.stem)
+            progress_path.write_text(json.dumps({"key": key, "smoke": smoke, "done": sorted(done)}))
+            bar.update(1)
+            bar.write(f"{path.stem}: {timings[path.stem]:.0f} s, starting on {threads} thread(s)")
 
     bar = tqdm(total=len(paths), desc="notebooks")
-    pool = ThreadPoolExecutor(max(1, len(work)))
-    lanes_running = [pool.submit(run_lane, lane) for lane in work]
+    pool, notebooks, errors = ThreadPoolExecutor(max(1, len(paths))), {}, []  # future -> its notebook; failures
     try:
-        for lane in lanes_running:
-            lane.result()  # a failed notebook's error, once the other lanes have finished the notebook they are in
-    except KeyboardInterrupt:  # no lane starts another notebook, and the running ones stop now
-        stop.set()
+        while notebooks or (pending and not errors):
+            with lock:
+                waiting = {p.stem for p in pending} | {p.stem for p in notebooks.values()}
+                starting = [p for p in pending if not errors and ready(p, out_dir, waiting)]
+                for path in starting:  # every budget first: notebooks starting together start on their share
+                    pending.remove(path)
+                    budgets[path.stem] = out_dir / ".threads" / path.stem
+                threads = share_cores()
+                for path in starting:
+                    notebooks[pool.submit(run_one, path, threads)] = path
+            if not notebooks and not errors:
+                raise RuntimeError(f"no notebook can start: {[p.stem for p in pending]} wait for each other; "
+                                   "check workbook.AFTER")
+            finished, _ = wait(notebooks, timeout=1.0, return_when=FIRST_COMPLETED)  # 1 s: EARLY_START's poll
+            for future in finished:
+                notebooks.pop(future)
+                if future.exception() is not None:  # the others running finish; none starts
+                    errors.append(future.exception())
+        if errors:
+            raise errors[0]
+    except KeyboardInterrupt:  # no notebook starts, and the running ones stop now
         for child in list(running):
             child.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C has sent them already
         raise
@@ -338,7 +350,7 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
         pool.shutdown(wait=True)
         bar.close()
     progress_path.unlink(missing_ok=True)
-    return write_report(out_dir, dict(sorted(timings.items())), smoke, wall=time.perf_counter() - started)
+    return write_report(out_dir, dict(sorted(timings.items())), smoke, wall=time.perf_counter() - started_at)
 
 
 def main(argv=None):
@@ -347,14 +359,14 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every cell runs")
     parser.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 01 02")
     parser.add_argument("--execute", type=Path, metavar="NOTEBOOK",
-                        help="execute this one notebook into --out (what each of run's lanes starts)")
+                        help="execute this one notebook into --out (what run starts for each notebook)")
     parser.add_argument("--sync", action="store_true",
                         help="only normalise the .py files and create missing .ipynb working copies")
     args = parser.parse_args(argv)
     if args.sync:
         print("\n".join(map(str, sync_notebooks())) or "notebooks already in sync")
         return
-    if args.execute:  # run's lanes stop this process with SIGINT, which a shell may ignore in background jobs
+    if args.execute:  # run stops this process with SIGINT, which a shell may ignore in background jobs
         signal.signal(signal.SIGINT, signal.default_int_handler)
         execute(args.execute, args.out, args.smoke)
         return

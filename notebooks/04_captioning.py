@@ -31,15 +31,16 @@ llm_cfg
 
 # %% [markdown]
 # ## Phase 1, then phase 2
-# Phase 1 is the default run of notebook 02 (trained here if it is missing). Phase 2 then trains on the
-# training split: per sample it draws which modality's tokens the decoder sees (vision, touch or both) and how
-# many (k from 0, 1, 2, 4, … all), so one model answers for every token source. After every epoch it captions
-# the validation split (the `val` columns below): settings and the number of epochs are chosen on these, never
-# on test. After training it captions the test split from every source, for reporting only, and writes
-# `caption_eval.json`. Finished runs are reused, interrupted ones resume.
+# Phase 1 is the default run of notebook 02 (trained here if it is missing). Phase 2 needs only its weights, not
+# its test-split evaluation, so `make demo` starts this notebook as soon as they are final. Phase 2 then trains
+# on the training split: per sample it draws which modality's tokens the decoder sees (vision, touch or both)
+# and how many (k from 0, 1, 2, 4, … all), so one model answers for every token source. After every epoch it
+# captions the validation split (the `val` columns below): settings and the number of epochs are chosen on
+# these, never on test. After training it captions the test split from every source, for reporting only, and
+# writes `caption_eval.json`. Finished runs are reused, interrupted ones resume.
 
 # %%
-phase1_run = train.ensure_trained(phase1_cfg)
+phase1_run = train.ensure_trained(phase1_cfg, evaluated=False)
 phase2_run = run_dir / "phase2" / "default"
 result = llm_integration.ensure_phase2(phase1_run, phase2_run, llm_cfg)
 pd.DataFrame([r for r in train.read_metrics(phase2_run) if r["kind"] == "epoch"]).set_index("epoch")

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -204,6 +205,36 @@ def test_a_run_from_before_a_config_field_existed_is_still_reused(reference_run,
     assert train.ensure_trained(tiny(cache_dir, old)) == old
     with pytest.raises(ValueError, match=r"'model.token_dim': \(None, 8\)"):
         train.ensure_trained(tiny(cache_dir, old, **{"model.token_dim": 8}))
+
+
+def test_a_run_folder_is_trained_by_one_process_at_a_time(reference_run, cache_dir, tmp_path):
+    """Notebook 04 beside notebook 02 (make demo), or two JupyterLab tabs, asking for one run: while another
+    process holds the folder, ensure_trained waits for it instead of training the run a second time; with
+    evaluated=False it returns as soon as the weights are final, not waiting for the test-split evaluation."""
+    copy = tmp_path / "run"
+    shutil.copytree(reference_run, copy, symlinks=True)
+    (copy / "eval.json").unlink()  # trained: what the folder holds while the process that trained it evaluates
+    cfg, holder = tiny(cache_dir, copy), loop.RunFolder(copy)
+    assert holder.trained(TINY["epochs"]) and not holder.trained(TINY["epochs"] + 1)
+    waiter = threading.Thread(target=train.ensure_trained, args=(cfg,))
+    with holder.exclusive() as held:
+        assert held
+        assert train.ensure_trained(cfg, evaluated=False) == copy and not (copy / "eval.json").exists()
+        waiter.start()  # needs the evaluation: waits for the holder
+        waiter.join(3)
+        assert waiter.is_alive() and not (copy / "eval.json").exists()
+    waiter.join(120)
+    assert not waiter.is_alive() and (copy / "eval.json").is_file()  # evaluated once the holder let go
+    assert rows(copy, "epoch") == rows(reference_run, "epoch")  # from the same weights, nothing trained again
+    files = [sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) for run in (copy, reference_run)]
+    assert files[0] == files[1]  # one checkpoint, no second run; the lock file (.lock) stays for the next caller
+
+
+def test_a_run_that_cannot_start_leaves_no_folder_for_its_lock(cache_dir, tmp_path):
+    cfg = tiny(cache_dir, tmp_path / "never", batch_size=10 ** 6)
+    with pytest.raises(ValueError, match="batch_size"):
+        train.ensure_trained(cfg)
+    assert not (tmp_path / "never").exists()
 
 
 def test_interrupted_metrics_are_truncated_to_the_checkpoint_on_resume(reference_run, cache_dir, tmp_path):

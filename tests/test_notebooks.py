@@ -130,7 +130,9 @@ def test_an_interrupted_workbook_continues_where_it_stopped(tmp_path, monkeypatc
             raise KeyboardInterrupt
         (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
 
-    monkeypatch.setattr(workbook, "LANES", (tuple(p.name[:2] for p in NOTEBOOKS),))  # one lane: a known order
+    # one after another: a known order
+    monkeypatch.setattr(workbook, "AFTER", {b.name[:2]: (a.name[:2],) for a, b in zip(NOTEBOOKS, NOTEBOOKS[1:])})
+    monkeypatch.setattr(workbook, "EARLY_START", {})
     monkeypatch.setattr(workbook, "run_notebook", fake_execute)
     with pytest.raises(KeyboardInterrupt):
         workbook.run(tmp_path, smoke=True)

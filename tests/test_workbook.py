@@ -1,5 +1,6 @@
-"""How `make demo` runs the notebooks (workbook.run): lanes side by side with the cores shared among them, a failed
-notebook stopping the other lanes after their current notebook, Ctrl-C stopping every notebook at once."""
+"""How `make demo` runs the notebooks (workbook.run): each as soon as what it reads is there, side by side with the
+cores shared among those running, a failed notebook letting the others running finish and starting no other,
+Ctrl-C stopping every notebook at once."""
 import json
 import os
 import signal
@@ -15,41 +16,89 @@ import workbook
 NAMES = [p.stem for p in workbook.notebook_paths()]
 
 
-def test_the_real_data_notebook_runs_beside_the_others_and_the_cores_are_shared(tmp_path, monkeypatch):
-    """05 reads nothing the others write, so it runs while 01 does, one thread each on two cores; 01–04 stay in
-    order (each reads what the one before made); once 05 is done, 01 is told (through its threads file, which the
-    training loop reads before each step) that it may use both cores, and the notebooks after it start on both."""
-    events = {name: threading.Event() for name in ("01 started", "05 done")}
+def trained_run(folder: Path, epochs: int = 1):
+    """What a phase-1 run folder holds once its last epoch is trained: config, the epoch rows, a checkpoint."""
+    import torch
+
+    import loop
+    run = loop.RunFolder(folder)
+    run.start({"epochs": epochs}, resume=False)
+    for epoch in range(epochs):
+        run.log({"kind": "epoch", "step": epoch + 1, "epoch": epoch})
+        run.save(epoch + 1, {"weight": torch.zeros(1)}, {})
+
+
+def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shared(tmp_path, monkeypatch):
+    """05 reads nothing the others write, so it runs while 01 does, one thread each on two cores; once 05 is done,
+    01 is told (through its threads file, which the training loop reads before each step) that it may use both.
+    02 starts after 01 (the feature cache), 03 after 02 (its evaluation); 04 reads only 02's phase-1 weights, so
+    it starts as soon as they are final, while 02 still runs (evaluating), and the two share the cores."""
+    events = {name: threading.Event() for name in ("01 started", "05 done", "04 started", "02 saw 04", "02 done")}
     seen = []
 
     def fake_notebook(path, out_dir, smoke, threads, running, threads_file):
         seen.append((path.stem, threads))
         if path.name.startswith("05"):
-            assert events["01 started"].wait(10), "05 waited for 01: the lanes did not run side by side"
+            assert events["01 started"].wait(10), "05 waited for 01: they did not run side by side"
             events["05 done"].set()
         if path.name.startswith("01"):
             assert threads_file.read_text() == "1"
             events["01 started"].set()
             assert events["05 done"].wait(10)
-            deadline = time.time() + 10  # 05's lane ends: 01, still running, is told it may use both cores
+            deadline = time.time() + 10  # 05 ends: 01, still running, is told it may use both cores
             while threads_file.read_text() != "2" and time.time() < deadline:
                 time.sleep(0.01)
             seen.append(("01 after 05", int(threads_file.read_text())))
+        if path.name.startswith("02"):
+            trained_run(out_dir / "phase1" / "default", epochs=2)
+            assert events["04 started"].wait(10), "04 waited for 02 to end, not for its weights"
+            seen.append(("02 beside 04", int(threads_file.read_text())))
+            events["02 saw 04"].set()
+            events["02 done"].set()
+        if path.name.startswith("04"):
+            events["04 started"].set()
+            assert events["02 saw 04"].wait(10)
+        if path.name.startswith("03"):
+            assert events["02 done"].is_set(), "03 started before 02 was done"
         (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
 
     monkeypatch.setattr(workbook, "core_budget", lambda: 2)
     monkeypatch.setattr(workbook, "run_notebook", fake_notebook)
     report = workbook.run(tmp_path, smoke=True).read_text()
     threads = dict(seen)
-    assert [name for name, _ in seen if name in NAMES and not name.startswith("05")] == [
-        n for n in NAMES if not n.startswith("05")]
+    order = [name for name, _ in seen if name in NAMES]
+    assert order.index("01_data_and_encoders") < order.index("02_phase1_training") < order.index("04_captioning")
     assert threads["01_data_and_encoders"] == 1 and threads["05_real_data"] == 1
-    assert threads["01 after 05"] == 2 and threads["02_phase1_training"] == threads["04_captioning"] == 2
+    assert threads["01 after 05"] == 2 and threads["02_phase1_training"] == 2
+    assert threads["04_captioning"] == threads["02 beside 04"] == 1
     assert all(name in report for name in NAMES) and "side by side" in report
     assert not (tmp_path / "progress.json").exists()
 
 
-def test_a_failed_notebook_lets_the_other_lane_finish_its_notebook_and_start_no_other(tmp_path, monkeypatch):
+def test_what_a_notebook_waits_for():
+    """Only notebooks of this run are waited for (`--only 04` starts at once and trains phase 1 itself when it
+    is missing); 04 waits for 02 until 02's run has final weights, and a run still mid-training is not final."""
+    folder = Path(__file__).parent / "no-such-run"
+    paths = {p.name[:2]: p for p in workbook.notebook_paths()}
+    assert workbook.ready(paths["04"], folder, {"04_captioning"})
+    assert not workbook.ready(paths["04"], folder, {"02_phase1_training", "04_captioning"})
+    assert not workbook.ready(paths["03"], folder, {"02_phase1_training", "03_prefix_quality"})
+    assert workbook.ready(paths["05"], folder, set(NAMES))
+
+
+def test_notebook_04_starts_beside_02_once_the_weights_are_final(tmp_path):
+    run_dir = tmp_path / "phase1" / "default"
+    paths = {p.name[:2]: p for p in workbook.notebook_paths()}
+    waiting = {"02_phase1_training", "03_prefix_quality", "04_captioning"}
+    trained_run(run_dir, epochs=2)
+    assert workbook.ready(paths["04"], tmp_path, waiting)
+    assert not workbook.ready(paths["03"], tmp_path, waiting)  # 03 reads 02's evaluation
+    metrics = run_dir / "metrics.jsonl"  # the last epoch not yet trained: not final
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    assert not workbook.ready(paths["04"], tmp_path, waiting)
+
+
+def test_a_failed_notebook_lets_the_others_running_finish_and_starts_no_other(tmp_path, monkeypatch):
     failed, ran = threading.Event(), []
 
     def fake_notebook(path, out_dir, smoke, threads, running, threads_file):
@@ -67,11 +116,11 @@ def test_a_failed_notebook_lets_the_other_lane_finish_its_notebook_and_start_no_
     assert json.loads((tmp_path / "progress.json").read_text())["done"] == ["01_data_and_encoders"]
 
 
-STAND_INS = ("01_first", "05_beside")  # one notebook in each lane
+STAND_INS = ("01_first", "05_beside")  # two notebooks that read nothing of each other
 
 
 def stand_in_notebooks(tmp_path, monkeypatch, seconds: float) -> Path:
-    """The workbook's notebooks replaced by two one-cell ones, one per lane, each writing when it started, its
+    """The workbook's notebooks replaced by two one-cell ones that start together, each writing when it started, its
     process and thread setting, then sleeping `seconds`; returns the run folder (two cores to share)."""
     folder = tmp_path / "notebooks"
     folder.mkdir()
@@ -89,7 +138,7 @@ def stand_in_notebooks(tmp_path, monkeypatch, seconds: float) -> Path:
     return tmp_path / "run"
 
 
-def test_two_lanes_run_as_two_processes_each_kernel_on_its_share_of_the_cores(tmp_path, monkeypatch):
+def test_notebooks_side_by_side_run_as_two_processes_each_kernel_on_its_share_of_the_cores(tmp_path, monkeypatch):
     out = stand_in_notebooks(tmp_path, monkeypatch, seconds=3)
     report = workbook.run(out, smoke=True).read_text()
     first, beside = (json.loads((out / f"{name}.json").read_text()) for name in STAND_INS)
