@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 import core
-from config import atomic_write, follow_thread_budget
+from config import atomic_write, thread_budget
 from data import SynthTouch
 from features import Features
 
@@ -532,9 +532,9 @@ def fit_probe(kind: str, continuous: bool, fit_x, fit_y, test_x, test_y) -> tupl
 
 def probe_processes() -> int:
     """How many processes fit probes side by side: as many as the threads torch was given to train with
-    (`torch.get_num_threads()`, or make demo's budget for this notebook), so a study's runs side by side, one
-    thread each, fit theirs one by one."""
-    return max(1, follow_thread_budget())
+    (`torch.get_num_threads()`, or make demo's budget for this notebook; a phase's `at_most_threads` cap is for
+    its own steps, not the probes'), so a study's runs side by side, one thread each, fit theirs one by one."""
+    return max(1, thread_budget())
 
 
 def fit_probes(tasks, n_tasks: int, desc: str | None = None) -> list[tuple[float, float]]:

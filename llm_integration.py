@@ -45,7 +45,7 @@ import evaluate
 import loop
 import phase1
 from captions import attribute_accuracy, attribute_baselines, caption_metrics, summarize_accuracy
-from config import atomic_write, load_dataclass
+from config import at_most_threads, atomic_write, load_dataclass
 from encoders import check_images, hub_or_cache
 from features import Features
 
@@ -262,6 +262,9 @@ class LLMConfig:
     seed: int = 0
     log_every: int = 10
     bf16: bool = True  # on GPU: frozen decoder weights in bf16, forward under bf16 autocast
+    # on the CPU, run_phase2 trains and captions on at most this many threads (0: every thread given): a step of
+    # the testbed's 2-layer decoder is many small operations, 1.6x slower on two threads than on one (README "Speed")
+    cpu_threads: int = 0
     local_files_only: bool = False  # never touch the network for the decoder
     cache_dir: str = "cache"
 
@@ -767,7 +770,7 @@ def run_folder(path) -> loop.RunFolder:
 
 
 # what may differ when a phase-2 run is resumed: generation settings and where things live
-RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.cache_dir", "llm.local_files_only")
+RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.cache_dir", "llm.local_files_only", "llm.cpu_threads")
 
 
 def train_captioning(mm_model: MultimodalLLM, loader, num_epochs: int | None = None, **fit_kwargs) -> list[dict]:
@@ -835,38 +838,40 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     ceiling of its very tokens ("probe accuracy ..." keys, `add_probe_ceiling`)."""
     phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
     llm_cfg = llm_cfg or load_llm_config()
-    aligner = phase1.load_aligner(phase1_run).to(phase1.core_device())
-    cfg = phase1.load_config(phase1_run / "config.yaml")
-    train_set, train_feats = phase1.split_data(cfg, "train")
-    val_set, val_feats = phase1.split_data(cfg, "val")
-    if split == "val" and val_set is None:
-        raise ValueError(f"the phase-1 run {phase1_run} has no validation split to evaluate on; use split='test' "
-                         "(--split test) or add a val.csv to its dataset")
-    train_tokens = encode_tokens(aligner.model, train_feats)
-    val = None if val_set is None else (encode_tokens(aligner.model, val_feats), val_set.captions, split_factors(val_set))
-    data.set_seed(llm_cfg.seed)
-    mm = MultimodalLLM(aligner, llm_cfg)
-    fit_captioner(mm, train_tokens, train_set.captions, output_dir, resume=resume, callback=callback,
-                  extra={"phase1_run": str(phase1_run)}, overwrite=overwrite, val=val)
-    if not resume:  # a replaced run's evaluations are stale, whichever split they were of
-        for name in EVAL_FILES.values():
-            (output_dir / name).unlink(missing_ok=True)
-    if split == "val":
-        eval_set, eval_tokens = val_set, val[0]
-    else:
-        eval_set, eval_feats = phase1.split_data(cfg, "test")
-        eval_tokens = encode_tokens(aligner.model, eval_feats)
-    factors = split_factors(eval_set)
-    result = evaluate_captions(mm, eval_tokens, eval_set.captions, factors)
-    if factors is not None:
-        train_factors = split_factors(train_set)
-        result["baselines"] = attribute_baselines(train_factors, factors)
-        weights = loop.RunFolder(phase1_run).checkpoint / "model.safetensors"
-        cache = CEILINGS.setdefault((str(weights.resolve()), weights.stat().st_mtime_ns, split), {})
-        add_probe_ceiling(mm, result["rows"], train_tokens, train_factors, eval_tokens, factors, cache)
-    result.update(split=split, phase1_run=str(phase1_run), llm=llm_cfg.to_dict())
-    atomic_write(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
-    return result
+    with at_most_threads(llm_cfg.cpu_threads if phase1.core_device().type == "cpu" else 0):
+        aligner = phase1.load_aligner(phase1_run).to(phase1.core_device())
+        cfg = phase1.load_config(phase1_run / "config.yaml")
+        train_set, train_feats = phase1.split_data(cfg, "train")
+        val_set, val_feats = phase1.split_data(cfg, "val")
+        if split == "val" and val_set is None:
+            raise ValueError(f"the phase-1 run {phase1_run} has no validation split to evaluate on; use "
+                             "split='test' (--split test) or add a val.csv to its dataset")
+        train_tokens = encode_tokens(aligner.model, train_feats)
+        val = (None if val_set is None else
+               (encode_tokens(aligner.model, val_feats), val_set.captions, split_factors(val_set)))
+        data.set_seed(llm_cfg.seed)
+        mm = MultimodalLLM(aligner, llm_cfg)
+        fit_captioner(mm, train_tokens, train_set.captions, output_dir, resume=resume, callback=callback,
+                      extra={"phase1_run": str(phase1_run)}, overwrite=overwrite, val=val)
+        if not resume:  # a replaced run's evaluations are stale, whichever split they were of
+            for name in EVAL_FILES.values():
+                (output_dir / name).unlink(missing_ok=True)
+        if split == "val":
+            eval_set, eval_tokens = val_set, val[0]
+        else:
+            eval_set, eval_feats = phase1.split_data(cfg, "test")
+            eval_tokens = encode_tokens(aligner.model, eval_feats)
+        factors = split_factors(eval_set)
+        result = evaluate_captions(mm, eval_tokens, eval_set.captions, factors)
+        if factors is not None:
+            train_factors = split_factors(train_set)
+            result["baselines"] = attribute_baselines(train_factors, factors)
+            weights = loop.RunFolder(phase1_run).checkpoint / "model.safetensors"
+            cache = CEILINGS.setdefault((str(weights.resolve()), weights.stat().st_mtime_ns, split), {})
+            add_probe_ceiling(mm, result["rows"], train_tokens, train_factors, eval_tokens, factors, cache)
+        result.update(split=split, phase1_run=str(phase1_run), llm=llm_cfg.to_dict())
+        atomic_write(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        return result
 
 
 def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm_cfg: LLMConfig,

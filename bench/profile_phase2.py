@@ -2,9 +2,10 @@
 prefix, decoder inputs, decoder forward, the whole step with backward and AdamW; fp32 and with CPU bf16
 autocast) and the validation pass that follows every epoch, in milliseconds on one batch; then one epoch of
 training with whole batches against the same batches in length chunks (`length_chunks`), back to back, as
-ratios.
+ratios; with several thread counts, last, one epoch of configs/phase2.yaml's training at each (its `cpu_threads`
+lifted), as ratios: under make's OMP_WAIT_POLICY=PASSIVE the tiny decoder's step is slower on two threads.
 
-    python bench/profile_phase2.py --phase1_run runs/phase1/default [--threads 1] [--batch_size 64]
+    python bench/profile_phase2.py --phase1_run runs/phase1/default [--threads 1 2] [--batch_size 64]
 """
 import argparse
 import sys
@@ -29,11 +30,11 @@ def per_call_ms(fn, repeats: int) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase1_run", default="runs/phase1/default")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="the parts at the first; epochs at each")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     aligner = phase1.load_aligner(args.phase1_run)
     cfg = phase1.load_config(Path(args.phase1_run) / "config.yaml")
     (train_set, train_feats), (val_set, val_feats) = phase1.split_data(cfg, "train"), phase1.split_data(cfg, "val")
@@ -57,7 +58,7 @@ def main(argv=None):
 
     decoder = mm.decoder.config
     print(f"decoder: {decoder.num_hidden_layers} layers, hidden {decoder.hidden_size}, vocabulary {decoder.vocab_size}; "
-          f"batch {tuple(inputs['inputs_embeds'].shape[:2])} (rows × positions); {args.threads} thread(s)")
+          f"batch {tuple(inputs['inputs_embeds'].shape[:2])} (rows × positions); {args.threads[0]} thread(s)")
     parts = {"projected prefix": lambda: mm.prefix(batch, keep, mm.source.groups),
              "decoder inputs": lambda: mm.assemble(prefix, prefix_mask, llm_cfg.prompt, captions),
              "decoder forward": lambda: mm.decoder(**inputs, use_cache=False).loss,
@@ -80,6 +81,16 @@ def main(argv=None):
         seconds[name] = time.perf_counter() - start
         print(f"one training epoch, {name}: {seconds[name]:.1f} s, "
               f"{seconds['whole batches'] / seconds[name]:.2f}x", flush=True)
+    if len(args.threads) > 1:
+        by_threads = {}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            model = L.MultimodalLLM(aligner, L.load_llm_config(None, batch_size=args.batch_size, epochs=1))
+            start = time.perf_counter()
+            L.fit_captioner(model, tokens, train_set.captions)
+            by_threads[threads] = time.perf_counter() - start
+            print(f"one training epoch (configs/phase2.yaml) on {threads} thread(s): {by_threads[threads]:.1f} s, "
+                  f"{by_threads[args.threads[0]] / by_threads[threads]:.2f}x the speed on {args.threads[0]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -213,9 +213,9 @@ def test_notebooks_side_by_side_lose_no_recorded_number(tmp_path, monkeypatch):
 
 
 def test_a_notebook_follows_the_thread_budget_make_demo_writes(tmp_path, monkeypatch):
-    """The kernel side of sharing the cores: before each training step (and before the probes) the thread count
-    becomes the number last written into the file that FLEXALIGN_THREADS_FILE names; outside make demo nothing
-    changes."""
+    """The kernel side of sharing the cores: before each training step the thread count becomes the number last
+    written into the file that FLEXALIGN_THREADS_FILE names, at most a phase's cap (`at_most_threads`), and the
+    probes run in that many processes; outside make demo nothing changes."""
     import torch
 
     import evaluate
@@ -225,11 +225,21 @@ def test_a_notebook_follows_the_thread_budget_make_demo_writes(tmp_path, monkeyp
         monkeypatch.setenv(config.THREADS_FILE_ENV, str(file))
         assert config.follow_thread_budget() == before  # nothing written yet
         file.write_text("1")
-        assert evaluate.probe_processes() == 1 and torch.get_num_threads() == 1
+        assert evaluate.probe_processes() == 1 and config.follow_thread_budget() == 1 == torch.get_num_threads()
         file.write_text("2")
         assert config.follow_thread_budget() == 2 and torch.get_num_threads() == 2
+        with config.at_most_threads(1):  # phase 2's cap: its steps on one thread, its probes still in two processes
+            assert torch.get_num_threads() == 1 and config.follow_thread_budget() == 1
+            assert evaluate.probe_processes() == 2
+            with config.at_most_threads(0):
+                assert config.follow_thread_budget() == 2
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
         monkeypatch.delenv(config.THREADS_FILE_ENV)
         file.write_text("1")
         assert config.follow_thread_budget() == 2
+        with config.at_most_threads(1):  # outside make demo too: the probes keep the threads torch had before
+            assert config.follow_thread_budget() == 1 and evaluate.probe_processes() == 2
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
