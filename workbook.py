@@ -224,7 +224,8 @@ def ready(path: Path, out_dir: Path, waiting: set[str]) -> bool:
     prefix = path.name[:2]
     early, run_folder = EARLY_START.get(prefix, (None, None))
     for before in AFTER.get(prefix, ()):
-        if any(name.startswith(before) for name in waiting) and not (before == early and weights_final(out_dir / run_folder)):
+        unfinished = any(name.startswith(before) for name in waiting)
+        if unfinished and not (before == early and weights_final(out_dir / run_folder)):
             return False
     return True
 
