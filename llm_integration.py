@@ -851,6 +851,7 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
                (encode_tokens(aligner.model, val_feats), val_set.captions, split_factors(val_set)))
         data.set_seed(llm_cfg.seed)
         mm = MultimodalLLM(aligner, llm_cfg)
+        warn_if_captions_are_cut(mm, train_set.captions)
         fit_captioner(mm, train_tokens, train_set.captions, output_dir, resume=resume, callback=callback,
                       extra={"phase1_run": str(phase1_run)}, overwrite=overwrite, val=val)
         if not resume:  # a replaced run's evaluations are stale, whichever split they were of
@@ -872,6 +873,18 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         result.update(split=split, phase1_run=str(phase1_run), llm=llm_cfg.to_dict())
         atomic_write(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         return result
+
+
+def warn_if_captions_are_cut(mm: MultimodalLLM, captions: list[str]) -> int:
+    """The longest of `captions` in the decoder's tokens; a warning when generation stops before it
+    (max_new_tokens): every longer caption would come out cut off mid-word and never match its reference."""
+    longest = max(len(ids) for ids in mm.tokenizer(list(captions), add_special_tokens=False)["input_ids"])
+    if mm.llm_cfg.max_new_tokens < longest:
+        warnings.warn(f"max_new_tokens {mm.llm_cfg.max_new_tokens} is shorter than the longest training caption "
+                      f"({longest} tokens of {mm.llm_cfg.model_name}'s tokenizer): generated captions that long are "
+                      f"cut off and count as wrong. Set max_new_tokens to {longest} or more (--max_new_tokens, or "
+                      "configs/phase2.yaml)")
+    return longest
 
 
 def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm_cfg: LLMConfig,

@@ -485,3 +485,21 @@ def test_command_line_seed_statistics_on_the_validation_split(tiny_phase1, decod
         table.loc[("vision+touch", 4), "accuracy touch mean"] / table.loc[("vision+touch", 4), "probe accuracy touch mean"])
     assert {"control none: accuracy", "control vision: accuracy touch", "control touch: majority accuracy vision",
             "accuracy vision worst shortfall below probe over k"} <= set(targets)
+
+
+def test_a_generation_limit_shorter_than_the_captions_is_named(aligner, decoder_dir):
+    """Captions longer than max_new_tokens come out cut off mid-word and never match (notebook 05 once captioned
+    "a handwritten dig" with a limit of 12, caption accuracy 0.0): run_phase2 warns before training, with the
+    length that fits; at that length it is silent."""
+    import warnings
+    captions = ["a handwritten digit seven", "a handwritten digit three"]
+    mm = make_mm(aligner, decoder_dir, train_decoder="full")
+    longest = max(len(mm.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in captions)
+    assert longest > 3 and L.warn_if_captions_are_cut(mm, captions) == longest
+    mm.llm_cfg.max_new_tokens = 3
+    with pytest.warns(UserWarning, match=rf"max_new_tokens 3 is shorter .*\({longest} tokens.*to {longest} or more"):
+        L.warn_if_captions_are_cut(mm, captions)
+    mm.llm_cfg.max_new_tokens = longest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.warn_if_captions_are_cut(mm, captions)
