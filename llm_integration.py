@@ -900,7 +900,10 @@ def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, 
                            "phase1_run": str(phase1_run)}, RESUME_IGNORES)
     done = eval_file(run.path, split)
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        # max_new_tokens may differ on resume; captions generated with another limit are evaluated again
+        if result["llm"]["max_new_tokens"] == llm_cfg.max_new_tokens:
+            return result
     return run_phase2(phase1_run, output_dir, llm_cfg, resume=True, callback=callback, split=split)
 
 

@@ -12,8 +12,8 @@ position, the running epoch sums). What the loop guarantees, for phase 1 and pha
 - a fresh run never replaces a run silently: a folder that holds a checkpoint needs resume or overwrite;
 - a checkpoint is written into its own folder, synced to disk, and swapped in with one atomic rename
   of a link, so a crash at any moment leaves either the old checkpoint or the new one, never a mix;
-- one process at a time trains a folder (`RunFolder.exclusive`, a file lock): two notebooks or two
-  JupyterLab tabs asking for the same run train it once, the second waiting for the first;
+- `RunFolder.exclusive` holds a lock file beside the folder, which `train.ensure_trained` takes: two
+  notebooks or two JupyterLab tabs asking for the same phase-1 run train it once, the second waiting;
 - resume is exact: the randomness of step s is drawn from a generator seeded by (seed, rank, s), the
   batches of an epoch are a function of (seed, epoch), and metrics rows after the checkpoint are dropped,
   so `metrics.jsonl` reads as one uninterrupted run; a resume that cannot be exact (another config,
@@ -161,35 +161,28 @@ class RunFolder:
 
     @contextlib.contextmanager
     def exclusive(self, ready: Callable[[], bool] = lambda: False, poll: float = 1.0):
-        """Hold the folder's lock file (`.lock`) for the block: yields True once held. While another process
-        holds it, waits, or yields False as soon as `ready()` is true (say, the weights it trains are final).
-        A folder made only for the lock is removed again when nothing else was written into it."""
-        made = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path / ".lock"
-        try:
-            with open(lock_path, "a") as handle:
-                held, told = False, False
-                while not held:
-                    try:
-                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        held = True
-                    except BlockingIOError:
-                        if ready():
-                            break
-                        if not told:
-                            print(f"another process is training {self.path}; waiting for it", flush=True)
-                            told = True
-                        time.sleep(poll)
+        """Hold the run's lock file (`<folder>.lock` beside it, as the feature cache's: never deleted, so every
+        process locks the same file) for the block: yields True once held. While another process holds it, waits,
+        or yields False as soon as `ready()` is true (say, the weights it trains are final)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as handle:
+            held, told = False, False
+            while not held:
                 try:
-                    yield held
-                finally:
-                    if held:
-                        fcntl.flock(handle, fcntl.LOCK_UN)
-        finally:
-            if made and [entry.name for entry in self.path.iterdir()] == [lock_path.name]:
-                lock_path.unlink()
-                self.path.rmdir()
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = True
+                except BlockingIOError:
+                    if ready():
+                        break
+                    if not told:
+                        print(f"another process is training {self.path}; waiting for it", flush=True)
+                        told = True
+                    time.sleep(poll)
+            try:
+                yield held
+            finally:
+                if held:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     def checkpoint_step(self) -> int | None:
         folder = self.checkpoint

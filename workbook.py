@@ -295,7 +295,7 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
     numbers = {section: v for section, v in numbers.items() if not any(section.startswith(p.name[:2]) for p in paths)}
     numbers_path.write_text(json.dumps(numbers, indent=1))
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    cores, lock = core_budget(), threading.Lock()
+    cores, lock, failed = core_budget(), threading.Lock(), threading.Event()
     pending, started_at, running, budgets = list(paths), time.perf_counter(), set(), {}  # processes; thread files
 
     def share_cores() -> int:  # under the lock: the cores split among the notebooks running, told to each
@@ -308,6 +308,9 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
         start = time.perf_counter()
         try:
             run_notebook(path, out_dir, smoke, threads, running, budgets[path.stem])
+        except BaseException:
+            failed.set()  # before this notebook's cores are shared out, so nothing starts in between
+            raise
         finally:
             with lock:  # the others take over this notebook's cores from their next training step
                 budgets.pop(path.stem).unlink(missing_ok=True)
@@ -323,17 +326,18 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
     bar = tqdm(total=len(paths), desc="notebooks")
     pool, notebooks, errors = ThreadPoolExecutor(max(1, len(paths))), {}, []  # future -> its notebook; failures
     try:
-        while notebooks or (pending and not errors):
+        while notebooks or (pending and not failed.is_set()):
             with lock:
                 waiting = {p.stem for p in pending} | {p.stem for p in notebooks.values()}
-                starting = [p for p in pending if not errors and ready(p, out_dir, waiting)]
+                starting = [p for p in pending if not failed.is_set() and ready(p, out_dir, waiting)]
                 for path in starting:  # every budget first: notebooks starting together start on their share
                     pending.remove(path)
                     budgets[path.stem] = out_dir / ".threads" / path.stem
-                threads = share_cores()
+                if starting:
+                    threads = share_cores()
                 for path in starting:
                     notebooks[pool.submit(run_one, path, threads)] = path
-            if not notebooks and not errors:
+            if not notebooks and not failed.is_set():
                 raise RuntimeError(f"no notebook can start: {[p.stem for p in pending]} wait for each other; "
                                    "check workbook.AFTER")
             finished, _ = wait(notebooks, timeout=1.0, return_when=FIRST_COMPLETED)  # 1 s: EARLY_START's poll

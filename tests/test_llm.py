@@ -465,6 +465,13 @@ def test_command_line_writes_caption_eval_json(tiny_phase1, decoder_dir, tmp_pat
     assert L.MultimodalLLM.load(out).llm_cfg.epochs == 1  # the run folder rebuilds its model alone
     epoch = [r for r in train.read_metrics(out) if r["kind"] == "epoch"][-1]
     assert {"val loss", "val accuracy", "val accuracy touch"} <= set(epoch)  # the curve epochs are chosen on
+    # the finished run again (a notebook re-run): reused as it is, but captions of another length are made anew,
+    # from the same weights (notebook 05's once cut at 12 tokens would otherwise have stayed)
+    same = L.load_llm_config(None, epochs=1, batch_size=16, train_decoder="full", model_name=str(decoder_dir))
+    rows, written = train.read_metrics(out), (out / "caption_eval.json").stat().st_mtime_ns
+    assert L.ensure_phase2(tiny_phase1, out, same) == result and (out / "caption_eval.json").stat().st_mtime_ns == written
+    shorter = L.ensure_phase2(tiny_phase1, out, L.LLMConfig(**{**same.to_dict(), "max_new_tokens": 2}))
+    assert shorter["llm"]["max_new_tokens"] == 2 and train.read_metrics(out) == rows
 
 
 def test_command_line_seed_statistics_on_the_validation_split(tiny_phase1, decoder_dir, tmp_path):

@@ -207,7 +207,7 @@ def test_a_run_from_before_a_config_field_existed_is_still_reused(reference_run,
         train.ensure_trained(tiny(cache_dir, old, **{"model.token_dim": 8}))
 
 
-def test_a_run_folder_is_trained_by_one_process_at_a_time(reference_run, cache_dir, tmp_path):
+def test_a_run_folder_is_trained_by_one_process_at_a_time(reference_run, cache_dir, tmp_path, capsys):
     """Notebook 04 beside notebook 02 (make demo), or two JupyterLab tabs, asking for one run: while another
     process holds the folder, ensure_trained waits for it instead of training the run a second time; with
     evaluated=False it returns as soon as the weights are final, not waiting for the test-split evaluation."""
@@ -223,11 +223,12 @@ def test_a_run_folder_is_trained_by_one_process_at_a_time(reference_run, cache_d
         waiter.start()  # needs the evaluation: waits for the holder
         waiter.join(3)
         assert waiter.is_alive() and not (copy / "eval.json").exists()
+        assert f"another process is training {copy}; waiting for it" in capsys.readouterr().out
     waiter.join(120)
     assert not waiter.is_alive() and (copy / "eval.json").is_file()  # evaluated once the holder let go
     assert rows(copy, "epoch") == rows(reference_run, "epoch")  # from the same weights, nothing trained again
-    files = [sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) for run in (copy, reference_run)]
-    assert files[0] == files[1]  # one checkpoint, no second run; the lock file (.lock) stays for the next caller
+    files = [sorted(p.name for p in run.iterdir()) for run in (copy, reference_run)]
+    assert files[0] == files[1]  # one checkpoint, no second run
 
 
 def test_a_run_that_cannot_start_leaves_no_folder_for_its_lock(cache_dir, tmp_path):
