@@ -130,7 +130,7 @@ def ensure_trained(cfg: TrainConfig, callback=None, evaluated: bool = True) -> P
     run = run_folder(cfg.run_dir)
 
     def final() -> bool:
-        return not evaluated and run.checkpoint is not None and run.trained(cfg.epochs)
+        return not evaluated and run.trained(cfg.epochs)  # trained() needs the checkpoint of the last epoch
 
     with run.exclusive(ready=final):  # held, or another process holds it and the weights are final
         if run.checkpoint is None:
