@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,7 +265,8 @@ class LLMConfig:
     log_every: int = 10
     bf16: bool = True  # on GPU: frozen decoder weights in bf16, forward under bf16 autocast
     # on the CPU, run_phase2 trains and captions on at most this many threads (0: every thread given): a step of
-    # the testbed's 2-layer decoder is many small operations, 1.6x slower on two threads than on one (README "Speed")
+    # the testbed's 2-layer decoder is many small operations, 1.23x faster on two threads than on one on an idle
+    # machine, slower when another process needs the core (README "Speed")
     cpu_threads: int = 0
     local_files_only: bool = False  # never touch the network for the decoder
     cache_dir: str = "cache"
@@ -795,20 +798,25 @@ def train_captioning(mm_model: MultimodalLLM, loader, num_epochs: int | None = N
 # ----------------------------------------------------------------------------------------------
 # 6. Evaluation vs k and vs token source, phase 2 end to end, and the command line
 
-def evaluate_captions(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], references: list[str],
-                      factors: list[dict] | None = None, modality_sets=None, ks=None, n_examples: int = 8) -> dict:
-    """Caption metrics for every token source: each modality alone and all together (or `modality_sets`),
-    at every k of the grid (or `ks`); no prefix (k = 0) once. Returns {"rows": [{"modalities", "k",
-    metrics..., "examples"}]}; the rows are DataFrame-ready."""
+def caption_sources(mm: MultimodalLLM, modality_sets=None, ks=None) -> list[TokenSource]:
+    """The token sources that `evaluate_captions` captions from: each modality alone and all together (or
+    `modality_sets`) at every k of the grid (or `ks`), and no prefix (k = 0) once."""
     source = mm.source
     singles = [(m,) for m in source.modalities] if len(source.modalities) > 1 else []
     modality_sets = modality_sets or singles + [source.modalities]
     ks = prefix_grid(source.k) if ks is None else ks
-    runs = ([((), 0)] if 0 in ks else []) + [(tuple(ms), k) for ms in modality_sets for k in ks if k > 0]
+    return ([TokenSource(source.modalities, 0, source.groups)] if 0 in ks else []) + \
+        [TokenSource(tuple(ms), k, source.groups) for ms in modality_sets for k in ks if k > 0]
+
+
+def evaluate_captions(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], references: list[str],
+                      factors: list[dict] | None = None, modality_sets=None, ks=None, n_examples: int = 8) -> dict:
+    """Caption metrics for every token source of `caption_sources`. Returns {"rows": [{"modalities", "k",
+    metrics..., "examples"}]}; the rows are DataFrame-ready."""
     rows = []
-    for modalities, k in tqdm(runs, desc="caption eval"):
-        captions = mm.generate_from_tokens(tokens, TokenSource(modalities or source.modalities, k, source.groups))
-        rows.append({"modalities": "+".join(modalities) or "none", "k": k,
+    for source in tqdm(caption_sources(mm, modality_sets, ks), desc="caption eval"):
+        captions = mm.generate_from_tokens(tokens, source)
+        rows.append({"modalities": "none" if source.k == 0 else "+".join(source.modalities), "k": source.k,
                      **caption_metrics(captions, references, factors),
                      "examples": [{"reference": r, "generated": c}
                                   for r, c in zip(references[:n_examples], captions[:n_examples])]})
@@ -863,13 +871,21 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
             eval_set, eval_feats = phase1.split_data(cfg, "test")
             eval_tokens = encode_tokens(aligner.model, eval_feats)
         factors = split_factors(eval_set)
-        result = evaluate_captions(mm, eval_tokens, eval_set.captions, factors)
-        if factors is not None:
+        sources, fit_ceilings = caption_sources(mm), None
+        if factors is not None:  # SynthTouch: beside every row, the linear-probe ceiling of its tokens
             train_factors = split_factors(train_set)
-            result["baselines"] = attribute_baselines(train_factors, factors)
             weights = loop.RunFolder(phase1_run).checkpoint / "model.safetensors"
             cache = CEILINGS.setdefault((str(weights.resolve()), weights.stat().st_mtime_ns, split), {})
-            add_probe_ceiling(mm, result["rows"], train_tokens, train_factors, eval_tokens, factors, cache)
+            fit_ceilings = functools.partial(probe_ceilings, mm, sources, train_tokens, train_factors, eval_tokens,
+                                             factors, cache)
+        with ThreadPoolExecutor(1) as beside:
+            # the ceilings read phase-1 tokens only: with a spare core their probes (fit in worker processes) run
+            # while this process captions, 19 s beside 19 s of notebook 04's 3.5 minutes
+            early = beside.submit(fit_ceilings) if fit_ceilings and evaluate.probe_processes() > 1 else None
+            result = evaluate_captions(mm, eval_tokens, eval_set.captions, factors)
+        if fit_ceilings is not None:
+            add_probe_ceiling(result["rows"], sources, early.result() if early else fit_ceilings())
+            result["baselines"] = attribute_baselines(train_factors, factors)
         result.update(split=split, phase1_run=str(phase1_run), llm=llm_cfg.to_dict())
         atomic_write(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         return result
@@ -935,18 +951,22 @@ def probe_ceiling(mm: MultimodalLLM, source: TokenSource, fit_tokens: dict[str, 
     return summarize_accuracy(per_factor)
 
 
-def add_probe_ceiling(mm: MultimodalLLM, rows: list[dict], fit_tokens, fit_factors, test_tokens, test_factors,
-                      cache: dict | None = None):
-    """Put beside each row of `evaluate_captions` the probe ceiling of its tokens, as "probe accuracy ...".
-    The ceiling depends on phase 1 alone: `cache` (a dict for one phase-1 model and split) keeps it across
-    phase-2 runs."""
+def probe_ceilings(mm: MultimodalLLM, sources: list[TokenSource], fit_tokens, fit_factors, test_tokens, test_factors,
+                   cache: dict | None = None) -> dict:
+    """`probe_ceiling` of every source, kept in `cache` (a dict for one phase-1 model and split: the ceiling
+    depends on phase 1 alone, so it serves every phase-2 run of that model). Returns the cache."""
     cache = {} if cache is None else cache
-    for row in tqdm(rows, desc="probe ceilings", leave=False):
-        modalities = None if row["modalities"] == "none" else tuple(row["modalities"].split("+"))
-        source = TokenSource(modalities, row["k"], mm.source.groups)
+    for source in tqdm(sources, desc="probe ceilings", leave=False):
         if source not in cache:
             cache[source] = probe_ceiling(mm, source, fit_tokens, fit_factors, test_tokens, test_factors)
-        row.update({f"probe {key}": value for key, value in cache[source].items()})
+    return cache
+
+
+def add_probe_ceiling(rows: list[dict], sources: list[TokenSource], ceilings: dict) -> list[dict]:
+    """Put beside each row of `evaluate_captions` the probe ceiling of its tokens (`probe_ceilings`), as
+    "probe accuracy ..."; `sources`: the rows' token sources, in order (`caption_sources`)."""
+    for row, source in zip(rows, sources, strict=True):
+        row.update({f"probe {key}": value for key, value in ceilings[source].items()})
     return rows
 
 

@@ -157,7 +157,8 @@ def factor_codes(dataset) -> dict | None:
 def quick_eval(model, feats, dataset) -> dict:
     """Validation retrieval at k = n_shared (all k come in eval.json at the end)."""
     k = model.design.shared_k
-    table = evaluate.evaluate_prefixes(model, feats, factor_codes(dataset), ks=[k])
+    encoded = evaluate.encode_all(model, feats, [k], reconstruct=False)  # retrieval only: no preservation decoder
+    table = evaluate.evaluate_prefixes(model, feats, factor_codes(dataset), ks=[k], encoded=encoded)
     return {f"val {name}": float(value) for name, value in table.iloc[0].items() if "R@1" in name}
 
 

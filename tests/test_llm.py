@@ -2,6 +2,7 @@
 seed package's quick start and the command line, on a random tiny aligner and a micro Qwen2 decoder."""
 import json
 import math
+import threading
 
 import pandas as pd
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import evaluate
 import llm_integration as L
 import phase1
 import train
@@ -472,6 +474,31 @@ def test_command_line_writes_caption_eval_json(tiny_phase1, decoder_dir, tmp_pat
     assert L.ensure_phase2(tiny_phase1, out, same) == result and (out / "caption_eval.json").stat().st_mtime_ns == written
     shorter = L.ensure_phase2(tiny_phase1, out, L.LLMConfig(**{**same.to_dict(), "max_new_tokens": 2}))
     assert shorter["llm"]["max_new_tokens"] == 2 and train.read_metrics(out) == rows
+
+
+def test_probe_ceilings_are_fit_beside_the_captions_when_a_core_is_spare(tiny_phase1, decoder_dir, tmp_path, monkeypatch):
+    """The ceilings read phase-1 tokens only, so with more than one core they are fit in a side thread (their probes
+    in worker processes) while the decoder captions; with one, after the captions. Either way the same numbers."""
+    cfg = L.load_llm_config(None, epochs=1, batch_size=16, train_decoder="full", model_name=str(decoder_dir))
+    fit, threads = L.probe_ceilings, {}
+
+    def recording(*args):
+        threads[evaluate.probe_processes()] = threading.current_thread() is threading.main_thread()
+        return fit(*args)
+
+    monkeypatch.setattr(L, "probe_ceilings", recording)
+    results = {}
+    for processes in (1, 2):
+        monkeypatch.setattr(evaluate, "probe_processes", lambda: processes)
+        monkeypatch.setattr(L, "CEILINGS", {})  # fit anew, not from the first run's
+        results[processes] = L.run_phase2(tiny_phase1, tmp_path / str(processes), cfg)
+    assert threads == {1: True, 2: False}
+    probes = [[{k: v for k, v in row.items() if k.startswith("probe")} for row in results[p]["rows"]] for p in (1, 2)]
+    assert len(probes[0]) == 10 and all(len(row) > 1 for row in probes[0])
+    # the same probe on the same rows at one thread, in this process or a worker: equal but for summation order,
+    # which could flip at most one of the 16 test samples of one attribute (1/16 = 0.0625; averages move less)
+    for one, two in zip(*probes):
+        assert one == pytest.approx(two, abs=1 / 16)
 
 
 def test_command_line_seed_statistics_on_the_validation_split(tiny_phase1, decoder_dir, tmp_path):
