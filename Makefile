@@ -3,10 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
-# OpenMP threads spin briefly (10000 turns, not libgomp's 300000) before they sleep while they wait: a phase-1 epoch at
-# 2 threads took 22.5 s against 26-28 s sleeping at once (OMP_WAIT_POLICY=PASSIVE), and on a loaded machine no
-# longer than sleeping (README "Speed")
-export GOMP_SPINCOUNT ?= 10000
+# OpenMP threads sleep rather than spin while they wait: on a shared machine (load 7-10 on 2 cores) a testbed
+# training step at 2 threads took 10.1 s wall / 1.48 s CPU spinning, 2.2 s / 0.22 s passive (bench notes, README Speed)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo study test test-browser lab sync bench clean
 

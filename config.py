@@ -69,9 +69,9 @@ def follow_thread_budget() -> int:
 @contextlib.contextmanager
 def at_most_threads(cap: int):
     """Inside the block torch computes on at most `cap` threads (0: no cap; in a nested block the lowest cap holds),
-    the training loop's `follow_thread_budget` included; torch's count before is restored after. A step of many small
-    operations gains little from a second thread, and loses when another process needs the core: phase 2 on the
-    testbed's tiny decoder (LLMConfig.cpu_threads, README "Speed")."""
+    the training loop's `follow_thread_budget` included; torch's count before is restored after. With OpenMP threads
+    that sleep while they wait (make's OMP_WAIT_POLICY=PASSIVE) a step of many small operations is slower on two
+    threads than on one: phase 2 on the testbed's tiny decoder (LLMConfig.cpu_threads, README "Speed")."""
     before, count = dict(_CAP), torch.get_num_threads()
     caps = [c for c in (cap, before["threads"]) if c]  # nested blocks: the lowest cap holds
     _CAP.update(threads=min(caps, default=0), outside=before["outside"] or count)
