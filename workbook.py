@@ -159,12 +159,36 @@ def execute(py_path: Path, out_dir: Path, smoke: bool) -> Path:
         client.kc.shell_channel.get_msg = poll_in_steps(client.kc.shell_channel.get_msg)
 
     client.on_notebook_start = shell_polls_in_steps
+    closed, handle_comm_msg = set(), client.handle_comm_msg
+
+    def remember_closed_widgets(outs, msg, cell_index):
+        if msg["msg_type"] == "comm_close":
+            closed.add(msg["content"]["comm_id"])
+        return handle_comm_msg(outs, msg, cell_index)
+
+    client.handle_comm_msg = remember_closed_widgets
     out_path = out_dir / py_path.with_suffix(".ipynb").name
     try:
         client.execute()
     finally:  # an executed copy is written even on failure, so the error is visible in context
+        drop_closed_widgets(nb, closed)
         nbformat.write(nb, out_path)
     return out_path
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_closed_widgets(nb, closed: set[str]):
+    """Remove the outputs that show a widget the kernel closed, and the closed widgets' saved state. A live
+    notebook removes such a widget from the page (every `leave=False` progress bar, once done); the executed copy
+    would otherwise show each as its first frame, "0%|", dozens in notebook 04's phase-2 cell."""
+    for cell in nb.cells:
+        if "outputs" in cell:
+            cell.outputs = [o for o in cell.outputs if o.get("data", {}).get(WIDGET_VIEW, {}).get("model_id") not in closed]
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    for model_id in closed & set(state):
+        del state[model_id]
 
 
 def poll_in_steps(get_msg, step: float = 1.0):

@@ -246,3 +246,24 @@ def test_a_notebook_follows_the_thread_budget_make_demo_writes(tmp_path, monkeyp
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_executed_copy_shows_what_the_live_notebook_shows_not_every_closed_progress_bar(tmp_path, monkeypatch):
+    """A `leave=False` bar vanishes from a live notebook once done; in the executed copy it would stay as its first
+    frame ("0%|"), dozens of them in notebook 04. Kept: a bar left on screen, and a widget that stays open."""
+    notebook = tmp_path / "01_bars.py"
+    notebook.write_text(
+        "# %% [markdown]\n# Bars.\n\n# %%\nimport ipywidgets\nfrom tqdm.auto import tqdm\n"
+        "for _ in tqdm(range(3), desc='gone when done', leave=False):\n    pass\n"
+        "for _ in tqdm(range(3), desc='left on screen'):\n    pass\n"
+        "ipywidgets.IntSlider(value=7, description='k')\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (workbook.SMOKE_ENV, workbook.RUN_DIR_ENV, "PYTHONPATH"):  # execute sets them for the kernel
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    nb = json.loads(workbook.execute(notebook, out, smoke=True).read_text())
+    views = [o["data"] for o in nb["cells"][1]["outputs"] if workbook.WIDGET_VIEW in o.get("data", {})]
+    state = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    texts = ["".join(view["text/plain"]) for view in views]  # each widget's first frame, as text
+    assert texts[0].startswith("left on screen:") and texts[1] == "IntSlider(value=7, description='k')"
+    assert all(view[workbook.WIDGET_VIEW]["model_id"] in state for view in views)  # their saved state is kept
