@@ -171,7 +171,7 @@ def execute(py_path: Path, out_dir: Path, smoke: bool) -> Path:
     try:
         client.execute()
     finally:  # an executed copy is written even on failure, so the error is visible in context
-        drop_closed_widgets(nb, closed)
+        settle_widgets(nb, closed)
         nbformat.write(nb, out_path)
     return out_path
 
@@ -179,16 +179,35 @@ def execute(py_path: Path, out_dir: Path, smoke: bool) -> Path:
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
-def drop_closed_widgets(nb, closed: set[str]):
-    """Remove the outputs that show a widget the kernel closed, and the closed widgets' saved state. A live
-    notebook removes such a widget from the page (every `leave=False` progress bar, once done); the executed copy
-    would otherwise show each as its first frame, "0%|", dozens in notebook 04's phase-2 cell."""
-    for cell in nb.cells:
-        if "outputs" in cell:
-            cell.outputs = [o for o in cell.outputs if o.get("data", {}).get(WIDGET_VIEW, {}).get("model_id") not in closed]
+def settle_widgets(nb, closed: set[str]):
+    """Make the executed copy show what the live notebook showed at its end. A widget output keeps, as its text
+    (what JupyterLab shows of a saved notebook), the widget's first frame: every progress bar read "0%|". So the
+    outputs of widgets the kernel closed are removed with their saved state (a live notebook removes such a widget,
+    every `leave=False` bar once done: dozens in notebook 04's phase-2 cell), and a progress bar left on screen
+    gets its last frame as its text ("phase 2 · captioning: 100%|██████████| 744/744 [02:15<00:00, ...]")."""
+    import html
     state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
     for model_id in closed & set(state):
         del state[model_id]
+
+    def last_frame(model_id: str) -> str | None:  # tqdm's notebook bar: HBox(HTML, FloatProgress, HTML)
+        children = [state.get(c.removeprefix("IPY_MODEL_"), {}) for c in state.get(model_id, {}).get("state", {}).get("children", [])]
+        if [c.get("model_name") for c in children] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+            return None
+        left, bar, right = (c["state"] for c in children)
+        filled = round(10 * bar.get("value", 0) / bar["max"]) if bar.get("max") else 0
+        text = html.unescape(f"{left.get('value', '')}|{'█' * filled}{' ' * (10 - filled)}|{right.get('value', '')}")
+        return text.replace("\u2007", " ")
+
+    for cell in nb.cells:
+        if "outputs" not in cell:
+            continue
+        cell.outputs = [o for o in cell.outputs if o.get("data", {}).get(WIDGET_VIEW, {}).get("model_id") not in closed]
+        for output in cell.outputs:
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            frame = view and last_frame(view["model_id"])
+            if frame:
+                output["data"]["text/plain"] = frame
 
 
 def poll_in_steps(get_msg, step: float = 1.0):

@@ -250,7 +250,8 @@ def test_a_notebook_follows_the_thread_budget_make_demo_writes(tmp_path, monkeyp
 
 def test_the_executed_copy_shows_what_the_live_notebook_shows_not_every_closed_progress_bar(tmp_path, monkeypatch):
     """A `leave=False` bar vanishes from a live notebook once done; in the executed copy it would stay as its first
-    frame ("0%|"), dozens of them in notebook 04. Kept: a bar left on screen, and a widget that stays open."""
+    frame ("0%|"), dozens of them in notebook 04. Kept: a bar left on screen, showing its last frame, and a widget
+    that stays open."""
     notebook = tmp_path / "01_bars.py"
     notebook.write_text(
         "# %% [markdown]\n# Bars.\n\n# %%\nimport ipywidgets\nfrom tqdm.auto import tqdm\n"
@@ -264,6 +265,7 @@ def test_the_executed_copy_shows_what_the_live_notebook_shows_not_every_closed_p
     nb = json.loads(workbook.execute(notebook, out, smoke=True).read_text())
     views = [o["data"] for o in nb["cells"][1]["outputs"] if workbook.WIDGET_VIEW in o.get("data", {})]
     state = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
-    texts = ["".join(view["text/plain"]) for view in views]  # each widget's first frame, as text
-    assert texts[0].startswith("left on screen:") and texts[1] == "IntSlider(value=7, description='k')"
+    texts = ["".join(view["text/plain"]) for view in views]  # what JupyterLab shows of the saved notebook
+    assert texts[0].startswith("left on screen: 100%|██████████| 3/3 [")  # the bar's last frame, not its first
+    assert texts[1] == "IntSlider(value=7, description='k')"
     assert all(view[workbook.WIDGET_VIEW]["model_id"] in state for view in views)  # their saved state is kept
