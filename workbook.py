@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -287,21 +288,44 @@ def core_budget() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_notebook(path: Path, out_dir: Path, smoke: bool, threads: int, running: set, threads_file: Path):
+class Children:
+    """The notebook processes of a run. Once `interrupt` has sent SIGINT to those running, none starts: without
+    the lock, a notebook started in the same instant as Ctrl-C would run on, never signalled."""
+
+    def __init__(self):
+        self.lock, self.running, self.interrupted = threading.Lock(), set(), False
+
+    def start(self, command: list[str], env: dict):
+        import subprocess
+        with self.lock:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            child = subprocess.Popen(command, env=env)
+            self.running.add(child)
+            return child
+
+    def wait(self, child) -> int:
+        try:
+            return child.wait()
+        finally:
+            with self.lock:
+                self.running.discard(child)
+
+    def interrupt(self):
+        with self.lock:
+            self.interrupted = True
+            for child in self.running:
+                child.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C has sent them already
+
+
+def run_notebook(path: Path, out_dir: Path, smoke: bool, threads: int, children: Children, threads_file: Path):
     """`execute` in a process of its own whose kernel computes on `threads` threads, or on the number last
     written into `threads_file` (read before every training step): notebooks side by side each need their own
-    environment. The process is in `running` while it runs, so an interrupted `run` can stop it."""
-    import subprocess
-
+    environment. It is one of `children` while it runs, so an interrupted `run` can stop it."""
     from config import THREADS_FILE_ENV  # here, not at the top: config imports torch, which --sync never needs
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), THREADS_FILE_ENV: str(threads_file)}
     command = [sys.executable, str(Path(__file__).resolve()), "--execute", str(path), "--out", str(out_dir)]
-    child = subprocess.Popen(command + (["--smoke"] if smoke else []), env=env)
-    running.add(child)
-    try:
-        code = child.wait()
-    finally:
-        running.discard(child)
+    code = children.wait(children.start(command + (["--smoke"] if smoke else []), env))
     if code:
         raise RuntimeError(f"notebook {path.name} stopped (exit code {code}); its executed copy, with the error, is "
                            f"{out_dir / path.with_suffix('.ipynb').name}")
@@ -316,7 +340,6 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
     the code key), those are skipped, and the one interrupted runs again (its training resumes from its
     checkpoint through train.ensure_trained). A run that completes removes progress.json. When a notebook
     fails, the others running finish (nothing trained is lost) and no other starts."""
-    import threading
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from tqdm.auto import tqdm
@@ -339,7 +362,7 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
     numbers_path.write_text(json.dumps(numbers, indent=1))
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     cores, lock, failed = core_budget(), threading.Lock(), threading.Event()
-    pending, started_at, running, budgets = list(paths), time.perf_counter(), set(), {}  # processes; thread files
+    pending, started_at, children, budgets = list(paths), time.perf_counter(), Children(), {}  # thread files
 
     def share_cores() -> int:  # under the lock: the cores split among the notebooks running, told to each
         threads = max(1, cores // max(1, len(budgets)))
@@ -350,7 +373,7 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
     def run_one(path: Path, threads: int):
         start = time.perf_counter()
         try:
-            run_notebook(path, out_dir, smoke, threads, running, budgets[path.stem])
+            run_notebook(path, out_dir, smoke, threads, children, budgets[path.stem])
         except BaseException:
             failed.set()  # before this notebook's cores are shared out, so nothing starts in between
             raise
@@ -391,8 +414,7 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
         if errors:
             raise errors[0]
     except KeyboardInterrupt:  # no notebook starts, and the running ones stop now
-        for child in list(running):
-            child.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C has sent them already
+        children.interrupt()
         raise
     finally:
         pool.shutdown(wait=True)

@@ -109,7 +109,7 @@ def test_rerunning_one_notebook_keeps_the_numbers_of_the_others(tmp_path, monkey
     (tmp_path / "numbers.json").write_text(json.dumps({"01 data": {"a": 1}, "02 phase 1": {"b": 2, "stale": 0}}))
     (tmp_path / "timings.json").write_text(json.dumps({"01_data_and_encoders": 60.0}))
 
-    def fake_execute(path, out_dir, smoke, threads, running, threads_file):  # what a notebook does: record its own section
+    def fake_execute(path, out_dir, smoke, threads, children, threads_file):  # what a notebook does: record its own section
         numbers = json.loads((out_dir / "numbers.json").read_text())
         (out_dir / "numbers.json").write_text(json.dumps({**numbers, "02 phase 1": {"b": 3}}))
 
@@ -124,7 +124,7 @@ def test_an_interrupted_workbook_continues_where_it_stopped(tmp_path, monkeypatc
     completes leaves no progress behind, so the next make demo runs every notebook."""
     ran, stop_at = [], ["02_phase1_training"]
 
-    def fake_execute(path, out_dir, smoke, threads, running, threads_file):
+    def fake_execute(path, out_dir, smoke, threads, children, threads_file):
         ran.append(path.stem)
         if path.stem in stop_at:
             raise KeyboardInterrupt

@@ -36,7 +36,7 @@ def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shar
     events = {name: threading.Event() for name in ("01 started", "05 done", "04 started", "02 saw 04", "02 done")}
     seen = []
 
-    def fake_notebook(path, out_dir, smoke, threads, running, threads_file):
+    def fake_notebook(path, out_dir, smoke, threads, children, threads_file):
         seen.append((path.stem, threads))
         if path.name.startswith("05"):
             assert events["01 started"].wait(10), "05 waited for 01: they did not run side by side"
@@ -101,7 +101,7 @@ def test_notebook_04_starts_beside_02_once_the_weights_are_final(tmp_path):
 def test_a_failed_notebook_lets_the_others_running_finish_and_starts_no_other(tmp_path, monkeypatch):
     failed, ran = threading.Event(), []
 
-    def fake_notebook(path, out_dir, smoke, threads, running, threads_file):
+    def fake_notebook(path, out_dir, smoke, threads, children, threads_file):
         ran.append(path.stem)
         if path.name.startswith("05"):
             failed.set()
@@ -193,6 +193,21 @@ def test_ctrl_c_stops_every_running_notebook_and_their_kernels(tmp_path, monkeyp
     assert not any(map(alive, kernels)), "a notebook's kernel kept running after Ctrl-C"
     progress = out / "progress.json"  # nothing finished, so nothing is skipped next time
     assert not progress.exists() or not json.loads(progress.read_text())["done"]
+
+
+def test_after_ctrl_c_no_notebook_process_starts(tmp_path):
+    """Ctrl-C signals the notebook processes running, and from then on none starts: a notebook started in the same
+    instant either is running when the signal goes out (the two share a lock) or is refused."""
+    import sys
+    children = workbook.Children()
+    running = children.start([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
+    children.interrupt()
+    assert children.wait(running) != 0  # stopped by the signal, not after its 60 s
+    marker = tmp_path / "started"
+    with pytest.raises(KeyboardInterrupt):
+        children.start([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], dict(os.environ))
+    time.sleep(1)  # time enough for a process that did start to write its file
+    assert not marker.exists() and not children.running
 
 
 def test_notebooks_side_by_side_lose_no_recorded_number(tmp_path, monkeypatch):
