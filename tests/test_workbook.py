@@ -200,7 +200,14 @@ def test_after_ctrl_c_no_notebook_process_starts(tmp_path):
     instant either is running when the signal goes out (the two share a lock) or is refused."""
     import sys
     children = workbook.Children()
-    running = children.start([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
+    # a notebook process takes SIGINT even when started from a shell that ignores it (workbook.main --execute)
+    ready = tmp_path / "ready"
+    notebook = (f"import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                f"open({str(ready)!r}, 'w'); time.sleep(60)")
+    running = children.start([sys.executable, "-c", notebook], dict(os.environ))
+    deadline = time.time() + 30
+    while not ready.exists() and time.time() < deadline:  # its handler in place
+        time.sleep(0.05)
     children.interrupt()
     assert children.wait(running) != 0  # stopped by the signal, not after its 60 s
     marker = tmp_path / "started"
