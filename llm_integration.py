@@ -797,7 +797,7 @@ def train_captioning(mm_model: MultimodalLLM, loader, num_epochs: int | None = N
 # ----------------------------------------------------------------------------------------------
 # 6. Evaluation vs k and vs token source, phase 2 end to end, and the command line
 
-def caption_sources(mm: MultimodalLLM, modality_sets=None, ks=None) -> list[TokenSource]:
+def caption_eval_sources(mm: MultimodalLLM, modality_sets=None, ks=None) -> list[TokenSource]:
     """The token sources that `evaluate_captions` captions from: each modality alone and all together (or
     `modality_sets`) at every k of the grid (or `ks`), and no prefix (k = 0) once."""
     source = mm.source
@@ -810,10 +810,10 @@ def caption_sources(mm: MultimodalLLM, modality_sets=None, ks=None) -> list[Toke
 
 def evaluate_captions(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], references: list[str],
                       factors: list[dict] | None = None, modality_sets=None, ks=None, n_examples: int = 8) -> dict:
-    """Caption metrics for every token source of `caption_sources`. Returns {"rows": [{"modalities", "k",
+    """Caption metrics for every token source of `caption_eval_sources`. Returns {"rows": [{"modalities", "k",
     metrics..., "examples"}]}; the rows are DataFrame-ready."""
     rows = []
-    for source in tqdm(caption_sources(mm, modality_sets, ks), desc="caption eval"):
+    for source in tqdm(caption_eval_sources(mm, modality_sets, ks), desc="caption eval"):
         captions = mm.generate_from_tokens(tokens, source)
         rows.append({"modalities": "none" if source.k == 0 else "+".join(source.modalities), "k": source.k,
                      **caption_metrics(captions, references, factors),
@@ -870,7 +870,7 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
             eval_set, eval_feats = phase1.split_data(cfg, "test")
             eval_tokens = encode_tokens(aligner.model, eval_feats)
         factors = split_factors(eval_set)
-        sources, fit_ceilings = caption_sources(mm), None
+        sources, fit_ceilings = caption_eval_sources(mm), None
         if factors is not None:  # SynthTouch: beside every row, the linear-probe ceiling of its tokens
             train_factors = split_factors(train_set)
             weights = loop.RunFolder(phase1_run).checkpoint / "model.safetensors"
@@ -963,7 +963,7 @@ def probe_ceilings(mm: MultimodalLLM, sources: list[TokenSource], fit_tokens, fi
 
 def add_probe_ceiling(rows: list[dict], sources: list[TokenSource], ceilings: dict) -> list[dict]:
     """Put beside each row of `evaluate_captions` the probe ceiling of its tokens (`probe_ceilings`), as
-    "probe accuracy ..."; `sources`: the rows' token sources, in order (`caption_sources`)."""
+    "probe accuracy ..."; `sources`: the rows' token sources, in order (`caption_eval_sources`)."""
     for row, source in zip(rows, sources, strict=True):
         row.update({f"probe {key}": value for key, value in ceilings[source].items()})
     return rows

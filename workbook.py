@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -296,7 +297,6 @@ class Children:
         self.lock, self.running, self.interrupted = threading.Lock(), set(), False
 
     def start(self, command: list[str], env: dict):
-        import subprocess
         with self.lock:
             if self.interrupted:
                 raise KeyboardInterrupt
