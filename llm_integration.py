@@ -39,7 +39,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
+# Qwen2ForCausalLM at import time, though AutoModelForCausalLM would find it: its module takes ~5 s to import, which
+# a notebook started early (make demo's notebook 04) spends while it waits for its input instead of after
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import core
 import data
@@ -118,8 +122,6 @@ PROMPTS = ("Describe this image:", "Describe this surface:", "Describe how this 
 
 def build_caption_tokenizer(texts: list[str], vocab_size: int = TOKENIZER_VOCAB):
     """A byte-level BPE tokenizer trained on `texts` (any text still encodes), wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -134,7 +136,6 @@ def build_caption_tokenizer(texts: list[str], vocab_size: int = TOKENIZER_VOCAB)
 def save_tiny_decoder(folder: str | os.PathLike, texts: list[str], vocab_size: int = TOKENIZER_VOCAB,
                       seed: int = 0, **architecture) -> Path:
     """A random-init Qwen2ForCausalLM + a tokenizer trained on `texts`, written with save_pretrained."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     tokenizer = build_caption_tokenizer(texts, vocab_size)
     config = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
@@ -199,7 +200,6 @@ def load_decoder(model_name: str, cache_dir="cache", local_files_only=False, dty
                  probe_texts=PROMPTS[:1]):
     """(model, tokenizer) by built-in name, hub name or local folder; offline misses fail clearly, and so do
     tokenizers that do not fit the model or cannot write `probe_texts` back."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     path = tiny_decoder_folder(model_name, cache_dir) if model_name in TINY_DECODERS else model_name
     try:
         with hub_or_cache():  # the hub when it answers, else the local cache only: no minute of retries

@@ -184,6 +184,19 @@ class RunFolder:
                 if held:
                     fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def busy(self) -> bool:
+        """Whether another process holds the run's lock (`exclusive`): it trains the run, or evaluates it."""
+        lock_file = self.path.with_name(self.path.name + ".lock")
+        if not lock_file.is_file():
+            return False
+        with open(lock_file, "a") as handle:
+            try:  # a shared lock, let go at once: a trainer asking for the lock meanwhile retries (`poll`)
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
     def checkpoint_step(self) -> int | None:
         folder = self.checkpoint
         return None if folder is None else int(folder.name.rsplit("-", 1)[1])

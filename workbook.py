@@ -255,12 +255,16 @@ def code_key() -> str:
     return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
 
 
-# When each notebook may start. One waits for the notebooks it reads from (01's feature cache, 02's default
-# phase-1 run) to be done; those not part of this run (`--only`) are not waited for. Notebook 04 reads only that
-# run's weights, so it starts once they are final (EARLY_START), beside 02's evaluation and 03; notebook 05 reads
-# nothing of theirs and starts at once. Side by side at one thread each, 02 and 05 did 1.2x the work of one at a
-# time on two threads (README: the demo 35.9 -> 30.8 minutes).
-AFTER = {"02": ("01",), "03": ("02",), "04": ("02",)}
+# When each notebook may start. One waits for the notebooks it reads from (02's phase-1 runs) to be done; those
+# not part of this run (`--only`) are not waited for. Notebook 02 starts at once beside 01: the feature cache
+# that 01 shows is built under a lock (data.cached_features), so whichever asks first builds it and the other
+# reads it. Notebook 04 reads only the default phase-1 run's weights, so it starts once they are final
+# (EARLY_START), beside 02's evaluation and 03; its kernel starts earlier still, once 02 trains that run (holds
+# its lock): it imports and waits in train.ensure_trained on no share of the cores (`may_warm`), so its ~10 s of
+# start-up are off the chain to the end. Notebook 05 reads nothing of theirs and starts at once.
+# Side by side at one thread each, 02 and 05 did 1.2x the work of one at a time on two threads (README: the
+# demo 35.9 -> 30.8 minutes).
+AFTER = {"03": ("02",), "04": ("02",)}
 EARLY_START = {"04": ("02", "phase1/default")}  # notebook -> (the notebook it follows, the run folder it reads)
 
 
@@ -273,6 +277,14 @@ def ready(path: Path, out_dir: Path, waiting: set[str]) -> bool:
         if unfinished and not (before == early and weights_final(out_dir / run_folder)):
             return False
     return True
+
+
+def may_warm(path: Path, out_dir: Path) -> bool:
+    """Whether an EARLY_START notebook may start its kernel before it is `ready`: once another process trains the
+    run folder it reads (holds its lock), so that the notebook waits for those weights instead of training them."""
+    import loop  # here, not at the top: it imports torch, which --sync never needs
+    run_folder = EARLY_START.get(path.name[:2], (None, None))[1]
+    return run_folder is not None and loop.RunFolder(out_dir / run_folder).busy()
 
 
 def weights_final(run_dir: Path) -> bool:
@@ -362,16 +374,21 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
     numbers_path.write_text(json.dumps(numbers, indent=1))
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     cores, lock, failed = core_budget(), threading.Lock(), threading.Event()
-    pending, started_at, children, budgets = list(paths), time.perf_counter(), Children(), {}  # thread files
+    pending, started_at, children = list(paths), time.perf_counter(), Children()
+    # every started notebook's threads file; those computing, which share the cores; those warmed, which wait;
+    # when each began computing (a warmed one's minutes count from its wake-up, as if it had started then)
+    budgets, sharing, warm, began = {}, set(), {}, {}
 
-    def share_cores() -> int:  # under the lock: the cores split among the notebooks running, told to each
-        threads = max(1, cores // max(1, len(budgets)))
-        for file in budgets.values():
-            atomic_write(file, lambda tmp: tmp.write_text(str(threads)))
+    def tell(stem: str, threads: int):
+        atomic_write(budgets[stem], lambda tmp: tmp.write_text(str(threads)))
+
+    def share_cores() -> int:  # under the lock: the cores split among the notebooks computing, told to each
+        threads = max(1, cores // max(1, len(sharing)))
+        for stem in sharing:
+            tell(stem, threads)
         return threads
 
     def run_one(path: Path, threads: int):
-        start = time.perf_counter()
         try:
             run_notebook(path, out_dir, smoke, threads, children, budgets[path.stem])
         except BaseException:
@@ -380,9 +397,11 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
         finally:
             with lock:  # the others take over this notebook's cores from their next training step
                 budgets.pop(path.stem).unlink(missing_ok=True)
+                sharing.discard(path.stem)
+                warm.pop(path.stem, None)
                 share_cores()
         with lock:
-            timings[path.stem] = time.perf_counter() - start
+            timings[path.stem] = time.perf_counter() - began[path.stem]
             timings_path.write_text(json.dumps(dict(sorted(timings.items())), indent=1))
             done.add(path.stem)
             progress_path.write_text(json.dumps({"key": key, "smoke": smoke, "done": sorted(done)}))
@@ -395,14 +414,24 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
         while notebooks or (pending and not failed.is_set()):
             with lock:
                 waiting = {p.stem for p in pending} | {p.stem for p in notebooks.values()}
+                woken = [stem for stem, path in warm.items() if ready(path, out_dir, waiting)]
+                for stem in woken:  # a warmed notebook's input is there: from its next step it computes on its share
+                    warm.pop(stem)
+                    sharing.add(stem)
+                    began[stem] = time.perf_counter()
                 starting = [p for p in pending if not failed.is_set() and ready(p, out_dir, waiting)]
-                for path in starting:  # every budget first: notebooks starting together start on their share
+                warming = [p for p in pending if not failed.is_set() and p not in starting and may_warm(p, out_dir)]
+                for path in starting + warming:  # every budget first: notebooks starting together start on their share
                     pending.remove(path)
                     budgets[path.stem] = out_dir / ".threads" / path.stem
-                if starting:
-                    threads = share_cores()
-                for path in starting:
-                    notebooks[pool.submit(run_one, path, threads)] = path
+                sharing.update(path.stem for path in starting)
+                threads = share_cores() if starting or woken else 1
+                for path in warming:
+                    warm[path.stem] = path
+                    tell(path.stem, 1)
+                for path in starting + warming:
+                    began[path.stem] = time.perf_counter()
+                    notebooks[pool.submit(run_one, path, threads if path in starting else 1)] = path
             if not notebooks and not failed.is_set():
                 raise RuntimeError(f"no notebook can start: {[p.stem for p in pending]} wait for each other; "
                                    "check workbook.AFTER")

@@ -32,7 +32,8 @@ llm_cfg
 # %% [markdown]
 # ## Phase 1, then phase 2
 # Phase 1 is the default run of notebook 02 (trained here if it is missing). Phase 2 needs only its weights, not
-# its test-split evaluation, so `make demo` starts this notebook as soon as they are final. Phase 2 then trains
+# its test-split evaluation: `make demo` starts this notebook while 02 trains them, and the cell below waits until
+# they are final ("another process is training ..."), then goes on beside 02's evaluation. Phase 2 then trains
 # on the training split: per sample it draws which modality's tokens the decoder sees (vision, touch or both)
 # and how many (k from 0, 1, 2, 4, … all), so one model answers for every token source. After every epoch it
 # captions the validation split (the `val` columns below): settings and the number of epochs are chosen on

@@ -28,36 +28,45 @@ def trained_run(folder: Path, epochs: int = 1):
         run.save(epoch + 1, {"weight": torch.zeros(1)}, {})
 
 
+def wait_for_text(path: Path, text: str, seconds: float = 10) -> str:
+    """The content of `path` once it reads `text` (workbook.run polls once a second), or whatever it reads after
+    `seconds`."""
+    deadline = time.time() + seconds
+    while path.read_text() != text and time.time() < deadline:
+        time.sleep(0.01)
+    return path.read_text()
+
+
 def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shared(tmp_path, monkeypatch):
-    """05 reads nothing the others write, so it runs while 01 does, one thread each on two cores; once 05 is done,
-    01 is told (through its threads file, which the training loop reads before each step) that it may use both.
-    02 starts after 01 (the feature cache), 03 after 02 (its evaluation); 04 reads only 02's phase-1 weights, so
-    it starts as soon as they are final, while 02 still runs (evaluating), and the two share the cores."""
-    events = {name: threading.Event() for name in ("01 started", "05 done", "04 started", "02 saw 04", "02 done")}
+    """01, 02 and 05 start at once, one thread each on two cores (02 finds the feature cache through its lock). 04
+    reads only 02's phase-1 weights: its kernel starts as soon as 02 trains that run (holds its lock), on no share
+    of the cores, so 02 alone is told (through its threads file, which the training loop reads before each step)
+    that it may use both once 01 and 05 are done; when the weights are final, 04 computes beside 02's evaluation
+    and the two share the cores. 03 starts after 02 (its evaluation)."""
+    import loop
+    events = {name: threading.Event() for name in ("01 started", "02 started", "04 started", "02 saw 04", "02 done")}
     seen = []
 
     def fake_notebook(path, out_dir, smoke, threads, children, threads_file):
         seen.append((path.stem, threads))
-        if path.name.startswith("05"):
-            assert events["01 started"].wait(10), "05 waited for 01: they did not run side by side"
-            events["05 done"].set()
-        if path.name.startswith("01"):
-            assert threads_file.read_text() == "1"
-            events["01 started"].set()
-            assert events["05 done"].wait(10)
-            deadline = time.time() + 10  # 05 ends: 01, still running, is told it may use both cores
-            while threads_file.read_text() != "2" and time.time() < deadline:
-                time.sleep(0.01)
-            seen.append(("01 after 05", int(threads_file.read_text())))
+        if path.name.startswith(("01", "05")):
+            assert events["02 started"].wait(10), "01 and 05 ran before 02 started: not side by side"
         if path.name.startswith("02"):
-            trained_run(out_dir / "phase1" / "default", epochs=2)
-            assert events["04 started"].wait(10), "04 waited for 02 to end, not for its weights"
-            seen.append(("02 beside 04", int(threads_file.read_text())))
-            events["02 saw 04"].set()
+            events["02 started"].set()
+            run_dir = out_dir / "phase1" / "default"
+            with loop.RunFolder(run_dir).exclusive():  # training phase 1
+                assert events["04 started"].wait(10), "04's kernel waited for the weights, not for the training"
+                seen.append(("02 beside a waiting 04", int(wait_for_text(threads_file, "2"))))
+                trained_run(run_dir, epochs=2)  # the weights are final: 04 computes from now on
+                seen.append(("02 beside 04", int(wait_for_text(threads_file, "1"))))
+                events["02 saw 04"].set()
             events["02 done"].set()
         if path.name.startswith("04"):
+            assert not workbook.weights_final(out_dir / "phase1" / "default")
+            seen.append(("04 waiting", int(threads_file.read_text())))
             events["04 started"].set()
             assert events["02 saw 04"].wait(10)
+            seen.append(("04 computing", int(threads_file.read_text())))
         if path.name.startswith("03"):
             assert events["02 done"].is_set(), "03 started before 02 was done"
         (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
@@ -67,10 +76,11 @@ def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shar
     report = workbook.run(tmp_path, smoke=True).read_text()
     threads = dict(seen)
     order = [name for name, _ in seen if name in NAMES]
-    assert order.index("01_data_and_encoders") < order.index("02_phase1_training") < order.index("04_captioning")
-    assert threads["01_data_and_encoders"] == 1 and threads["05_real_data"] == 1
-    assert threads["01 after 05"] == 2 and threads["02_phase1_training"] == 2
-    assert threads["04_captioning"] == threads["02 beside 04"] == 1
+    assert order.index("02_phase1_training") < order.index("04_captioning") < order.index("03_prefix_quality")
+    assert threads["01_data_and_encoders"] == threads["02_phase1_training"] == threads["05_real_data"] == 1
+    assert threads["04_captioning"] == threads["04 waiting"] == 1
+    assert threads["02 beside a waiting 04"] == 2, "a notebook that only waits took a share of the cores"
+    assert threads["02 beside 04"] == threads["04 computing"] == 1
     assert all(name in report for name in NAMES) and "side by side" in report
     assert not (tmp_path / "progress.json").exists()
 
@@ -84,6 +94,23 @@ def test_what_a_notebook_waits_for():
     assert not workbook.ready(paths["04"], folder, {"02_phase1_training", "04_captioning"})
     assert not workbook.ready(paths["03"], folder, {"02_phase1_training", "03_prefix_quality"})
     assert workbook.ready(paths["05"], folder, set(NAMES))
+    assert workbook.ready(paths["02"], folder, set(NAMES))  # beside 01: the feature cache has a lock of its own
+
+
+def test_notebook_04_warms_its_kernel_only_while_another_process_trains_the_run_it_reads(tmp_path):
+    """Warming before that would let 04 take the run's lock first and train phase 1 itself, out of 02's sight and
+    on no share of the cores; a folder left by an interrupted run (a checkpoint, nobody training) is no reason."""
+    import loop
+    paths = {p.name[:2]: p for p in workbook.notebook_paths()}
+    run = loop.RunFolder(tmp_path / "phase1" / "default")
+    assert not workbook.may_warm(paths["04"], tmp_path)
+    with run.exclusive():
+        assert workbook.may_warm(paths["04"], tmp_path)
+        assert not workbook.may_warm(paths["03"], tmp_path)  # only EARLY_START notebooks are warmed
+        trained_run(run.path, epochs=1)
+    assert not workbook.may_warm(paths["04"], tmp_path)
+    with run.exclusive() as held:  # asking whether the run is busy never keeps its trainer out
+        assert held
 
 
 def test_notebook_04_starts_beside_02_once_the_weights_are_final(tmp_path):
@@ -106,8 +133,8 @@ def test_a_failed_notebook_lets_the_others_running_finish_and_starts_no_other(tm
         if path.name.startswith("05"):
             failed.set()
             raise RuntimeError("notebook 05_real_data.ipynb stopped")
-        assert failed.wait(10)  # 01 is still running when 05 fails ...
-        deadline = time.time() + 10  # ... and ends only once 05's failure is through (its thread file gone)
+        assert failed.wait(10)  # 01 and 02 are still running when 05 fails ...
+        deadline = time.time() + 10  # ... and end only once 05's failure is through (its thread file gone)
         while (out_dir / ".threads" / "05_real_data").exists() and time.time() < deadline:
             time.sleep(0.01)
         (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
@@ -115,8 +142,8 @@ def test_a_failed_notebook_lets_the_others_running_finish_and_starts_no_other(tm
     monkeypatch.setattr(workbook, "run_notebook", fake_notebook)
     with pytest.raises(RuntimeError, match="05_real_data"):
         workbook.run(tmp_path, smoke=True)
-    assert sorted(ran) == ["01_data_and_encoders", "05_real_data"]
-    assert json.loads((tmp_path / "progress.json").read_text())["done"] == ["01_data_and_encoders"]
+    assert sorted(ran) == ["01_data_and_encoders", "02_phase1_training", "05_real_data"]  # 03 and 04 never start
+    assert json.loads((tmp_path / "progress.json").read_text())["done"] == ["01_data_and_encoders", "02_phase1_training"]
 
 
 STAND_INS = ("01_first", "05_beside")  # two notebooks that read nothing of each other
