@@ -260,8 +260,8 @@ def code_key() -> str:
 # that 01 shows is built under a lock (data.cached_features), so whichever asks first builds it and the other
 # reads it. Notebook 04 reads only the default phase-1 run's weights, so it starts once they are final
 # (EARLY_START), beside 02's evaluation and 03; its kernel starts earlier still, once 02 trains that run (holds
-# its lock): it imports and waits in train.ensure_trained on no share of the cores (`may_warm`), so its ~10 s of
-# start-up are off the chain to the end. Notebook 05 reads nothing of theirs and starts at once.
+# its lock) and a core is left over (05 is done): it imports and waits in train.ensure_trained on no share of the
+# cores (`may_warm`), so its ~10 s of start-up are off the chain to the end. Notebook 05 reads nothing of theirs and starts at once.
 # Side by side at one thread each, 02 and 05 did 1.2x the work of one at a time on two threads (README: the
 # demo 35.9 -> 30.8 minutes).
 AFTER = {"03": ("02",), "04": ("02",)}
@@ -420,7 +420,9 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
                     sharing.add(stem)
                     began[stem] = time.perf_counter()
                 starting = [p for p in pending if not failed.is_set() and ready(p, out_dir, waiting)]
-                warming = [p for p in pending if not failed.is_set() and p not in starting and may_warm(p, out_dir)]
+                # warmed while a core is left to them, so that their imports take nothing from a notebook on one thread
+                warming = [p for p in pending if not failed.is_set() and p not in starting
+                           and len(sharing) < cores and may_warm(p, out_dir)]
                 for path in starting + warming:  # every budget first: notebooks starting together start on their share
                     pending.remove(path)
                     budgets[path.stem] = out_dir / ".threads" / path.stem

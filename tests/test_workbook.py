@@ -39,22 +39,24 @@ def wait_for_text(path: Path, text: str, seconds: float = 10) -> str:
 
 def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shared(tmp_path, monkeypatch):
     """01, 02 and 05 start at once, one thread each on two cores (02 finds the feature cache through its lock). 04
-    reads only 02's phase-1 weights: its kernel starts as soon as 02 trains that run (holds its lock), on no share
-    of the cores, so 02 alone is told (through its threads file, which the training loop reads before each step)
-    that it may use both once 01 and 05 are done; when the weights are final, 04 computes beside 02's evaluation
-    and the two share the cores. 03 starts after 02 (its evaluation)."""
+    reads only 02's phase-1 weights: its kernel starts while 02 trains that run (holds its lock) once a core is left
+    over (01 and 05 are done), on no share of the cores, so 02 is told (through its threads file, which the training
+    loop reads before each step) that it may use both; when the weights are final, 04 computes beside 02's
+    evaluation and the two share the cores. 03 starts after 02 (its evaluation)."""
     import loop
-    events = {name: threading.Event() for name in ("01 started", "02 started", "04 started", "02 saw 04", "02 done")}
+    events = {name: threading.Event() for name in ("02 started", "01 done", "05 done", "04 started", "02 saw 04",
+                                                   "02 done")}
     seen = []
 
     def fake_notebook(path, out_dir, smoke, threads, children, threads_file):
         seen.append((path.stem, threads))
         if path.name.startswith(("01", "05")):
             assert events["02 started"].wait(10), "01 and 05 ran before 02 started: not side by side"
+            events[f"{path.name[:2]} done"].set()
         if path.name.startswith("02"):
-            events["02 started"].set()
             run_dir = out_dir / "phase1" / "default"
             with loop.RunFolder(run_dir).exclusive():  # training phase 1
+                events["02 started"].set()
                 assert events["04 started"].wait(10), "04's kernel waited for the weights, not for the training"
                 seen.append(("02 beside a waiting 04", int(wait_for_text(threads_file, "2"))))
                 trained_run(run_dir, epochs=2)  # the weights are final: 04 computes from now on
@@ -62,6 +64,7 @@ def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shar
                 events["02 saw 04"].set()
             events["02 done"].set()
         if path.name.startswith("04"):
+            assert events["01 done"].is_set() and events["05 done"].is_set(), "04 warmed while no core was left"
             assert not workbook.weights_final(out_dir / "phase1" / "default")
             seen.append(("04 waiting", int(threads_file.read_text())))
             events["04 started"].set()
