@@ -101,8 +101,7 @@ pd.DataFrame(rows).set_index("modality")
 # ## The feature cache
 # Training never runs the encoders: their features are computed once per (encoder, dataset split) and stored
 # as memory-mapped arrays with checksums under `cache/features/`. The second call below reads the cache
-# instead of encoding (a damaged cache is detected and rebuilt). One process builds a cache at a time: in `make demo`
-# notebook 02 starts beside this one and may be the one that builds it, and the first call then waits for it.
+# instead of encoding (a damaged cache is detected and rebuilt).
 
 # %%
 timings = {}

@@ -38,21 +38,24 @@ def wait_for_text(path: Path, text: str, seconds: float = 10) -> str:
 
 
 def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shared(tmp_path, monkeypatch):
-    """01, 02 and 05 start at once, one thread each on two cores (02 finds the feature cache through its lock). 04
-    reads only 02's phase-1 weights: its kernel starts while 02 trains that run (holds its lock) once a core is left
-    over (01 and 05 are done), on no share of the cores, so 02 is told (through its threads file, which the training
-    loop reads before each step) that it may use both; when the weights are final, 04 computes beside 02's
-    evaluation and the two share the cores. 03 starts after 02 (its evaluation)."""
+    """05 reads nothing the others write, so it runs while 01 does, one thread each on two cores; 02 starts after 01
+    (the feature cache). 04 reads only 02's phase-1 weights: its kernel starts while 02 trains that run (holds its
+    lock) once a core is left over (05 is done), on no share of the cores, so 02 is told (through its threads file,
+    which the training loop reads before each step) that it may use both; when the weights are final, 04 computes
+    beside 02's evaluation and the two share the cores. 03 starts after 02 (its evaluation)."""
     import loop
-    events = {name: threading.Event() for name in ("02 started", "01 done", "05 done", "04 started", "02 saw 04",
+    events = {name: threading.Event() for name in ("01 started", "02 started", "05 done", "04 started", "02 saw 04",
                                                    "02 done")}
     seen = []
 
     def fake_notebook(path, out_dir, smoke, threads, children, threads_file):
         seen.append((path.stem, threads))
-        if path.name.startswith(("01", "05")):
-            assert events["02 started"].wait(10), "01 and 05 ran before 02 started: not side by side"
-            events[f"{path.name[:2]} done"].set()
+        if path.name.startswith("01"):
+            events["01 started"].set()
+        if path.name.startswith("05"):
+            assert events["01 started"].wait(10), "05 waited for 01: they did not run side by side"
+            assert events["02 started"].wait(10)
+            events["05 done"].set()
         if path.name.startswith("02"):
             run_dir = out_dir / "phase1" / "default"
             with loop.RunFolder(run_dir).exclusive():  # training phase 1
@@ -64,7 +67,7 @@ def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shar
                 events["02 saw 04"].set()
             events["02 done"].set()
         if path.name.startswith("04"):
-            assert events["01 done"].is_set() and events["05 done"].is_set(), "04 warmed while no core was left"
+            assert events["05 done"].is_set(), "04 warmed while no core was left"
             assert not workbook.weights_final(out_dir / "phase1" / "default")
             seen.append(("04 waiting", int(threads_file.read_text())))
             events["04 started"].set()
@@ -79,7 +82,8 @@ def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shar
     report = workbook.run(tmp_path, smoke=True).read_text()
     threads = dict(seen)
     order = [name for name, _ in seen if name in NAMES]
-    assert order.index("02_phase1_training") < order.index("04_captioning") < order.index("03_prefix_quality")
+    assert order.index("01_data_and_encoders") < order.index("02_phase1_training") < order.index("04_captioning")
+    assert order.index("04_captioning") < order.index("03_prefix_quality")
     assert threads["01_data_and_encoders"] == threads["02_phase1_training"] == threads["05_real_data"] == 1
     assert threads["04_captioning"] == threads["04 waiting"] == 1
     assert threads["02 beside a waiting 04"] == 2, "a notebook that only waits took a share of the cores"
@@ -97,7 +101,7 @@ def test_what_a_notebook_waits_for():
     assert not workbook.ready(paths["04"], folder, {"02_phase1_training", "04_captioning"})
     assert not workbook.ready(paths["03"], folder, {"02_phase1_training", "03_prefix_quality"})
     assert workbook.ready(paths["05"], folder, set(NAMES))
-    assert workbook.ready(paths["02"], folder, set(NAMES))  # beside 01: the feature cache has a lock of its own
+    assert not workbook.ready(paths["02"], folder, set(NAMES))  # 01 builds the feature cache first
 
 
 def test_notebook_04_warms_its_kernel_only_while_another_process_trains_the_run_it_reads(tmp_path):
@@ -136,8 +140,8 @@ def test_a_failed_notebook_lets_the_others_running_finish_and_starts_no_other(tm
         if path.name.startswith("05"):
             failed.set()
             raise RuntimeError("notebook 05_real_data.ipynb stopped")
-        assert failed.wait(10)  # 01 and 02 are still running when 05 fails ...
-        deadline = time.time() + 10  # ... and end only once 05's failure is through (its thread file gone)
+        assert failed.wait(10)  # 01 is still running when 05 fails ...
+        deadline = time.time() + 10  # ... and ends only once 05's failure is through (its thread file gone)
         while (out_dir / ".threads" / "05_real_data").exists() and time.time() < deadline:
             time.sleep(0.01)
         (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
@@ -145,8 +149,8 @@ def test_a_failed_notebook_lets_the_others_running_finish_and_starts_no_other(tm
     monkeypatch.setattr(workbook, "run_notebook", fake_notebook)
     with pytest.raises(RuntimeError, match="05_real_data"):
         workbook.run(tmp_path, smoke=True)
-    assert sorted(ran) == ["01_data_and_encoders", "02_phase1_training", "05_real_data"]  # 03 and 04 never start
-    assert json.loads((tmp_path / "progress.json").read_text())["done"] == ["01_data_and_encoders", "02_phase1_training"]
+    assert sorted(ran) == ["01_data_and_encoders", "05_real_data"]
+    assert json.loads((tmp_path / "progress.json").read_text())["done"] == ["01_data_and_encoders"]
 
 
 STAND_INS = ("01_first", "05_beside")  # two notebooks that read nothing of each other
