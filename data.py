@@ -57,7 +57,7 @@ class SynthTouch(torch.utils.data.Dataset):
     # same surface), None where the texture does not depend on it (stripes run along y). A probe predicts
     # the phase on that circle (evaluate.probe_target); a test checks these against the renderer.
     PHASE_PERIODS = {"phase_x": dict(stripes=1, checker=1, dots=1, waves=1),
-                     "phase_y": dict(stripes=None, checker=2, dots=1, waves=2)}
+                     "phase_y": dict(stripes=None, checker=2, dots=1, waves=1)}
     # fine, local factors: one value in [0, 1) per tile of a side×side grid, so that knowing them takes many
     # numbers, each about a small part of the image; this is what later register tokens are there for.
     # wear rubs the pattern off the central tiles (seen and felt), stain turns the ink of each tile of the
@@ -128,7 +128,7 @@ class SynthTouch(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self):
-        return f"synthtouch-v3-n{self.n}-seed{self.seed}-s{self.image_size}-{self.split}"
+        return f"synthtouch-v4-n{self.n}-seed{self.seed}-s{self.image_size}-{self.split}"
 
     @property
     def captions(self):
@@ -245,8 +245,9 @@ class SynthTouch(torch.utils.data.Dataset):
         elif f["texture"] == "dots":  # oval dots, long along the lines, again so orientation shows
             d_across, d_along = across - np.round(across), along - np.round(along)
             p = 0.5 + 0.5 * np.tanh((1 - np.sqrt((d_across / 0.25) ** 2 + (d_along / 0.4) ** 2)) / 0.2)
-        else:  # waves
-            p = 0.5 + 0.5 * np.cos(2 * np.pi * (across + 0.3 * np.sin(np.pi * along)))
+        else:  # waves: lines as sharp as the stripes', swaying with period one along their length, so that
+            # they do not share checker's period two (v3's soft waves did, and retrieval mixed the two up)
+            p = 0.5 + 0.5 * np.tanh(3 * np.cos(2 * np.pi * (across + 0.2 * np.sin(2 * np.pi * along))))
 
         # wear, shared: on the worn central tiles the pattern is rubbed away, flat and pale to the eye and
         # smooth to the gel

@@ -163,29 +163,30 @@ fig
 # designs under the workbook's 0.15 (*FSQ shared tokens* rounds the shared tokens only, so the private ones keep
 # their detail). What it costs is retrieval: rounded tokens learn slowly, and in the default's 14 epochs they
 # reach a lower factor-level R@1 than the continuous default (the study table above), so the default stays
-# continuous. The figure above shows the gap: no design sits in the target corner. Training on unrounded codes
+# continuous. The figure above shows the gap: no design sits in the target corner on three seeds. Training on unrounded codes
 # first (*FSQ shared tokens warm-up*) gains little, so what holds rounded tokens back is the small code itself
 # (6 numbers a token), not the rounding. A wider code trained longer moves along the trade-off toward the corner:
 # *FSQ shared tokens 12-number code 28 epochs* (12 numbers a token, twice the default's training) retrieves more
 # than any other design under the 0.15 line and leaks less than the same code after 14 epochs, yet still falls
-# short of R@1 0.9 (its numbers are in the study table above); the point beside it, the same code trained on
-# unrounded codes for its first half (*... 28 epochs warm-up*), lands in the same place, and so does the same code
-# trained three times as long (*... 42 epochs*): it settles near R@1 0.83. How much a probe finds also depends on how many
-# rows it is fit on: these probes are fit on the 500 validation rows. Refit on 2000 training rows
-# (`python study.py --reprobe 2000`, the README's statistics section), the default's leakage rises to 0.89 /
-# 0.75 (vision / touch, 3 seeds), while the 12-number code's stays under the line (0.09 / 0.11).
+# short of R@1 0.9 on three seeds (0.86; its numbers are in the study table above); the point beside it, the same
+# code trained on unrounded codes for its first half (*... 28 epochs warm-up*), lands in the same place, and the
+# same code trained three times as long (*... 42 epochs*) is the one point inside the corner, but on one seed
+# only (0.91), and the 28-epoch code's seeds alone spread from 0.82 to 0.89. How much a probe finds also
+# depends on how many rows it is fit on: these probes are fit on the 500 validation rows. Refit on 2000 training rows
+# (`python study.py --reprobe 2000`, the README's statistics section), the default's leakage rises to 0.87 / 0.75
+# (vision / touch, 3 seeds), while the 12-number code's stays under the line (0.07 / 0.10).
 
 # %% [markdown]
 # ## Why no design reaches the target corner: which factor retrieval gets wrong
 # Factor-level R@1 counts a vision query as found when its top-1 touch item has the same texture, orientation and
-# roughness; designs that keep leakage under 0.15 stay near 0.83 (the trade-off above). Left: for each of the three,
-# the share of queries whose top-1 item has another value. Right: which textures are taken for which, for the
-# default (this notebook's run, from its weights) and for the design closest to the target corner (its
-# `confusion.csv`, which every SynthTouch evaluation writes). Nearly every miss is a texture, and most of those are
-# *checker* taken for *waves* or the reverse: both patterns are lines that change along their length with period two
-# (`SynthTouch._render`), and the touch sensor's blur leaves little else to tell them apart by. So the target corner
-# is missed mostly on one pair of values of the testbed, not across the board; the README's statistics section has
-# the numbers over three seeds.
+# roughness; designs that keep leakage under 0.15 stay at 0.86 or below on three seeds (the trade-off above). Left: for
+# each of the three, the share of queries whose top-1 item has another value. Right: which textures are taken for
+# which, for the default (this notebook's run, from its weights) and for the design closest to the target corner
+# (its `confusion.csv`, which every SynthTouch evaluation writes). Most misses are a texture, spread over the pairs
+# of textures. Up to SynthTouch v3 most were *checker* taken for *waves* or the reverse, because both were lines that
+# change along their length with period two; waves are now sharp lines swaying with period one
+# (`SynthTouch._render`), and every design retrieves the right factors more often for it. The README's statistics
+# section has the numbers over three seeds.
 
 # %%
 # the default's test split through its weights, once: this figure and the ones further down read it

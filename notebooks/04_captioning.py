@@ -129,7 +129,7 @@ gap.round(3)
 # %% [markdown]
 # ## How the settings were chosen
 # The gap above is what configs/phase2.yaml was tuned to close, on the validation split only (never on test):
-# the same phase-1 tokens (the default model, seed 0) captioned by phase-2 settings that differ in one or two keys,
+# the same phase-1 tokens (the default model, seed 0, on SynthTouch v3: before waves were redrawn) captioned by phase-2 settings that differ in one or two keys,
 # from both modalities' first k tokens. With raw tokens the decoder never learned to say what the shared tokens
 # leak of touch (touch-only attributes at k ≤ 4 stayed near the baseline while the probe read ~0.9): that signal
 # sits in directions of small variance. Standardising every channel, as the probe does, let the decoder learn it,
