@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +35,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 import core
+import probes
 from config import atomic_write, thread_budget
 from data import SynthTouch
 from features import Features
@@ -287,27 +287,29 @@ def write_eval(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def evaluate_run(model: core.AlignmentModel, features: dict[str, Features], factors: dict[str, np.ndarray] | None,
-                 fit_features: dict[str, Features] | None = None, fit_factors: dict[str, np.ndarray] | None = None,
+                 probe_splits: dict[str, tuple[dict[str, Features], dict[str, np.ndarray]]] | None = None,
                  out_path=None) -> pd.DataFrame:
     """`evaluate_prefixes` and, on SynthTouch (where private factors are known), the leakage columns of
-    `leakage_columns` for every k: probes fit on `fit_*` (the validation split) and scored on `features`.
+    `leakage_columns` for every k: probes fit on `probe_splits["fit"]` (features, factors: the training split),
+    tuned on `probe_splits["select"]` (the validation split) and scored on `features`.
     The whole leakage table goes beside `out_path` as leakage.csv, the information map (every factor from
-    every token, `information_map`, fit and scored on the same splits) as information.csv, and which shared
+    every token, `information_map`, on the same splits) as information.csv, and which shared
     factors retrieval gets wrong (`retrieval_confusion`) as confusion.csv, so notebooks can draw all three for
     runs whose weights they do not have (`read_information`, `read_confusion`)."""
     ks = prefix_ks(model)
     encoded = encode_all(model, features, ks)  # once, for retrieval and the leakage probes alike
     table = evaluate_prefixes(model, features, factors, ks, encoded=encoded)
     private = [name for name, group in SynthTouch.factor_groups.items() if group != "shared"]
-    if fit_features is not None and factors is not None and fit_factors is not None and \
-            all(name in factors for name in private):
-        fit = encode_all(model, fit_features, ks, reconstruct=False)
-        leaks = leakage_by_k(model, fit, fit_factors, encoded, factors, ks)
+    if probe_splits is not None and factors is not None and all(name in factors for name in private):
+        splits = {split: encode_all(model, probe_splits[split][0], ks, reconstruct=False) for split in ("fit", "select")}
+        all_encoded = {**splits, "test": encoded}
+        all_factors = {**{split: probe_splits[split][1] for split in splits}, "test": factors}
+        leaks = leakage_by_k(model, all_encoded, all_factors, ks)
         table = table.join(leakage_columns(leaks))
         if out_path is not None:
             atomic_write(Path(out_path).with_name("leakage.csv"), lambda tmp: leaks.to_csv(tmp, index=False))
-            info = information_map({m: e.tokens for m, e in fit.items()}, fit_factors,
-                                   {m: e.tokens for m, e in encoded.items()}, factors, model.cfg.n_shared)
+            info = information_map({split: {m: e.tokens for m, e in enc.items()} for split, enc in all_encoded.items()},
+                                   all_factors, model.cfg.n_shared)
             atomic_write(Path(out_path).with_name("information.csv"), lambda tmp: info.to_csv(tmp, index=False))
     if out_path is not None and factors is not None and all(name in factors for name in shared_discrete_factors()):
         confusion = retrieval_confusion(encoded, factors, ks)
@@ -387,7 +389,11 @@ def prefix_summary(tables: dict[str, pd.DataFrame], n_queries: int, k_shared: in
 
 
 # ----------------------------------------------------------------------------------------------
-# Linear probes: which token knows which factor
+# Probes: which token knows which factor. Every probe is probes.probe: fit on the training split (FIT_ROWS
+# rows), its regularisation chosen on the validation split, scored on the test split.
+
+PROBE_SPLITS = ("fit", "select", "test")
+
 
 def probe_target(name: str, factors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(target, rows) of a probe: what it predicts, on which rows. Discrete factors are their class codes,
@@ -404,6 +410,21 @@ def probe_target(name: str, factors: dict[str, np.ndarray]) -> tuple[np.ndarray,
     return np.stack([np.cos(angle), np.sin(angle)], 1), rows
 
 
+def probe_targets(names, factors: dict[str, dict[str, np.ndarray]]) -> dict[str, probes.Target]:
+    """The probes.Target of every factor in `names`, from the factor tables of the fit, select and test splits."""
+    targets = {}
+    for name in names:
+        ys, rows = zip(*(probe_target(name, factors[split]) for split in PROBE_SPLITS))
+        targets[name] = probes.Target(SynthTouch.is_continuous(name), dict(zip(PROBE_SPLITS, ys)),
+                                      dict(zip(PROBE_SPLITS, rows)))
+    return targets
+
+
+def fit_rows(n: int, rows: int = probes.FIT_ROWS) -> np.ndarray:
+    """The rows of a split of `n` that probes are fit on: a fixed random subset (seed 0), in order."""
+    return np.sort(np.random.default_rng(0).permutation(n)[:rows])
+
+
 def token_sources(tokens: torch.Tensor, n_shared: int) -> dict[str, np.ndarray]:
     """Feature sets a probe reads: every single token, and the shared / private groups concatenated."""
     R = tokens.shape[1]
@@ -414,39 +435,56 @@ def token_sources(tokens: torch.Tensor, n_shared: int) -> dict[str, np.ndarray]:
     return sources
 
 
-def information_map(train_tokens: dict[str, torch.Tensor], train_factors: dict[str, np.ndarray],
-                    test_tokens: dict[str, torch.Tensor], test_factors: dict[str, np.ndarray],
-                    n_shared: int, max_train: int = 2000) -> pd.DataFrame:
-    """Probe every factor from every token and token group of every modality.
+def probe_processes() -> int:
+    """How many processes fit probes side by side: as many as the threads torch was given to train with
+    (`torch.get_num_threads()`, or make demo's budget for this notebook; a phase's `at_most_threads` cap is for
+    its own steps, not the probes'), so a study's runs side by side, one thread each, fit theirs one by one."""
+    return max(1, thread_budget())
 
-    `*_tokens`: modality → N×R×hidden register outputs (`encode_all(...)[m].tokens`); probes are fit on at
-    most `max_train` training rows, which keeps the ~300 probes of a 16-register model well under a minute.
-    A tidy table, one row per (modality, source, factor): group (who sees the factor), metric (accuracy or
-    R²), score, chance, and 'above chance' = (score − chance)/(1 − chance), which puts accuracies and R²
-    on one 0-to-1 scale for the heatmap.
+
+def fit_probes(tasks, n_tasks: int, desc: str | None = None) -> list[dict]:
+    """`probes.probe(*task)` of every task (an iterable of argument tuples), in order, in `probe_processes()`
+    processes. Each probe is a small problem on which BLAS threads only contend (30× slower on a busy 2-core
+    machine), so every fit runs on one thread, here or in a worker, and gives the same score either way."""
+    from joblib import Parallel, delayed, parallel_config
+    processes = max(1, min(probe_processes(), n_tasks))  # one: joblib fits them here, one after another
+    with threadpool_limits(1), parallel_config(backend="loky", inner_max_num_threads=1):
+        results = Parallel(n_jobs=processes, return_as="generator")(delayed(probes.probe)(*task) for task in tasks)
+        return list(tqdm(results, total=n_tasks, desc=desc, leave=False, disable=desc is None))
+
+
+def probe_table(jobs: list[tuple], sources, targets: dict[str, probes.Target], desc: str | None = None) -> pd.DataFrame:
+    """Every job (its key, probe kind, factor names) probed: `sources(key)` gives the job's {split: N×D}
+    features. One row per (job, factor): the key's fields, probe, factor, score, chance and 'normalised',
+    (score − chance) / (1 − chance): 0 is chance, 1 perfect, for accuracies and R² alike."""
+    tasks = ((kind, sources(key), {name: targets[name] for name in names}) for key, kind, names in jobs)
+    rows = [dict(**key, probe=kind, factor=name, score=score, chance=chance, normalised=(score - chance) / (1 - chance))
+            for (key, kind, _), result in zip(jobs, fit_probes(tasks, len(jobs), desc))
+            for name, (score, chance) in result.items()]
+    return pd.DataFrame(rows)
+
+
+def information_map(tokens: dict[str, dict[str, torch.Tensor]], factors: dict[str, dict[str, np.ndarray]],
+                    n_shared: int) -> pd.DataFrame:
+    """Probe every factor from every token and token group of every modality, linearly.
+
+    `tokens`: split ('fit', 'select', 'test') → modality → N×R×hidden register outputs
+    (`encode_all(...)[m].tokens`); `factors`: split → factor table. A tidy table, one row per (modality, source,
+    factor): group (who sees the factor), metric (accuracy or R²), score, chance, and 'above chance' =
+    (score − chance)/(1 − chance), which puts accuracies and R² on one 0-to-1 scale for the heatmap.
     """
-    factor_names = [f for f in SynthTouch.factor_groups if f in train_factors and f in test_factors]
-    if not factor_names:
-        raise ValueError(f"no SynthTouch factors among {sorted(train_factors)}; probes need factor labels "
+    names = [f for f in SynthTouch.factor_groups if all(f in factors[split] for split in PROBE_SPLITS)]
+    if not names:
+        raise ValueError(f"no SynthTouch factors among {sorted(factors['fit'])}; probes need factor labels "
                          "(dataset.factor_table() of SynthTouch)")
-    subset = np.random.default_rng(0).permutation(len(next(iter(train_tokens.values()))))[:max_train]
-    jobs = [(m, source, name) for m in train_tokens
-            for source in token_sources(train_tokens[m][:1], n_shared) for name in factor_names]
-    sources = {m: (token_sources(train_tokens[m][subset], n_shared), token_sources(test_tokens[m], n_shared))
-               for m in train_tokens}
-    train_factors = {k: np.asarray(v)[subset] for k, v in train_factors.items()}
-
-    def task(m, source, name):  # the arguments of fit_probe, made when a process is ready for them
-        train_y, train_rows = probe_target(name, train_factors)
-        test_y, test_rows = probe_target(name, test_factors)
-        return ("linear", SynthTouch.is_continuous(name), sources[m][0][source][train_rows], train_y,
-                sources[m][1][source][test_rows], test_y)
-
-    scores = fit_probes((task(*job) for job in jobs), len(jobs), "linear probes")
-    return pd.DataFrame([dict(modality=m, source=source, factor=name, group=SynthTouch.factor_groups[name],
-                              metric="R²" if SynthTouch.is_continuous(name) else "accuracy", score=score,
-                              chance=chance, **{"above chance": (score - chance) / (1 - chance)})
-                         for (m, source, name), (score, chance) in zip(jobs, scores)])
+    sources = {m: {split: token_sources(tokens[split][m], n_shared) for split in PROBE_SPLITS} for m in tokens["fit"]}
+    jobs = [(dict(modality=m, source=source), "linear", names) for m in sources for source in sources[m]["fit"]]
+    table = probe_table(jobs, lambda key: {split: sources[key["modality"]][split][key["source"]] for split in PROBE_SPLITS},
+                        probe_targets(names, factors), "information map: linear probes")
+    return table.assign(group=table.factor.map(SynthTouch.factor_groups),
+                        metric=["R²" if SynthTouch.is_continuous(name) else "accuracy" for name in table.factor]
+                        ).rename(columns={"normalised": "above chance"})[
+        ["modality", "source", "factor", "group", "metric", "score", "chance", "above chance"]]
 
 
 def group_summary(info: pd.DataFrame) -> pd.DataFrame:
@@ -461,14 +499,15 @@ def group_summary(info: pd.DataFrame) -> pd.DataFrame:
 
 def order_by_token(info: pd.DataFrame) -> pd.DataFrame:
     """The information map's order in one table: per modality, factor kind (who sees it × coarse or fine,
-    SynthTouch.SCALE) and single token i, the mean probe score above chance. Coarse factors should be read
-    from the first token on, fine ones only from later tokens, and the other modality's private factors
-    from none."""
+    SynthTouch.SCALE) and single token i, the mean probe score above chance, a factor at or below chance counting
+    as 0 (none: below chance is sampling noise, not less than nothing). Coarse factors should be read from the first
+    token on, fine ones only from later tokens, and the other modality's private factors from none."""
     single = info[info.source.str.startswith("token ")].copy()
     single["token"] = single.source.str.removeprefix("token ").astype(int)
     owner = np.where(single.group == "shared", "shared", np.where(single.group == single.modality, "own private",
                                                                   "other private"))
     single["kind"] = owner + " · " + single.factor.map(SynthTouch.SCALE)
+    single["above chance"] = single["above chance"].clip(lower=0)
     return single.pivot_table(index=["modality", "kind"], columns="token", values="above chance")
 
 
@@ -491,78 +530,15 @@ def leakage(info: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
-
 # ----------------------------------------------------------------------------------------------
 # Leakage: what a modality's shared representation gives away about its own private factors
 #
 # The protocol of the identifiability literature (Daunhawer et al., ICLR 2023): probes are fit on one
-# split and scored on another, linear AND non-linear (logistic regression and a small MLP for discrete
-# factors; ridge and kernel ridge R² for continuous ones), since a representation can hide a factor from a
-# linear read-out and still carry it. Scores are normalised, (score − chance) / (1 − chance), so 0 is
-# chance and 1 is perfect for every factor and metric alike.
+# split and scored on another, linear AND non-linear (probes.PROBES: ridge on the features and on an RBF kernel
+# of them), since a representation can hide a factor from a linear read-out and still carry it. Scores are
+# normalised, (score − chance) / (1 − chance), so 0 is chance and 1 is perfect for every factor and metric alike.
 
-PROBES = ("linear", "non-linear")
-
-
-def fit_probe(kind: str, continuous: bool, fit_x, fit_y, test_x, test_y) -> tuple[float, float]:
-    """(score, chance) of one probe: accuracy vs the test majority rate, or R² vs 0."""
-    from sklearn import config_context
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.kernel_ridge import KernelRidge
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.preprocessing import StandardScaler
-    scaler = StandardScaler().fit(fit_x)
-    fit_x, test_x = scaler.transform(fit_x), scaler.transform(test_x)
-    if continuous:
-        probe, chance = Ridge(alpha=10.0) if kind == "linear" else KernelRidge(alpha=1.0, kernel="rbf",
-                                                                               gamma=1.0 / fit_x.shape[1]), 0.0
-    else:
-        # sklearn's default MLP batches are min(200, rows): a fit split of up to 200 rows is one batch, whose
-        # gradient a shuffle only reorders (the same sum), so it is shuffled only when there is more than one
-        probe = (LogisticRegression(C=0.1, tol=1e-3, max_iter=300) if kind == "linear" else
-                 MLPClassifier((128,), alpha=1e-2, max_iter=500, random_state=0, shuffle=len(fit_x) > 200))
-        chance = np.bincount(test_y).max() / len(test_y)  # the test split's majority rate
-    # skip_parameter_validation: otherwise every MLP iteration re-validates the arguments of sklearn's own helpers
-    # (shuffle, resample), 1.6x the time of a fit on 32 rows for bit-identical coefficients
-    with warnings.catch_warnings(), config_context(skip_parameter_validation=True):
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe's iteration budget is part of its definition
-        return float(probe.fit(fit_x, fit_y).score(test_x, test_y)), float(chance)
-
-
-def probe_processes() -> int:
-    """How many processes fit probes side by side: as many as the threads torch was given to train with
-    (`torch.get_num_threads()`, or make demo's budget for this notebook; a phase's `at_most_threads` cap is for
-    its own steps, not the probes'), so a study's runs side by side, one thread each, fit theirs one by one."""
-    return max(1, thread_budget())
-
-
-def fit_probes(tasks, n_tasks: int, desc: str | None = None) -> list[tuple[float, float]]:
-    """`fit_probe(*task)` of every task (an iterable of argument tuples), in order, in `probe_processes()`
-    processes. Each probe is a small problem on which BLAS threads only contend (30× slower on a busy 2-core
-    machine), so every fit runs on one thread, here or in a worker, and gives the same score either way."""
-    from joblib import Parallel, delayed, parallel_config
-    processes = max(1, min(probe_processes(), n_tasks))  # one: joblib fits them here, one after another
-    with threadpool_limits(1), parallel_config(backend="loky", inner_max_num_threads=1):
-        results = Parallel(n_jobs=processes, return_as="generator")(delayed(fit_probe)(*task) for task in tasks)
-        return list(tqdm(results, total=n_tasks, desc=desc, leave=False, disable=desc is None))
-
-
-def probe_sources(sources: dict[str, tuple[np.ndarray, np.ndarray]], fit_factors: dict[str, np.ndarray],
-                  test_factors: dict[str, np.ndarray], factors: list[str], probes=PROBES) -> pd.DataFrame:
-    """Every factor decoded from every source by every probe. `sources`: name → (fit rows, test rows) of
-    features. One row per (source, factor, probe) with score, chance and 'normalised' (0 chance, 1 perfect)."""
-    jobs = [(source, name, kind) for source in sources for name in factors for kind in probes]
-
-    def task(source, name, kind):
-        (fit_x, test_x), (fit_y, fit_rows), (test_y, test_rows) = \
-            sources[source], probe_target(name, fit_factors), probe_target(name, test_factors)
-        return kind, SynthTouch.is_continuous(name), fit_x[fit_rows], fit_y, test_x[test_rows], test_y
-
-    scores = fit_probes((task(*job) for job in jobs), len(jobs))
-    return pd.DataFrame([dict(source=source, factor=name, probe=kind, score=score, chance=chance,
-                              normalised=(score - chance) / (1 - chance))
-                         for (source, name, kind), (score, chance) in zip(jobs, scores)])
+PROBES = probes.PROBES
 
 
 def source_rows(encoded: Encoded, source: str, k: int, n_shared: int) -> np.ndarray:
@@ -575,13 +551,13 @@ def source_rows(encoded: Encoded, source: str, k: int, n_shared: int) -> np.ndar
     return encoded.tokens[:, n_shared:k].flatten(1).numpy()
 
 
-def leakage_by_k(model: core.AlignmentModel, fit: dict[str, Encoded], fit_factors: dict[str, np.ndarray],
-                 test: dict[str, Encoded], test_factors: dict[str, np.ndarray], ks=None,
-                 probes=PROBES, factors: list[str] | None = None) -> pd.DataFrame:
+def leakage_by_k(model: core.AlignmentModel, encoded: dict[str, dict[str, Encoded]],
+                 factors: dict[str, dict[str, np.ndarray]], ks=None, kinds=PROBES,
+                 names: list[str] | None = None) -> pd.DataFrame:
     """For every modality and prefix length k: its own private factors and the shared factors decoded from
     its shared tokens (the first min(k, n_shared) registers), from its aligned shared embedding at k, and
-    from its private tokens (registers n_shared..k−1, when k > n_shared). `fit` / `test`: `encode_all` of
-    two splits (probes are fit on the first, scored on the second). The other modality's private factors
+    from its private tokens (registers n_shared..k−1, when k > n_shared). `encoded`: split ('fit', 'select',
+    'test') → `encode_all` of that split; `factors`: split → factor table. The other modality's private factors
     are decoded too, as a sanity control only: that modality's sensor never sees them, so its tokens
     cannot know them (SynthTouch renders them bit-identically), whatever the model.
 
@@ -589,32 +565,31 @@ def leakage_by_k(model: core.AlignmentModel, fit: dict[str, Encoded], fit_factor
     shared), 'shared' or 'other private (control)'. Representations that do not change with k (shared ones
     beyond n_shared, the causal mask guarantees it) are probed once and reported at every k. Each source is
     asked only what it is there to answer: shared tokens every role, the shared embedding its own private
-    and the shared factors, the private tokens their own private factors. `factors` limits the factors.
+    and the shared factors, the private tokens their own private factors. `names` limits the factors.
     """
     ks = prefix_ks(model, ks)
     n_shared = model.cfg.n_shared
-    roles = {name: group for name, group in SynthTouch.factor_groups.items()
-             if name in fit_factors and name in test_factors and (factors is None or name in factors)}
+    groups = {name: group for name, group in SynthTouch.factor_groups.items()
+              if all(name in factors[split] for split in PROBE_SPLITS) and (names is None or name in names)}
     asks = {"shared tokens": ("own private", "shared", "other private (control)"),
             "shared embedding": ("own private", "shared"), "private tokens": ("own private",)}
-    tables = []
-    for m in model.cfg.modalities:
-        if m not in ("vision", "touch"):
-            continue
-        role = {name: "shared" if g == "shared" else "own private" if g == m else "other private (control)"
-                for name, g in roles.items()}
-        done = {}
-        for k in tqdm(ks, desc=f"leakage probes: {m}", leave=False):
-            j = min(k, n_shared)
-            keys = [("shared tokens", j), ("shared embedding", j)] + ([("private tokens", k)] if k > n_shared else [])
-            for key in keys:
-                if key not in done:
-                    rows = (source_rows(fit[m], *key, n_shared), source_rows(test[m], *key, n_shared))
-                    names = [name for name in role if role[name] in asks[key[0]]]
-                    done[key] = probe_sources({key[0]: rows}, fit_factors, test_factors, names, probes)
-                tables.append(done[key].assign(modality=m, k=k, role=done[key].factor.map(role)))
+    modalities = [m for m in model.cfg.modalities if m in ("vision", "touch")]
+    role = {m: {name: "shared" if g == "shared" else "own private" if g == m else "other private (control)"
+                for name, g in groups.items()} for m in modalities}
+    at_k = {(m, k): [("shared tokens", min(k, n_shared)), ("shared embedding", min(k, n_shared))] +
+            ([("private tokens", k)] if k > n_shared else []) for m in modalities for k in ks}
+    keys = list(dict.fromkeys((m, *key) for (m, _), keys in at_k.items() for key in keys))
+    jobs = [(dict(modality=m, source=source, j=j), kind, [n for n in groups if role[m][n] in asks[source]])
+            for m, source, j in keys for kind in kinds]
+    table = probe_table(jobs, lambda key: {split: source_rows(encoded[split][key["modality"]], key["source"], key["j"],
+                                                              n_shared) for split in PROBE_SPLITS},
+                        probe_targets(list(groups), factors), "leakage probes")
+    parts = [table[(table.modality == m) & table.set_index(["source", "j"]).index.isin(keys_k)].assign(k=k)
+             for (m, k), keys_k in at_k.items()]
+    table = pd.concat(parts, ignore_index=True)
+    table["role"] = [role[m][name] for m, name in zip(table.modality, table.factor)]
     columns = ["modality", "k", "source", "factor", "role", "probe", "score", "chance", "normalised"]
-    return pd.concat(tables, ignore_index=True)[columns]
+    return table[columns]
 
 
 def leakage_summary(table: pd.DataFrame, probe: str = "non-linear") -> pd.DataFrame:
@@ -646,7 +621,6 @@ def leakage_columns(table: pd.DataFrame) -> pd.DataFrame:
         summary.columns = [f"{m} {measure} [{probe}]" for measure, m in summary.columns]
         parts.append(summary)
     return pd.concat(parts, axis=1)
-
 
 # ----------------------------------------------------------------------------------------------
 # Attention and embedding views

@@ -50,6 +50,7 @@ import data
 import evaluate
 import loop
 import phase1
+import probes
 from captions import attribute_accuracy, attribute_baselines, caption_metrics, summarize_accuracy
 from config import at_most_threads, atomic_write, load_dataclass
 from encoders import check_images, hub_or_cache
@@ -933,20 +934,26 @@ def source_features(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], source: 
 
 
 def probe_ceiling(mm: MultimodalLLM, source: TokenSource, fit_tokens: dict[str, torch.Tensor], fit_factors: list[dict],
-                  test_tokens: dict[str, torch.Tensor], test_factors: list[dict], max_fit: int = 2000) -> dict:
+                  test_tokens: dict[str, torch.Tensor], test_factors: list[dict]) -> dict:
     """What the tokens the decoder sees from `source` know: per caption attribute, the test accuracy of the
-    information map's linear probe (`evaluate.fit_probe("linear")`) fit on at most `max_fit` rows of the fit
-    split; keys as attribute_accuracy's. With no tokens (k = 0) a probe can only name the fit split's most
-    common value, so the ceiling is the majority baseline."""
+    information map's linear probe (`probes.probe("linear")`), fit on `probes.FIT_ROWS` rows of the fit split with
+    its regularisation chosen on 500 others of it; keys as attribute_accuracy's. With no tokens (k = 0) a probe
+    can only name the fit split's most common value, so the ceiling is the majority baseline."""
     source = mm.resolve(source)
     if source.k == 0:
         return attribute_baselines(fit_factors, test_factors)["majority"]
-    rows = np.random.default_rng(0).permutation(len(fit_factors))[:max_fit]
-    fit_x, test_x = source_features(mm, fit_tokens, source)[rows], source_features(mm, test_tokens, source)
-    factors = data.SynthTouch.FACTORS
-    tasks = [("linear", False, fit_x, np.array([values.index(fit_factors[i][name]) for i in rows]),
-              test_x, np.array([values.index(f[name]) for f in test_factors])) for name, values in factors.items()]
-    per_factor = {name: score for name, (score, _) in zip(factors, evaluate.fit_probes(tasks, len(tasks)))}
+    order = np.random.default_rng(0).permutation(len(fit_factors))
+    rows = dict(fit=order[:probes.FIT_ROWS], select=order[probes.FIT_ROWS:][:500])
+    if not len(rows["select"]):  # a fit split of at most FIT_ROWS rows: a fifth of it chooses the regularisation
+        rows = dict(fit=order[len(order) // 5:], select=order[:len(order) // 5])
+    fit_x, test_x = source_features(mm, fit_tokens, source), source_features(mm, test_tokens, source)
+    x = dict(fit=fit_x[rows["fit"]], select=fit_x[rows["select"]], test=test_x)
+    codes = {split: [fit_factors[i] for i in index] for split, index in rows.items()} | {"test": test_factors}
+    targets = {name: probes.Target(False, {split: np.array([values.index(f[name]) for f in factors])
+                                           for split, factors in codes.items()},
+                                   {split: np.ones(len(factors), dtype=bool) for split, factors in codes.items()})
+               for name, values in data.SynthTouch.FACTORS.items()}
+    per_factor = {name: score for name, (score, _) in evaluate.fit_probes([("linear", x, targets)], 1)[0].items()}
     return summarize_accuracy(per_factor)
 
 

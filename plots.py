@@ -114,7 +114,8 @@ def prefix_curves(tables: dict, metrics: list[str], title: str, chance: dict[str
 def information_map(info, n_shared: int, title: str = "Information map: linear probes per token") -> Figure:
     """Heatmap per modality, tokens (first to last, then the shared and private groups) × factors
     (grouped by who sees them, labels in their group colour); cell = probe score above chance,
-    (score − chance)/(1 − chance), so 0 is chance and 1 is perfect for accuracies and R² alike."""
+    (score − chance)/(1 − chance), so 0 is chance and 1 is perfect for accuracies and R² alike. A score at or
+    below chance is drawn as "none" (light grey), never as a negative number."""
     modalities = list(dict.fromkeys(info.modality))
     factors = list(dict.fromkeys(info.sort_values("group", key=lambda g: g.map(list(GROUP_COLORS).index),
                                                   kind="stable").factor))
@@ -126,7 +127,8 @@ def information_map(info, n_shared: int, title: str = "Information map: linear p
         part = info[info.modality == m]
         sources = list(dict.fromkeys(part.source))
         grid = part.pivot(index="factor", columns="source", values="above chance").loc[factors, sources]
-        image = ax.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.88")
+        image = ax.imshow(np.ma.masked_less_equal(grid.to_numpy(), 0), vmin=0, vmax=1, cmap=cmap, aspect="auto")
         ax.set_xticks(range(len(sources)), [s.replace("token ", "") for s in sources], rotation=90, fontsize=8)
         ax.set_yticks(range(len(factors)), factors)
         _color_factor_labels(ax.get_yticklabels(), groups)
@@ -136,7 +138,7 @@ def information_map(info, n_shared: int, title: str = "Information map: linear p
         ax.set_xlabel("register token index (then token groups)")
         ax.set_title(f"{m} tokens", color=GROUP_COLORS.get(m, "black"))
     axes[0].set_ylabel("factor (colour = who sees it)")
-    fig.colorbar(image, ax=axes, label="probe score above chance (0 = chance, 1 = perfect)")
+    fig.colorbar(image, ax=axes, label="probe score above chance (1 = perfect; grey: none)")
     fig.suptitle(title)
     return fig
 

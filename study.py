@@ -16,10 +16,8 @@ reference results in docs/study (each run's config, metrics and evaluation table
 
     python study.py --seeds 0 --reference                 # train seed 0 of every variant, refresh docs/study
 
-A run's leakage probes are fit on the validation split (500 rows). How much of what they read is the probe's
-small fitting set, `--reprobe` shows on your finished runs (it needs their weights):
-
-    python study.py --reprobe 2000 --variants default --seeds 0 1 2    # refit on 2000 training rows, side by side
+A run's probes are fit on 2000 training rows, tuned on the validation split and scored on the test split
+(probes.py).
 """
 from __future__ import annotations
 
@@ -29,7 +27,6 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -124,18 +121,14 @@ def save_reference(runs) -> None:
             shutil.copyfile(run / name, target / name)
 
 
-def headline(run_dir: str | os.PathLike, leaks: pd.DataFrame | None = None) -> dict:
+def headline(run_dir: str | os.PathLike) -> dict:
     """The numbers the README quotes, from a run's eval.json and leakage.csv (test split). Rows say k=n_shared
     (the complete shared embedding) and k=all (every register), so variants with other register counts line
     up; a number a design does not have (no preservation decoder, one adapter embedding) or a run did not
-    measure (trained with `leakage_probes: false`: no leakage.csv) is NaN. `leaks`: a leakage table
-    (`evaluate.leakage_by_k`) to read the probe numbers from instead of the run's own (`reprobe`)."""
+    measure (trained with `leakage_probes: false`: no leakage.csv) is NaN."""
     run_dir = Path(run_dir)
     cfg = phase1.load_config(run_dir / "config.yaml")
     table = evaluate.read_eval(run_dir / "eval.json")
-    if leaks is not None:  # the probe columns of eval.json are a summary of leakage.csv: replace both
-        table = table.drop(columns=[c for c in table if c.endswith(tuple(f" [{p}]" for p in evaluate.PROBES))])
-        table = table.join(evaluate.leakage_columns(leaks))
     R = table.index.max()  # the adapter has one embedding, whatever its config's register counts say
     S = min(cfg.model.n_shared, R)
 
@@ -153,10 +146,9 @@ def headline(run_dir: str | os.PathLike, leaks: pd.DataFrame | None = None) -> d
             out[f"{m} {measure}, k=n_shared"] = cell(S, f"{m} {measure} [{PROBE}]")
         out[f"{m} own private from private tokens (mean), k=all"] = \
             cell(R, f"{m} own private from private tokens (mean) [{PROBE}]")
-    if leaks is None:
-        probed = (run_dir / "leakage.csv").is_file()
-        leaks = pd.read_csv(run_dir / "leakage.csv") if probed else pd.DataFrame(
-            columns=["probe", "source", "role", "k", "modality", "factor", "score", "normalised"])
+    probed = (run_dir / "leakage.csv").is_file()
+    leaks = pd.read_csv(run_dir / "leakage.csv") if probed else pd.DataFrame(
+        columns=["probe", "source", "role", "k", "modality", "factor", "score", "normalised"])
     private = leaks[(leaks.probe == PROBE) & (leaks.source == "private tokens") & (leaks.role == "own private")
                     & (leaks.k == R)]
     for m in cfg.model.modalities:
@@ -167,55 +159,6 @@ def headline(run_dir: str | os.PathLike, leaks: pd.DataFrame | None = None) -> d
     for m in cfg.model.modalities:
         out[f"{m} coarse shared factors from shared tokens (min), k=n_shared"] = shared[shared.modality == m].normalised.min()
     return out
-
-
-def reprobe(run_dir: str | os.PathLike, split: str = "train", rows: int = 2000) -> dict:
-    """`headline` of a finished run (with its weights) with the leakage probes fit on `rows` rows of `split`
-    instead of the validation split: a run's own probes are fit on the 500 validation rows, and a probe fit on
-    few rows reads less than the tokens hold (leakage and wanted factors alike). Scored on the test split, as
-    before; `rows` is a fixed random subset (seed 0), all of the split when it has fewer."""
-    run_dir = Path(run_dir)
-    cfg = phase1.load_config(run_dir / "config.yaml")
-    if cfg.dataset != "synthtouch":
-        raise ValueError(f"{run_dir} was trained on dataset {cfg.dataset!r}; the leakage probes need the factor "
-                         "labels that only SynthTouch has (dataset: synthtouch)")
-    model = phase1.load_aligner(run_dir).model
-    (fit_set, fit_feats), (test_set, test_feats) = phase1.split_data(cfg, split), phase1.split_data(cfg, "test")
-    if fit_set is None:
-        raise ValueError(f"{run_dir}'s dataset has no {split!r} split to fit probes on; use split='train'")
-    subset = np.sort(np.random.default_rng(0).permutation(len(fit_set))[:rows])
-    fit_feats = {m: f.batch(subset) for m, f in fit_feats.items()}
-    fit_factors = {name: np.asarray(v)[subset] for name, v in fit_set.factor_table().items()}
-    R = evaluate.read_eval(run_dir / "eval.json").index.max()
-    ks = sorted({min(cfg.model.n_shared, R), R})  # the two prefix lengths `headline` reads
-    fit, test = (evaluate.encode_all(model, f, ks, reconstruct=False) for f in (fit_feats, test_feats))
-    leaks = evaluate.leakage_by_k(model, fit, fit_factors, test, test_set.factor_table(), ks, probes=(PROBE,))
-    return headline(run_dir, leaks)
-
-
-def compare_probes(variants, seeds, root: str | os.PathLike = "runs/study", rows: int = 2000) -> pd.DataFrame:
-    """The numbers of your finished runs (mean ± std over seeds, as `summarise`) with their own probes, fit on the
-    validation split, beside `reprobe`'s, fit on `rows` training rows: two columns per variant, the rows that
-    the refit changes."""
-    runs = {(v, s): run_config(v, s, root).run_dir for v in variants for s in seeds}
-    missing = [(v, s) for (v, s), run in runs.items()
-               if loop.RunFolder(run).checkpoint is None or not (run / "eval.json").is_file()]
-    if missing:
-        v, s = missing[0]
-        raise FileNotFoundError(f"re-fitting probes needs finished runs with their weights in {root}; there are none "
-                                f"for {', '.join(f'{v!r} seed {s}' for v, s in missing)}: train them first, e.g. "
-                                f"python study.py --variants '{v}' --seeds {s}")
-
-    def table(measure, what):
-        numbers = [{"variant": v, "seed": s, **measure(run)} for (v, s), run in tqdm(runs.items(), desc=what)]
-        return summarise(pd.DataFrame(numbers).assign(run=[str(run) for run in runs.values()]))
-    own = table(headline, "runs' own probes")
-    refit = table(lambda run: reprobe(run, "train", rows), f"probes refit on {rows} training rows")
-    columns = {}
-    for variant in own.columns:
-        columns[f"{variant}, probes fit on the validation split"] = own[variant]
-        columns[f"{variant}, probes fit on {rows} training rows"] = refit[variant]
-    return pd.DataFrame(columns)[(own != refit).any(axis=1)]
 
 
 def _train(cfg: phase1.TrainConfig) -> Path:
@@ -317,13 +260,7 @@ def main(argv=None):
     parser.add_argument("--reference", action="store_true",
                         help="also copy the finished runs' tables into docs/study, the reference results that "
                              "notebooks fall back on")
-    parser.add_argument("--reprobe", type=int, metavar="ROWS",
-                        help="re-fit the leakage probes of your finished runs of --variants × --seeds on ROWS rows of the "
-                             "training split and print their numbers beside the runs' own (fit on the validation split)")
     args = parser.parse_args(argv)
-    if args.reprobe:
-        print(markdown(compare_probes(args.variants, args.seeds, args.out, args.reprobe)))
-        return
     if args.figure:
         Path(args.figure).write_bytes(plots.png(curves(root=args.out)))
         return

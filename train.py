@@ -73,7 +73,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     run.check_start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
     if dist.world > 1 and not dist.main:
         torch.distributed.barrier()  # rank 0 fills the feature cache first: no two ranks write one cache folder
-    _, train_feats = split_data(cfg, "train")
+    train_set, train_feats = split_data(cfg, "train")
     val_set, val_feats = split_data(cfg, "val")
     if dist.world > 1 and dist.main:
         torch.distributed.barrier()
@@ -112,8 +112,8 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
              rank=dist.rank, load=load)
     if dist.main:
         test_set, test_feats = split_data(cfg, "test")
-        evaluate_run(model, test_feats, test_set, cfg.run_dir / "eval.json",
-                     *((val_feats, val_set) if cfg.leakage_probes else ()))
+        probe_splits = dict(fit=(train_feats, train_set), select=(val_feats, val_set)) if cfg.leakage_probes else None
+        evaluate_run(model, test_feats, test_set, cfg.run_dir / "eval.json", probe_splits)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return cfg.run_dir
@@ -162,9 +162,18 @@ def quick_eval(model, feats, dataset) -> dict:
     return {f"val {name}": float(value) for name, value in table.iloc[0].items() if "R@1" in name}
 
 
-def evaluate_run(model, feats, dataset, out_path: Path, fit_feats=None, fit_set=None):
-    fit_factors = factor_codes(fit_set) if fit_set is not None else None
-    return evaluate.evaluate_run(model, feats, factor_codes(dataset), fit_feats, fit_factors, out_path=out_path)
+def evaluate_run(model, feats, dataset, out_path: Path, probe_splits: dict | None = None):
+    """evaluate.evaluate_run on a split; `probe_splits`: {"fit": (features, dataset), "select": (...)}, the probes'
+    training rows (a fixed subset of evaluate.fit_rows) and the rows their regularisation is chosen on."""
+    splits = None
+    if probe_splits is not None and all(dataset is not None for _, dataset in probe_splits.values()):
+        splits = {}
+        for split, (features, data) in probe_splits.items():
+            rows = evaluate.fit_rows(len(data)) if split == "fit" else np.arange(len(data))
+            table = factor_codes(data)
+            splits[split] = ({m: f.batch(rows) for m, f in features.items()},
+                             {name: np.asarray(v)[rows] for name, v in table.items()} if table is not None else None)
+    return evaluate.evaluate_run(model, feats, factor_codes(dataset), splits, out_path=out_path)
 
 
 def train_alignment(model: core.Aligner, loader, num_epochs: int, lr: float | None = None) -> dict:

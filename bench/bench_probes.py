@@ -3,8 +3,8 @@ phase-1 evaluation, fit in one process against `--processes` processes (default:
 encoded splits, measured in the same run (the ratio is what counts). Both give the same tables;
 tests/test_evaluate.py proves it on planted data, and this script prints the largest difference.
 
-Default: configs/default.yaml's model with random weights on the SynthTouch validation (probes fit) and test
-(probes scored) splits, as `train.py` evaluates a run. `--run` reads a trained phase-1 run instead.
+Default: configs/default.yaml's model with random weights on the SynthTouch training (probes fit), validation
+(probes tuned) and test (probes scored) splits, as `train.py` evaluates a run. `--run` reads a trained phase-1 run instead.
 
     python bench/bench_probes.py [--run runs/phase1/default] [--processes 2]
 """
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,13 +22,13 @@ import evaluate  # noqa: E402
 import phase1  # noqa: E402
 
 
-def probes(model, fit, fit_factors, test, test_factors, processes: int):
+def probes(model, encoded, factors, processes: int):
     """(leakage table, information map, wall seconds) with every probe fit in `processes` processes."""
     evaluate.probe_processes = lambda: processes
     start = time.perf_counter()
-    leaks = evaluate.leakage_by_k(model, fit, fit_factors, test, test_factors)
-    info = evaluate.information_map({m: e.tokens for m, e in fit.items()}, fit_factors,
-                                    {m: e.tokens for m, e in test.items()}, test_factors, model.cfg.n_shared)
+    leaks = evaluate.leakage_by_k(model, encoded, factors)
+    info = evaluate.information_map({split: {m: e.tokens for m, e in enc.items()} for split, enc in encoded.items()},
+                                    factors, model.cfg.n_shared)
     return leaks, info, time.perf_counter() - start
 
 
@@ -42,14 +43,17 @@ def main():
         cfg = phase1.load_config()
         torch.manual_seed(0)
         model = phase1.build_model(cfg).eval()
-    (fit_set, fit_feats), (test_set, test_feats) = phase1.split_data(cfg, "val"), phase1.split_data(cfg, "test")
     ks = evaluate.prefix_ks(model)
-    fit = evaluate.encode_all(model, fit_feats, ks, reconstruct=False)
-    test = evaluate.encode_all(model, test_feats, ks, reconstruct=False)
-    splits = fit, fit_set.factor_table(), test, test_set.factor_table()
-    print(f"{len(fit_set)} fit / {len(test_set)} scored rows, k in {ks}, {os.cpu_count()} cores")
-    one_leaks, one_info, one = probes(model, *splits, processes=1)
-    many_leaks, many_info, many = probes(model, *splits, processes=args.processes)
+    encoded, factors = {}, {}
+    for split, name in zip(evaluate.PROBE_SPLITS, ("train", "val", "test")):
+        dataset, feats = phase1.split_data(cfg, name)
+        rows = evaluate.fit_rows(len(dataset)) if split == "fit" else np.arange(len(dataset))
+        encoded[split] = evaluate.encode_all(model, {m: f.batch(rows) for m, f in feats.items()}, ks, reconstruct=False)
+        factors[split] = {key: np.asarray(v)[rows] for key, v in dataset.factor_table().items()}
+    print(f"{' / '.join(str(len(f['texture'])) for f in factors.values())} fit / tuning / scored rows, k in {ks}, "
+          f"{os.cpu_count()} cores")
+    one_leaks, one_info, one = probes(model, encoded, factors, processes=1)
+    many_leaks, many_info, many = probes(model, encoded, factors, processes=args.processes)
     gap = max((one_leaks.score - many_leaks.score).abs().max(), (one_info.score - many_info.score).abs().max())
     print(f"leakage probes + information map: 1 process {one:.1f} s, {args.processes} processes {many:.1f} s, "
           f"speed-up {one / many:.2f}x (largest score difference {gap:.2g})")

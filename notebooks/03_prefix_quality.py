@@ -119,8 +119,8 @@ print(f"{os.path.relpath(study_table)}:\n{study_table.read_text()}")
 # ## Leakage against k, per design
 # For each modality: how well the *own* private factors (colour, lighting, stains for vision; hardness,
 # pressure, compliance for touch) can be read from its aligned shared embedding at every k — the worst factor,
-# with a small MLP or kernel ridge probe fit on the validation split and scored on test, normalised so that
-# 0 is chance and 1 perfect. Beside it, the coarse shared factors from the same embedding, which must stay
+# with the non-linear probe (`probes.py`: ridge on an RBF kernel, its width and strength chosen on the validation
+# split) fit on 2000 training rows and scored on test, normalised so that 0 is chance and 1 perfect. Beside it, the coarse shared factors from the same embedding, which must stay
 # high. A design that keeps private information out of the shared tokens has low leakage at every k.
 
 # %%
@@ -172,9 +172,9 @@ fig
 # code trained on unrounded codes for its first half (*... 28 epochs warm-up*), lands in the same place, and the
 # same code trained three times as long (*... 42 epochs*) sits on the corner's edge (R@1 0.895 ± 0.028 over three
 # seeds, leakage 0.05). How much a probe finds also
-# depends on how many rows it is fit on: these probes are fit on the 500 validation rows. Refit on 2000 training rows
-# (`python study.py --reprobe 2000`, the README's statistics section), the default's leakage rises to 0.87 / 0.75
-# (vision / touch, 3 seeds), while the 12-number code's stays under the line (0.07 / 0.10).
+# depends on how many rows it is fit on and how its regularisation is chosen: the reference runs in `docs/study`
+# were probed on the 500 validation rows with fixed settings, which reads less than the tokens hold; a run you
+# train now is probed on 2000 training rows with its regularisation chosen on the validation split.
 
 # %% [markdown]
 # ## Why no design reaches the target corner: which factor retrieval gets wrong
@@ -212,11 +212,13 @@ fig
 # %% [markdown]
 # ## The information map: which token knows which factor
 # For the default model and for the same model without a leakage guard: a linear probe for every factor from
-# every single register token and from the shared and private token groups of each modality — logistic
-# regression for discrete factors (accuracy), ridge regression for the phases (R² of (cos, sin) of the phase)
-# and for the fine factors (R² averaged over the tiles). Probes are fit on the validation split and scored on
-# test, when the run is evaluated (`information.csv` beside `eval.json`). Cells show the score above chance,
-# (score − chance)/(1 − chance), so 0 is chance and 1 is perfect; factor names are coloured by who sees them.
+# every single register token and from the shared and private token groups of each modality — ridge regression
+# on one-hot codes for discrete factors (accuracy of the largest), on (cos, sin) of the phase for the phases (R²)
+# and on the tiles' values for the fine factors (R² averaged over the tiles). Probes are fit on 2000 training
+# rows, their regularisation chosen on the validation split, and scored on test, when the run is evaluated
+# (`information.csv` beside `eval.json`). Cells show the score above chance, (score − chance)/(1 − chance), so 0
+# is chance and 1 is perfect; a score at or below chance is grey ("none"); factor names are coloured by who sees
+# them.
 
 # %%
 info = evaluate.read_information(default_run)

@@ -218,11 +218,15 @@ def planted_tokens(n, seed):
     return tokens, factors
 
 
+def planted_splits(make, rows=(300, 150, 200), **kwargs):
+    """(features, factors), each split name ('fit', 'select', 'test') → that split's planted rows."""
+    splits = {split: make(n, seed, **kwargs) for seed, (split, n) in enumerate(zip(evaluate.PROBE_SPLITS, rows))}
+    return {split: x for split, (x, _) in splits.items()}, {split: f for split, (_, f) in splits.items()}
+
+
 @pytest.fixture(scope="module")
 def info():
-    train_tokens, train_factors = planted_tokens(300, 0)
-    test_tokens, test_factors = planted_tokens(200, 1)
-    return evaluate.information_map(train_tokens, train_factors, test_tokens, test_factors, n_shared=2)
+    return evaluate.information_map(*planted_splits(planted_tokens), n_shared=2)
 
 
 def score(info, modality, source, factor):
@@ -238,7 +242,8 @@ def test_information_map_finds_what_each_token_carries(info):
         assert score(info, m, "token 1", "phase_x") > 0.9 and score(info, m, "token 3", "phase_x") < 0.1
     chance = info.set_index(["modality", "source", "factor"]).chance
     assert chance.loc[("vision", "token 0", "phase_x")] == 0.0
-    assert 0.25 <= chance.loc[("vision", "token 0", "texture")] < 0.4  # majority class of 4 uniform values
+    # the test rows' share of the fit rows' most common of 4 uniform values: 1/4 within 3 standard errors of 200 rows
+    assert abs(chance.loc[("vision", "token 0", "texture")] - 0.25) < 3 * np.sqrt(0.25 * 0.75 / 200)
     assert info["above chance"].max() <= 1.0 + 1e-9
 
 
@@ -377,6 +382,11 @@ def test_information_map_and_leakage_figures_colour_factors_by_group(info):
     for factor, group in SynthTouch.factor_groups.items():
         if factor in labels:
             assert labels[factor] == plots.GROUP_COLORS[group]
+    # a score at or below chance is a grey "none", not the colour of a number: exactly those cells are masked
+    drawn = fig.axes[0].images[0].get_array()
+    vision = info[info.modality == "vision"].pivot(index="factor", columns="source", values="above chance")
+    vision = vision.loc[[t.get_text() for t in fig.axes[0].get_yticklabels()], list(dict.fromkeys(info.source))]
+    assert (np.ma.getmaskarray(drawn) == (vision.to_numpy() <= 0)).all() and (vision.to_numpy() <= 0).any()
     fig = labelled(plots.leakage(evaluate.leakage(info)))
     labels = {t.get_text(): to_hex(t.get_color()) for t in fig.axes[0].get_xticklabels()}
     assert labels["color"] == plots.GROUP_COLORS["vision"] and labels["hardness"] == plots.GROUP_COLORS["touch"]
@@ -442,14 +452,11 @@ def planted_encoded(n, seed, leak: str):
 @pytest.mark.parametrize("leak", ["none", "linear", "xor"])
 def test_leakage_by_k_reports_failure_only_for_a_leaking_model(leak):
     model = model_of(n_registers=4, n_shared=2)
-    # fitting rows: a planted one-hot is read from 200 (one MLP batch, the cheapest fit); the MLP needs 600 to learn
-    # the xor leak's sign products (from 200 it reads touch's at 0.33, a leak the test must not miss)
-    fit, fit_factors = planted_encoded(600 if leak == "xor" else 200, 0, leak)
-    test, test_factors = planted_encoded(400, 1, leak)
+    # 600 fitting rows: the kernel probe reads the xor leak's sign products from them (1 core-second a source)
+    encoded, factors = planted_splits(planted_encoded, (600, 200, 400), leak=leak)
     # k = 2 (all shared tokens; the planted leak sits in token 1) and 4 (private tokens too): k = 1 would only
     # add probes of token 0, which leaks in no case (every k of a run: test_study, eval.json)
-    table = evaluate.leakage_by_k(model, fit, fit_factors, test, test_factors, ks=[2, 4],
-                                  factors=["texture", "color", "hardness"])
+    table = evaluate.leakage_by_k(model, encoded, factors, ks=[2, 4], names=["texture", "color", "hardness"])
     assert set(table.k) == {2, 4} and set(table.probe) == {"linear", "non-linear"}
     summary = evaluate.leakage_summary(table)
     at_shared = summary.xs(2, level="k")
@@ -472,20 +479,12 @@ def test_probes_fit_in_parallel_processes_give_the_scores_of_one_process(monkeyp
     the same one-thread problem either way; only BLAS's handling of how an array happens to sit in memory may
     differ between processes, which can move an R² by float rounding (1e-6 allows for it) or flip a prediction
     that sits on a decision boundary (so an accuracy may move by one test row, 1/200)."""
-    fit, fit_factors = planted_tokens(200, 0)
-    test, test_factors = planted_tokens(200, 1)
-    sources = {"all tokens": (fit["vision"].flatten(1).numpy(), test["vision"].flatten(1).numpy())}
-    factors = ["texture", "color", "phase_x"]  # linear and MLP classifiers, ridge and kernel ridge R²
-    monkeypatch.setattr(evaluate, "probe_processes", lambda: 1)
-    here = evaluate.probe_sources(sources, fit_factors, test_factors, factors)
-    monkeypatch.setattr(evaluate, "probe_processes", lambda: 2)
-    parallel = evaluate.probe_sources(sources, fit_factors, test_factors, factors)
-    assert here[["source", "factor", "probe"]].equals(parallel[["source", "factor", "probe"]])
-    assert np.allclose(here.score, parallel.score, rtol=0, atol=np.where(here.chance > 0, 1 / 200 + 1e-12, 1e-6))
-    assert (here.normalised > 0.5).sum() >= 4  # texture and phase, both probes: equal scores are not equal failures
-    fit, test = {"vision": fit["vision"]}, {"vision": test["vision"]}
-    maps = [evaluate.information_map(fit, fit_factors, test, test_factors, n_shared=2)]
-    monkeypatch.setattr(evaluate, "probe_processes", lambda: 1)
-    maps.append(evaluate.information_map(fit, fit_factors, test, test_factors, n_shared=2))
+    tokens, factors = planted_splits(planted_tokens, (200, 100, 200))
+    tokens = {split: {"vision": x["vision"]} for split, x in tokens.items()}
+    maps = []
+    for processes in (2, 1):
+        monkeypatch.setattr(evaluate, "probe_processes", lambda: processes)
+        maps.append(evaluate.information_map(tokens, factors, n_shared=2))
     assert maps[0].drop(columns=["score", "above chance"]).equals(maps[1].drop(columns=["score", "above chance"]))
-    assert np.allclose(maps[0].score, maps[1].score, rtol=0, atol=1 / 200 + 1e-6)
+    assert np.allclose(maps[0].score, maps[1].score, rtol=0, atol=np.where(maps[0].chance > 0, 1 / 200 + 1e-12, 1e-6))
+    assert (maps[0]["above chance"] > 0.5).sum() >= 4  # texture and phase of their tokens: not equal failures

@@ -44,14 +44,18 @@ def test_each_run_is_a_run_folder_with_leakage_at_every_k(rows):
 def test_the_information_map_is_written_beside_eval_json_and_read_back(rows):
     run = rows[0] / "default" / "seed-0"
     saved = evaluate.read_information(run)
-    # the same map, recomputed from the saved weights on the same splits (validation fits, test scores)
+    # the same map, recomputed from the saved weights on the same splits (training rows fit, validation tunes,
+    # test scores)
     cfg = phase1.load_config(run / "config.yaml")
     model, ks = phase1.load_aligner(run).model, [cfg.model.n_registers]
-    (val_set, val), (test_set, test) = phase1.split_data(cfg, "val"), phase1.split_data(cfg, "test")
-    tokens = {name: {m: e.tokens for m, e in evaluate.encode_all(model, feats, ks).items()}
-              for name, feats in (("val", val), ("test", test))}
-    again = evaluate.information_map(tokens["val"], val_set.factor_table(), tokens["test"], test_set.factor_table(),
-                                     cfg.model.n_shared)
+    tokens, factors = {}, {}
+    for split, name in zip(evaluate.PROBE_SPLITS, ("train", "val", "test")):
+        dataset, feats = phase1.split_data(cfg, name)
+        index = evaluate.fit_rows(len(dataset)) if split == "fit" else np.arange(len(dataset))
+        encoded = evaluate.encode_all(model, {m: f.batch(index) for m, f in feats.items()}, ks)
+        tokens[split] = {m: e.tokens for m, e in encoded.items()}
+        factors[split] = {name: np.asarray(v)[index] for name, v in dataset.factor_table().items()}
+    again = evaluate.information_map(tokens, factors, cfg.model.n_shared)
     assert list(saved.columns) == list(again.columns) and len(saved) == len(again)
     assert (saved.source.unique() == again.source.unique()).all()
     # same process, same inputs, same probes: equal up to the CSV's decimal round trip (17 significant digits)
@@ -76,35 +80,6 @@ def test_one_row_per_run_and_mean_pm_std_per_variant(rows):
     assert summary.loc[leak, "no nested dropout"] == "–" and summary.loc[leak, "default"] != "–"
     path = study.write(table, root)
     assert "no nested dropout" in path.read_text() and (root / "runs.csv").is_file()
-
-
-def test_probes_refit_on_other_rows_replace_every_probe_number_and_nothing_else(rows, tmp_path):
-    run = rows[0] / "default" / "seed-0"
-    own = study.headline(run)
-    probe_numbers = [key for key in own if "from" in key or "leak" in key]
-    assert len(probe_numbers) == 14  # seven per modality
-    # refit on every validation row, the run's own protocol: the same rows encoded in the same batch by the same
-    # process give the same features, and the probes are seeded, so the same scores up to leakage.csv's decimal
-    # round trip (17 significant digits)
-    again = study.reprobe(run, "val", rows=10**6)
-    assert list(again) == list(own)
-    assert np.allclose([again[k] for k in own], [own[k] for k in own], rtol=0, atol=1e-12, equal_nan=True)
-    # fit on the training split instead: other rows, other probe numbers; retrieval and reconstruction untouched
-    train_fit = study.reprobe(run, "train", rows=64)
-    assert all(train_fit[k] == own[k] for k in own if k not in probe_numbers)
-    assert sum(not np.isclose(train_fit[k], own[k]) for k in probe_numbers) >= 6
-    elsewhere = tmp_path / "digits run"
-    elsewhere.mkdir()
-    (elsewhere / "config.yaml").write_text((run / "config.yaml").read_text().replace("dataset: synthtouch", "dataset: csv"))
-    with pytest.raises(ValueError, match="trained on dataset 'csv'; the leakage probes need the factor labels"):
-        study.reprobe(elsewhere)
-    with pytest.raises(FileNotFoundError, match="none for 'stop-gradient' seed 0.*--variants 'stop-gradient' --seeds 0"):
-        study.compare_probes(["default", "stop-gradient"], [0], rows[0], rows=64)
-    # side by side: the runs' own numbers and the refit ones, only the rows the refit changes
-    table = study.compare_probes(["default"], [0], rows[0], rows=64)
-    assert list(table.columns) == ["default, probes fit on the validation split", "default, probes fit on 64 training rows"]
-    assert set(table.index) <= {f"{k}" for k in probe_numbers} and len(table) >= 6
-    assert table.iloc[:, 0].astype(float).tolist() == [round(own[k], 3) for k in table.index]
 
 
 def test_a_finished_study_is_read_back_without_training(rows, cache_dir, monkeypatch):

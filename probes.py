@@ -1,0 +1,149 @@
+"""Probes: how much of a factor a set of features holds, read the same way from any source.
+
+One probe for every source the workbook reads (pixels, frozen encoder tokens, register tokens, shared
+embeddings): ridge regression on standardised features, with targets as columns — a continuous factor's
+numbers (R², averaged over the columns: the tiles of a detail, the cosine and sine of a phase), a discrete
+factor's one-hot code (accuracy of the argmax). `linear` reads the features themselves; `non-linear` reads
+an RBF kernel of them (Nyström features on up to `LANDMARKS` rows of the fit split).
+
+Three splits, three jobs: the probe is fit on `fit`, its ridge strength (and, non-linear, its kernel width) is
+chosen on `select`, and the chosen probe is scored on `test`. A fixed strength memorises a few hundred rows of
+a 2,000-wide input and scores below zero; choosing it on held-out rows is what lets a score of 0 mean
+"nothing there" (tests/test_probes.py reads a planted factor and pure noise at the workbook's input widths).
+
+Every strength of the grid costs one matrix product: the fit split's Gram matrix is diagonalised once per
+source and kernel width, and all factors of a source share it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PROBES = ("linear", "non-linear")
+FIT_ROWS = 2000  # training rows a probe is fit on: the leakage claims need >= 2000 (a probe on fewer reads less)
+ALPHAS = 10.0 ** np.arange(-3, 4)  # ridge strengths, in units of the mean squared feature norm
+WIDTHS = (0.25, 1.0, 4.0)  # RBF gamma, in units of 1 / (median squared distance between fit rows)
+LANDMARKS = 1000  # Nyström rank of the non-linear probe
+
+
+@dataclass
+class Target:
+    """What a probe predicts on each split: `y[split]` (codes, or N×C numbers when `continuous`) on the rows
+    `rows[split]` (a boolean mask over the split, e.g. the rows whose texture shows a phase)."""
+    continuous: bool
+    y: dict[str, np.ndarray]
+    rows: dict[str, np.ndarray]
+
+
+def score(continuous: bool, prediction: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None) -> float:
+    """R² averaged over target columns, or the accuracy of the argmax over `classes`."""
+    if not continuous:
+        return float((classes[prediction.argmax(1)] == y).mean())
+    y = y.reshape(len(y), -1)
+    residual = ((prediction - y) ** 2).sum(0)
+    total = ((y - y.mean(0)) ** 2).sum(0)
+    return float(np.mean(1 - residual / np.maximum(total, 1e-12)))
+
+
+def chance(target: Target) -> float:
+    """What a probe that learned nothing scores: 0 for R² (it predicts the fit split's mean); for accuracy, the
+    test rows' share of the fit split's most common class (it always names that class)."""
+    if target.continuous:
+        return 0.0
+    fit, test = np.asarray(target.y["fit"]), np.asarray(target.y["test"])
+    return float((test == np.bincount(fit).argmax()).mean())
+
+
+class RidgePath:
+    """Ridge regression from features F (fit rows) for every strength of `ALPHAS` at once: with the Gram matrix
+    diagonalised (primal FᵀF or dual FFᵀ, whichever is smaller), the predictions at strength α are
+    P diag(1 / (λ + α)) B, one product each."""
+
+    def __init__(self, fit: np.ndarray):
+        self.fit, self.primal = fit, fit.shape[1] <= fit.shape[0]
+        gram = fit.T @ fit if self.primal else fit @ fit.T
+        self.eigenvalues, self.vectors = np.linalg.eigh(gram)
+        self.eigenvalues = self.eigenvalues.clip(min=0)
+        self.alphas = ALPHAS * max(np.trace(gram) / len(fit), 1e-12)
+
+    def predictions(self, targets: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+        """Predictions on `rows` (features of other rows) of the centred `targets`, one per strength."""
+        V = self.vectors
+        if self.primal:
+            B, P = V.T @ (self.fit.T @ targets), rows @ V
+        else:
+            B, P = V.T @ targets, (rows @ self.fit.T) @ V
+        return [(P / (self.eigenvalues + alpha)) @ B for alpha in self.alphas]
+
+
+def standardised(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every split scaled by the fit split's mean and standard deviation (constant columns left at 0)."""
+    mean, std = x["fit"].mean(0), x["fit"].std(0)
+    std[std == 0] = 1
+    return {split: ((value - mean) / std).astype(np.float64) for split, value in x.items()}
+
+
+def nystroem(x: dict[str, np.ndarray], width: float) -> dict[str, np.ndarray]:
+    """RBF kernel features of standardised splits on landmarks of the fit split: K(x, L) K(L, L)^-1/2, so
+    that their inner products approximate the kernel. gamma = width / median squared distance."""
+    fit = x["fit"]
+    landmarks = fit[np.random.default_rng(0).permutation(len(fit))[:LANDMARKS]]
+    squared = (landmarks ** 2).sum(1)
+
+    def distances(rows):
+        return np.maximum((rows ** 2).sum(1)[:, None] + squared[None, :] - 2 * rows @ landmarks.T, 0)
+
+    between = distances(landmarks)
+    gamma = width / max(np.median(between[np.triu_indices(len(landmarks), 1)]), 1e-12)
+    values, vectors = np.linalg.eigh(np.exp(-gamma * between))
+    keep = values > values.max() * 1e-8
+    whiten = vectors[:, keep] / np.sqrt(values[keep])
+    features = {split: np.exp(-gamma * distances(rows)) @ whiten for split, rows in x.items()}
+    mean = features["fit"].mean(0)
+    return {split: value - mean for split, value in features.items()}
+
+
+def probe(kind: str, x: dict[str, np.ndarray], targets: dict[str, Target]) -> dict[str, tuple[float, float]]:
+    """(test score, chance) of every target, read from features `x` = {"fit", "select", "test": N×D}.
+
+    The strength (and kernel width) with the best score on `select` is the one scored on `test`."""
+    if kind not in PROBES:
+        raise ValueError(f"unknown probe {kind!r}; choose one of {PROBES}")
+    x = standardised({split: np.asarray(value).reshape(len(value), -1) for split, value in x.items()})
+    best = {name: (-np.inf, np.nan) for name in targets}  # name -> (select score, test score)
+    # targets that are fit on the same rows share one diagonalisation
+    groups: dict[bytes, list[str]] = {}
+    for name, target in targets.items():
+        groups.setdefault(np.asarray(target.rows["fit"]).tobytes(), []).append(name)
+    for names in groups.values():
+        fit_rows = targets[names[0]].rows["fit"]
+        rows_x = {"fit": x["fit"][fit_rows], "select": x["select"], "test": x["test"]}
+        for features in ([rows_x] if kind == "linear" else [nystroem(rows_x, w) for w in WIDTHS]):
+            if kind == "linear":
+                mean = features["fit"].mean(0)
+                features = {split: value - mean for split, value in features.items()}
+            path = RidgePath(features["fit"])
+            columns, classes = [], {}
+            for name in names:
+                target = targets[name]
+                y = np.asarray(target.y["fit"])
+                if target.continuous:
+                    columns.append(y.reshape(len(y), -1).astype(np.float64))
+                else:
+                    classes[name] = np.unique(y)
+                    columns.append((y[:, None] == classes[name][None, :]).astype(np.float64))
+            Y = np.concatenate(columns, 1)
+            offset = Y.mean(0)
+            at = {split: path.predictions(Y - offset, features[split]) for split in ("select", "test")}
+            start = 0
+            for name, block in zip(names, columns):
+                target, cut = targets[name], slice(start, start + block.shape[1])
+                start += block.shape[1]
+                for select, test in zip(at["select"], at["test"]):
+                    scores = [score(target.continuous, (pred[:, cut] + offset[cut])[target.rows[split]],
+                                    np.asarray(target.y[split]), classes.get(name))
+                              for split, pred in (("select", select), ("test", test))]
+                    if scores[0] > best[name][0]:
+                        best[name] = tuple(scores)
+    return {name: (best[name][1], chance(targets[name])) for name in targets}

@@ -1,0 +1,77 @@
+"""The probe every measure of the workbook reads through (probes.py), at the input widths a run gives it: a
+factor planted in the features is read, pure noise reads as nothing (a score near 0, never a large negative
+one), and a factor hidden from a linear read-out is read by the non-linear probe only."""
+import numpy as np
+import pytest
+
+import probes
+
+SPLITS = dict(fit=probes.FIT_ROWS, select=500, test=1000)  # the rows evaluate_run gives a probe
+
+
+def everywhere(n):
+    return {split: np.ones(rows, dtype=bool) for split, rows in n.items()}
+
+
+def planted(width: int, seed: int = 0):
+    """Features of `width` standard normal numbers; a continuous factor of 8 tiles (like a detail) is added, each
+    tile along a direction of its own (a linear read-out could reach R² = 0.75); class 2 of a 4-class factor moves the features along one direction;
+    an xor factor is the sign product of two coordinates, which no linear read-out sees."""
+    rng = np.random.default_rng(seed)
+    spread = rng.normal(size=(8, width)) / np.sqrt(width) * 6
+    direction = rng.normal(size=width) / np.sqrt(width) * 3
+    x, targets = {}, {}
+    tile, classes, xor, noise, noise_class = {}, {}, {}, {}, {}
+    for split, n in SPLITS.items():
+        tile[split] = rng.uniform(size=(n, 8))
+        classes[split] = rng.integers(4, size=n)
+        noise[split], noise_class[split] = rng.normal(size=n), rng.integers(3, size=n)
+        features = rng.normal(size=(n, width))
+        features += (tile[split] - 0.5) @ spread + np.outer(classes[split] == 2, direction)
+        features[:, :2] = rng.normal(size=(n, 2))  # the xor's two numbers carry nothing else
+        xor[split] = (features[:, 0] * features[:, 1] > 0).astype(int)
+        x[split] = features
+    rows = everywhere(SPLITS)
+    targets = dict(tiles=probes.Target(True, tile, rows), classes=probes.Target(False, classes, rows),
+                   xor=probes.Target(False, xor, rows), noise=probes.Target(True, noise, rows),
+                   noise_classes=probes.Target(False, noise_class, rows))
+    return x, targets
+
+
+# one register token, the shared group (4 tokens), the private group (12 tokens): the widths of the information map
+@pytest.mark.parametrize("width", [128, 512, 1536])
+def test_a_probe_reads_a_planted_factor_and_nothing_from_noise(width):
+    x, targets = planted(width)
+    for kind in probes.PROBES:
+        scores = probes.probe(kind, x, targets)
+        assert scores["tiles"][0] > 0.5, (kind, width, scores)
+        assert scores["classes"][0] > scores["classes"][1] + 0.1, (kind, width, scores)
+        # noise: the chosen regularisation shrinks the probe to the mean, so R² sits within a few 1/n of 0. With a
+        # fixed strength (the workbook's old Ridge(alpha=10)) a 1536-wide input on 500 rows scored -0.67
+        assert -0.03 < scores["noise"][0] < 0.03, (kind, width, scores)
+        # accuracy of a probe that knows nothing: the majority rate, within 3 standard errors of 1000 test rows
+        majority = scores["noise_classes"][1]
+        assert abs(scores["noise_classes"][0] - majority) < 3 * np.sqrt(majority * (1 - majority) / 1000) + 0.02
+
+
+def test_only_the_non_linear_probe_reads_a_factor_hidden_from_linear_read_outs():
+    """An RBF kernel is isotropic: it finds a sign product of two numbers among the 16 of two small tokens (the
+    leakage test's planted model), not among 128 noise numbers, where an MLP would need to learn the pair"""
+    x, targets = planted(16)
+    linear, non_linear = probes.probe("linear", x, targets)["xor"], probes.probe("non-linear", x, targets)["xor"]
+    assert linear[0] < 0.56  # chance is 0.5; 3 standard errors of 1000 rows is 0.047
+    assert non_linear[0] > 0.65
+
+
+def test_targets_are_scored_on_their_own_rows_only():
+    """A phase is probed only on rows whose texture shows it: rows outside the mask neither fit nor count."""
+    x, targets = planted(128)
+    keep = {split: np.arange(n) % 2 == 0 for split, n in SPLITS.items()}
+    masked = probes.Target(True, {s: targets["tiles"].y[s][keep[s]] for s in SPLITS}, keep)
+    whole, half = probes.probe("linear", x, dict(tiles=targets["tiles"], half=masked)).values()
+    assert abs(whole[0] - half[0]) < 0.1 and half[0] > 0.5
+
+
+def test_an_unknown_probe_is_refused():
+    with pytest.raises(ValueError, match="unknown probe 'mlp'; choose one of"):
+        probes.probe("mlp", *planted(8))
