@@ -51,8 +51,9 @@ class SynthTouch(torch.utils.data.Dataset):
         pressure=["light", "firm"],
     )
     # continuous instance-level factors, name -> [low, high): the pattern's phase, so that exact-pair
-    # retrieval has one right answer instead of a whole factor class
-    CONTINUOUS_FACTORS = OrderedDict(phase_x=(0.0, 1.0), phase_y=(0.0, 1.0))
+    # retrieval has one right answer instead of a whole factor class. A quarter period, not a whole one: over a
+    # whole period the phase moved 62 % of the frozen tokens' variance (v4) and drowned the fine factors
+    CONTINUOUS_FACTORS = OrderedDict(phase_x=(0.0, 0.25), phase_y=(0.0, 0.25))
     # how `_render` draws each phase, per texture: the period in pattern periods (φ and φ + period draw the
     # same surface), None where the texture does not depend on it (stripes run along y). A probe predicts
     # the phase on that circle (evaluate.probe_target); a test checks these against the renderer.
@@ -60,13 +61,15 @@ class SynthTouch(torch.utils.data.Dataset):
                      "phase_y": dict(stripes=None, checker=2, dots=1, waves=1)}
     # fine, local factors: one value in [0, 1) per tile of a side×side grid, so that knowing them takes many
     # numbers, each about a small part of the image; this is what later register tokens are there for.
-    # wear rubs the pattern off the central tiles (seen and felt), stain turns the ink of each tile of the
-    # whole picture brown (seen only), compliance lets the central tiles sink deeper into the gel (felt only).
-    # A value is a tuple of side² floats, row by row.
-    DETAILS = OrderedDict(wear=3, stain=4, compliance=3)
-    # how much of the image each grid covers: half the side of a centred square, in image widths; the
-    # central grids lie inside the contact disk of a light press, so the gel feels every one of their tiles
-    DETAIL_EXTENT = dict(wear=0.18, stain=0.5, compliance=0.18)
+    # wear rubs the pattern off the central tiles, bleaching the ink and lowering the surface (seen and felt;
+    # nine numbers that also make each sample one of a kind for exact-pair retrieval), stain darkens the ink of
+    # each quarter of the picture to brown (seen only), compliance lets the central tiles sink deeper into the
+    # gel (felt only). A value is a tuple of side² floats, row by row.
+    DETAILS = OrderedDict(wear=3, stain=2, compliance=2)
+    # how much of the image each grid covers: half the side of a centred square, in image widths. Every tile is
+    # a whole number of the frozen encoders' 8-pixel patches at 64 pixels (wear 16, stain 32, compliance 16 px),
+    # so no tile straddles a patch; wear and compliance do not share tile borders, so the gel tells them apart
+    DETAIL_EXTENT = dict(wear=0.375, stain=0.5, compliance=0.25)
     # coarse factors are about the whole image, fine ones about its parts (the information map's order)
     SCALE = dict(texture="coarse", orientation="coarse", roughness="coarse", phase_x="coarse", phase_y="coarse",
                  color="coarse", lighting="coarse", hardness="coarse", pressure="coarse",
@@ -92,6 +95,7 @@ class SynthTouch(torch.utils.data.Dataset):
     FACTOR_OF_ADJECTIVE = {adjective: (name, value) for name, adjectives in ADJECTIVES.items()
                            for value, adjective in adjectives.items()}
     SPLITS = ("train", "val", "test")
+    VERSION = "synthtouch-v5"  # changes whenever what a seed renders changes: it keys the feature cache
 
     # rendering constants; lengths are fractions of the image so every image_size shows the same surface
     CYCLES = dict(fine=8.0, medium=5.0, coarse=3.0)  # pattern periods across the image
@@ -128,7 +132,7 @@ class SynthTouch(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self):
-        return f"synthtouch-v4-n{self.n}-seed{self.seed}-s{self.image_size}-{self.split}"
+        return f"{self.VERSION}-n{self.n}-seed{self.seed}-s{self.image_size}-{self.split}"
 
     @property
     def captions(self):
@@ -249,18 +253,21 @@ class SynthTouch(torch.utils.data.Dataset):
             # they do not share checker's period two (v3's soft waves did, and retrieval mixed the two up)
             p = 0.5 + 0.5 * np.tanh(3 * np.cos(2 * np.pi * (across + 0.2 * np.sin(2 * np.pi * along))))
 
-        # wear, shared: on the worn central tiles the pattern is rubbed away, flat and pale to the eye and
-        # smooth to the gel
+        # wear, shared: on the worn tiles the pattern is rubbed away, flat and bleached pale to the eye, smooth
+        # and lower to the gel. Each of these moves the tile's mean, not only its pattern: a fine factor that only
+        # took the pattern away moved 1 % of the frozen tokens' variance (v4)
         wear = self._tiles("wear", f["wear"], 0.0, X, Y)
         relief = p * (1 - wear)
-        p_worn = relief + 0.6 * wear
+        p_worn = relief + wear
 
-        # vision: the pattern printed in the sample's colour, its ink stained brown tile by tile, under its
-        # lighting, seen by a noisy camera (channels-first: numpy is several times faster than with a trailing 3)
+        # vision: the pattern printed in the sample's colour, its ink stained brown and darker quarter by quarter,
+        # under its lighting, seen by a noisy camera (channels-first: numpy is several times faster than with a
+        # trailing 3)
         stain = self._tiles("stain", f["stain"], 0.0, X, Y)[None]
         hue = (1 - 0.8 * stain) * np.array(self.HUE[f["color"]], dtype=np.float32)[:, None, None] + \
             0.8 * stain * self.STAIN_HUE[:, None, None]
-        vision = self.LIGHT[f["lighting"]] * (0.12 + 0.88 * hue * p_worn)
+        hue = hue + 0.8 * wear * (1 - hue)  # worn ink bleaches toward white
+        vision = self.LIGHT[f["lighting"]] * (0.12 + 0.88 * hue * p_worn) * (1 - 0.5 * stain)
         noise = 0.06 * (vision_rng.random(vision.shape, dtype=np.float32) - 0.5)  # uniform: 5x cheaper than normal
         vision = vision * vision_rng.uniform(0.92, 1.08) + noise
 
@@ -268,8 +275,11 @@ class SynthTouch(torch.utils.data.Dataset):
         # rendered photometrically, as three coloured LEDs from different sides light its slopes
         radius = self.CONTACT_RADIUS[f["pressure"]]
         contact = np.clip((radius - np.sqrt(X ** 2 + Y ** 2)) / 0.03, 0, 1)  # soft-edged contact patch
-        give = 0.4 + 1.2 * self._tiles("compliance", f["compliance"], 0.5, X, Y)  # 1 outside the central tiles
-        pressed = self.DEPTH[f["hardness"]] * contact * give * (0.4 + self.RELIEF[f["roughness"]] * relief)
+        give = 0.2 + 1.6 * self._tiles("compliance", f["compliance"], 0.5, X, Y)  # 1 outside the central tiles
+        # the surface's body (lowered where worn) and its grooves: the body's depth makes compliance and wear felt
+        # in every pixel of a tile, not only along the pattern's edges
+        body = 0.8 * (1 - 0.6 * wear)
+        pressed = self.DEPTH[f["hardness"]] * contact * give * (body + self.RELIEF[f["roughness"]] * relief)
         height = self._blur(pressed, self.BLUR[f["hardness"]] * size)
         slope_y, slope_x = np.gradient(height, 1 / size)  # slopes per image width, size-independent
         cos, sin = np.cos(self.LED_ANGLES)[:, None, None], np.sin(self.LED_ANGLES)[:, None, None]

@@ -280,6 +280,47 @@ def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, Features],
     return table
 
 
+def readout_cosine(tokens: dict[str, torch.Tensor], features: dict[str, Features], ks: list[int]) -> dict[int, float]:
+    """What the first k tokens hold of the frozen features, read without the trained decoder: the preservation
+    cosine of a ridge regression from the first k tokens (concatenated) to every frozen token feature, fit on the
+    'fit' split, its strength chosen on 'select', scored on 'test' (`tokens`, `features`: split → one modality's
+    register outputs and frozen features). Both sides are measured from the split's mean token, as `encode`'s
+    preservation cosine is, so the two are one measure: where the decoder falls short of this, it is the
+    decoder, not the tokens, that loses the information."""
+    targets = {split: f.tokens.numpy().astype(np.float32) if isinstance(f.tokens, torch.Tensor) else
+               np.asarray(f.tokens, dtype=np.float32) for split, f in features.items()}
+    masks = {split: np.asarray(f.mask, dtype=np.float32) for split, f in features.items()}
+    centres = {split: f.mean_token().numpy() for split, f in features.items()}
+    shape, offset = targets["fit"].shape[1:], targets["fit"].mean(0).reshape(1, -1)
+
+    def cosine_of(prediction, split):
+        prediction = prediction.reshape(-1, *shape) + offset.reshape(1, *shape) - centres[split]
+        target = targets[split] - centres[split]
+        cos = (prediction * target).sum(-1) / np.maximum(np.linalg.norm(prediction, axis=-1) *
+                                                         np.linalg.norm(target, axis=-1), 1e-8)
+        return float(((cos * masks[split]).sum(1) / np.maximum(masks[split].sum(1), 1)).mean())
+
+    Y = targets["fit"].reshape(len(targets["fit"]), -1) - offset
+    out = {}
+    for k in ks:
+        x = probes.standardised({split: t[:, :k].flatten(1).numpy() for split, t in tokens.items()})
+        x = {split: (v - x["fit"].mean(0)).astype(np.float32) for split, v in x.items()}
+        path = probes.RidgePath(x["fit"])
+        B, select = path.coefficients(Y), path.project(x["select"])
+        best = max(path.alphas, key=lambda alpha: cosine_of(path.predict(select, B, alpha), "select"))
+        out[k] = cosine_of(path.predict(path.project(x["test"]), B, best), "test")
+    return out
+
+
+def decoder_and_readout(table: pd.DataFrame, modalities) -> dict[str, pd.DataFrame]:
+    """An eval table's preservation cosines in two tables of the same columns ('<m> preservation cosine'): the
+    trained decoder's ('<m> recon cos') and the ridge read-out's from the same tokens ('<m> readout cos'), for
+    plots.prefix_curves to draw side by side."""
+    return {name: table[[f"{m} {column}" for m in modalities]].set_axis([f"{m} preservation cosine" for m in modalities],
+                                                                         axis=1)
+            for name, column in (("trained decoder", "recon cos"), ("ridge read-out of the same tokens", "readout cos"))}
+
+
 def write_eval(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """A table of rows k as eval.json, {k: {metric: value}}, written atomically."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(
@@ -291,7 +332,8 @@ def evaluate_run(model: core.AlignmentModel, features: dict[str, Features], fact
                  out_path=None) -> pd.DataFrame:
     """`evaluate_prefixes` and, on SynthTouch (where private factors are known), the leakage columns of
     `leakage_columns` for every k: probes fit on `probe_splits["fit"]` (features, factors: the training split),
-    tuned on `probe_splits["select"]` (the validation split) and scored on `features`.
+    tuned on `probe_splits["select"]` (the validation split) and scored on `features`; beside each preservation
+    cosine, '<m> readout cos', the same cosine from a ridge read-out of the same tokens (`readout_cosine`).
     The whole leakage table goes beside `out_path` as leakage.csv, the information map (every factor from
     every token, `information_map`, on the same splits) as information.csv, and which shared
     factors retrieval gets wrong (`retrieval_confusion`) as confusion.csv, so notebooks can draw all three for
@@ -306,6 +348,12 @@ def evaluate_run(model: core.AlignmentModel, features: dict[str, Features], fact
         all_factors = {**{split: probe_splits[split][1] for split in splits}, "test": factors}
         leaks = leakage_by_k(model, all_encoded, all_factors, ks)
         table = table.join(leakage_columns(leaks))
+        if hasattr(model, "decoders"):  # beside the trained decoder's cosine, what a ridge read-out gets
+            all_features = {**{split: probe_splits[split][0] for split in splits}, "test": features}
+            for m in tqdm(model.cfg.modalities, desc="ridge read-out of the features", leave=False):
+                readout = readout_cosine({split: enc[m].tokens for split, enc in all_encoded.items()},
+                                         {split: f[m] for split, f in all_features.items()}, ks)
+                table[f"{m} readout cos"] = pd.Series(readout)
         if out_path is not None:
             atomic_write(Path(out_path).with_name("leakage.csv"), lambda tmp: leaks.to_csv(tmp, index=False))
             info = information_map({split: {m: e.tokens for m, e in enc.items()} for split, enc in all_encoded.items()},

@@ -63,8 +63,9 @@ def _show(ax, content):
 
 
 def _color_factor_labels(labels, groups: dict[str, str]):
+    """Each label in its factor's group colour (grey for a row that is no factor, such as the sensors' noise)."""
     for label in labels:
-        label.set_color(GROUP_COLORS[groups[label.get_text()]])
+        label.set_color(GROUP_COLORS.get(groups.get(label.get_text()), "0.45"))
 
 
 def _group_legend(ax, groups, **kwargs):
@@ -333,6 +334,41 @@ def factor_visibility(factor_groups: dict[str, str], title: str = "Which modalit
 
 # ----------------------------------------------------------------------------------------------
 # Phase-1 training (notebook 02)
+
+def testbed_audit(table, share_target: float, readable_target: float,
+                  title: str = "What the frozen encoders pass on, factor by factor (before any training)") -> Figure:
+    """audit.audit's table in two panels, one row per factor (coarse, then fine, then the sensors' noise), factor
+    labels in their group colour. Left: the share of the frozen tokens' variance a factor moves, vision and touch
+    bars; right: the linear probe's score above chance from the pixels (hollow) and the frozen tokens (filled).
+    Dashed: the targets fine factors must reach (their shares between them, each one's score)."""
+    order = list(dict.fromkeys(table.sort_values("scale", key=lambda s: s.map({"coarse": 0, "fine": 1, "": 2}),
+                                                 kind="stable").factor))
+    groups = dict(zip(table.factor, table.group))
+    y = np.arange(len(order))
+    fig = Figure(figsize=(10, 0.32 * len(order) + 1.6), layout="constrained")
+    shares, scores = fig.subplots(1, 2, sharey=True)
+    for i, m in enumerate(("vision", "touch")):
+        part = table[table.modality == m].set_index("factor").reindex(order)
+        shares.barh(y + (i - 0.5) * 0.38, part["variance share"], height=0.38, color=GROUP_COLORS[m], label=m)
+        scores.scatter(part["pixels"].clip(lower=0), y + (i - 0.5) * 0.3, marker=MODALITY_MARKERS[m],
+                       facecolors="none", edgecolors=GROUP_COLORS[m], label=f"{m}: pixels")
+        scores.scatter(part["frozen tokens"].clip(lower=0), y + (i - 0.5) * 0.3, marker=MODALITY_MARKERS[m],
+                       color=GROUP_COLORS[m], label=f"{m}: frozen tokens")
+    shares.axvline(share_target, **CHANCE_STYLE)
+    scores.axvline(readable_target, **CHANCE_STYLE)
+    shares.set_yticks(y, order)
+    _color_factor_labels(shares.get_yticklabels(), groups)
+    shares.invert_yaxis()
+    shares.set_xlabel("share of the frozen tokens' variance it moves")
+    scores.set_xlabel("linear probe score above chance (R² or accuracy; ≤ 0 drawn at 0)")
+    scores.set_xlim(-0.02, 1.02)
+    for ax in (shares, scores):
+        ax.grid(axis="x", alpha=0.3)
+    shares.legend(fontsize=8, loc="lower right")
+    scores.legend(fontsize=7, loc="lower left", bbox_to_anchor=(1, 0))
+    fig.suptitle(title)
+    return fig
+
 
 def loss_curves(rows: list[dict], title: str = "Phase-1 training") -> Figure:
     """Training loss (and its parts) per step and validation R@1 per epoch, from metrics.jsonl rows."""

@@ -58,7 +58,8 @@ def chance(target: Target) -> float:
 class RidgePath:
     """Ridge regression from features F (fit rows) for every strength of `ALPHAS` at once: with the Gram matrix
     diagonalised (primal FᵀF or dual FFᵀ, whichever is smaller), the predictions at strength α are
-    P diag(1 / (λ + α)) B, one product each."""
+    P diag(1 / (λ + α)) B, where B holds the targets (`coefficients`) and P the rows to predict (`project`) in
+    the eigenbasis: one product a strength."""
 
     def __init__(self, fit: np.ndarray):
         self.fit, self.primal = fit, fit.shape[1] <= fit.shape[0]
@@ -67,14 +68,16 @@ class RidgePath:
         self.eigenvalues = self.eigenvalues.clip(min=0)
         self.alphas = ALPHAS * max(np.trace(gram) / len(fit), 1e-12)
 
-    def predictions(self, targets: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
-        """Predictions on `rows` (features of other rows) of the centred `targets`, one per strength."""
-        V = self.vectors
-        if self.primal:
-            B, P = V.T @ (self.fit.T @ targets), rows @ V
-        else:
-            B, P = V.T @ targets, (rows @ self.fit.T) @ V
-        return [(P / (self.eigenvalues + alpha)) @ B for alpha in self.alphas]
+    def coefficients(self, targets: np.ndarray) -> np.ndarray:
+        """B: the centred targets of the fit rows in the eigenbasis."""
+        return self.vectors.T @ (self.fit.T @ targets if self.primal else targets)
+
+    def project(self, rows: np.ndarray) -> np.ndarray:
+        """P: features of rows to predict, in the eigenbasis."""
+        return rows @ self.vectors if self.primal else (rows @ self.fit.T) @ self.vectors
+
+    def predict(self, P: np.ndarray, B: np.ndarray, alpha: float) -> np.ndarray:
+        return (P / (self.eigenvalues + alpha)) @ B
 
 
 def standardised(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -135,7 +138,9 @@ def probe(kind: str, x: dict[str, np.ndarray], targets: dict[str, Target]) -> di
                     columns.append((y[:, None] == classes[name][None, :]).astype(np.float64))
             Y = np.concatenate(columns, 1)
             offset = Y.mean(0)
-            at = {split: path.predictions(Y - offset, features[split]) for split in ("select", "test")}
+            B = path.coefficients(Y - offset)
+            P = {split: path.project(features[split]) for split in ("select", "test")}
+            at = {split: [path.predict(P[split], B, alpha) for alpha in path.alphas] for split in ("select", "test")}
             start = 0
             for name, block in zip(names, columns):
                 target, cut = targets[name], slice(start, start + block.shape[1])

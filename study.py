@@ -83,6 +83,7 @@ LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruc
 SEEDS = (0, 1, 2)
 PROBE = "non-linear"
 REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference results: tables of seed-0 runs, no weights
+REFERENCE_TESTBED = "synthtouch-v4"  # the SynthTouch its runs were trained on (data.SynthTouch.VERSION then)
 REFERENCE_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv")
 # copied too where a run has it: confusion.csv came after most reference runs were trained, and the reference keeps
 # no weights to compute it from; the runs notebook 03 reads it from have it (a test checks)
@@ -106,6 +107,11 @@ def finished_run(variant: str, seed: int = 0, root: str | os.PathLike = "runs/st
             return folder
     raise FileNotFoundError(f"no finished run of study variant {variant!r}, seed {seed}, in {root} or in "
                             f"{REFERENCE}; train it with: python study.py --variants '{variant}' --seeds {seed}")
+
+
+def testbed_of(run: str | os.PathLike) -> str:
+    """The SynthTouch version a finished run was trained on: the reference's, or today's for your own runs."""
+    return REFERENCE_TESTBED if Path(run).resolve().is_relative_to(REFERENCE) else evaluate.SynthTouch.VERSION
 
 
 def save_reference(runs) -> None:

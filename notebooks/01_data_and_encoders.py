@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
+import audit
 import evaluate
 import phase1
 import plots
@@ -43,9 +44,10 @@ fig
 # The factor table: the values of each factor, its group (which modality carries it) and its scale.
 # *Coarse* factors are about the whole surface: the discrete ones the captions name, and the continuous phases,
 # instance detail that makes exact-pair retrieval meaningful (one right answer instead of a whole factor class).
-# *Fine* factors are about its parts, one value per tile of a grid: wear (the central tiles' print fades and
-# their grooves flatten: seen and felt), stains (every tile's ink darkens: seen only) and compliance (the central
-# tiles sink deeper into the gel: felt only). They appear in no caption; they are what later tokens are for.
+# *Fine* factors are about its parts, one value per tile of a grid: wear (the central tiles' print bleaches,
+# their grooves flatten and the surface sinks: seen and felt), stains (each quarter's ink turns brown and darker:
+# seen only) and compliance (the central tiles sink deeper into the gel: felt only). They appear in no caption;
+# they are what later tokens are for.
 
 # %%
 factor_table = pd.DataFrame([{"factor": name, "group": group, "scale": SynthTouch.SCALE[name],
@@ -132,3 +134,24 @@ for modality, private in (("vision", "color"), ("touch", "hardness")):
                                 title=f"Frozen {modality} features (PCA of pooled features)")
     workbook.save_figure(fig, f"01_frozen_{modality}_features")
     display(fig)
+
+# %% [markdown]
+# ## What the frozen features hold, factor by factor
+# A register module can only keep what its frozen encoder passes on, and reconstructing the frozen features only
+# rewards a factor as much as it moves them. So before training anything: each factor redrawn alone, everything
+# else and the sensor noise fixed — the share of the frozen tokens' variance that moves with it (left) — and how
+# well one linear probe (`probes.py`, the one every notebook uses) reads it from the pixels and from the frozen
+# tokens (right). The fine factors a sensor sees should move at least a fifth of its tokens' variance between
+# them (dashed, left) and each be read at R² ≥ 0.5 from the frozen tokens (dashed, right), and the phases should
+# no longer dominate. `audit.verdict` checks the three.
+
+# %%
+testbed = audit.audit(cfg, n=8 if smoke else 48)
+workbook.record("01 testbed audit", **{f"{m}: {check}": value for m, row in audit.verdict(testbed).iterrows()
+                                       for check, value in row.items()})
+fig = plots.testbed_audit(testbed, audit.FINE_SHARE, audit.READABLE)
+workbook.save_figure(fig, "01_testbed_audit")
+fig
+
+# %%
+audit.verdict(testbed)

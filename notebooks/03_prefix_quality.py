@@ -44,7 +44,9 @@ print(f"smoke mode: {smoke}; {cfg.n_train} train / {cfg.n_test} test samples, {c
 # line (the three of notebook 02 at testbed width), or the leakage design (the default without its guard, and
 # each guard alone in its place). `study.finished_run` takes your own run from `runs/study` when you have trained
 # it (`make study`), otherwise the reference results in `docs/study`: the same runs' configs, metrics and
-# evaluation tables, trained on this testbed with this code (no weights). The table says which is which.
+# evaluation tables (no weights). The table says which is which, and on which SynthTouch each was trained: the
+# reference runs are of SynthTouch v4, before its fine factors were made to move the frozen features (notebook 01),
+# so compare them with the default only after `make study` has retrained them on today's testbed.
 
 # %%
 default_run = train.ensure_trained(cfg)
@@ -56,6 +58,7 @@ guard_runs = {"default": default_run, **{variant: study.finished_run(variant) fo
 everything = {**{f"dropout {m}": r for m, r in dropout_runs.items()}, **{f"{d} design": r for d, r in design_runs.items()},
               **{f"guard: {g}": r for g, r in guard_runs.items()}}
 pd.DataFrame({"run folder": {name: os.path.relpath(run) for name, run in everything.items()},
+              "testbed": {name: study.testbed_of(run) for name, run in everything.items()},
               "training minutes": {name: round(train.training_minutes(run), 1) for name, run in everything.items()}})
 
 # %% [markdown]
@@ -74,6 +77,19 @@ chance = {"vision->touch R@1 pair": "chance@1 pair", "vision->touch R@1 factor":
 fig = plots.prefix_curves(dropout_tables, retrieval + ["vision recon cos", "touch recon cos"],
                           "Quality vs prefix length k, per nested-dropout mode (test split)", chance)
 workbook.save_figure(fig, "03_quality_vs_k_dropout")
+fig
+
+# %% [markdown]
+# Is the preservation curve the tokens' or the decoder's? Beside the trained decoder's cosine, the same cosine
+# from a ridge regression of the frozen features on the same first k tokens (`evaluate.readout_cosine`: fit on
+# 2000 training rows, its strength chosen on the validation split, scored on test). Where the decoder's curve
+# lies below the read-out's, the tokens hold information the decoder does not use.
+
+# %%
+fig = plots.prefix_curves(evaluate.decoder_and_readout(dropout_tables["power_of_two"], cfg.model.modalities),
+                          [f"{m} preservation cosine" for m in cfg.model.modalities],
+                          "The default's preservation cosine: trained decoder vs ridge read-out (test split)")
+workbook.save_figure(fig, "03_decoder_vs_readout")
 fig
 
 # %% [markdown]

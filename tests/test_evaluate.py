@@ -488,3 +488,25 @@ def test_probes_fit_in_parallel_processes_give_the_scores_of_one_process(monkeyp
     assert maps[0].drop(columns=["score", "above chance"]).equals(maps[1].drop(columns=["score", "above chance"]))
     assert np.allclose(maps[0].score, maps[1].score, rtol=0, atol=np.where(maps[0].chance > 0, 1 / 200 + 1e-12, 1e-6))
     assert (maps[0]["above chance"] > 0.5).sum() >= 4  # texture and phase of their tokens: not equal failures
+
+
+def test_the_ridge_read_out_finds_what_the_tokens_hold_of_the_features_and_nothing_more():
+    """Frozen features that are a linear function of the four tokens: read from all of them at cosine near 1, from
+    the first alone at what that token explains; features unrelated to the tokens read at cosine near 0."""
+    rng = np.random.default_rng(0)
+    rows = dict(fit=400, select=150, test=200)
+    mixing = rng.normal(size=(4 * 8, 6 * 16))
+    tokens, linear, unrelated = {}, {}, {}
+    for split, n in rows.items():
+        tokens[split] = torch.tensor(rng.normal(size=(n, 4, 8)), dtype=torch.float32)
+        mean = rng.normal(size=(1, 6, 16))  # what every sample shares: both cosines are measured from it
+        made = tokens[split].flatten(1).numpy() @ mixing
+        for out, x in ((linear, made), (unrelated, rng.normal(size=made.shape))):
+            x = torch.tensor(x.reshape(n, 6, 16) + mean, dtype=torch.float32)
+            out[split] = Features(x.mean(1), x, torch.ones(n, 6, dtype=torch.bool))
+    read = evaluate.readout_cosine(tokens, linear, [1, 4])
+    assert read[4] > 0.95  # exact up to the ridge's shrinkage and the split means measured from (200 rows each)
+    # one token of four explains about a quarter of each feature's variance: cosine about sqrt(1/4)
+    assert 0.35 < read[1] < 0.65
+    nothing = evaluate.readout_cosine(tokens, unrelated, [4])
+    assert abs(nothing[4]) < 0.1  # the strength chosen on held-out rows shrinks a read-out of noise to the mean

@@ -1,0 +1,132 @@
+"""What the testbed holds before any training: for every SynthTouch factor, how much of the frozen encoders'
+token features it moves, and how well one probe (probes.py) reads it from the pixels and from those tokens.
+
+A register module can only keep what its frozen encoder passes on, and a reconstruction objective only rewards
+what moves the features: a fine factor that moves a few hundredths of them is worth a few hundredths of cosine,
+whatever the model. So the testbed is checked here, before a model is trained on it (notebook 01):
+
+    variance_shares   each factor redrawn alone, everything else (the sensor noise too) fixed: the share of the
+                      token features' variance that moves with it (Sobol's total-effect index), and 'noise', the
+                      sensors' noise redrawn alone
+    readability       each factor probed linearly from the pixels and from the frozen tokens
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import evaluate
+import phase1
+import probes
+from data import SynthTouch
+
+IMAGE_MODALITIES = ("vision", "touch")
+# what a testbed must pass on for its fine scale to be worth keeping: the fine factors a sensor sees move at least
+# FINE_SHARE of its frozen tokens' variance between them, and a linear probe reads each from the frozen tokens at
+# READABLE (R², fit on probes.FIT_ROWS training rows)
+FINE_SHARE, READABLE = 0.2, 0.5
+NOISE = "noise"  # the row of the sensors' noise (the render seed), redrawn with every factor fixed
+
+
+def factor_names() -> list[str]:
+    return list(SynthTouch.factor_groups)
+
+
+def redrawn(name: str, rng: np.random.Generator):
+    """A fresh value of one factor, drawn as SynthTouch draws it."""
+    if name in SynthTouch.FACTORS:
+        values = SynthTouch.FACTORS[name]
+        return values[rng.integers(len(values))]
+    if name in SynthTouch.DETAILS:
+        return tuple(rng.uniform(0, 1, SynthTouch.DETAILS[name] ** 2))
+    low, high = SynthTouch.CONTINUOUS_FACTORS[name]
+    return float(rng.uniform(low, high))
+
+
+@torch.no_grad()
+def _tokens(encoder, images: list[torch.Tensor]) -> np.ndarray:
+    """N×(T·D) frozen token features of a list of 3×S×S images."""
+    return encoder(torch.stack(images)).tokens.flatten(1).double().numpy()
+
+
+def variance_shares(cfg: phase1.TrainConfig, n: int = 48, redraws: int = 4, seed: int = 0) -> pd.DataFrame:
+    """One row per (modality, factor or NOISE): 'share', the mean over `n` samples of the token features'
+    variance across `redraws` renders that differ in that factor alone, over their variance across samples.
+    Shares of independent factors sum to about 1; what interacts is counted in each factor it involves."""
+    testbed = SynthTouch(n, seed=seed, image_size=cfg.image_size, split="val")
+    encoders = {m: phase1.get_encoder(cfg, m) for m in IMAGE_MODALITIES}
+    rng = np.random.default_rng(seed)
+    bases = [(testbed.factors_of(i), int(rng.integers(2 ** 31))) for i in range(n)]
+
+    def tokens(samples: list[dict]) -> dict[str, np.ndarray]:
+        return {m: _tokens(encoders[m], [s[m] for s in samples]) for m in IMAGE_MODALITIES}
+
+    total = tokens([testbed.render(factors, noise) for factors, noise in bases])
+    total = {m: x.var(0, ddof=1).sum() for m, x in total.items()}
+    rows = []
+    for name in tqdm([*factor_names(), NOISE], desc="testbed audit: one factor redrawn at a time", leave=False):
+        moved = {m: 0.0 for m in IMAGE_MODALITIES}
+        for factors, noise in bases:
+            renders = [testbed.render(factors, int(rng.integers(2 ** 31))) if name == NOISE else
+                       testbed.render({**factors, name: redrawn(name, rng)}, noise) for _ in range(redraws)]
+            for m, x in tokens(renders).items():
+                moved[m] += x.var(0, ddof=1).sum() / n
+        rows += [dict(modality=m, factor=name, share=moved[m] / total[m]) for m in IMAGE_MODALITIES]
+    return pd.DataFrame(rows)
+
+
+def readability(cfg: phase1.TrainConfig) -> pd.DataFrame:
+    """Every factor probed linearly (probes.probe) from each image modality's pixels and frozen tokens (the cached
+    features the register module reads): fit on `probes.FIT_ROWS` training rows, tuned on the validation split,
+    scored on the test split. One row per (modality, source, factor): score, chance, 'normalised'."""
+    splits = {}
+    for split, name in zip(evaluate.PROBE_SPLITS, ("train", "val", "test")):
+        dataset, features = phase1.split_data(cfg, name)
+        index = evaluate.fit_rows(len(dataset)) if split == "fit" else np.arange(len(dataset))
+        splits[split] = (dataset, index, features)
+    factors = {split: {key: np.asarray(v)[index] for key, v in dataset.factor_table().items()}
+               for split, (dataset, index, _) in splits.items()}
+
+    def source(key: dict) -> dict[str, np.ndarray]:
+        if key["source"] == "pixels":
+            return {split: np.stack([dataset[i][key["modality"]].flatten().numpy() for i in index])
+                    for split, (dataset, index, _) in splits.items()}
+        return {split: features[key["modality"]].batch(index).tokens.flatten(1).numpy()
+                for split, (_, index, features) in splits.items()}
+
+    names = [name for name in factor_names() if all(name in f for f in factors.values())]
+    jobs = [(dict(modality=m, source=s), "linear", names) for m in IMAGE_MODALITIES for s in ("pixels", "frozen tokens")]
+    return evaluate.probe_table(jobs, source, evaluate.probe_targets(names, factors), "testbed audit: probes")
+
+
+def audit(cfg: phase1.TrainConfig, **kwargs) -> pd.DataFrame:
+    """One row per (modality, factor): who sees it, its scale, its variance share, and its probe scores from the
+    pixels and the frozen tokens (normalised: 0 chance, 1 perfect)."""
+    shares = variance_shares(cfg, **kwargs).set_index(["modality", "factor"]).share
+    scores = readability(cfg).pivot_table(index=["modality", "factor"], columns="source", values="normalised")
+    table = pd.DataFrame({"variance share": shares}).join(scores).reset_index()
+    table["group"] = table.factor.map(SynthTouch.factor_groups).fillna("")
+    table["scale"] = table.factor.map(SynthTouch.SCALE).fillna("")
+    return table[["modality", "factor", "group", "scale", "variance share", "pixels", "frozen tokens"]]
+
+
+def seen(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of factors a modality's sensor sees (shared ones and its own)."""
+    return table[(table.group == "shared") | (table.group == table.modality)]
+
+
+def verdict(table: pd.DataFrame) -> pd.DataFrame:
+    """Per modality, the checks against the targets: the fine factors' variance share between them, the lowest
+    linear score of a fine factor from the frozen tokens, and the phases' share against the fine factors'."""
+    rows = {}
+    for m, part in seen(table).groupby("modality"):
+        fine, phases = part[part.scale == "fine"], part[part.factor.isin(list(SynthTouch.PHASE_PERIODS))]
+        rows[m] = {"fine factors' variance share": fine["variance share"].sum(),
+                   "lowest fine factor from frozen tokens": fine["frozen tokens"].min(),
+                   "phases' variance share": phases["variance share"].sum()}
+        rows[m]["meets the targets"] = bool(rows[m]["fine factors' variance share"] >= FINE_SHARE and
+                                            rows[m]["lowest fine factor from frozen tokens"] >= READABLE and
+                                            rows[m]["phases' variance share"] < rows[m]["fine factors' variance share"])
+    return pd.DataFrame(rows).T
