@@ -52,6 +52,10 @@ class ModelConfig:
     complementary_reg_weight: float = 0.0
     mrl_dims: tuple[int, ...] = ()  # Matryoshka: extra contrastive losses on these leading embedding dims
     decoder_layers: int = 1  # preservation decoder depth
+    # rank of a linear read-out of the kept tokens added to the decoder's output (0: attention only). Attention
+    # mixes the tokens with one softmax a position; every position reading its own linear function of all kept
+    # tokens is what a ridge read-out does, and what lets later tokens' detail reach the reconstruction
+    decoder_readout: int = 0
     # none: the preservation decoder reads every kept token | stopgrad: it reads the shared tokens through a
     # stop-gradient, so rebuilding private detail is the private tokens' job | cross: it rebuilds modality A
     # from B's shared tokens and A's private ones | decorrelate: a penalty on the cross-correlation of the
@@ -93,6 +97,9 @@ class ModelConfig:
                              "but pairs never came together (vision→touch factor R@1 0.03, chance 0.02). Use "
                              "loss_type: combined (--loss_type combined --flow_weight 0.5): contrastive alignment, and "
                              "the flow head for transport retrieval")
+        if self.decoder_readout < 0:
+            raise ValueError(f"decoder_readout={self.decoder_readout} is the rank of the decoder's linear read-out: "
+                             "give 0 (none) or a positive rank, e.g. 256")
         if self.token_dim is not None and not 1 <= self.token_dim <= self.hidden_dim:
             raise ValueError(f"token_dim={self.token_dim} must lie in 1..hidden_dim={self.hidden_dim}, or be null")
         if self.bottleneck_tokens not in ("all", "shared"):
@@ -349,13 +356,18 @@ class NestedDropout(nn.Module):
 
 class FeatureDecoder(nn.Module):
     """Preservation head: learned per-position queries cross-attend to the kept registers and
-    reconstruct the modality's own frozen token features."""
+    reconstruct the modality's own frozen token features; with `readout_rank`, a rank-limited linear map of the
+    kept registers (dropped ones as zeros) is added, one linear function of all of them per output position."""
 
-    def __init__(self, hidden_dim: int, output_dim: int, num_tokens: int, n_layers: int, n_heads: int):
+    def __init__(self, hidden_dim: int, output_dim: int, num_tokens: int, n_layers: int, n_heads: int,
+                 n_registers: int = 0, readout_rank: int = 0):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(num_tokens, hidden_dim) * 0.02)
         self.blocks = nn.ModuleList(Block(hidden_dim, n_heads, cross=True) for _ in range(n_layers))
         self.out = nn.Sequential(nn.LayerNorm(hidden_dim), nn.Linear(hidden_dim, output_dim))
+        self.n_registers = n_registers
+        self.readout = nn.Sequential(nn.Linear(n_registers * hidden_dim, readout_rank),
+                                     nn.Linear(readout_rank, num_tokens * output_dim)) if readout_rank else None
 
     def forward(self, registers: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         B, T = registers.shape[0], len(self.queries)
@@ -366,7 +378,11 @@ class FeatureDecoder(nn.Module):
         cross_allowed = keep[:, None, :].expand(B, T, keep.shape[1])
         for block in self.blocks:
             x = block(x, None, registers, cross_allowed)  # the queries see each other without a mask
-        return self.out(x)
+        if self.readout is None:
+            return self.out(x)
+        kept = registers * keep[..., None].to(registers.dtype)
+        kept = F.pad(kept, (0, 0, 0, self.n_registers - kept.shape[1]))  # a truncated pass has only its k tokens
+        return self.out(x) + self.readout(kept.flatten(1)).view(B, T, -1)
 
 
 class FeatureMeans(nn.Module):
@@ -613,7 +629,8 @@ class RegisterDesign:
         model.dropout = NestedDropout(cfg.n_registers, cfg.nested_dropout, cfg.nested_dropout_rate)
         if cfg.preservation_weight > 0:
             model.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m], cfg.decoder_layers,
-                                                              cfg.n_heads) for m in cfg.modalities})
+                                                              cfg.n_heads, cfg.n_registers, cfg.decoder_readout)
+                                            for m in cfg.modalities})
 
     def tokens(self, model, modality: str, feats: Features, n_registers: int | None = None) -> torch.Tensor:
         check_token_shape(feats.tokens, model.input_tokens[modality], model.input_dims[modality])

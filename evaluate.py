@@ -474,12 +474,13 @@ def fit_rows(n: int, rows: int = probes.FIT_ROWS) -> np.ndarray:
 
 
 def token_sources(tokens: torch.Tensor, n_shared: int) -> dict[str, np.ndarray]:
-    """Feature sets a probe reads: every single token, and the shared / private groups concatenated."""
+    """Feature sets a probe reads: every single token, the shared / private groups and all tokens concatenated."""
     R = tokens.shape[1]
     sources = {f"token {i}": tokens[:, i].numpy() for i in range(R)}
     sources["shared"] = tokens[:, :n_shared].flatten(1).numpy()
     if n_shared < R:
         sources["private"] = tokens[:, n_shared:].flatten(1).numpy()
+        sources["all"] = tokens.flatten(1).numpy()
     return sources
 
 

@@ -27,6 +27,7 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -84,6 +85,9 @@ SEEDS = (0, 1, 2)
 PROBE = "non-linear"
 REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference results: tables of seed-0 runs, no weights
 REFERENCE_TESTBED = "synthtouch-v4"  # the SynthTouch its runs were trained on (data.SynthTouch.VERSION then)
+# config keys the reference's runs were trained with that today's variants set otherwise: the reference is of an
+# older default, which also measured its preservation loss from the learned feature centres (no config key)
+REFERENCE_CONFIG = {"model.decoder_readout": 0}
 REFERENCE_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv")
 # copied too where a run has it: confusion.csv came after most reference runs were trained, and the reference keeps
 # no weights to compute it from; the runs notebook 03 reads it from have it (a test checks)
@@ -195,6 +199,39 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     return table.assign(seeds=n).T
 
 
+def targets(run_dir: str | os.PathLike) -> dict:
+    """What a run reaches of the workbook's coarse-to-fine claims, from its eval.json, information.csv and
+    leakage.csv (test split): the preservation cosine's rise from k = 1 to all tokens and its worst gap to the
+    ridge read-out of the same tokens, each fine factor a modality sees read from all its tokens and the gain over
+    its shared tokens, the rise of exact-pair R@1 from k = 1 to n_shared in standard errors of the difference,
+    the worst own-private leakage, private factors from private tokens and factor-level R@1."""
+    run_dir = Path(run_dir)
+    cfg, table = phase1.load_config(run_dir / "config.yaml"), evaluate.read_eval(run_dir / "eval.json")
+    R, numbers = table.index.max(), headline(run_dir)
+    S, out = numbers["n_shared"], {}
+    for m in cfg.model.modalities:
+        if f"{m} recon cos" in table:
+            out[f"{m} recon cos rise, k=1 to all"] = table.at[R, f"{m} recon cos"] - table.at[1, f"{m} recon cos"]
+        if f"{m} readout cos" in table:
+            out[f"{m} decoder minus ridge read-out, worst k"] = (table[f"{m} recon cos"] - table[f"{m} readout cos"]).min()
+    info = evaluate.read_information(run_dir).set_index(["modality", "source", "factor"]).score
+    for m in cfg.model.modalities:
+        for name, group in evaluate.SynthTouch.factor_groups.items():
+            if evaluate.SynthTouch.SCALE[name] == "fine" and group in ("shared", m) and (m, "all", name) in info:
+                out[f"{m} {name} from all tokens"] = info[(m, "all", name)]
+                out[f"{m} {name} gain over the shared tokens"] = info[(m, "all", name)] - info[(m, "shared", name)]
+    n = round(1 / table.at[1, "chance@1 pair"])  # queries: chance of exact-pair R@1 is one in n
+    p1, pS = table.at[1, "vision->touch R@1 pair"], table.at[S, "vision->touch R@1 pair"]
+    out["vision->touch R@1 pair rise, k=1 to n_shared, in standard errors"] = \
+        (pS - p1) / np.sqrt((p1 * (1 - p1) + pS * (1 - pS)) / n)
+    out[LEAK] = max(numbers[f"{m} leak into shared embedding (max), k=n_shared"] for m in cfg.model.modalities)
+    for m in cfg.model.modalities:
+        out[f"{m} own private accuracy from private tokens (min), k=all"] = \
+            numbers[f"{m} own private accuracy from private tokens (min), k=all"]
+    out[RETRIEVAL] = numbers[RETRIEVAL]
+    return out
+
+
 LEAK = "worst own-private leakage into the shared embedding, k=n_shared"
 RETRIEVAL = "R@1 factor, k=n_shared"
 
@@ -266,7 +303,18 @@ def main(argv=None):
     parser.add_argument("--reference", action="store_true",
                         help="also copy the finished runs' tables into docs/study, the reference results that "
                              "notebooks fall back on")
+    parser.add_argument("--targets", nargs="+", metavar="RUN",
+                        help="only measure these finished run folders against the coarse-to-fine targets (`targets`), "
+                             "mean ± std over them, into OUT/targets.md")
     args = parser.parse_args(argv)
+    if args.targets:
+        rows = pd.DataFrame([{"variant": "runs", "seed": i, "run": run, **targets(run)}
+                             for i, run in enumerate(args.targets)])
+        path = Path(args.out) / "targets.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(markdown(summarise(rows)) + "\n")
+        print(path.read_text())
+        return
     if args.figure:
         Path(args.figure).write_bytes(plots.png(curves(root=args.out)))
         return

@@ -166,7 +166,8 @@ workbook.save_figure(fig, "03_tradeoff")
 fig
 
 # %% [markdown]
-# **What changed, and what it cost.** The workbook's first model had no leakage guard: the preservation
+# **What changed, and what it cost** (the numbers of this paragraph and the next section are the v4 reference runs').
+# The workbook's first model had no leakage guard: the preservation
 # decoder had to rebuild all of a modality's features from the shared tokens whenever nested dropout kept
 # k ≤ n_shared, which pushed every private factor into them, and InfoNCE never took it out again (a private
 # factor can sit in directions the other modality never uses, where it costs InfoNCE nothing). The default now

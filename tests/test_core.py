@@ -125,10 +125,13 @@ def test_attention_maps_are_distributions_over_real_input_tokens(attention):
         assert ((mass > 0) & (mass < 1)).all()
 
 
-@pytest.mark.parametrize("design, attention, token_dim", [("flextok", "joint", None), ("fluxtalk", "cross", None),
-                                                          ("flextok", "joint", 3)])
-def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_passes(design, attention, token_dim):
-    cfg = small(design=design, attention=attention, n_shared=4, token_dim=token_dim)
+@pytest.mark.parametrize("design, attention, token_dim, readout", [("flextok", "joint", None, 0),
+                                                                   ("fluxtalk", "cross", None, 0),
+                                                                   ("flextok", "joint", 3, 0), ("flextok", "joint", None, 8)])
+def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_passes(design, attention, token_dim,
+                                                                                     readout):
+    """With a linear read-out in the decoder too: a dropped token reaches it as zeros, what a pass without it gives."""
+    cfg = small(design=design, attention=attention, n_shared=4, token_dim=token_dim, decoder_readout=readout)
     model = build(cfg).eval()
     feats = paired_features(4)["vision"]
     with torch.no_grad():

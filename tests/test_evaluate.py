@@ -48,7 +48,7 @@ def factor_table(n=24, seed=0) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("overrides", [dict(design="flextok", attention="joint"),
                                        dict(design="fluxtalk", attention="cross", n_registers=4, n_shared=3,
                                             nested_dropout="linear"),
-                                       dict(design="flextok", loss_type="combined")])
+                                       dict(design="flextok", loss_type="combined", decoder_readout=8)])
 def test_all_k_table_from_one_pass_equals_k_truncated_passes(overrides, tmp_path):
     model = model_of(**overrides)
     feats, factors = features(), factor_table()
@@ -234,10 +234,11 @@ def score(info, modality, source, factor):
 
 
 def test_information_map_finds_what_each_token_carries(info):
-    assert set(info.source) == {"token 0", "token 1", "token 2", "token 3", "shared", "private"}
+    assert set(info.source) == {"token 0", "token 1", "token 2", "token 3", "shared", "private", "all"}
     for m, private, other in (("vision", "color", "hardness"), ("touch", "hardness", "color")):
         assert score(info, m, "token 0", "texture") > 0.95 and score(info, m, "token 3", "texture") < 0.45
         assert score(info, m, "token 2", private) > 0.95 and score(info, m, "private", private) > 0.95
+        assert score(info, m, "all", private) > 0.95 and score(info, m, "all", "texture") > 0.95
         assert score(info, m, "shared", private) < 0.5 and score(info, m, "private", other) < 0.5
         assert score(info, m, "token 1", "phase_x") > 0.9 and score(info, m, "token 3", "phase_x") < 0.1
     chance = info.set_index(["modality", "source", "factor"]).chance

@@ -120,13 +120,14 @@ def test_finished_runs_come_from_your_study_and_otherwise_from_the_reference(row
 @pytest.mark.parametrize("variant", list(study.VARIANTS))
 def test_the_reference_results_are_of_todays_config(variant):
     """Every seed the reference holds of a variant (at least one) was trained with the settings study.VARIANTS gives
-    today, and holds the tables the notebooks read."""
+    today but for study.REFERENCE_CONFIG (an older default's), and holds the tables the notebooks read."""
     seeds = [s for s in study.SEEDS if (study.run_config(variant, s, study.REFERENCE).run_dir / "eval.json").is_file()]
     assert seeds, f"the reference has no run of {variant!r}; python study.py --variants '{variant}' --seeds 0 --reference"
     for seed in seeds:
         run = study.finished_run(variant, seed, "nothing trained here")
         assert run.is_relative_to(study.REFERENCE) and all((run / name).is_file() for name in study.REFERENCE_FILES)
-        saved, today = phase1.load_config(run / "config.yaml"), study.run_config(variant, seed, study.REFERENCE)
+        saved = phase1.load_config(run / "config.yaml")
+        today = study.run_config(variant, seed, study.REFERENCE, **study.REFERENCE_CONFIG)
         where = {name: getattr(today, name) for name in train.RESUME_IGNORES}  # where it ran, not what it trained
         assert dataclasses.replace(saved, **where) == today, (
             f"{run} was trained with other settings than study.VARIANTS[{variant!r}] now gives; refresh it with "
@@ -198,3 +199,23 @@ def test_a_run_says_which_testbed_it_was_trained_on(tmp_path):
     """The reference runs were trained on an older SynthTouch than today's: notebook 03 says so beside each run."""
     assert study.testbed_of(study.finished_run("default", 0, tmp_path)) == study.REFERENCE_TESTBED
     assert study.testbed_of(tmp_path / "default" / "seed-0") == evaluate.SynthTouch.VERSION != study.REFERENCE_TESTBED
+
+
+def test_targets_are_read_from_a_runs_tables_and_written_by_the_command_line(rows, tmp_path, capsys):
+    root, _ = rows
+    runs = [root / "default" / f"seed-{s}" for s in (0, 1)]
+    numbers = study.targets(runs[0])
+    table = evaluate.read_eval(runs[0] / "eval.json")
+    assert numbers["vision recon cos rise, k=1 to all"] == table.at[4, "vision recon cos"] - table.at[1, "vision recon cos"]
+    assert numbers["touch decoder minus ridge read-out, worst k"] == (table["touch recon cos"] - table["touch readout cos"]).min()
+    # the rise of R@1 in standard errors of a difference of two recalls on the test split's queries
+    p1, p2, n = table.at[1, "vision->touch R@1 pair"], table.at[2, "vision->touch R@1 pair"], TINY["n_test"]
+    assert numbers["vision->touch R@1 pair rise, k=1 to n_shared, in standard errors"] == pytest.approx(
+        (p2 - p1) / np.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n))
+    info = evaluate.read_information(runs[0]).set_index(["modality", "source", "factor"]).score
+    assert numbers["vision stain from all tokens"] == info[("vision", "all", "stain")]
+    assert numbers["touch wear gain over the shared tokens"] == info[("touch", "all", "wear")] - info[("touch", "shared", "wear")]
+    assert "vision compliance from all tokens" not in numbers  # vision never sees compliance
+    study.main(["--targets", *map(str, runs), "--out", str(tmp_path)])
+    written = (tmp_path / "targets.md").read_text()
+    assert capsys.readouterr().out.strip() == written.strip() and "R@1 factor, k=n_shared" in written and " ± " in written
