@@ -44,6 +44,10 @@ from tqdm.auto import tqdm
 from config import atomic_write, follow_thread_budget, state_mismatch
 
 CHECKPOINT = "checkpoint"  # a link to the newest complete checkpoint folder, swapped atomically
+CHECKPOINT_FILES = {"model.safetensors", "state.pt"}  # what a checkpoint folder holds
+# the other files a run writes: a folder holding anything else is not a run, and nothing of it is ever deleted
+RUN_FILES = {"config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv", "confusion.csv",
+             "caption_eval.json", "caption_eval_val.json"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -127,6 +131,38 @@ class RunFolder:
             raise FileExistsError(f"{self.path} already holds a run (a checkpoint at step "
                                   f"{self.checkpoint_step()}); to continue it pass --resume, to keep it choose "
                                   "a new --output_dir, to replace it pass --overwrite")
+        foreign = self.foreign_entries()
+        if foreign and not resume:
+            raise FileExistsError(f"{self.path} is not empty and is not a FlexAlign run: it holds {foreign}, which "
+                                  "this project did not write, so a run there is refused (--overwrite too) and "
+                                  "nothing in it was touched; choose a new --output_dir or move those away")
+
+    def foreign_entries(self) -> list[str]:
+        """What in the folder this project did not write: anything but the `checkpoint` link, checkpoint folders
+        holding only CHECKPOINT_FILES, RUN_FILES (config.yaml only when its keys are this run kind's), and
+        temporary files. A dereferenced copy's `checkpoint` folder (cp -rL) is listed too."""
+        if not self.path.is_dir():
+            return []
+        foreign = []
+        for entry in sorted(self.path.iterdir()):
+            name, plain = entry.name, not entry.is_symlink()
+            if name == CHECKPOINT and not plain or name.startswith(".") and ".tmp" in name:
+                continue
+            if name.startswith(f"{CHECKPOINT}-") and plain and entry.is_dir() and \
+                    {child.name for child in entry.iterdir()} <= CHECKPOINT_FILES:
+                continue
+            if name in RUN_FILES and plain and entry.is_file() and (name != "config.yaml" or self.own_config()):
+                continue
+            foreign.append(name + ("/" if entry.is_dir() else ""))
+        return foreign
+
+    def own_config(self) -> bool:
+        """Whether config.yaml reads as a config of this run kind: YAML whose keys are all its fields."""
+        try:
+            saved = yaml.safe_load(self.config_path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            return False
+        return isinstance(saved, dict) and (not self.defaults or set(flatten(saved)) <= set(self.defaults))
 
     def start(self, config: dict, resume: bool, overwrite: bool = False, ignore: Iterable[str] = ()):
         """Open the folder for a fresh run (refusing to replace one) or for resuming (checking the config)."""

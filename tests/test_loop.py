@@ -371,3 +371,31 @@ def test_prefetched_keeps_order_raises_errors_and_stops_early():
     items = loop.prefetched(range(1000), loaded.append)
     next(items), items.close()
     assert len(loaded) <= 4  # what was in flight, not the rest
+
+
+def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path):
+    """A fresh run into a folder holding what this project did not write (another tool's checkpoint-500/, a user's
+    config.yaml, a run copied with its links dereferenced) is refused, with --overwrite too, and nothing in it is
+    touched; what a run of ours leaves before its first checkpoint is ours, and a fresh start replaces it."""
+    import phase1
+    config = phase1.to_yaml(phase1.load_config(None))
+    theirs = tmp_path / "theirs"
+    (theirs / "checkpoint-500").mkdir(parents=True)
+    (theirs / "checkpoint-500" / "pytorch_model.bin").write_bytes(b"weights")
+    (theirs / "config.yaml").write_text("learning_rate: 3.0e-4\n")
+    before = sorted((p.relative_to(theirs), p.read_bytes() if p.is_file() else None) for p in theirs.rglob("*"))
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"not a FlexAlign run: it holds \['checkpoint-500/', 'config.yaml'\]"):
+            phase1.run_folder(theirs).start(config, resume=False, overwrite=overwrite)
+    assert sorted((p.relative_to(theirs), p.read_bytes() if p.is_file() else None) for p in theirs.rglob("*")) == before
+    ours = tmp_path / "ours"
+    phase1.run_folder(ours).start(config, resume=False)
+    (ours / "checkpoint-00000003").mkdir()
+    (ours / "checkpoint-00000003" / "model.safetensors").write_bytes(b"")  # a save a crash cut short
+    phase1.run_folder(ours).start(config, resume=False)
+    assert sorted(p.name for p in ours.iterdir()) == ["config.yaml"]
+    copied = tmp_path / "copied"  # cp -rL of a run: its checkpoint is a folder, not the link
+    (copied / "checkpoint").mkdir(parents=True)
+    (copied / "checkpoint" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=r"it holds \['checkpoint/'\]"):
+        phase1.run_folder(copied).start(config, resume=False)
