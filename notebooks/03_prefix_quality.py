@@ -273,7 +273,8 @@ fig
 # %% [markdown]
 # The numbers behind the map, from the token groups: shared factors should be decodable from *both*
 # modalities' shared tokens, vision-only factors from the vision private tokens, touch-only factors from the
-# touch private tokens. Chance is the majority-class rate on test for accuracies and 0 for R².
+# touch private tokens. Chance is what a probe that learned nothing scores: for accuracies, the test share of the
+# training rows' most common class; 0 for R².
 
 # %%
 groups = evaluate.group_summary(info)
