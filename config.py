@@ -88,6 +88,20 @@ def at_most_threads(cap: int):
 # Configs as data: a YAML file per setting, read into a dataclass; command-line and notebook
 # overrides name nested fields with a dot ("model.n_shared", "source.k").
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice: keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_dataclass(cls, path: str | os.PathLike, overrides: dict, nested: str):
     """`cls` built from a YAML file with `overrides` applied ("<nested>.<field>" keys reach the nested
     dataclass field `nested`). Every value is checked against its field's type and coerced where YAML
@@ -97,7 +111,7 @@ def load_dataclass(cls, path: str | os.PathLike, overrides: dict, nested: str):
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; see configs/ for the shipped ones")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

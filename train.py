@@ -225,8 +225,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
                         "vision, touch, caption); without it the SynthTouch testbed is used")
     for flag, (_, kind) in FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="any other config value, e.g. model.hidden_dim=256 (YAML syntax for the value)")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="any other config value, e.g. model.hidden_dim=256 (YAML syntax for the value); may be "
+                             "repeated")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     args = parser.parse_args(argv)
@@ -238,6 +239,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        if key in overrides:
+            raise SystemExit(f"--set {key} is given twice ({overrides[key]!r} and {value!r}) or also by its own "
+                             "flag: keep one")
         overrides[key] = yaml.safe_load(value)
     cfg = load_config(args.config, **overrides)
     if args.datasets_dir:  # the folder says which layout it is; a CSV's columns say which modalities it has

@@ -97,6 +97,10 @@ CASES = {
     "missing --config file": (lambda t, p: train.parse_args(["--config", str(p / "nope.yaml")]),
                               FileNotFoundError, r"nope.yaml not found; see configs/"),
     "--set without =": (lambda t, p: train.parse_args(["--set", "hidden_dim"]), SystemExit, r"KEY=VALUE"),
+    "--set of one key twice": (lambda t, p: train.parse_args(["--set", "lr=0.1", "--set", "lr=0.2"]),
+                               SystemExit, r"--set lr is given twice \(0.1 and '0.2'\).*keep one"),
+    "YAML key given twice": (lambda t, p: phase1.load_config(yaml_file(p, "lr: 0.1\nepochs: 3\nlr: 0.2\n")),
+                             ValueError, r"bad.yaml is not valid YAML at line 3, column 1: key 'lr' is given twice"),
     "--resume with --overwrite": (lambda t, p: train.parse_args(["--resume", "--overwrite"]),
                                   SystemExit, r"pass one of them"),
     # --- run folders and checkpoints
@@ -205,3 +209,8 @@ def test_replacing_an_image_under_the_same_path_gives_another_feature_cache(tmp_
     image, before = Path(dataset.rows[0]["vision"]), dataset.fingerprint
     image.write_bytes(image.read_bytes() + b"\0")  # same path, same row count, other content
     assert data.TVLDataset(folder, split="test", image_size=32).fingerprint != before
+
+
+def test_set_may_be_repeated_and_every_pair_counts():
+    cfg, _ = train.parse_args(["--set", "lr=0.01", "--set", "model.hidden_dim=64", "epochs=3"])
+    assert (cfg.lr, cfg.model.hidden_dim, cfg.epochs) == (0.01, 64, 3)
