@@ -80,6 +80,12 @@ class ModelConfig:
                                      ("leakage_guard", self.leakage_guard, LEAKAGE_GUARDS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(allowed)}")
+        for name in ("hidden_dim", "n_registers", "n_layers", "n_heads", "embed_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}; e.g. "
+                                 f"model.{name}: {getattr(ModelConfig, name)}")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities {list(self.modalities)} name one twice; give each once, e.g. [vision, touch]")
         unknown = set(self.modalities) - set(MODALITIES)
         if unknown or len(self.modalities) < 2:
             raise ValueError(f"modalities {self.modalities} must be at least two of {MODALITIES}")

@@ -422,6 +422,11 @@ def check_hyperparameters(hp, where: str):
                              f"{ {'epochs': 10, 'batch_size': 64}[name] }")
     if not hp.lr > 0:
         raise ValueError(f"lr must be positive, got {hp.lr!r} ({where}); e.g. --lr 1e-3")
+    # a clip of 0 (or less) zeroes every step, a negative decay pushes weights up: both train silently to nothing
+    if hasattr(hp, "grad_clip") and not hp.grad_clip > 0:
+        raise ValueError(f"grad_clip must be positive, got {hp.grad_clip!r} ({where}); e.g. grad_clip: 1.0")
+    if hasattr(hp, "weight_decay") and not hp.weight_decay >= 0:
+        raise ValueError(f"weight_decay must be 0 or more, got {hp.weight_decay!r} ({where}); e.g. weight_decay: 0.05")
 
 
 def _all_finite(tensors) -> bool:
