@@ -266,7 +266,7 @@ class LLMConfig:
     log_every: int = 10
     bf16: bool = True  # on GPU: frozen decoder weights in bf16, forward under bf16 autocast
     # on the CPU, run_phase2 trains and captions on at most this many threads (0: every thread given): a step of
-    # the testbed's 2-layer decoder is many small operations, 1.6x slower on two threads than on one (README "Speed")
+    # the testbed's 2-layer decoder is many small operations, 1.6x slower on two threads than on one (docs/measurements.md, "Speed")
     cpu_threads: int = 0
     local_files_only: bool = False  # never touch the network for the decoder
     cache_dir: str = "cache"

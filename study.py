@@ -132,7 +132,7 @@ def save_reference(runs) -> None:
 
 
 def headline(run_dir: str | os.PathLike) -> dict:
-    """The numbers the README quotes, from a run's eval.json and leakage.csv (test split). Rows say k=n_shared
+    """The headline numbers (docs/study/study.md), from a run's eval.json and leakage.csv (test split). Rows say k=n_shared
     (the complete shared embedding) and k=all (every register), so variants with other register counts line
     up; a number a design does not have (no preservation decoder, one adapter embedding) or a run did not
     measure (trained with `leakage_probes: false`: no leakage.csv) is NaN."""

@@ -262,7 +262,7 @@ def code_key() -> str:
 # waits in train.ensure_trained on no share of the cores (`may_warm`), so its ~10 s of start-up are off the chain
 # to the end (phase 2 began 12 s after the weights were final instead of 24). Notebook 05 reads nothing of theirs
 # and starts at once. Side by side at one thread each, 02 and 05 did 1.2x the work of one at a time on two threads
-# (README: the demo 35.9 -> 30.8 minutes). 02 starting beside 01 (the cache has a lock of its own) started phase 1
+# (docs/measurements.md: the demo 35.9 -> 30.8 minutes). 02 starting beside 01 (the cache has a lock of its own) started phase 1
 # 12 s earlier but made its weights final 5-7 s later: three notebooks on two cores slowed 05, and phase 1 has two
 # threads only once 05 is done.
 AFTER = {"02": ("01",), "03": ("02",), "04": ("02",)}

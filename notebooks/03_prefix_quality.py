@@ -125,7 +125,7 @@ fig
 # ## Mean ± std over seeds
 # One training run is one draw: the same command gives different numbers with another seed. `make study`
 # trains every variant with three seeds and writes `runs/study/study.md`; when it exists, here it is, and
-# otherwise the reference table in `docs/study`, which the README quotes.
+# otherwise the reference table in `docs/study`, which docs/measurements.md quotes.
 
 # %%
 study_table = next(path for path in (Path("runs/study/study.md"), study.REFERENCE / "study.md") if path.is_file())
@@ -202,8 +202,8 @@ fig
 # (its `confusion.csv`, which every SynthTouch evaluation writes). Most misses are a texture, spread over the pairs
 # of textures. Up to SynthTouch v3 most were *checker* taken for *waves* or the reverse, because both were lines that
 # change along their length with period two; waves are now sharp lines swaying with period one
-# (`SynthTouch._render`), and every design retrieves the right factors more often for it. The README's statistics
-# section has the numbers over three seeds.
+# (`SynthTouch._render`), and every design retrieves the right factors more often for it. The statistics
+# in docs/measurements.md have the numbers over three seeds.
 
 # %%
 # the default's test split through its weights, once: this figure and the ones further down read it
