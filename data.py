@@ -14,6 +14,7 @@ Every dataset yields dicts; the touch-vision ones yield
 import csv
 import dataclasses
 import fcntl
+import glob
 import hashlib
 import io
 import json
@@ -309,16 +310,32 @@ def _tensor(chw):
 
 
 def open_image(path) -> Image.Image:
-    """An image file as RGB; a missing file raises FileNotFoundError, an undecodable one ValueError, naming it."""
+    """An image file as RGB, as an image viewer shows it (as_seen); a missing file raises FileNotFoundError, an
+    undecodable one ValueError, naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path} does not exist; fix the path in the CSV, or pass skip_missing=True "
                                 "(config: skip_missing: true) to drop rows whose files are missing")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as e:  # PIL's UnidentifiedImageError and truncated-file errors are both OSErrors
-        raise ValueError(f"image {path} is corrupt or not a decodable image ({e}); replace it, or pass "
-                         "skip_missing=True to drop rows whose files cannot be read") from e
+            return as_seen(image)
+    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError and truncation are OSErrors
+        raise ValueError(f"image {path} is corrupt, not a decodable image or too large to decode safely ({e}); "
+                         "replace it, or pass skip_missing=True to drop rows whose files cannot be read") from e
+
+
+def as_seen(image: Image.Image) -> Image.Image:
+    """RGB as a viewer shows the file: turned by its EXIF orientation (phones store portraits sideways), 16-bit
+    grey scaled to 8 bits (PIL's convert("RGB") clips it, and a 16-bit image comes out white), transparency
+    (alpha, or a palette's transparent colour) laid over white."""
+    from PIL import ImageOps
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        pixels = np.asarray(image, dtype=np.float32)
+        peak = 65535 if image.mode != "I" or pixels.max() > 255 else 255
+        image = Image.fromarray(np.clip(pixels * (255 / peak) + 0.5, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La") or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 def resized(image: Image.Image, image_size: int) -> torch.Tensor:
@@ -404,7 +421,17 @@ class FileRows(torch.utils.data.Dataset):
 
     def readable_rows(self, rows: list[dict], where: str) -> list[dict]:
         """The rows whose files all exist; a missing file fails naming it, unless skip_missing drops its row
-        (missing or undecodable files then count in one warning)."""
+        (missing or undecodable files then count in one warning). A file outside the dataset's folder (`root`)
+        fails unless the dataset was opened with outside=True."""
+        if not self.outside:
+            root = os.path.realpath(self.root)
+            for row in rows:
+                for path in self._files(row):
+                    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+                        raise ValueError(f"{where}: the row {row.get('caption') or ''!r} names {path}, which lies "
+                                         f"outside the dataset folder {root} (an absolute path, '..' or a link out "
+                                         "of it); move the file inside, or allow it with paths_outside_dataset: true "
+                                         "(--set paths_outside_dataset=true)")
         if not self.skip_missing:
             for row in rows:
                 for path in self._files(row):
@@ -451,8 +478,9 @@ class FileRows(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self):
-        """What the cached features of this dataset depend on: the recipe, and every file's size and
-        modification time, so replacing an image (same path, same row count) gives a new cache."""
+        """What the cached features of this dataset depend on: the recipe, and every file's size, modification and
+        change time, so replacing an image (same path, same row count) gives a new cache — even one given the old
+        size and modification time (cp -p, rsync -t, touch -r): the change time is the kernel's, no tool sets it."""
         files = [(path, *_stat(path)) for row in self.rows for path in self._files(row) + [row.get("background")]
                  if path]
         recipe = json.dumps([type(self).__name__, self.root, self.split, self.image_sizes, self.skip_missing,
@@ -461,17 +489,17 @@ class FileRows(torch.utils.data.Dataset):
         return f"{type(self).__name__.lower()}-{self.split}-{digest}"
 
 
-def _stat(path) -> tuple[int, int]:
+def _stat(path) -> tuple[int, int, int]:
     try:
         stat = os.stat(path)
     except OSError:  # checked when the rows were read; a file gone since then fails when it is loaded
-        return -1, -1
-    return stat.st_size, stat.st_mtime_ns
+        return -1, -1, -1
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def tvl_records(table: str, columns: tuple[str, ...]) -> list[dict]:
     """The rows of a TVL CSV, after checking its header has the columns TVL's layout gives it."""
-    with open(table, newline="") as file:
+    with open(table, newline="", encoding="utf-8-sig") as file:
         reader = csv.DictReader(file)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
@@ -495,15 +523,17 @@ class TVLDataset(FileRows):
               "columns among vision,touch,caption")
 
     @classmethod
-    def for_run(cls, root, split: str, sizes: dict[str, int], modalities, skip_missing: bool, touch_background: bool):
+    def for_run(cls, root, split: str, sizes: dict[str, int], modalities, skip_missing: bool, touch_background: bool,
+                outside: bool = False):
         """The split a phase-1 run asks for (LAYOUTS: every layout takes these arguments)."""
-        return cls(root, split, sizes, subtract_background=touch_background, skip_missing=skip_missing)
+        return cls(root, split, sizes, subtract_background=touch_background, skip_missing=skip_missing, outside=outside)
 
-    def __init__(self, root, split="train", image_size=224, subtract_background=False, skip_missing=False):
+    def __init__(self, root, split="train", image_size=224, subtract_background=False, skip_missing=False,
+                 outside=False):
         if split not in ("train", "val", "test"):
             raise ValueError(f"TVL split must be train, val or test; got {split!r}")
         self.root, self.split, self.subtract_background = os.path.abspath(root), split, subtract_background
-        self.skip_missing = skip_missing
+        self.skip_missing, self.outside = skip_missing, outside
         where = f"TVL {split} under {self.root}"
         table = "test" if split == "test" else "train"
         expected = self.LAYOUT.format(root=self.root, split=table)
@@ -574,7 +604,7 @@ CSV_COLUMNS = {"vision": "vision", "touch": "touch", "caption": "text"}  # CSV c
 def csv_columns(folder) -> list[str]:
     """The columns of <folder>/train.csv that name data (vision, touch, caption), in that order."""
     table = Path(folder) / "train.csv"
-    with open(table, newline="") as file:
+    with open(table, newline="", encoding="utf-8-sig") as file:
         header = next(csv.reader(file), [])
     found = [c for c in CSV_COLUMNS if c in header]
     if len(found) < 2:
@@ -600,19 +630,20 @@ class CSVDataset(FileRows):
     resize to image_size (one size, or {modality: size}); only the image modalities named there are loaded."""
 
     @classmethod
-    def for_run(cls, root, split: str, sizes: dict[str, int], modalities, skip_missing: bool, touch_background: bool):
+    def for_run(cls, root, split: str, sizes: dict[str, int], modalities, skip_missing: bool, touch_background: bool,
+                outside: bool = False):
         """The split a phase-1 run asks for, after checking the CSV has a column for every modality it trains."""
         missing = set(modalities) - set(csv_modalities(root))
         if missing:
             raise ValueError(f"model.modalities {list(modalities)} asks for {sorted(missing)}, but {root}/train.csv "
                              f"has columns {csv_columns(root)}; set model.modalities to {list(csv_modalities(root))} "
                              "or a subset")
-        return cls(root, split, sizes, skip_missing=skip_missing)
+        return cls(root, split, sizes, skip_missing=skip_missing, outside=outside)
 
-    def __init__(self, root, split="train", image_size=224, skip_missing=False):
+    def __init__(self, root, split="train", image_size=224, skip_missing=False, outside=False):
         if split not in ("train", "val", "test"):
             raise ValueError(f"CSV split must be train, val or test; got {split!r}")
-        self.root, self.split, self.skip_missing = os.path.abspath(root), split, skip_missing
+        self.root, self.split, self.skip_missing, self.outside = os.path.abspath(root), split, skip_missing, outside
         if not (Path(self.root) / "train.csv").is_file():
             raise FileNotFoundError(f"no {self.root}/train.csv; a CSV dataset is a folder with train.csv (and "
                                     "optionally val.csv, test.csv) with columns among vision, touch, caption")
@@ -637,7 +668,7 @@ class CSVDataset(FileRows):
         return rows
 
     def _read(self, table: Path) -> list[dict]:
-        with open(table, newline="") as file:
+        with open(table, newline="", encoding="utf-8-sig") as file:
             records = list(csv.DictReader(file))
         missing = [c for c in self.columns if records and c not in records[0]]
         if missing:
@@ -780,7 +811,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image, size)
         elif isinstance(image, Image.Image):
-            image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            image = as_seen(image).resize((size, size), Image.Resampling.BILINEAR)
             image = _tensor(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255)
         else:
             if image.ndim != 3 or image.shape[0] != 3:
@@ -878,6 +909,7 @@ def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/feat
     # the others wait for the lock and then find the finished cache.
     with open(folder.with_name(folder.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _sweep_builds(folder)
         cached = _load_cache(folder, verify)
         if cached is None:
             if encoder is enc_cfg:
@@ -886,6 +918,19 @@ def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/feat
             _build_cache(encoder, dataset, folder, batch_size, device)
             cached = _load_cache(folder, verify=False)
     return cached
+
+
+def _sweep_builds(folder: Path):
+    """What a build of `folder` that was killed left (its lock is held now, so no build of it runs): a partial
+    `.tmp<pid>` folder is deleted; a complete cache set aside (`.old<pid>`) just before the new one would have taken
+    its place goes back when nothing took it."""
+    for leftover in sorted(folder.parent.glob(f"{glob.escape(folder.name)}.old*")):
+        if not folder.exists():
+            os.replace(leftover, folder)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in folder.parent.glob(f"{glob.escape(folder.name)}.tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _build_cache(encoder, dataset, folder: Path, batch_size: int, device):

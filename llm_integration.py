@@ -21,6 +21,7 @@ writes mean and std over seeds (phase2_<split>.csv/.json); `--ablation` adds the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -719,31 +720,31 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} captions); "
                          f"use --batch_size {n} or less")
-    run = None
-    if output_dir is not None:
-        run = run_folder(output_dir)
-        run.start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
-    if cfg.standardize_tokens and not resume:  # a resumed run loads its own
-        for m, projector in mm.projector.items():
-            if m in tokens:
-                projector.fit_statistics(tokens[m])
-    index_batches = loop.index_batches(n, cfg.batch_size, cfg.seed)
-    sources = {}  # epoch -> every sample's token source, drawn up front so a resumed epoch sees the same
+    run = None if output_dir is None else run_folder(output_dir)
+    with run.exclusive(wait=False) if run else contextlib.nullcontext():  # one trainer per run folder
+        if run is not None:
+            run.start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
+        if cfg.standardize_tokens and not resume:  # a resumed run loads its own
+            for m, projector in mm.projector.items():
+                if m in tokens:
+                    projector.fit_statistics(tokens[m])
+        index_batches = loop.index_batches(n, cfg.batch_size, cfg.seed)
+        sources = {}  # epoch -> every sample's token source, drawn up front so a resumed epoch sees the same
 
-    def batches(epoch):
-        return [(epoch, index) for index in index_batches(epoch)]
+        def batches(epoch):
+            return [(epoch, index) for index in index_batches(epoch)]
 
-    def loss_fn(batch):
-        epoch, index = batch
-        if epoch not in sources:
-            sources.clear()
-            sources[epoch] = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        keep = {m: k[index] for m, k in sources[epoch].items()}
-        return mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep), {}
+        def loss_fn(batch):
+            epoch, index = batch
+            if epoch not in sources:
+                sources.clear()
+                sources[epoch] = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            keep = {m: k[index] for m, k in sources[epoch].items()}
+            return mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep), {}
 
-    epoch_end = None if val is None else lambda epoch: validation_numbers(mm, *val)
-    return loop.fit(mm, loss_fn, batches, steps_per_epoch, cfg, run, resume=resume, epoch_end=epoch_end,
-                    callback=callback, desc="phase 2 · captioning")
+        epoch_end = None if val is None else lambda epoch: validation_numbers(mm, *val)
+        return loop.fit(mm, loss_fn, batches, steps_per_epoch, cfg, run, resume=resume, epoch_end=epoch_end,
+                        callback=callback, desc="phase 2 · captioning")
 
 
 @torch.no_grad()

@@ -12,8 +12,9 @@ position, the running epoch sums). What the loop guarantees, for phase 1 and pha
 - a fresh run never replaces a run silently: a folder that holds a checkpoint needs resume or overwrite;
 - a checkpoint is written into its own folder, synced to disk, and swapped in with one atomic rename
   of a link, so a crash at any moment leaves either the old checkpoint or the new one, never a mix;
-- `RunFolder.exclusive` holds a lock file beside the folder, which `train.ensure_trained` takes: two
-  notebooks or two JupyterLab tabs asking for the same phase-1 run train it once, the second waiting;
+- one trainer per run folder: `RunFolder.exclusive` holds a lock file beside the folder. Both phases' training
+  refuse a folder another process trains (command line, Python, torchrun's rank 0); `train.ensure_trained`
+  waits instead, so two notebooks or two JupyterLab tabs asking for the same phase-1 run train it once;
 - resume is exact: the randomness of step s is drawn from a generator seeded by (seed, rank, s), the
   batches of an epoch are a function of (seed, epoch), and metrics rows after the checkpoint are dropped,
   so `metrics.jsonl` reads as one uninterrupted run; a resume that cannot be exact (another config,
@@ -30,6 +31,7 @@ import math
 import os
 import pickle
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +50,11 @@ CHECKPOINT_FILES = {"model.safetensors", "state.pt"}  # what a checkpoint folder
 # the other files a run writes: a folder holding anything else is not a run, and nothing of it is ever deleted
 RUN_FILES = {"config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv", "confusion.csv",
              "caption_eval.json", "caption_eval_val.json"}
+
+
+# the run locks (RunFolder.exclusive) each thread holds, so that the thread may take one again (flock refuses a
+# second open file of the lock even in the process that holds it); another thread of the process waits
+HELD_LOCKS = threading.local()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -92,9 +99,12 @@ class RunFolder:
 
     @property
     def checkpoint(self) -> Path | None:
-        """The folder of the last complete checkpoint, or None."""
+        """The folder of the last complete checkpoint, or None. A run copied with its links dereferenced (cp -rL,
+        shutil.copytree, scp -r, a zip) has a plain `checkpoint/` folder instead of the link: that folder is it."""
         link = self.path / CHECKPOINT
-        return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+        if link.is_symlink():
+            return link.resolve() if link.resolve().is_dir() else None
+        return link if link.is_dir() and {child.name for child in link.iterdir()} == CHECKPOINT_FILES else None
 
     def saved_config(self) -> dict:
         try:
@@ -140,13 +150,13 @@ class RunFolder:
     def foreign_entries(self) -> list[str]:
         """What in the folder this project did not write: anything but the `checkpoint` link, checkpoint folders
         holding only CHECKPOINT_FILES, RUN_FILES (config.yaml only when its keys are this run kind's), and
-        temporary files. A dereferenced copy's `checkpoint` folder (cp -rL) is listed too."""
+        temporary files. A `checkpoint` folder is ours when it is a complete checkpoint (a dereferenced copy)."""
         if not self.path.is_dir():
             return []
         foreign = []
         for entry in sorted(self.path.iterdir()):
             name, plain = entry.name, not entry.is_symlink()
-            if name == CHECKPOINT and not plain or name.startswith(".") and ".tmp" in name:
+            if name == CHECKPOINT and (not plain or entry == self.checkpoint) or name.startswith(".") and ".tmp" in name:
                 continue
             if name.startswith(f"{CHECKPOINT}-") and plain and entry.is_dir() and \
                     {child.name for child in entry.iterdir()} <= CHECKPOINT_FILES:
@@ -174,6 +184,8 @@ class RunFolder:
                 target = self.path / name
                 if target.is_symlink() or target.is_file():
                     target.unlink()
+                elif target.is_dir():  # a dereferenced copy's checkpoint, which check_start let --overwrite replace
+                    shutil.rmtree(target)
             self.clean_leftovers(keep_current=False)
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write(self.config_path, lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
@@ -196,28 +208,42 @@ class RunFolder:
         return bool(last) and self.checkpoint_step() == last[-1]
 
     @contextlib.contextmanager
-    def exclusive(self, ready: Callable[[], bool] = lambda: False, poll: float = 1.0):
+    def exclusive(self, ready: Callable[[], bool] = lambda: False, poll: float = 1.0, wait: bool = True):
         """Hold the run's lock file (`<folder>.lock` beside it, as the feature cache's: never deleted, so every
         process locks the same file) for the block: yields True once held. While another process holds it, waits,
-        or yields False as soon as `ready()` is true (say, the weights it trains are final)."""
+        or yields False as soon as `ready()` is true (say, the weights it trains are final); with `wait=False` it
+        refuses at once. A process that holds the lock already (train.ensure_trained around train.train) goes on;
+        only the main process of a torchrun job locks, the others write nothing."""
+        lock_file = self.path.with_name(self.path.name + ".lock")
+        held_here = HELD_LOCKS.__dict__.setdefault("files", set())
+        if not self.main or lock_file.resolve() in held_here:
+            yield True
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as handle:
+        with open(lock_file, "a") as handle:
             held, told = False, False
             while not held:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     held = True
                 except BlockingIOError:
+                    if not wait:
+                        raise RuntimeError(f"another process is training {self.path} (it holds {lock_file}); "
+                                           "nothing was written: wait for it to finish, or choose another "
+                                           "--output_dir") from None
                     if ready():
                         break
                     if not told:
                         print(f"another process is training {self.path}; waiting for it", flush=True)
                         told = True
                     time.sleep(poll)
+            if held:
+                held_here.add(lock_file.resolve())
             try:
                 yield held
             finally:
                 if held:
+                    held_here.discard(lock_file.resolve())
                     fcntl.flock(handle, fcntl.LOCK_UN)
 
     def busy(self) -> bool:
@@ -235,7 +261,15 @@ class RunFolder:
 
     def checkpoint_step(self) -> int | None:
         folder = self.checkpoint
-        return None if folder is None else int(folder.name.rsplit("-", 1)[1])
+        if folder is None or folder.name.startswith(f"{CHECKPOINT}-"):
+            return None if folder is None else int(folder.name.rsplit("-", 1)[1])
+        from safetensors import SafetensorError, safe_open  # a dereferenced copy: the step its weights were saved at
+        try:
+            with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+                return int(weights.metadata()["step"])
+        except (SafetensorError, OSError, KeyError, TypeError) as err:
+            raise ValueError(f"{folder / 'model.safetensors'} is damaged or does not say its step ({err!r}); restore "
+                             "it, or train again with --overwrite") from err
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict):
         """Write checkpoint-<step>/ completely, sync it, then point `checkpoint` at it in one rename."""
@@ -251,6 +285,13 @@ class RunFolder:
         link = self.path / f".{CHECKPOINT}.tmp{os.getpid()}"
         link.unlink(missing_ok=True)
         link.symlink_to(folder.name)
+        copied = self.path / CHECKPOINT
+        if copied.is_dir() and not copied.is_symlink():
+            # a dereferenced copy's checkpoint folder: a rename cannot put a link over a folder, so it steps aside
+            # first, under its step's name (or as a leftover when that copy exists too) — for the moment between
+            # the two renames there is no link, while the new checkpoint is already complete on disk
+            aside = self.path / f"{CHECKPOINT}-{self.checkpoint_step():08d}"
+            os.rename(copied, aside if not aside.exists() else self.path / f".{CHECKPOINT}.tmp{os.getpid()}-copy")
         os.replace(link, self.path / CHECKPOINT)
         _fsync(self.path)
         self.clean_leftovers()
@@ -331,6 +372,10 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: P
     if mismatch:
         raise ValueError(f"{source} was saved from a different model config: {mismatch}; build the model from "
                          "the config.yaml saved beside it")
+    broken = [name for name, value in tensors.items() if value.is_floating_point() and not value.isfinite().all()]
+    if broken:  # training never saves one (fit's guard): the file was damaged or written by something else
+        raise ValueError(f"{source} holds NaN or infinite values in {broken[:5]}; it was damaged after saving or "
+                         "written by another program: restore it, or train again with --overwrite")
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)

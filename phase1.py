@@ -33,6 +33,9 @@ class TrainConfig:
     dataset: str = "synthtouch"
     datasets_dir: str | None = None
     skip_missing: bool = False  # real data: drop rows whose files are missing (counted in one warning)
+    # real data: every file a dataset's tables name must lie inside datasets_dir (no absolute paths, `../` or links
+    # out of it), so a table cannot make a run read files elsewhere; true for a dataset that points elsewhere
+    paths_outside_dataset: bool = False
     n_train: int = 4000
     n_val: int = 500
     n_test: int = 1000
@@ -71,6 +74,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1 (the size of the SynthTouch {name[2:]} split), got "
                                  f"{getattr(self, name)}; e.g. {name}: {default}")
         loop.check_hyperparameters(self, "phase-1 config")
+        if self.log_name is not None and (Path(self.log_name).is_absolute() or ".." in Path(self.log_name).parts
+                                          or not str(self.log_name).strip()):
+            raise ValueError(f"log_name {self.log_name!r} must name a sub-folder inside output_dir (no absolute path, "
+                             "no '..'): a run is written only inside output_dir; e.g. log_name: flextok-base")
         if self.shuffle_block < 1:
             raise ValueError(f"shuffle_block must be at least 1 (1: a plain shuffle), got {self.shuffle_block}; "
                              "e.g. shuffle_block: 1024")
@@ -127,7 +134,8 @@ def make_dataset(cfg: TrainConfig, split: str):
     sizes = {m: encoder_config(cfg, m).image_size for m in ("vision", "touch") if m in cfg.model.modalities}
     background = "touch" in sizes and encoder_config(cfg, "touch").background
     return data.LAYOUTS[cfg.dataset].for_run(cfg.datasets_dir, split, sizes, cfg.model.modalities,
-                                             skip_missing=cfg.skip_missing, touch_background=background)
+                                             skip_missing=cfg.skip_missing, touch_background=background,
+                                             outside=cfg.paths_outside_dataset)
 
 
 def encoder_config(cfg: TrainConfig, modality: str) -> EncoderConfig:

@@ -70,53 +70,54 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     dist = Distributed()
     device = core_device()
     run = run_folder(cfg.run_dir, main=dist.main)
-    run.check_start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
-    if dist.world > 1 and not dist.main:
-        torch.distributed.barrier()  # rank 0 fills the feature cache first: no two ranks write one cache folder
-    train_set, train_feats = split_data(cfg, "train")
-    val_set, val_feats = split_data(cfg, "val")
-    if dist.world > 1 and dist.main:
-        torch.distributed.barrier()
-    torch.manual_seed(cfg.seed)  # the initial weights (torchrun broadcasts rank 0's anyway)
-    model = build_model(cfg, train_feats)
-    model.set_feature_centres(train_feats)
-    model = model.to(device)
-    n = len(next(iter(train_feats.values())).pooled)
-    steps_per_epoch = n // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} samples); "
-                         f"use --batch_size {n} or less")
-    run.start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)  # inputs are good: write
-    ddp = model
-    if dist.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.cpu_bf16)
-    if device.type == "cpu" and cfg.cpu_bf16 and not loop.cpu_has_bf16_units():
-        warnings.warn("cpu_bf16 is true, but this CPU has no AVX-512 BF16 or AMX units: PyTorch emulates bf16 on it, "
-                      "and a step takes 10-30x as long as in float32 (bench/bench_step.py --bf16). Set "
-                      "cpu_bf16: false in the config (or --set cpu_bf16=false); it pays only on CPUs with those units")
+    with run.exclusive(wait=False):  # one trainer per run folder (loop.RunFolder.exclusive)
+        run.check_start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
+        if dist.world > 1 and not dist.main:
+            torch.distributed.barrier()  # rank 0 fills the feature cache first: no two ranks write one cache folder
+        train_set, train_feats = split_data(cfg, "train")
+        val_set, val_feats = split_data(cfg, "val")
+        if dist.world > 1 and dist.main:
+            torch.distributed.barrier()
+        torch.manual_seed(cfg.seed)  # the initial weights (torchrun broadcasts rank 0's anyway)
+        model = build_model(cfg, train_feats)
+        model.set_feature_centres(train_feats)
+        model = model.to(device)
+        n = len(next(iter(train_feats.values())).pooled)
+        steps_per_epoch = n // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} samples); "
+                             f"use --batch_size {n} or less")
+        run.start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)  # inputs are good: write
+        ddp = model
+        if dist.world > 1:
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.cpu_bf16)
+        if device.type == "cpu" and cfg.cpu_bf16 and not loop.cpu_has_bf16_units():
+            warnings.warn("cpu_bf16 is true, but this CPU has no AVX-512 BF16 or AMX units: PyTorch emulates bf16 on it, "
+                          "and a step takes 10-30x as long as in float32 (bench/bench_step.py --bf16). Set "
+                          "cpu_bf16: false in the config (or --set cpu_bf16=false); it pays only on CPUs with those units")
 
-    def load(index):  # runs in fit's reading thread, ahead of the step
-        return {m: f.batch(dist.local_slice(index), device) for m, f in train_feats.items()}
+        def load(index):  # runs in fit's reading thread, ahead of the step
+            return {m: f.batch(dist.local_slice(index), device) for m, f in train_feats.items()}
 
-    def loss_fn(batch):
-        with autocast:
-            return ddp(batch)
+        def loss_fn(batch):
+            with autocast:
+                return ddp(batch)
 
-    def epoch_end(epoch):
-        return quick_eval(model, val_feats, val_set) if val_feats is not None and dist.main else {}
+        def epoch_end(epoch):
+            return quick_eval(model, val_feats, val_set) if val_feats is not None and dist.main else {}
 
-    # the bar names the run by its last two folders: phase1/default, or a study's default/seed-0
-    loop.fit(model, loss_fn, loop.index_batches(n, cfg.batch_size, cfg.seed, cfg.shuffle_block), steps_per_epoch,
-             cfg, run, resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1: {cfg.run_dir.parent.name}/{cfg.run_dir.name}",
-             rank=dist.rank, load=load)
-    if dist.main:
-        test_set, test_feats = split_data(cfg, "test")
-        probe_splits = dict(fit=(train_feats, train_set), select=(val_feats, val_set)) if cfg.leakage_probes else None
-        evaluate_run(model, test_feats, test_set, cfg.run_dir / "eval.json", probe_splits)
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
-    return cfg.run_dir
+        # the bar names the run by its last two folders: phase1/default, or a study's default/seed-0
+        loop.fit(model, loss_fn, loop.index_batches(n, cfg.batch_size, cfg.seed, cfg.shuffle_block), steps_per_epoch,
+                 cfg, run, resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1: {cfg.run_dir.parent.name}/{cfg.run_dir.name}",
+                 rank=dist.rank, load=load)
+        if dist.main:
+            test_set, test_feats = split_data(cfg, "test")
+            probe_splits = dict(fit=(train_feats, train_set), select=(val_feats, val_set)) if cfg.leakage_probes else None
+            evaluate_run(model, test_feats, test_set, cfg.run_dir / "eval.json", probe_splits)
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+        return cfg.run_dir
 
 
 def ensure_trained(cfg: TrainConfig, callback=None, evaluated: bool = True) -> Path:

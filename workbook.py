@@ -358,10 +358,21 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
     from tqdm.auto import tqdm
 
     from config import atomic_write
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [p for p in notebook_paths() if not only or any(p.name.startswith(o) for o in only)]
+    unknown = [o for o in only or () if not any(p.name.startswith(o) for p in notebook_paths())]
+    if unknown:
+        raise ValueError(f"--only {' '.join(unknown)} names no notebook; the notebooks are "
+                         f"{[p.stem for p in notebook_paths()]}: give their numbers, e.g. --only 01 04")
     progress_path, key = out_dir / "progress.json", code_key()
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+    report = out_dir / "report.md"
+    earlier = progress.get("smoke", "(smoke mode)" in report.read_text().split("\n", 1)[0] if report.exists() else None)
+    if earlier is not None and earlier != smoke:
+        kinds = ("a full run", "a smoke run")
+        raise ValueError(f"{out_dir} holds {kinds[earlier]} of the workbook; {kinds[smoke]} there would overwrite its "
+                         f"notebooks and mix {kinds[smoke][2:]}'s numbers into its report: choose another --out (e.g. "
+                         f"runs/{'smoke' if smoke else 'demo'}), or delete {out_dir} first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [p for p in notebook_paths() if not only or any(p.name.startswith(o) for o in only)]
     done = set(progress.get("done", [])) if progress.get("key") == key and progress.get("smoke") == smoke else set()
     skipped = [p for p in paths if p.stem in done and (out_dir / p.with_suffix(".ipynb").name).exists()]
     if skipped:

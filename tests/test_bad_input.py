@@ -1,6 +1,7 @@
 """Every bad input, in one table: each gives one error whose words name the value, the file where there is
 one, and the fix. A case is (what the user does, the exception, a regex of the words the message must hold).
 Nothing already trained is touched by a refused command (checked for the cases that meet a trained run)."""
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,24 @@ def other_vit_weights(tmp_path, **timm_kwargs):
                             img_size=64, **{"patch_size": 8, "depth": 2, **timm_kwargs})
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
     return str(tmp_path / "vit.safetensors")
+
+
+def csv_with_vision_path(tmp_path, where):
+    """A two-row CSV dataset whose first vision path is replaced by one that leads out of the folder (`where`)."""
+    folder = data.write_csv_dataset(tmp_path / "mine", {"train": [
+        {"vision": torch.rand(3, 8, 8), "caption": f"photo {i}"} for i in range(2)]})
+    secret = tmp_path / "secret.png"
+    shutil.copy(folder / "images" / "train_0_vision.png", secret)  # a real image: only its place is wrong
+    if where == "link":
+        (folder / "images" / "link.png").symlink_to(secret)
+    path = {"absolute": str(secret), "..": "../secret.png", "link": "images/link.png"}[where]
+    table = folder / "train.csv"
+    table.write_text(table.read_text().replace("images/train_0_vision.png", path))
+    return folder
+
+
+def csv_dataset(folder, **flags):
+    return data.CSVDataset(folder, image_size=8, **flags)
 
 
 CASES = {
@@ -159,6 +178,16 @@ CASES = {
     "timm weights of another patch size": (lambda t, p: create_encoder("synth-touch",
                                                                             weights=other_vit_weights(p, patch_size=16)),
                                            ValueError, r"does not fit timm.*shape mismatches \['patch_embed"),
+    "CSV row with an absolute path": (lambda t, p: csv_dataset(csv_with_vision_path(p, "absolute")),
+                                      ValueError, r"train.csv: the row 'photo 0' names .*secret.png, which lies outside "
+                                                  r"the dataset folder .*paths_outside_dataset=true"),
+    "CSV row with ../": (lambda t, p: csv_dataset(csv_with_vision_path(p, "..")),
+                         ValueError, r"names .*mine/\.\./secret.png, which lies outside the dataset folder"),
+    "CSV row through a link out": (lambda t, p: csv_dataset(csv_with_vision_path(p, "link")),
+                                   ValueError, r"names .*images/link.png, which lies outside the dataset folder"),
+    "log_name out of output_dir": (lambda t, p: train.parse_args(["--log_name", "../../elsewhere"]),
+                                   ValueError, r"log_name '\.\./\.\./elsewhere' must name a sub-folder inside "
+                                               r"output_dir"),
     "--datasets_dir without data": (lambda t, p: train.train(train.parse_args(["--datasets_dir", str(p),
                                                                                "--output_dir", str(p / "o")])[0]),
                                     FileNotFoundError, r"no TVL train.csv with rows found under"),
@@ -224,3 +253,70 @@ def test_replacing_an_image_under_the_same_path_gives_another_feature_cache(tmp_
 def test_set_may_be_repeated_and_every_pair_counts():
     cfg, _ = train.parse_args(["--set", "lr=0.01", "--set", "model.hidden_dim=64", "epochs=3"])
     assert (cfg.lr, cfg.model.hidden_dim, cfg.epochs) == (0.01, 64, 3)
+
+
+def test_a_run_copied_with_its_links_dereferenced_is_still_that_run(trained, tmp_path):
+    """cp -rL, shutil.copytree's default, scp -r and a zip turn the `checkpoint` link into a folder: the copy loads
+    the same weights, is refused as a fresh target like the original, and its next save puts the link back."""
+    copy = shutil.copytree(trained, tmp_path / "copy")  # symlinks=False: the link becomes a folder
+    assert (copy / "checkpoint").is_dir() and not (copy / "checkpoint").is_symlink()
+    original, copied = phase1.load_aligner(trained).model, phase1.load_aligner(copy).model
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), copied.state_dict().values()))
+    cfg = dataclasses.replace(phase1.load_config(copy / "config.yaml"), output_dir=str(copy))
+    step = loop.RunFolder(trained).checkpoint_step()
+    with pytest.raises(FileExistsError, match=rf"already holds a run \(a checkpoint at step {step}\)"):
+        train.train(cfg)
+    assert train.ensure_trained(cfg) == copy  # finished: eval.json is there, nothing retrains
+    run = loop.RunFolder(copy)
+    run.save(step + 1, run.load_weights(), run.load_state())
+    assert (copy / "checkpoint").is_symlink() and run.checkpoint_step() == step + 1
+    assert sorted(p.name for p in copy.glob("*checkpoint*")) == ["checkpoint", f"checkpoint-{step + 1:08d}"]
+
+
+def test_weights_with_a_nan_are_refused_on_load(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+    copy = shutil.copytree(trained, tmp_path / "copy", symlinks=True)
+    weights_file = (copy / "checkpoint").resolve() / "model.safetensors"
+    weights = load_file(str(weights_file))
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(weights_file), metadata={"step": "1"})
+    with pytest.raises(ValueError, match=rf"holds NaN or infinite values in \['{name}'"):
+        phase1.load_aligner(copy)
+
+
+def test_a_run_folder_another_process_trains_is_refused_by_every_entry_point(cache_dir, aligner, decoder_dir,
+                                                                             tmp_path):
+    """Two trainers in one folder would interleave their metrics rows and leave one's weights under the other's
+    config. While the folder's lock is held (here by this test, as a trainer would hold it), train.py, the Python
+    API of both phases and a phase-2 run are refused at once and write nothing."""
+    import concurrent.futures
+    import subprocess
+    import sys
+    target = tmp_path / "run"
+    flags = ["--output_dir", str(target), "--set", f"cache_dir={cache_dir}", *(f"{k}={v}" for k, v in TINY.items())]
+    mm = make_mm(aligner, decoder_dir, batch_size=4)
+    tokens, captions = {"vision": torch.randn(4, 8, 32)}, ["a caption"] * 4
+    entry_points = {"phase 1": lambda: train.train(tiny(cache_dir, target)),
+                    "phase 2": lambda: L.fit_captioner(mm, tokens, captions, output_dir=target)}
+    with loop.RunFolder(target).exclusive() as held, concurrent.futures.ThreadPoolExecutor(1) as other_thread:
+        assert held
+        cli = subprocess.run([sys.executable, str(Path(train.__file__).with_name("train.py")), *flags],
+                             capture_output=True, text=True, timeout=300)
+        assert cli.returncode != 0 and f"another process is training {target}" in cli.stderr
+        for name, action in entry_points.items():
+            with pytest.raises(RuntimeError, match=rf"another process is training {target} \(it holds .*run.lock\)"):
+                other_thread.submit(action).result()
+        assert not target.exists()
+
+
+def test_a_dataset_that_points_elsewhere_opens_when_allowed_and_a_bom_header_keeps_its_columns(tmp_path):
+    folder = csv_with_vision_path(tmp_path, "absolute")
+    table = folder / "train.csv"
+    for split in ("val", "test"):  # so that the train split holds both rows
+        shutil.copy(table, folder / f"{split}.csv")
+    rows = csv_dataset(folder, outside=True).rows  # the opt-in: paths_outside_dataset: true
+    assert [row["vision"] for row in rows][0] == str(tmp_path / "secret.png") and len(rows) == 2
+    table.write_text("\ufeff" + table.read_text().replace(str(tmp_path / "secret.png"), "images/train_0_vision.png"),
+                     encoding="utf-8")  # what Excel's "CSV UTF-8" writes
+    assert data.csv_columns(folder) == ["vision", "caption"] and csv_dataset(folder).columns == ["vision", "caption"]

@@ -125,3 +125,33 @@ def test_damaged_cache_is_reported_and_rebuilt(encoders, dataset, counted, tmp_p
         cached_features(encoder, dataset, tmp_path)
     leftovers = [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")]  # no .tmp / .old folder
     assert calls == [] and leftovers == [cache_folder(tmp_path).name]
+
+
+def test_what_a_killed_build_left_is_swept_and_a_cache_set_aside_goes_back(encoders, dataset, counted, tmp_path):
+    """A build killed while encoding leaves `<folder>.tmp<pid>` (it used to stay forever); one killed between
+    setting the old cache aside and moving the new one in leaves only `<folder>.old<pid>`, a complete cache."""
+    cached_features(encoders["touch"], dataset, tmp_path)
+    folder = cache_folder(tmp_path)
+    partial = folder.with_name(folder.name + ".tmp4242")
+    partial.mkdir()
+    (partial / "tokens.npy").write_bytes(b"half")
+    folder.rename(folder.with_name(folder.name + ".old4242"))
+    calls = counted(encoders["touch"])
+    cached_features(encoders["touch"], dataset, tmp_path)
+    assert calls == []  # the cache set aside was complete: it is read, not rebuilt
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folder.name, folder.name + ".lock"])
+
+
+def test_an_image_replaced_with_the_same_size_and_time_gives_another_cache(tmp_path):
+    """cp -p, rsync -t or touch -r can give a new image the old one's size and modification time."""
+    import os
+
+    import data
+    folder = data.write_csv_dataset(tmp_path / "mine", {split: [{"vision": torch.rand(3, 8, 8), "caption": "a photo"}]
+                                                        for split in ("train", "val", "test")})
+    image = folder / "images" / "test_0_vision.png"
+    before, stat = data.CSVDataset(folder, split="test", image_size=8).fingerprint, image.stat()
+    image.write_bytes(image.read_bytes()[::-1])  # other content, the same number of bytes
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert image.stat().st_size == stat.st_size and image.stat().st_mtime_ns == stat.st_mtime_ns
+    assert data.CSVDataset(folder, split="test", image_size=8).fingerprint != before

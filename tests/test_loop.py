@@ -63,7 +63,7 @@ DRIVER = textwrap.dedent("""
     import json, sys, time
     import torch
     torch.set_num_threads(1)
-    import safetensors.torch, loop, train
+    import safetensors.torch, loop, phase1, train
 
     def slowly(fn):  # widen every stage of a checkpoint write, so a kill lands inside one
         def wrapped(*args, **kwargs):
@@ -76,7 +76,8 @@ DRIVER = textwrap.dedent("""
     save = loop.RunFolder.save
     def announced(self, step, *args):
         print("SAVE", step, flush=True)
-        return save(self, step, *args)
+        save(self, step, *args)
+        print("SAVED", step, flush=True)
     loop.RunFolder.save = announced
     safetensors.torch.save_file = slowly(safetensors.torch.save_file)
     torch.save = slowly(torch.save)
@@ -92,23 +93,30 @@ def test_kill_9_during_checkpoint_writes_always_leaves_a_state_that_resumes_exac
     settings = {**TINY, "cache_dir": str(cache_dir), "output_dir": str(run_dir)}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     rng = random.Random(0)
-    # each process is killed at a random moment of its first checkpoint write, which takes about 0.7 s when
-    # slowed: early (half-written files), late (files complete, link not yet swapped) and after the swap
-    for window in ((0.0, 0.35), (0.35, 0.7), (0.7, 1.05)):
+    # each process is killed at a random moment of a checkpoint write, which takes about 0.7 s when slowed: the
+    # first two inside the first write of their run (early: half-written files; late: files complete, link not yet
+    # swapped), the last inside the write after one that completed, so a checkpoint surely exists when it lands
+    for nth_write, window in ((1, (0.0, 0.35)), (1, (0.35, 0.7)), (2, (0.0, 0.7))):
         mode = "resume" if loop.RunFolder(run_dir).checkpoint is not None else "fresh"
         proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings), mode], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        writes = 0
         for line in proc.stdout:
-            if line.startswith("SAVE"):
+            writes += line.startswith("SAVE ")
+            if writes == nth_write:
                 time.sleep(rng.uniform(*window))
                 break
+        assert writes == nth_write, "the run ended before the checkpoint write the kill was meant for"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         run = loop.RunFolder(run_dir)
         if run.checkpoint is not None:  # whatever is on disk is one complete checkpoint
             run.load_weights()  # loads: not truncated
             assert run.load_state()["position"]["step"] == run.checkpoint_step()
-    train.train(tiny(cache_dir, run_dir), resume=loop.RunFolder(run_dir).checkpoint is not None)
+    # the last kill came after a completed write: the run goes on from a checkpoint, not from the start, so a
+    # resume that restored the schedule, the optimizer or the position wrongly would change the losses below
+    assert loop.RunFolder(run_dir).checkpoint is not None
+    train.train(tiny(cache_dir, run_dir), resume=True)
     assert_exactly_one_row_per_step_and_epoch(run_dir)
     np.testing.assert_allclose(list(step_losses(run_dir).values()), list(step_losses(reference_run).values()), rtol=1e-6)
     expected = final_weights(reference_run)
@@ -399,3 +407,32 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path):
     (copied / "checkpoint" / "model.safetensors").write_bytes(b"")
     with pytest.raises(FileExistsError, match=r"it holds \['checkpoint/'\]"):
         phase1.run_folder(copied).start(config, resume=False)
+
+
+def test_the_checkpoint_link_names_a_complete_checkpoint_at_every_moment_of_a_save(reference_run, tmp_path,
+                                                                                   monkeypatch):
+    """A kill can land between any two file operations of a save: after each one, `checkpoint` must lead to a
+    complete checkpoint (the old one, then the new). Writing the link in place (unlink, then symlink) fails here."""
+    copy = tmp_path / "run"
+    shutil.copytree(reference_run, copy, symlinks=True)
+    run = loop.RunFolder(copy)
+    weights, state, step = run.load_weights(), run.load_state(), run.checkpoint_step()
+    seen = []
+
+    def checked(fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            folder = loop.RunFolder(copy).checkpoint
+            assert folder is not None and {p.name for p in folder.iterdir()} == loop.CHECKPOINT_FILES, \
+                f"no complete checkpoint after {fn.__name__}{args}"
+            seen.append((fn.__name__, loop.RunFolder(copy).checkpoint_step()))
+            return out
+        return wrapped
+
+    for name in ("replace", "rename", "unlink", "symlink", "remove", "rmdir", "mkdir"):
+        monkeypatch.setattr(loop.os, name, checked(getattr(os, name)))
+    monkeypatch.setattr(loop.shutil, "rmtree", checked(shutil.rmtree))
+    for name in ("unlink", "symlink_to", "mkdir", "rename", "replace"):
+        monkeypatch.setattr(Path, name, checked(getattr(Path, name)))
+    run.save(step + 1, weights, state)
+    assert ("replace", step + 1) in seen and seen[-1][1] == step + 1  # the swap happened, and is what stays

@@ -325,3 +325,23 @@ def test_the_executed_copy_shows_what_the_live_notebook_shows_not_every_closed_p
     assert texts[0].startswith("left on screen: 100%|██████████| 3/3 [")  # the bar's last frame, not its first
     assert texts[1] == "IntSlider(value=7, description='k')"
     assert all(view[workbook.WIDGET_VIEW]["model_id"] in state for view in views)  # their saved state is kept
+
+
+def test_an_unknown_notebook_name_or_a_smoke_run_into_a_full_run_is_refused(tmp_path, monkeypatch):
+    """`--only 09` used to run nothing and exit 0 with an empty report; `--smoke` into a full demo folder rewrote its
+    notebooks and put tiny runs' numbers into the full report. Both are refused before anything runs."""
+    ran = []
+    monkeypatch.setattr(workbook, "run_notebook", lambda path, *rest: ran.append(path.stem))
+    with pytest.raises(ValueError, match=r"--only 09 names no notebook; the notebooks are \['01_data_and_encoders'"):
+        workbook.run(tmp_path, smoke=True, only=["01", "09"])
+    full = tmp_path / "demo"
+    full.mkdir()
+    workbook.write_report(full, {}, smoke=False)  # what a finished make demo leaves
+    with pytest.raises(ValueError, match=r"demo holds a full run of the workbook; a smoke run there would overwrite"):
+        workbook.run(full, smoke=True)
+    smoke = tmp_path / "smoke"
+    smoke.mkdir()
+    (smoke / "progress.json").write_text(json.dumps({"key": "k", "smoke": True, "done": []}))  # an interrupted one
+    with pytest.raises(ValueError, match=r"smoke holds a smoke run of the workbook; a full run there"):
+        workbook.run(smoke, smoke=False)
+    assert ran == [] and sorted(p.name for p in full.iterdir()) == ["report.md"]
