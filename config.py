@@ -17,6 +17,21 @@ import yaml
 # ----------------------------------------------------------------------------------------------
 # Files written atomically (checkpoints and run folders are loop.py's).
 
+def make_folder(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder `path` (and its parents) for `what` (say "output_dir"), or say in one message why not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # the path, or a folder above it, is a file
+        blocker = next(p for p in [path, *path.parents] if p.exists() and not p.is_dir())
+        raise FileExistsError(f"{what} {path} cannot be a folder: {blocker} is a file; choose another "
+                              f"{what}") from None
+    except PermissionError as err:
+        raise PermissionError(f"{what} {path} cannot be created: no permission to write {err.filename}; choose a "
+                              f"folder you can write to as {what}") from None
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call write(tmp_path) then rename tmp_path to path (atomic on POSIX)."""
     path = Path(path)

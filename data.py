@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from config import atomic_write
+from config import atomic_write, make_folder
 from core import get_device, set_seed  # noqa: F401 (the seed API imports them from here too)
 from features import Features
 
@@ -650,6 +650,9 @@ class CSVDataset(FileRows):
         self.columns = csv_columns(self.root)
         where = f"{self.root}/{split}.csv"
         rows = self.readable_rows(self._table(split), where)
+        if "caption" in self.columns and rows and not any(row["caption"] for row in rows):
+            raise ValueError(f"{where}: every caption is empty, so there is no text to align or to caption; fill "
+                             "the caption column, or drop it to train on the images alone")
         sizes = image_size if isinstance(image_size, dict) else dict.fromkeys(("vision", "touch"), image_size)
         super().__init__(rows, {m: size for m, size in sizes.items() if m in self.columns}, where)
 
@@ -904,7 +907,7 @@ def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/feat
     enc_cfg = getattr(encoder, "cfg", encoder)
     modality = enc_cfg.modality
     folder = Path(cache_dir) / f"{dataset.fingerprint}-{modality}-{enc_cfg.model_name}-{enc_cfg.key()}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(folder.parent, "cache_dir")
     # One process builds a cache folder at a time (several notebooks, or torchrun ranks, may ask at once);
     # the others wait for the lock and then find the finished cache.
     with open(folder.with_name(folder.name + ".lock"), "w") as lock:

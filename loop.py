@@ -43,7 +43,7 @@ import torch.nn as nn
 import yaml
 from tqdm.auto import tqdm
 
-from config import atomic_write, follow_thread_budget, state_mismatch
+from config import atomic_write, follow_thread_budget, make_folder, state_mismatch
 
 CHECKPOINT = "checkpoint"  # a link to the newest complete checkpoint folder, swapped atomically
 CHECKPOINT_FILES = {"model.safetensors", "state.pt"}  # what a checkpoint folder holds
@@ -132,6 +132,8 @@ class RunFolder:
     def check_start(self, config: dict, resume: bool, overwrite: bool = False, ignore: Iterable[str] = ()):
         """Raise unless the run can start: resuming needs a checkpoint of the same config, a fresh run
         needs a folder without a checkpoint (or `overwrite`). Writes nothing."""
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"output_dir {self.path} is a file, not a folder; choose another --output_dir")
         if resume:
             if self.checkpoint is None:
                 raise FileNotFoundError(f"nothing to resume in {self.path} (no checkpoint); drop --resume to "
@@ -187,7 +189,7 @@ class RunFolder:
                 elif target.is_dir():  # a dereferenced copy's checkpoint, which check_start let --overwrite replace
                     shutil.rmtree(target)
             self.clean_leftovers(keep_current=False)
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path, "output_dir")
             atomic_write(self.config_path, lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
 
     def clean_leftovers(self, keep_current: bool = True):
@@ -219,7 +221,7 @@ class RunFolder:
         if not self.main or lock_file.resolve() in held_here:
             yield True
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent, "output_dir")
         with open(lock_file, "a") as handle:
             held, told = False, False
             while not held:

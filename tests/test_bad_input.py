@@ -81,6 +81,11 @@ def csv_with_vision_path(tmp_path, where):
     return folder
 
 
+def file_in(folder, name):
+    (folder / name).write_text("a file where a folder is asked for")
+    return folder / name
+
+
 def csv_dataset(folder, **flags):
     return data.CSVDataset(folder, image_size=8, **flags)
 
@@ -188,6 +193,13 @@ CASES = {
     "log_name out of output_dir": (lambda t, p: train.parse_args(["--log_name", "../../elsewhere"]),
                                    ValueError, r"log_name '\.\./\.\./elsewhere' must name a sub-folder inside "
                                                r"output_dir"),
+    "CSV whose captions are all empty": (lambda t, p: csv_dataset(data.write_csv_dataset(p / "mine", {"train": [
+        {"vision": torch.rand(3, 8, 8), "caption": ""} for _ in range(3)]})),
+                                         ValueError, r"mine/train.csv: every caption is empty.*fill the caption column"),
+    "output_dir that is a file": (lambda t, p: train.train(tiny(p, file_in(p, "taken"))),
+                                  FileExistsError, r"output_dir .*taken is a file, not a folder; choose another"),
+    "cache_dir under a file": (lambda t, p: train.train(tiny(file_in(p, "taken") / "features", p / "run")),
+                               FileExistsError, r"cache_dir .*taken/features cannot be a folder: .*taken is a file"),
     "--datasets_dir without data": (lambda t, p: train.train(train.parse_args(["--datasets_dir", str(p),
                                                                                "--output_dir", str(p / "o")])[0]),
                                     FileNotFoundError, r"no TVL train.csv with rows found under"),
