@@ -103,6 +103,22 @@ class ModelConfig:
                              "but pairs never came together (vision→touch factor R@1 0.03, chance 0.02). Use "
                              "loss_type: combined (--loss_type combined --flow_weight 0.5): contrastive alignment, and "
                              "the flow head for transport retrieval")
+        for name in ("preservation_weight", "alignment_weight", "flow_weight", "complementary_reg_weight",
+                     "leakage_guard_weight"):
+            if not getattr(self, name) >= 0:  # a negative weight turns a loss into one that is maximised
+                raise ValueError(f"model.{name} must be 0 (off) or more, got {getattr(self, name)!r}; e.g. "
+                                 f"model.{name}: {getattr(ModelConfig, name)}")
+        if not 0 <= self.nested_dropout_rate <= 1:
+            raise ValueError(f"model.nested_dropout_rate={self.nested_dropout_rate} is the drop probability of the "
+                             "last register: give a number in [0, 1], e.g. 0.5")
+        if not self.init_temperature > 0:
+            raise ValueError(f"model.init_temperature must be positive, got {self.init_temperature!r}; e.g. 0.07")
+        if not isinstance(self.decoder_layers, int) or self.decoder_layers < 1:
+            raise ValueError(f"model.decoder_layers must be a positive integer, got {self.decoder_layers!r}; e.g. "
+                             "model.decoder_layers: 1")
+        if len(set(self.mrl_dims)) != len(self.mrl_dims):
+            raise ValueError(f"model.mrl_dims {list(self.mrl_dims)} names a width twice, which counts its loss twice; "
+                             "give each once")
         if self.decoder_readout < 0:
             raise ValueError(f"decoder_readout={self.decoder_readout} is the rank of the decoder's linear read-out: "
                              "give 0 (none) or a positive rank, e.g. 256")

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import threading
 import time
@@ -46,6 +47,9 @@ from tqdm.auto import tqdm
 from config import atomic_write, follow_thread_budget, make_folder, state_mismatch
 
 CHECKPOINT = "checkpoint"  # a link to the newest complete checkpoint folder, swapped atomically
+# the names of what save() writes, and nothing else of the folder is ever deleted: a user's checkpoint-best/ or .tmp/
+CHECKPOINT_FOLDER = re.compile(rf"{CHECKPOINT}-\d{{8}}")
+TEMPORARY = re.compile(r"\..+\.tmp\d+(-copy)?")
 CHECKPOINT_FILES = {"model.safetensors", "state.pt"}  # what a checkpoint folder holds
 # the other files a run writes: a folder holding anything else is not a run, and nothing of it is ever deleted
 RUN_FILES = {"config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv", "confusion.csv",
@@ -102,8 +106,9 @@ class RunFolder:
         """The folder of the last complete checkpoint, or None. A run copied with its links dereferenced (cp -rL,
         shutil.copytree, scp -r, a zip) has a plain `checkpoint/` folder instead of the link: that folder is it."""
         link = self.path / CHECKPOINT
-        if link.is_symlink():
-            return link.resolve() if link.resolve().is_dir() else None
+        if link.is_symlink():  # save() points it at a folder beside it; one elsewhere is another run's
+            target = link.resolve()
+            return target if target.is_dir() and target.parent == self.path.resolve() else None
         return link if link.is_dir() and {child.name for child in link.iterdir()} == CHECKPOINT_FILES else None
 
     def saved_config(self) -> dict:
@@ -143,6 +148,9 @@ class RunFolder:
             raise FileExistsError(f"{self.path} already holds a run (a checkpoint at step "
                                   f"{self.checkpoint_step()}); to continue it pass --resume, to keep it choose "
                                   "a new --output_dir, to replace it pass --overwrite")
+        elif (self.path / "eval.json").is_file() and not overwrite:  # results kept without their weights
+            raise FileExistsError(f"{self.path} holds the results of a run (eval.json) without its checkpoint; to "
+                                  "keep them choose a new --output_dir, to replace them pass --overwrite")
         foreign = self.foreign_entries()
         if foreign and not resume:
             raise FileExistsError(f"{self.path} is not empty and is not a FlexAlign run: it holds {foreign}, which "
@@ -158,9 +166,10 @@ class RunFolder:
         foreign = []
         for entry in sorted(self.path.iterdir()):
             name, plain = entry.name, not entry.is_symlink()
-            if name == CHECKPOINT and (not plain or entry == self.checkpoint) or name.startswith(".") and ".tmp" in name:
+            own_link = entry.is_symlink() and "/" not in os.readlink(entry)  # save() links a folder beside it
+            if name == CHECKPOINT and (own_link or entry == self.checkpoint) or TEMPORARY.fullmatch(name):
                 continue
-            if name.startswith(f"{CHECKPOINT}-") and plain and entry.is_dir() and \
+            if CHECKPOINT_FOLDER.fullmatch(name) and plain and entry.is_dir() and \
                     {child.name for child in entry.iterdir()} <= CHECKPOINT_FILES:
                 continue
             if name in RUN_FILES and plain and entry.is_file() and (name != "config.yaml" or self.own_config()):
@@ -198,9 +207,9 @@ class RunFolder:
             return
         current = self.checkpoint if keep_current else None
         for entry in self.path.iterdir():
-            if entry.name.startswith(f"{CHECKPOINT}-") and entry.is_dir() and entry.resolve() != current:
+            if CHECKPOINT_FOLDER.fullmatch(entry.name) and entry.is_dir() and entry.resolve() != current:
                 shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name.startswith(".") and ".tmp" in entry.name:
+            elif TEMPORARY.fullmatch(entry.name):
                 entry.unlink(missing_ok=True) if not entry.is_dir() or entry.is_symlink() else shutil.rmtree(entry)
 
     def trained(self, epochs: int) -> bool:
@@ -474,6 +483,11 @@ def check_hyperparameters(hp, where: str):
         raise ValueError(f"grad_clip must be positive, got {hp.grad_clip!r} ({where}); e.g. grad_clip: 1.0")
     if hasattr(hp, "weight_decay") and not hp.weight_decay >= 0:
         raise ValueError(f"weight_decay must be 0 or more, got {hp.weight_decay!r} ({where}); e.g. weight_decay: 0.05")
+    for name, least, example in (("log_every", 1, 10), ("warmup_steps", 0, 50), ("seed", 0, 0)):
+        value = getattr(hp, name, least)
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r} ({where}); e.g. "
+                             f"{name}: {example}")
 
 
 def _all_finite(tensors) -> bool:

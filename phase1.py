@@ -74,6 +74,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1 (the size of the SynthTouch {name[2:]} split), got "
                                  f"{getattr(self, name)}; e.g. {name}: {default}")
         loop.check_hyperparameters(self, "phase-1 config")
+        if not isinstance(self.data_seed, int) or self.data_seed < 0:
+            raise ValueError(f"data_seed must be an integer of at least 0, got {self.data_seed!r}; e.g. data_seed: 0")
         if self.log_name is not None and (Path(self.log_name).is_absolute() or ".." in Path(self.log_name).parts
                                           or not str(self.log_name).strip()):
             raise ValueError(f"log_name {self.log_name!r} must name a sub-folder inside output_dir (no absolute path, "

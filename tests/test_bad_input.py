@@ -196,6 +196,19 @@ CASES = {
     "CSV whose captions are all empty": (lambda t, p: csv_dataset(data.write_csv_dataset(p / "mine", {"train": [
         {"vision": torch.rand(3, 8, 8), "caption": ""} for _ in range(3)]})),
                                          ValueError, r"mine/train.csv: every caption is empty.*fill the caption column"),
+    "--set model.preservation_weight=-1": (lambda t, p: train.parse_args(["--set", "model.preservation_weight=-1"]),
+                                           ValueError, r"model.preservation_weight must be 0 \(off\) or more, got -1"),
+    "--set model.nested_dropout_rate=1.5": (lambda t, p: train.parse_args(["--set", "model.nested_dropout_rate=1.5"]),
+                                            ValueError, r"nested_dropout_rate=1.5 is the drop probability"),
+    "--set model.decoder_layers=0": (lambda t, p: train.parse_args(["--set", "model.decoder_layers=0"]),
+                                     ValueError, r"model.decoder_layers must be a positive integer, got 0"),
+    "--set model.mrl_dims=[16,16]": (lambda t, p: train.parse_args(["--set", "model.mrl_dims=[16,16]"]),
+                                     ValueError, r"mrl_dims \[16, 16\] names a width twice"),
+    "--set model.init_temperature=0": (lambda t, p: train.parse_args(["--set", "model.init_temperature=0"]),
+                                       ValueError, r"init_temperature must be positive, got 0"),
+    "--set warmup_steps=-5": (lambda t, p: train.parse_args(["--set", "warmup_steps=-5"]),
+                              ValueError, r"warmup_steps must be an integer of at least 0, got -5"),
+    "--seed -3": (lambda t, p: train.parse_args(["--seed", "-3"]), ValueError, r"seed must be an integer of at least 0"),
     "output_dir that is a file": (lambda t, p: train.train(tiny(p, file_in(p, "taken"))),
                                   FileExistsError, r"output_dir .*taken is a file, not a folder; choose another"),
     "cache_dir under a file": (lambda t, p: train.train(tiny(file_in(p, "taken") / "features", p / "run")),
@@ -332,3 +345,38 @@ def test_a_dataset_that_points_elsewhere_opens_when_allowed_and_a_bom_header_kee
     table.write_text("\ufeff" + table.read_text().replace(str(tmp_path / "secret.png"), "images/train_0_vision.png"),
                      encoding="utf-8")  # what Excel's "CSV UTF-8" writes
     assert data.csv_columns(folder) == ["vision", "caption"] and csv_dataset(folder).columns == ["vision", "caption"]
+
+
+def test_what_a_run_folder_holds_that_save_did_not_write_is_never_deleted(trained, tmp_path):
+    """A results-only copy (eval.json, no checkpoint), a user's `.tmp/` notes or `checkpoint-best/` beside a run, and
+    a `checkpoint` link to another run's weights: none is replaced, deleted or read as this run's."""
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("config.yaml", "eval.json", "metrics.jsonl"):
+        shutil.copy(trained / name, results / name)
+    cfg = dataclasses.replace(phase1.load_config(trained / "config.yaml"), output_dir=str(results))
+    with pytest.raises(FileExistsError, match=r"holds the results of a run \(eval.json\) without its checkpoint"):
+        train.train(cfg)
+    assert (results / "eval.json").read_bytes() == (trained / "eval.json").read_bytes()
+    copy = shutil.copytree(trained, tmp_path / "copy", symlinks=True)
+    (copy / ".tmp").mkdir()
+    (copy / ".tmp" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"not a FlexAlign run: it holds \['.tmp/'\]"):
+        train.train(dataclasses.replace(cfg, output_dir=str(copy)), overwrite=True)
+    shutil.rmtree(copy / ".tmp")
+    shutil.copytree(loop.RunFolder(copy).checkpoint, copy / "checkpoint-best")
+    train.train(dataclasses.replace(cfg, output_dir=str(copy)), resume=True)
+    assert (copy / "checkpoint-best" / "model.safetensors").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "checkpoint").symlink_to(loop.RunFolder(trained).checkpoint)  # another run's weights, by path
+    shutil.copy(trained / "config.yaml", elsewhere / "config.yaml")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*elsewhere"):
+        phase1.load_aligner(elsewhere)
+
+
+def test_a_config_that_cannot_train_is_refused_before_overwrite_deletes_anything(trained):
+    before = sorted(p.name for p in trained.iterdir())
+    with pytest.raises(ValueError, match=r"log_every must be an integer of at least 1, got 0"):
+        train.parse_args([flag.replace("log_every=1", "log_every=0") for flag in flags_of(trained, "--overwrite")])
+    assert sorted(p.name for p in trained.iterdir()) == before
