@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import core
+from conftest import make_mm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_cache  # noqa: E402
 import bench_decoder  # noqa: E402
 import bench_eval  # noqa: E402
+import bench_generate  # noqa: E402
 import bench_probes  # noqa: E402
 import bench_step  # noqa: E402
 import timing  # noqa: E402
@@ -41,6 +43,22 @@ def test_interleaved_calls_sides_in_turn_and_ratio_is_per_round():
     costs = {"a": iter([5.0, 1.0, 7.0]), "b": iter([5.0, 1.0, 7.0])}
     times = timing.interleaved({"a": side("a"), "b": side("b")}, rounds=3, warm_up=False, clock=lambda: now[0])[0]
     assert timing.ratio(times["a"], times["b"]) == (1.0, 1.0, 1.0)
+
+
+def test_generate_hook_sees_a_kv_cache_only_on_the_cached_sides_and_none_when_off(aligner, decoder_dir):
+    mm = make_mm(aligner, decoder_dir, train_decoder="full").eval()
+    # compare raises if the captions differ between the four sides or a side's cache use is not the expected one
+    used = bench_generate.compare(mm, n=2, new_tokens=3, rounds=1, off=False, name="micro")
+    assert used == {("cached", "batched"): True, ("cached", "per sample"): True,
+                    ("uncached", "batched"): False, ("uncached", "per sample"): False}
+    assert not any(bench_generate.compare(mm, n=2, new_tokens=3, rounds=1, off=True, name="micro").values())
+
+
+def test_generate_uncached_loop_writes_what_generate_writes(aligner, decoder_dir):
+    mm = make_mm(aligner, decoder_dir, train_decoder="full").eval()
+    g = torch.Generator().manual_seed(1)
+    tokens = {m: torch.randn(3, mm.n_registers, mm.aligner.model.design.token_width, generator=g) for m in mm.modalities}
+    assert bench_generate.uncached_captions(mm, tokens, 4) == bench_generate.cached_captions(mm, tokens, 4)
 
 
 def test_step_and_decoder_off_time_the_baseline_on_both_sides():
