@@ -17,6 +17,7 @@ import bench_decoder  # noqa: E402
 import bench_eval  # noqa: E402
 import bench_generate  # noqa: E402
 import bench_probes  # noqa: E402
+import bench_scale  # noqa: E402
 import bench_step  # noqa: E402
 import timing  # noqa: E402
 
@@ -96,3 +97,11 @@ def test_eval_cache_and_probes_off_run_the_baseline_on_both_sides(aligner):
     off = bench_probes.sides(model, {}, {}, processes=2, off=True)
     assert off["one"] is off["many"] and off["many"].keywords == {"processes": 1}
     assert bench_probes.sides(model, {}, {}, processes=2)["many"].keywords == {"processes": 2}
+
+
+def test_scale_trains_an_epoch_from_disk_with_and_without_its_optimisations(tmp_path):
+    bench_scale.write_cache(tmp_path, 8)
+    for off in (False, True):
+        result = bench_scale.train_from(tmp_path, False, epochs=1, batch=4, block=1 if off else 4, prefetch=not off,
+                                        drop_each_epoch=True)
+        assert result["samples"] == 8 and result["samples_per_s"] > 0 and result["peak_rss_gb"] > 0
