@@ -17,6 +17,7 @@ past key values, and that the cached ones do. All four must write the same capti
     python bench/bench_generate.py [--n 32] [--new_tokens 16] [--n_qwen 4] [--new_tokens_qwen 8] [--rounds 3]
 """
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -129,7 +130,8 @@ def compare(mm: L.MultimodalLLM, n: int, new_tokens: int, rounds: int, off: bool
     print(f"decoder {name}: {n} captions × {new_tokens} tokens, prefix {prefix} tokens; the same captions on all "
           f"four sides; a KV cache on {[' '.join(s) for s, u in used.items() if u] or 'none'} (forward hook)")
     for side, t in times.items():
-        print(f"  {' '.join(side):21s} {timing.median_time(t):>12s} CPU  {n * new_tokens / min(t):7.1f} tokens per CPU second")
+        print(f"  {' '.join(side):21s} {timing.median_time(t):>10s} CPU  {n * new_tokens / statistics.median(t):7.1f} "
+              "tokens per CPU second")
     c, u = ("cached", "batched"), ("uncached", "batched")
     cs, us = ("cached", "per sample"), ("uncached", "per sample")
     print(f"  the cache's gain:  batched {timing.spread(times[u], times[c])}, per sample {timing.spread(times[us], times[cs])}")
