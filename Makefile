@@ -34,8 +34,18 @@ lab: sync  ## JupyterLab with the modules importable (FLEXALIGN_SMOKE=1 make lab
 sync: setup  ## notebooks/*.py to the form JupyterLab saves; create missing .ipynb working copies
 	$(PY) workbook.py --sync
 
-bench: setup  ## speed benchmarks, printed as ratios measured in one run
-	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+bench: setup  ## every bench/bench_*.py, its ratios with their spread over interleaved rounds -> docs/speed.md
+	{ echo "# Speed"; echo; \
+	  echo "Written by \`make bench\` at commit $$(git describe --always --dirty), $$(date -u '+%Y-%m-%d %H:%M UTC'), on" \
+	       "$$(nproc) cores of $$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), torch" \
+	       "$$($(PY) -c 'import torch; print(torch.__version__)'). A ratio is the median over rounds in which the" \
+	       "sides took turns, the slowest and fastest round in brackets. \`python bench/NAME.py --help\` says what" \
+	       "each compares; \`--off\` switches its optimisation off, and its ratio then reads about 1."; \
+	  for b in bench/bench_*.py; do \
+	    echo; echo "## \`$$b\`"; echo; echo '```'; \
+	    $(PY) $$b > docs/.speed-part || exit 1; cat docs/.speed-part; echo '```'; \
+	  done; } > docs/.speed.md
+	rm docs/.speed-part && mv docs/.speed.md docs/speed.md && cat docs/speed.md
 
 clean:
 	rm -rf runs cache

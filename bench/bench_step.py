@@ -5,12 +5,13 @@ backward and an AdamW step, each side with its own optimizer as it would be writ
 the register module, a plain torch.optim.AdamW for the reference. The cross-attention variant is timed too,
 with --compile the joint module under torch.compile, and both joint implementations under bf16 autocast
 (train.py's `cpu_bf16`; it pays only on CPUs with AVX-512 BF16 or AMX, and at widths where matrix products
-dominate). Without those units bf16 is emulated, a step 10-30x
-slower than float32, so the bf16 rows are timed only on CPUs that have them, or with --bf16.
+dominate). Without those units bf16 is emulated, a step 10-30x slower than float32, so the bf16 rows are timed
+only on CPUs that have them, or with --bf16. `--off` times the reference on both sides (the ratio reads about 1).
 
-    python bench/bench_step.py [--seconds 20] [--seed_batch 16] [--bf16] [--compile]
+    python bench/bench_step.py [--seconds 10] [--seed_batch 16] [--bf16] [--compile] [--off]
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
 import loop  # noqa: E402
 import phase1  # noqa: E402
+import timing  # noqa: E402
 
 
 class PlainRegisters(nn.Module):
@@ -84,25 +86,24 @@ def step_flops(module, tokens, mask) -> int:
     return counter.get_total_flops()
 
 
-def median_step_seconds(steps: dict, seconds: float) -> tuple[dict, dict]:
-    """Median (wall, CPU) seconds per step of each function, calling them in turn (so a busy moment on a shared
-    machine hits all of them alike) until `seconds` of CPU time have passed, after one warm-up call each. CPU
-    time is what a step costs whatever else the machine runs; wall time is what it takes on this one now."""
-    for step in steps.values():
-        step()
-    wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
-    deadline = time.process_time() + seconds
-    while time.process_time() < deadline or min(len(t) for t in wall.values()) < 3:
-        for name, step in steps.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            step()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return ({name: sorted(t)[len(t) // 2] for name, t in wall.items()},
-            {name: sorted(t)[len(t) // 2] for name, t in cpu.items()})
+def sides(plain, joint, cross, tokens, mask, bf16=False, off=False) -> dict:
+    """{name: one training step}, each module with the optimizer it would be written with; with `off` the joint
+    side (also under bf16) is the reference's own step, so both sides run the same code."""
+    def timed(module, bf16=False):
+        optimizer = (torch.optim.AdamW(module.parameters(), lr=1e-4) if module is plain
+                     else loop.make_optimizer(module, 1e-4, 0.05, 0, 1)[0])
+        return step_fn(module, optimizer, tokens, mask, bf16)
+
+    steps = {"plain": timed(plain), "cross": timed(cross)}
+    steps["joint"] = steps["plain"] if off else timed(joint)
+    if bf16:
+        steps["plain bf16"] = timed(plain, bf16=True)
+        steps["joint bf16"] = steps["plain bf16"] if off else timed(joint, bf16=True)
+    return steps
 
 
-def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, batch, seconds, bf16, compiled=False):
+def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, batch, seconds, rounds, bf16,
+            compiled=False, off=False):
     torch.manual_seed(0)
     shape = (input_dim, n_tokens, hidden, n_registers, n_layers, n_heads)
     plain = PlainRegisters(*shape)
@@ -111,12 +112,7 @@ def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, b
     copy_weights(plain, joint)
     with torch.no_grad():
         difference = (plain(tokens, mask) - joint(tokens, mask)).abs().max().item()
-    def timed(module, bf16=False):  # each side with the optimizer it would be written with
-        optimizer = (torch.optim.AdamW(module.parameters(), lr=1e-4) if module is plain
-                     else loop.make_optimizer(module, 1e-4, 0.05, 0, 1)[0])
-        return step_fn(module, optimizer, tokens, mask, bf16)
-
-    steps = {"plain": timed(plain), "joint": timed(joint), "cross": timed(cross)}
+    steps = sides(plain, joint, cross, tokens, mask, bf16, off)
     if compiled:  # its own copy of the weights and optimizer; the first call (compiling) is the warm-up
         copy = core.RegisterTokenModule(*shape, "joint")
         copy.load_state_dict(joint.state_dict())
@@ -124,50 +120,50 @@ def compare(what, input_dim, n_tokens, hidden, n_registers, n_layers, n_heads, b
         start = time.perf_counter()
         steps["joint compiled"]()
         compile_seconds = time.perf_counter() - start
-    if bf16:
-        steps.update({"plain bf16": timed(plain, bf16=True), "joint bf16": timed(joint, bf16=True)})
-    wall, cpu = median_step_seconds(steps, seconds)
+    times = timing.interleaved(steps, rounds, seconds)[0]
+    cpu = {name: statistics.median(t) for name, t in times.items()}
     print(f"{what}: batch {batch}, {n_tokens} feature tokens × {input_dim}, hidden {hidden}, {n_layers} layers, "
-          f"{n_heads} heads, {n_registers} registers, {torch.get_num_threads()} threads; median ms/step, wall and CPU")
+          f"{n_heads} heads, {n_registers} registers; median CPU ms/step")
     for name, label in (("plain", "plain nn.TransformerEncoder + mask"), ("joint", "RegisterTokenModule, joint"),
                         ("cross", "RegisterTokenModule, cross"), ("joint compiled", "RegisterTokenModule, joint, compiled"),
                         ("plain bf16", "plain, bf16 autocast"),
                         ("joint bf16", "RegisterTokenModule, joint, bf16")):
         if name in steps:
-            print(f"  {label:36s} {wall[name] * 1e3:8.1f} wall {cpu[name] * 1e3:8.1f} CPU")
+            print(f"  {label:36s} {cpu[name] * 1e3:8.1f}")
     print(f"  same outputs with the same weights: largest difference {difference:.1e}")
-    print(f"  speed-up joint vs plain: {cpu['plain'] / cpu['joint']:.2f}x CPU time, "
-          f"{wall['plain'] / wall['joint']:.2f}x wall; cross costs {cpu['cross'] / cpu['joint']:.2f}x joint (CPU)")
+    print(f"  speed-up joint vs plain: {timing.spread(times['plain'], times['joint'])}; cross costs "
+          f"{timing.spread(times['cross'], times['joint'])} of joint")
     if compiled:
-        print(f"  torch.compile: compiled joint vs joint {cpu['joint'] / cpu['joint compiled']:.2f}x CPU time, vs plain "
-              f"{cpu['plain'] / cpu['joint compiled']:.2f}x; compiling took {compile_seconds:.0f} s wall")
+        print(f"  torch.compile: compiled joint vs joint {timing.spread(times['joint'], times['joint compiled'])}, vs "
+              f"plain {timing.spread(times['plain'], times['joint compiled'])}; compiling took {compile_seconds:.0f} s wall")
     work = {name: step_flops(module, tokens, mask) for name, module in (("plain", plain), ("joint", joint), ("cross", cross))}
     print(f"  work per step (forward + backward): plain {work['plain'] / 1e9:.1f}, joint {work['joint'] / 1e9:.1f}, "
           f"cross {work['cross'] / 1e9:.1f} GFLOP; joint does {work['plain'] / work['joint']:.2f}x less than plain, "
           "so beyond that its speed-up can come only from running the same products faster")
     if bf16:
-        print(f"  with bf16 autocast: joint bf16 vs plain {cpu['plain'] / cpu['joint bf16']:.2f}x CPU time, "
-              f"vs plain bf16 {cpu['plain bf16'] / cpu['joint bf16']:.2f}x")
+        print(f"  with bf16 autocast: joint bf16 vs plain {timing.spread(times['plain'], times['joint bf16'])}, "
+              f"vs plain bf16 {timing.spread(times['plain bf16'], times['joint bf16'])}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=20, help="CPU seconds of timing per config")
+    parser.add_argument("--seconds", type=float, default=10, help="CPU seconds of timing per config, at least")
     parser.add_argument("--seed_batch", type=int, default=16, help="batch at the seed config")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    timing.add_arguments(parser, "the register module's side runs the reference")
     parser.add_argument("--bf16", action="store_true", help="time bf16 autocast even on a CPU without bf16 units")
     parser.add_argument("--compile", action="store_true",
                         help="also time the joint module under torch.compile (compiling takes a minute or more)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    timing.start(args)
     bf16 = args.bf16 or loop.cpu_has_bf16_units()
     if not bf16:
         print("bf16 autocast not timed: this CPU has no AVX-512 BF16 or AMX units, so bf16 is emulated (--bf16 times it)")
     cfg = phase1.load_config()
     m, enc = cfg.model, phase1.get_encoder(cfg, cfg.model.modalities[0])
     compare(f"testbed ({cfg.model.modalities[0]} features)", enc.dim, enc.num_tokens, m.hidden_dim,
-            m.n_registers, m.n_layers, m.n_heads, cfg.batch_size, args.seconds, bf16, args.compile)
-    compare("seed config", 1024, 257, 512, 32, 4, 8, args.seed_batch, args.seconds, bf16, args.compile)
+            m.n_registers, m.n_layers, m.n_heads, cfg.batch_size, args.seconds, args.rounds, bf16, args.compile, args.off)
+    compare("seed config", 1024, 257, 512, 32, 4, 8, args.seed_batch, args.seconds, args.rounds, bf16, args.compile,
+            args.off)
 
 
 if __name__ == "__main__":

