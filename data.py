@@ -601,11 +601,31 @@ class TVLDataset(FileRows):
 CSV_COLUMNS = {"vision": "vision", "touch": "touch", "caption": "text"}  # CSV column -> modality
 
 
+def read_csv_table(table: Path) -> tuple[list[str], list[dict]]:
+    """(header, rows) of a CSV dataset's table, as a spreadsheet writes it: UTF-8 with or without a byte-order
+    mark, names stripped of spaces. A repeated column name, a row with too few fields or another encoding is
+    refused naming the file and the line."""
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            header = [name.strip() for name in next(reader, [])]
+            lines = list(reader)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{table} is not UTF-8 text ({err}); save it as CSV UTF-8") from None
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{table} names the columns {repeated} more than once; keep one of each")
+    for number, fields in enumerate(lines, start=2):
+        if fields and len(fields) < len(header):
+            raise ValueError(f"{table}, line {number}: {len(fields)} fields where the header has {len(header)} "
+                             f"({header}); fill the missing ones")
+    return header, [dict(zip(header, fields)) for fields in lines if fields]
+
+
 def csv_columns(folder) -> list[str]:
     """The columns of <folder>/train.csv that name data (vision, touch, caption), in that order."""
     table = Path(folder) / "train.csv"
-    with open(table, newline="", encoding="utf-8-sig") as file:
-        header = next(csv.reader(file), [])
+    header, _ = read_csv_table(table)
     found = [c for c in CSV_COLUMNS if c in header]
     if len(found) < 2:
         raise ValueError(f"{table} has columns {header}; a dataset needs at least two of {list(CSV_COLUMNS)} "
@@ -671,9 +691,8 @@ class CSVDataset(FileRows):
         return rows
 
     def _read(self, table: Path) -> list[dict]:
-        with open(table, newline="", encoding="utf-8-sig") as file:
-            records = list(csv.DictReader(file))
-        missing = [c for c in self.columns if records and c not in records[0]]
+        header, records = read_csv_table(table)
+        missing = [c for c in self.columns if c not in header]
         if missing:
             raise ValueError(f"{table} lacks the columns {missing} that train.csv has; give every split the same columns")
         return [{c: (record[c].strip() if c == "caption" else str(table.parent / record[c])) for c in self.columns}

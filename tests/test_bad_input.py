@@ -81,6 +81,17 @@ def csv_with_vision_path(tmp_path, where):
     return folder
 
 
+def csv_with_header(tmp_path, header, extra_row=None, encoding="utf-8"):
+    """A two-row CSV dataset whose first line is `header` (and a third line `extra_row`), in `encoding`."""
+    folder = data.write_csv_dataset(tmp_path / "mine", {"train": [
+        {"vision": torch.rand(3, 8, 8), "caption": f"photo {i}"} for i in range(2)]})
+    lines = (folder / "train.csv").read_text().splitlines()
+    rows = [line + (",extra" if header.count(",") == 2 else "") for line in lines[1:]]
+    (folder / "train.csv").write_text("\n".join([header, *rows, *([extra_row] if extra_row else [])]) + "\n",
+                                      encoding=encoding)
+    return folder
+
+
 def file_in(folder, name):
     (folder / name).write_text("a file where a folder is asked for")
     return folder / name
@@ -209,6 +220,12 @@ CASES = {
     "--set warmup_steps=-5": (lambda t, p: train.parse_args(["--set", "warmup_steps=-5"]),
                               ValueError, r"warmup_steps must be an integer of at least 0, got -5"),
     "--seed -3": (lambda t, p: train.parse_args(["--seed", "-3"]), ValueError, r"seed must be an integer of at least 0"),
+    "CSV naming a column twice": (lambda t, p: csv_dataset(csv_with_header(p, "vision,caption,caption")),
+                                  ValueError, r"train.csv names the columns \['caption'\] more than once"),
+    "CSV row with too few fields": (lambda t, p: csv_dataset(csv_with_header(p, "vision,caption", "images/x.png")),
+                                    ValueError, r"train.csv, line 4: 1 fields where the header has 2"),
+    "CSV in Latin-1": (lambda t, p: csv_dataset(csv_with_header(p, "vision,caption", "images/x.png,caf\xe9", "latin-1")),
+                       ValueError, r"train.csv is not UTF-8 text .*save it as CSV UTF-8"),
     "output_dir that is a file": (lambda t, p: train.train(tiny(p, file_in(p, "taken"))),
                                   FileExistsError, r"output_dir .*taken is a file, not a folder; choose another"),
     "cache_dir under a file": (lambda t, p: train.train(tiny(file_in(p, "taken") / "features", p / "run")),
@@ -345,6 +362,8 @@ def test_a_dataset_that_points_elsewhere_opens_when_allowed_and_a_bom_header_kee
     table.write_text("\ufeff" + table.read_text().replace(str(tmp_path / "secret.png"), "images/train_0_vision.png"),
                      encoding="utf-8")  # what Excel's "CSV UTF-8" writes
     assert data.csv_columns(folder) == ["vision", "caption"] and csv_dataset(folder).columns == ["vision", "caption"]
+    table.write_text(table.read_text(encoding="utf-8").replace("vision,caption", "vision, caption"), encoding="utf-8")
+    assert [row["caption"] for row in csv_dataset(folder).rows] == ["photo 0", "photo 1"]  # ", caption" is caption
 
 
 def test_what_a_run_folder_holds_that_save_did_not_write_is_never_deleted(trained, tmp_path):
