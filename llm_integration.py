@@ -52,7 +52,8 @@ import loop
 import phase1
 import probes
 from captions import attribute_accuracy, attribute_baselines, caption_metrics, summarize_accuracy
-from config import at_most_threads, atomic_write, load_dataclass
+from config import (Flag, HelpFormatter, add_config_flags, at_most_threads, atomic_write, config_overrides,
+                    load_dataclass, shipped_or_given)
 from encoders import check_images, hub_or_cache
 from features import Features
 
@@ -299,7 +300,7 @@ class LLMConfig:
 
 def load_llm_config(path: str | os.PathLike | None = None, **overrides) -> LLMConfig:
     """configs/phase2.yaml (or `path`) with overrides; source fields as "source.<name>"."""
-    return load_dataclass(LLMConfig, path or DEFAULT_CONFIG, overrides, nested="source")
+    return load_dataclass(LLMConfig, path or DEFAULT_CONFIG, overrides)
 
 
 class Projector(nn.Module):
@@ -1047,17 +1048,32 @@ def target_summary(table: pd.DataFrame) -> dict[str, float]:
     return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}
 
 
+FLAGS = {
+    "epochs": Flag("epochs", int, "passes over the phase-1 run's training split"),
+    "batch_size": Flag("batch_size", int, "captions per step"),
+    "lr": Flag("lr", float, "peak learning rate of AdamW (warm-up, then cosine decay)"),
+    "seed": Flag("seed", int, "seed of the projector's (and a built-in decoder's) initial weights and the batch order"),
+    "model_name": Flag("model_name", str, f"the decoder: a built-in testbed one {tuple(TINY_DECODERS)}, a hub name "
+                       "(Qwen/Qwen2.5-1.5B-Instruct) or a local folder"),
+    "projector": Flag("projector", str, "phase-1 tokens to decoder embeddings", PROJECTORS),
+    "train_decoder": Flag("train_decoder", str, "what of the decoder trains (auto: all of a built-in decoder, none "
+                          "of a pretrained one)", DECODER_TRAINING),
+    "prompt": Flag("prompt", str, "the user turn after the image tokens"),
+    "max_new_tokens": Flag("max_new_tokens", int, "longest caption generated, in the decoder's tokens"),
+    "k": Flag("source.k", int, "train and caption from at most the first k tokens of each modality (None: all)"),
+}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase1_run", required=True, help="a phase-1 run folder (config.yaml + model.safetensors)")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--config", type=Path, default=None, help="phase-2 YAML (default: configs/phase2.yaml)")
-    flags = {"epochs": int, "batch_size": int, "lr": float, "model_name": str, "projector": str,
-             "train_decoder": str, "prompt": str, "seed": int}
-    for flag, kind in flags.items():
-        parser.add_argument(f"--{flag}", type=kind)
-    parser.add_argument("--k", type=int, help="train and caption from at most the first k tokens")
-    parser.add_argument("--modalities", nargs="+", choices=IMAGE_MODALITIES, help="token source modalities")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--phase1_run", required=True, default=argparse.SUPPRESS,
+                        help="a phase-1 run folder (train.py's --output_dir)")
+    parser.add_argument("--output_dir", required=True, default=argparse.SUPPRESS, help="the phase-2 run folder")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG.relative_to(ROOT), help="phase-2 YAML")
+    add_config_flags(parser, FLAGS, load_llm_config(None), str(DEFAULT_CONFIG.relative_to(ROOT)))
+    parser.add_argument("--modalities", nargs="+", choices=IMAGE_MODALITIES,
+                        help="the modalities whose tokens the decoder reads (config key source.modalities); None: "
+                             "every image modality of the phase-1 run")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     parser.add_argument("--split", choices=list(EVAL_FILES), default="test",
@@ -1068,12 +1084,14 @@ def main(argv=None):
     parser.add_argument("--ablation", action="store_true",
                         help="with --seeds: every setting of llm_integration.ABLATIONS on top of the config")
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
-    if args.k is not None:
-        overrides["source.k"] = args.k
+    overrides = config_overrides(args, FLAGS)
+    config = shipped_or_given(args.config)
+    if args.modalities and "source.modalities" in overrides:
+        raise SystemExit("--modalities and --set source.modalities both set the token source's modalities: keep one")
     if args.modalities:
         overrides["source.modalities"] = tuple(args.modalities)
-    else:  # the image modalities the phase-1 run has (a vision+text run has no touch tokens to caption from)
+    elif "source.modalities" not in overrides:  # the image modalities the phase-1 run has (a vision+text run has
+        # no touch tokens to caption from)
         phase1_folder = phase1.run_folder(args.phase1_run)
         has = (phase1_folder.saved_config()["model"]["modalities"] if phase1_folder.config_path.is_file()
                else IMAGE_MODALITIES)
@@ -1088,12 +1106,12 @@ def main(argv=None):
                              "--resume/--overwrite (or choose a new --output_dir)")
         settings = {"config": {}, **(ABLATIONS if args.ablation else {})}
         table = seed_statistics(args.phase1_run, args.output_dir, {
-            name: load_llm_config(args.config, **{**overrides, **changes}) for name, changes in settings.items()},
+            name: load_llm_config(config, **{**overrides, **changes}) for name, changes in settings.items()},
             args.seeds, args.split)
         print(table.to_string(index=False, float_format="%.3f"))
         print(f"wrote {Path(args.output_dir) / f'phase2_{args.split}.csv'} and .json")
         return
-    result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(args.config, **overrides), args.resume,
+    result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(config, **overrides), args.resume,
                         overwrite=args.overwrite, split=args.split)
     for row in result["rows"]:
         accuracy = row.get("accuracy", row.get("caption accuracy"))  # attributes (SynthTouch), else exact captions

@@ -17,7 +17,7 @@ import core
 import data
 import loop
 from config import load_dataclass
-from encoders import EncoderConfig, FrozenEncoder, create_encoder, resolve_encoder
+from encoders import MODALITIES, EncoderConfig, FrozenEncoder, create_encoder, resolve_encoder
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -65,6 +65,9 @@ class TrainConfig:
         return Path(self.output_dir) / self.log_name if self.log_name else Path(self.output_dir)
 
     def __post_init__(self):
+        if not isinstance(self.encoders, dict) or set(self.encoders) - set(MODALITIES):
+            raise ValueError(f"encoders must map modalities among {MODALITIES} to encoders, got {self.encoders!r}; "
+                             "e.g. encoders.vision=synth-vision")
         for name in ("n_train", "n_val", "n_test") if self.dataset == "synthtouch" else ():
             if getattr(self, name) < 1:
                 default = TrainConfig.__dataclass_fields__[name].default
@@ -81,7 +84,7 @@ class TrainConfig:
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
     """A YAML config (configs/default.yaml when None) with overrides; model fields as "model.<name>"."""
-    return load_dataclass(TrainConfig, path or DEFAULT_CONFIG, overrides, nested="model")
+    return load_dataclass(TrainConfig, path or DEFAULT_CONFIG, overrides)
 
 
 # what a design line keeps when it moves to the testbed; data, encoders, width and optimisation come from default.yaml

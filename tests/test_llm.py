@@ -537,3 +537,18 @@ def test_a_generation_limit_shorter_than_the_captions_is_named(aligner, decoder_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         L.warn_if_captions_are_cut(mm, captions)
+
+
+def test_command_line_takes_any_config_key_and_the_generation_limit(tiny_phase1, monkeypatch):
+    """llm_integration.py has train.py's grammar: --set KEY=VALUE for any key (dotted into source), and its own flags
+    for the common ones, --max_new_tokens among them; a key given twice is refused."""
+    given = {}
+    monkeypatch.setattr(L, "run_phase2", lambda phase1_run, output_dir, cfg, *a, **k: given.update(cfg=cfg) or
+                        {"rows": []})
+    L.main(["--phase1_run", str(tiny_phase1), "--output_dir", "unused", "--max_new_tokens", "7",
+            "--set", "source.k=2", "source.groups=[shared]", "weight_decay=0.01"])
+    cfg = given["cfg"]
+    assert (cfg.max_new_tokens, cfg.source.k, cfg.source.groups, cfg.weight_decay) == (7, 2, ("shared",), 0.01)
+    assert cfg.source.modalities == ("vision", "touch")  # the phase-1 run's image modalities
+    with pytest.raises(SystemExit, match="--set source.k is given twice"):
+        L.main(["--phase1_run", str(tiny_phase1), "--output_dir", "unused", "--k", "2", "--set", "source.k=1"])

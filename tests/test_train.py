@@ -2,6 +2,7 @@
 config mismatch on resume, the seed command-line flags, and DDP (2 gloo processes = 1 process)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -15,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import core
+import evaluate
+import llm_integration as L
 import loop
 import phase1
 import train
@@ -262,6 +265,10 @@ def test_cli_without_flags_is_the_default_config_and_set_reaches_any_field():
     cfg, mode = train.parse_args(["--config", str(ROOT / "configs" / "default.yaml"), "--resume",
                                     "--set", "model.hidden_dim=64", "n_train=100", "model.modalities=[vision, text]"])
     assert mode.resume and cfg.model.hidden_dim == 64 and cfg.n_train == 100 and cfg.model.modalities == ("vision", "text")
+    # a dotted key reaches into every nested section, a mapping too: the other encoders keep their defaults
+    cfg, _ = train.parse_args(["--set", "encoders.vision={name: synth-vision, weights: w.safetensors}"])
+    assert cfg.encoders == {**phase1.load_config(None).encoders,
+                            "vision": {"name": "synth-vision", "weights": "w.safetensors"}}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         train.parse_args(["--set", "hidden_dim"])
     with pytest.raises(ValueError, match=r"unknown config keys \['n_trian'\]"):
@@ -284,6 +291,31 @@ def test_missing_stage1_checkpoint_fails_clearly(tmp_path):
     cfg, _ = train.parse_args(["--stage1_checkpoint", str(tmp_path / "stage1.pth")])
     with pytest.raises(FileNotFoundError, match="stage1.pth.*does not exist"):
         phase1.get_encoder(cfg, "touch")
+
+
+@pytest.mark.parametrize("script", [train, L])
+def test_every_flag_of_both_command_lines_says_its_meaning_and_default(script, capsys):
+    """--help of train.py and llm_integration.py: every config flag names its key, its default and, where the key
+    has a fixed set of values, the choices; every other flag has help text and argparse's default."""
+    with pytest.raises(SystemExit):
+        (script.parse_args if script is train else script.main)(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    for name, flag in script.FLAGS.items():
+        assert re.search(rf"--{name} \w+ .+? \(config key {re.escape(flag.key)}; default .+? from configs/", text), name
+        if flag.choices:
+            assert f"one of {', '.join(flag.choices)}" in text
+    assert "--set [KEY=VALUE ...] any config key" in text
+    assert "--max_new_tokens" in text or script is train
+
+
+def test_the_finished_run_prints_retrieval_by_k_not_a_cut_file(reference_run):
+    summary = train.eval_summary(reference_run / "eval.json")
+    table = evaluate.read_eval(reference_run / "eval.json")
+    assert f"every metric at every k: {reference_run / 'eval.json'}" in summary
+    header = summary.splitlines()[1].split()
+    assert header == ["k", *map(str, table.index)]  # one column per k, every number whole
+    row = next(line for line in summary.splitlines() if line.startswith("vision->touch R@1 pair "))
+    assert [float(x) for x in row.split()[-len(table):]] == pytest.approx(table["vision->touch R@1 pair"].tolist(), abs=5e-4)
 
 
 # ----------------------------------------------------------------------------------------------
