@@ -875,6 +875,19 @@ class AlignmentModel(nn.Module):
         return out
 
 
+class RegisterTokenLoss(nn.Module):
+    """The seeds' name (experiments/stage2/cursor/register_tokens.py) for phase 1's loss, as `AlignmentModel.forward`
+    computes it from the model's config: contrastive (Matryoshka) on the shared tokens, preservation, complementary
+    regularisation, alignment, flow matching. `loss, parts = RegisterTokenLoss(model)(batch)`."""
+
+    def __init__(self, model: AlignmentModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Features]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.model(batch)
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. Raw inputs in, embeddings out: frozen encoders + an AlignmentModel; the seed package's API.
 

@@ -99,14 +99,13 @@ def design_on_testbed(design: str, **overrides) -> TrainConfig:
     return load_config(DEFAULT_CONFIG, **{**design_overrides(design), "output_dir": output_dir, **overrides})
 
 
-def design_overrides(design: str) -> dict:
-    """The overrides of configs/default.yaml that put configs/<design>.yaml's design on the testbed
-    (`design_on_testbed`). Matryoshka sizes scale with the embedding width."""
+def design_overrides(design: str, base: str | os.PathLike = DEFAULT_CONFIG) -> dict:
+    """The overrides of the config `base` (default: configs/default.yaml, `design_on_testbed`) that put
+    configs/<design>.yaml's design on it. Matryoshka sizes scale with the embedding width."""
     path = DEFAULT_CONFIG.parent / f"{design}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml") if p != DEFAULT_CONFIG)
-        raise FileNotFoundError(f"no design line {design!r} ({path} missing); known: {known}")
-    line, base = load_config(path), load_config(DEFAULT_CONFIG)
+    if design not in core.DESIGNS or not path.is_file():
+        raise FileNotFoundError(f"no design line {design!r} ({path} missing); known: {sorted(core.DESIGNS)}")
+    line, base = load_config(path), load_config(base)
     keep = {f"model.{key}": getattr(line.model, key) for key in DESIGN_KEYS}
     keep["model.mrl_dims"] = [d * base.model.embed_dim // line.model.embed_dim for d in line.model.mrl_dims]
     return keep

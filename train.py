@@ -26,8 +26,8 @@ import data
 import evaluate
 import loop
 from config import Flag, HelpFormatter, add_config_flags, config_overrides, shipped_or_given
-from phase1 import (DEFAULT_CONFIG, ROOT, TrainConfig, build_model, core_device, load_config, run_folder, split_data,
-                    to_yaml)
+from phase1 import (DEFAULT_CONFIG, ROOT, TrainConfig, build_model, core_device, design_overrides, load_config,
+                    run_folder, split_data, to_yaml)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,6 +234,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG.relative_to(ROOT),
                         help="YAML config: configs/default.yaml (SynthTouch on a CPU), or one per design line: "
                              f"{', '.join(f'configs/{d}.yaml' for d in core.DESIGNS)}")
+    parser.add_argument("--design", choices=tuple(core.DESIGNS), help="put configs/<design>.yaml's design (register "
+                        "counts, attention, nested dropout, losses) on the config, keeping its data, encoders and "
+                        "width: --design fluxtalk trains FluxTalk's registers on SynthTouch")
     parser.add_argument("--stage1_checkpoint", help="TVL stage-1 checkpoint: its tactile encoder becomes the touch "
                         "encoder (config key encoders.touch)")
     parser.add_argument("--datasets_dir", help="TVL data folder (ssvtp/, hct/) or your own (train.csv with columns "
@@ -243,7 +246,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     args = parser.parse_args(argv)
     overrides = config_overrides(args, FLAGS)
-    cfg = load_config(shipped_or_given(args.config), **overrides)
+    config = shipped_or_given(args.config)
+    design = design_overrides(args.design, config) if args.design else {}
+    cfg = load_config(config, **{**design, **overrides})
+    refuse_what_would_be_ignored(cfg, args, overrides, config)
     if args.datasets_dir:  # the folder says which layout it is; a CSV's columns say which modalities it has
         cfg.dataset, cfg.datasets_dir = data.dataset_layout(args.datasets_dir), args.datasets_dir
         if cfg.dataset == "csv" and "model.modalities" not in overrides:
@@ -253,6 +259,29 @@ def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
     if args.resume and args.overwrite:
         raise SystemExit("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")
     return cfg, RunMode(args.resume, args.overwrite)
+
+
+# keys that act only under some setting of the model: given where they would do nothing, they are refused
+ACTS_ONLY_WITH = {"model.nested_dropout_rate": ("nested_dropout", "linear"),
+                  "model.flow_weight": ("loss_type", "combined")}
+FLUXTALK_FLAGS = ("nested_dropout_rate", "complementary_reg_weight")  # the flags of seeds 002/003
+
+
+def refuse_what_would_be_ignored(cfg: TrainConfig, args: argparse.Namespace, overrides: dict, config: Path):
+    """FluxTalk's flags with another design, or a key its design does not use, stop the run with what to add:
+    a seed command line must train what it describes, never another model with its flags dropped."""
+    flux = [f"--{flag}" for flag in FLUXTALK_FLAGS if hasattr(args, flag)]
+    if flux and cfg.model.design != "fluxtalk":
+        raise SystemExit(f"{' and '.join(flux)} {'are flags' if len(flux) > 1 else 'is a flag'} of the FluxTalk design "
+                         f"(seeds 002/003), but {config} trains the {cfg.model.design} design with "
+                         f"{cfg.model.nested_dropout} nested dropout, which would not train what they describe. Add "
+                         "--config configs/fluxtalk.yaml (the seeds' setting: TVL data by --datasets_dir, ViT-L-14) or "
+                         "--design fluxtalk (FluxTalk's registers on this config's data and encoders, e.g. SynthTouch)")
+    for key, (field, value) in ACTS_ONLY_WITH.items():
+        if key in overrides and getattr(cfg.model, field) != value:
+            raise SystemExit(f"{key}={overrides[key]} does nothing with model.{field}: {getattr(cfg.model, field)} "
+                             f"(from {config}); it acts only with model.{field}: {value}. Add --set "
+                             f"model.{field}={value}, or drop it")
 
 
 def eval_summary(path: Path) -> str:

@@ -28,6 +28,7 @@ from features import Features
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run faster on one thread
 
 ROOT = Path(train.__file__).resolve().parent
+README = (ROOT / "README.md").read_text()
 def rows(run_dir, kind):
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [row for row in map(json.loads, lines) if row["kind"] == kind]
@@ -252,12 +253,59 @@ def test_flextok_seed_flags_map_to_the_config(tmp_path):
     assert (m.n_registers, m.n_shared, m.loss_type, m.flow_weight) == (16, 4, "combined", 0.25)
 
 
-def test_fluxtalk_seed_flags_map_to_the_config():
-    cfg, _ = train.parse_args(["--num_register_tokens", "4", "--num_overlapping_tokens", "3",
-                               "--nested_dropout_rate", "0.3", "--complementary_reg_weight", "0.01", "--resume"])
+SEED_002 = ["--num_register_tokens", "4", "--num_overlapping_tokens", "3", "--nested_dropout_rate", "0.5",
+            "--complementary_reg_weight", "0.01"]  # seeds 002/003's command line, with train.py for its script
+
+
+def test_the_seed_002_command_line_is_refused_with_the_flags_that_train_fluxtalk():
+    """Its flags are FluxTalk's; on the default flextok design nested_dropout_rate would do nothing. Refused, naming
+    what trains FluxTalk; with either, it is FluxTalk's model that trains."""
+    with pytest.raises(SystemExit, match=r"--nested_dropout_rate and --complementary_reg_weight are flags of the "
+                                         r"FluxTalk design.*flextok design with power_of_two.*--config "
+                                         r"configs/fluxtalk.yaml.*--design fluxtalk"):
+        train.parse_args(SEED_002)
+    cfg, _ = train.parse_args(["--config", "configs/fluxtalk.yaml", *SEED_002, "--resume"])
     m = cfg.model
-    assert (m.n_registers, m.n_shared, m.nested_dropout_rate, m.complementary_reg_weight) == (4, 3, 0.3, 0.01)
-    assert cfg.dataset == "synthtouch"  # no --datasets_dir: the testbed
+    assert (m.design, m.attention, m.nested_dropout) == ("fluxtalk", "cross", "linear")
+    assert (m.n_registers, m.n_shared, m.nested_dropout_rate, m.complementary_reg_weight) == (4, 3, 0.5, 0.01)
+    cfg, _ = train.parse_args(["--design", "fluxtalk", *SEED_002])
+    assert cfg.dataset == "synthtouch" and cfg.model == m.__class__(**{
+        **phase1.design_on_testbed("fluxtalk").model.__dict__, "n_registers": 4, "n_shared": 3})
+    # a key where its design does not use it is refused too, named with the setting it needs
+    with pytest.raises(SystemExit, match=r"model.nested_dropout_rate=0.3 does nothing with model.nested_dropout: "
+                                         r"power_of_two.*--set model.nested_dropout=linear"):
+        train.parse_args(["--set", "model.nested_dropout_rate=0.3"])
+
+
+def test_every_row_of_the_readmes_seed_table_runs(cache_dir, tmp_path):
+    """README "Coming from the seed code": the seeds' scripts are train.py, their register module's names import
+    from core, and their test_modules.py is tests/test_core.py."""
+    table = README.split("## Coming from the seed code")[1].split("\n## ")[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == 4
+    # experiments/stage2/train.py and main_train_stage2.py: seed 002/003's line + --design fluxtalk trains FluxTalk
+    sizes = [f"{k}={v}" for k, v in TINY.items() if k not in ("model.n_registers", "model.n_shared")]
+    train.main(["--design", "fluxtalk", *SEED_002, "--output_dir", str(tmp_path / "flux"), "--set",
+                f"cache_dir={cache_dir}", *sizes])
+    model = phase1.load_aligner(tmp_path / "flux").model
+    assert model.cfg.design == "fluxtalk" and model.n_tokens == 4 and isinstance(model.design, core.FluxTalkDesign)
+    # from experiments.stage2.cursor.register_tokens import ...: the same names from core
+    line = re.search(r"`(from core import [^`]+)`", table).group(1)
+    names = {}
+    exec(line, names)
+    assert {"RegisterTokenModule", "NestedDropout", "RegisterTokenLoss"} <= set(names)
+    feats = {m: Features(torch.randn(8, 12), torch.randn(8, 5, 12), torch.ones(8, 5, dtype=torch.bool))
+             for m in ("vision", "touch")}
+    aligner = core.AlignmentModel(core.ModelConfig(hidden_dim=16, n_registers=4, n_shared=2, n_layers=1, n_heads=2,
+                                                   embed_dim=8, complementary_reg_weight=0.01), {"vision": 12, "touch": 12},
+                                  {"vision": 5, "touch": 5}).eval()  # eval: no nested dropout, so two calls agree
+    loss, parts = names["RegisterTokenLoss"](aligner)(feats)
+    assert loss.item() == aligner(feats)[0].item() and {"contrastive", "complementary"} <= set(parts)
+    # test_modules.py: tests/test_core.py, run as the row says
+    command = re.search(r"`(\.venv/bin/python -m pytest tests/test_core.py[^`]*)`", table).group(1)
+    done = subprocess.run([sys.executable, *command.split()[1:], "-q", "-p", "no:cacheprovider", "-k", "prefix_lengths"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-2000:]
 
 
 def test_cli_without_flags_is_the_default_config_and_set_reaches_any_field():
