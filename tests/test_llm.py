@@ -549,6 +549,24 @@ def test_command_line_takes_any_config_key_and_the_generation_limit(tiny_phase1,
             "--set", "source.k=2", "source.groups=[shared]", "weight_decay=0.01"])
     cfg = given["cfg"]
     assert (cfg.max_new_tokens, cfg.source.k, cfg.source.groups, cfg.weight_decay) == (7, 2, ("shared",), 0.01)
-    assert cfg.source.modalities == ("vision", "touch")  # the phase-1 run's image modalities
+    assert L.on_phase1_run(cfg, tiny_phase1).source.modalities == ("vision", "touch")  # the phase-1 run's images
     with pytest.raises(SystemExit, match="--set source.k is given twice"):
         L.main(["--phase1_run", str(tiny_phase1), "--output_dir", "unused", "--k", "2", "--set", "source.k=1"])
+
+
+def test_generate_before_training_warns_once_saying_what_to_call_first(aligner, decoder_dir, tmp_path):
+    """The seed quick start's generate on a captioner nobody trained wrote junk without a word: it warns, once."""
+    import warnings
+    images = [data.SynthTouch(1)[0]["vision"]]
+    mm = make_mm(aligner, decoder_dir, train_decoder="full", max_new_tokens=3)
+    with pytest.warns(UserWarning, match=r"projector and decoder were never trained.*call train_captioning\(mm_model, "
+                                         r"loader\) first.*MultimodalLLM.load\(RUN\)"):
+        mm.generate(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mm.generate(images)  # said once
+        tokens, captions, _ = two_class_data(32)
+        trained = make_mm(aligner, decoder_dir, train_decoder="full", max_new_tokens=3, epochs=1, batch_size=16)
+        L.fit_captioner(trained, tokens, captions, tmp_path / "run")
+        trained.generate(images)
+        make_mm(aligner, decoder_dir, train_decoder="full").load_weights(tmp_path / "run").generate(images)
