@@ -929,9 +929,12 @@ class Aligner(nn.Module):
         return self.encoders[modality]
 
     def features(self, modality: str, inputs) -> Features:
+        """Features of captions, or of images as `data.image_batch` takes them (paths, PIL images, tensors)."""
         device = next(self.model.parameters()).device
-        out = self.encoder(modality)(inputs if modality == "text" else inputs.to(device))
-        return Features(*out)
+        if modality != "text":
+            from data import image_batch  # here, not at the top: data imports this module
+            inputs = image_batch(inputs, self.encoder(modality).cfg.image_size).to(device)
+        return Features(*self.encoder(modality)(inputs))
 
     def tokens(self, modality: str, inputs) -> torch.Tensor:
         return self.model.tokens(modality, self.features(modality, inputs))

@@ -190,20 +190,52 @@ def build_model(cfg: TrainConfig, feats: dict[str, data.Features] | None = None,
 
 
 def load_aligner(run_dir: str | os.PathLike) -> core.Aligner:
-    """The trained phase-1 model of a run folder with its frozen encoders, in eval mode. The model is sized
-    from its checkpoint and each encoder is built when first used (`core.Aligner.encoder`)."""
+    """The trained phase-1 model of a run folder with its frozen encoders, in eval mode, from any working directory.
+    The model is sized from its checkpoint and each encoder is built when first used (`core.Aligner.encoder`)."""
     run = loop.RunFolder(run_dir)
-    if not run.config_path.is_file():
-        raise FileNotFoundError(f"{run.path} is not a phase-1 run folder (no config.yaml in it); pass the "
-                                "--output_dir of a finished train.py run, e.g. runs/phase1/default")
-    cfg = load_config(run.config_path)
+    cfg = run_config(run.path)
     weights = run.load_weights()
     model = build_model(cfg, weights=weights)
     loop.load_trainable(model, weights, run.path)
     return core.Aligner({m: functools.partial(get_encoder, cfg, m) for m in cfg.model.modalities}, model).eval()
 
 
-def to_yaml(cfg: TrainConfig) -> dict:
+def run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The config a run folder was trained with, its paths (data, feature cache, encoder weights) resolved from
+    the run folder, where config.yaml keeps them relative (`to_yaml`); a run saved before that kept them relative to
+    the working directory it was trained from, which is where they are looked for when not beside the run."""
+    run = loop.RunFolder(run_dir)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{run.path} is not a phase-1 run folder (no config.yaml in it); pass the "
+                                "--output_dir of a finished train.py run, e.g. runs/phase1/default")
+    return map_paths(load_config(run.config_path), lambda path: from_run(path, run.path))
+
+
+def to_run(path: str | os.PathLike, run_dir: str | os.PathLike) -> str:
+    """A path as a run's config.yaml keeps it: relative to the run folder (`from_run` reads it back), or absolute."""
+    return str(path) if os.path.isabs(path) else os.path.relpath(path, run_dir)
+
+
+def from_run(path: str, run_dir: Path) -> str:
+    """A path as a run's config.yaml keeps it, made usable from here: relative to the run folder, or, for a run saved
+    before paths were kept that way, relative to the working directory when only there."""
+    beside = run_dir / path  # an absolute path stays itself
+    return path if not beside.exists() and os.path.exists(path) else str(beside)
+
+
+def map_paths(cfg: TrainConfig, change) -> TrainConfig:
+    """`cfg` with change(path) for every file or folder it names: datasets_dir, cache_dir, encoder weights."""
+    encoders = {m: {**spec, "weights": change(spec["weights"])} if isinstance(spec, dict) and spec.get("weights")
+                else spec for m, spec in cfg.encoders.items()}
+    return dataclasses.replace(cfg, encoders=encoders, cache_dir=change(cfg.cache_dir),
+                               datasets_dir=cfg.datasets_dir and change(cfg.datasets_dir))
+
+
+def to_yaml(cfg: TrainConfig, run_dir: str | os.PathLike | None = None) -> dict:
+    """The config as config.yaml keeps it; with `run_dir`, the relative paths it names made relative to that run
+    folder instead of the working directory, so the run reads from anywhere (`run_config`); absolute ones stay."""
+    if run_dir is not None:
+        cfg = map_paths(cfg, lambda path: to_run(path, run_dir))
     values = cfg.to_dict()
     values["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values["model"].items()}
     return values

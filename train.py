@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     dist = Distributed()
     device = core_device()
     run = run_folder(cfg.run_dir, main=dist.main)
-    run.check_start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
+    run.check_start(to_yaml(cfg, cfg.run_dir), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
     if dist.world > 1 and not dist.main:
         torch.distributed.barrier()  # rank 0 fills the feature cache first: no two ranks write one cache folder
     train_set, train_feats = split_data(cfg, "train")
@@ -87,7 +87,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} samples); "
                          f"use --batch_size {n} or less")
-    run.start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)  # inputs are good: write
+    run.start(to_yaml(cfg, cfg.run_dir), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)  # inputs are good: write
     ddp = model
     if dist.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -136,7 +136,7 @@ def ensure_trained(cfg: TrainConfig, callback=None, evaluated: bool = True) -> P
     with run.exclusive(ready=final):  # held, or another process holds it and the weights are final
         if run.checkpoint is None:
             return train(cfg, callback=callback)
-        run.check_same_config(to_yaml(cfg), RESUME_IGNORES)
+        run.check_same_config(to_yaml(cfg, cfg.run_dir), RESUME_IGNORES)
         if (cfg.run_dir / "eval.json").is_file() or final():
             return cfg.run_dir
         return train(cfg, resume=True, callback=callback)

@@ -115,8 +115,8 @@ def aligner():
 
 
 # what the micro decoder's tests were sized with (LLMConfig's defaults before configs/phase2.yaml's became them):
-# a linear projector on raw tokens, each batch in one chunk
-MICRO_SETTINGS = dict(projector="linear", standardize_tokens=False, length_chunks=1)
+# a linear projector on raw tokens, each batch in one chunk, the epochs they ask for
+MICRO_SETTINGS = dict(projector="linear", standardize_tokens=False, length_chunks=1, min_steps=0)
 
 
 def make_mm(aligner, decoder_dir, **cfg):
