@@ -3,11 +3,13 @@ named with its file and fix), atomic file writes, and the check that saved weigh
 (`state_mismatch`). No model code: every other module may import this one."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import os
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,7 +103,7 @@ def at_most_threads(cap: int):
 
 # ----------------------------------------------------------------------------------------------
 # Configs as data: a YAML file per setting, read into a dataclass; command-line and notebook
-# overrides name nested fields with a dot ("model.n_shared", "source.k").
+# overrides name nested fields with a dot ("model.n_shared", "source.k", "encoders.vision").
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
@@ -117,11 +119,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_dataclass(cls, path: str | os.PathLike, overrides: dict, nested: str):
-    """`cls` built from a YAML file with `overrides` applied ("<nested>.<field>" keys reach the nested
-    dataclass field `nested`). Every value is checked against its field's type and coerced where YAML
-    is ambiguous (PyYAML reads `1e-3` as a string), and every error names the key, the value, where it
-    came from (the file or an override) and what to write instead."""
+def load_dataclass(cls, path: str | os.PathLike, overrides: dict):
+    """`cls` built from a YAML file with `overrides` applied: "section.field" keys reach into any nested
+    section, a nested dataclass ("model.n_shared") or a mapping ("encoders.vision"). Every value is checked
+    against its field's type and coerced where YAML is ambiguous (PyYAML reads `1e-3` as a string), and every
+    error names the key, the value, where it came from (the file or an override) and what to write instead."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; see configs/ for the shipped ones")
@@ -134,15 +136,9 @@ def load_dataclass(cls, path: str | os.PathLike, overrides: dict, nested: str):
                          "(YAML is `key: value`, nested keys indented by two spaces)") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold `key: value` lines, got a {type(values).__name__}")
-    origin = {key: f"in {path}" for key in values}
-    origin.update({f"{nested}.{key}": f"in {path}" for key in values.get(nested) or {}})
+    origin = {key: f"in {path}" for key in _dotted(values, cls)}
     for key, value in overrides.items():
-        section, dot, name = key.partition(".")
-        if dot and section == nested:
-            values[nested] = dict(values.get(nested) or {})
-            values[nested][name] = value
-        else:
-            values[key] = value
+        _set_dotted(values, cls, key, value)
         origin[key] = "given as an override"
     try:
         return _build(cls, values, "", origin)
@@ -150,6 +146,45 @@ def load_dataclass(cls, path: str | os.PathLike, overrides: dict, nested: str):
         raise
     except ValueError as err:  # a dataclass's own check: say which config it came from
         raise ValueError(f"{err} [config {path}{f', overrides {overrides}' if overrides else ''}]") from None
+
+
+def _section(cls, name: str):
+    """The nested dataclass or mapping type of field `name` of `cls` (None: a plain value or no such field)."""
+    hint = typing.get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+    if dataclasses.is_dataclass(hint) or (typing.get_origin(hint) or hint) is dict:
+        return hint
+    return None
+
+
+def _dotted(values: dict, cls, prefix: str = "") -> list[str]:
+    """Every key of `values` as the dotted name an override would give it ("model.n_shared", "encoders.vision")."""
+    keys = []
+    for key, value in values.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict) and _section(cls, key) is not None:
+            keys += _dotted(value, _section(cls, key), f"{prefix}{key}.")
+    return keys
+
+
+def _set_dotted(values: dict, cls, key: str, value, where: str = ""):
+    """values[a][b]... = value for key "a.b...", each section copied from the YAML or, where the YAML does not
+    give it, from the field's default (so `encoders.vision=X` keeps the default touch and text encoders).
+    `cls`: the dataclass `values` is read into, or dict for the inside of a mapping."""
+    name, dot, rest = key.partition(".")
+    section = dict if cls is dict else _section(cls, name)
+    if not dot or section is None:  # a plain field, or an unknown key that _build names
+        values[key] = value
+        return
+    current = values.get(name)
+    if current is None and cls is not dict:
+        default = {f.name: f for f in dataclasses.fields(cls)}[name]
+        current = {} if dataclasses.is_dataclass(section) else (
+            default.default_factory() if default.default_factory is not dataclasses.MISSING else {})
+    if not isinstance(current, dict):
+        raise ConfigError(f"{where}{name} is {current!r}, not a mapping, so {where}{key} cannot be set inside it; "
+                          f"set {where}{name} whole, e.g. --set '{where}{name}={{name: {current}, weights: FILE}}'")
+    values[name] = dict(current)
+    _set_dotted(values[name], section if dataclasses.is_dataclass(section) else dict, rest, value, f"{where}{name}.")
 
 
 class ConfigError(ValueError):
@@ -206,6 +241,74 @@ def _coerce(value, hint, key: str, where: str):
                 dict: "a mapping", list: "a list"}.get(kind, str(hint))
     raise ConfigError(f"{key} must be {expected}, got {value!r} {where}; e.g. {key}: "
                      f"{ {bool: 'true', int: '64', float: '0.001', str: 'name', tuple: '[a, b]'}.get(kind, '...') }")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command-line grammar of both phases (train.py, llm_integration.py): flags named after config keys (the
+# seeds' names among them), and `--set KEY=VALUE` for any key, dotted into any nested section
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    key: str  # the config key it sets
+    kind: type
+    help: str
+    choices: tuple = ()  # shown in --help; the config itself refuses other values, naming them
+
+
+def add_config_flags(parser: argparse.ArgumentParser, flags: dict[str, Flag], defaults, config_file: str):
+    """A flag per entry of `flags`, its help ending in the key it sets, its default in `defaults` (the config
+    `config_file` gives) and its choices; then `--set`. Unset flags are absent from the parsed args."""
+    for name, flag in flags.items():
+        default = defaults
+        for part in flag.key.split("."):
+            default = getattr(default, part)
+        choices = f"; one of {', '.join(map(str, flag.choices))}" if flag.choices else ""
+        text = f"{flag.help} (config key {flag.key}; default {default!r} from {config_file}{choices})"
+        parser.add_argument(f"--{name}", type=flag.kind, default=argparse.SUPPRESS, metavar=flag.kind.__name__.upper(),
+                            help=text.replace("%", "%%"))
+    sections = [f.name for f in dataclasses.fields(defaults) if _section(type(defaults), f.name) is not None]
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help=f"any config key, the value in YAML syntax; nested keys with a dot into "
+                             f"{', '.join(sections)} (e.g. {sections[0]}.{_first_key(defaults, sections[0])}=...); "
+                             "may be repeated")
+
+
+def _first_key(defaults, section: str) -> str:
+    value = getattr(defaults, section)
+    return next(iter(value)) if isinstance(value, dict) else dataclasses.fields(value)[0].name
+
+
+def shipped_or_given(path: Path, root: Path = Path(__file__).resolve().parent) -> Path:
+    """A --config path as given, or under the project folder when only there (configs/fluxtalk.yaml from anywhere)."""
+    return root / path if not path.is_file() and (root / path).is_file() else path
+
+
+def config_overrides(args: argparse.Namespace, flags: dict[str, Flag]) -> dict:
+    """{config key: value} from the flags given and every --set KEY=VALUE; a key given twice is refused."""
+    overrides, given = {}, {}
+    for name, flag in flags.items():
+        if hasattr(args, name):
+            if flag.key in overrides:
+                raise SystemExit(f"--{given[flag.key]} and --{name} both set {flag.key} ({overrides[flag.key]!r} and "
+                                 f"{getattr(args, name)!r}): keep one")
+            overrides[flag.key], given[flag.key] = getattr(args, name), name
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}; e.g. --set model.n_shared=4")
+        if key in overrides:
+            raise SystemExit(f"--set {key} is given twice ({overrides[key]!r} and {value!r}) or also by its own "
+                             "flag: keep one")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:  # a tag such as !!python/object, or unbalanced brackets
+            raise SystemExit(f"--set {item!r}: the value is not plain YAML ({str(err).splitlines()[0]}); give a "
+                             "number, a string, a list [a, b] or a mapping {k: v}") from None
+    return overrides
 
 
 # ----------------------------------------------------------------------------------------------

@@ -891,6 +891,19 @@ class AlignmentModel(nn.Module):
         return out
 
 
+class RegisterTokenLoss(nn.Module):
+    """The seeds' name (experiments/stage2/cursor/register_tokens.py) for phase 1's loss, as `AlignmentModel.forward`
+    computes it from the model's config: contrastive (Matryoshka) on the shared tokens, preservation, complementary
+    regularisation, alignment, flow matching. `loss, parts = RegisterTokenLoss(model)(batch)`."""
+
+    def __init__(self, model: AlignmentModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Features]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.model(batch)
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. Raw inputs in, embeddings out: frozen encoders + an AlignmentModel; the seed package's API.
 
@@ -932,9 +945,12 @@ class Aligner(nn.Module):
         return self.encoders[modality]
 
     def features(self, modality: str, inputs) -> Features:
+        """Features of captions, or of images as `data.image_batch` takes them (paths, PIL images, tensors)."""
         device = next(self.model.parameters()).device
-        out = self.encoder(modality)(inputs if modality == "text" else inputs.to(device))
-        return Features(*out)
+        if modality != "text":
+            from data import image_batch  # here, not at the top: data imports this module
+            inputs = image_batch(inputs, self.encoder(modality).cfg.image_size).to(device)
+        return Features(*self.encoder(modality)(inputs))
 
     def tokens(self, modality: str, inputs) -> torch.Tensor:
         return self.model.tokens(modality, self.features(modality, inputs))

@@ -348,6 +348,28 @@ def load_image(path, image_size):
     return resized(open_image(path), image_size)
 
 
+def image_batch(images, image_size: int) -> torch.Tensor:
+    """One image or a list of them (file paths, PIL images, 3xHxW tensors) or a Bx3xHxW tensor, as one batch: files
+    and PIL images read and resized to image_size as a CSV dataset's are; tensors as given, so that an encoder's
+    check names what is wrong with them (0-255 values, another size)."""
+    if torch.is_tensor(images):
+        return images
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    if not images:
+        raise ValueError("the image list is empty; pass at least one image (a file path, a PIL image or a 3xSxS "
+                         "tensor)")
+    images = [load_image(x, image_size) if isinstance(x, (str, os.PathLike)) else
+              resized(as_seen(x), image_size) if isinstance(x, Image.Image) else x for x in images]
+    if not all(torch.is_tensor(x) and x.dim() == 3 for x in images):
+        raise ValueError(f"images must be file paths, PIL images or 3xSxS tensors in [0, 1]; got "
+                         f"{[getattr(x, 'shape', type(x).__name__) for x in images][:4]}")
+    if len({tuple(x.shape) for x in images}) > 1:
+        raise ValueError(f"image tensors have different shapes {sorted({tuple(x.shape) for x in images})}; resize "
+                         "them to one size, or pass file paths or PIL images (resized for you)")
+    return torch.stack(images)
+
+
 # TVL's image preparation (tvl_enc/tacvis.py, load_vision_data / load_tactile_data), without its training
 # augmentations: frozen features are computed once, so every epoch sees the evaluation-time preparation.
 TVL_CROP_SCALE = math.sqrt(2) * 0.18  # the vision crop's side, as a fraction of the image's longer side
@@ -830,11 +852,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image, size = self.images[i], self.image_size
-        if isinstance(image, (str, os.PathLike)):
-            image = load_image(image, size)
-        elif isinstance(image, Image.Image):
-            image = as_seen(image).resize((size, size), Image.Resampling.BILINEAR)
-            image = _tensor(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255)
+        if isinstance(image, (str, os.PathLike, Image.Image)):
+            image = image_batch(image, size)[0]
         else:
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"image tensors must be 3xHxW, got shape {tuple(image.shape)}")

@@ -9,14 +9,15 @@
 The phase-1 model stays frozen. The first k tokens of the chosen modalities (a `TokenSource`) go through
 a per-modality projector into the decoder's embedding space and are spliced into the user turn:
 `[chat template head | prefix | prompt, template tail | caption, EOS]`, left-padded. The testbed decoder
-is a small Qwen2 (random init, trained fully) with a tokenizer trained offline on SynthTouch captions;
+is a small Qwen2 (random init, trained fully) with a tokenizer fitted offline on the training captions;
 a real Qwen (by hub name or local folder) stays frozen and only the projector (optionally LoRA) trains.
 Training runs through the one loop of loop.py; a run folder holds config.yaml, checkpoint/ (the projector's
-and any trained decoder tensors in model.safetensors, state.pt), metrics.jsonl (with the validation split's
-numbers after every epoch: settings and epochs are chosen on them) and caption_eval.json (the test split, for
-reporting; caption_eval_val.json with --split val). On SynthTouch every evaluated token source carries the
-linear-probe ceiling of its very tokens beside its caption accuracy. `--seeds` trains once per seed and
-writes mean and std over seeds (phase2_<split>.csv/.json); `--ablation` adds the settings of ABLATIONS.
+and any trained decoder tensors in model.safetensors, state.pt), tokenizer/ (a built-in decoder's), metrics.jsonl
+(with the validation split's numbers after every epoch: settings and epochs are chosen on them) and
+caption_eval.json (the test split, for reporting; caption_eval_val.json with --split val). On SynthTouch every
+evaluated token source carries the linear-probe ceiling of its very tokens beside its caption accuracy. `--seeds`
+trains once per seed and writes mean and std over seeds (phase2_<split>.csv/.json); `--ablation` adds the settings
+of ABLATIONS.
 """
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 # Qwen2ForCausalLM at import time, though AutoModelForCausalLM would find it: its module takes ~5 s to import, which
@@ -53,7 +53,8 @@ import loop
 import phase1
 import probes
 from captions import attribute_accuracy, attribute_baselines, caption_metrics, summarize_accuracy
-from config import at_most_threads, atomic_write, load_dataclass
+from config import (Flag, HelpFormatter, add_config_flags, at_most_threads, atomic_write, config_overrides,
+                    load_dataclass, shipped_or_given)
 from encoders import check_images, hub_or_cache
 from features import Features
 
@@ -106,15 +107,20 @@ def prefix_grid(n_tokens: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # 2. Decoders: the built-in testbed Qwen2, or a real one by hub name / folder
 
-# Built-in decoders by name: Qwen2 architecture, few layers, random init, with a byte-level BPE tokenizer
-# trained offline on SynthTouch captions. Built once and cached under <cache_dir>/decoders/.
+# Built-in decoders by name: Qwen2 architecture, few layers, random init, with a byte-level BPE tokenizer fitted
+# offline on the captions phase 2 trains on (`MultimodalLLM.fit_vocabulary`), so any English reads word by word
+# (a fixed vocabulary fitted on other captions cut ordinary words into about a token per letter). Built in memory;
+# a trained run keeps its tokenizer in <run>/tokenizer/ and its weights in its checkpoint.
 TINY_DECODERS = {
     "synthtouch-qwen2-tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
     "synthtouch-qwen2-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
 }
-TOKENIZER_VOCAB, TOKENIZER_CAPTIONS = 512, 4000  # BPE stops merging at 394: every word one token
+# BPE merges until every word of the fitted captions is one token or the vocabulary is full: SynthTouch's stop at
+# 389 tokens; 4096 leaves a larger caption set's rare words in a few pieces while the output layer stays small.
+# Before it is fitted, a built-in decoder's tokenizer is the one of runs saved without theirs: fitted on SynthTouch
+TOKENIZER_VOCAB, TOKENIZER_CAPTIONS = 4096, 4000
 # Qwen's chat format and special tokens, so the tiny decoder is driven exactly like the real one.
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -135,41 +141,41 @@ def build_caption_tokenizer(texts: list[str], vocab_size: int = TOKENIZER_VOCAB)
     return tokenizer
 
 
-def save_tiny_decoder(folder: str | os.PathLike, texts: list[str], vocab_size: int = TOKENIZER_VOCAB,
-                      seed: int = 0, **architecture) -> Path:
-    """A random-init Qwen2ForCausalLM + a tokenizer trained on `texts`, written with save_pretrained."""
-    tokenizer = build_caption_tokenizer(texts, vocab_size)
+def caption_tokenizer(captions: list[str], prompt: str):
+    """The built-in decoders' tokenizer for `captions`: fitted on what the decoder reads, every caption after a chat
+    turn, so the template's words are as frequent as the captions' and become single tokens (a row is 6 positions
+    shorter than when fitted on captions alone)."""
+    prompts = list(dict.fromkeys((prompt, *PROMPTS)))
+    turns = [f"system\nuser\n{prompts[i % len(prompts)]}\nassistant\n" for i in range(len(captions))]
+    return build_caption_tokenizer(list(captions) + turns)
+
+
+def random_decoder(tokenizer, seed: int = 0, **architecture) -> Qwen2ForCausalLM:
+    """A random-init Qwen2ForCausalLM for `tokenizer`'s vocabulary, the same for the same seed."""
     config = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
                          **architecture)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    model.save_pretrained(folder)
+        return Qwen2ForCausalLM(config)
+
+
+def save_tiny_decoder(folder: str | os.PathLike, texts: list[str], vocab_size: int = TOKENIZER_VOCAB,
+                      seed: int = 0, **architecture) -> Path:
+    """A random-init Qwen2ForCausalLM + a tokenizer trained on `texts`, written with save_pretrained."""
+    tokenizer = build_caption_tokenizer(texts, vocab_size)
+    random_decoder(tokenizer, seed, **architecture).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
 
 
-def tiny_decoder_folder(name: str, cache_dir: str | os.PathLike = "cache") -> Path:
-    """The folder of a built-in decoder, built on first use."""
-    spec = TINY_DECODERS[name]
-    recipe = [name, spec, TOKENIZER_VOCAB, TOKENIZER_CAPTIONS, PROMPTS, CHAT_TEMPLATE]
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    folder = Path(cache_dir) / "decoders" / f"{name}-{key}"
-    if (folder / "config.json").is_file():
-        return folder
-    captions = data.SynthTouch(TOKENIZER_CAPTIONS).captions
-    # trained on what the decoder reads: every caption follows a chat turn, so the template's words are as frequent
-    # as the captions' and become single tokens (a row is 6 positions shorter than when trained on captions alone)
-    turns = [f"system\nuser\n{PROMPTS[i % len(PROMPTS)]}\nassistant\n" for i in range(len(captions))]
-    texts = captions + turns
-    # built beside the target and renamed into place, so a crash never leaves a half-built folder
-    tmp = save_tiny_decoder(folder.with_name(f".{folder.name}.tmp{os.getpid()}"), texts, **spec)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process built it meanwhile
-        shutil.rmtree(tmp)
-    return folder
+def save_tokenizer(tokenizer, folder: Path):
+    """save_pretrained beside `folder`, renamed into place: a crash never leaves half a tokenizer in a run."""
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def check_tokenizer(tokenizer, n_embeddings: int, texts, model_name: str):
@@ -198,15 +204,20 @@ def text_nll(decoder, tokenizer, text: str) -> float:
         return decoder(input_ids=ids, labels=ids).loss.float().item()
 
 
-def load_decoder(model_name: str, cache_dir="cache", local_files_only=False, dtype=torch.float32,
-                 probe_texts=PROMPTS[:1]):
+def load_decoder(model_name: str, local_files_only=False, dtype=torch.float32, probe_texts=PROMPTS[:1],
+                 tokenizer_dir: str | os.PathLike | None = None, seed: int = 0):
     """(model, tokenizer) by built-in name, hub name or local folder; offline misses fail clearly, and so do
-    tokenizers that do not fit the model or cannot write `probe_texts` back."""
-    path = tiny_decoder_folder(model_name, cache_dir) if model_name in TINY_DECODERS else model_name
+    tokenizers that do not fit the model or cannot write `probe_texts` back. A built-in decoder is random, for the
+    tokenizer saved in `tokenizer_dir` (a trained run's) or, without one, the one fitted on SynthTouch."""
     try:
-        with hub_or_cache():  # the hub when it answers, else the local cache only: no minute of retries
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+        if model_name in TINY_DECODERS:
+            tokenizer = (AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else
+                         caption_tokenizer(data.SynthTouch(TOKENIZER_CAPTIONS).captions, PROMPTS[0]))
+            model = random_decoder(tokenizer, seed, **TINY_DECODERS[model_name])
+        else:
+            with hub_or_cache():  # the hub when it answers, else the local cache only: no minute of retries
+                tokenizer = AutoTokenizer.from_pretrained(model_name, local_files_only=local_files_only)
+                model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype, local_files_only=local_files_only)
     except OSError as err:
         raise OSError(
             f"cannot load the decoder {model_name!r} ({str(err).splitlines()[0][:300]}) Without network or downloaded "
@@ -238,11 +249,13 @@ WHITENING_FLOOR = 0.1
 
 @dataclass
 class LLMConfig:
+    """Phase 2's settings. The defaults are the ones chosen on the validation split (configs/phase2.yaml says how);
+    that file and any copy of it give only what differs from them."""
     model_name: str = "synthtouch-qwen2-tiny"  # built-in name, hub name (Qwen/Qwen2.5-1.5B-Instruct) or folder
-    projector: str = "linear"
+    projector: str = "mlp2x_gelu"  # a two-layer MLP, as in LLaVA-1.5
     # tokens rescaled by training-split statistics before the projector (Projector.fit_statistics): true per
     # channel, "whiten" per register (decorrelated channels), false not at all
-    standardize_tokens: bool | str = False
+    standardize_tokens: bool | str = "whiten"
     source: TokenSource = field(default_factory=TokenSource)  # the most generate() and evaluation feed
     # Training draws, per sample, one modality or all of source.modalities, and k from prefix_grid (0
     # included), so one model captions from any source, and the k=0 / single-modality results are the
@@ -250,16 +263,22 @@ class LLMConfig:
     mix_sources: bool = True
     # The decoder sees each batch in this many chunks of rows of similar length (MultimodalLLM.loss): rows are
     # padded to the longest of what the decoder sees at once, and with mixed sources random batches of 64 hold
-    # 1.6× the positions their rows need. 1 (the default) keeps runs saved before it as they were.
-    length_chunks: int = 1
+    # 1.6× the positions their rows need; 4 chunks: the same loss, 1.1x-1.3x faster
+    length_chunks: int = 4
     train_decoder: str = "auto"  # auto: full for built-in decoders (they start random), frozen otherwise
     lora_r: int = 16
     lora_alpha: int = 32
     prompt: str = "Describe this image:"
-    max_new_tokens: int = 24
+    # the longest caption generated, in the decoder's tokens; None: the longest training caption plus a quarter (a
+    # test caption may be a little longer), fixed when training starts and saved with the run
+    max_new_tokens: int | None = None
     epochs: int = 12
+    # a small dataset still trains this many steps: each epoch passes over it as often as that takes (0: once). 12
+    # epochs of SynthTouch's 4000 training captions are 744 steps; 8 epochs of 600 captions were 72 and left the
+    # decoder unable to write them (caption accuracy 0.01 where 360 steps reached 0.94)
+    min_steps: int = 700
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
     grad_clip: float = 1.0
@@ -268,9 +287,8 @@ class LLMConfig:
     bf16: bool = True  # on GPU: frozen decoder weights in bf16, forward under bf16 autocast
     # on the CPU, run_phase2 trains and captions on at most this many threads (0: every thread given): a step of
     # the testbed's 2-layer decoder is many small operations, 1.6x slower on two threads than on one (docs/measurements.md, "Speed")
-    cpu_threads: int = 0
+    cpu_threads: int = 1
     local_files_only: bool = False  # never touch the network for the decoder
-    cache_dir: str = "cache"
 
     def __post_init__(self):
         if isinstance(self.source, dict):
@@ -300,7 +318,7 @@ class LLMConfig:
 
 def load_llm_config(path: str | os.PathLike | None = None, **overrides) -> LLMConfig:
     """configs/phase2.yaml (or `path`) with overrides; source fields as "source.<name>"."""
-    return load_dataclass(LLMConfig, path or DEFAULT_CONFIG, overrides, nested="source")
+    return load_dataclass(LLMConfig, path or DEFAULT_CONFIG, overrides)
 
 
 class Projector(nn.Module):
@@ -366,8 +384,11 @@ class MultimodalLLM(nn.Module):
     """`generate([image], prompt=...)`, `generate(touch=[image])` or both → one caption per sample."""
 
     PREFIX_MARK = "\x00prefix\x00"  # where the prefix goes inside the chat template (never tokenized)
+    UNFITTED = 32  # max_new_tokens of a captioner whose config leaves it to the training captions, before it saw any
 
-    def __init__(self, aligner: core.Aligner, llm_cfg: LLMConfig | None = None):
+    def __init__(self, aligner: core.Aligner, llm_cfg: LLMConfig | None = None,
+                 tokenizer_dir: str | os.PathLike | None = None):
+        """`tokenizer_dir`: a built-in decoder's tokenizer as a trained run saved it (`load` passes it)."""
         super().__init__()
         self.llm_cfg = cfg = llm_cfg or LLMConfig()
         self.aligner = aligner.eval().requires_grad_(False)
@@ -378,29 +399,55 @@ class MultimodalLLM(nn.Module):
         self.n_registers = aligner.model.n_tokens
         self.n_shared = aligner.model.design.shared_k
         device = next(aligner.model.parameters()).device
-        training = cfg.decoder_training
-        half = device.type == "cuda" and cfg.bf16 and training != "full"
-        decoder, self.tokenizer = load_decoder(cfg.model_name, cfg.cache_dir, cfg.local_files_only,
-                                               torch.bfloat16 if half else torch.float32, (cfg.prompt,))
+        half = device.type == "cuda" and cfg.bf16 and cfg.decoder_training != "full"
+        decoder, self.tokenizer = load_decoder(cfg.model_name, cfg.local_files_only,
+                                               torch.bfloat16 if half else torch.float32, (cfg.prompt,), tokenizer_dir,
+                                               cfg.seed)
         self.hidden = decoder.config.hidden_size
-        decoder.requires_grad_(training == "full")
-        if training == "lora":
-            from peft import LoraConfig, get_peft_model
-            decoder = get_peft_model(decoder, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
-                                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-        self.decoder = decoder.to(device)
-        if training == "frozen":
-            self.warn_if_untrained()
+        self.attach_decoder(decoder.to(device))
         self.projector = nn.ModuleDict({
             m: Projector(cfg.projector, aligner.model.design.token_width, self.hidden, self.n_registers, cfg.standardize_tokens)
             for m in self.modalities
         }).to(device)
         self.source = self.resolve(cfg.source)
-        self._prompt_ids = {}
+        self.trained = False  # by fit_captioner or load_weights; generate warns once while it is not
+        self._said_untrained = False
 
     @property
     def device(self) -> torch.device:
         return next(self.projector.parameters()).device
+
+    def attach_decoder(self, decoder):
+        """The decoder, trainable per train_decoder (LoRA adapters added for lora)."""
+        cfg = self.llm_cfg
+        decoder.requires_grad_(cfg.decoder_training == "full")
+        if cfg.decoder_training == "lora":
+            from peft import LoraConfig, get_peft_model
+            decoder = get_peft_model(decoder, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
+                                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        self.decoder = decoder
+        self._prompt_ids = {}
+        if cfg.decoder_training == "frozen":
+            self.warn_if_untrained()
+
+    def fit_vocabulary(self, captions: list[str], folder: Path | None = None, resume: bool = False):
+        """Before a built-in decoder's first step: its tokenizer fitted on `captions` (`caption_tokenizer`) and a
+        fresh random decoder of that vocabulary in place of the untrained one, so the captions it learns read word by
+        word. Saved as <folder>/tokenizer; a resumed run gets its own back (one saved before runs kept theirs used
+        the SynthTouch tokenizer this model starts with). Other decoders keep their tokenizer."""
+        if self.llm_cfg.model_name not in TINY_DECODERS:
+            return
+        saved = None if folder is None else Path(folder) / "tokenizer"
+        if resume:
+            if saved is None or not (saved / "tokenizer.json").is_file():
+                return
+            self.tokenizer = AutoTokenizer.from_pretrained(saved)
+        else:
+            self.tokenizer = caption_tokenizer(captions, self.llm_cfg.prompt)
+            if saved is not None:
+                save_tokenizer(self.tokenizer, saved)
+        decoder = random_decoder(self.tokenizer, self.llm_cfg.seed, **TINY_DECODERS[self.llm_cfg.model_name])
+        self.attach_decoder(decoder.to(self.device))
 
     def warn_if_untrained(self):
         """A frozen decoder must already write language. A random one predicts the next token no better than
@@ -474,21 +521,12 @@ class MultimodalLLM(nn.Module):
         return tokens
 
     def check_images(self, modality: str, images) -> torch.Tensor:
-        """A list of 3×S×S tensors (or a B×3×S×S tensor) in [0, 1] at the encoder's size → B×3×S×S."""
+        """Images as `data.image_batch` takes them (file paths and PIL images resized to the encoder's size; 3×S×S
+        tensors in [0, 1]) → B×3×S×S."""
         if modality not in self.modalities:
             raise ValueError(f"this model has no {modality} branch; it captions from {self.modalities}")
-        if isinstance(images, (list, tuple)):
-            if not images:
-                raise ValueError(f"the {modality} image list is empty; pass at least one 3×S×S image tensor")
-            if not all(torch.is_tensor(x) and x.dim() == 3 for x in images):
-                raise ValueError(f"{modality} images must be 3×S×S tensors in [0, 1] (load files with "
-                                 f"data.load_image); got {[getattr(x, 'shape', type(x).__name__) for x in images][:4]}")
-            if len({tuple(x.shape) for x in images}) > 1:
-                raise ValueError(f"{modality} images have different shapes {sorted({tuple(x.shape) for x in images})}; "
-                                 "resize them to one size")
-            images = torch.stack(list(images))
-        images = check_images(images, modality)
         size = self.aligner.encoder(modality).cfg.image_size
+        images = check_images(data.image_batch(images, size), modality)
         if min(images.shape[-2:]) < size:  # larger images are resized by the encoder, as in phase 1
             raise ValueError(f"{modality} images are {tuple(images.shape[-2:])} pixels but the {modality} encoder "
                              f"takes {size}×{size}; resize them (e.g. data.ImageTextDataset(..., image_size={size}))")
@@ -630,9 +668,15 @@ class MultimodalLLM(nn.Module):
         """Captions from phase-1 tokens ({modality: N×R×width}): batched, left-padded, KV-cached, greedy
         unless `generate_kwargs` ask for beams or sampling."""
         source = self.resolve(source)
+        if not self.trained and not self._said_untrained:
+            self._said_untrained = True
+            what = "projector and decoder" if self.llm_cfg.decoder_training == "full" else "projector"
+            warnings.warn(f"this captioner's {what} {'were' if 'and' in what else 'was'} never trained, so its "
+                          "captions are noise: call train_captioning(mm_model, loader) first (or fit_captioner on "
+                          "phase-1 tokens), or load a trained run with MultimodalLLM.load(RUN)", stacklevel=3)
         n = len(next(iter(tokens.values())))
-        kwargs = dict(max_new_tokens=self.llm_cfg.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        kwargs = dict(max_new_tokens=self.llm_cfg.max_new_tokens or self.UNFITTED, do_sample=False, num_beams=1,
+                      use_cache=True, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         kwargs.update(generate_kwargs)
         was_training = self.training
         self.eval()
@@ -673,14 +717,22 @@ class MultimodalLLM(nn.Module):
                              f"{saved['llm']['model_name']}) but this decoder ({self.llm_cfg.model_name}) has hidden "
                              f"size {self.hidden}; load it with the decoder it was trained for, or train a new one")
         loop.load_trainable(self, run.load_weights(), run.path)
+        self.trained = True
         return self
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, aligner: core.Aligner | None = None) -> "MultimodalLLM":
-        """A trained phase-2 model from its run folder, on `aligner` (default: its phase-1 run's)."""
-        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-        aligner = aligner or phase1.load_aligner(saved["phase1_run"])
-        return cls(aligner, LLMConfig(**saved["llm"])).load_weights(run_dir)
+        """A trained phase-2 model from its run folder, on `aligner` (default: its phase-1 run's), from any working
+        directory: the phase-1 run is found relative to this one, as config.yaml keeps it."""
+        run = run_folder(run_dir)
+        if not run.config_path.is_file():
+            raise FileNotFoundError(f"{run.path} is not a phase-2 run folder (no config.yaml in it); pass the "
+                                    "--output_dir of a finished llm_integration.py run, e.g. runs/phase2/default")
+        saved = run.saved_config()
+        aligner = aligner or phase1.load_aligner(phase1.from_run(saved["phase1_run"], run.path))
+        llm = LLMConfig(**{k: v for k, v in saved["llm"].items() if k not in RETIRED})
+        tokenizer = run.path / "tokenizer"
+        return cls(aligner, llm, tokenizer if tokenizer.is_dir() else None).load_weights(run.path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -723,27 +775,43 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
     run = None if output_dir is None else run_folder(output_dir)
     with run.exclusive(wait=False) if run else contextlib.nullcontext():  # one trainer per run folder
         if run is not None:
+            run.check_start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
+        if not mm.trained:
+            mm.fit_vocabulary(captions, None if run is None else run.path, resume)
+        longest = max(len(ids) for ids in mm.tokenizer(list(captions), add_special_tokens=False)["input_ids"])
+        if cfg.max_new_tokens is None:
+            mm.llm_cfg = cfg = dataclasses.replace(cfg, max_new_tokens=math.ceil(1.25 * longest))
+        elif cfg.max_new_tokens < longest:
+            warnings.warn(f"max_new_tokens {cfg.max_new_tokens} is shorter than the longest training caption ({longest} "
+                          f"tokens of {cfg.model_name}'s tokenizer): generated captions that long are cut off and count as "
+                          f"wrong. Set max_new_tokens to {longest} or more (--max_new_tokens, or leave it unset: it then "
+                          "follows the captions)")
+        if run is not None:  # the config as trained, max_new_tokens fixed, so the run captions alike when loaded
             run.start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
         if cfg.standardize_tokens and not resume:  # a resumed run loads its own
             for m, projector in mm.projector.items():
                 if m in tokens:
                     projector.fit_statistics(tokens[m])
+        mm.trained = True
         index_batches = loop.index_batches(n, cfg.batch_size, cfg.seed)
-        sources = {}  # epoch -> every sample's token source, drawn up front so a resumed epoch sees the same
+        # a small dataset: each epoch passes over it as often as it takes to train min_steps steps in all (checkpoints and
+        # validation stay once an epoch; one pass, as before, wherever epochs x batches reach min_steps)
+        passes = max(1, math.ceil(cfg.min_steps / (cfg.epochs * steps_per_epoch)))
+        sources = {}  # pass -> every sample's token source, drawn up front so a resumed epoch sees the same
 
         def batches(epoch):
-            return [(epoch, index) for index in index_batches(epoch)]
+            return [(epoch * passes + p, index) for p in range(passes) for index in index_batches(epoch * passes + p)]
 
         def loss_fn(batch):
-            epoch, index = batch
-            if epoch not in sources:
+            draw, index = batch
+            if draw not in sources:
                 sources.clear()
-                sources[epoch] = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            keep = {m: k[index] for m, k in sources[epoch].items()}
+                sources[draw] = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + draw))
+            keep = {m: k[index] for m, k in sources[draw].items()}
             return mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep), {}
 
         epoch_end = None if val is None else lambda epoch: validation_numbers(mm, *val)
-        return loop.fit(mm, loss_fn, batches, steps_per_epoch, cfg, run, resume=resume, epoch_end=epoch_end,
+        return loop.fit(mm, loss_fn, batches, steps_per_epoch * passes, cfg, run, resume=resume, epoch_end=epoch_end,
                         callback=callback, desc="phase 2 · captioning")
 
 
@@ -768,13 +836,19 @@ def validation_numbers(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], capti
     return out
 
 
+# What a config.yaml saved before a field existed meant by its absence, where the default is now another: these
+# fields came with defaults that kept runs as they were, before configs/phase2.yaml's values became LLMConfig's
+BEFORE_FIELD = {"standardize_tokens": False, "length_chunks": 1, "cpu_threads": 0, "min_steps": 0}
+RETIRED = ("cache_dir",)  # fields older runs saved that no longer mean anything (built-in decoders live in the run)
+
+
 def run_folder(path) -> loop.RunFolder:
-    """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as defaults."""
-    return loop.RunFolder(path, defaults={"llm": LLMConfig().to_dict()})
+    """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as they meant then."""
+    return loop.RunFolder(path, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)}})
 
 
 # what may differ when a phase-2 run is resumed: generation settings and where things live
-RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.cache_dir", "llm.local_files_only", "llm.cpu_threads")
+RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.local_files_only", "llm.cpu_threads")
 
 
 def train_captioning(mm_model: MultimodalLLM, loader, num_epochs: int | None = None, **fit_kwargs) -> list[dict]:
@@ -791,7 +865,7 @@ def train_captioning(mm_model: MultimodalLLM, loader, num_epochs: int | None = N
     cfg = mm_model.llm_cfg
     epochs, batch_size = num_epochs or cfg.epochs, min(loader.batch_size or cfg.batch_size, len(captions))
     steps = epochs * (len(captions) // batch_size)
-    mm_model.llm_cfg = dataclasses.replace(cfg, epochs=epochs, batch_size=batch_size,
+    mm_model.llm_cfg = dataclasses.replace(cfg, epochs=epochs, batch_size=batch_size, min_steps=0,  # epochs as asked
                                            warmup_steps=min(cfg.warmup_steps, steps // 10))
     return fit_captioner(mm_model, {"vision": torch.cat(tokens)}, captions, **fit_kwargs)
 
@@ -846,10 +920,10 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     caption_eval.json (test) or caption_eval_val.json; on SynthTouch every row also holds the linear-probe
     ceiling of its very tokens ("probe accuracy ..." keys, `add_probe_ceiling`)."""
     phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
-    llm_cfg = llm_cfg or load_llm_config()
+    llm_cfg = on_phase1_run(llm_cfg or LLMConfig(), phase1_run)
     with at_most_threads(llm_cfg.cpu_threads if phase1.core_device().type == "cpu" else 0):
         aligner = phase1.load_aligner(phase1_run).to(phase1.core_device())
-        cfg = phase1.load_config(phase1_run / "config.yaml")
+        cfg = phase1.run_config(phase1_run)
         train_set, train_feats = phase1.split_data(cfg, "train")
         val_set, val_feats = phase1.split_data(cfg, "val")
         if split == "val" and val_set is None:
@@ -860,9 +934,8 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
                (encode_tokens(aligner.model, val_feats), val_set.captions, split_factors(val_set)))
         data.set_seed(llm_cfg.seed)
         mm = MultimodalLLM(aligner, llm_cfg)
-        warn_if_captions_are_cut(mm, train_set.captions)
         fit_captioner(mm, train_tokens, train_set.captions, output_dir, resume=resume, callback=callback,
-                      extra={"phase1_run": str(phase1_run)}, overwrite=overwrite, val=val)
+                      extra={"phase1_run": phase1.to_run(phase1_run, output_dir)}, overwrite=overwrite, val=val)
         if not resume:  # a replaced run's evaluations are stale, whichever split they were of
             for name in EVAL_FILES.values():
                 (output_dir / name).unlink(missing_ok=True)
@@ -887,21 +960,20 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         if fit_ceilings is not None:
             add_probe_ceiling(result["rows"], sources, early.result() if early else fit_ceilings())
             result["baselines"] = attribute_baselines(train_factors, factors)
-        result.update(split=split, phase1_run=str(phase1_run), llm=llm_cfg.to_dict())
+        result.update(split=split, phase1_run=str(phase1_run), llm=mm.llm_cfg.to_dict())
         atomic_write(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         return result
 
 
-def warn_if_captions_are_cut(mm: MultimodalLLM, captions: list[str]) -> int:
-    """The longest of `captions` in the decoder's tokens; a warning when generation stops before it
-    (max_new_tokens): every longer caption would come out cut off mid-word and never match its reference."""
-    longest = max(len(ids) for ids in mm.tokenizer(list(captions), add_special_tokens=False)["input_ids"])
-    if mm.llm_cfg.max_new_tokens < longest:
-        warnings.warn(f"max_new_tokens {mm.llm_cfg.max_new_tokens} is shorter than the longest training caption "
-                      f"({longest} tokens of {mm.llm_cfg.model_name}'s tokenizer): generated captions that long are "
-                      f"cut off and count as wrong. Set max_new_tokens to {longest} or more (--max_new_tokens, or "
-                      "configs/phase2.yaml)")
-    return longest
+def on_phase1_run(llm_cfg: LLMConfig, phase1_run: str | os.PathLike) -> LLMConfig:
+    """`llm_cfg` with its token source's modalities, where it leaves them open, those of the phase-1 run's model that
+    are images (a vision+text run has no touch tokens to caption from), so its run folder says which it used."""
+    if llm_cfg.source.modalities is not None:
+        return llm_cfg
+    folder = phase1.run_folder(phase1_run)
+    has = folder.saved_config()["model"]["modalities"] if folder.config_path.is_file() else IMAGE_MODALITIES
+    source = dataclasses.replace(llm_cfg.source, modalities=tuple(m for m in IMAGE_MODALITIES if m in has))
+    return dataclasses.replace(llm_cfg, source=source)
 
 
 def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm_cfg: LLMConfig,
@@ -909,17 +981,19 @@ def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, 
     """The evaluation on `split` of `output_dir` (caption_eval.json for test), training only what is missing:
     a finished run of the same config is reused, an interrupted one resumes, otherwise phase 2 starts.
     Re-running a notebook costs nothing."""
+    llm_cfg = on_phase1_run(llm_cfg, phase1_run)
     run = run_folder(output_dir)
     if run.checkpoint is None:
         return run_phase2(phase1_run, output_dir, llm_cfg, callback=callback, split=split)
     saved = run.saved_config()
     run.check_same_config({"llm": llm_cfg.to_dict(), "decoder_hidden_size": saved.get("decoder_hidden_size"),
-                           "phase1_run": str(phase1_run)}, RESUME_IGNORES)
+                           "phase1_run": phase1.to_run(phase1_run, output_dir)}, RESUME_IGNORES)
     done = eval_file(run.path, split)
     if done.is_file():
         result = json.loads(done.read_text())
-        # max_new_tokens may differ on resume; captions generated with another limit are evaluated again
-        if result["llm"]["max_new_tokens"] == llm_cfg.max_new_tokens:
+        # max_new_tokens may differ on resume; captions generated with another limit are evaluated again (unset, it is
+        # the one the run fixed from its captions)
+        if llm_cfg.max_new_tokens in (None, result["llm"]["max_new_tokens"]):
             return result
     return run_phase2(phase1_run, output_dir, llm_cfg, resume=True, callback=callback, split=split)
 
@@ -1048,17 +1122,35 @@ def target_summary(table: pd.DataFrame) -> dict[str, float]:
     return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}
 
 
+FLAGS = {
+    "epochs": Flag("epochs", int, "passes over the phase-1 run's training split"),
+    "batch_size": Flag("batch_size", int, "captions per step"),
+    "lr": Flag("lr", float, "peak learning rate of AdamW (warm-up, then cosine decay)"),
+    "seed": Flag("seed", int, "seed of the projector's (and a built-in decoder's) initial weights and the batch order"),
+    "model_name": Flag("model_name", str, f"the decoder: a built-in testbed one {tuple(TINY_DECODERS)}, a hub name "
+                       "(Qwen/Qwen2.5-1.5B-Instruct) or a local folder"),
+    "projector": Flag("projector", str, "phase-1 tokens to decoder embeddings", PROJECTORS),
+    "train_decoder": Flag("train_decoder", str, "what of the decoder trains (auto: all of a built-in decoder, none "
+                          "of a pretrained one)", DECODER_TRAINING),
+    "prompt": Flag("prompt", str, "the user turn after the image tokens"),
+    "max_new_tokens": Flag("max_new_tokens", int, "longest caption generated, in the decoder's tokens (None: the "
+                           "longest training caption plus a quarter)"),
+    "min_steps": Flag("min_steps", int, "a small dataset still trains this many steps: each epoch passes over it as "
+                      "often as that takes (0: once)"),
+    "k": Flag("source.k", int, "train and caption from at most the first k tokens of each modality (None: all)"),
+}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase1_run", required=True, help="a phase-1 run folder (config.yaml + model.safetensors)")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--config", type=Path, default=None, help="phase-2 YAML (default: configs/phase2.yaml)")
-    flags = {"epochs": int, "batch_size": int, "lr": float, "model_name": str, "projector": str,
-             "train_decoder": str, "prompt": str, "seed": int}
-    for flag, kind in flags.items():
-        parser.add_argument(f"--{flag}", type=kind)
-    parser.add_argument("--k", type=int, help="train and caption from at most the first k tokens")
-    parser.add_argument("--modalities", nargs="+", choices=IMAGE_MODALITIES, help="token source modalities")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--phase1_run", required=True, default=argparse.SUPPRESS,
+                        help="a phase-1 run folder (train.py's --output_dir)")
+    parser.add_argument("--output_dir", required=True, default=argparse.SUPPRESS, help="the phase-2 run folder")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG.relative_to(ROOT), help="phase-2 YAML")
+    add_config_flags(parser, FLAGS, load_llm_config(None), str(DEFAULT_CONFIG.relative_to(ROOT)))
+    parser.add_argument("--modalities", nargs="+", choices=IMAGE_MODALITIES,
+                        help="the modalities whose tokens the decoder reads (config key source.modalities); None: "
+                             "every image modality of the phase-1 run")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     parser.add_argument("--split", choices=list(EVAL_FILES), default="test",
@@ -1069,16 +1161,12 @@ def main(argv=None):
     parser.add_argument("--ablation", action="store_true",
                         help="with --seeds: every setting of llm_integration.ABLATIONS on top of the config")
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
-    if args.k is not None:
-        overrides["source.k"] = args.k
+    overrides = config_overrides(args, FLAGS)
+    config = shipped_or_given(args.config)
+    if args.modalities and "source.modalities" in overrides:
+        raise SystemExit("--modalities and --set source.modalities both set the token source's modalities: keep one")
     if args.modalities:
         overrides["source.modalities"] = tuple(args.modalities)
-    else:  # the image modalities the phase-1 run has (a vision+text run has no touch tokens to caption from)
-        phase1_folder = phase1.run_folder(args.phase1_run)
-        has = (phase1_folder.saved_config()["model"]["modalities"] if phase1_folder.config_path.is_file()
-               else IMAGE_MODALITIES)
-        overrides["source.modalities"] = tuple(m for m in IMAGE_MODALITIES if m in has)
     if args.resume and args.overwrite:
         raise SystemExit("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")
     if args.ablation and not args.seeds:
@@ -1089,12 +1177,12 @@ def main(argv=None):
                              "--resume/--overwrite (or choose a new --output_dir)")
         settings = {"config": {}, **(ABLATIONS if args.ablation else {})}
         table = seed_statistics(args.phase1_run, args.output_dir, {
-            name: load_llm_config(args.config, **{**overrides, **changes}) for name, changes in settings.items()},
+            name: load_llm_config(config, **{**overrides, **changes}) for name, changes in settings.items()},
             args.seeds, args.split)
         print(table.to_string(index=False, float_format="%.3f"))
         print(f"wrote {Path(args.output_dir) / f'phase2_{args.split}.csv'} and .json")
         return
-    result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(args.config, **overrides), args.resume,
+    result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(config, **overrides), args.resume,
                         overwrite=args.overwrite, split=args.split)
     for row in result["rows"]:
         accuracy = row.get("accuracy", row.get("caption accuracy"))  # attributes (SynthTouch), else exact captions

@@ -54,6 +54,7 @@ CHECKPOINT_FILES = {"model.safetensors", "state.pt"}  # what a checkpoint folder
 # the other files a run writes: a folder holding anything else is not a run, and nothing of it is ever deleted
 RUN_FILES = {"config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv", "confusion.csv",
              "caption_eval.json", "caption_eval_val.json"}
+RUN_FOLDERS = {"tokenizer"}  # a phase-2 run's built-in decoder's tokenizer (llm_integration.MultimodalLLM.fit_vocabulary)
 
 
 # the run locks (RunFolder.exclusive) each thread holds, so that the thread may take one again (flock refuses a
@@ -173,6 +174,8 @@ class RunFolder:
                     {child.name for child in entry.iterdir()} <= CHECKPOINT_FILES:
                 continue
             if name in RUN_FILES and plain and entry.is_file() and (name != "config.yaml" or self.own_config()):
+                continue
+            if name in RUN_FOLDERS and plain and entry.is_dir():
                 continue
             foreign.append(name + ("/" if entry.is_dir() else ""))
         return foreign

@@ -17,7 +17,7 @@ import core
 import data
 import loop
 from config import load_dataclass
-from encoders import EncoderConfig, FrozenEncoder, create_encoder, resolve_encoder
+from encoders import MODALITIES, EncoderConfig, FrozenEncoder, create_encoder, resolve_encoder
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -68,6 +68,9 @@ class TrainConfig:
         return Path(self.output_dir) / self.log_name if self.log_name else Path(self.output_dir)
 
     def __post_init__(self):
+        if not isinstance(self.encoders, dict) or set(self.encoders) - set(MODALITIES):
+            raise ValueError(f"encoders must map modalities among {MODALITIES} to encoders, got {self.encoders!r}; "
+                             "e.g. encoders.vision=synth-vision")
         for name in ("n_train", "n_val", "n_test") if self.dataset == "synthtouch" else ():
             if getattr(self, name) < 1:
                 default = TrainConfig.__dataclass_fields__[name].default
@@ -90,7 +93,7 @@ class TrainConfig:
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
     """A YAML config (configs/default.yaml when None) with overrides; model fields as "model.<name>"."""
-    return load_dataclass(TrainConfig, path or DEFAULT_CONFIG, overrides, nested="model")
+    return load_dataclass(TrainConfig, path or DEFAULT_CONFIG, overrides)
 
 
 # what a design line keeps when it moves to the testbed; data, encoders, width and optimisation come from default.yaml
@@ -105,14 +108,13 @@ def design_on_testbed(design: str, **overrides) -> TrainConfig:
     return load_config(DEFAULT_CONFIG, **{**design_overrides(design), "output_dir": output_dir, **overrides})
 
 
-def design_overrides(design: str) -> dict:
-    """The overrides of configs/default.yaml that put configs/<design>.yaml's design on the testbed
-    (`design_on_testbed`). Matryoshka sizes scale with the embedding width."""
+def design_overrides(design: str, base: str | os.PathLike = DEFAULT_CONFIG) -> dict:
+    """The overrides of the config `base` (default: configs/default.yaml, `design_on_testbed`) that put
+    configs/<design>.yaml's design on it. Matryoshka sizes scale with the embedding width."""
     path = DEFAULT_CONFIG.parent / f"{design}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.yaml") if p != DEFAULT_CONFIG)
-        raise FileNotFoundError(f"no design line {design!r} ({path} missing); known: {known}")
-    line, base = load_config(path), load_config(DEFAULT_CONFIG)
+    if design not in core.DESIGNS or not path.is_file():
+        raise FileNotFoundError(f"no design line {design!r} ({path} missing); known: {sorted(core.DESIGNS)}")
+    line, base = load_config(path), load_config(base)
     keep = {f"model.{key}": getattr(line.model, key) for key in DESIGN_KEYS}
     keep["model.mrl_dims"] = [d * base.model.embed_dim // line.model.embed_dim for d in line.model.mrl_dims]
     return keep
@@ -198,20 +200,52 @@ def build_model(cfg: TrainConfig, feats: dict[str, data.Features] | None = None,
 
 
 def load_aligner(run_dir: str | os.PathLike) -> core.Aligner:
-    """The trained phase-1 model of a run folder with its frozen encoders, in eval mode. The model is sized
-    from its checkpoint and each encoder is built when first used (`core.Aligner.encoder`)."""
+    """The trained phase-1 model of a run folder with its frozen encoders, in eval mode, from any working directory.
+    The model is sized from its checkpoint and each encoder is built when first used (`core.Aligner.encoder`)."""
     run = loop.RunFolder(run_dir)
-    if not run.config_path.is_file():
-        raise FileNotFoundError(f"{run.path} is not a phase-1 run folder (no config.yaml in it); pass the "
-                                "--output_dir of a finished train.py run, e.g. runs/phase1/default")
-    cfg = load_config(run.config_path)
+    cfg = run_config(run.path)
     weights = run.load_weights()
     model = build_model(cfg, weights=weights)
     loop.load_trainable(model, weights, run.path)
     return core.Aligner({m: functools.partial(get_encoder, cfg, m) for m in cfg.model.modalities}, model).eval()
 
 
-def to_yaml(cfg: TrainConfig) -> dict:
+def run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The config a run folder was trained with, its paths (data, feature cache, encoder weights) resolved from
+    the run folder, where config.yaml keeps them relative (`to_yaml`); a run saved before that kept them relative to
+    the working directory it was trained from, which is where they are looked for when not beside the run."""
+    run = loop.RunFolder(run_dir)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{run.path} is not a phase-1 run folder (no config.yaml in it); pass the "
+                                "--output_dir of a finished train.py run, e.g. runs/phase1/default")
+    return map_paths(load_config(run.config_path), lambda path: from_run(path, run.path))
+
+
+def to_run(path: str | os.PathLike, run_dir: str | os.PathLike) -> str:
+    """A path as a run's config.yaml keeps it: relative to the run folder (`from_run` reads it back), or absolute."""
+    return str(path) if os.path.isabs(path) else os.path.relpath(path, run_dir)
+
+
+def from_run(path: str, run_dir: Path) -> str:
+    """A path as a run's config.yaml keeps it, made usable from here: relative to the run folder, or, for a run saved
+    before paths were kept that way, relative to the working directory when only there."""
+    beside = run_dir / path  # an absolute path stays itself
+    return path if not beside.exists() and os.path.exists(path) else str(beside)
+
+
+def map_paths(cfg: TrainConfig, change) -> TrainConfig:
+    """`cfg` with change(path) for every file or folder it names: datasets_dir, cache_dir, encoder weights."""
+    encoders = {m: {**spec, "weights": change(spec["weights"])} if isinstance(spec, dict) and spec.get("weights")
+                else spec for m, spec in cfg.encoders.items()}
+    return dataclasses.replace(cfg, encoders=encoders, cache_dir=change(cfg.cache_dir),
+                               datasets_dir=cfg.datasets_dir and change(cfg.datasets_dir))
+
+
+def to_yaml(cfg: TrainConfig, run_dir: str | os.PathLike | None = None) -> dict:
+    """The config as config.yaml keeps it; with `run_dir`, the relative paths it names made relative to that run
+    folder instead of the working directory, so the run reads from anywhere (`run_config`); absolute ones stay."""
+    if run_dir is not None:
+        cfg = map_paths(cfg, lambda path: to_run(path, run_dir))
     values = cfg.to_dict()
     values["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values["model"].items()}
     return values

@@ -137,7 +137,7 @@ def headline(run_dir: str | os.PathLike) -> dict:
     up; a number a design does not have (no preservation decoder, one adapter embedding) or a run did not
     measure (trained with `leakage_probes: false`: no leakage.csv) is NaN."""
     run_dir = Path(run_dir)
-    cfg = phase1.load_config(run_dir / "config.yaml")
+    cfg = phase1.run_config(run_dir)
     table = evaluate.read_eval(run_dir / "eval.json")
     R = table.index.max()  # the adapter has one embedding, whatever its config's register counts say
     S = min(cfg.model.n_shared, R)
@@ -206,7 +206,7 @@ def targets(run_dir: str | os.PathLike) -> dict:
     its shared tokens, the rise of exact-pair R@1 from k = 1 to n_shared in standard errors of the difference,
     the worst own-private leakage, private factors from private tokens and factor-level R@1."""
     run_dir = Path(run_dir)
-    cfg, table = phase1.load_config(run_dir / "config.yaml"), evaluate.read_eval(run_dir / "eval.json")
+    cfg, table = phase1.run_config(run_dir), evaluate.read_eval(run_dir / "eval.json")
     R, numbers = table.index.max(), headline(run_dir)
     S, out = numbers["n_shared"], {}
     for m in cfg.model.modalities:

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 import core
 import data
 import evaluate
 import loop
-from phase1 import TrainConfig, build_model, core_device, load_config, run_folder, split_data, to_yaml
+from config import Flag, HelpFormatter, add_config_flags, config_overrides, shipped_or_given
+from phase1 import (DEFAULT_CONFIG, ROOT, TrainConfig, build_model, core_device, design_overrides, load_config,
+                    run_folder, split_data, to_yaml)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     device = core_device()
     run = run_folder(cfg.run_dir, main=dist.main)
     with run.exclusive(wait=False):  # one trainer per run folder (loop.RunFolder.exclusive)
-        run.check_start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
+        run.check_start(to_yaml(cfg, cfg.run_dir), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
         if dist.world > 1 and not dist.main:
             torch.distributed.barrier()  # rank 0 fills the feature cache first: no two ranks write one cache folder
         train_set, train_feats = split_data(cfg, "train")
@@ -87,7 +88,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} samples); "
                              f"use --batch_size {n} or less")
-        run.start(to_yaml(cfg), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)  # inputs are good: write
+        run.start(to_yaml(cfg, cfg.run_dir), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)  # inputs are good: write
         ddp = model
         if dist.world > 1:
             ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -136,7 +137,7 @@ def ensure_trained(cfg: TrainConfig, callback=None, evaluated: bool = True) -> P
     with run.exclusive(ready=final):  # held, or another process holds it and the weights are final
         if run.checkpoint is None:
             return train(cfg, callback=callback)
-        run.check_same_config(to_yaml(cfg), RESUME_IGNORES)
+        run.check_same_config(to_yaml(cfg, cfg.run_dir), RESUME_IGNORES)
         if (cfg.run_dir / "eval.json").is_file() or final():
             return cfg.run_dir
         return train(cfg, resume=True, callback=callback)
@@ -201,14 +202,25 @@ def train_alignment(model: core.Aligner, loader, num_epochs: int, lr: float | No
 # ----------------------------------------------------------------------------------------------
 # Command line: the seed flags override the YAML file
 
-FLAGS = {  # flag → (config key, type)
-    "epochs": ("epochs", int), "batch_size": ("batch_size", int), "output_dir": ("output_dir", str),
-    "log_name": ("log_name", str), "n_registers": ("model.n_registers", int), "n_shared": ("model.n_shared", int),
-    "loss_type": ("model.loss_type", str), "flow_weight": ("model.flow_weight", float),
-    "num_register_tokens": ("model.n_registers", int), "num_overlapping_tokens": ("model.n_shared", int),
-    "nested_dropout_rate": ("model.nested_dropout_rate", float),
-    "complementary_reg_weight": ("model.complementary_reg_weight", float),
-    "lr": ("lr", float), "seed": ("seed", int),
+FLAGS = {
+    "epochs": Flag("epochs", int, "passes over the training split"),
+    "batch_size": Flag("batch_size", int, "samples per step (the global batch under torchrun)"),
+    "lr": Flag("lr", float, "peak learning rate of AdamW (warm-up, then cosine decay)"),
+    "seed": Flag("seed", int, "seed of the initial weights, the batch order and nested dropout"),
+    "output_dir": Flag("output_dir", str, "the run folder (config.yaml, checkpoint/, metrics.jsonl, eval.json)"),
+    "log_name": Flag("log_name", str, "a sub-folder of output_dir to write the run into, as in the TVL seed lines"),
+    "n_registers": Flag("model.n_registers", int, "register tokens per modality"),
+    "n_shared": Flag("model.n_shared", int, "the first n_shared registers are aligned across modalities"),
+    "loss_type": Flag("model.loss_type", str, "combined adds a flow-matching head that transports one modality's "
+                      "shared embedding to the other's", ("contrastive", "combined")),
+    "flow_weight": Flag("model.flow_weight", float, "weight of the flow-matching loss (with --loss_type combined)"),
+    # FluxTalk's names (seeds 002/003)
+    "num_register_tokens": Flag("model.n_registers", int, "FluxTalk's name of --n_registers"),
+    "num_overlapping_tokens": Flag("model.n_shared", int, "FluxTalk's name of --n_shared"),
+    "nested_dropout_rate": Flag("model.nested_dropout_rate", float, "FluxTalk design: drop probability of the last "
+                                "register under linear nested dropout"),
+    "complementary_reg_weight": Flag("model.complementary_reg_weight", float, "FluxTalk design: weight of the L2 + "
+                                     "diversity regularisation of the complementary (private) registers"),
 }
 
 
@@ -219,32 +231,26 @@ class RunMode:
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/default.yaml)")
-    parser.add_argument("--stage1_checkpoint", help="TVL stage-1 checkpoint: its tactile encoder becomes the touch encoder")
-    parser.add_argument("--datasets_dir", help="TVL data folder (ssvtp/, hct/) or your own (train.csv with columns among "
-                        "vision, touch, caption); without it the SynthTouch testbed is used")
-    for flag, (_, kind) in FLAGS.items():
-        parser.add_argument(f"--{flag}", type=kind)
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                        help="any other config value, e.g. model.hidden_dim=256 (YAML syntax for the value); may be "
-                             "repeated")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG.relative_to(ROOT),
+                        help="YAML config: configs/default.yaml (SynthTouch on a CPU), or one per design line: "
+                             f"{', '.join(f'configs/{d}.yaml' for d in core.DESIGNS)}")
+    parser.add_argument("--design", choices=tuple(core.DESIGNS), help="put configs/<design>.yaml's design (register "
+                        "counts, attention, nested dropout, losses) on the config, keeping its data, encoders and "
+                        "width: --design fluxtalk trains FluxTalk's registers on SynthTouch")
+    parser.add_argument("--stage1_checkpoint", help="TVL stage-1 checkpoint: its tactile encoder becomes the touch "
+                        "encoder (config key encoders.touch)")
+    parser.add_argument("--datasets_dir", help="TVL data folder (ssvtp/, hct/) or your own (train.csv with columns "
+                        "among vision, touch, caption); without it the config's dataset (SynthTouch) is used")
+    add_config_flags(parser, FLAGS, load_config(None), str(DEFAULT_CONFIG.relative_to(ROOT)))
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     args = parser.parse_args(argv)
-    overrides = {}
-    for flag, (key, _) in FLAGS.items():
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        if key in overrides:
-            raise SystemExit(f"--set {key} is given twice ({overrides[key]!r} and {value!r}) or also by its own "
-                             "flag: keep one")
-        overrides[key] = yaml.safe_load(value)
-    cfg = load_config(args.config, **overrides)
+    overrides = config_overrides(args, FLAGS)
+    config = shipped_or_given(args.config)
+    design = design_overrides(args.design, config) if args.design else {}
+    cfg = load_config(config, **{**design, **overrides})
+    refuse_what_would_be_ignored(cfg, args, overrides, config)
     if args.datasets_dir:  # the folder says which layout it is; a CSV's columns say which modalities it has
         cfg.dataset, cfg.datasets_dir = data.dataset_layout(args.datasets_dir), args.datasets_dir
         if cfg.dataset == "csv" and "model.modalities" not in overrides:
@@ -256,11 +262,42 @@ def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
     return cfg, RunMode(args.resume, args.overwrite)
 
 
+# keys that act only under some setting of the model: given where they would do nothing, they are refused
+ACTS_ONLY_WITH = {"model.nested_dropout_rate": ("nested_dropout", "linear"),
+                  "model.flow_weight": ("loss_type", "combined")}
+FLUXTALK_FLAGS = ("nested_dropout_rate", "complementary_reg_weight")  # the flags of seeds 002/003
+
+
+def refuse_what_would_be_ignored(cfg: TrainConfig, args: argparse.Namespace, overrides: dict, config: Path):
+    """FluxTalk's flags with another design, or a key its design does not use, stop the run with what to add:
+    a seed command line must train what it describes, never another model with its flags dropped."""
+    flux = [f"--{flag}" for flag in FLUXTALK_FLAGS if hasattr(args, flag)]
+    if flux and cfg.model.design != "fluxtalk":
+        raise SystemExit(f"{' and '.join(flux)} {'are flags' if len(flux) > 1 else 'is a flag'} of the FluxTalk design "
+                         f"(seeds 002/003), but {config} trains the {cfg.model.design} design with "
+                         f"{cfg.model.nested_dropout} nested dropout, which would not train what they describe. Add "
+                         "--config configs/fluxtalk.yaml (the seeds' setting: TVL data by --datasets_dir, ViT-L-14) or "
+                         "--design fluxtalk (FluxTalk's registers on this config's data and encoders, e.g. SynthTouch)")
+    for key, (field, value) in ACTS_ONLY_WITH.items():
+        if key in overrides and getattr(cfg.model, field) != value:
+            raise SystemExit(f"{key}={overrides[key]} does nothing with model.{field}: {getattr(cfg.model, field)} "
+                             f"(from {config}); it acts only with model.{field}: {value}. Add --set "
+                             f"model.{field}={value}, or drop it")
+
+
+def eval_summary(path: Path) -> str:
+    """eval.json's retrieval at every k, a row per direction and its chance level, and where the rest is."""
+    table = evaluate.read_eval(path)
+    columns = [c for c in table.columns if " R@1" in c or c.startswith("chance@1")]
+    return (f"R@1 on the test split by number of tokens k:\n{table[columns].T.to_string(float_format='%.3f')}\n"
+            f"every metric at every k: {path}")
+
+
 def main(argv=None):
     cfg, mode = parse_args(argv)
     run_dir = train(cfg, resume=mode.resume, overwrite=mode.overwrite)
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"done: {run_dir}\n{(run_dir / 'eval.json').read_text()[:2000]}")
+        print(f"done: {run_dir}\n{eval_summary(run_dir / 'eval.json')}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ SMOKE_DATA = {"n_train": 256, "n_val": 64, "n_test": 128}
 # four registers, two shared (the tests' tiny model): every kind of token is there, and the leakage probes and the
 # information map, most of a smoke run's time, have a fifth of the prefixes and tokens of the default's sixteen
 SMOKE_PHASE1 = {**SMOKE_DATA, "epochs": 2, "batch_size": 64, "model.n_registers": 4, "model.n_shared": 2}
-SMOKE_PHASE2 = {"epochs": 1, "warmup_steps": 2, "max_new_tokens": 8}
+SMOKE_PHASE2 = {"epochs": 1, "min_steps": 0, "warmup_steps": 2, "max_new_tokens": 8}
 
 
 def settings() -> tuple[bool, Path]:

@@ -40,8 +40,8 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
 def qwen_shaped_decoder(folder: Path) -> Path:
     """A random-init Qwen2ForCausalLM of Qwen2.5-0.5B's shape with the testbed decoder's tokenizer, saved as
     load_decoder reads a local folder."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-    tokenizer = AutoTokenizer.from_pretrained(L.tiny_decoder_folder(L.LLMConfig().model_name))
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tokenizer = L.load_decoder(L.LLMConfig().model_name)[1]
     config = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **QWEN25_05B)
     torch.manual_seed(0)

@@ -73,7 +73,7 @@ table.filter(regex="R@1|recon|chance@1").round(3)
 rows = {}
 for design in ("flextok", "fluxtalk", "adapter"):
     design_run = study.finished_run(f"{design} design")
-    design_cfg = phase1.load_config(design_run / "config.yaml")
+    design_cfg = phase1.run_config(design_run)
     model = phase1.build_model(design_cfg)
     k = model.design.shared_k
     result = evaluate.read_eval(design_run / "eval.json").loc[k]

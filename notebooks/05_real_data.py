@@ -107,7 +107,7 @@ fig
 # adjective-list captions such as TVL's, precision / recall / F1 per adjective.
 
 # %%
-llm = dict(epochs=llm_epochs, batch_size=16)
+llm = dict(epochs=llm_epochs, batch_size=16, **workbook.smoke_sizes({"min_steps": 0}))
 tvl_captions = llm_integration.ensure_phase2(tvl_run, run_dir / "phase2" / "tvl", llm_integration.load_llm_config(None, **llm))
 csv_captions = llm_integration.ensure_phase2(csv_run, run_dir / "phase2" / "digits", llm_integration.load_llm_config(
     None, **llm, **{"source.modalities": ["vision"]}))

@@ -114,6 +114,11 @@ def aligner():
     return core.Aligner(encoders, model).eval()
 
 
+# what the micro decoder's tests were sized with (LLMConfig's defaults before configs/phase2.yaml's became them):
+# a linear projector on raw tokens, each batch in one chunk, the epochs they ask for
+MICRO_SETTINGS = dict(projector="linear", standardize_tokens=False, length_chunks=1, min_steps=0)
+
+
 def make_mm(aligner, decoder_dir, **cfg):
     torch.manual_seed(0)
-    return L.MultimodalLLM(aligner, L.LLMConfig(model_name=decoder_dir, **cfg))
+    return L.MultimodalLLM(aligner, L.LLMConfig(model_name=decoder_dir, **{**MICRO_SETTINGS, **cfg}))

@@ -146,6 +146,14 @@ CASES = {
                                SystemExit, r"--set lr is given twice \(0.1 and '0.2'\).*keep one"),
     "YAML key given twice": (lambda t, p: phase1.load_config(yaml_file(p, "lr: 0.1\nepochs: 3\nlr: 0.2\n")),
                              ValueError, r"bad.yaml is not valid YAML at line 3, column 1: key 'lr' is given twice"),
+    "--set encoders.smell=x": (lambda t, p: train.parse_args(["--set", "encoders.smell=x"]),
+                               ValueError, r"encoders must map modalities among .*'smell': 'x'.*encoders.vision="),
+    "--set inside an encoder given by name": (
+        lambda t, p: train.parse_args(["--set", "encoders.vision.weights=w.pt"]),
+        ValueError, r"encoders.vision is 'synth-vision', not a mapping.*--set 'encoders.vision=\{name: synth-vision, "
+                    r"weights: FILE\}'"),
+    "two flags of one key": (lambda t, p: train.parse_args(["--n_shared", "2", "--num_overlapping_tokens", "3"]),
+                             SystemExit, r"--n_shared and --num_overlapping_tokens both set model.n_shared \(2 and 3\)"),
     "--resume with --overwrite": (lambda t, p: train.parse_args(["--resume", "--overwrite"]),
                                   SystemExit, r"pass one of them"),
     # --- run folders and checkpoints
@@ -226,6 +234,8 @@ CASES = {
                                     ValueError, r"train.csv, line 4: 1 fields where the header has 2"),
     "CSV in Latin-1": (lambda t, p: csv_dataset(csv_with_header(p, "vision,caption", "images/x.png,caf\xe9", "latin-1")),
                        ValueError, r"train.csv is not UTF-8 text .*save it as CSV UTF-8"),
+    "--set with a YAML tag": (lambda t, p: train.parse_args(["--set", "lr=!!python/object:os.system x"]),
+                              SystemExit, r"--set 'lr=!!python/object:os.system x': the value is not plain YAML"),
     "output_dir that is a file": (lambda t, p: train.train(tiny(p, file_in(p, "taken"))),
                                   FileExistsError, r"output_dir .*taken is a file, not a folder; choose another"),
     "cache_dir under a file": (lambda t, p: train.train(tiny(file_in(p, "taken") / "features", p / "run")),

@@ -426,16 +426,26 @@ def test_seed_quick_start_runs_as_written():
     assert isinstance(caption, list) and len(caption) == 1 and isinstance(caption[0], str)
 
 
-def test_the_built_in_tokenizer_reads_the_chat_template_and_captions_word_by_word(tmp_path):
-    _, tokenizer = L.load_decoder("synthtouch-qwen2-tiny", cache_dir=tmp_path)
+ENGLISH = ["a wooden chair stands beside the window", "two children play football in the park",
+           "an old bicycle leans against a brick wall", "fresh bread cools on the kitchen table"]
+
+
+@pytest.mark.parametrize("which", ["synthtouch", "english"])
+def test_the_built_in_tokenizer_reads_the_chat_template_and_its_captions_word_by_word(which):
+    """Fitted on the captions phase 2 trains on, any English reads a token per word (a vocabulary fitted on other
+    captions cut ordinary words into about a token per letter), and the chat template's words are one token each."""
+    captions = data.SynthTouch(400).captions if which == "synthtouch" else ENGLISH * 30
+    tokenizer = L.caption_tokenizer(captions, L.PROMPTS[0])
     turn = tokenizer.apply_chat_template([{"role": "user", "content": "\x00" + L.PROMPTS[0]}], tokenize=False,
                                          add_generation_prompt=True)
     pieces = [tokenizer.convert_ids_to_tokens(tokenizer(t, add_special_tokens=False).input_ids) for t in turn.split("\x00")]
     # every position costs the same in the decoder: the template's words are one token each, as the captions' are
     assert pieces == [["<|im_start|>", "user", "Ċ"],
                       ["Describe", "Ġthis", "Ġimage", ":", "<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"]]
-    caption = data.SynthTouch(1, seed=5).captions[0]
-    assert len(tokenizer(caption, add_special_tokens=False).input_ids) == 2 * caption.count(",") + 1
+    for caption in set(captions):  # SynthTouch's commas are tokens of their own
+        assert len(tokenizer(caption, add_special_tokens=False).input_ids) == len(caption.replace(",", " ,").split())
+    assert L.load_decoder("synthtouch-qwen2-tiny")[1].get_vocab() == L.caption_tokenizer(
+        data.SynthTouch(L.TOKENIZER_CAPTIONS).captions, L.PROMPTS[0]).get_vocab()  # before fitting: SynthTouch's
 
 
 @pytest.fixture(scope="module")
@@ -451,7 +461,7 @@ def tiny_phase1(tmp_path_factory):
     return cfg.run_dir
 
 
-PHASE2_FLAGS = ["--epochs", "1", "--batch_size", "16", "--train_decoder", "full"]
+PHASE2_FLAGS = ["--epochs", "1", "--batch_size", "16", "--train_decoder", "full", "--min_steps", "0"]
 
 
 def test_command_line_writes_caption_eval_json(tiny_phase1, decoder_dir, tmp_path):
@@ -469,7 +479,7 @@ def test_command_line_writes_caption_eval_json(tiny_phase1, decoder_dir, tmp_pat
     assert {"val loss", "val accuracy", "val accuracy touch"} <= set(epoch)  # the curve epochs are chosen on
     # the finished run again (a notebook re-run): reused as it is, but captions of another length are made anew,
     # from the same weights (notebook 05's once cut at 12 tokens would otherwise have stayed)
-    same = L.load_llm_config(None, epochs=1, batch_size=16, train_decoder="full", model_name=str(decoder_dir))
+    same = L.load_llm_config(None, epochs=1, batch_size=16, train_decoder="full", model_name=str(decoder_dir), min_steps=0)
     rows, written = train.read_metrics(out), (out / "caption_eval.json").stat().st_mtime_ns
     assert L.ensure_phase2(tiny_phase1, out, same) == result and (out / "caption_eval.json").stat().st_mtime_ns == written
     shorter = L.ensure_phase2(tiny_phase1, out, L.LLMConfig(**{**same.to_dict(), "max_new_tokens": 2}))
@@ -479,7 +489,7 @@ def test_command_line_writes_caption_eval_json(tiny_phase1, decoder_dir, tmp_pat
 def test_probe_ceilings_are_fit_beside_the_captions_when_a_core_is_spare(tiny_phase1, decoder_dir, tmp_path, monkeypatch):
     """The ceilings read phase-1 tokens only, so with more than one core they are fit in a side thread (their probes
     in worker processes) while the decoder captions; with one, after the captions. Either way the same numbers."""
-    cfg = L.load_llm_config(None, epochs=1, batch_size=16, train_decoder="full", model_name=str(decoder_dir))
+    cfg = L.load_llm_config(None, epochs=1, batch_size=16, train_decoder="full", model_name=str(decoder_dir), min_steps=0)
     fit, threads = L.probe_ceilings, {}
 
     def recording(*args):
@@ -521,19 +531,53 @@ def test_command_line_seed_statistics_on_the_validation_split(tiny_phase1, decod
             "accuracy vision worst shortfall below probe over k"} <= set(targets)
 
 
-def test_a_generation_limit_shorter_than_the_captions_is_named(aligner, decoder_dir):
+def test_the_generation_limit_follows_the_captions_and_a_shorter_one_is_named(aligner, decoder_dir):
     """Captions longer than max_new_tokens come out cut off mid-word and never match (notebook 05 once captioned
-    "a handwritten dig" with a limit of 12, caption accuracy 0.0): run_phase2 warns before training, with the
-    length that fits; at that length it is silent."""
+    "a handwritten dig" with a limit of 12, caption accuracy 0.0). Unset, the limit follows the longest training
+    caption; set shorter, training warns with the length that fits; at that length it is silent."""
     import warnings
-    captions = ["a handwritten digit seven", "a handwritten digit three"]
-    mm = make_mm(aligner, decoder_dir, train_decoder="full")
+    tokens, captions, _ = two_class_data(16)
+    settings = dict(train_decoder="full", epochs=1, batch_size=16)
+    mm = make_mm(aligner, decoder_dir, **settings)
     longest = max(len(mm.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in captions)
-    assert longest > 3 and L.warn_if_captions_are_cut(mm, captions) == longest
-    mm.llm_cfg.max_new_tokens = 3
-    with pytest.warns(UserWarning, match=rf"max_new_tokens 3 is shorter .*\({longest} tokens.*to {longest} or more"):
-        L.warn_if_captions_are_cut(mm, captions)
-    mm.llm_cfg.max_new_tokens = longest
+    L.fit_captioner(mm, tokens, captions)
+    assert longest > 3 and mm.llm_cfg.max_new_tokens == math.ceil(1.25 * longest)
+    with pytest.warns(UserWarning, match=rf"max_new_tokens 3 is shorter .*\({longest} tokens.*to {longest} or more "
+                                         r"\(--max_new_tokens, or leave it unset"):
+        L.fit_captioner(make_mm(aligner, decoder_dir, max_new_tokens=3, **settings), tokens, captions)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        L.warn_if_captions_are_cut(mm, captions)
+        L.fit_captioner(make_mm(aligner, decoder_dir, max_new_tokens=longest, **settings), tokens, captions)
+
+
+def test_command_line_takes_any_config_key_and_the_generation_limit(tiny_phase1, monkeypatch):
+    """llm_integration.py has train.py's grammar: --set KEY=VALUE for any key (dotted into source), and its own flags
+    for the common ones, --max_new_tokens among them; a key given twice is refused."""
+    given = {}
+    monkeypatch.setattr(L, "run_phase2", lambda phase1_run, output_dir, cfg, *a, **k: given.update(cfg=cfg) or
+                        {"rows": []})
+    L.main(["--phase1_run", str(tiny_phase1), "--output_dir", "unused", "--max_new_tokens", "7",
+            "--set", "source.k=2", "source.groups=[shared]", "weight_decay=0.01"])
+    cfg = given["cfg"]
+    assert (cfg.max_new_tokens, cfg.source.k, cfg.source.groups, cfg.weight_decay) == (7, 2, ("shared",), 0.01)
+    assert L.on_phase1_run(cfg, tiny_phase1).source.modalities == ("vision", "touch")  # the phase-1 run's images
+    with pytest.raises(SystemExit, match="--set source.k is given twice"):
+        L.main(["--phase1_run", str(tiny_phase1), "--output_dir", "unused", "--k", "2", "--set", "source.k=1"])
+
+
+def test_generate_before_training_warns_once_saying_what_to_call_first(aligner, decoder_dir, tmp_path):
+    """The seed quick start's generate on a captioner nobody trained wrote junk without a word: it warns, once."""
+    import warnings
+    images = [data.SynthTouch(1)[0]["vision"]]
+    mm = make_mm(aligner, decoder_dir, train_decoder="full", max_new_tokens=3)
+    with pytest.warns(UserWarning, match=r"projector and decoder were never trained.*call train_captioning\(mm_model, "
+                                         r"loader\) first.*MultimodalLLM.load\(RUN\)"):
+        mm.generate(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mm.generate(images)  # said once
+        tokens, captions, _ = two_class_data(32)
+        trained = make_mm(aligner, decoder_dir, train_decoder="full", epochs=1, batch_size=16)
+        L.fit_captioner(trained, tokens, captions, tmp_path / "run")
+        trained.generate(images)
+        make_mm(aligner, decoder_dir, train_decoder="full").load_weights(tmp_path / "run").generate(images)

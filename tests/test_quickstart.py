@@ -2,10 +2,12 @@
 user meets around it: offline hub names, local folders, the device, decoder folders that cannot caption."""
 import re
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import core
 import data
@@ -35,7 +37,10 @@ def test_readme_quick_start_runs_verbatim_to_trained_captions(tmp_path):
         assert f'"{hub_name}"' in code
         code = code.replace(f'"{hub_name}"', f'"{offline_name}"')
     scope = {"image_paths": image_paths, "captions": synth.captions}
-    exec(compile(code, "README.md quick start", "exec"), scope)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        exec(compile(code, "README.md quick start", "exec"), scope)
+    assert not [w for w in said if "never trained" in str(w.message)]  # it trains before it captions
 
     assert next(scope["model"].parameters()).device.type == scope["cfg"].device.type  # cfg.device is honoured
     history = scope["history"]
@@ -130,10 +135,17 @@ def test_a_random_decoder_left_frozen_is_warned_about(tmp_path):
                                                           d_align=32, hidden_dim=32))
     with pytest.warns(UserWarning, match="looks randomly initialised.*train_decoder='full'"):
         L.MultimodalLLM(aligner, L.LLMConfig(model_name=folder))
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         L.MultimodalLLM(aligner, L.LLMConfig(model_name=folder, train_decoder="full"))
+
+
+def test_the_python_defaults_are_the_shipped_phase_2_config():
+    """The quick start's LLMConfig() trains what llm_integration.py trains: configs/phase2.yaml gives no value of its
+    own (only the story of how LLMConfig's defaults were chosen), so the two cannot drift apart."""
+    assert yaml.safe_load(L.DEFAULT_CONFIG.read_text()) is None
+    assert L.load_llm_config(None) == L.LLMConfig()
+    assert (L.LLMConfig().lr, L.LLMConfig().projector, L.LLMConfig().standardize_tokens) == (1e-3, "mlp2x_gelu", "whiten")
 
 
 def test_random_testbed_encoder_is_said_once_in_plain_words(monkeypatch, capsys, caplog):

@@ -2,6 +2,7 @@
 config mismatch on resume, the seed command-line flags, and DDP (2 gloo processes = 1 process)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -15,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import core
+import evaluate
+import llm_integration as L
 import loop
 import phase1
 import train
@@ -25,6 +28,7 @@ from features import Features
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run faster on one thread
 
 ROOT = Path(train.__file__).resolve().parent
+README = (ROOT / "README.md").read_text()
 def rows(run_dir, kind):
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [row for row in map(json.loads, lines) if row["kind"] == kind]
@@ -38,8 +42,8 @@ def test_train_writes_config_weights_metrics_and_eval(reference_run, cache_dir):
     names = {p.name for p in reference_run.iterdir()}
     assert {"config.yaml", "checkpoint", "metrics.jsonl", "eval.json"} <= names
     assert {p.name for p in (reference_run / "checkpoint").iterdir()} == {"model.safetensors", "state.pt"}
-    saved = phase1.load_config(reference_run / "config.yaml")
-    assert saved == tiny(cache_dir, reference_run)
+    saved = phase1.run_config(reference_run)
+    assert saved == tiny(cache_dir, reference_run)  # its paths are absolute, as the fixtures give them
     assert [row["step"] for row in rows(reference_run, "step")] == list(range(1, STEPS + 1))
     epochs = rows(reference_run, "epoch")
     assert [row["epoch"] for row in epochs] == [0, 1]
@@ -249,12 +253,59 @@ def test_flextok_seed_flags_map_to_the_config(tmp_path):
     assert (m.n_registers, m.n_shared, m.loss_type, m.flow_weight) == (16, 4, "combined", 0.25)
 
 
-def test_fluxtalk_seed_flags_map_to_the_config():
-    cfg, _ = train.parse_args(["--num_register_tokens", "4", "--num_overlapping_tokens", "3",
-                               "--nested_dropout_rate", "0.3", "--complementary_reg_weight", "0.01", "--resume"])
+SEED_002 = ["--num_register_tokens", "4", "--num_overlapping_tokens", "3", "--nested_dropout_rate", "0.5",
+            "--complementary_reg_weight", "0.01"]  # seeds 002/003's command line, with train.py for its script
+
+
+def test_the_seed_002_command_line_is_refused_with_the_flags_that_train_fluxtalk():
+    """Its flags are FluxTalk's; on the default flextok design nested_dropout_rate would do nothing. Refused, naming
+    what trains FluxTalk; with either, it is FluxTalk's model that trains."""
+    with pytest.raises(SystemExit, match=r"--nested_dropout_rate and --complementary_reg_weight are flags of the "
+                                         r"FluxTalk design.*flextok design with power_of_two.*--config "
+                                         r"configs/fluxtalk.yaml.*--design fluxtalk"):
+        train.parse_args(SEED_002)
+    cfg, _ = train.parse_args(["--config", "configs/fluxtalk.yaml", *SEED_002, "--resume"])
     m = cfg.model
-    assert (m.n_registers, m.n_shared, m.nested_dropout_rate, m.complementary_reg_weight) == (4, 3, 0.3, 0.01)
-    assert cfg.dataset == "synthtouch"  # no --datasets_dir: the testbed
+    assert (m.design, m.attention, m.nested_dropout) == ("fluxtalk", "cross", "linear")
+    assert (m.n_registers, m.n_shared, m.nested_dropout_rate, m.complementary_reg_weight) == (4, 3, 0.5, 0.01)
+    cfg, _ = train.parse_args(["--design", "fluxtalk", *SEED_002])
+    assert cfg.dataset == "synthtouch" and cfg.model == m.__class__(**{
+        **phase1.design_on_testbed("fluxtalk").model.__dict__, "n_registers": 4, "n_shared": 3})
+    # a key where its design does not use it is refused too, named with the setting it needs
+    with pytest.raises(SystemExit, match=r"model.nested_dropout_rate=0.3 does nothing with model.nested_dropout: "
+                                         r"power_of_two.*--set model.nested_dropout=linear"):
+        train.parse_args(["--set", "model.nested_dropout_rate=0.3"])
+
+
+def test_every_row_of_the_readmes_seed_table_runs(cache_dir, tmp_path):
+    """README "Coming from the seed code": the seeds' scripts are train.py, their register module's names import
+    from core, and their test_modules.py is tests/test_core.py."""
+    table = README.split("## Coming from the seed code")[1].split("\n## ")[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == 4
+    # experiments/stage2/train.py and main_train_stage2.py: seed 002/003's line + --design fluxtalk trains FluxTalk
+    sizes = [f"{k}={v}" for k, v in TINY.items() if k not in ("model.n_registers", "model.n_shared")]
+    train.main(["--design", "fluxtalk", *SEED_002, "--output_dir", str(tmp_path / "flux"), "--set",
+                f"cache_dir={cache_dir}", *sizes])
+    model = phase1.load_aligner(tmp_path / "flux").model
+    assert model.cfg.design == "fluxtalk" and model.n_tokens == 4 and isinstance(model.design, core.FluxTalkDesign)
+    # from experiments.stage2.cursor.register_tokens import ...: the same names from core
+    line = re.search(r"`(from core import [^`]+)`", table).group(1)
+    names = {}
+    exec(line, names)
+    assert {"RegisterTokenModule", "NestedDropout", "RegisterTokenLoss"} <= set(names)
+    feats = {m: Features(torch.randn(8, 12), torch.randn(8, 5, 12), torch.ones(8, 5, dtype=torch.bool))
+             for m in ("vision", "touch")}
+    aligner = core.AlignmentModel(core.ModelConfig(hidden_dim=16, n_registers=4, n_shared=2, n_layers=1, n_heads=2,
+                                                   embed_dim=8, complementary_reg_weight=0.01), {"vision": 12, "touch": 12},
+                                  {"vision": 5, "touch": 5}).eval()  # eval: no nested dropout, so two calls agree
+    loss, parts = names["RegisterTokenLoss"](aligner)(feats)
+    assert loss.item() == aligner(feats)[0].item() and {"contrastive", "complementary"} <= set(parts)
+    # test_modules.py: tests/test_core.py, run as the row says
+    command = re.search(r"`(\.venv/bin/python -m pytest tests/test_core.py[^`]*)`", table).group(1)
+    done = subprocess.run([sys.executable, *command.split()[1:], "-q", "-p", "no:cacheprovider", "-k", "prefix_lengths"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-2000:]
 
 
 def test_cli_without_flags_is_the_default_config_and_set_reaches_any_field():
@@ -262,6 +313,10 @@ def test_cli_without_flags_is_the_default_config_and_set_reaches_any_field():
     cfg, mode = train.parse_args(["--config", str(ROOT / "configs" / "default.yaml"), "--resume",
                                     "--set", "model.hidden_dim=64", "n_train=100", "model.modalities=[vision, text]"])
     assert mode.resume and cfg.model.hidden_dim == 64 and cfg.n_train == 100 and cfg.model.modalities == ("vision", "text")
+    # a dotted key reaches into every nested section, a mapping too: the other encoders keep their defaults
+    cfg, _ = train.parse_args(["--set", "encoders.vision={name: synth-vision, weights: w.safetensors}"])
+    assert cfg.encoders == {**phase1.load_config(None).encoders,
+                            "vision": {"name": "synth-vision", "weights": "w.safetensors"}}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         train.parse_args(["--set", "hidden_dim"])
     with pytest.raises(ValueError, match=r"unknown config keys \['n_trian'\]"):
@@ -284,6 +339,31 @@ def test_missing_stage1_checkpoint_fails_clearly(tmp_path):
     cfg, _ = train.parse_args(["--stage1_checkpoint", str(tmp_path / "stage1.pth")])
     with pytest.raises(FileNotFoundError, match="stage1.pth.*does not exist"):
         phase1.get_encoder(cfg, "touch")
+
+
+@pytest.mark.parametrize("script", [train, L])
+def test_every_flag_of_both_command_lines_says_its_meaning_and_default(script, capsys):
+    """--help of train.py and llm_integration.py: every config flag names its key, its default and, where the key
+    has a fixed set of values, the choices; every other flag has help text and argparse's default."""
+    with pytest.raises(SystemExit):
+        (script.parse_args if script is train else script.main)(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    for name, flag in script.FLAGS.items():
+        assert re.search(rf"--{name} \w+ .+? \(config key {re.escape(flag.key)}; default .+? from configs/", text), name
+        if flag.choices:
+            assert f"one of {', '.join(flag.choices)}" in text
+    assert "--set [KEY=VALUE ...] any config key" in text
+    assert "--max_new_tokens" in text or script is train
+
+
+def test_the_finished_run_prints_retrieval_by_k_not_a_cut_file(reference_run):
+    summary = train.eval_summary(reference_run / "eval.json")
+    table = evaluate.read_eval(reference_run / "eval.json")
+    assert f"every metric at every k: {reference_run / 'eval.json'}" in summary
+    header = summary.splitlines()[1].split()
+    assert header == ["k", *map(str, table.index)]  # one column per k, every number whole
+    row = next(line for line in summary.splitlines() if line.startswith("vision->touch R@1 pair "))
+    assert [float(x) for x in row.split()[-len(table):]] == pytest.approx(table["vision->touch R@1 pair"].tolist(), abs=5e-4)
 
 
 # ----------------------------------------------------------------------------------------------
