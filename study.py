@@ -38,7 +38,7 @@ import phase1
 import plots
 import train
 
-# FSQ on the shared tokens with a 12-number code (FlexTok's levels twice): the closest design to the target corner
+# FSQ on the shared tokens with a 12-number code (FlexTok's levels twice)
 FSQ_SHARED_12 = {"model.token_dim": 12, "model.token_levels": [8, 8, 8, 5, 5, 5] * 2, "model.bottleneck_tokens": "shared"}
 
 # name -> overrides of configs/default.yaml. The default carries the leakage design the workbook adopted;
@@ -234,15 +234,18 @@ def targets(run_dir: str | os.PathLike) -> dict:
 
 LEAK = "worst own-private leakage into the shared embedding, k=n_shared"
 RETRIEVAL = "R@1 factor, k=n_shared"
+# the workbook's target corner: a design that keeps its own private factors out of the shared embedding (leakage at
+# most this) and still retrieves the right shared factors (R@1 at least this)
+TARGET = {LEAK: 0.15, RETRIEVAL: 0.9}
 
 
 def read_rows(root: str | os.PathLike = "runs/study") -> pd.DataFrame:
     """One row per run (runs.csv): your study's runs for the variants you have trained, the reference results'
-    for the others, as `finished_run` chooses folders."""
-    reference = pd.read_csv(REFERENCE / "runs.csv")
+    for the others, as `finished_run` chooses folders; `source` says which ("yours" or "reference")."""
+    reference = pd.read_csv(REFERENCE / "runs.csv").assign(source="reference")
     if not (Path(root) / "runs.csv").is_file():
         return reference
-    mine = pd.read_csv(Path(root) / "runs.csv")
+    mine = pd.read_csv(Path(root) / "runs.csv").assign(source="yours")
     return pd.concat([mine, reference[~reference.variant.isin(mine.variant)]], ignore_index=True)
 
 
@@ -268,7 +271,50 @@ def tradeoff(rows: pd.DataFrame) -> pd.DataFrame:
     per_run = rows.assign(**{LEAK: rows[leak_columns].max(axis=1, skipna=False)}).dropna(subset=[LEAK, RETRIEVAL])
     grouped = per_run.groupby("variant", sort=False)[[LEAK, RETRIEVAL]]
     table = grouped.mean().join(grouped.std(ddof=1), rsuffix=" std").assign(seeds=grouped.size())
+    if "source" in per_run:  # read_rows: a variant's runs are all yours or all the reference's
+        table["source"] = per_run.groupby("variant", sort=False)["source"].first()
     return table.reindex([v for v in VARIANTS if v in table.index])
+
+
+def distance_to_target(table: pd.DataFrame) -> pd.Series:
+    """How far each design's mean point of the `tradeoff` table lies from the target corner (0 inside it): the
+    leakage above its bound and the R@1 below its bound, as one Euclidean distance."""
+    over = (table[LEAK] - TARGET[LEAK]).clip(lower=0)
+    under = (TARGET[RETRIEVAL] - table[RETRIEVAL]).clip(lower=0)
+    return np.hypot(over, under)
+
+
+def closest_to_target(table: pd.DataFrame) -> str:
+    """The design of the `tradeoff` table nearest the target corner; among designs inside it, the one retrieving
+    most."""
+    return table.assign(distance=distance_to_target(table)).sort_values(
+        ["distance", RETRIEVAL], ascending=[True, False]).index[0]
+
+
+def _mean_std(row: pd.Series, column: str) -> str:
+    """`mean ± std` at 3 decimals, the mean alone where one seed has no spread."""
+    std = row.get(f"{column} std")
+    return f"{row[column]:.3f}" + ("" if pd.isna(std) else f" ± {std:.3f}")
+
+
+def tradeoff_summary(table: pd.DataFrame) -> str:
+    """The trade-off figure in words (Markdown), every number from `table`: which designs keep leakage within the
+    target, the one of them that retrieves most, and which design is inside or closest to the target corner."""
+    def point(name):
+        row = table.loc[name]
+        seeds = f"{int(row['seeds'])} seed{'s' if row['seeds'] > 1 else ''}"
+        return (f"**{name}** (R@1 {_mean_std(row, RETRIEVAL)}, leakage {_mean_std(row, LEAK)}, {seeds}"
+                f"{', reference results' if row.get('source') == 'reference' else ''})")
+
+    low = table[table[LEAK] <= TARGET[LEAK]]
+    inside = low[low[RETRIEVAL] >= TARGET[RETRIEVAL]]
+    lines = [f"- Leakage within {TARGET[LEAK]}: " + (", ".join(low.index) if len(low) else "no design") + "."]
+    if len(low):
+        lines.append(f"- Of these, the most factor-level R@1: {point(low[RETRIEVAL].idxmax())}; the best R@1 of all "
+                     f"designs: {point(table[RETRIEVAL].idxmax())}.")
+    lines.append(f"- Inside the target corner: {', '.join(map(point, inside.index))}." if len(inside) else
+                 f"- No design is inside the target corner; the closest: {point(closest_to_target(table))}.")
+    return "\n".join(lines)
 
 
 def write(rows: pd.DataFrame, root: str | os.PathLike = "runs/study") -> Path:

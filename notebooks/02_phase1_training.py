@@ -65,7 +65,7 @@ table.filter(regex="R@1|recon|chance@1").round(3)
 # one embedding, no registers) — the baseline the registers must beat.
 #
 # They are variants of the study (`python study.py --variants "flextok design" "fluxtalk design" "adapter design"
-# --seeds 0`, about 20 minutes here). `study.finished_run` finds your own runs in `runs/study` when you have
+# --seeds 0`). `study.finished_run` finds your own runs in `runs/study` when you have
 # trained them, and otherwise the reference results shipped in `docs/study` (the runs' configs, metrics and
 # evaluation tables), so this demo trains only the default above.
 

@@ -136,7 +136,8 @@ def test_the_reference_results_are_of_todays_config(variant):
         assert 0 < numbers["R@1 factor, k=n_shared"] <= 1 and numbers["n_shared"] <= numbers["n_registers"]
 
 
-@pytest.mark.parametrize("variant", ["FSQ shared tokens 12-number code 28 epochs"])  # what notebook 03 reads
+# what notebook 03 reads: the design closest to the target corner, by the reference's trade-off
+@pytest.mark.parametrize("variant", [study.closest_to_target(study.tradeoff(pd.read_csv(study.REFERENCE / "runs.csv")))])
 def test_the_reference_confusion_counts_are_of_the_runs_own_top_1(variant):
     """confusion.csv of reference runs was computed later, from the runs' weights: it must be of the same top-1 as
     the run's own R@1 factor in eval.json: the largest share wrong at most 1 − R@1, and their sum at least that."""
@@ -171,6 +172,23 @@ def test_the_tradeoff_takes_each_runs_worse_modality_then_mean_and_std_over_seed
     merged = study.read_rows(tmp_path)
     reference = pd.read_csv(study.REFERENCE / "runs.csv")
     assert (merged.variant == "default").sum() == 2 and set(merged.variant) == set(reference.variant)
+
+
+def test_the_design_closest_to_the_target_and_the_tradeoff_in_words():
+    """Notebook 03 names the design nearest the target corner and states the trade-off from the table, not by hand."""
+    leak, r1 = study.TARGET[study.LEAK], study.TARGET[study.RETRIEVAL]
+    table = pd.DataFrame({study.LEAK: [leak + 0.3, leak - 0.05, leak - 0.1, leak + 0.01],
+                          study.RETRIEVAL: [r1 + 0.05, r1 - 0.02, r1 - 0.2, r1 - 0.01], "seeds": [3, 3, 1, 3]},
+                         index=["leaky", "near", "far", "nearest"])
+    table[f"{study.LEAK} std"] = table[f"{study.RETRIEVAL} std"] = [0.01, 0.01, np.nan, 0.01]
+    assert study.distance_to_target(table).loc["nearest"] == pytest.approx(np.hypot(0.01, 0.01))
+    assert study.closest_to_target(table) == "nearest"
+    words = study.tradeoff_summary(table)
+    assert f"Leakage within {leak}: near, far." in words and "No design is inside" in words
+    assert f"**near** (R@1 {r1 - 0.02:.3f} ± 0.010" in words and "**far** (R@1" not in words  # its R@1 is lower
+    inside = table.assign(**{study.RETRIEVAL: table[study.RETRIEVAL] + 0.1})
+    assert study.closest_to_target(inside) == "near"  # both inside the corner: the one retrieving more
+    assert "Inside the target corner: **near**" in study.tradeoff_summary(inside)
 
 
 def test_every_design_in_the_tradeoff_figure_looks_different_past_twenty():
