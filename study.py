@@ -79,6 +79,19 @@ VARIANTS = {
     "linear nested dropout": {"model.nested_dropout": "linear"},
     **{f"{design} design": phase1.design_overrides(design) for design in ("flextok", "fluxtalk", "adapter")},
 }
+# what kind of change each variant makes to the default: the trade-off figure gives a family one colour
+FAMILIES = {"default": "the default", "no nested dropout": "nested dropout", "uniform nested dropout": "nested dropout",
+            "linear nested dropout": "nested dropout", "no leakage guard": "leakage guard",
+            "stop-gradient": "leakage guard", "cross-modal reconstruction": "leakage guard",
+            "decorrelation": "leakage guard", "token bottleneck": "token format", "FSQ tokens": "token format",
+            **{f"{design} design": "design line" for design in ("flextok", "fluxtalk", "adapter")}}
+
+
+def family(variant: str) -> str:
+    """A variant's family (FAMILIES); the FSQ shared-token variants are one, and a variant of your own is "other"."""
+    return FAMILIES.get(variant, "FSQ shared tokens" if variant.startswith("FSQ shared tokens") else "other")
+
+
 LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruction", "decorrelation", "token bottleneck",
                     "FSQ tokens", "FSQ shared tokens")
 SEEDS = (0, 1, 2)

@@ -157,12 +157,14 @@ fig
 # Each design as one point: how much of its own private factors the aligned shared embedding gives away (the worst
 # factor of either modality, non-linear probe, k = n_shared) against factor-level vision→touch R@1 at the same k,
 # mean ± std over the seeds trained (your `runs/study` where you have trained a variant, the reference results
-# otherwise). The shaded corner is what the workbook aims for (`study.TARGET`): leakage ≤ 0.15 and R@1 ≥ 0.9. The
-# list under the figure reads the same table.
+# otherwise). Colour is a design's family (`study.FAMILIES`: what kind of change it makes to the default), the marker
+# the design within it. The shaded corner is what the workbook aims for (`study.TARGET`): leakage ≤ 0.15 and
+# R@1 ≥ 0.9. The list under the figure reads the same table.
 
 # %%
 tradeoff = study.tradeoff(study.read_rows())
-fig = plots.tradeoff(tradeoff, study.LEAK, study.RETRIEVAL, study.TARGET[study.LEAK], study.TARGET[study.RETRIEVAL])
+fig = plots.tradeoff(tradeoff, study.LEAK, study.RETRIEVAL, study.TARGET[study.LEAK], study.TARGET[study.RETRIEVAL],
+                     study.family)
 workbook.save_figure(fig, "03_tradeoff")
 display(fig)
 Markdown(study.tradeoff_summary(tradeoff))

@@ -196,9 +196,25 @@ def test_every_design_in_the_tradeoff_figure_looks_different_past_twenty():
     names = [f"design {i}" for i in range(23)]  # more designs than the 20 colours of the palette
     table = pd.DataFrame({study.LEAK: np.linspace(0, 0.9, 23), study.RETRIEVAL: 0.5, "seeds": 1}, index=names)
     fig = plots.tradeoff(table, study.LEAK, study.RETRIEVAL, target_x=0.15, target_y=0.9)
-    handles, labels = fig.axes[0].get_legend_handles_labels()
-    assert labels == names
-    assert len({(to_hex(h.lines[0].get_color()), h.lines[0].get_marker()) for h in handles}) == len(names)
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == names
+    assert len({(to_hex(h.get_color()), h.get_marker()) for h in legend.legend_handles}) == len(names)
+
+
+def test_the_tradeoff_figure_gives_a_family_one_colour_and_its_designs_markers():
+    from matplotlib.colors import to_hex
+    table = study.tradeoff(pd.read_csv(study.REFERENCE / "runs.csv").assign(source="reference"))
+    fig = plots.tradeoff(table, study.LEAK, study.RETRIEVAL, 0.15, 0.9, study.family)
+    legend = fig.legends[0]
+    entries = dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
+    families = set(map(study.family, table.index))
+    assert families <= set(entries) and "other" not in families  # every variant of the study has its family
+    designs = {name.split(" (")[0]: h for name, h in entries.items() if name not in families}
+    assert set(designs) == set(table.index) and all("reference" in name for name in entries if name not in families)
+    for f in families:
+        members = [designs[name] for name in table.index if study.family(name) == f]
+        assert len({to_hex(h.get_color()) for h in members}) == 1 and len({h.get_marker() for h in members}) == len(members)
+    assert len({to_hex(designs[name].get_color()) for name in ("default", "FSQ tokens", "no leakage guard")}) == 3
 
 
 def test_a_study_of_some_variants_or_seeds_adds_to_the_table_in_study_order(tmp_path):
