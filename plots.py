@@ -14,6 +14,7 @@ import textwrap
 
 import matplotlib
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
@@ -39,6 +40,18 @@ def png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def significant(x, digits: int = 3) -> str:
+    """A number as the workbook's tables show it: `digits` significant digits and no exponent; below half a unit
+    of the `digits`-th decimal it is 0 (a BLEU of 5e-18 is no BLEU); a missing one is "–"."""
+    if x is None or not np.isfinite(x):
+        return "–"
+    if abs(x) < 0.5 * 10.0 ** -digits:
+        return "0"
+    if abs(x) >= 10 ** digits:
+        return f"{x:.0f}"
+    return f"{x:.{digits}g}"
 
 
 def smallest_text_px(fig: Figure, width_px: int = NOTEBOOK_PX) -> float:
@@ -110,6 +123,11 @@ def _color_factor_labels(labels, groups: dict[str, str]):
     """Each label in its factor's group colour (grey for a row that is no factor, such as the sensors' noise)."""
     for label in labels:
         label.set_color(GROUP_COLORS.get(groups.get(label.get_text()), "0.45"))
+
+
+def _color_labels(labels, colors):
+    for label, color in zip(labels, colors):
+        label.set_color(color)
 
 
 def _group_legend(ax, groups, **kwargs):
@@ -536,6 +554,36 @@ def tradeoff(table, x: str, y: str, target_x: float, target_y: float, family=Non
     legend = fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncols=2)
     for i in headers:  # a family's name heads its designs
         legend.get_texts()[i].set_fontweight("bold")
+    return fig
+
+
+def study_summary(table, family, title: str = "Every design of the study: mean ± std over seeds (test split)") -> Figure:
+    """study.per_variant's table (mean, "<column> std", seeds, source per design) as one panel per number, side by
+    side: a design per row, grouped by family (one colour each, families in the table's order), its mean with a
+    ± std bar. Designs whose results are the reference's are starred."""
+    columns = [c for c in table.columns if not c.endswith(" std") and c not in ("seeds", "source")]
+    families = list(dict.fromkeys(map(family, table.index)))
+    order = sorted(table.index, key=lambda name: families.index(family(name)))  # stable: study order in a family
+    colors = dict(zip(families, matplotlib.colormaps["tab10"].colors))
+    fig, axes, _ = _grid(len(columns), len(columns), 0.19 * len(order) + 1.0, sharey=True)
+    y = np.arange(len(order))
+    for ax, column in zip(axes, columns):
+        for i, name in enumerate(order):
+            row = table.loc[name]
+            ax.errorbar(row[column], i, xerr=row.get(f"{column} std"), fmt="o", ms=4, capsize=2,
+                        color=colors[family(name)])
+        for edge in np.flatnonzero([family(a) != family(b) for a, b in zip(order, order[1:])]):
+            ax.axhline(edge + 0.5, color="0.8", linewidth=0.8)  # between families
+        ax.set_title(_wrap(column, 18), fontsize=8)
+        ax.locator_params(axis="x", nbins=3)  # narrow panels: a few ticks that do not run into each other
+        ax.grid(axis="x", alpha=0.3)
+    reference = table.get("source", pd.Series(dtype=str)).reindex(order).eq("reference")
+    axes[0].set_yticks(y, [f"{name} *" if ref else name for name, ref in zip(order, reference)], fontsize=7)
+    axes[0].invert_yaxis()
+    _color_labels(axes[0].get_yticklabels(), [colors[family(name)] for name in order])
+    fig.legend(handles=[Patch(color=colors[f], label=f) for f in families], fontsize=8, loc="outside lower center",
+               ncols=3, title="family", title_fontsize=8)
+    fig.suptitle(title + ("\n* the reference's results (docs/study), not yours" if reference.any() else ""), fontsize=10)
     return fig
 
 

@@ -204,12 +204,22 @@ def study(variants=tuple(VARIANTS), seeds=SEEDS, root: str | os.PathLike = "runs
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """mean ± std (over seeds, sample std) of every number, one row per variant, variants in study order."""
-    numbers = rows.drop(columns=["seed", "run"]).groupby("variant", sort=False)
+    """mean ± std (over seeds, sample std) of every number at 3 significant digits, one column per variant,
+    variants in study order."""
+    numbers = rows.drop(columns=["seed", "run", "source"], errors="ignore").groupby("variant", sort=False)
     mean, std, n = numbers.mean(), numbers.std(ddof=1), numbers.size()
-    spread = std.round(3).map(lambda x: "" if pd.isna(x) else f" ± {x}")  # one seed has no spread
-    table = mean.round(3).map(lambda x: "–" if pd.isna(x) else str(x)) + spread  # –: the design has no such number
+    spread = std.map(lambda x: "" if pd.isna(x) else f" ± {plots.significant(x)}")  # one seed has no spread
+    table = mean.map(plots.significant) + spread  # –: the design has no such number
     return table.assign(seeds=n).T
+
+
+def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """`summarise` for a notebook: one row per variant, under its family (families in the order they first come)."""
+    table = summarise(rows).T
+    families = table.index.map(family)
+    order = np.argsort(pd.Index(families).map(list(dict.fromkeys(families)).index), kind="stable")
+    table.index = pd.MultiIndex.from_arrays([families, table.index], names=["family", "variant"])
+    return table.iloc[order]
 
 
 def targets(run_dir: str | os.PathLike) -> dict:
@@ -250,6 +260,8 @@ RETRIEVAL = "R@1 factor, k=n_shared"
 # the workbook's target corner: a design that keeps its own private factors out of the shared embedding (leakage at
 # most this) and still retrieves the right shared factors (R@1 at least this)
 TARGET = {LEAK: 0.15, RETRIEVAL: 0.9}
+# what notebook 03's study figure shows of every design: retrieval, leakage and the touch preservation cosine
+FIGURE_COLUMNS = (RETRIEVAL, "R@1 pair, k=n_shared", LEAK, "touch recon cos, k=all")
 
 
 def read_rows(root: str | os.PathLike = "runs/study") -> pd.DataFrame:
@@ -275,18 +287,24 @@ def merge_rows(new: pd.DataFrame, old_csv: Path) -> pd.DataFrame:
                             kind="stable", ignore_index=True)
 
 
-def tradeoff(rows: pd.DataFrame) -> pd.DataFrame:
-    """What each variant pays for keeping private factors out: per variant, mean and std over seeds of the worst
-    own-private leakage into the aligned shared embedding (the larger of the modalities' worst factors, each
-    run) and of factor-level vision→touch R@1, both at k = n_shared. Variants without a leakage number (the
-    adapter has no private tokens to keep apart) are left out."""
+def per_variant(rows: pd.DataFrame, columns=FIGURE_COLUMNS) -> pd.DataFrame:
+    """Per variant (in study order), mean and std ("<column> std") over seeds of `columns` of the runs' rows, the
+    number of seeds, and where `rows` says (read_rows), whose results they are. LEAK, the worst own-private
+    leakage into the aligned shared embedding, is the larger of the modalities' worst factors of each run."""
     leak_columns = [c for c in rows.columns if c.endswith("leak into shared embedding (max), k=n_shared")]
-    per_run = rows.assign(**{LEAK: rows[leak_columns].max(axis=1, skipna=False)}).dropna(subset=[LEAK, RETRIEVAL])
-    grouped = per_run.groupby("variant", sort=False)[[LEAK, RETRIEVAL]]
+    per_run = rows.assign(**{LEAK: rows[leak_columns].max(axis=1, skipna=False)})
+    grouped = per_run.groupby("variant", sort=False)[list(columns)]
     table = grouped.mean().join(grouped.std(ddof=1), rsuffix=" std").assign(seeds=grouped.size())
     if "source" in per_run:  # read_rows: a variant's runs are all yours or all the reference's
         table["source"] = per_run.groupby("variant", sort=False)["source"].first()
     return table.reindex([v for v in VARIANTS if v in table.index])
+
+
+def tradeoff(rows: pd.DataFrame) -> pd.DataFrame:
+    """What each variant pays for keeping private factors out (`per_variant` of LEAK and of factor-level
+    vision→touch R@1, both at k = n_shared). Variants without a leakage number (the adapter has no private tokens
+    to keep apart) are left out."""
+    return per_variant(rows.dropna(subset=[RETRIEVAL]), (LEAK, RETRIEVAL)).dropna(subset=[LEAK, RETRIEVAL])
 
 
 def distance_to_target(table: pd.DataFrame) -> pd.Series:

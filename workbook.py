@@ -52,7 +52,10 @@ def settings() -> tuple[bool, Path]:
 
 
 def start() -> tuple[bool, Path]:
-    """A notebook's first call: `settings()`, and in smoke mode a visible note that its numbers mean nothing."""
+    """A notebook's first call: `settings()`, tables showing numbers at 3 significant digits (plots.significant),
+    and in smoke mode a visible note that its numbers mean nothing."""
+    import pandas as pd
+    pd.set_option("display.float_format", plots.significant)
     smoke, run_dir = settings()
     if smoke:
         from IPython.display import HTML, display

@@ -15,10 +15,9 @@
 
 # %%
 import os
-from pathlib import Path
 
 import pandas as pd
-from IPython.display import Markdown, display
+from IPython.display import HTML, Markdown, display
 
 import evaluate
 import phase1
@@ -124,12 +123,18 @@ fig
 # %% [markdown]
 # ## Mean ± std over seeds
 # One training run is one draw: the same command gives different numbers with another seed. `make study`
-# trains every variant with three seeds and writes `runs/study/study.md`; when it exists, here it is, and
-# otherwise the reference table in `docs/study`, which docs/measurements.md quotes.
+# trains every variant with three seeds and writes `runs/study/study.md`. The figure shows the headline numbers of
+# every design, mean ± std over its seeds, grouped by family: your `runs/study` where you have trained a variant, the
+# reference results in `docs/study` otherwise (starred). Every number of the study is in the table under it (click
+# to open).
 
 # %%
-study_table = next(path for path in (Path("runs/study/study.md"), study.REFERENCE / "study.md") if path.is_file())
-print(f"{os.path.relpath(study_table)}:\n{study_table.read_text()}")
+study_rows = study.read_rows()
+fig = plots.study_summary(study.per_variant(study_rows), study.family)
+workbook.save_figure(fig, "03_study")
+display(fig)
+HTML("<details><summary><b>The whole study table</b>: mean ± std over seeds, per design</summary>"
+     f"{study.summary_table(study_rows).to_html()}</details>")
 
 # %% [markdown]
 # ## Leakage against k, per design
@@ -162,7 +167,7 @@ fig
 # R@1 ≥ 0.9. The list under the figure reads the same table.
 
 # %%
-tradeoff = study.tradeoff(study.read_rows())
+tradeoff = study.tradeoff(study_rows)
 fig = plots.tradeoff(tradeoff, study.LEAK, study.RETRIEVAL, study.TARGET[study.LEAK], study.TARGET[study.RETRIEVAL],
                      study.family)
 workbook.save_figure(fig, "03_tradeoff")

@@ -109,6 +109,7 @@ FIGURES = {
     "trade-off": lambda: plots.tradeoff(study.tradeoff(study.read_rows("nothing trained here")), study.LEAK,
                                         study.RETRIEVAL, 0.15, 0.9, study.family),
     "retrieval failures": confusion_figure,
+    "study": lambda: plots.study_summary(study.per_variant(study.read_rows("nothing trained here")), study.family),
     "information map": lambda: plots.information_map(evaluate.read_information(reference("default")), n_shared=4),
     "order by token": lambda: plots.order_by_token(evaluate.order_by_token(
         evaluate.read_information(reference("default")))),
@@ -163,3 +164,8 @@ def test_a_figure_too_wide_for_the_notebook_is_measured_shrunk():
         fig.axes[0].tick_params(labelsize=8)
     assert plots.smallest_text_px(narrow) == pytest.approx(8 * plots.DPI / 72)
     assert plots.smallest_text_px(wide) == pytest.approx(8 * plots.DPI / 72 / 3, rel=0.05)
+
+
+def test_tables_show_three_significant_digits():
+    assert [plots.significant(x) for x in (0.015625, 0.629189, 5.3e-18, 0.0, -0.0902, 12.345, 1234.5, float("nan"))] \
+        == ["0.0156", "0.629", "0", "0", "-0.0902", "12.3", "1234", "–"]

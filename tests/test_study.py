@@ -73,7 +73,7 @@ def test_one_row_per_run_and_mean_pm_std_per_variant(rows):
     summary = study.summarise(table)
     assert list(summary.columns) == ["default", "no nested dropout"]
     mean = table[table.variant == "default"]["R@1 pair, k=n_shared"].mean()
-    assert summary.loc["R@1 pair, k=n_shared", "default"].startswith(f"{mean:.3f} ± ")
+    assert summary.loc["R@1 pair, k=n_shared", "default"].startswith(f"{plots.significant(mean)} ± ")
     assert summary.loc["seeds", "default"] == 2 and summary.loc["seeds", "no nested dropout"] == 1
     assert " ± " not in summary.loc["R@1 pair, k=n_shared", "no nested dropout"]  # one seed has no spread
     leak = "vision leak into shared embedding (max), k=n_shared"
@@ -149,6 +149,17 @@ def test_the_reference_confusion_counts_are_of_the_runs_own_top_1(variant):
                 shares, miss = evaluate.top1_differs(confusion, k, direction), 1 - table.loc[k, f"{direction} R@1 factor"]
                 # recall is a float32 mean of 1000 zeros and ones (exact to ~1e-7), the shares exact fractions
                 assert shares.max() <= miss + 1e-6 and shares.sum() >= miss - 1e-6, (seed, k, direction)
+
+
+def test_the_notebooks_study_table_groups_variants_by_family():
+    rows = pd.read_csv(study.REFERENCE / "runs.csv")
+    table = study.summary_table(rows)
+    families = list(table.index.get_level_values("family"))
+    assert families == sorted(families, key=families.index)  # each family's variants together
+    assert set(table.index.get_level_values("variant")) == set(study.VARIANTS)
+    default = rows[rows.variant == "default"]["R@1 factor, k=n_shared"]
+    assert table.loc[("the default", "default"), "R@1 factor, k=n_shared"] == \
+        f"{plots.significant(default.mean())} ± {plots.significant(default.std())}"
 
 
 def test_unknown_variant_names_the_choices():
