@@ -126,9 +126,14 @@ def finished_run(variant: str, seed: int = 0, root: str | os.PathLike = "runs/st
                             f"{REFERENCE}; train it with: python study.py --variants '{variant}' --seeds {seed}")
 
 
+def results_of(run: str | os.PathLike) -> str:
+    """Whose results a finished run folder holds: "reference" (docs/study) or "yours"."""
+    return "reference" if Path(run).resolve().is_relative_to(REFERENCE) else "yours"
+
+
 def testbed_of(run: str | os.PathLike) -> str:
     """The SynthTouch version a finished run was trained on: the reference's, or today's for your own runs."""
-    return REFERENCE_TESTBED if Path(run).resolve().is_relative_to(REFERENCE) else evaluate.SynthTouch.VERSION
+    return REFERENCE_TESTBED if results_of(run) == "reference" else evaluate.SynthTouch.VERSION
 
 
 def save_reference(runs) -> None:

@@ -43,7 +43,8 @@ print(f"smoke mode: {smoke}; {cfg.n_train} train / {cfg.n_test} test samples, {c
 # line (the three of notebook 02 at testbed width), or the leakage design (the default without its guard, and
 # each guard alone in its place). `study.finished_run` takes your own run from `runs/study` when you have trained
 # it (`make study`), otherwise the reference results in `docs/study`: the same runs' configs, metrics and
-# evaluation tables (no weights). The table says which is which, and on which SynthTouch each was trained: the
+# evaluation tables (no weights). The table says which is which (the reference's training minutes are of the machine
+# that trained them, not yours), and on which SynthTouch each was trained: the
 # reference runs are of SynthTouch v4, before its fine factors were made to move the frozen features (notebook 01),
 # so compare them with the default only after `make study` has retrained them on today's testbed.
 
@@ -57,6 +58,7 @@ guard_runs = {"default": default_run, **{variant: study.finished_run(variant) fo
 everything = {**{f"dropout {m}": r for m, r in dropout_runs.items()}, **{f"{d} design": r for d, r in design_runs.items()},
               **{f"guard: {g}": r for g, r in guard_runs.items()}}
 pd.DataFrame({"run folder": {name: os.path.relpath(run) for name, run in everything.items()},
+              "results": {name: study.results_of(run) for name, run in everything.items()},
               "testbed": {name: study.testbed_of(run) for name, run in everything.items()},
               "training minutes": {name: round(train.training_minutes(run), 1) for name, run in everything.items()}})
 

@@ -132,6 +132,8 @@ def test_notebook_runs_in_smoke_mode_and_shows_its_figures(py, run_dir):
     tables = [o["data"]["text/html"] for o in outputs(nb) if "<table" in o.get("data", {}).get("text/html", "")]
     unrounded = [n for table in tables for n in re.findall(r">\s*(-?\d*\.\d*[1-9]\d{3,}|-?\d[\d.]*e[-+]\d+)\s*<", table)]
     assert not unrounded, f"{py.name} shows numbers unrounded or with exponents in a table: {unrounded[:5]}"
+    warned = [o.text for o in outputs(nb, "stream") if o.name == "stderr" and "Warning" in o.text]
+    assert not warned, f"{py.name} warns in smoke mode (its own smoke sizes must not cause one): {warned[0][:300]}"
     smoke_note = [o for o in outputs(nb) if "Smoke mode" in o.get("data", {}).get("text/html", "")]
     assert smoke_note, f"{py.name} does not say that smoke-mode numbers are not meaningful"
     numbers = json.loads((run_dir / "numbers.json").read_text()) if (run_dir / "numbers.json").exists() else {}

@@ -243,6 +243,8 @@ def test_a_study_of_some_variants_or_seeds_adds_to_the_table_in_study_order(tmp_
 def test_a_run_says_which_testbed_it_was_trained_on(tmp_path):
     """The reference runs were trained on an older SynthTouch than today's: notebook 03 says so beside each run."""
     assert study.testbed_of(study.finished_run("default", 0, tmp_path)) == study.REFERENCE_TESTBED
+    assert study.results_of(study.finished_run("default", 0, tmp_path)) == "reference"
+    assert study.results_of(tmp_path / "default" / "seed-0") == "yours"
     assert study.testbed_of(tmp_path / "default" / "seed-0") == evaluate.SynthTouch.VERSION != study.REFERENCE_TESTBED
 
 
