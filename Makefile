@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)
 # training step at 2 threads took 10.1 s wall / 1.48 s CPU spinning, 2.2 s / 0.22 s passive (bench notes, README Speed)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo study test test-browser lab sync bench clean
+.PHONY: setup demo study test test-browser lab tensorboard sync bench clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,9 @@ $(LAB_OVERRIDES):
 # running over TCP without encryption" warning at each kernel start, and no other user of the machine can connect
 lab: sync $(LAB_OVERRIDES)  ## JupyterLab with the modules importable (FLEXALIGN_SMOKE=1 make lab: tiny sizes, runs/lab-smoke)
 	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) --KernelManager.transport=ipc notebooks/
+
+tensorboard: setup  ## TensorBoard on runs/: every run's losses, learning rate, validation and quality-vs-k tables
+	$(VENV)/bin/tensorboard --logdir runs
 
 sync: setup  ## notebooks/*.py to the form JupyterLab saves; create missing .ipynb working copies
 	$(PY) workbook.py --sync
