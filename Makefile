@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)
 # training step at 2 threads took 10.1 s wall / 1.48 s CPU spinning, 2.2 s / 0.22 s passive (bench notes, README Speed)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo study test test-browser lab sync bench clean
+.PHONY: setup demo study test test-browser lab tensorboard sync bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,21 @@ test: setup  ## unit tests + every notebook in smoke mode, one pytest-xdist work
 test-browser: setup  ## JupyterLab in headless Chromium (Debian's chromium): Run All, figures as images, k slider
 	$(PY) -m pytest -q -m browser tests/test_browser.py
 
-lab: sync  ## JupyterLab with the modules importable (FLEXALIGN_SMOKE=1 make lab: tiny sizes, runs/lab-smoke)
-	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
+# JupyterLab's settings for this virtualenv: no "get notified about official Jupyter news?" pop-up over every page
+# (it asks while the setting fetchNews is unset; LabApp.news_url=None alone does not stop the question), no update check
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
+
+$(LAB_OVERRIDES):
+	mkdir -p $(dir $@)
+	echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > $@
+
+# kernels talk to the server over Unix sockets in Jupyter's runtime folder, not over TCP on localhost: no "Kernel is
+# running over TCP without encryption" warning at each kernel start, and no other user of the machine can connect
+lab: sync $(LAB_OVERRIDES)  ## JupyterLab with the modules importable (FLEXALIGN_SMOKE=1 make lab: tiny sizes, runs/lab-smoke)
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) --KernelManager.transport=ipc notebooks/
+
+tensorboard: setup  ## TensorBoard on runs/: every run's losses, learning rate, validation and quality-vs-k tables
+	$(VENV)/bin/tensorboard --logdir runs
 
 sync: setup  ## notebooks/*.py to the form JupyterLab saves; create missing .ipynb working copies
 	$(PY) workbook.py --sync

@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 import core
+import loop
 import probes
 from config import atomic_write, thread_budget
 from data import SynthTouch
@@ -323,9 +324,12 @@ def decoder_and_readout(table: pd.DataFrame, modalities) -> dict[str, pd.DataFra
 
 
 def write_eval(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """A table of rows k as eval.json, {k: {metric: value}}, written atomically."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(
+    """A table of rows k as eval.json, {k: {metric: value}}, written atomically, and as the run folder's
+    TensorBoard events (quality against k)."""
+    written = atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(
         {str(k): row for k, row in table.to_dict(orient="index").items()}, indent=1)))
+    loop.RunFolder(Path(path).parent).log_table(f"eval {Path(path).stem} vs k", table)
+    return written
 
 
 def evaluate_run(model: core.AlignmentModel, features: dict[str, Features], factors: dict[str, np.ndarray] | None,

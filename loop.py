@@ -3,7 +3,9 @@
     fit(model, loss_fn, batches, steps_per_epoch, hp, RunFolder(path), resume=...)
 
 A run folder holds `config.yaml` (written once, when the run starts), `metrics.jsonl` (one JSON row per
-logged step and per epoch) and `checkpoint/`, the last good training state as one unit:
+logged step and per epoch), `tensorboard/` (the same rows, and every quality-vs-k table written by
+`evaluate.write_eval`, as TensorBoard events: `make tensorboard`) and `checkpoint/`, the last good training
+state as one unit:
 `model.safetensors` (every trainable tensor, named as in the model) and `state.pt` (optimizer, scheduler,
 position, the running epoch sums). What the loop guarantees, for phase 1 and phase 2 alike:
 
@@ -18,7 +20,9 @@ position, the running epoch sums). What the loop guarantees, for phase 1 and pha
 - resume is exact: the randomness of step s is drawn from a generator seeded by (seed, rank, s), the
   batches of an epoch are a function of (seed, epoch), and metrics rows after the checkpoint are dropped,
   so `metrics.jsonl` reads as one uninterrupted run; a resume that cannot be exact (another config,
-  another number of epochs, which the cosine schedule depends on) is refused.
+  another number of epochs, which the cosine schedule depends on) is refused. metrics.jsonl is the source of
+  truth; the events a resumed run writes again are opened with TensorBoard's purge step (the first step after
+  the checkpoint), so TensorBoard drops the earlier events from that step on and shows each step once.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ CHECKPOINT_FILES = {"model.safetensors", "state.pt"}  # what a checkpoint folder
 RUN_FILES = {"config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv", "confusion.csv",
              "caption_eval.json", "caption_eval_val.json"}
 RUN_FOLDERS = {"tokenizer"}  # a phase-2 run's built-in decoder's tokenizer (llm_integration.MultimodalLLM.fit_vocabulary)
+TENSORBOARD = "tensorboard"  # the event files: training rows at its top, each evaluation's table in a folder of its own
 
 
 # the run locks (RunFolder.exclusive) each thread holds, so that the thread may take one again (flock refuses a
@@ -93,6 +98,7 @@ class RunFolder:
         is read as the default (a field is only ever added with a default that keeps the old behaviour)."""
         self.path, self.main = Path(path), main  # only the main process of a torchrun job writes
         self.defaults = flatten(defaults or {})
+        self.events, self.purge_step = None, None  # the TensorBoard writer, opened at the first row logged
 
     @property
     def config_path(self) -> Path:
@@ -177,6 +183,9 @@ class RunFolder:
                 continue
             if name in RUN_FOLDERS and plain and entry.is_dir():
                 continue
+            if name == TENSORBOARD and plain and entry.is_dir() and all(
+                    child.name.startswith("events.out.tfevents.") for child in entry.rglob("*") if child.is_file()):
+                continue
             foreign.append(name + ("/" if entry.is_dir() else ""))
         return foreign
 
@@ -194,7 +203,7 @@ class RunFolder:
         self.clean_leftovers()
         if not resume and self.main:
             # no checkpoint, or the user asked to replace it: nothing trained is lost
-            for name in (CHECKPOINT, "config.yaml", "metrics.jsonl", "eval.json", "caption_eval.json"):
+            for name in (CHECKPOINT, "config.yaml", "metrics.jsonl", "eval.json", "caption_eval.json", TENSORBOARD):
                 target = self.path / name
                 if target.is_symlink() or target.is_file():
                     target.unlink()
@@ -329,6 +338,34 @@ class RunFolder:
         if self.main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.events is None:
+                from torch.utils.tensorboard import SummaryWriter  # here: only training writes events
+                self.events = SummaryWriter(self.path / TENSORBOARD, purge_step=self.purge_step)
+            group = "train" if row["kind"] == "step" else "epoch"  # steps: losses, lr, temperature; epochs: val
+            for key, value in row.items():
+                if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                    self.events.add_scalar(f"{group}/{key}", value, row["step"])
+            if row["kind"] == "epoch":
+                self.events.flush()
+
+    def close_events(self):
+        if self.events is not None:
+            self.events.close()
+            self.events = None
+
+    def log_table(self, name: str, table):
+        """A table with rows k (a quality-vs-k evaluation) as TensorBoard scalars against k, one tag per column,
+        in tensorboard/<name>/; an evaluation run again replaces the earlier one's events."""
+        if not self.main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        folder = self.path / TENSORBOARD / name
+        shutil.rmtree(folder, ignore_errors=True)
+        with SummaryWriter(folder) as events:
+            for column in table.columns:
+                for k, value in table[column].items():
+                    if isinstance(value, (int, float, np.number)):
+                        events.add_scalar(column, value, int(k))
 
     def rows(self) -> list[dict]:
         """Every complete row (a kill can leave half a line at the end; it is not a row)."""
@@ -344,7 +381,9 @@ class RunFolder:
 
     def truncate_metrics(self, step: int, epoch: int):
         """Drop rows logged after the checkpoint at `step`, inside `epoch` (where it resumes): the resumed
-        run logs them again, so every step and epoch has exactly one row."""
+        run logs them again, so every step and epoch has exactly one row (and TensorBoard, told to purge from
+        the next step on, shows each once)."""
+        self.purge_step = step + 1
         if self.main:
             kept = "".join(json.dumps(row) + "\n" for row in self.rows()
                            if row["step"] <= step and not (row["kind"] == "epoch" and row["epoch"] >= epoch))
@@ -613,5 +652,7 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
         raise
     finally:
         bar.close()
+        if run is not None:
+            run.close_events()
     model.eval()
     return rows

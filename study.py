@@ -38,7 +38,7 @@ import phase1
 import plots
 import train
 
-# FSQ on the shared tokens with a 12-number code (FlexTok's levels twice): the closest design to the target corner
+# FSQ on the shared tokens with a 12-number code (FlexTok's levels twice)
 FSQ_SHARED_12 = {"model.token_dim": 12, "model.token_levels": [8, 8, 8, 5, 5, 5] * 2, "model.bottleneck_tokens": "shared"}
 
 # name -> overrides of configs/default.yaml. The default carries the leakage design the workbook adopted;
@@ -79,6 +79,19 @@ VARIANTS = {
     "linear nested dropout": {"model.nested_dropout": "linear"},
     **{f"{design} design": phase1.design_overrides(design) for design in ("flextok", "fluxtalk", "adapter")},
 }
+# what kind of change each variant makes to the default: the trade-off figure gives a family one colour
+FAMILIES = {"default": "the default", "no nested dropout": "nested dropout", "uniform nested dropout": "nested dropout",
+            "linear nested dropout": "nested dropout", "no leakage guard": "leakage guard",
+            "stop-gradient": "leakage guard", "cross-modal reconstruction": "leakage guard",
+            "decorrelation": "leakage guard", "token bottleneck": "token format", "FSQ tokens": "token format",
+            **{f"{design} design": "design line" for design in ("flextok", "fluxtalk", "adapter")}}
+
+
+def family(variant: str) -> str:
+    """A variant's family (FAMILIES); the FSQ shared-token variants are one, and a variant of your own is "other"."""
+    return FAMILIES.get(variant, "FSQ shared tokens" if variant.startswith("FSQ shared tokens") else "other")
+
+
 LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruction", "decorrelation", "token bottleneck",
                     "FSQ tokens", "FSQ shared tokens")
 SEEDS = (0, 1, 2)
@@ -113,9 +126,14 @@ def finished_run(variant: str, seed: int = 0, root: str | os.PathLike = "runs/st
                             f"{REFERENCE}; train it with: python study.py --variants '{variant}' --seeds {seed}")
 
 
+def results_of(run: str | os.PathLike) -> str:
+    """Whose results a finished run folder holds: "reference" (docs/study) or "yours"."""
+    return "reference" if Path(run).resolve().is_relative_to(REFERENCE) else "yours"
+
+
 def testbed_of(run: str | os.PathLike) -> str:
     """The SynthTouch version a finished run was trained on: the reference's, or today's for your own runs."""
-    return REFERENCE_TESTBED if Path(run).resolve().is_relative_to(REFERENCE) else evaluate.SynthTouch.VERSION
+    return REFERENCE_TESTBED if results_of(run) == "reference" else evaluate.SynthTouch.VERSION
 
 
 def save_reference(runs) -> None:
@@ -191,12 +209,22 @@ def study(variants=tuple(VARIANTS), seeds=SEEDS, root: str | os.PathLike = "runs
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """mean ± std (over seeds, sample std) of every number, one row per variant, variants in study order."""
-    numbers = rows.drop(columns=["seed", "run"]).groupby("variant", sort=False)
+    """mean ± std (over seeds, sample std) of every number at 3 significant digits, one column per variant,
+    variants in study order."""
+    numbers = rows.drop(columns=["seed", "run", "source"], errors="ignore").groupby("variant", sort=False)
     mean, std, n = numbers.mean(), numbers.std(ddof=1), numbers.size()
-    spread = std.round(3).map(lambda x: "" if pd.isna(x) else f" ± {x}")  # one seed has no spread
-    table = mean.round(3).map(lambda x: "–" if pd.isna(x) else str(x)) + spread  # –: the design has no such number
+    spread = std.map(lambda x: "" if pd.isna(x) else f" ± {plots.significant(x)}")  # one seed has no spread
+    table = mean.map(plots.significant) + spread  # –: the design has no such number
     return table.assign(seeds=n).T
+
+
+def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """`summarise` for a notebook: one row per variant, under its family (families in the order they first come)."""
+    table = summarise(rows).T
+    families = table.index.map(family)
+    order = np.argsort(pd.Index(families).map(list(dict.fromkeys(families)).index), kind="stable")
+    table.index = pd.MultiIndex.from_arrays([families, table.index], names=["family", "variant"])
+    return table.iloc[order]
 
 
 def targets(run_dir: str | os.PathLike) -> dict:
@@ -234,15 +262,20 @@ def targets(run_dir: str | os.PathLike) -> dict:
 
 LEAK = "worst own-private leakage into the shared embedding, k=n_shared"
 RETRIEVAL = "R@1 factor, k=n_shared"
+# the workbook's target corner: a design that keeps its own private factors out of the shared embedding (leakage at
+# most this) and still retrieves the right shared factors (R@1 at least this)
+TARGET = {LEAK: 0.15, RETRIEVAL: 0.9}
+# what notebook 03's study figure shows of every design: retrieval, leakage and the touch preservation cosine
+FIGURE_COLUMNS = (RETRIEVAL, "R@1 pair, k=n_shared", LEAK, "touch recon cos, k=all")
 
 
 def read_rows(root: str | os.PathLike = "runs/study") -> pd.DataFrame:
     """One row per run (runs.csv): your study's runs for the variants you have trained, the reference results'
-    for the others, as `finished_run` chooses folders."""
-    reference = pd.read_csv(REFERENCE / "runs.csv")
+    for the others, as `finished_run` chooses folders; `source` says which ("yours" or "reference")."""
+    reference = pd.read_csv(REFERENCE / "runs.csv").assign(source="reference")
     if not (Path(root) / "runs.csv").is_file():
         return reference
-    mine = pd.read_csv(Path(root) / "runs.csv")
+    mine = pd.read_csv(Path(root) / "runs.csv").assign(source="yours")
     return pd.concat([mine, reference[~reference.variant.isin(mine.variant)]], ignore_index=True)
 
 
@@ -259,16 +292,65 @@ def merge_rows(new: pd.DataFrame, old_csv: Path) -> pd.DataFrame:
                             kind="stable", ignore_index=True)
 
 
-def tradeoff(rows: pd.DataFrame) -> pd.DataFrame:
-    """What each variant pays for keeping private factors out: per variant, mean and std over seeds of the worst
-    own-private leakage into the aligned shared embedding (the larger of the modalities' worst factors, each
-    run) and of factor-level vision→touch R@1, both at k = n_shared. Variants without a leakage number (the
-    adapter has no private tokens to keep apart) are left out."""
+def per_variant(rows: pd.DataFrame, columns=FIGURE_COLUMNS) -> pd.DataFrame:
+    """Per variant (in study order), mean and std ("<column> std") over seeds of `columns` of the runs' rows, the
+    number of seeds, and where `rows` says (read_rows), whose results they are. LEAK, the worst own-private
+    leakage into the aligned shared embedding, is the larger of the modalities' worst factors of each run."""
     leak_columns = [c for c in rows.columns if c.endswith("leak into shared embedding (max), k=n_shared")]
-    per_run = rows.assign(**{LEAK: rows[leak_columns].max(axis=1, skipna=False)}).dropna(subset=[LEAK, RETRIEVAL])
-    grouped = per_run.groupby("variant", sort=False)[[LEAK, RETRIEVAL]]
+    per_run = rows.assign(**{LEAK: rows[leak_columns].max(axis=1, skipna=False)})
+    grouped = per_run.groupby("variant", sort=False)[list(columns)]
     table = grouped.mean().join(grouped.std(ddof=1), rsuffix=" std").assign(seeds=grouped.size())
+    if "source" in per_run:  # read_rows: a variant's runs are all yours or all the reference's
+        table["source"] = per_run.groupby("variant", sort=False)["source"].first()
     return table.reindex([v for v in VARIANTS if v in table.index])
+
+
+def tradeoff(rows: pd.DataFrame) -> pd.DataFrame:
+    """What each variant pays for keeping private factors out (`per_variant` of LEAK and of factor-level
+    vision→touch R@1, both at k = n_shared). Variants without a leakage number (the adapter has no private tokens
+    to keep apart) are left out."""
+    return per_variant(rows.dropna(subset=[RETRIEVAL]), (LEAK, RETRIEVAL)).dropna(subset=[LEAK, RETRIEVAL])
+
+
+def distance_to_target(table: pd.DataFrame) -> pd.Series:
+    """How far each design's mean point of the `tradeoff` table lies from the target corner (0 inside it): the
+    leakage above its bound and the R@1 below its bound, as one Euclidean distance."""
+    over = (table[LEAK] - TARGET[LEAK]).clip(lower=0)
+    under = (TARGET[RETRIEVAL] - table[RETRIEVAL]).clip(lower=0)
+    return np.hypot(over, under)
+
+
+def closest_to_target(table: pd.DataFrame) -> str:
+    """The design of the `tradeoff` table nearest the target corner; among designs inside it, the one retrieving
+    most."""
+    return table.assign(distance=distance_to_target(table)).sort_values(
+        ["distance", RETRIEVAL], ascending=[True, False]).index[0]
+
+
+def _mean_std(row: pd.Series, column: str) -> str:
+    """`mean ± std` at 3 decimals, the mean alone where one seed has no spread."""
+    std = row.get(f"{column} std")
+    return f"{row[column]:.3f}" + ("" if pd.isna(std) else f" ± {std:.3f}")
+
+
+def tradeoff_summary(table: pd.DataFrame) -> str:
+    """The trade-off figure in words (Markdown), every number from `table`: which designs keep leakage within the
+    target, the one of them that retrieves most, and which design is inside or closest to the target corner."""
+    def point(name):
+        row = table.loc[name]
+        seeds = f"{int(row['seeds'])} seed{'s' if row['seeds'] > 1 else ''}"
+        return (f"**{name}** (R@1 {_mean_std(row, RETRIEVAL)}, leakage {_mean_std(row, LEAK)}, {seeds}"
+                f"{', reference results' if row.get('source') == 'reference' else ''})")
+
+    low = table[table[LEAK] <= TARGET[LEAK]]
+    inside = low[low[RETRIEVAL] >= TARGET[RETRIEVAL]]
+    lines = [f"- Leakage within {TARGET[LEAK]}: " + (", ".join(low.index) if len(low) else "no design") + "."]
+    if len(low):
+        lines.append(f"- Of these, the most factor-level R@1: {point(low[RETRIEVAL].idxmax())}; the best R@1 of all "
+                     f"designs: {point(table[RETRIEVAL].idxmax())}.")
+    lines.append(f"- Inside the target corner: {', '.join(map(point, inside.index))}." if len(inside) else
+                 f"- No design is inside the target corner; the closest: {point(closest_to_target(table))}.")
+    return "\n".join(lines)
 
 
 def write(rows: pd.DataFrame, root: str | os.PathLike = "runs/study") -> Path:

@@ -35,7 +35,8 @@ SMOKE_DATA = {"n_train": 256, "n_val": 64, "n_test": 128}
 # four registers, two shared (the tests' tiny model): every kind of token is there, and the leakage probes and the
 # information map, most of a smoke run's time, have a fifth of the prefixes and tokens of the default's sixteen
 SMOKE_PHASE1 = {**SMOKE_DATA, "epochs": 2, "batch_size": 64, "model.n_registers": 4, "model.n_shared": 2}
-SMOKE_PHASE2 = {"epochs": 1, "min_steps": 0, "warmup_steps": 2, "max_new_tokens": 8}
+# max_new_tokens stays the config's: a shorter limit cuts the longest captions off (and warns that it does)
+SMOKE_PHASE2 = {"epochs": 1, "min_steps": 0, "warmup_steps": 2}
 
 
 def settings() -> tuple[bool, Path]:
@@ -52,13 +53,17 @@ def settings() -> tuple[bool, Path]:
 
 
 def start() -> tuple[bool, Path]:
-    """A notebook's first call: `settings()`, and in smoke mode a visible note that its numbers mean nothing."""
+    """A notebook's first call: `settings()`, tables showing numbers at 3 significant digits (plots.significant),
+    and in smoke mode a visible note that its numbers mean nothing."""
+    import pandas as pd
+    pd.set_option("display.float_format", plots.significant)
     smoke, run_dir = settings()
     if smoke:
         from IPython.display import HTML, display
         display(HTML(f"<div style='border:2px solid #c0392b;padding:6px 10px;background:#fdecea'><b>Smoke mode</b> "
                      f"({SMOKE_ENV}=1): tiny data and one or two epochs, only to check that every cell runs. "
-                     "Captions, recalls and probes are at chance here; the numbers are not meaningful. "
+                     "Captions, recalls and probes are at chance here; the numbers are not meaningful. Results "
+                     "marked <i>reference</i> are full-size runs shipped in docs/, not this run's. "
                      f"Run folder: <code>{run_dir}</code></div>"))
     return smoke, run_dir
 

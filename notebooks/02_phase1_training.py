@@ -65,9 +65,10 @@ table.filter(regex="R@1|recon|chance@1").round(3)
 # one embedding, no registers) — the baseline the registers must beat.
 #
 # They are variants of the study (`python study.py --variants "flextok design" "fluxtalk design" "adapter design"
-# --seeds 0`, about 20 minutes here). `study.finished_run` finds your own runs in `runs/study` when you have
+# --seeds 0`). `study.finished_run` finds your own runs in `runs/study` when you have
 # trained them, and otherwise the reference results shipped in `docs/study` (the runs' configs, metrics and
-# evaluation tables), so this demo trains only the default above.
+# evaluation tables), so this demo trains only the default above. The `results` column says whose each row is; the
+# reference's training minutes are of the machine that trained it, not yours.
 
 # %%
 rows = {}
@@ -77,7 +78,7 @@ for design in ("flextok", "fluxtalk", "adapter"):
     model = phase1.build_model(design_cfg)
     k = model.design.shared_k
     result = evaluate.read_eval(design_run / "eval.json").loc[k]
-    rows[design] = {"registers": model.n_tokens, "shared": k, "attention": design_cfg.model.attention,
+    rows[design] = {"results": study.results_of(design_run), "registers": model.n_tokens, "shared": k, "attention": design_cfg.model.attention,
                     "nested dropout": design_cfg.model.nested_dropout,
                     "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "training minutes": train.training_minutes(design_run),

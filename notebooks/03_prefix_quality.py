@@ -15,10 +15,9 @@
 
 # %%
 import os
-from pathlib import Path
 
 import pandas as pd
-from IPython.display import display
+from IPython.display import HTML, Markdown, display
 
 import evaluate
 import phase1
@@ -44,7 +43,8 @@ print(f"smoke mode: {smoke}; {cfg.n_train} train / {cfg.n_test} test samples, {c
 # line (the three of notebook 02 at testbed width), or the leakage design (the default without its guard, and
 # each guard alone in its place). `study.finished_run` takes your own run from `runs/study` when you have trained
 # it (`make study`), otherwise the reference results in `docs/study`: the same runs' configs, metrics and
-# evaluation tables (no weights). The table says which is which, and on which SynthTouch each was trained: the
+# evaluation tables (no weights). The table says which is which (the reference's training minutes are of the machine
+# that trained them, not yours), and on which SynthTouch each was trained: the
 # reference runs are of SynthTouch v4, before its fine factors were made to move the frozen features (notebook 01),
 # so compare them with the default only after `make study` has retrained them on today's testbed.
 
@@ -58,6 +58,7 @@ guard_runs = {"default": default_run, **{variant: study.finished_run(variant) fo
 everything = {**{f"dropout {m}": r for m, r in dropout_runs.items()}, **{f"{d} design": r for d, r in design_runs.items()},
               **{f"guard: {g}": r for g, r in guard_runs.items()}}
 pd.DataFrame({"run folder": {name: os.path.relpath(run) for name, run in everything.items()},
+              "results": {name: study.results_of(run) for name, run in everything.items()},
               "testbed": {name: study.testbed_of(run) for name, run in everything.items()},
               "training minutes": {name: round(train.training_minutes(run), 1) for name, run in everything.items()}})
 
@@ -124,12 +125,18 @@ fig
 # %% [markdown]
 # ## Mean ± std over seeds
 # One training run is one draw: the same command gives different numbers with another seed. `make study`
-# trains every variant with three seeds and writes `runs/study/study.md`; when it exists, here it is, and
-# otherwise the reference table in `docs/study`, which docs/measurements.md quotes.
+# trains every variant with three seeds and writes `runs/study/study.md`. The figure shows the headline numbers of
+# every design, mean ± std over its seeds, grouped by family: your `runs/study` where you have trained a variant, the
+# reference results in `docs/study` otherwise (starred). Every number of the study is in the table under it (click
+# to open).
 
 # %%
-study_table = next(path for path in (Path("runs/study/study.md"), study.REFERENCE / "study.md") if path.is_file())
-print(f"{os.path.relpath(study_table)}:\n{study_table.read_text()}")
+study_rows = study.read_rows()
+fig = plots.study_summary(study.per_variant(study_rows), study.family)
+workbook.save_figure(fig, "03_study")
+display(fig)
+HTML("<details><summary><b>The whole study table</b>: mean ± std over seeds, per design</summary>"
+     f"{study.summary_table(study_rows).to_html()}</details>")
 
 # %% [markdown]
 # ## Leakage against k, per design
@@ -157,53 +164,46 @@ fig
 # Each design as one point: how much of its own private factors the aligned shared embedding gives away (the worst
 # factor of either modality, non-linear probe, k = n_shared) against factor-level vision→touch R@1 at the same k,
 # mean ± std over the seeds trained (your `runs/study` where you have trained a variant, the reference results
-# otherwise). The shaded corner is what the workbook aims for: leakage ≤ 0.15 and R@1 ≥ 0.9.
+# otherwise). Colour is a design's family (`study.FAMILIES`: what kind of change it makes to the default), the marker
+# the design within it. The shaded corner is what the workbook aims for (`study.TARGET`): leakage ≤ 0.15 and
+# R@1 ≥ 0.9. The list under the figure reads the same table.
 
 # %%
-tradeoff = study.tradeoff(study.read_rows())
-fig = plots.tradeoff(tradeoff, study.LEAK, study.RETRIEVAL, target_x=0.15, target_y=0.9)
+tradeoff = study.tradeoff(study_rows)
+fig = plots.tradeoff(tradeoff, study.LEAK, study.RETRIEVAL, study.TARGET[study.LEAK], study.TARGET[study.RETRIEVAL],
+                     study.family)
 workbook.save_figure(fig, "03_tradeoff")
-fig
+display(fig)
+Markdown(study.tradeoff_summary(tradeoff))
 
 # %% [markdown]
-# **What changed, and what it cost** (the numbers of this paragraph and the next section are the v4 reference runs').
-# The workbook's first model had no leakage guard: the preservation
-# decoder had to rebuild all of a modality's features from the shared tokens whenever nested dropout kept
-# k ≤ n_shared, which pushed every private factor into them, and InfoNCE never took it out again (a private
-# factor can sit in directions the other modality never uses, where it costs InfoNCE nothing). The default now
-# reads the shared tokens through a stop-gradient for reconstruction and adds a confidence-weighted alignment
-# term (`core.alignment_loss`) that keeps pulling matched pairs together. Compare its curve with the guards'
-# above: it still leaks, because the non-linear probe rescales what it reads, so even a small leftover of the
-# camera's colour in a continuous embedding is found. Limiting what a token can carry helps: the *token
-# bottleneck* (8 continuous numbers per token) leaks less from touch, not reliably from vision, and *FSQ tokens* — FlexTok's own token format, 6
-# numbers per token rounded to a few levels each — leave no leftover to find: their curves sit near 0, the only
-# designs under the workbook's 0.15 (*FSQ shared tokens* rounds the shared tokens only, so the private ones keep
-# their detail). What it costs is retrieval: rounded tokens learn slowly, and in the default's 14 epochs they
-# reach a lower factor-level R@1 than the continuous default (the study table above), so the default stays
-# continuous. The figure above shows the gap: no design sits in the target corner on three seeds. Training on unrounded codes
-# first (*FSQ shared tokens warm-up*) gains little, so what holds rounded tokens back is the small code itself
-# (6 numbers a token), not the rounding. A wider code trained longer moves along the trade-off toward the corner:
-# *FSQ shared tokens 12-number code 28 epochs* (12 numbers a token, twice the default's training) retrieves more
-# than any other design under the 0.15 line and leaks less than the same code after 14 epochs, yet still falls
-# short of R@1 0.9 on three seeds (0.86; its numbers are in the study table above); the point beside it, the same
-# code trained on unrounded codes for its first half (*... 28 epochs warm-up*), lands in the same place, and the
-# same code trained three times as long (*... 42 epochs*) sits on the corner's edge (R@1 0.895 ± 0.028 over three
-# seeds, leakage 0.05). How much a probe finds also
-# depends on how many rows it is fit on and how its regularisation is chosen: the reference runs in `docs/study`
-# were probed on the 500 validation rows with fixed settings, which reads less than the tokens hold; a run you
-# train now is probed on 2000 training rows with its regularisation chosen on the validation split.
+# **How the designs differ.** Without a leakage guard, the preservation decoder must rebuild all of a modality's
+# features from the shared tokens whenever nested dropout keeps k ≤ n_shared, which pushes every private factor into
+# them, and InfoNCE never takes it out again (a private factor can sit in directions the other modality never uses,
+# where it costs InfoNCE nothing). The default reads the shared tokens through a stop-gradient for reconstruction
+# and adds a confidence-weighted alignment term (`core.alignment_loss`) that keeps pulling matched pairs together;
+# the other guards replace it, each alone. A continuous embedding can still hold a small leftover of a private
+# factor, and the non-linear probe rescales what it reads, so it finds it. Limiting what a token can carry is the
+# other route: the *token bottleneck* (fewer numbers per token) and *FSQ tokens*, FlexTok's own token format (a few
+# numbers per token, each rounded to a few levels), which leave no small leftover to find; *FSQ shared tokens*
+# rounds the shared tokens only, so the private ones keep their detail. Rounded tokens learn slowly: the wider
+# codes (*12-number code*, *24-number code*), the longer trainings (*28 epochs*, *42 epochs*) and the trainings on
+# unrounded codes first (*warm-up*) ask whether the code's width, the training's length or the rounding holds
+# retrieval back.
+#
+# How much a probe finds also depends on how many rows it is fit on and how its regularisation is chosen: the
+# reference runs in `docs/study` were probed on the 500 validation rows with fixed settings, which reads less than
+# the tokens hold; a run you train now is probed on 2000 training rows with its regularisation chosen on the
+# validation split.
 
 # %% [markdown]
-# ## Why no design reaches the target corner: which factor retrieval gets wrong
+# ## Which factor retrieval gets wrong
 # Factor-level R@1 counts a vision query as found when its top-1 touch item has the same texture, orientation and
-# roughness; designs that keep leakage under 0.15 stay at 0.86 or below on three seeds (the trade-off above). Left: for
-# each of the three, the share of queries whose top-1 item has another value. Right: which textures are taken for
-# which, for the default (this notebook's run, from its weights) and for the design closest to the target corner
-# (its `confusion.csv`, which every SynthTouch evaluation writes). Most misses are a texture, spread over the pairs
-# of textures. Up to SynthTouch v3 most were *checker* taken for *waves* or the reverse, because both were lines that
-# change along their length with period two; waves are now sharp lines swaying with period one
-# (`SynthTouch._render`), and every design retrieves the right factors more often for it. The statistics
-# in docs/measurements.md have the numbers over three seeds.
+# roughness. Left: for the default (this notebook's run, from its weights) and for the design closest to the target
+# corner (`study.closest_to_target`, from the trade-off table above, with its `confusion.csv`, which every
+# SynthTouch evaluation writes), the share of queries whose top-1 item has another value of each factor. Right:
+# which textures are taken for which, row by row: a bright diagonal means textures are told apart, bright cells off
+# it are the pairs retrieval confuses.
 
 # %%
 # the default's test split through its weights, once: this figure and the ones further down read it
@@ -212,7 +212,7 @@ model = phase1.load_aligner(default_run).model
 test_encoded = evaluate.encode_all(model, test_features, cfg.model.prefix_lengths, progress=True)
 
 # %%
-closest = "FSQ shared tokens 12-number code 28 epochs"
+closest = study.closest_to_target(tradeoff)
 closest_run = study.finished_run(closest, needs=("confusion.csv",))
 confusions = {"default": evaluate.retrieval_confusion(test_encoded, test_set.factor_table(), [k_shared]),
               closest: evaluate.read_confusion(closest_run)}

@@ -49,6 +49,19 @@ def screenshots():
     return folder
 
 
+def wait_for_server(url: str, token: str, server: subprocess.Popen, log: Path):
+    """Until a JupyterLab server answers; an error with its log's end if it exits first."""
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+            return
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+    raise TimeoutError(f"JupyterLab did not answer at {url} within 2 minutes")
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """JupyterLab on copies of the notebooks, smoke mode, its own run folder, settings and workspace."""
@@ -76,14 +89,7 @@ def lab(tmp_path_factory):
                                "--LabApp.expose_app_in_browser=True"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise RuntimeError(f"JupyterLab exited: {(home / 'lab.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+        wait_for_server(url, token, server, home / "lab.log")
         yield dict(url=url, token=token, root=root, run_dir=run_dir)
     finally:
         server.terminate()

@@ -270,7 +270,7 @@ def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, 
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(x, y, msg=name)
     files = sorted(p.name for p in (tmp_path / "resumed").iterdir())  # no temporary files left behind
-    assert files == ["checkpoint", "checkpoint-00000004", "config.yaml", "metrics.jsonl"]
+    assert files == ["checkpoint", "checkpoint-00000004", "config.yaml", "metrics.jsonl", "tensorboard"]
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoint").iterdir()) == ["model.safetensors", "state.pt"]
     with pytest.raises(ValueError, match="cannot resume .* another config"):
         L.fit_captioner(make_mm(aligner, decoder_dir, **dict(settings, batch_size=8)), tokens, targets,

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 import core
 import data
+import evaluate
 import loop
 import phase1
 import train
@@ -262,6 +263,43 @@ def test_interrupted_metrics_are_truncated_to_the_checkpoint_on_resume(reference
     assert step_losses(tmp_path) == step_losses(reference_run)
     epoch = rows(tmp_path, "epoch")[1]
     assert epoch["train loss"] == pytest.approx(rows(reference_run, "epoch")[1]["train loss"], rel=1e-12)
+
+
+def events(run_dir, folder=""):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(Path(run_dir) / loop.TENSORBOARD / folder), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}, \
+        {tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_tensorboard_shows_the_metrics_rows_and_each_step_once_after_a_resume(reference_run, cache_dir, tmp_path):
+    """The run folder's TensorBoard events hold metrics.jsonl's rows (losses, learning rate, temperature per step;
+    validation numbers per epoch) and eval.json's quality-vs-k table. A crash in epoch 2 leaves steps 5-6 logged
+    after the checkpoint of epoch 1; the resumed run writes them again and TensorBoard purges the first writing,
+    so every step shows once, with the value metrics.jsonl holds."""
+    cfg = tiny(cache_dir, tmp_path)
+
+    def crash(row):
+        if row["kind"] == "step" and row["step"] == STEPS_PER_EPOCH + 2:
+            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError, match="crash"):
+        train.train(cfg, callback=crash)
+    crashed = events(tmp_path)[1]["train/loss"]
+    assert crashed[-1] == STEPS_PER_EPOCH + 2 and loop.RunFolder(tmp_path).checkpoint_step() == STEPS_PER_EPOCH
+    train.train(cfg, resume=True)
+    values, steps = events(tmp_path)
+    for kind, group in (("step", "train"), ("epoch", "epoch")):
+        for key in {k for row in rows(tmp_path, kind) for k in row} - {"kind", "step", "epoch"}:
+            logged = {row["step"]: row[key] for row in rows(tmp_path, kind)}
+            assert steps[f"{group}/{key}"] == sorted(logged), key  # each step once, in order
+            assert values[f"{group}/{key}"] == pytest.approx(logged, rel=1e-6), key  # events keep float32
+    assert {"train/loss", "train/lr", "train/temperature"} <= set(values)
+    assert any(tag.startswith("epoch/val ") for tag in values)
+    table = evaluate.read_eval(tmp_path / "eval.json")
+    by_k, _ = events(tmp_path, "eval eval vs k")
+    assert by_k["vision->touch R@1 pair"] == pytest.approx(table["vision->touch R@1 pair"].to_dict(), rel=1e-6)
+    assert loop.RunFolder(tmp_path).foreign_entries() == []  # the events are the run's own
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Every notebook runs top to bottom in smoke mode, in order, in one run folder (as `make demo` runs them) and
 shows every figure it makes as an image; the tracked .py sources stay as JupyterLab writes them, so opening,
-running and saving a notebook changes nothing but what the person edited."""
+running and saving a notebook changes nothing but what the person edited; their prose states no measured number."""
 import json
+import re
 import shutil
 import subprocess
 
@@ -9,6 +10,9 @@ import jupytext
 import nbformat
 import pytest
 
+import audit
+import core
+import study
 import workbook
 
 NOTEBOOKS = workbook.notebook_paths()
@@ -24,6 +28,45 @@ def test_py_source_is_in_the_form_jupyterlab_saves(py):
     assert py.read_text() == workbook.canonical_py(py), f"{py.name} has a metadata header or cell metadata: run `make sync`"
     nb = workbook.to_notebook(py)
     assert nb.cells[0].cell_type == "markdown", "a notebook opens with a paragraph saying what it shows"
+
+
+# Numbers a notebook's prose may state: the parameters a reader sets or a target is defined by, each checked against
+# the code that holds it, so the prose cannot drift from it. Anything else, a measured number, is built in a code
+# cell from the result it reports (IPython.display.Markdown), or the prose says what the figure shows without it.
+ALLOWED_NUMBERS = {  # number -> (the notebooks that may state it, what it is, that the code holds it)
+    "0.5": (("01", "03"), "the R² a fine factor must reach from the frozen tokens (audit.READABLE, notebook 01) and "
+            "the linear nested-dropout mode's drop probability on the last register (core.ModelConfig, notebook 03)",
+            lambda: audit.READABLE == core.ModelConfig().nested_dropout_rate == 0.5),
+    "0.15": (("03",), "the leakage bound of the workbook's target corner", lambda: study.TARGET[study.LEAK] == 0.15),
+    "0.9": (("03",), "the factor-level R@1 of the workbook's target corner", lambda: study.TARGET[study.RETRIEVAL] == 0.9),
+}
+# a decimal number or a percentage; `code spans` are names and command lines (Qwen2.5-1.5B), not claims
+NUMBER = re.compile(r"(?<![\w.])\d*\.\d+(?![\w.])|\d+(?:\.\d+)?\s?%")
+
+
+def stated_numbers(markdown: str, notebook: str) -> list[str]:
+    """The numbers `markdown` states that notebook `notebook` ("03") may not."""
+    return [n for n in NUMBER.findall(re.sub(r"`[^`]*`", "", markdown))
+            if notebook not in ALLOWED_NUMBERS.get(n, ((),))[0]]
+
+
+def test_the_allowed_numbers_are_the_codes_parameters():
+    assert all(holds() for _, _, holds in ALLOWED_NUMBERS.values())
+
+
+def test_the_number_check_finds_results_in_prose():
+    assert stated_numbers("stays at R@1 0.86 or below (leakage ≤ 0.15), 83 % of the attributes", "03") == ["0.86", "83 %"]
+    assert stated_numbers("k = 1, 2, 4; 2000 rows; `Qwen/Qwen2.5-1.5B`; drop probability 0.5; v4; R@1 ≥ 0.9", "03") == []
+    assert stated_numbers("the probe read ~0.9", "04") == ["0.9"]  # a parameter's value is a result elsewhere
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_prose_states_no_measured_number(py):
+    """A sentence with a number typed into it goes stale the moment a run changes (notebook 03 once said R@1 0.86
+    where its own table showed 0.895)."""
+    stated = {i: numbers for i, cell in enumerate(workbook.to_notebook(py).cells)
+              if cell.cell_type == "markdown" and (numbers := stated_numbers(cell.source, py.name[:2]))}
+    assert not stated, f"{py.name}: Markdown cells (by index) state numbers; build the sentence from the result: {stated}"
 
 
 def test_ipynb_working_copies_are_not_tracked():
@@ -86,6 +129,11 @@ def test_notebook_runs_in_smoke_mode_and_shows_its_figures(py, run_dir):
     as_text = [o for o in outputs(nb) if o.get("data", {}).get("text/plain", "").startswith("<Figure size")
                and "image/png" not in o["data"]]
     assert not as_text, f"{py.name} shows a figure as text: {as_text[0]['data']['text/plain']}"
+    tables = [o["data"]["text/html"] for o in outputs(nb) if "<table" in o.get("data", {}).get("text/html", "")]
+    unrounded = [n for table in tables for n in re.findall(r">\s*(-?\d*\.\d*[1-9]\d{3,}|-?\d[\d.]*e[-+]\d+)\s*<", table)]
+    assert not unrounded, f"{py.name} shows numbers unrounded or with exponents in a table: {unrounded[:5]}"
+    warned = [o.text for o in outputs(nb, "stream") if o.name == "stderr" and "Warning" in o.text]
+    assert not warned, f"{py.name} warns in smoke mode (its own smoke sizes must not cause one): {warned[0][:300]}"
     smoke_note = [o for o in outputs(nb) if "Smoke mode" in o.get("data", {}).get("text/html", "")]
     assert smoke_note, f"{py.name} does not say that smoke-mode numbers are not meaningful"
     numbers = json.loads((run_dir / "numbers.json").read_text()) if (run_dir / "numbers.json").exists() else {}

@@ -73,7 +73,7 @@ def test_one_row_per_run_and_mean_pm_std_per_variant(rows):
     summary = study.summarise(table)
     assert list(summary.columns) == ["default", "no nested dropout"]
     mean = table[table.variant == "default"]["R@1 pair, k=n_shared"].mean()
-    assert summary.loc["R@1 pair, k=n_shared", "default"].startswith(f"{mean:.3f} ± ")
+    assert summary.loc["R@1 pair, k=n_shared", "default"].startswith(f"{plots.significant(mean)} ± ")
     assert summary.loc["seeds", "default"] == 2 and summary.loc["seeds", "no nested dropout"] == 1
     assert " ± " not in summary.loc["R@1 pair, k=n_shared", "no nested dropout"]  # one seed has no spread
     leak = "vision leak into shared embedding (max), k=n_shared"
@@ -136,7 +136,8 @@ def test_the_reference_results_are_of_todays_config(variant):
         assert 0 < numbers["R@1 factor, k=n_shared"] <= 1 and numbers["n_shared"] <= numbers["n_registers"]
 
 
-@pytest.mark.parametrize("variant", ["FSQ shared tokens 12-number code 28 epochs"])  # what notebook 03 reads
+# what notebook 03 reads: the design closest to the target corner, by the reference's trade-off
+@pytest.mark.parametrize("variant", [study.closest_to_target(study.tradeoff(pd.read_csv(study.REFERENCE / "runs.csv")))])
 def test_the_reference_confusion_counts_are_of_the_runs_own_top_1(variant):
     """confusion.csv of reference runs was computed later, from the runs' weights: it must be of the same top-1 as
     the run's own R@1 factor in eval.json: the largest share wrong at most 1 − R@1, and their sum at least that."""
@@ -148,6 +149,17 @@ def test_the_reference_confusion_counts_are_of_the_runs_own_top_1(variant):
                 shares, miss = evaluate.top1_differs(confusion, k, direction), 1 - table.loc[k, f"{direction} R@1 factor"]
                 # recall is a float32 mean of 1000 zeros and ones (exact to ~1e-7), the shares exact fractions
                 assert shares.max() <= miss + 1e-6 and shares.sum() >= miss - 1e-6, (seed, k, direction)
+
+
+def test_the_notebooks_study_table_groups_variants_by_family():
+    rows = pd.read_csv(study.REFERENCE / "runs.csv")
+    table = study.summary_table(rows)
+    families = list(table.index.get_level_values("family"))
+    assert families == sorted(families, key=families.index)  # each family's variants together
+    assert set(table.index.get_level_values("variant")) == set(study.VARIANTS)
+    default = rows[rows.variant == "default"]["R@1 factor, k=n_shared"]
+    assert table.loc[("the default", "default"), "R@1 factor, k=n_shared"] == \
+        f"{plots.significant(default.mean())} ± {plots.significant(default.std())}"
 
 
 def test_unknown_variant_names_the_choices():
@@ -173,14 +185,47 @@ def test_the_tradeoff_takes_each_runs_worse_modality_then_mean_and_std_over_seed
     assert (merged.variant == "default").sum() == 2 and set(merged.variant) == set(reference.variant)
 
 
+def test_the_design_closest_to_the_target_and_the_tradeoff_in_words():
+    """Notebook 03 names the design nearest the target corner and states the trade-off from the table, not by hand."""
+    leak, r1 = study.TARGET[study.LEAK], study.TARGET[study.RETRIEVAL]
+    table = pd.DataFrame({study.LEAK: [leak + 0.3, leak - 0.05, leak - 0.1, leak + 0.01],
+                          study.RETRIEVAL: [r1 + 0.05, r1 - 0.02, r1 - 0.2, r1 - 0.01], "seeds": [3, 3, 1, 3]},
+                         index=["leaky", "near", "far", "nearest"])
+    table[f"{study.LEAK} std"] = table[f"{study.RETRIEVAL} std"] = [0.01, 0.01, np.nan, 0.01]
+    assert study.distance_to_target(table).loc["nearest"] == pytest.approx(np.hypot(0.01, 0.01))
+    assert study.closest_to_target(table) == "nearest"
+    words = study.tradeoff_summary(table)
+    assert f"Leakage within {leak}: near, far." in words and "No design is inside" in words
+    assert f"**near** (R@1 {r1 - 0.02:.3f} ± 0.010" in words and "**far** (R@1" not in words  # its R@1 is lower
+    inside = table.assign(**{study.RETRIEVAL: table[study.RETRIEVAL] + 0.1})
+    assert study.closest_to_target(inside) == "near"  # both inside the corner: the one retrieving more
+    assert "Inside the target corner: **near**" in study.tradeoff_summary(inside)
+
+
 def test_every_design_in_the_tradeoff_figure_looks_different_past_twenty():
     from matplotlib.colors import to_hex
     names = [f"design {i}" for i in range(23)]  # more designs than the 20 colours of the palette
     table = pd.DataFrame({study.LEAK: np.linspace(0, 0.9, 23), study.RETRIEVAL: 0.5, "seeds": 1}, index=names)
     fig = plots.tradeoff(table, study.LEAK, study.RETRIEVAL, target_x=0.15, target_y=0.9)
-    handles, labels = fig.axes[0].get_legend_handles_labels()
-    assert labels == names
-    assert len({(to_hex(h.lines[0].get_color()), h.lines[0].get_marker()) for h in handles}) == len(names)
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == names
+    assert len({(to_hex(h.get_color()), h.get_marker()) for h in legend.legend_handles}) == len(names)
+
+
+def test_the_tradeoff_figure_gives_a_family_one_colour_and_its_designs_markers():
+    from matplotlib.colors import to_hex
+    table = study.tradeoff(pd.read_csv(study.REFERENCE / "runs.csv").assign(source="reference"))
+    fig = plots.tradeoff(table, study.LEAK, study.RETRIEVAL, 0.15, 0.9, study.family)
+    legend = fig.legends[0]
+    entries = dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
+    families = set(map(study.family, table.index))
+    assert families <= set(entries) and "other" not in families  # every variant of the study has its family
+    designs = {name.split(" (")[0]: h for name, h in entries.items() if name not in families}
+    assert set(designs) == set(table.index) and all("reference" in name for name in entries if name not in families)
+    for f in families:
+        members = [designs[name] for name in table.index if study.family(name) == f]
+        assert len({to_hex(h.get_color()) for h in members}) == 1 and len({h.get_marker() for h in members}) == len(members)
+    assert len({to_hex(designs[name].get_color()) for name in ("default", "FSQ tokens", "no leakage guard")}) == 3
 
 
 def test_a_study_of_some_variants_or_seeds_adds_to_the_table_in_study_order(tmp_path):
@@ -198,6 +243,8 @@ def test_a_study_of_some_variants_or_seeds_adds_to_the_table_in_study_order(tmp_
 def test_a_run_says_which_testbed_it_was_trained_on(tmp_path):
     """The reference runs were trained on an older SynthTouch than today's: notebook 03 says so beside each run."""
     assert study.testbed_of(study.finished_run("default", 0, tmp_path)) == study.REFERENCE_TESTBED
+    assert study.results_of(study.finished_run("default", 0, tmp_path)) == "reference"
+    assert study.results_of(tmp_path / "default" / "seed-0") == "yours"
     assert study.testbed_of(tmp_path / "default" / "seed-0") == evaluate.SynthTouch.VERSION != study.REFERENCE_TESTBED
 
 
