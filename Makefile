@@ -38,6 +38,7 @@ $(LAB_OVERRIDES):
 
 # kernels talk to the server over Unix sockets in Jupyter's runtime folder, not over TCP on localhost: no "Kernel is
 # running over TCP without encryption" warning at each kernel start, and no other user of the machine can connect
+# (a Unix socket's path has at most 107 characters: keep JUPYTER_RUNTIME_DIR, if you set it, short)
 lab: sync $(LAB_OVERRIDES)  ## JupyterLab with the modules importable (FLEXALIGN_SMOKE=1 make lab: tiny sizes, runs/lab-smoke)
 	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) --KernelManager.transport=ipc notebooks/
 

@@ -130,9 +130,10 @@ def _color_labels(labels, colors):
         label.set_color(color)
 
 
-def _group_legend(ax, groups, **kwargs):
+def _group_legend(target, groups, **kwargs):
+    """A legend of the factor groups present, in their colours, on an Axes or (outside the panels) a Figure."""
     present = [g for g in GROUP_COLORS if g in set(groups)]
-    ax.legend(handles=[Patch(color=GROUP_COLORS[g], label=f"{g} factor" if g == "shared" else f"{g}-only factor")
+    target.legend(handles=[Patch(color=GROUP_COLORS[g], label=f"{g} factor" if g == "shared" else f"{g}-only factor")
                        for g in present], fontsize=8, **kwargs)
 
 
@@ -349,9 +350,7 @@ def sample_grid(samples: list[dict], title: str = "SynthTouch samples: camera (t
         if col == 0:
             vision.set_ylabel("vision")
             touch.set_ylabel("touch")
-    present = [g for g in GROUP_COLORS if g in set(SynthTouch.factor_groups.values())]
-    fig.legend(handles=[Patch(color=GROUP_COLORS[g], label=f"{g} factor" if g == "shared" else f"{g}-only factor")
-                        for g in present], fontsize=8, loc="outside lower center", ncols=len(present))
+    _group_legend(fig, SynthTouch.factor_groups.values(), loc="outside lower center", ncols=len(GROUP_COLORS))
     fig.suptitle(f"{title};\ncaption words coloured by factor group", fontsize=11)
     return fig
 

@@ -131,6 +131,16 @@ def results_of(run: str | os.PathLike) -> str:
     return "reference" if Path(run).resolve().is_relative_to(REFERENCE) else "yours"
 
 
+def label(name: str, run: str | os.PathLike) -> str:
+    """`name` as a figure's legend or a table shows it: marked when the run's results are the reference's."""
+    return f"{name} (reference)" if results_of(run) == "reference" else name
+
+
+def labelled(runs: dict) -> dict:
+    """name -> run folder, each name as `label` gives it."""
+    return {label(name, run): run for name, run in runs.items()}
+
+
 def testbed_of(run: str | os.PathLike) -> str:
     """The SynthTouch version a finished run was trained on: the reference's, or today's for your own runs."""
     return REFERENCE_TESTBED if results_of(run) == "reference" else evaluate.SynthTouch.VERSION

@@ -78,7 +78,7 @@ for design in ("flextok", "fluxtalk", "adapter"):
     model = phase1.build_model(design_cfg)
     k = model.design.shared_k
     result = evaluate.read_eval(design_run / "eval.json").loc[k]
-    rows[design] = {"results": study.results_of(design_run), "registers": model.n_tokens, "shared": k, "attention": design_cfg.model.attention,
+    rows[study.label(design, design_run)] = {"results": study.results_of(design_run), "registers": model.n_tokens, "shared": k, "attention": design_cfg.model.attention,
                     "nested dropout": design_cfg.model.nested_dropout,
                     "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "training minutes": train.training_minutes(design_run),

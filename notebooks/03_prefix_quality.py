@@ -71,7 +71,7 @@ pd.DataFrame({"run folder": {name: os.path.relpath(run) for name, run in everyth
 # training distribution.
 
 # %%
-dropout_tables = {mode: evaluate.read_eval(run / "eval.json") for mode, run in dropout_runs.items()}
+dropout_tables = {mode: evaluate.read_eval(run / "eval.json") for mode, run in study.labelled(dropout_runs).items()}
 retrieval = ["vision->touch R@1 pair", "vision->touch R@1 factor", "touch->vision R@1 pair"]
 chance = {"vision->touch R@1 pair": "chance@1 pair", "vision->touch R@1 factor": "chance@1 factor",
           "touch->vision R@1 pair": "chance@1 pair"}
@@ -114,7 +114,7 @@ summary.round(3)
 # (with a dashed line across, for comparison with every prefix).
 
 # %%
-design_tables = {design: evaluate.read_eval(run / "eval.json") for design, run in design_runs.items()}
+design_tables = {design: evaluate.read_eval(run / "eval.json") for design, run in study.labelled(design_runs).items()}
 fig = plots.prefix_curves(design_tables, retrieval, "Quality vs prefix length k, per design line (test split)", chance)
 workbook.save_figure(fig, "03_quality_vs_k_designs")
 workbook.record("03 design lines: vision->touch R@1 pair at k=1 and at the full shared embedding",
@@ -147,7 +147,7 @@ HTML("<details><summary><b>The whole study table</b>: mean ± std over seeds, pe
 # high. A design that keeps private information out of the shared tokens has low leakage at every k.
 
 # %%
-guard_tables = {name: evaluate.read_eval(run / "eval.json") for name, run in guard_runs.items()}
+guard_tables = {name: evaluate.read_eval(run / "eval.json") for name, run in study.labelled(guard_runs).items()}
 leak_metrics = [f"{m} {measure} [non-linear]" for measure in ("leak into shared embedding (max)",
                                                               "shared factors from shared embedding (mean)")
                 for m in cfg.model.modalities]
@@ -212,8 +212,8 @@ model = phase1.load_aligner(default_run).model
 test_encoded = evaluate.encode_all(model, test_features, cfg.model.prefix_lengths, progress=True)
 
 # %%
-closest = study.closest_to_target(tradeoff)
-closest_run = study.finished_run(closest, needs=("confusion.csv",))
+closest_run = study.finished_run(study.closest_to_target(tradeoff), needs=("confusion.csv",))
+closest = study.label(study.closest_to_target(tradeoff), closest_run)
 confusions = {"default": evaluate.retrieval_confusion(test_encoded, test_set.factor_table(), [k_shared]),
               closest: evaluate.read_confusion(closest_run)}
 recall = {"default": dropout_tables["power_of_two"].loc[k_shared, "vision->touch R@1 factor"],
@@ -245,7 +245,8 @@ workbook.save_figure(fig, "03_information_map")
 fig
 
 # %%
-fig = plots.information_map(unguarded_info, n_shared=k_shared, title="… and of the same model without a leakage guard")
+fig = plots.information_map(unguarded_info, n_shared=k_shared, title=study.label(
+    "… and of the same model without a leakage guard", guard_runs["no leakage guard"]))
 workbook.save_figure(fig, "03_information_map_unguarded")
 fig
 
@@ -255,7 +256,8 @@ fig
 
 # %%
 fsq_info = evaluate.read_information(guard_runs["FSQ shared tokens"])
-fig = plots.information_map(fsq_info, n_shared=k_shared, title="… and of FSQ shared tokens")
+fig = plots.information_map(fsq_info, n_shared=k_shared, title=study.label("… and of FSQ shared tokens",
+                                                                             guard_runs["FSQ shared tokens"]))
 workbook.save_figure(fig, "03_information_map_fsq")
 fig
 

@@ -3,9 +3,12 @@ its kernels talk to it over Unix sockets, so no kernel start warns "running over
 import json
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +29,10 @@ def lab(tmp_path_factory):
     assert command[1:2] == ["lab"] and command[-1] == "notebooks/"
     (home / "notebooks").mkdir()
     port, token = free_port(), secrets.token_hex(16)
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTERLAB_SETTINGS_DIR": str(home / "user"),
+    # a short runtime folder, as a home's is: a kernel's sockets live there, and a Unix socket's path has at most 107
+    # characters (pytest's temporary folders under xdist are too long for the kernel's name after them)
+    runtime = Path(tempfile.mkdtemp(prefix="jr-"))
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTERLAB_SETTINGS_DIR": str(home / "user"),
            "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
     log = home / "lab.log"
     server = subprocess.Popen(command[:-1] + [
@@ -36,10 +42,11 @@ def lab(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(url, token, server, log)
-        yield dict(url=url, token=token, runtime=home / "runtime", log=log)
+        yield dict(url=url, token=token, runtime=runtime, log=log)
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def api(lab, path, data=None):

@@ -1,9 +1,11 @@
 """Every notebook runs top to bottom in smoke mode, in order, in one run folder (as `make demo` runs them) and
 shows every figure it makes as an image; the tracked .py sources stay as JupyterLab writes them, so opening,
 running and saving a notebook changes nothing but what the person edited; their prose states no measured number."""
+import base64
 import json
 import re
 import shutil
+import struct
 import subprocess
 
 import jupytext
@@ -12,6 +14,7 @@ import pytest
 
 import audit
 import core
+import plots
 import study
 import workbook
 
@@ -126,6 +129,9 @@ def test_notebook_runs_in_smoke_mode_and_shows_its_figures(py, run_dir):
     assert all(f.stat().st_size > 5_000 for f in figures), "an empty-looking figure was saved"
     images = [o for o in outputs(nb) if "image/png" in o.get("data", {})]
     assert len(images) >= len(figures), f"{py.name} saved {len(figures)} figures but shows {len(images)} images"
+    widths = [struct.unpack(">I", base64.b64decode(o["data"]["image/png"])[16:20])[0] for o in images]
+    assert max(widths) <= plots.NOTEBOOK_PX, f"{py.name} shows a figure {max(widths)} px wide: JupyterLab shrinks it " \
+        f"to its {plots.NOTEBOOK_PX} px output area, and its text below {plots.MIN_TEXT_PX} px (tests/test_plots.py)"
     as_text = [o for o in outputs(nb) if o.get("data", {}).get("text/plain", "").startswith("<Figure size")
                and "image/png" not in o["data"]]
     assert not as_text, f"{py.name} shows a figure as text: {as_text[0]['data']['text/plain']}"

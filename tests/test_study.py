@@ -245,6 +245,8 @@ def test_a_run_says_which_testbed_it_was_trained_on(tmp_path):
     assert study.testbed_of(study.finished_run("default", 0, tmp_path)) == study.REFERENCE_TESTBED
     assert study.results_of(study.finished_run("default", 0, tmp_path)) == "reference"
     assert study.results_of(tmp_path / "default" / "seed-0") == "yours"
+    assert study.labelled({"default": study.finished_run("default", 0, tmp_path), "mine": tmp_path / "default"}) == \
+        {"default (reference)": study.finished_run("default", 0, tmp_path), "mine": tmp_path / "default"}
     assert study.testbed_of(tmp_path / "default" / "seed-0") == evaluate.SynthTouch.VERSION != study.REFERENCE_TESTBED
 
 
