@@ -95,10 +95,12 @@ def test_kill_9_during_checkpoint_writes_always_leaves_a_state_that_resumes_exac
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     rng = random.Random(0)
     # each process is killed at a random moment of a checkpoint write, which takes about 0.7 s when slowed: the
-    # first two inside the first write of their run (early: half-written files; late: files complete, link not yet
-    # swapped), the last inside the write after one that completed, so a checkpoint surely exists when it lands
-    for nth_write, window in ((1, (0.0, 0.35)), (1, (0.35, 0.7)), (2, (0.0, 0.7))):
+    # first two inside their first write (early: half-written files; late: files complete, link perhaps not yet
+    # swapped), the last inside a write made while a checkpoint already exists (its first write when it resumed
+    # one, else its second), so a checkpoint surely exists when it lands
+    for last, window in ((False, (0.0, 0.35)), (False, (0.35, 0.7)), (True, (0.0, 0.35))):
         mode = "resume" if loop.RunFolder(run_dir).checkpoint is not None else "fresh"
+        nth_write = 2 if last and mode == "fresh" else 1
         proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings), mode], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         writes = 0
