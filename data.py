@@ -520,14 +520,14 @@ def _stat(path) -> tuple[int, int, int]:
 
 
 def tvl_records(table: str, columns: tuple[str, ...]) -> list[dict]:
-    """The rows of a TVL CSV, after checking its header has the columns TVL's layout gives it."""
-    with open(table, newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{table} has the header {reader.fieldnames} but TVL's layout needs the columns "
-                             f"{list(columns)} (missing {missing}); fix its first line, e.g. {','.join(columns)}")
-        return list(reader)
+    """The rows of a TVL CSV (read as read_csv_table reads a CSV dataset's), after checking its header has the
+    columns TVL's layout gives it."""
+    header, records = read_csv_table(Path(table))
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise ValueError(f"{table} has the header {header} but TVL's layout needs the columns "
+                         f"{list(columns)} (missing {missing}); fix its first line, e.g. {','.join(columns)}")
+    return records
 
 
 class TVLDataset(FileRows):
