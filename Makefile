@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: setup  ## the workbook: every notebook on SynthTouch -> runs/demo/
-	$(PY) workbook.py --out runs/demo
+	$(PY) demo.py --out runs/demo
 
 study: setup  ## every phase-1 variant × 3 seeds, mean ± std -> runs/study/study.md (see README for its run time)
 	$(PY) study.py --out runs/study

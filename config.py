@@ -4,7 +4,6 @@ named with its file and fix), atomic file writes, and the check that saved weigh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import types
@@ -47,58 +46,6 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Threads: make demo (workbook.run) runs notebooks side by side and gives a notebook more threads once the
-# others are done, by writing the number into the file this variable names (workbook.py sets it); a phase whose
-# steps are many small operations computes on fewer (`at_most_threads`)
-
-THREADS_FILE_ENV = "FLEXALIGN_THREADS_FILE"
-_CAP = {"threads": 0, "outside": 0}  # at_most_threads' cap (0: none) and torch's count when it began
-
-
-def thread_budget() -> int:
-    """The threads this process may use: what make demo last wrote for it, else torch's count (outside any
-    `at_most_threads` block)."""
-    path = os.environ.get(THREADS_FILE_ENV)
-    if path:
-        try:
-            threads = int(Path(path).read_text())
-            if threads > 0:
-                return threads
-        except (OSError, ValueError):  # not written yet: the next call reads it
-            pass
-    return _CAP["outside"] or torch.get_num_threads()
-
-
-def follow_thread_budget() -> int:
-    """torch's thread count, set first to `thread_budget()`, or to the cap of the `at_most_threads` block it is
-    in when that is lower (unchanged anywhere else). The training loop calls it before each step."""
-    threads = thread_budget()
-    if _CAP["threads"]:
-        threads = min(threads, _CAP["threads"])
-    if threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
-    return threads
-
-
-@contextlib.contextmanager
-def at_most_threads(cap: int):
-    """Inside the block torch computes on at most `cap` threads (0: no cap; in a nested block the lowest cap holds),
-    the training loop's `follow_thread_budget` included; torch's count before is restored after. With OpenMP threads
-    that sleep while they wait (make's OMP_WAIT_POLICY=PASSIVE) a step of many small operations is slower on two
-    threads than on one: phase 2 on the testbed's tiny decoder (LLMConfig.cpu_threads, README "Speed")."""
-    before, count = dict(_CAP), torch.get_num_threads()
-    caps = [c for c in (cap, before["threads"]) if c]  # nested blocks: the lowest cap holds
-    _CAP.update(threads=min(caps, default=0), outside=before["outside"] or count)
-    try:
-        follow_thread_budget()
-        yield
-    finally:
-        _CAP.update(before)
-        torch.set_num_threads(count)
-        follow_thread_budget()  # in make demo, the budget written meanwhile
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import core
 import loop
 import probes
-from config import atomic_write, thread_budget
+from config import atomic_write
 from data import SynthTouch
 from features import Features
 
@@ -489,19 +489,14 @@ def token_sources(tokens: torch.Tensor, n_shared: int) -> dict[str, np.ndarray]:
     return sources
 
 
-def probe_processes() -> int:
-    """How many processes fit probes side by side: as many as the threads torch was given to train with
-    (`torch.get_num_threads()`, or make demo's budget for this notebook; a phase's `at_most_threads` cap is for
-    its own steps, not the probes'), so a study's runs side by side, one thread each, fit theirs one by one."""
-    return max(1, thread_budget())
-
-
-def fit_probes(tasks, n_tasks: int, desc: str | None = None) -> list[dict]:
-    """`probes.probe(*task)` of every task (an iterable of argument tuples), in order, in `probe_processes()`
-    processes. Each probe is a small problem on which BLAS threads only contend (30× slower on a busy 2-core
-    machine), so every fit runs on one thread, here or in a worker, and gives the same score either way."""
+def fit_probes(tasks, n_tasks: int, desc: str | None = None, processes: int | None = None) -> list[dict]:
+    """`probes.probe(*task)` of every task (an iterable of argument tuples), in order, in `processes` processes
+    (None: as many as torch computes on, so a study's runs side by side, one thread each, fit theirs one by one,
+    and a notebook in make demo as many as its share). Each probe is a small problem on which BLAS threads only
+    contend (30× slower on a busy 2-core machine), so every fit runs on one thread, here or in a worker, and gives
+    the same score either way."""
     from joblib import Parallel, delayed, parallel_config
-    processes = max(1, min(probe_processes(), n_tasks))  # one: joblib fits them here, one after another
+    processes = max(1, min(processes or torch.get_num_threads(), n_tasks))  # one: fit here, one after another
     with threadpool_limits(1), parallel_config(backend="loky", inner_max_num_threads=1):
         results = Parallel(n_jobs=processes, return_as="generator")(delayed(probes.probe)(*task) for task in tasks)
         return list(tqdm(results, total=n_tasks, desc=desc, leave=False, disable=desc is None))

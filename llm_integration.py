@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -53,7 +52,7 @@ import loop
 import phase1
 import probes
 from captions import attribute_accuracy, attribute_baselines, caption_metrics, summarize_accuracy
-from config import (Flag, HelpFormatter, add_config_flags, at_most_threads, atomic_write, config_overrides,
+from config import (Flag, HelpFormatter, add_config_flags, atomic_write, config_overrides,
                     load_dataclass, shipped_or_given)
 from encoders import check_images, hub_or_cache
 from features import Features
@@ -756,12 +755,14 @@ def encode_tokens(model: core.AlignmentModel, feats: dict[str, Features],
 
 def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: list[str],
                   output_dir: str | os.PathLike | None = None, resume: bool = False, callback=None,
-                  extra: dict | None = None, overwrite: bool = False, val: tuple | None = None) -> list[dict]:
+                  extra: dict | None = None, overwrite: bool = False, val: tuple | None = None,
+                  threads=None) -> list[dict]:
     """Train the projector (and the decoder, per train_decoder) to write `captions` from `tokens`, by the
     one loop of loop.py. With output_dir: a run folder (checkpoint after every epoch and on Ctrl-C,
     metrics.jsonl), `resume=True` continues it exactly, `overwrite=True` replaces it. `callback(row)`
     sees every metrics row. `val` = (tokens, captions, factors or None) of the validation split: every
-    epoch row then gets its numbers (`validation_numbers`), the curve that epochs are chosen on."""
+    epoch row then gets its numbers (`validation_numbers`), the curve that epochs are chosen on. `threads()`: how
+    many threads each step computes on (loop.fit)."""
     cfg = mm.llm_cfg
     loop.check_hyperparameters(cfg, "phase-2 config")
     n = len(captions)
@@ -812,7 +813,7 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
 
         epoch_end = None if val is None else lambda epoch: validation_numbers(mm, *val)
         return loop.fit(mm, loss_fn, batches, steps_per_epoch * passes, cfg, run, resume=resume, epoch_end=epoch_end,
-                        callback=callback, desc="phase 2 · captioning")
+                        callback=callback, desc="phase 2 · captioning", threads=threads)
 
 
 @torch.no_grad()
@@ -914,14 +915,21 @@ def split_factors(dataset) -> list[dict] | None:
 
 
 def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm_cfg: LLMConfig | None = None,
-               resume: bool = False, callback=None, overwrite: bool = False, split: str = "test") -> dict:
+               resume: bool = False, callback=None, overwrite: bool = False, split: str = "test",
+               threads=None) -> dict:
     """Train phase 2 on a phase-1 run's training split (the validation split's numbers logged after every
     epoch) and evaluate on `split`: "val" to choose settings and epochs, "test" only to report them. Writes
     caption_eval.json (test) or caption_eval_val.json; on SynthTouch every row also holds the linear-probe
-    ceiling of its very tokens ("probe accuracy ..." keys, `add_probe_ceiling`)."""
+    ceiling of its very tokens ("probe accuracy ..." keys, `add_probe_ceiling`). `threads()`: the threads it may
+    compute on (make demo's share; None: torch's count); on the CPU its steps take at most `llm_cfg.cpu_threads`."""
     phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
     llm_cfg = on_phase1_run(llm_cfg or LLMConfig(), phase1_run)
-    with at_most_threads(llm_cfg.cpu_threads if phase1.core_device().type == "cpu" else 0):
+    outside = torch.get_num_threads()
+    given = threads or (lambda: outside)
+    cap = llm_cfg.cpu_threads if phase1.core_device().type == "cpu" else 0
+    capped = (lambda: min(cap, given())) if cap else given
+    torch.set_num_threads(capped())
+    try:
         aligner = phase1.load_aligner(phase1_run).to(phase1.core_device())
         cfg = phase1.run_config(phase1_run)
         train_set, train_feats = phase1.split_data(cfg, "train")
@@ -935,7 +943,8 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         data.set_seed(llm_cfg.seed)
         mm = MultimodalLLM(aligner, llm_cfg)
         fit_captioner(mm, train_tokens, train_set.captions, output_dir, resume=resume, callback=callback,
-                      extra={"phase1_run": phase1.to_run(phase1_run, output_dir)}, overwrite=overwrite, val=val)
+                      extra={"phase1_run": phase1.to_run(phase1_run, output_dir)}, overwrite=overwrite, val=val,
+                      threads=capped)
         if not resume:  # a replaced run's evaluations are stale, whichever split they were of
             for name in EVAL_FILES.values():
                 (output_dir / name).unlink(missing_ok=True)
@@ -955,7 +964,7 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         with ThreadPoolExecutor(1) as beside:
             # the ceilings read phase-1 tokens only: with a spare core their probes (fit in worker processes) run
             # while this process captions, 19 s beside 19 s of notebook 04's 3.5 minutes
-            early = beside.submit(fit_ceilings) if fit_ceilings and evaluate.probe_processes() > 1 else None
+            early = beside.submit(fit_ceilings) if fit_ceilings and given() > 1 else None
             result = evaluate_captions(mm, eval_tokens, eval_set.captions, factors)
         if fit_ceilings is not None:
             add_probe_ceiling(result["rows"], sources, early.result() if early else fit_ceilings())
@@ -963,6 +972,8 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         result.update(split=split, phase1_run=str(phase1_run), llm=mm.llm_cfg.to_dict())
         atomic_write(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         return result
+    finally:
+        torch.set_num_threads(outside)
 
 
 def on_phase1_run(llm_cfg: LLMConfig, phase1_run: str | os.PathLike) -> LLMConfig:
@@ -977,14 +988,14 @@ def on_phase1_run(llm_cfg: LLMConfig, phase1_run: str | os.PathLike) -> LLMConfi
 
 
 def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm_cfg: LLMConfig,
-                  callback=None, split: str = "test") -> dict:
+                  callback=None, split: str = "test", threads=None) -> dict:
     """The evaluation on `split` of `output_dir` (caption_eval.json for test), training only what is missing:
     a finished run of the same config is reused, an interrupted one resumes, otherwise phase 2 starts.
     Re-running a notebook costs nothing."""
     llm_cfg = on_phase1_run(llm_cfg, phase1_run)
     run = run_folder(output_dir)
     if run.checkpoint is None:
-        return run_phase2(phase1_run, output_dir, llm_cfg, callback=callback, split=split)
+        return run_phase2(phase1_run, output_dir, llm_cfg, callback=callback, split=split, threads=threads)
     saved = run.saved_config()
     run.check_same_config({"llm": llm_cfg.to_dict(), "decoder_hidden_size": saved.get("decoder_hidden_size"),
                            "phase1_run": phase1.to_run(phase1_run, output_dir)}, RESUME_IGNORES)
@@ -995,7 +1006,7 @@ def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, 
         # the one the run fixed from its captions)
         if llm_cfg.max_new_tokens in (None, result["llm"]["max_new_tokens"]):
             return result
-    return run_phase2(phase1_run, output_dir, llm_cfg, resume=True, callback=callback, split=split)
+    return run_phase2(phase1_run, output_dir, llm_cfg, resume=True, callback=callback, split=split, threads=threads)
 
 
 # ----------------------------------------------------------------------------------------------

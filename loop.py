@@ -48,7 +48,7 @@ import torch.nn as nn
 import yaml
 from tqdm.auto import tqdm
 
-from config import atomic_write, follow_thread_budget, make_folder, state_mismatch
+from config import atomic_write, make_folder, state_mismatch
 
 CHECKPOINT = "checkpoint"  # a link to the newest complete checkpoint folder, swapped atomically
 # the names of what save() writes, and nothing else of the folder is ever deleted: a user's checkpoint-best/ or .tmp/
@@ -540,7 +540,7 @@ def _all_finite(tensors) -> bool:
 def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], steps_per_epoch: int, hp,
         run: RunFolder | None = None, resume: bool = False, epoch_end: Callable[[int], dict] | None = None,
         callback: Callable[[dict], None] | None = None, desc: str = "training", rank: int = 0,
-        load: Callable | None = None) -> list[dict]:
+        load: Callable | None = None, threads: Callable[[], int] | None = None) -> list[dict]:
     """Train `model`'s trainable parameters and return the metrics rows of this call.
 
     loss_fn(batch) -> (loss, {name: tensor}); batches(epoch) -> the epoch's batches, the same for the same
@@ -549,7 +549,9 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
     checkpoint after every epoch and on Ctrl-C, metrics.jsonl, and exact `resume`. `epoch_end(epoch)`
     adds validation numbers to the epoch row; `callback(row)` sees every row (live plots). A model may
     define `before_step(step, total_steps)` (phase 1's FSQ warm-up) and `after_optimizer_step()` (phase 1
-    clamps its temperature there).
+    clamps its temperature there). `threads()`, asked before each step, is how many threads torch computes
+    that step on (a notebook in make demo passes `demo.threads`, its share of the cores); None leaves torch's
+    count as it is.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(model, hp.lr, hp.weight_decay, hp.warmup_steps, steps_per_epoch * hp.epochs)
@@ -610,7 +612,8 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
             todo = itertools.islice(batches(epoch), skip, steps_per_epoch)
             for batch in (prefetched(todo, load) if load is not None else todo):
                 torch.manual_seed(step_seed(hp.seed, rank, step))
-                follow_thread_budget()
+                if threads is not None and (count := threads()) != torch.get_num_threads():
+                    torch.set_num_threads(count)
                 if before_step is not None:
                     before_step(step, steps_per_epoch * hp.epochs)
                 loss, parts = loss_fn(batch)

@@ -61,8 +61,9 @@ class Distributed:
 RESUME_IGNORES = ("output_dir", "log_name", "cache_dir", "log_every", "leakage_probes")
 
 
-def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool = False) -> Path:
-    """Train phase 1 and return the run folder. `callback(row)` sees every metrics row (live plots).
+def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool = False, threads=None) -> Path:
+    """Train phase 1 and return the run folder. `callback(row)` sees every metrics row (live plots); `threads()`
+    says how many threads each step computes on (loop.fit; None: torch's count as it is).
 
     Ctrl-C saves a checkpoint before stopping; a non-finite loss, gradient or parameter stops with the
     last good checkpoint kept. A folder that already holds a run needs `resume` or `overwrite`.
@@ -111,7 +112,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
         # the bar names the run by its last two folders: phase1/default, or a study's default/seed-0
         loop.fit(model, loss_fn, loop.index_batches(n, cfg.batch_size, cfg.seed, cfg.shuffle_block), steps_per_epoch,
                  cfg, run, resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1: {cfg.run_dir.parent.name}/{cfg.run_dir.name}",
-                 rank=dist.rank, load=load)
+                 rank=dist.rank, load=load, threads=threads)
         if dist.main:
             test_set, test_feats = split_data(cfg, "test")
             probe_splits = dict(fit=(train_feats, train_set), select=(val_feats, val_set)) if cfg.leakage_probes else None
@@ -121,7 +122,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
         return cfg.run_dir
 
 
-def ensure_trained(cfg: TrainConfig, callback=None, evaluated: bool = True) -> Path:
+def ensure_trained(cfg: TrainConfig, callback=None, evaluated: bool = True, threads=None) -> Path:
     """The run folder of `cfg`, training only what is missing: a finished run (eval.json) of the same config
     is reused, an interrupted one resumes, otherwise training starts. Re-running a notebook costs nothing.
     A folder holding a run of another config (epochs included) is refused, as on the command line.
@@ -136,11 +137,11 @@ def ensure_trained(cfg: TrainConfig, callback=None, evaluated: bool = True) -> P
 
     with run.exclusive(ready=final):  # held, or another process holds it and the weights are final
         if run.checkpoint is None:
-            return train(cfg, callback=callback)
+            return train(cfg, callback=callback, threads=threads)
         run.check_same_config(to_yaml(cfg, cfg.run_dir), RESUME_IGNORES)
         if (cfg.run_dir / "eval.json").is_file() or final():
             return cfg.run_dir
-        return train(cfg, resume=True, callback=callback)
+        return train(cfg, resume=True, callback=callback, threads=threads)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -28,11 +28,15 @@ import timing  # noqa: E402
 
 
 def probes(model, encoded, factors, processes: int):
-    """(leakage table, information map) with every probe fit in `processes` processes."""
-    evaluate.probe_processes = lambda: processes
-    leaks = evaluate.leakage_by_k(model, encoded, factors)
-    info = evaluate.information_map({split: {m: e.tokens for m, e in enc.items()} for split, enc in encoded.items()},
-                                    factors, model.cfg.n_shared)
+    """(leakage table, information map) with every probe fit in `processes` processes (as many as torch's threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(processes)
+    try:
+        leaks = evaluate.leakage_by_k(model, encoded, factors)
+        info = evaluate.information_map({split: {m: e.tokens for m, e in enc.items()} for split, enc in encoded.items()},
+                                        factors, model.cfg.n_shared)
+    finally:
+        torch.set_num_threads(threads)
     return leaks, info
 
 

@@ -14,6 +14,7 @@
 # %%
 import pandas as pd
 
+import demo
 import evaluate
 import phase1
 import plots
@@ -34,7 +35,7 @@ cfg.model
 
 # %%
 live = plots.LiveLoss("Phase-1 training, configs/default.yaml")
-default_run = train.ensure_trained(cfg, callback=live)
+default_run = train.ensure_trained(cfg, callback=live, threads=demo.threads)  # threads: make demo's share of the cores
 minutes = train.training_minutes(default_run)
 workbook.save_figure(plots.loss_curves(train.read_metrics(default_run), "Phase-1 training, configs/default.yaml"),
                      "02_default_training")

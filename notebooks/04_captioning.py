@@ -15,6 +15,7 @@
 import pandas as pd
 from IPython.display import HTML, Markdown, display
 
+import demo
 import llm_integration
 import phase1
 import plots
@@ -41,9 +42,9 @@ llm_cfg
 # writes `caption_eval.json`. Finished runs are reused, interrupted ones resume.
 
 # %%
-phase1_run = train.ensure_trained(phase1_cfg, evaluated=False)
+phase1_run = train.ensure_trained(phase1_cfg, evaluated=False, threads=demo.threads)  # make demo's share of the cores
 phase2_run = run_dir / "phase2" / "default"
-result = llm_integration.ensure_phase2(phase1_run, phase2_run, llm_cfg)
+result = llm_integration.ensure_phase2(phase1_run, phase2_run, llm_cfg, threads=demo.threads)
 pd.DataFrame([r for r in train.read_metrics(phase2_run) if r["kind"] == "epoch"]).set_index("epoch")
 
 # %% [markdown]

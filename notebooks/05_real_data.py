@@ -22,6 +22,7 @@ import timm
 import torch
 
 import data
+import demo
 import evaluate
 import llm_integration
 import plots
@@ -73,7 +74,7 @@ resolve_encoder("tvl-touch-vit-tiny", weights=str(STAGE1_CHECKPOINT))
 tvl_cfg, _ = train.parse_args(["--stage1_checkpoint", str(STAGE1_CHECKPOINT), "--datasets_dir", str(TVL_DIR),
                                "--output_dir", str(run_dir / "phase1" / "tvl"), "--epochs", str(epochs),
                                "--batch_size", "16", "--n_registers", "32", "--n_shared", "8"])
-tvl_run = train.ensure_trained(tvl_cfg)
+tvl_run = train.ensure_trained(tvl_cfg, threads=demo.threads)  # make demo's share of the cores
 tvl_table = evaluate.read_eval(tvl_run / "eval.json")
 tvl_table.filter(like="R@1")
 
@@ -87,7 +88,7 @@ tvl_table.filter(like="R@1")
 csv_cfg, _ = train.parse_args(["--datasets_dir", str(CSV_DIR), "--output_dir", str(run_dir / "phase1" / "digits"),
                                "--epochs", str(epochs), "--batch_size", "32"])
 print("modalities from the CSV columns:", csv_cfg.model.modalities)
-csv_run = train.ensure_trained(csv_cfg)
+csv_run = train.ensure_trained(csv_cfg, threads=demo.threads)
 csv_table = evaluate.read_eval(csv_run / "eval.json")
 csv_table.filter(like="R@1")
 
@@ -108,9 +109,10 @@ fig
 
 # %%
 llm = dict(epochs=llm_epochs, batch_size=16, **workbook.smoke_sizes({"min_steps": 0}))
-tvl_captions = llm_integration.ensure_phase2(tvl_run, run_dir / "phase2" / "tvl", llm_integration.load_llm_config(None, **llm))
+tvl_captions = llm_integration.ensure_phase2(tvl_run, run_dir / "phase2" / "tvl", llm_integration.load_llm_config(None, **llm),
+                                             threads=demo.threads)
 csv_captions = llm_integration.ensure_phase2(csv_run, run_dir / "phase2" / "digits", llm_integration.load_llm_config(
-    None, **llm, **{"source.modalities": ["vision"]}))
+    None, **llm, **{"source.modalities": ["vision"]}), threads=demo.threads)
 metrics = ["modalities", "k", "caption accuracy", "bleu4", "cider_d"]
 display_rows = pd.DataFrame(csv_captions["rows"])[metrics]
 display_rows

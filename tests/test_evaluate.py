@@ -475,17 +475,20 @@ def test_leakage_by_k_reports_failure_only_for_a_leaking_model(leak):
     assert (controls.normalised < 0.15).all()  # the other modality's private factors are never in these tokens
 
 
-def test_probes_fit_in_parallel_processes_give_the_scores_of_one_process(monkeypatch):
+def test_probes_fit_in_parallel_processes_give_the_scores_of_one_process():
     """Evaluation fits its probes in as many processes as torch has threads (a demo run: two). Every fit is
     the same one-thread problem either way; only BLAS's handling of how an array happens to sit in memory may
     differ between processes, which can move an R² by float rounding (1e-6 allows for it) or flip a prediction
     that sits on a decision boundary (so an accuracy may move by one test row, 1/200)."""
     tokens, factors = planted_splits(planted_tokens, (200, 100, 200))
     tokens = {split: {"vision": x["vision"]} for split, x in tokens.items()}
-    maps = []
-    for processes in (2, 1):
-        monkeypatch.setattr(evaluate, "probe_processes", lambda: processes)
-        maps.append(evaluate.information_map(tokens, factors, n_shared=2))
+    maps, threads = [], torch.get_num_threads()
+    try:
+        for processes in (2, 1):
+            torch.set_num_threads(processes)
+            maps.append(evaluate.information_map(tokens, factors, n_shared=2))
+    finally:
+        torch.set_num_threads(threads)
     assert maps[0].drop(columns=["score", "above chance"]).equals(maps[1].drop(columns=["score", "above chance"]))
     assert np.allclose(maps[0].score, maps[1].score, rtol=0, atol=np.where(maps[0].chance > 0, 1 / 200 + 1e-12, 1e-6))
     assert (maps[0]["above chance"] > 0.5).sum() >= 4  # texture and phase of their tokens: not equal failures

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import data
-import evaluate
 import llm_integration as L
 import phase1
 import train
@@ -490,19 +489,18 @@ def test_probe_ceilings_are_fit_beside_the_captions_when_a_core_is_spare(tiny_ph
     """The ceilings read phase-1 tokens only, so with more than one core they are fit in a side thread (their probes
     in worker processes) while the decoder captions; with one, after the captions. Either way the same numbers."""
     cfg = L.load_llm_config(None, epochs=1, batch_size=16, train_decoder="full", model_name=str(decoder_dir), min_steps=0)
-    fit, threads = L.probe_ceilings, {}
+    fit, in_main = L.probe_ceilings, []
 
     def recording(*args):
-        threads[evaluate.probe_processes()] = threading.current_thread() is threading.main_thread()
+        in_main.append(threading.current_thread() is threading.main_thread())
         return fit(*args)
 
     monkeypatch.setattr(L, "probe_ceilings", recording)
     results = {}
     for processes in (1, 2):
-        monkeypatch.setattr(evaluate, "probe_processes", lambda: processes)
         monkeypatch.setattr(L, "CEILINGS", {})  # fit anew, not from the first run's
-        results[processes] = L.run_phase2(tiny_phase1, tmp_path / str(processes), cfg)
-    assert threads == {1: True, 2: False}
+        results[processes] = L.run_phase2(tiny_phase1, tmp_path / str(processes), cfg, threads=lambda: processes)
+    assert in_main == [True, False]
     probes = [[{k: v for k, v in row.items() if k.startswith("probe")} for row in results[p]["rows"]] for p in (1, 2)]
     assert len(probes[0]) == 10 and all(len(row) > 1 for row in probes[0])
     # the same probe on the same rows at one thread, in this process or a worker: equal but for summation order,

@@ -14,6 +14,7 @@ import pytest
 
 import audit
 import core
+import demo
 import plots
 import study
 import workbook
@@ -167,8 +168,8 @@ def test_rerunning_one_notebook_keeps_the_numbers_of_the_others(tmp_path, monkey
         numbers = json.loads((out_dir / "numbers.json").read_text())
         (out_dir / "numbers.json").write_text(json.dumps({**numbers, "02 phase 1": {"b": 3}}))
 
-    monkeypatch.setattr(workbook, "run_notebook", fake_execute)
-    report = workbook.run(tmp_path, smoke=True, only=["02"]).read_text()
+    monkeypatch.setattr(demo, "run_notebook", fake_execute)
+    report = demo.run(tmp_path, smoke=True, only=["02"]).read_text()
     assert json.loads((tmp_path / "numbers.json").read_text()) == {"01 data": {"a": 1}, "02 phase 1": {"b": 3}}
     assert "| 01_data_and_encoders | 1.0 |" in report and "02_phase1_training" in report
 
@@ -185,18 +186,18 @@ def test_an_interrupted_workbook_continues_where_it_stopped(tmp_path, monkeypatc
         (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
 
     # one after another: a known order
-    monkeypatch.setattr(workbook, "AFTER", {b.name[:2]: (a.name[:2],) for a, b in zip(NOTEBOOKS, NOTEBOOKS[1:])})
-    monkeypatch.setattr(workbook, "EARLY_START", {})
-    monkeypatch.setattr(workbook, "run_notebook", fake_execute)
+    monkeypatch.setattr(demo, "AFTER", {b.name[:2]: (a.name[:2],) for a, b in zip(NOTEBOOKS, NOTEBOOKS[1:])})
+    monkeypatch.setattr(demo, "EARLY_START", {})
+    monkeypatch.setattr(demo, "run_notebook", fake_execute)
     with pytest.raises(KeyboardInterrupt):
-        workbook.run(tmp_path, smoke=True)
+        demo.run(tmp_path, smoke=True)
     assert ran == ["01_data_and_encoders", "02_phase1_training"]
     ran.clear(), stop_at.clear()
-    workbook.run(tmp_path, smoke=True)
+    demo.run(tmp_path, smoke=True)
     names = [p.stem for p in workbook.notebook_paths()]
     assert ran == names[1:] and not (tmp_path / "progress.json").exists()
     ran.clear()
-    workbook.run(tmp_path, smoke=True)
+    demo.run(tmp_path, smoke=True)
     assert ran == names
 
 

@@ -1,4 +1,4 @@
-"""How `make demo` runs the notebooks (workbook.run): each as soon as what it reads is there, side by side with the
+"""How `make demo` runs the notebooks (demo.run): each as soon as what it reads is there, side by side with the
 cores shared among those running, a failed notebook letting the others running finish and starting no other,
 Ctrl-C stopping every notebook at once."""
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import config
+import demo
 import workbook
 
 NAMES = [p.stem for p in workbook.notebook_paths()]
@@ -68,7 +68,7 @@ def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shar
             events["02 done"].set()
         if path.name.startswith("04"):
             assert events["05 done"].is_set(), "04 warmed while no core was left"
-            assert not workbook.weights_final(out_dir / "phase1" / "default")
+            assert not demo.weights_final(out_dir / "phase1" / "default")
             seen.append(("04 waiting", int(threads_file.read_text())))
             events["04 started"].set()
             assert events["02 saw 04"].wait(10)
@@ -77,9 +77,9 @@ def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shar
             assert events["02 done"].is_set(), "03 started before 02 was done"
         (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
 
-    monkeypatch.setattr(workbook, "core_budget", lambda: 2)
-    monkeypatch.setattr(workbook, "run_notebook", fake_notebook)
-    report = workbook.run(tmp_path, smoke=True).read_text()
+    monkeypatch.setattr(demo, "core_budget", lambda: 2)
+    monkeypatch.setattr(demo, "run_notebook", fake_notebook)
+    report = demo.run(tmp_path, smoke=True).read_text()
     threads = dict(seen)
     order = [name for name, _ in seen if name in NAMES]
     assert order.index("01_data_and_encoders") < order.index("02_phase1_training") < order.index("04_captioning")
@@ -97,11 +97,11 @@ def test_what_a_notebook_waits_for():
     is missing); 04 waits for 02 until 02's run has final weights, and a run still mid-training is not final."""
     folder = Path(__file__).parent / "no-such-run"
     paths = {p.name[:2]: p for p in workbook.notebook_paths()}
-    assert workbook.ready(paths["04"], folder, {"04_captioning"})
-    assert not workbook.ready(paths["04"], folder, {"02_phase1_training", "04_captioning"})
-    assert not workbook.ready(paths["03"], folder, {"02_phase1_training", "03_prefix_quality"})
-    assert workbook.ready(paths["05"], folder, set(NAMES))
-    assert not workbook.ready(paths["02"], folder, set(NAMES))  # 01 builds the feature cache first
+    assert demo.ready(paths["04"], folder, {"04_captioning"})
+    assert not demo.ready(paths["04"], folder, {"02_phase1_training", "04_captioning"})
+    assert not demo.ready(paths["03"], folder, {"02_phase1_training", "03_prefix_quality"})
+    assert demo.ready(paths["05"], folder, set(NAMES))
+    assert not demo.ready(paths["02"], folder, set(NAMES))  # 01 builds the feature cache first
 
 
 def test_notebook_04_warms_its_kernel_only_while_another_process_trains_the_run_it_reads(tmp_path):
@@ -110,12 +110,12 @@ def test_notebook_04_warms_its_kernel_only_while_another_process_trains_the_run_
     import loop
     paths = {p.name[:2]: p for p in workbook.notebook_paths()}
     run = loop.RunFolder(tmp_path / "phase1" / "default")
-    assert not workbook.may_warm(paths["04"], tmp_path)
+    assert not demo.may_warm(paths["04"], tmp_path)
     with run.exclusive():
-        assert workbook.may_warm(paths["04"], tmp_path)
-        assert not workbook.may_warm(paths["03"], tmp_path)  # only EARLY_START notebooks are warmed
+        assert demo.may_warm(paths["04"], tmp_path)
+        assert not demo.may_warm(paths["03"], tmp_path)  # only EARLY_START notebooks are warmed
         trained_run(run.path, epochs=1)
-    assert not workbook.may_warm(paths["04"], tmp_path)
+    assert not demo.may_warm(paths["04"], tmp_path)
     with run.exclusive() as held:  # asking whether the run is busy never keeps its trainer out
         assert held
 
@@ -125,11 +125,11 @@ def test_notebook_04_starts_beside_02_once_the_weights_are_final(tmp_path):
     paths = {p.name[:2]: p for p in workbook.notebook_paths()}
     waiting = {"02_phase1_training", "03_prefix_quality", "04_captioning"}
     trained_run(run_dir, epochs=2)
-    assert workbook.ready(paths["04"], tmp_path, waiting)
-    assert not workbook.ready(paths["03"], tmp_path, waiting)  # 03 reads 02's evaluation
+    assert demo.ready(paths["04"], tmp_path, waiting)
+    assert not demo.ready(paths["03"], tmp_path, waiting)  # 03 reads 02's evaluation
     metrics = run_dir / "metrics.jsonl"  # the last epoch not yet trained: not final
     metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
-    assert not workbook.ready(paths["04"], tmp_path, waiting)
+    assert not demo.ready(paths["04"], tmp_path, waiting)
 
 
 def test_a_failed_notebook_lets_the_others_running_finish_and_starts_no_other(tmp_path, monkeypatch):
@@ -146,9 +146,9 @@ def test_a_failed_notebook_lets_the_others_running_finish_and_starts_no_other(tm
             time.sleep(0.01)
         (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
 
-    monkeypatch.setattr(workbook, "run_notebook", fake_notebook)
+    monkeypatch.setattr(demo, "run_notebook", fake_notebook)
     with pytest.raises(RuntimeError, match="05_real_data"):
-        workbook.run(tmp_path, smoke=True)
+        demo.run(tmp_path, smoke=True)
     assert sorted(ran) == ["01_data_and_encoders", "05_real_data"]
     assert json.loads((tmp_path / "progress.json").read_text())["done"] == ["01_data_and_encoders"]
 
@@ -167,7 +167,7 @@ def stand_in_notebooks(tmp_path, monkeypatch, seconds: float) -> Path:
             f"out = pathlib.Path(os.environ['{workbook.RUN_DIR_ENV}']) / '{name}.json'\n"
             "start = time.time()\n"
             "out.write_text(json.dumps({'start': start, 'pid': os.getpid(), 'threads': os.environ['OMP_NUM_THREADS'],\n"
-            f"                           'budget': os.environ['{config.THREADS_FILE_ENV}']}}))\n"
+            f"                           'budget': os.environ['{demo.THREADS_FILE_ENV}']}}))\n"
             f"time.sleep({seconds})\n"
             "out.write_text(json.dumps({**json.loads(out.read_text()), 'end': time.time()}))\n")
     monkeypatch.setattr(workbook, "NOTEBOOKS", folder)
@@ -177,7 +177,7 @@ def stand_in_notebooks(tmp_path, monkeypatch, seconds: float) -> Path:
 
 def test_notebooks_side_by_side_run_as_two_processes_each_kernel_on_its_share_of_the_cores(tmp_path, monkeypatch):
     out = stand_in_notebooks(tmp_path, monkeypatch, seconds=3)
-    report = workbook.run(out, smoke=True).read_text()
+    report = demo.run(out, smoke=True).read_text()
     first, beside = (json.loads((out / f"{name}.json").read_text()) for name in STAND_INS)
     assert first["threads"] == beside["threads"] == "1"
     assert first["budget"] != beside["budget"]  # each kernel reads its own thread budget
@@ -206,7 +206,7 @@ def test_ctrl_c_stops_every_running_notebook_and_their_kernels(tmp_path, monkeyp
     interrupter.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            workbook.run(out, smoke=True)
+            demo.run(out, smoke=True)
     finally:
         finished.set()
         interrupter.join()
@@ -233,8 +233,8 @@ def test_after_ctrl_c_no_notebook_process_starts(tmp_path):
     """Ctrl-C signals the notebook processes running, and from then on none starts: a notebook started in the same
     instant either is running when the signal goes out (the two share a lock) or is refused."""
     import sys
-    children = workbook.Children()
-    # a notebook process takes SIGINT even when started from a shell that ignores it (workbook.main --execute)
+    children = demo.Children()
+    # a notebook process takes SIGINT even when started from a shell that ignores it (workbook.py --execute)
     ready = tmp_path / "ready"
     notebook = (f"import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
                 f"open({str(ready)!r}, 'w'); time.sleep(60)")
@@ -271,35 +271,35 @@ def test_notebooks_side_by_side_lose_no_recorded_number(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "numbers.json").read_text())) == 80
 
 
-def test_a_notebook_follows_the_thread_budget_make_demo_writes(tmp_path, monkeypatch):
-    """The kernel side of sharing the cores: before each training step the thread count becomes the number last
-    written into the file that FLEXALIGN_THREADS_FILE names, at most a phase's cap (`at_most_threads`), and the
-    probes run in that many processes; outside make demo nothing changes."""
+def test_a_notebook_computes_on_the_share_make_demo_writes(tmp_path, monkeypatch):
+    """The kernel side of sharing the cores: `demo.threads()` reads the number last written into the file that
+    FLEXALIGN_THREADS_FILE names (torch's count while nothing is written, and outside make demo), and the training
+    loop handed it computes each step on that many threads; a loop handed nothing leaves torch's count alone."""
+    import argparse
+
     import torch
 
-    import evaluate
+    import loop
     before = torch.get_num_threads()
+    model = torch.nn.Linear(2, 1)
+    hp = argparse.Namespace(epochs=1, lr=1e-3, weight_decay=0.0, warmup_steps=1, grad_clip=1.0, seed=0, log_every=1)
+    file, seen = tmp_path / "budget", []
+
+    def loss_fn(step):
+        seen.append(torch.get_num_threads())
+        file.write_text(str(2 - step % 2))  # make demo telling a new share between two steps
+        return model(torch.ones(1, 2)).sum(), {}
     try:
-        file = tmp_path / "budget"
-        monkeypatch.setenv(config.THREADS_FILE_ENV, str(file))
-        assert config.follow_thread_budget() == before  # nothing written yet
+        monkeypatch.setenv(demo.THREADS_FILE_ENV, str(file))
+        assert demo.threads() == before  # nothing written yet
         file.write_text("1")
-        assert evaluate.probe_processes() == 1 and config.follow_thread_budget() == 1 == torch.get_num_threads()
-        file.write_text("2")
-        assert config.follow_thread_budget() == 2 and torch.get_num_threads() == 2
-        with config.at_most_threads(1):  # phase 2's cap: its steps on one thread, its probes still in two processes
-            assert torch.get_num_threads() == 1 and config.follow_thread_budget() == 1
-            assert evaluate.probe_processes() == 2
-            with config.at_most_threads(0), config.at_most_threads(2):  # nested: the lowest cap holds
-                assert config.follow_thread_budget() == 1
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-        monkeypatch.delenv(config.THREADS_FILE_ENV)
-        file.write_text("1")
-        assert config.follow_thread_budget() == 2
-        with config.at_most_threads(1):  # outside make demo too: the probes keep the threads torch had before
-            assert config.follow_thread_budget() == 1 and evaluate.probe_processes() == 2
-        assert torch.get_num_threads() == 2
+        assert demo.threads() == 1
+        loop.fit(model, loss_fn, lambda epoch: [0, 1, 2], 3, hp, threads=demo.threads)
+        assert seen == [1, 2, 1]
+        loop.fit(model, loss_fn, lambda epoch: [0, 1, 2], 3, hp)
+        assert seen[3:] == [1, 1, 1]
+        monkeypatch.delenv(demo.THREADS_FILE_ENV)
+        assert demo.threads() == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
@@ -331,17 +331,17 @@ def test_an_unknown_notebook_name_or_a_smoke_run_into_a_full_run_is_refused(tmp_
     """`--only 09` used to run nothing and exit 0 with an empty report; `--smoke` into a full demo folder rewrote its
     notebooks and put tiny runs' numbers into the full report. Both are refused before anything runs."""
     ran = []
-    monkeypatch.setattr(workbook, "run_notebook", lambda path, *rest: ran.append(path.stem))
+    monkeypatch.setattr(demo, "run_notebook", lambda path, *rest: ran.append(path.stem))
     with pytest.raises(ValueError, match=r"--only 09 names no notebook; the notebooks are \['01_data_and_encoders'"):
-        workbook.run(tmp_path, smoke=True, only=["01", "09"])
+        demo.run(tmp_path, smoke=True, only=["01", "09"])
     full = tmp_path / "demo"
     full.mkdir()
     workbook.write_report(full, {}, smoke=False)  # what a finished make demo leaves
     with pytest.raises(ValueError, match=r"demo holds a full run of the workbook; a smoke run there would overwrite"):
-        workbook.run(full, smoke=True)
+        demo.run(full, smoke=True)
     smoke = tmp_path / "smoke"
     smoke.mkdir()
     (smoke / "progress.json").write_text(json.dumps({"key": "k", "smoke": True, "done": []}))  # an interrupted one
     with pytest.raises(ValueError, match=r"smoke holds a smoke run of the workbook; a full run there"):
-        workbook.run(smoke, smoke=False)
+        demo.run(smoke, smoke=False)
     assert ran == [] and sorted(p.name for p in full.iterdir()) == ["report.md"]
