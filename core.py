@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from encoders import FrozenEncoder, MODALITIES, create_encoder
 from features import Features
+from images import image_batch
 
 # ----------------------------------------------------------------------------------------------
 # 1. Register tokens: one small class per idea (attention mask, attention, registers, nested dropout)
@@ -945,10 +946,9 @@ class Aligner(nn.Module):
         return self.encoders[modality]
 
     def features(self, modality: str, inputs) -> Features:
-        """Features of captions, or of images as `data.image_batch` takes them (paths, PIL images, tensors)."""
+        """Features of captions, or of images as `images.image_batch` takes them (paths, PIL images, tensors)."""
         device = next(self.model.parameters()).device
         if modality != "text":
-            from data import image_batch  # here, not at the top: data imports this module
             inputs = image_batch(inputs, self.encoder(modality).cfg.image_size).to(device)
         return Features(*self.encoder(modality)(inputs))
 

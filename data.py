@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 
 from config import atomic_write, make_folder
 from core import get_device, set_seed  # noqa: F401 (the seed API imports them from here too)
+from encoders import create_encoder
 from features import Features
+from images import float_image, image_batch, load_image, open_image, resized
 
 # -----------------------------------------------------------------------------
 # SynthTouch
@@ -289,7 +291,7 @@ class SynthTouch(torch.utils.data.Dataset):
         touch = self.GEL[:, None, None] + led_falloff - shading - 0.06 * height
         touch = touch * touch_rng.uniform(0.95, 1.05) + 0.05 * (touch_rng.random(touch.shape, dtype=np.float32) - 0.5)
 
-        return dict(vision=_tensor(vision), touch=_tensor(touch), caption=self.caption_of(f), factors=f)
+        return dict(vision=float_image(vision), touch=float_image(touch), caption=self.caption_of(f), factors=f)
 
     @staticmethod
     def _blur(image, sigma):
@@ -301,73 +303,8 @@ class SynthTouch(torch.utils.data.Dataset):
         return np.fft.irfft2(np.fft.rfft2(image) * gain, s=image.shape)
 
 
-def _tensor(chw):
-    return torch.from_numpy(np.ascontiguousarray(np.clip(chw, 0, 1), dtype=np.float32))
-
-
 # -----------------------------------------------------------------------------
 # real data: TVL (Fu et al. 2024) and your own CSV files
-
-
-def open_image(path) -> Image.Image:
-    """An image file as RGB, as an image viewer shows it (as_seen); a missing file raises FileNotFoundError, an
-    undecodable one ValueError, naming it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} does not exist; fix the path in the CSV, or pass skip_missing=True "
-                                "(config: skip_missing: true) to drop rows whose files are missing")
-    try:
-        with Image.open(path) as image:
-            return as_seen(image)
-    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError and truncation are OSErrors
-        raise ValueError(f"image {path} is corrupt, not a decodable image or too large to decode safely ({e}); "
-                         "replace it, or pass skip_missing=True to drop rows whose files cannot be read") from e
-
-
-def as_seen(image: Image.Image) -> Image.Image:
-    """RGB as a viewer shows the file: turned by its EXIF orientation (phones store portraits sideways), 16-bit
-    grey scaled to 8 bits (PIL's convert("RGB") clips it, and a 16-bit image comes out white), transparency
-    (alpha, or a palette's transparent colour) laid over white."""
-    from PIL import ImageOps
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        pixels = np.asarray(image, dtype=np.float32)
-        peak = 65535 if image.mode != "I" or pixels.max() > 255 else 255
-        image = Image.fromarray(np.clip(pixels * (255 / peak) + 0.5, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "La") or "transparency" in image.info:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def resized(image: Image.Image, image_size: int) -> torch.Tensor:
-    image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return _tensor(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255)
-
-
-def load_image(path, image_size):
-    """Image file -> 3xSxS float tensor in [0,1] (a plain resize)."""
-    return resized(open_image(path), image_size)
-
-
-def image_batch(images, image_size: int) -> torch.Tensor:
-    """One image or a list of them (file paths, PIL images, 3xHxW tensors) or a Bx3xHxW tensor, as one batch: files
-    and PIL images read and resized to image_size as a CSV dataset's are; tensors as given, so that an encoder's
-    check names what is wrong with them (0-255 values, another size)."""
-    if torch.is_tensor(images):
-        return images
-    if isinstance(images, (str, os.PathLike, Image.Image)):
-        images = [images]
-    if not images:
-        raise ValueError("the image list is empty; pass at least one image (a file path, a PIL image or a 3xSxS "
-                         "tensor)")
-    images = [load_image(x, image_size) if isinstance(x, (str, os.PathLike)) else
-              resized(as_seen(x), image_size) if isinstance(x, Image.Image) else x for x in images]
-    if not all(torch.is_tensor(x) and x.dim() == 3 for x in images):
-        raise ValueError(f"images must be file paths, PIL images or 3xSxS tensors in [0, 1]; got "
-                         f"{[getattr(x, 'shape', type(x).__name__) for x in images][:4]}")
-    if len({tuple(x.shape) for x in images}) > 1:
-        raise ValueError(f"image tensors have different shapes {sorted({tuple(x.shape) for x in images})}; resize "
-                         "them to one size, or pass file paths or PIL images (resized for you)")
-    return torch.stack(images)
 
 
 # TVL's image preparation (tvl_enc/tacvis.py, load_vision_data / load_tactile_data), without its training
@@ -954,7 +891,6 @@ def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/feat
         cached = _load_cache(folder, verify)
         if cached is None:
             if encoder is enc_cfg:
-                from encoders import create_encoder
                 encoder = (build or create_encoder)(enc_cfg)
             _build_cache(encoder, dataset, folder, batch_size, device)
             cached = _load_cache(folder, verify=False)

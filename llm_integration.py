@@ -56,6 +56,7 @@ from config import (Flag, HelpFormatter, add_config_flags, atomic_write, config_
                     load_dataclass, shipped_or_given)
 from encoders import check_images, hub_or_cache
 from features import Features
+from images import image_batch
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "phase2.yaml"
@@ -520,12 +521,12 @@ class MultimodalLLM(nn.Module):
         return tokens
 
     def check_images(self, modality: str, images) -> torch.Tensor:
-        """Images as `data.image_batch` takes them (file paths and PIL images resized to the encoder's size; 3×S×S
+        """Images as `images.image_batch` takes them (file paths and PIL images resized to the encoder's size; 3×S×S
         tensors in [0, 1]) → B×3×S×S."""
         if modality not in self.modalities:
             raise ValueError(f"this model has no {modality} branch; it captions from {self.modalities}")
         size = self.aligner.encoder(modality).cfg.image_size
-        images = check_images(data.image_batch(images, size), modality)
+        images = check_images(image_batch(images, size), modality)
         if min(images.shape[-2:]) < size:  # larger images are resized by the encoder, as in phase 1
             raise ValueError(f"{modality} images are {tuple(images.shape[-2:])} pixels but the {modality} encoder "
                              f"takes {size}×{size}; resize them (e.g. data.ImageTextDataset(..., image_size={size}))")

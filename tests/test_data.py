@@ -284,23 +284,23 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
     orientation), a transparent pixel showed the colour stored under it."""
     from PIL import Image
 
-    import data
+    import images
     grey = tmp_path / "grey16.png"
     Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(grey)  # mid-grey at 16 bits
     assert Image.open(grey).mode.startswith("I")
-    np.testing.assert_allclose(data.load_image(grey, 4).numpy(), 128 / 255, atol=1 / 255)  # one 8-bit level
+    np.testing.assert_allclose(images.load_image(grey, 4).numpy(), 128 / 255, atol=1 / 255)  # one 8-bit level
     upright = np.zeros((6, 4, 3), dtype=np.uint8)
     upright[0] = 255  # a white top row
     sideways = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # stored turned, as a phone does
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: turn 90° clockwise to view (undoes the counter-clockwise ROTATE_90)
     sideways.save(tmp_path / "portrait.jpg", exif=exif, quality=100)
-    seen = np.asarray(data.open_image(tmp_path / "portrait.jpg"))
+    seen = np.asarray(images.open_image(tmp_path / "portrait.jpg"))
     assert seen.shape == (6, 4, 3) and seen[0].mean() > 200 and seen[1:].mean() < 60  # JPEG: near, not exact
     clear = np.zeros((2, 2, 4), dtype=np.uint8)
     clear[..., 0] = 255  # red, but fully transparent
     Image.fromarray(clear, "RGBA").save(tmp_path / "clear.png")
-    assert np.asarray(data.open_image(tmp_path / "clear.png")).min() == 255  # white, as a viewer shows it
+    assert np.asarray(images.open_image(tmp_path / "clear.png")).min() == 255  # white, as a viewer shows it
     (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     with pytest.raises(ValueError, match=r"image .*bomb.png is corrupt"):
-        data.open_image(tmp_path / "bomb.png")
+        images.open_image(tmp_path / "bomb.png")

@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 import data
+import images
 import llm_integration as L
 import phase1
 import predict
@@ -60,7 +61,7 @@ def test_a_run_and_its_phase_2_run_are_used_from_another_working_directory(runs,
     # a path, a PIL image and the tensor a CSV dataset reads are one image: the same embedding, bit for bit (the
     # same pixels through the same kernels)
     assert (aligner.embed("vision", [Image.open(png)], k=2) == by_path).all()
-    assert (aligner.embed("vision", [data.load_image(png, size)], k=2) == by_path).all()
+    assert (aligner.embed("vision", [images.load_image(png, size)], k=2) == by_path).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a trained captioner: no "never trained" warning
         mm = L.MultimodalLLM.load(phase2_run)
