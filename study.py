@@ -11,8 +11,8 @@ Writes runs/study/runs.csv (one row per run) and runs/study/study.md (mean ± st
 
 The notebooks compare the default model with these variants. `make demo` trains only the default; the
 variants' curves and tables come from `runs/study` when you have trained them, and otherwise from the
-reference results in docs/study (each run's config, metrics and evaluation tables, no weights), which
-`--reference` writes:
+reference results in docs/study (seed 0 of each variant: what the notebooks read of a run, no weights and no
+per-step rows; every seed's headline numbers in docs/study/runs.csv), which `--reference` writes:
 
     python study.py --seeds 0 --reference                 # train seed 0 of every variant, refresh docs/study
 
@@ -22,6 +22,7 @@ A run's probes are fit on 2000 training rows, tuned on the validation split and 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -33,7 +34,6 @@ import torch
 from tqdm.auto import tqdm
 
 import evaluate
-import loop
 import phase1
 import plots
 import train
@@ -96,15 +96,21 @@ LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruc
                     "FSQ tokens", "FSQ shared tokens")
 SEEDS = (0, 1, 2)
 PROBE = "non-linear"
-REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference results: tables of seed-0 runs, no weights
+REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference results: summaries of seed-0 runs
 REFERENCE_TESTBED = "synthtouch-v4"  # the SynthTouch its runs were trained on (data.SynthTouch.VERSION then)
 # config keys the reference's runs were trained with that today's variants set otherwise: the reference is of an
 # older default, which also measured its preservation loss from the learned feature centres (no config key)
 REFERENCE_CONFIG = {"model.decoder_readout": 0}
-REFERENCE_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv")
-# copied too where a run has it: confusion.csv came after most reference runs were trained, and the reference keeps
-# no weights to compute it from; the runs notebook 03 reads it from have it (a test checks)
+# What the reference keeps of a run is what the notebooks read of it, so that docs/ stays small (9.1 MB when it kept
+# every seed's every table and training row; 2 MB at most now, a test checks): seed 0's config, evaluation and epoch
+# rows (training minutes); the information map of the variants notebook 03 draws one of; confusion.csv where a run
+# has it (it came after most reference runs were trained, and no weights are kept to compute it from; the run
+# notebook 03 reads it from has it, a test checks). The leakage tables stay in your runs: runs.csv holds every
+# seed's headline numbers, taken from them when --reference writes it.
+REFERENCE_SEED = 0
+REFERENCE_FILES = ("config.yaml", "eval.json", "metrics.jsonl")
 LATER_REFERENCE_FILES = ("confusion.csv",)
+MAPPED_VARIANTS = ("no leakage guard", "FSQ shared tokens")  # information.csv: notebook 03 draws their maps
 
 
 def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", **overrides) -> phase1.TrainConfig:
@@ -146,17 +152,27 @@ def testbed_of(run: str | os.PathLike) -> str:
     return REFERENCE_TESTBED if results_of(run) == "reference" else evaluate.SynthTouch.VERSION
 
 
-def save_reference(runs) -> None:
-    """Copy the tables of finished runs (REFERENCE_FILES, not the weights) into the reference folder."""
-    for run in runs:
-        missing = [name for name in REFERENCE_FILES if not (run / name).is_file()]
+def save_reference(rows: pd.DataFrame) -> None:
+    """Write what the notebooks read of the finished runs of `rows` (runs.csv's rows) of seed REFERENCE_SEED into
+    the reference folder: REFERENCE_FILES with only the epoch rows of metrics.jsonl, LATER_REFERENCE_FILES where a
+    run has them, information.csv for MAPPED_VARIANTS."""
+    for variant, seed, run in zip(rows.variant, rows.seed, map(Path, rows.run)):
+        probed = ("leakage.csv", "information.csv")  # runs.csv's headline numbers and the maps come from them
+        missing = [name for name in REFERENCE_FILES + probed if not (run / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{run} has no {', '.join(missing)}: the reference holds what the notebooks read "
-                                    "of a run, the leakage probes' tables included; train it with leakage_probes: true")
+                                    "of a run, the leakage probes' numbers included; train it with leakage_probes: true")
+        if seed != REFERENCE_SEED:
+            continue
         target = REFERENCE / run.parent.name / run.name
         target.mkdir(parents=True, exist_ok=True)
-        for name in REFERENCE_FILES + tuple(name for name in LATER_REFERENCE_FILES if (run / name).is_file()):
+        names = [*REFERENCE_FILES, *(name for name in LATER_REFERENCE_FILES if (run / name).is_file()),
+                 *(("information.csv",) if variant in MAPPED_VARIANTS else ())]
+        for name in names:
             shutil.copyfile(run / name, target / name)
+        epochs = [line for line in (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+                  if json.loads(line)["kind"] == "epoch"]
+        (target / "metrics.jsonl").write_text("".join(epochs))
 
 
 def headline(run_dir: str | os.PathLike) -> dict:
@@ -413,7 +429,7 @@ def main(argv=None):
     rows = study(args.variants, args.seeds, args.out, args.jobs)
     print(Path(write(merge_rows(rows, Path(args.out) / "runs.csv"), args.out)).read_text())
     if args.reference:  # the runs' tables, and their rows in docs/study/runs.csv and study.md
-        save_reference(map(Path, rows.run))
+        save_reference(rows)
         write(merge_rows(rows, REFERENCE / "runs.csv"), REFERENCE)
 
 

@@ -94,27 +94,37 @@ def test_finished_runs_come_from_your_study_and_otherwise_from_the_reference(row
     monkeypatch.setattr(study, "REFERENCE", tmp_path / "reference")
     with pytest.raises(FileNotFoundError, match="python study.py --variants 'default' --seeds 2"):
         study.finished_run("default", 2, tmp_path / "nothing trained here")
-    runs = [study.Path(run) for run in table.run]
     with pytest.raises(FileNotFoundError, match="no leakage.csv, information.csv.*leakage_probes: true"):
-        study.save_reference(runs[2:])  # trained without the probes: not a reference
-    study.save_reference(runs[:2])
+        study.save_reference(table[2:])  # trained without the probes: not a reference
+    monkeypatch.setattr(study, "MAPPED_VARIANTS", ("default",))
+    study.save_reference(table[:2])  # seeds 0 and 1: the reference keeps seed 0's
     copied = sorted(p.relative_to(study.REFERENCE).as_posix() for p in study.REFERENCE.rglob("*") if p.is_file())
-    assert copied == sorted(f"{run}/{name}" for run in ("default/seed-0", "default/seed-1")
-                            for name in study.REFERENCE_FILES + study.LATER_REFERENCE_FILES)
-    assert study.finished_run("default", 1, root) == root / "default" / "seed-1"  # your own run first
-    reference = study.finished_run("default", 1, tmp_path / "nothing trained here")
-    assert reference == study.REFERENCE / "default" / "seed-1"
-    # the reference holds what the notebooks read of a run, and gives the same numbers
-    assert study.headline(reference) == study.headline(root / "default" / "seed-1")
-    assert evaluate.read_information(reference).equals(evaluate.read_information(root / "default" / "seed-1"))
-    assert evaluate.read_confusion(reference).equals(evaluate.read_confusion(root / "default" / "seed-1"))
+    assert copied == sorted(f"default/seed-0/{name}" for name in
+                            (*study.REFERENCE_FILES, *study.LATER_REFERENCE_FILES, "information.csv"))
+    own = root / "default" / "seed-0"
+    assert study.finished_run("default", 0, root) == own  # your own run first
+    reference = study.finished_run("default", 0, tmp_path / "nothing trained here")
+    assert reference == study.REFERENCE / "default" / "seed-0"
+    # the reference holds what the notebooks read of a run, and gives the same numbers; not the rows of every step
+    assert evaluate.read_eval(reference / "eval.json").equals(evaluate.read_eval(own / "eval.json"))
+    assert evaluate.read_information(reference).equals(evaluate.read_information(own))
+    assert evaluate.read_confusion(reference).equals(evaluate.read_confusion(own))
+    assert train.training_minutes(reference) == train.training_minutes(own)
+    assert {row["kind"] for row in train.read_metrics(reference)} == {"epoch"}
     # a folder without confusion.csv is passed over when a notebook needs it; the reference is taken instead
-    (root / "default" / "seed-1" / "confusion.csv").rename(root / "default" / "seed-1" / "confusion.csv.away")
+    (own / "confusion.csv").rename(own / "confusion.csv.away")
     try:
-        assert study.finished_run("default", 1, root) == root / "default" / "seed-1"
-        assert study.finished_run("default", 1, root, needs=("confusion.csv",)) == reference
+        assert study.finished_run("default", 0, root) == own
+        assert study.finished_run("default", 0, root, needs=("confusion.csv",)) == reference
     finally:
-        (root / "default" / "seed-1" / "confusion.csv.away").rename(root / "default" / "seed-1" / "confusion.csv")
+        (own / "confusion.csv.away").rename(own / "confusion.csv")
+
+
+def test_the_reference_results_are_sized_to_what_the_notebooks_read():
+    """docs/study keeps summaries (seed 0's tables, epoch rows), not every training row: 2 MB at most."""
+    files = [p for p in study.REFERENCE.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 2 * 2 ** 20
+    assert {p.parent.name for p in files if p.parent != study.REFERENCE} == {f"seed-{study.REFERENCE_SEED}"}
 
 
 @pytest.mark.parametrize("variant", list(study.VARIANTS))
@@ -141,14 +151,13 @@ def test_the_reference_results_are_of_todays_config(variant):
 def test_the_reference_confusion_counts_are_of_the_runs_own_top_1(variant):
     """confusion.csv of reference runs was computed later, from the runs' weights: it must be of the same top-1 as
     the run's own R@1 factor in eval.json: the largest share wrong at most 1 − R@1, and their sum at least that."""
-    for seed in study.SEEDS:
-        run = study.finished_run(variant, seed, "nothing trained here")
-        confusion, table = evaluate.read_confusion(run), evaluate.read_eval(run / "eval.json")
-        for k in table.index:
-            for direction in ("vision->touch", "touch->vision"):
-                shares, miss = evaluate.top1_differs(confusion, k, direction), 1 - table.loc[k, f"{direction} R@1 factor"]
-                # recall is a float32 mean of 1000 zeros and ones (exact to ~1e-7), the shares exact fractions
-                assert shares.max() <= miss + 1e-6 and shares.sum() >= miss - 1e-6, (seed, k, direction)
+    run = study.finished_run(variant, study.REFERENCE_SEED, "nothing trained here")
+    confusion, table = evaluate.read_confusion(run), evaluate.read_eval(run / "eval.json")
+    for k in table.index:
+        for direction in ("vision->touch", "touch->vision"):
+            shares, miss = evaluate.top1_differs(confusion, k, direction), 1 - table.loc[k, f"{direction} R@1 factor"]
+            # recall is a float32 mean of 1000 zeros and ones (exact to ~1e-7), the shares exact fractions
+            assert shares.max() <= miss + 1e-6 and shares.sum() >= miss - 1e-6, (k, direction)
 
 
 def test_the_notebooks_study_table_groups_variants_by_family():
