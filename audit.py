@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 import evaluate
 import phase1
-import probes
 from data import SynthTouch
 
 IMAGE_MODALITIES = ("vision", "touch")
