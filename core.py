@@ -57,6 +57,14 @@ class ModelConfig:
     # mixes the tokens with one softmax a position; every position reading its own linear function of all kept
     # tokens is what a ridge read-out does, and what lets later tokens' detail reach the reconstruction
     decoder_readout: int = 0
+    # rank of a linear read-in: every register starts from its own linear function of all the (projected) input
+    # tokens (0: attention only). Softmax attention pools positions by content; the fine factors live in a few
+    # dozen principal directions of the frozen features that each span many positions, which a fixed linear map
+    # reads at once -- with nested dropout, a linear read-in and read-out order them as PCA does (Rippel et al. 2014)
+    encoder_readin: int = 0
+    # which registers get it: private (the shared ones read by attention alone, so what alignment keeps stays coarse
+    # and the fine scale lands in the private tokens) | all
+    readin_tokens: str = "private"
     # none: the preservation decoder reads every kept token | stopgrad: it reads the shared tokens through a
     # stop-gradient, so rebuilding private detail is the private tokens' job | cross: it rebuilds modality A
     # from B's shared tokens and A's private ones | decorrelate: a penalty on the cross-correlation of the
@@ -120,11 +128,14 @@ class ModelConfig:
         if len(set(self.mrl_dims)) != len(self.mrl_dims):
             raise ValueError(f"model.mrl_dims {list(self.mrl_dims)} names a width twice, which counts its loss twice; "
                              "give each once")
-        if self.decoder_readout < 0:
-            raise ValueError(f"decoder_readout={self.decoder_readout} is the rank of the decoder's linear read-out: "
-                             "give 0 (none) or a positive rank, e.g. 256")
+        for name in ("decoder_readout", "encoder_readin"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is the rank of a linear map between the frozen "
+                                 f"tokens and the registers: give 0 (none) or a positive rank, e.g. model.{name}: 64")
         if self.token_dim is not None and not 1 <= self.token_dim <= self.hidden_dim:
             raise ValueError(f"token_dim={self.token_dim} must lie in 1..hidden_dim={self.hidden_dim}, or be null")
+        if self.readin_tokens not in ("all", "private"):
+            raise ValueError(f"unknown readin_tokens {self.readin_tokens!r}; choose 'private' or 'all'")
         if self.bottleneck_tokens not in ("all", "shared"):
             raise ValueError(f"unknown bottleneck_tokens {self.bottleneck_tokens!r}; choose 'all' or 'shared'")
         if self.token_levels and (self.token_dim != len(self.token_levels) or min(self.token_levels) < 2):
@@ -250,7 +261,8 @@ class RegisterTokenModule(nn.Module):
     """
 
     def __init__(self, input_dim: int, num_input_tokens: int, hidden_dim: int, n_registers: int, n_layers: int,
-                 n_heads: int, attention: str = "joint", registers_init: torch.Tensor | None = None):
+                 n_heads: int, attention: str = "joint", registers_init: torch.Tensor | None = None,
+                 readin_rank: int = 0, readin_from: int = 0):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}")
@@ -261,6 +273,10 @@ class RegisterTokenModule(nn.Module):
         self.registers = nn.Parameter(init.clone())
         self.blocks = nn.ModuleList(Block(hidden_dim, n_heads, cross=attention == "cross") for _ in range(n_layers))
         self.norm = nn.LayerNorm(hidden_dim)
+        self.readin_from = readin_from  # registers before it have no read-in
+        self.readin = nn.Sequential(nn.Linear(num_input_tokens * hidden_dim, readin_rank),
+                                    nn.Linear(readin_rank, (n_registers - readin_from) * hidden_dim)) \
+            if readin_rank and readin_from < n_registers else None
 
     @property
     def n_registers(self) -> int:
@@ -273,8 +289,12 @@ class RegisterTokenModule(nn.Module):
         B, T, D = tokens.shape
         R = n_registers or self.n_registers
         mask = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
-        feats = self.in_proj(tokens) + self.feature_pos
+        projected = self.in_proj(tokens)
+        feats = projected + self.feature_pos
         regs = self.registers[:R].expand(B, R, -1)
+        if self.readin is not None and R > self.readin_from:  # padding positions read as zeros
+            read = self.readin((projected * mask[..., None].to(projected.dtype)).flatten(1)).view(B, -1, regs.shape[-1])
+            regs = regs + F.pad(read, (0, 0, self.readin_from, 0))[:, :R]
         causal = torch.ones(R, R, dtype=torch.bool, device=tokens.device).tril()
         if self.attention == "joint":
             # register_attention_mask split in two: features see real features, registers also registers <= i
@@ -635,7 +655,8 @@ class RegisterDesign:
         clone = self.registers_init()
         model.encoders = nn.ModuleDict({m: RegisterTokenModule(
             input_dims[m], input_tokens[m], H, cfg.n_registers, cfg.n_layers, cfg.n_heads, cfg.attention,
-            registers_init=clone) for m in cfg.modalities})
+            registers_init=clone, readin_rank=cfg.encoder_readin,
+            readin_from=cfg.n_shared if cfg.readin_tokens == "private" else 0) for m in cfg.modalities})
         # What every sample's frozen features share, per position, comes off before the register module, so
         # its attention starts from what differs between samples: without it the touch embeddings of all
         # samples start at cosine 0.997 and contrastive learning sat at chance for 3 to 5 epochs. Set from the

@@ -100,7 +100,7 @@ REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference resu
 REFERENCE_TESTBED = "synthtouch-v4"  # the SynthTouch its runs were trained on (data.SynthTouch.VERSION then)
 # config keys the reference's runs were trained with that today's variants set otherwise: the reference is of an
 # older default, which also measured its preservation loss from the learned feature centres (no config key)
-REFERENCE_CONFIG = {"model.decoder_readout": 0}
+REFERENCE_CONFIG = {"model.decoder_readout": 0, "model.encoder_readin": 0}
 # What the reference keeps of a run is what the notebooks read of it, so that docs/ stays small (9.1 MB when it kept
 # every seed's every table and training row; 2 MB at most now, a test checks): seed 0's config, evaluation and epoch
 # rows (training minutes); the information map of the variants notebook 03 draws one of; confusion.csv where a run
@@ -395,7 +395,8 @@ def markdown(table: pd.DataFrame) -> str:
 
 def curves(variants=("default", "no nested dropout"), seed: int = 0, root: str | os.PathLike = "runs/study"):
     """Quality against k of finished study runs (one seed): the figure at the top of the README."""
-    tables = {v: evaluate.read_eval(finished_run(v, seed, root) / "eval.json") for v in variants}
+    runs = labelled({v: finished_run(v, seed, root) for v in variants})
+    tables = {name: evaluate.read_eval(run / "eval.json") for name, run in runs.items()}
     chance = {"vision->touch R@1 pair": "chance@1 pair", "vision->touch R@1 factor": "chance@1 factor"}
     return plots.prefix_curves(tables, [*chance, "vision recon cos", "touch recon cos"],
                                f"Quality vs prefix length k (test split, seed {seed})", chance)

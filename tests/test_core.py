@@ -47,14 +47,19 @@ def build(cfg: ModelConfig, seed=0) -> core.AlignmentModel:
 # The prefix property: one forward pass yields the representation of every prefix length
 
 
-def register_module(attention: str, R=8) -> RegisterTokenModule:
+def register_module(attention: str, R=8, readin=0) -> RegisterTokenModule:
     torch.manual_seed(0)
-    return RegisterTokenModule(16, T, 32, R, n_layers=2, n_heads=4, attention=attention).eval()
+    return RegisterTokenModule(16, T, 32, R, n_layers=2, n_heads=4, attention=attention, readin_rank=readin).eval()
 
 
-@pytest.mark.parametrize("attention", ["joint", "cross"])
-def test_perturbing_later_registers_leaves_earlier_outputs_unchanged(attention):
-    module = register_module(attention)
+# the linear read-in (model.encoder_readin) gives every register its own map of the whole input: it must keep the
+# prefix property and ignore padding as attention does
+WITH_READIN = pytest.mark.parametrize("attention, readin", [("joint", 0), ("cross", 0), ("joint", 5), ("cross", 5)])
+
+
+@WITH_READIN
+def test_perturbing_later_registers_leaves_earlier_outputs_unchanged(attention, readin):
+    module = register_module(attention, readin=readin)
     x = torch.randn(3, T, 16)
     with torch.no_grad():
         reference = module(x)
@@ -68,8 +73,24 @@ def test_perturbing_later_registers_leaves_earlier_outputs_unchanged(attention):
 
 
 @pytest.mark.parametrize("attention", ["joint", "cross"])
-def test_k_prefix_of_the_full_pass_equals_a_pass_with_only_k_registers(attention):
-    module = register_module(attention)
+def test_read_in_reaches_only_the_registers_from_readin_from_on(attention):
+    """model.readin_tokens: private gives the read-in to the private registers alone (readin_from = n_shared)."""
+    torch.manual_seed(0)
+    module = RegisterTokenModule(16, T, 32, 8, n_layers=2, n_heads=4, attention=attention, readin_rank=5,
+                                 readin_from=3).eval()
+    x = torch.randn(3, T, 16)
+    with torch.no_grad():
+        reference = module(x)
+        for p in module.readin.parameters():
+            p.add_(torch.randn_like(p))
+        changed = module(x)
+    torch.testing.assert_close(changed[:, :3], reference[:, :3], atol=1e-5, rtol=1e-5)
+    assert ((changed[:, 3:] - reference[:, 3:]).abs().amax(-1) > 1e-3).all()  # every later register moved
+
+
+@WITH_READIN
+def test_k_prefix_of_the_full_pass_equals_a_pass_with_only_k_registers(attention, readin):
+    module = register_module(attention, readin=readin)
     x, mask = torch.randn(3, T, 16), torch.tensor([[True] * T, [True] * (T - 2) + [False] * 2, [True] + [False] * 5])
     with torch.no_grad():
         full = module(x, mask)
@@ -99,9 +120,9 @@ def test_joint_path_equals_one_masked_attention_over_features_and_registers():
         torch.testing.assert_close(module(x, mask), module.norm(sequence[:, T:]), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["joint", "cross"])
-def test_masked_input_tokens_have_no_influence(attention):
-    module = register_module(attention)
+@WITH_READIN
+def test_masked_input_tokens_have_no_influence(attention, readin):
+    module = register_module(attention, readin=readin)
     x = torch.randn(2, T, 16)
     mask = torch.tensor([[True] * 4 + [False] * 2] * 2)
     changed = x.clone()
@@ -125,13 +146,15 @@ def test_attention_maps_are_distributions_over_real_input_tokens(attention):
         assert ((mass > 0) & (mass < 1)).all()
 
 
-@pytest.mark.parametrize("design, attention, token_dim, readout", [("flextok", "joint", None, 0),
-                                                                   ("fluxtalk", "cross", None, 0),
-                                                                   ("flextok", "joint", 3, 0), ("flextok", "joint", None, 8)])
+@pytest.mark.parametrize("design, attention, token_dim, readout, readin", [
+    ("flextok", "joint", None, 0, 0), ("fluxtalk", "cross", None, 0, 0), ("flextok", "joint", 3, 0, 0),
+    ("flextok", "joint", None, 8, 0), ("flextok", "joint", 3, 8, 6)])
 def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_passes(design, attention, token_dim,
-                                                                                     readout):
-    """With a linear read-out in the decoder too: a dropped token reaches it as zeros, what a pass without it gives."""
-    cfg = small(design=design, attention=attention, n_shared=4, token_dim=token_dim, decoder_readout=readout)
+                                                                                     readout, readin):
+    """With a linear read-out in the decoder too: a dropped token reaches it as zeros, what a pass without it gives;
+    with a linear read-in, register i's map of the input is the same whether later registers run or not."""
+    cfg = small(design=design, attention=attention, n_shared=4, token_dim=token_dim, decoder_readout=readout,
+                encoder_readin=readin)
     model = build(cfg).eval()
     feats = paired_features(4)["vision"]
     with torch.no_grad():
@@ -363,6 +386,8 @@ def test_gather_with_grad_is_the_identity_on_one_process(tmp_path):
     (dict(modalities=("vision", "smell")), "smell"),
     (dict(hidden_dim=30), "hidden_dim=30 is not divisible by n_heads=4"),
     (dict(mrl_dims=(8, 32)), r"mrl_dims \(8, 32\) must lie in 1..embed_dim=16"),
+    (dict(encoder_readin=-1), r"model.encoder_readin=-1 is the rank .* give 0 \(none\) or a positive rank"),
+    (dict(decoder_readout=2.5), r"model.decoder_readout=2.5 is the rank"),
 ])
 def test_bad_model_config_names_the_values(overrides, message):
     with pytest.raises(ValueError, match=message):
