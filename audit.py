@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 import evaluate
 import phase1
-from data import SynthTouch
+from synthtouch import SynthTouch
 
 IMAGE_MODALITIES = ("vision", "touch")
 # what a testbed must pass on for its fine scale to be worth keeping: the fine factors a sensor sees move at least

@@ -12,7 +12,7 @@ import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from data import SynthTouch
+from synthtouch import SynthTouch
 
 # per-adjective precision / recall / F1 (adjective-list captions: TVL), attribute accuracy (SynthTouch)
 

@@ -16,7 +16,7 @@ leakage            private factors decoded from shared tokens, next to chance
 attention_maps     where each register looks among the image patches; project_2d: embeddings in 2-D
 NeighbourViewer    an ipywidgets slider over k: a query and its top-5 neighbours of the other modality
 
-Because register i never attends to registers after it (core.register_attention_mask), the first k
+Because register i never attends to registers after it (registers.register_attention_mask), the first k
 outputs of one pass with all registers equal a pass that only has k registers; `encode(one_pass=False)`
 runs those truncated passes, as the reference the tests and bench/bench_eval.py compare against.
 """
@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-import core
+import alignment
 import loop
 import probes
 from config import atomic_write
-from data import SynthTouch
 from features import Features
+from synthtouch import SynthTouch
 
 RANKS = (1, 5)
 GROUP_ORDER = ("shared", "vision", "touch")  # factor groups: who sees a factor
@@ -50,7 +50,7 @@ def shared_discrete_factors() -> list[str]:
     return [name for name in SynthTouch.FACTORS if SynthTouch.factor_groups[name] == "shared"]
 
 
-def prefix_ks(model: core.AlignmentModel, ks=None) -> list[int]:
+def prefix_ks(model: alignment.AlignmentModel, ks=None) -> list[int]:
     """The prefix lengths to evaluate: the model's 1, 2, 4, ..., n_registers grid, or `ks` checked."""
     default = model.design.prefix_lengths
     if ks is None:
@@ -73,7 +73,7 @@ class Encoded(NamedTuple):
 
 
 @torch.no_grad()
-def encode(model: core.AlignmentModel, modality: str, features: Features, ks: list[int],
+def encode(model: alignment.AlignmentModel, modality: str, features: Features, ks: list[int],
            batch_size: int = 256, one_pass: bool = True, progress: bool = False, reconstruct: bool = True) -> Encoded:
     """Everything evaluation needs for one modality, on the CPU. `one_pass=False` runs the register
     module once per k with only k registers (the slow reference); `reconstruct=False` skips the
@@ -229,7 +229,7 @@ def top1_differs(confusion: pd.DataFrame, k: int, direction: str = "vision->touc
     return pd.Series(shares, name="top-1 differs")
 
 
-def evaluate_prefixes(model: core.AlignmentModel, features: dict[str, Features],
+def evaluate_prefixes(model: alignment.AlignmentModel, features: dict[str, Features],
                       factors: dict[str, np.ndarray] | None, ks=None, shared_factors=None, batch_size=256,
                       out_path=None, one_pass: bool = True, encoded: dict | None = None) -> pd.DataFrame:
     """Quality of every prefix length k on one split, from one forward pass per modality.
@@ -332,7 +332,7 @@ def write_eval(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     return written
 
 
-def evaluate_run(model: core.AlignmentModel, features: dict[str, Features], factors: dict[str, np.ndarray] | None,
+def evaluate_run(model: alignment.AlignmentModel, features: dict[str, Features], factors: dict[str, np.ndarray] | None,
                  probe_splits: dict[str, tuple[dict[str, Features], dict[str, np.ndarray]]] | None = None,
                  out_path=None) -> pd.DataFrame:
     """`evaluate_prefixes` and, on SynthTouch (where private factors are known), the leakage columns of
@@ -600,7 +600,7 @@ def source_rows(encoded: Encoded, source: str, k: int, n_shared: int) -> np.ndar
     return encoded.tokens[:, n_shared:k].flatten(1).numpy()
 
 
-def leakage_by_k(model: core.AlignmentModel, encoded: dict[str, dict[str, Encoded]],
+def leakage_by_k(model: alignment.AlignmentModel, encoded: dict[str, dict[str, Encoded]],
                  factors: dict[str, dict[str, np.ndarray]], ks=None, kinds=PROBES,
                  names: list[str] | None = None) -> pd.DataFrame:
     """For every modality and prefix length k: its own private factors and the shared factors decoded from
@@ -675,7 +675,7 @@ def leakage_columns(table: pd.DataFrame) -> pd.DataFrame:
 # Attention and embedding views
 
 @torch.no_grad()
-def attention_maps(model: core.AlignmentModel, modality: str, features: Features, index: int) -> np.ndarray:
+def attention_maps(model: alignment.AlignmentModel, modality: str, features: Features, index: int) -> np.ndarray:
     """R×h×w: where each register looks among the image patches of sample `index` (last block)."""
     if not model.design.has_registers:
         raise ValueError(f"the {model.cfg.design} design has no registers and so no attention maps; use a flextok "

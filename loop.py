@@ -58,7 +58,7 @@ CHECKPOINT_FILES = {"model.safetensors", "state.pt"}  # what a checkpoint folder
 # the other files a run writes: a folder holding anything else is not a run, and nothing of it is ever deleted
 RUN_FILES = {"config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv", "confusion.csv",
              "caption_eval.json", "caption_eval_val.json"}
-RUN_FOLDERS = {"tokenizer"}  # a phase-2 run's built-in decoder's tokenizer (llm_integration.MultimodalLLM.fit_vocabulary)
+RUN_FOLDERS = {"tokenizer"}  # a phase-2 run's built-in decoder's tokenizer (captioner.MultimodalLLM.fit_vocabulary)
 TENSORBOARD = "tensorboard"  # the event files: training rows at its top, each evaluation's table in a folder of its own
 
 

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import torch
 
-import core
-import data
+import alignment
+import designs
+import feature_cache
+import layouts
 import loop
+import synthtouch
 from config import load_dataclass
 from encoders import MODALITIES, EncoderConfig, FrozenEncoder, create_encoder, resolve_encoder
+from features import Features
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -28,7 +32,7 @@ class TrainConfig:
     # frozen encoders per modality: a name from encoders.ENCODERS, or {name: ..., weights: ..., ...overrides}
     encoders: dict = field(default_factory=lambda: {"vision": "synth-vision", "touch": "synth-touch",
                                                     "text": "minilm"})
-    model: core.ModelConfig = field(default_factory=core.ModelConfig)
+    model: designs.ModelConfig = field(default_factory=designs.ModelConfig)
     # data: the SynthTouch testbed, the TVL layout under datasets_dir, or your own CSV files (dataset: csv)
     dataset: str = "synthtouch"
     datasets_dir: str | None = None
@@ -112,8 +116,8 @@ def design_overrides(design: str, base: str | os.PathLike = DEFAULT_CONFIG) -> d
     """The overrides of the config `base` (default: configs/default.yaml, `design_on_testbed`) that put
     configs/<design>.yaml's design on it. Matryoshka sizes scale with the embedding width."""
     path = DEFAULT_CONFIG.parent / f"{design}.yaml"
-    if design not in core.DESIGNS or not path.is_file():
-        raise FileNotFoundError(f"no design line {design!r} ({path} missing); known: {sorted(core.DESIGNS)}")
+    if design not in designs.DESIGNS or not path.is_file():
+        raise FileNotFoundError(f"no design line {design!r} ({path} missing); known: {sorted(designs.DESIGNS)}")
     line, base = load_config(path), load_config(base)
     keep = {f"model.{key}": getattr(line.model, key) for key in DESIGN_KEYS}
     keep["model.mrl_dims"] = [d * base.model.embed_dim // line.model.embed_dim for d in line.model.mrl_dims]
@@ -122,13 +126,13 @@ def design_overrides(design: str, base: str | os.PathLike = DEFAULT_CONFIG) -> d
 # ----------------------------------------------------------------------------------------------
 # Data: datasets, frozen encoders and their cached features
 
-DATASETS = ("synthtouch", *data.LAYOUTS)
+DATASETS = ("synthtouch", *layouts.LAYOUTS)
 
 
 def make_dataset(cfg: TrainConfig, split: str):
     if cfg.dataset == "synthtouch":
         n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
-        return data.SynthTouch(n, seed=cfg.data_seed, image_size=cfg.image_size, split=split)
+        return synthtouch.SynthTouch(n, seed=cfg.data_seed, image_size=cfg.image_size, split=split)
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {DATASETS}")
     if not cfg.datasets_dir:
@@ -137,7 +141,7 @@ def make_dataset(cfg: TrainConfig, split: str):
     # each image encoder gets its images at its own size
     sizes = {m: encoder_config(cfg, m).image_size for m in ("vision", "touch") if m in cfg.model.modalities}
     background = "touch" in sizes and encoder_config(cfg, "touch").background
-    return data.LAYOUTS[cfg.dataset].for_run(cfg.datasets_dir, split, sizes, cfg.model.modalities,
+    return layouts.LAYOUTS[cfg.dataset].for_run(cfg.datasets_dir, split, sizes, cfg.model.modalities,
                                              skip_missing=cfg.skip_missing, touch_background=background,
                                              outside=cfg.paths_outside_dataset)
 
@@ -171,7 +175,7 @@ def split_data(cfg: TrainConfig, split: str):
         return None, None
     device = core_device()
     # encoders are built (once per process) only where a cache is missing
-    feats = {m: data.cached_features(encoder_config(cfg, m), dataset, cfg.cache_dir, device=device,
+    feats = {m: feature_cache.cached_features(encoder_config(cfg, m), dataset, cfg.cache_dir, device=device,
                                      build=built_encoder) for m in cfg.model.modalities}
     return dataset, feats
 
@@ -181,14 +185,14 @@ def core_device() -> torch.device:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_model(cfg: TrainConfig, feats: dict[str, data.Features] | None = None,
-                weights: dict[str, torch.Tensor] | None = None) -> core.AlignmentModel:
+def build_model(cfg: TrainConfig, feats: dict[str, Features] | None = None,
+                weights: dict[str, torch.Tensor] | None = None) -> alignment.AlignmentModel:
     """The phase-1 model of `cfg`, sized for its encoders' features: read off `feats` (cached features of those
     encoders, N×T×D tokens) or off a checkpoint's `weights` when given, so that neither training from a warm
     cache nor loading a trained model builds an encoder."""
-    sizes = None if weights is None else core.DESIGNS[cfg.model.design](cfg.model).input_sizes(weights)
+    sizes = None if weights is None else designs.DESIGNS[cfg.model.design](cfg.model).input_sizes(weights)
     if sizes is not None:
-        return core.AlignmentModel(cfg.model, *sizes)
+        return alignment.AlignmentModel(cfg.model, *sizes)
     dims, tokens = {}, {}
     for m in cfg.model.modalities:
         if feats is not None:
@@ -196,10 +200,10 @@ def build_model(cfg: TrainConfig, feats: dict[str, data.Features] | None = None,
         else:
             enc = get_encoder(cfg, m)
             dims[m], tokens[m] = enc.dim, enc.num_tokens
-    return core.AlignmentModel(cfg.model, dims, tokens)
+    return alignment.AlignmentModel(cfg.model, dims, tokens)
 
 
-def load_aligner(run_dir: str | os.PathLike) -> core.Aligner:
+def load_aligner(run_dir: str | os.PathLike) -> alignment.Aligner:
     """The trained phase-1 model of a run folder with its frozen encoders, in eval mode, from any working directory.
     The model is sized from its checkpoint and each encoder is built when first used (`core.Aligner.encoder`)."""
     run = loop.RunFolder(run_dir)
@@ -207,7 +211,7 @@ def load_aligner(run_dir: str | os.PathLike) -> core.Aligner:
     weights = run.load_weights()
     model = build_model(cfg, weights=weights)
     loop.load_trainable(model, weights, run.path)
-    return core.Aligner({m: functools.partial(get_encoder, cfg, m) for m in cfg.model.modalities}, model).eval()
+    return alignment.Aligner({m: functools.partial(get_encoder, cfg, m) for m in cfg.model.modalities}, model).eval()
 
 
 def run_config(run_dir: str | os.PathLike) -> TrainConfig:

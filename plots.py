@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
 
-from data import SynthTouch
+from synthtouch import SynthTouch
 
 GROUP_COLORS = {"shared": "#6a3d9a", "vision": "#e66101", "touch": "#1b7f79"}
 MODALITY_MARKERS = {"vision": "o", "touch": "^", "text": "s"}

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-import data
+import layouts
 import loop
 import phase1
+from captioner import MultimodalLLM
 from config import HelpFormatter
-from llm_integration import IMAGE_MODALITIES, MultimodalLLM
+from token_sources import IMAGE_MODALITIES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -71,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, default=argparse.SUPPRESS, help="the CSV to write")
     args = parser.parse_args(argv)
     header, rows = predict(args.run, args.images, args.k, args.modality)
-    data.write_csv(args.out, [header, *rows])
+    layouts.write_csv(args.out, [header, *rows])
     print(f"wrote {len(rows)} rows to {args.out}")
 
 

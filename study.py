@@ -97,7 +97,7 @@ LEAKAGE_VARIANTS = ("no leakage guard", "stop-gradient", "cross-modal reconstruc
 SEEDS = (0, 1, 2)
 PROBE = "non-linear"
 REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference results: summaries of seed-0 runs
-REFERENCE_TESTBED = "synthtouch-v4"  # the SynthTouch its runs were trained on (data.SynthTouch.VERSION then)
+REFERENCE_TESTBED = "synthtouch-v4"  # the SynthTouch its runs were trained on (synthtouch.SynthTouch.VERSION then)
 # config keys the reference's runs were trained with that today's variants set otherwise: the reference is of an
 # older default, which also measured its preservation loss from the learned feature centres (no config key)
 REFERENCE_CONFIG = {"model.decoder_readout": 0, "model.encoder_readin": 0}

@@ -12,7 +12,6 @@ metrics.jsonl, and at the end eval.json.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import core
-import data
+import designs
 import evaluate
+import layouts
 import loop
 from config import Flag, HelpFormatter, add_config_flags, config_overrides, shipped_or_given
 from phase1 import (DEFAULT_CONFIG, ROOT, TrainConfig, build_model, core_device, design_overrides, load_config,
                     run_folder, split_data, to_yaml)
+from seed_api import train_alignment  # the seed API's name, re-exported: the README's quick start imports it from here
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,27 +179,6 @@ def evaluate_run(model, feats, dataset, out_path: Path, probe_splits: dict | Non
     return evaluate.evaluate_run(model, feats, factor_codes(dataset), splits, out_path=out_path)
 
 
-def train_alignment(model: core.Aligner, loader, num_epochs: int, lr: float | None = None) -> dict:
-    """The seed package's loop: raw (image, caption) batches through the frozen encoders into the
-    adapters, by the same loop as everything else (loop.fit), without a run folder. Returns history
-    {"loss": [mean loss per epoch], "contrastive": [...], ...}."""
-    seed_cfg = getattr(model, "config", None) or core.AlignmentConfig()
-    total = max(1, len(loader) * num_epochs)
-    hp = argparse.Namespace(epochs=num_epochs, lr=lr or seed_cfg.learning_rate, weight_decay=seed_cfg.weight_decay,
-                            warmup_steps=min(100, total // 10), grad_clip=math.inf, seed=seed_cfg.seed,
-                            log_every=max(1, len(loader)))
-    loop.check_hyperparameters(hp, "train_alignment")
-    rows = loop.fit(model.model, model, lambda epoch: loader, len(loader), hp, desc="train_alignment")
-    model.eval()
-    history: dict[str, list[float]] = {}
-    for row in rows:
-        if row["kind"] == "epoch":
-            for key, value in row.items():
-                if key.startswith("train "):
-                    history.setdefault(key[len("train "):], []).append(value)
-    return history
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line: the seed flags override the YAML file
 
@@ -235,8 +214,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG.relative_to(ROOT),
                         help="YAML config: configs/default.yaml (SynthTouch on a CPU), or one per design line: "
-                             f"{', '.join(f'configs/{d}.yaml' for d in core.DESIGNS)}")
-    parser.add_argument("--design", choices=tuple(core.DESIGNS), help="put configs/<design>.yaml's design (register "
+                             f"{', '.join(f'configs/{d}.yaml' for d in designs.DESIGNS)}")
+    parser.add_argument("--design", choices=tuple(designs.DESIGNS), help="put configs/<design>.yaml's design (register "
                         "counts, attention, nested dropout, losses) on the config, keeping its data, encoders and "
                         "width: --design fluxtalk trains FluxTalk's registers on SynthTouch")
     parser.add_argument("--stage1_checkpoint", help="TVL stage-1 checkpoint: its tactile encoder becomes the touch "
@@ -253,9 +232,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, RunMode]:
     cfg = load_config(config, **{**design, **overrides})
     refuse_what_would_be_ignored(cfg, args, overrides, config)
     if args.datasets_dir:  # the folder says which layout it is; a CSV's columns say which modalities it has
-        cfg.dataset, cfg.datasets_dir = data.dataset_layout(args.datasets_dir), args.datasets_dir
+        cfg.dataset, cfg.datasets_dir = layouts.dataset_layout(args.datasets_dir), args.datasets_dir
         if cfg.dataset == "csv" and "model.modalities" not in overrides:
-            cfg.model.modalities = data.csv_modalities(args.datasets_dir)
+            cfg.model.modalities = layouts.csv_modalities(args.datasets_dir)
     if args.stage1_checkpoint:  # its own architecture, image size and normalisation come with it
         cfg.encoders["touch"] = {"name": "tvl-touch-vit-tiny", "weights": args.stage1_checkpoint}
     if args.resume and args.overwrite:

@@ -7,9 +7,9 @@ import numpy as np
 import torch.nn.functional as F
 
 import plots
-from core import batch_inputs
-from data import SynthTouch
+from alignment import batch_inputs
 from evaluate import Encoded, shared_discrete_factors
+from synthtouch import SynthTouch
 
 class NeighbourViewer:
     """A query of one modality and its top-5 neighbours of another, at the prefix length the slider

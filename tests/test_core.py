@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import core
+import designs
 import loop
 from config import atomic_write
 from core import Features, ModelConfig, NestedDropout, RegisterTokenModule
@@ -718,7 +719,7 @@ def test_the_preservation_loss_measures_from_the_fixed_training_mean_not_the_lea
     with torch.no_grad():
         model.feature_centres["vision"].add_(1.0)  # as training moves the learned centre
     centres = []
-    monkeypatch.setattr(core, "preservation_loss", lambda recon, target, mask, centre: centres.append(centre) or
+    monkeypatch.setattr(designs, "preservation_loss", lambda recon, target, mask, centre: centres.append(centre) or
                         (recon - target).pow(2).mean())
     model.train()(feats)
     torch.testing.assert_close(centres[0], feats["vision"].tokens.mean(0))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import data
 import llm_integration as L
 import phase1
+import phase2
 import train
 from captions import attribute_accuracy, attribute_baselines, bleu4, cider_d
 from conftest import make_mm, micro_decoder
@@ -495,10 +496,10 @@ def test_probe_ceilings_are_fit_beside_the_captions_when_a_core_is_spare(tiny_ph
         in_main.append(threading.current_thread() is threading.main_thread())
         return fit(*args)
 
-    monkeypatch.setattr(L, "probe_ceilings", recording)
+    monkeypatch.setattr(phase2, "probe_ceilings", recording)
     results = {}
     for processes in (1, 2):
-        monkeypatch.setattr(L, "CEILINGS", {})  # fit anew, not from the first run's
+        monkeypatch.setattr(phase2, "CEILINGS", {})  # fit anew, not from the first run's
         results[processes] = L.run_phase2(tiny_phase1, tmp_path / str(processes), cfg, threads=lambda: processes)
     assert in_main == [True, False]
     probes = [[{k: v for k, v in row.items() if k.startswith("probe")} for row in results[p]["rows"]] for p in (1, 2)]

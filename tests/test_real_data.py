@@ -22,6 +22,7 @@ from sklearn.model_selection import train_test_split
 
 import data
 import evaluate
+import layouts
 import llm_integration as L
 import phase1
 import train
@@ -376,7 +377,7 @@ def test_csv_route_trains_phase_1_and_phase_2_from_the_command_line(which, digit
 # Metrics that hold when captions repeat
 
 def test_caption_level_hits_count_any_item_with_the_same_caption():
-    codes = data._caption_codes(["a", "a", "b", "b", "c", "c"])
+    codes = layouts._caption_codes(["a", "a", "b", "b", "c", "c"])
     relevant = evaluate.factor_match({"caption": codes}, ["caption"])
     similarity = torch.eye(6)[[1, 0, 3, 2, 5, 4]]  # every query retrieves the other item of its caption
     assert evaluate.recall_at(similarity, torch.eye(6, dtype=torch.bool))[1] == 0
