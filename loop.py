@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import hashlib
 import itertools
 import json
 import math
@@ -226,9 +227,21 @@ class RunFolder:
 
     def trained(self, epochs: int) -> bool:
         """Whether all `epochs` are trained and the checkpoint holds the last one's weights (its evaluation may
-        still be running in the process that trained it)."""
-        last = [row["step"] for row in self.rows() if row["kind"] == "epoch" and row["epoch"] == epochs - 1]
-        return bool(last) and self.checkpoint_step() == last[-1]
+        still be running in the process that trained it). The checkpoint's own position says so, not metrics.jsonl,
+        which a user may have cut or deleted."""
+        if self.checkpoint is None:
+            return False
+        where = self.load_state(mmap=True)["position"]  # ensure_trained polls it while another process trains
+        return where["epoch"] >= epochs and where["batch_in_epoch"] == 0
+
+    def weights_digest(self) -> str:
+        """The sha256 of the checkpoint's weights file: what a run built on this one records of it, so that it
+        notices when these weights are retrained or replaced."""
+        digest = hashlib.sha256()
+        with open(self._folder() / "model.safetensors", "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     @contextlib.contextmanager
     def exclusive(self, ready: Callable[[], bool] = lambda: False, poll: float = 1.0, wait: bool = True):
@@ -329,8 +342,9 @@ class RunFolder:
     def load_weights(self) -> dict[str, torch.Tensor]:
         return load_tensors(self._folder() / "model.safetensors")
 
-    def load_state(self) -> dict:
-        return load_state(self._folder() / "state.pt")
+    def load_state(self, mmap: bool = False) -> dict:
+        """The checkpoint's training state; `mmap`: read only what is used (a position, not the optimizer's moments)."""
+        return load_state(self._folder() / "state.pt", mmap)
 
     # --- metrics.jsonl: appended row by row, truncated to the checkpoint on resume
 
@@ -400,10 +414,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
                          "--overwrite") from err
 
 
-def load_state(path: Path) -> dict:
+def load_state(path: Path, mmap: bool = False) -> dict:
     """Training state: tensors and plain containers only (weights_only=True never runs pickled code)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # what a damaged file raises
         raise ValueError(f"{path} is damaged or truncated ({type(err).__name__}: {err}); restore it, or "
                          "train again with --overwrite") from err

@@ -210,6 +210,19 @@ def load_aligner(run_dir: str | os.PathLike) -> core.Aligner:
     return core.Aligner({m: functools.partial(get_encoder, cfg, m) for m in cfg.model.modalities}, model).eval()
 
 
+def finished_weights(run_dir: str | os.PathLike) -> str:
+    """The identity (sha256) of a finished run's weights, what a run built on them records; a run that never
+    finished all its epochs (interrupted, or training now) is refused: its weights are still to change."""
+    cfg, run = run_config(run_dir), run_folder(run_dir)
+    if run.checkpoint is not None and not run.trained(cfg.epochs):
+        where = run.load_state(mmap=True)["position"]
+        raise ValueError(f"the phase-1 run {run.path} never finished: its checkpoint is at step {where['step']}, "
+                         f"{where['epoch']} of its {cfg.epochs} epochs done (it was interrupted, or is training now), "
+                         "and its weights would still change under what is built on them. Finish it first (the "
+                         "train.py command line that started it, with --resume), or pass a finished run")
+    return run.weights_digest()  # without a checkpoint: the error that says so
+
+
 def run_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The config a run folder was trained with, its paths (data, feature cache, encoder weights) resolved from
     the run folder, where config.yaml keeps them relative (`to_yaml`); a run saved before that kept them relative to

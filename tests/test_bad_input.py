@@ -409,3 +409,33 @@ def test_a_config_that_cannot_train_is_refused_before_overwrite_deletes_anything
     with pytest.raises(ValueError, match=r"log_every must be an integer of at least 1, got 0"):
         train.parse_args([flag.replace("log_every=1", "log_every=0") for flag in flags_of(trained, "--overwrite")])
     assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_phase2_refuses_a_phase1_run_that_changed_or_never_finished(trained, decoder_dir, tmp_path):
+    """A phase-2 run records the sha256 of its phase-1 run's weights; resumed, reused or loaded after those weights
+    changed (the phase-1 run retrained or replaced), it is refused, as is a phase-1 run stopped inside an epoch."""
+    import yaml
+    phase1_run = shutil.copytree(trained, tmp_path / "p1", symlinks=True)
+    out = tmp_path / "p2"
+    flags = ["--phase1_run", str(phase1_run), "--output_dir", str(out), "--model_name", decoder_dir, "--epochs", "1",
+             "--batch_size", "16", "--train_decoder", "full", "--min_steps", "0"]
+    L.main(flags)
+    run = loop.RunFolder(phase1_run)
+    assert yaml.safe_load((out / "config.yaml").read_text())["phase1_weights"] == run.weights_digest()
+    weights, state, step = run.load_weights(), run.load_state(), run.checkpoint_step()
+    run.save(step, {name: value + 0.01 for name, value in weights.items()}, state)  # retrained: other weights
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    cfg = L.load_llm_config(None, epochs=1, batch_size=16, train_decoder="full", model_name=decoder_dir, min_steps=0)
+    for action in (lambda: L.main([*flags, "--resume"]), lambda: L.ensure_phase2(phase1_run, out, cfg),
+                   lambda: L.MultimodalLLM.load(out)):
+        with pytest.raises(ValueError, match=r"the phase-2 run .*p2 was trained on the phase-1 run .*p1 when its "
+                                             r"weights were sha256 [0-9a-f]{16}…, but they are now [0-9a-f]{16}…: .*"
+                                             r"Train phase 2 again \(--overwrite"):
+            action()
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    state["position"] = {**state["position"], "step": 2, "epoch": 0, "batch_in_epoch": 2}  # what Ctrl-C saves
+    run.save(2, weights, state)
+    with pytest.raises(ValueError, match=r"the phase-1 run .*p1 never finished: its checkpoint is at step 2, 0 of "
+                                         r"its 1 epochs done.*Finish it first"):
+        L.main([*flags[:3], str(tmp_path / "p2-new"), *flags[4:]])
+    assert not (tmp_path / "p2-new").exists()
