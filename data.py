@@ -321,14 +321,24 @@ def open_image(path) -> Image.Image:
     except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError and truncation are OSErrors
         raise ValueError(f"image {path} is corrupt, not a decodable image or too large to decode safely ({e}); "
                          "replace it, or pass skip_missing=True to drop rows whose files cannot be read") from e
+    except ValueError as e:  # as_seen's: values it cannot show
+        raise ValueError(f"image {path} is {e}") from e
 
 
 def as_seen(image: Image.Image) -> Image.Image:
     """RGB as a viewer shows the file: turned by its EXIF orientation (phones store portraits sideways), 16-bit
-    grey scaled to 8 bits (PIL's convert("RGB") clips it, and a 16-bit image comes out white), transparency
-    (alpha, or a palette's transparent colour) laid over white."""
+    grey scaled to 8 bits (PIL's convert("RGB") clips it, and a 16-bit image comes out white), 32-bit float grey
+    in [0, 1] or [0, 255] scaled alike (clipped, it comes out black), transparency (alpha, or a palette's
+    transparent colour) laid over white."""
     from PIL import ImageOps
     image = ImageOps.exif_transpose(image)
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float32)
+        low, high = float(pixels.min()), float(pixels.max())
+        if not (np.isfinite(pixels).all() and 0 <= low and high <= 255):  # no scale a viewer would agree on
+            raise ValueError(f"a float image with values in [{low:g}, {high:g}]; save it as 8- or 16-bit, or as floats "
+                             "in [0, 1]")
+        image = Image.fromarray(np.clip(pixels * (255 if high <= 1 else 1) + 0.5, 0, 255).astype(np.uint8))
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):
         pixels = np.asarray(image, dtype=np.float32)
         peak = 65535 if image.mode != "I" or pixels.max() > 255 else 255
@@ -708,6 +718,9 @@ def csv_modalities(folder) -> tuple[str, ...]:
 
 def dataset_layout(folder) -> str:
     """'csv' when the folder holds a train.csv of your own, else 'tvl' (ssvtp/, hct/)."""
+    if Path(folder).is_file():
+        raise ValueError(f"datasets_dir {folder} is a file; pass the folder that holds the data ({Path(folder).parent} "
+                         "for its own train.csv)")
     return "csv" if (Path(folder) / "train.csv").is_file() else "tvl"
 
 
@@ -738,11 +751,26 @@ class CSVDataset(FileRows):
         self.columns = csv_columns(self.root)
         where = f"{self.root}/{split}.csv"
         rows = self.readable_rows(self._table(split), where)
+        if split != "train":
+            self.check_unseen(rows, where)
         if "caption" in self.columns and rows and not any(row["caption"] for row in rows):
             raise ValueError(f"{where}: every caption is empty, so there is no text to align or to caption; fill "
                              "the caption column, or drop it to train on the images alone")
         sizes = image_size if isinstance(image_size, dict) else dict.fromkeys(("vision", "touch"), image_size)
         super().__init__(rows, {m: size for m, size in sizes.items() if m in self.columns}, where)
+
+    def check_unseen(self, rows: list[dict], where: str):
+        """Refuse a val or test split that shows images the training split shows too (test.csv a copy of train.csv,
+        or train.csv repeating rows, which the carved splits then share): its numbers would measure memory."""
+        seen = {path for row in self._table("train") for path in self._files(row)}
+        shared = [path for row in rows for path in self._files(row) if path in seen]
+        if shared:
+            given = (Path(self.root) / f"{self.split}.csv").is_file()
+            fix = (f"remove those rows from {self.split}.csv (or from train.csv)" if given else
+                   f"train.csv names those images in several rows, and the {self.split} rows are carved from it at "
+                   f"random: give each image one row, or write a {self.split}.csv of images of its own")
+            raise ValueError(f"{where}: {len(shared)} of its images are training images too (e.g. {shared[0]}), so it "
+                             f"would measure memory, not generalisation; {fix}")
 
     def _table(self, split) -> list[dict]:
         """The rows of <split>.csv; a missing test.csv or val.csv is carved out of train.csv, test first."""

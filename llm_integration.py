@@ -209,6 +209,13 @@ def load_decoder(model_name: str, local_files_only=False, dtype=torch.float32, p
     """(model, tokenizer) by built-in name, hub name or local folder; offline misses fail clearly, and so do
     tokenizers that do not fit the model or cannot write `probe_texts` back. A built-in decoder is random, for the
     tokenizer saved in `tokenizer_dir` (a trained run's) or, without one, the one fitted on SynthTouch."""
+    path_like = os.path.isabs(model_name) or model_name.startswith((".", "~")) or model_name.count("/") > 1
+    if model_name not in TINY_DECODERS and (path_like or os.path.isdir(model_name)) and \
+            not (Path(model_name).expanduser() / "config.json").is_file():
+        what = "holds no config.json, so it is no saved decoder" if os.path.isdir(model_name) else "does not exist"
+        raise FileNotFoundError(
+            f"the decoder folder {model_name} {what}; pass --model_name a folder that save_pretrained wrote (config.json, the weights, the tokenizer files), "
+            f"a hub name such as Qwen/Qwen2.5-1.5B-Instruct, or a built-in testbed decoder {sorted(TINY_DECODERS)}")
     try:
         if model_name in TINY_DECODERS:
             tokenizer = (AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else
@@ -303,6 +310,12 @@ class LLMConfig:
                              "scaled to unit variance), whiten (a register's channels decorrelated too) or false")
         if self.length_chunks < 1:
             raise ValueError(f"length_chunks={self.length_chunks} must be at least 1 (1: the whole batch at once)")
+        for name, least, example in (("max_new_tokens", 1, "max_new_tokens: 32 (or null: the longest training caption "
+                                      "plus a quarter)"), ("lora_r", 1, "lora_r: 16"), ("lora_alpha", 1, "lora_alpha: 32"),
+                                     ("cpu_threads", 0, "cpu_threads: 1 (0: every thread)"), ("min_steps", 0, "min_steps: 0")):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value!r} (phase-2 config); e.g. {example}")
 
     @property
     def decoder_training(self) -> str:
@@ -1096,6 +1109,10 @@ def seed_statistics(phase1_run: str | os.PathLike, output_dir: str | os.PathLike
     attribute accuracy and of its probe ceiling, with the majority baseline; written to
     output_dir/phase2_<split>.csv, and the targets of each setting (`target_summary`) to phase2_<split>.json."""
     output_dir = Path(output_dir)
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:  # one run, counted twice, would shrink the std
+        raise ValueError(f"seeds {list(seeds)} name {repeated} more than once: a seed trains one run, and a repeated "
+                         "one would count twice in the mean ± std; give distinct seeds, e.g. --seeds 0 1 2")
     frames, baselines = [], None
     for name, llm_cfg in settings.items():
         for seed in tqdm(seeds, desc=f"phase 2 · {name} · seeds", leave=False):
