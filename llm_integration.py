@@ -209,6 +209,13 @@ def load_decoder(model_name: str, local_files_only=False, dtype=torch.float32, p
     """(model, tokenizer) by built-in name, hub name or local folder; offline misses fail clearly, and so do
     tokenizers that do not fit the model or cannot write `probe_texts` back. A built-in decoder is random, for the
     tokenizer saved in `tokenizer_dir` (a trained run's) or, without one, the one fitted on SynthTouch."""
+    path_like = os.path.isabs(model_name) or model_name.startswith((".", "~")) or model_name.count("/") > 1
+    if model_name not in TINY_DECODERS and (path_like or os.path.isdir(model_name)) and \
+            not (Path(model_name).expanduser() / "config.json").is_file():
+        what = "holds no config.json, so it is no saved decoder" if os.path.isdir(model_name) else "does not exist"
+        raise FileNotFoundError(
+            f"the decoder folder {model_name} {what}; pass --model_name a folder that save_pretrained wrote (config.json, the weights, the tokenizer files), "
+            f"a hub name such as Qwen/Qwen2.5-1.5B-Instruct, or a built-in testbed decoder {sorted(TINY_DECODERS)}")
     try:
         if model_name in TINY_DECODERS:
             tokenizer = (AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else
@@ -303,6 +310,12 @@ class LLMConfig:
                              "scaled to unit variance), whiten (a register's channels decorrelated too) or false")
         if self.length_chunks < 1:
             raise ValueError(f"length_chunks={self.length_chunks} must be at least 1 (1: the whole batch at once)")
+        for name, least, example in (("max_new_tokens", 1, "max_new_tokens: 32 (or null: the longest training caption "
+                                      "plus a quarter)"), ("lora_r", 1, "lora_r: 16"), ("lora_alpha", 1, "lora_alpha: 32"),
+                                     ("cpu_threads", 0, "cpu_threads: 1 (0: every thread)"), ("min_steps", 0, "min_steps: 0")):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value!r} (phase-2 config); e.g. {example}")
 
     @property
     def decoder_training(self) -> str:
@@ -729,7 +742,10 @@ class MultimodalLLM(nn.Module):
             raise FileNotFoundError(f"{run.path} is not a phase-2 run folder (no config.yaml in it); pass the "
                                     "--output_dir of a finished llm_integration.py run, e.g. runs/phase2/default")
         saved = run.saved_config()
-        aligner = aligner or phase1.load_aligner(phase1.from_run(saved["phase1_run"], run.path))
+        if aligner is None:
+            phase1_run = phase1.from_run(saved["phase1_run"], run.path)
+            check_phase1_weights(run, phase1_run, phase1.finished_weights(phase1_run))
+            aligner = phase1.load_aligner(phase1_run)
         llm = LLMConfig(**{k: v for k, v in saved["llm"].items() if k not in RETIRED})
         tokenizer = run.path / "tokenizer"
         return cls(aligner, llm, tokenizer if tokenizer.is_dir() else None).load_weights(run.path)
@@ -844,11 +860,24 @@ RETIRED = ("cache_dir",)  # fields older runs saved that no longer mean anything
 
 def run_folder(path) -> loop.RunFolder:
     """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as they meant then."""
-    return loop.RunFolder(path, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)}})
+    return loop.RunFolder(path, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)},
+                                          **dict.fromkeys(("decoder_hidden_size", "phase1_run", "phase1_weights"))})
 
 
-# what may differ when a phase-2 run is resumed: generation settings and where things live
-RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.local_files_only", "llm.cpu_threads")
+# what may differ when a phase-2 run is resumed: generation settings and where things live; the phase-1 weights'
+# identity is `check_phase1_weights`'s (a run saved before it was recorded has none)
+RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.local_files_only", "llm.cpu_threads", "phase1_weights")
+
+
+def check_phase1_weights(run: loop.RunFolder, phase1_run: str | os.PathLike, digest: str):
+    """Refuse a phase-2 run whose phase-1 run's weights (sha256 `digest` now) are not the ones it was trained on:
+    its projector would read tokens it never saw (the phase-1 run was retrained or replaced since)."""
+    saved = run.saved_config().get("phase1_weights") if run.config_path.is_file() else None
+    if saved is not None and saved != digest:
+        raise ValueError(f"the phase-2 run {run.path} was trained on the phase-1 run {phase1_run} when its weights "
+                         f"were sha256 {saved[:16]}…, but they are now {digest[:16]}…: that run was retrained or "
+                         "replaced since, and this projector never saw its tokens. Train phase 2 again (--overwrite, or "
+                         "a new --output_dir), or restore the phase-1 run's weights")
 
 
 def train_captioning(mm_model: MultimodalLLM, loader, num_epochs: int | None = None, **fit_kwargs) -> list[dict]:
@@ -921,6 +950,9 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     ceiling of its very tokens ("probe accuracy ..." keys, `add_probe_ceiling`)."""
     phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
     llm_cfg = on_phase1_run(llm_cfg or LLMConfig(), phase1_run)
+    phase1_weights = phase1.finished_weights(phase1_run)  # an unfinished run is refused here
+    if resume:
+        check_phase1_weights(run_folder(output_dir), phase1_run, phase1_weights)
     with at_most_threads(llm_cfg.cpu_threads if phase1.core_device().type == "cpu" else 0):
         aligner = phase1.load_aligner(phase1_run).to(phase1.core_device())
         cfg = phase1.run_config(phase1_run)
@@ -935,7 +967,8 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         data.set_seed(llm_cfg.seed)
         mm = MultimodalLLM(aligner, llm_cfg)
         fit_captioner(mm, train_tokens, train_set.captions, output_dir, resume=resume, callback=callback,
-                      extra={"phase1_run": phase1.to_run(phase1_run, output_dir)}, overwrite=overwrite, val=val)
+                      extra={"phase1_run": phase1.to_run(phase1_run, output_dir), "phase1_weights": phase1_weights},
+                      overwrite=overwrite, val=val)
         if not resume:  # a replaced run's evaluations are stale, whichever split they were of
             for name in EVAL_FILES.values():
                 (output_dir / name).unlink(missing_ok=True)
@@ -985,6 +1018,7 @@ def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, 
     run = run_folder(output_dir)
     if run.checkpoint is None:
         return run_phase2(phase1_run, output_dir, llm_cfg, callback=callback, split=split)
+    check_phase1_weights(run, phase1_run, phase1.finished_weights(phase1_run))
     saved = run.saved_config()
     run.check_same_config({"llm": llm_cfg.to_dict(), "decoder_hidden_size": saved.get("decoder_hidden_size"),
                            "phase1_run": phase1.to_run(phase1_run, output_dir)}, RESUME_IGNORES)
@@ -1075,6 +1109,10 @@ def seed_statistics(phase1_run: str | os.PathLike, output_dir: str | os.PathLike
     attribute accuracy and of its probe ceiling, with the majority baseline; written to
     output_dir/phase2_<split>.csv, and the targets of each setting (`target_summary`) to phase2_<split>.json."""
     output_dir = Path(output_dir)
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:  # one run, counted twice, would shrink the std
+        raise ValueError(f"seeds {list(seeds)} name {repeated} more than once: a seed trains one run, and a repeated "
+                         "one would count twice in the mean ± std; give distinct seeds, e.g. --seeds 0 1 2")
     frames, baselines = [], None
     for name, llm_cfg in settings.items():
         for seed in tqdm(seeds, desc=f"phase 2 · {name} · seeds", leave=False):
