@@ -372,7 +372,10 @@ class MultimodalLLM(nn.Module):
             raise FileNotFoundError(f"{run.path} is not a phase-2 run folder (no config.yaml in it); pass the "
                                     "--output_dir of a finished llm_integration.py run, e.g. runs/phase2/default")
         saved = run.saved_config()
-        aligner = aligner or phase1.load_aligner(phase1.from_run(saved["phase1_run"], run.path))
+        if aligner is None:
+            phase1_run = phase1.from_run(saved["phase1_run"], run.path)
+            check_phase1_weights(run, phase1_run, phase1.finished_weights(phase1_run))
+            aligner = phase1.load_aligner(phase1_run)
         llm = LLMConfig(**{k: v for k, v in saved["llm"].items() if k not in RETIRED})
         tokenizer = run.path / "tokenizer"
         return cls(aligner, llm, tokenizer if tokenizer.is_dir() else None).load_weights(run.path)
@@ -386,8 +389,21 @@ RETIRED = ("cache_dir",)  # fields older runs saved that no longer mean anything
 
 def run_folder(path) -> loop.RunFolder:
     """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as they meant then."""
-    return loop.RunFolder(path, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)}})
+    return loop.RunFolder(path, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)},
+                                          **dict.fromkeys(("decoder_hidden_size", "phase1_run", "phase1_weights"))})
 
 
-# what may differ when a phase-2 run is resumed: generation settings and where things live
-RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.local_files_only", "llm.cpu_threads")
+# what may differ when a phase-2 run is resumed: generation settings and where things live; the phase-1 weights'
+# identity is `check_phase1_weights`'s (a run saved before it was recorded has none)
+RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.local_files_only", "llm.cpu_threads", "phase1_weights")
+
+
+def check_phase1_weights(run: loop.RunFolder, phase1_run: str | os.PathLike, digest: str):
+    """Refuse a phase-2 run whose phase-1 run's weights (sha256 `digest` now) are not the ones it was trained on:
+    its projector would read tokens it never saw (the phase-1 run was retrained or replaced since)."""
+    saved = run.saved_config().get("phase1_weights") if run.config_path.is_file() else None
+    if saved is not None and saved != digest:
+        raise ValueError(f"the phase-2 run {run.path} was trained on the phase-1 run {phase1_run} when its weights "
+                         f"were sha256 {saved[:16]}…, but they are now {digest[:16]}…: that run was retrained or "
+                         "replaced since, and this projector never saw its tokens. Train phase 2 again (--overwrite, or "
+                         "a new --output_dir), or restore the phase-1 run's weights")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -53,17 +54,40 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 # overrides name nested fields with a dot ("model.n_shared", "source.k", "encoders.vision").
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently), and
+    reading plain scalars as YAML 1.2 does where PyYAML's YAML 1.1 reads what nobody meant: `seed: 010` is 10 (1.1:
+    octal 8), `epochs: 1:30` the string '1:30' (1.1: 90, base 60), `log_name: no` the string 'no' (1.1: false);
+    `_coerce` still takes yes/no/on/off for a true-or-false key, where both versions agree."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be given again here
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice: keep one",
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _yaml12_int(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text.startswith(("0o", "0x")) else int(text)  # int("010") is 10
+
+
+_BOOL, _INT, _FLOAT = (f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float"))
+UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _pattern, _first in (
+        (_BOOL, r"true|True|TRUE|false|False|FALSE", "tTfF"),
+        (_INT, r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+        (_FLOAT, r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
+         "-+.0123456789")):
+    UniqueKeyLoader.add_implicit_resolver(_tag, re.compile(rf"^(?:{_pattern})$"), list(_first))
+UniqueKeyLoader.add_constructor(_INT, _yaml12_int)
 
 
 def load_dataclass(cls, path: str | os.PathLike, overrides: dict):
@@ -73,9 +97,12 @@ def load_dataclass(cls, path: str | os.PathLike, overrides: dict):
     error names the key, the value, where it came from (the file or an override) and what to write instead."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; see configs/ for the shipped ones")
+        raise FileNotFoundError(f"config file {path} {'is a folder, not a YAML file' if path.is_dir() else 'not found'}; "
+                                "see configs/ for the shipped ones")
     try:
-        values = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -156,6 +183,9 @@ def _build(cls, values: dict, prefix: str, origin: dict):
     return cls(**typed)
 
 
+YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}  # YAML 1.1's words for true and false
+
+
 def _coerce(value, hint, key: str, where: str):
     """`value` as the type `hint` asks for, or a ValueError that says what to write."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -175,6 +205,8 @@ def _coerce(value, hint, key: str, where: str):
     kind = typing.get_origin(hint) or hint
     if kind is bool and isinstance(value, bool):
         return value
+    if kind is bool and isinstance(value, str) and value.lower() in YAML11_BOOLS:
+        return YAML11_BOOLS[value.lower()]
     if kind in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             number = float(value)  # "1e-3" (a string to PyYAML) is a number; "abc" is not
@@ -251,7 +283,7 @@ def config_overrides(args: argparse.Namespace, flags: dict[str, Flag]) -> dict:
             raise SystemExit(f"--set {key} is given twice ({overrides[key]!r} and {value!r}) or also by its own "
                              "flag: keep one")
         try:
-            overrides[key] = yaml.safe_load(value)
+            overrides[key] = yaml.load(value, Loader=UniqueKeyLoader)  # as the config files are read
         except yaml.YAMLError as err:  # a tag such as !!python/object, or unbalanced brackets
             raise SystemExit(f"--set {item!r}: the value is not plain YAML ({str(err).splitlines()[0]}); give a "
                              "number, a string, a list [a, b] or a mapping {k: v}") from None

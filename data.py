@@ -9,6 +9,7 @@ modules import from where a name lives):
     feature_cache.py   frozen features computed once, memory-mapped (cached_features); features.py, their shape
     seed_api.py        the seed package's names: ImageTextDataset, create_dataloader, set_seed, get_device"""
 from feature_cache import cached_features, collate
+from images import image_batch, load_image, open_image
 from layouts import CSVDataset, TVLDataset, csv_columns, csv_modalities, tvl_touch, tvl_vision, write_csv
 from seed_api import ImageTextDataset, create_dataloader, get_device, set_seed
 from stand_ins import write_csv_dataset, write_digits_csv, write_tvl_layout

@@ -19,14 +19,24 @@ def open_image(path) -> Image.Image:
     except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError and truncation are OSErrors
         raise ValueError(f"image {path} is corrupt, not a decodable image or too large to decode safely ({e}); "
                          "replace it, or pass skip_missing=True to drop rows whose files cannot be read") from e
+    except ValueError as e:  # as_seen's: values it cannot show
+        raise ValueError(f"image {path} is {e}") from e
 
 
 def as_seen(image: Image.Image) -> Image.Image:
     """RGB as a viewer shows the file: turned by its EXIF orientation (phones store portraits sideways), 16-bit
-    grey scaled to 8 bits (PIL's convert("RGB") clips it, and a 16-bit image comes out white), transparency
-    (alpha, or a palette's transparent colour) laid over white."""
+    grey scaled to 8 bits (PIL's convert("RGB") clips it, and a 16-bit image comes out white), 32-bit float grey
+    in [0, 1] or [0, 255] scaled alike (clipped, it comes out black), transparency (alpha, or a palette's
+    transparent colour) laid over white."""
     from PIL import ImageOps
     image = ImageOps.exif_transpose(image)
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float32)
+        low, high = float(pixels.min()), float(pixels.max())
+        if not (np.isfinite(pixels).all() and 0 <= low and high <= 255):  # no scale a viewer would agree on
+            raise ValueError(f"a float image with values in [{low:g}, {high:g}]; save it as 8- or 16-bit, or as floats "
+                             "in [0, 1]")
+        image = Image.fromarray(np.clip(pixels * (255 if high <= 1 else 1) + 0.5, 0, 255).astype(np.uint8))
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):
         pixels = np.asarray(image, dtype=np.float32)
         peak = 65535 if image.mode != "I" or pixels.max() > 255 else 255

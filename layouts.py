@@ -96,14 +96,13 @@ class FileRows(torch.utils.data.Dataset):
         (missing or undecodable files then count in one warning). A file outside the dataset's folder (`root`)
         fails unless the dataset was opened with outside=True."""
         if not self.outside:
-            root = os.path.realpath(self.root)
             for row in rows:
                 for path in self._files(row):
-                    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+                    if not self._inside(path):
                         raise ValueError(f"{where}: the row {row.get('caption') or ''!r} names {path}, which lies "
-                                         f"outside the dataset folder {root} (an absolute path, '..' or a link out "
-                                         "of it); move the file inside, or allow it with paths_outside_dataset: true "
-                                         "(--set paths_outside_dataset=true)")
+                                         f"outside the dataset folder {os.path.realpath(self.root)} (an absolute "
+                                         "path, '..' or a link out of it); move the file inside, or allow it with "
+                                         "paths_outside_dataset: true (--set paths_outside_dataset=true)")
         if not self.skip_missing:
             for row in rows:
                 for path in self._files(row):
@@ -119,6 +118,10 @@ class FileRows(torch.utils.data.Dataset):
 
     def _files(self, row):
         return [row[key] for key in self.IMAGE_KEYS if row.get(key)]
+
+    def _inside(self, path) -> bool:
+        root = os.path.realpath(self.root)
+        return os.path.commonpath([root, os.path.realpath(path)]) == root
 
     @staticmethod
     def _decodable(path) -> bool:
@@ -213,7 +216,9 @@ class TVLDataset(FileRows):
             raise FileNotFoundError(f"TVL root {self.root} does not exist; expected {expected}")
         # TVL drops SSVTP rows without images, then splits each subset on its own
         rows = self.readable_rows(self._ssvtp_rows(table) + self._hct_rows(table), where)
+        self.check_not_swapped(rows, where)
         for row in rows:  # an SSVTP caption is the first line of its labels file
+            del row["gel"]
             if "labels" in row:
                 with open(row.pop("labels")) as file:
                     row["caption"] = file.readline().strip()
@@ -243,7 +248,8 @@ class TVLDataset(FileRows):
                 raise ValueError(f"{table}: url {url!r} does not look like images_rgb/image_N_rgb.jpg")
             labels = os.path.join(folder, "text", f"labels_{number.group(1)}.txt")
             rows.append(dict(vision=os.path.join(folder, url), touch=os.path.join(folder, url.replace("rgb", "tac")),
-                             background=background, labels=labels, subset="ssvtp"))
+                             background=background, labels=labels, subset="ssvtp",
+                             gel=os.path.join(folder, "tac_background.png")))
         return rows
 
     def _hct_rows(self, table_name):
@@ -260,8 +266,48 @@ class TVLDataset(FileRows):
                     rows.append(dict(vision=os.path.join(folder, record["url"]),
                                      touch=os.path.join(folder, record["tactile"]),
                                      background=background if self.subtract_background else None,
-                                     caption=record["caption"].strip(), subset=name))
+                                     caption=record["caption"].strip(), subset=name, gel=background))
         return rows
+
+    def check_not_swapped(self, rows: list[dict], where: str, folders: int = 32):
+        """Refuse rows whose vision and touch images are swapped (TVL's first public release had such folders: its
+        revised release fixes them). The signal: a touch frame is the sensor's bare gel (`gel`: HCT's
+        tactile_background, SSVTP's tac_background.png) plus a dent, so it lies far nearer that image than a camera
+        frame does (mean pixel difference about 0.03-0.06 against 0.3 on the testbed's layout). One row per
+        folder of vision images, for at most `folders` folders, is looked at: three small decodes each. Its limits:
+        rows without a bare-gel image (SSVTP without tac_background.png) are not checked, a swap of single files
+        inside a folder is seen only when that row is the one looked at, and a camera frame of something that looks
+        like the bare gel would read as swapped (it must be twice as near the gel as its touch frame to count)."""
+        first = {}  # one row per folder of vision images
+        for row in rows:
+            if os.path.isfile(row["gel"]) and (self.outside or self._inside(row["gel"])):
+                first.setdefault(os.path.dirname(row["vision"]), row)
+        sample = list(first.values())[::max(1, len(first) // folders)]
+        small = {}
+
+        def distance(path, gel) -> float:
+            for file in (path, gel):
+                if file not in small:
+                    small[file] = resized(open_image(file), 32)
+            return float((small[path] - small[gel]).abs().mean())
+
+        swapped = []
+        for row in sample:
+            try:
+                near, far = distance(row["vision"], row["gel"]), distance(row["touch"], row["gel"])
+            except ValueError:  # an undecodable file is named when its row is read, not here
+                continue
+            if 2 * near < far:
+                swapped.append((row, near, far))
+        if swapped:
+            row, near, far = swapped[0]
+            raise ValueError(
+                f"{where}: the vision and touch images look swapped in {len(swapped)} of the {len(sample)} folders "
+                f"checked ({sorted({os.path.dirname(r['vision']) for r, _, _ in swapped})[:5]}): the vision image "
+                f"{row['vision']} is nearer the touch sensor's bare-gel image {row['gel']} (mean difference {near:.2f}) "
+                f"than its touch image {row['touch']} is ({far:.2f}), where a camera frame differs from the bare gel "
+                "far more than a touch frame does. Swap those folders (or the url and tactile columns) back; TVL's "
+                "first public release had folders swapped this way, and its revised release fixes them")
 
     def _files(self, row):  # SSVTP rows also need their labels file
         return super()._files(row) + ([row["labels"]] if "labels" in row else [])
@@ -312,6 +358,9 @@ def csv_modalities(folder) -> tuple[str, ...]:
 
 def dataset_layout(folder) -> str:
     """'csv' when the folder holds a train.csv of your own, else 'tvl' (ssvtp/, hct/)."""
+    if Path(folder).is_file():
+        raise ValueError(f"datasets_dir {folder} is a file; pass the folder that holds the data ({Path(folder).parent} "
+                         "for its own train.csv)")
     return "csv" if (Path(folder) / "train.csv").is_file() else "tvl"
 
 
@@ -342,11 +391,26 @@ class CSVDataset(FileRows):
         self.columns = csv_columns(self.root)
         where = f"{self.root}/{split}.csv"
         rows = self.readable_rows(self._table(split), where)
+        if split != "train":
+            self.check_unseen(rows, where)
         if "caption" in self.columns and rows and not any(row["caption"] for row in rows):
             raise ValueError(f"{where}: every caption is empty, so there is no text to align or to caption; fill "
                              "the caption column, or drop it to train on the images alone")
         sizes = image_size if isinstance(image_size, dict) else dict.fromkeys(("vision", "touch"), image_size)
         super().__init__(rows, {m: size for m, size in sizes.items() if m in self.columns}, where)
+
+    def check_unseen(self, rows: list[dict], where: str):
+        """Refuse a val or test split that shows images the training split shows too (test.csv a copy of train.csv,
+        or train.csv repeating rows, which the carved splits then share): its numbers would measure memory."""
+        seen = {path for row in self._table("train") for path in self._files(row)}
+        shared = [path for row in rows for path in self._files(row) if path in seen]
+        if shared:
+            given = (Path(self.root) / f"{self.split}.csv").is_file()
+            fix = (f"remove those rows from {self.split}.csv (or from train.csv)" if given else
+                   f"train.csv names those images in several rows, and the {self.split} rows are carved from it at "
+                   f"random: give each image one row, or write a {self.split}.csv of images of its own")
+            raise ValueError(f"{where}: {len(shared)} of its images are training images too (e.g. {shared[0]}), so it "
+                             f"would measure memory, not generalisation; {fix}")
 
     def _table(self, split) -> list[dict]:
         """The rows of <split>.csv; a missing test.csv or val.csv is carved out of train.csv, test first."""

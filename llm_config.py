@@ -74,6 +74,12 @@ class LLMConfig:
                              "scaled to unit variance), whiten (a register's channels decorrelated too) or false")
         if self.length_chunks < 1:
             raise ValueError(f"length_chunks={self.length_chunks} must be at least 1 (1: the whole batch at once)")
+        for name, least, example in (("max_new_tokens", 1, "max_new_tokens: 32 (or null: the longest training caption "
+                                      "plus a quarter)"), ("lora_r", 1, "lora_r: 16"), ("lora_alpha", 1, "lora_alpha: 32"),
+                                     ("cpu_threads", 0, "cpu_threads: 1 (0: every thread)"), ("min_steps", 0, "min_steps: 0")):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value!r} (phase-2 config); e.g. {example}")
 
     @property
     def decoder_training(self) -> str:

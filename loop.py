@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import hashlib
 import itertools
 import json
 import math
@@ -38,6 +39,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
@@ -226,9 +228,21 @@ class RunFolder:
 
     def trained(self, epochs: int) -> bool:
         """Whether all `epochs` are trained and the checkpoint holds the last one's weights (its evaluation may
-        still be running in the process that trained it)."""
-        last = [row["step"] for row in self.rows() if row["kind"] == "epoch" and row["epoch"] == epochs - 1]
-        return bool(last) and self.checkpoint_step() == last[-1]
+        still be running in the process that trained it). The checkpoint's own position says so, not metrics.jsonl,
+        which a user may have cut or deleted."""
+        if self.checkpoint is None:
+            return False
+        where = self.load_state(mmap=True)["position"]  # ensure_trained polls it while another process trains
+        return where["epoch"] >= epochs and where["batch_in_epoch"] == 0
+
+    def weights_digest(self) -> str:
+        """The sha256 of the checkpoint's weights file: what a run built on this one records of it, so that it
+        notices when these weights are retrained or replaced."""
+        digest = hashlib.sha256()
+        with open(self._folder() / "model.safetensors", "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     @contextlib.contextmanager
     def exclusive(self, ready: Callable[[], bool] = lambda: False, poll: float = 1.0, wait: bool = True):
@@ -299,12 +313,20 @@ class RunFolder:
         from safetensors.torch import save_file
         folder = self.path / f"{CHECKPOINT}-{step:08d}"
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-                  metadata={"step": str(step)})
-        torch.save(state, folder / "state.pt")
-        for path in (folder / "model.safetensors", folder / "state.pt", folder):
-            _fsync(path)
+        try:
+            folder.mkdir(parents=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+                      metadata={"step": str(step)})
+            torch.save(state, folder / "state.pt")
+            for path in (folder / "model.safetensors", folder / "state.pt", folder):
+                _fsync(path)
+        except (OSError, RuntimeError) as err:  # torch.save tells a full disk as a RuntimeError ("file write failed")
+            if isinstance(err, RuntimeError) and "writ" not in str(err):
+                raise
+            shutil.rmtree(folder, ignore_errors=True)  # half a checkpoint is worth nothing and holds the space
+            kept = f"the last complete one ({self.checkpoint.name}) is kept" if self.checkpoint else "none came before"
+            raise OSError(f"cannot write the checkpoint {folder} ({err}): the disk is full or the folder is not "
+                          f"writable; {kept}. Free space (or move the run), then train on with --resume") from err
         link = self.path / f".{CHECKPOINT}.tmp{os.getpid()}"
         link.unlink(missing_ok=True)
         link.symlink_to(folder.name)
@@ -329,8 +351,9 @@ class RunFolder:
     def load_weights(self) -> dict[str, torch.Tensor]:
         return load_tensors(self._folder() / "model.safetensors")
 
-    def load_state(self) -> dict:
-        return load_state(self._folder() / "state.pt")
+    def load_state(self, mmap: bool = False) -> dict:
+        """The checkpoint's training state; `mmap`: read only what is used (a position, not the optimizer's moments)."""
+        return load_state(self._folder() / "state.pt", mmap)
 
     # --- metrics.jsonl: appended row by row, truncated to the checkpoint on resume
 
@@ -375,8 +398,8 @@ class RunFolder:
         for line in self.metrics_path.read_text().splitlines():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+            except json.JSONDecodeError:  # a half line, from a kill or a cut: the rows after it are still rows
+                continue
         return rows
 
     def truncate_metrics(self, step: int, epoch: int):
@@ -385,9 +408,15 @@ class RunFolder:
         the next step on, shows each once)."""
         self.purge_step = step + 1
         if self.main:
-            kept = "".join(json.dumps(row) + "\n" for row in self.rows()
-                           if row["step"] <= step and not (row["kind"] == "epoch" and row["epoch"] >= epoch))
-            atomic_write(self.metrics_path, lambda tmp: tmp.write_text(kept))
+            rows = [row for row in self.rows()
+                    if row["step"] <= step and not (row["kind"] == "epoch" and row["epoch"] >= epoch)]
+            lost = sorted(set(range(epoch)) - {row["epoch"] for row in rows if row["kind"] == "epoch"})
+            if lost:  # a checkpoint keeps weights and the running epoch's sums, not the losses of epochs before it
+                warnings.warn(f"{self.metrics_path} lacks the rows of epochs {lost} (it was cut, edited or deleted); "
+                              "they cannot be made again, as the checkpoint keeps no past losses. The weights and the "
+                              "rows still there are kept and training goes on; to have every row, train again with "
+                              "--overwrite")
+            atomic_write(self.metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -400,10 +429,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
                          "--overwrite") from err
 
 
-def load_state(path: Path) -> dict:
+def load_state(path: Path, mmap: bool = False) -> dict:
     """Training state: tensors and plain containers only (weights_only=True never runs pickled code)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # what a damaged file raises
         raise ValueError(f"{path} is damaged or truncated ({type(err).__name__}: {err}); restore it, or "
                          "train again with --overwrite") from err
@@ -510,6 +539,9 @@ def cpu_has_bf16_units() -> bool:
                                                                         "_is_amx_tile_supported"))
 
 
+MAX_LR = 1.0  # AdamW steps each weight by about lr: above 1 it is a typo (1e3 for 1e-3), never a setting
+
+
 def check_hyperparameters(hp, where: str):
     for name in ("epochs", "batch_size"):
         if not hasattr(hp, name):  # the seed API's loop takes its batches from a DataLoader
@@ -520,6 +552,9 @@ def check_hyperparameters(hp, where: str):
                              f"{ {'epochs': 10, 'batch_size': 64}[name] }")
     if not hp.lr > 0:
         raise ValueError(f"lr must be positive, got {hp.lr!r} ({where}); e.g. --lr 1e-3")
+    if not hp.lr <= MAX_LR:
+        raise ValueError(f"lr {hp.lr!r} is above {MAX_LR} ({where}): AdamW moves every weight by about lr each step, so "
+                         f"the first steps would wreck the model (1e3 for 1e-3 is the usual slip); e.g. --lr 1e-3")
     # a clip of 0 (or less) zeroes every step, a negative decay pushes weights up: both train silently to nothing
     if hasattr(hp, "grad_clip") and not hp.grad_clip > 0:
         raise ValueError(f"grad_clip must be positive, got {hp.grad_clip!r} ({where}); e.g. grad_clip: 1.0")

@@ -81,6 +81,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1 (the size of the SynthTouch {name[2:]} split), got "
                                  f"{getattr(self, name)}; e.g. {name}: {default}")
         loop.check_hyperparameters(self, "phase-1 config")
+        missing = [m for m in self.model.modalities if m not in self.encoders]
+        if missing:
+            raise ValueError(f"encoders {self.encoders!r} has no encoder for {missing}, which model.modalities trains; "
+                             f"name one for each, e.g. encoders.{missing[0]}={TrainConfig().encoders[missing[0]]}")
+        if self.batch_size < 2:  # InfoNCE tells each sample from the others of its batch: alone, it has none
+            raise ValueError(f"batch_size {self.batch_size} leaves the contrastive loss no other sample in the batch to "
+                             "tell apart; use 2 or more, e.g. --batch_size 64")
+        if Path(self.output_dir).name in ("", ".."):  # the run's lock file sits beside its folder, in the parent
+            raise ValueError(f"output_dir {self.output_dir!r} names no folder of its own; name the run's folder, e.g. "
+                             "--output_dir runs/phase1/mine")
+        for name in ("output_dir", "log_name", "cache_dir", "datasets_dir"):
+            if "\0" in str(getattr(self, name) or ""):
+                raise ValueError(f"{name} {getattr(self, name)!r} holds a NUL byte (\\0), which no file name can; "
+                                 "remove it")
         if not isinstance(self.data_seed, int) or self.data_seed < 0:
             raise ValueError(f"data_seed must be an integer of at least 0, got {self.data_seed!r}; e.g. data_seed: 0")
         if self.log_name is not None and (Path(self.log_name).is_absolute() or ".." in Path(self.log_name).parts
@@ -212,6 +226,19 @@ def load_aligner(run_dir: str | os.PathLike) -> alignment.Aligner:
     model = build_model(cfg, weights=weights)
     loop.load_trainable(model, weights, run.path)
     return alignment.Aligner({m: functools.partial(get_encoder, cfg, m) for m in cfg.model.modalities}, model).eval()
+
+
+def finished_weights(run_dir: str | os.PathLike) -> str:
+    """The identity (sha256) of a finished run's weights, what a run built on them records; a run that never
+    finished all its epochs (interrupted, or training now) is refused: its weights are still to change."""
+    cfg, run = run_config(run_dir), run_folder(run_dir)
+    if run.checkpoint is not None and not run.trained(cfg.epochs):
+        where = run.load_state(mmap=True)["position"]
+        raise ValueError(f"the phase-1 run {run.path} never finished: its checkpoint is at step {where['step']}, "
+                         f"{where['epoch']} of its {cfg.epochs} epochs done (it was interrupted, or is training now), "
+                         "and its weights would still change under what is built on them. Finish it first (the "
+                         "train.py command line that started it, with --resume), or pass a finished run")
+    return run.weights_digest()  # without a checkpoint: the error that says so
 
 
 def run_config(run_dir: str | os.PathLike) -> TrainConfig:

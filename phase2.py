@@ -20,7 +20,7 @@ import loop
 import phase1
 from caption_eval import (EVAL_FILES, add_probe_ceiling, caption_eval_sources, eval_file, evaluate_captions,
                           probe_ceilings, split_factors)
-from captioner import MultimodalLLM, RESUME_IGNORES, run_folder
+from captioner import MultimodalLLM, RESUME_IGNORES, check_phase1_weights, run_folder
 from captions import attribute_baselines
 from config import atomic_write
 from llm_config import LLMConfig
@@ -44,6 +44,9 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     compute on (make demo's share; None: torch's count); on the CPU its steps take at most `llm_cfg.cpu_threads`."""
     phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
     llm_cfg = on_phase1_run(llm_cfg or LLMConfig(), phase1_run)
+    phase1_weights = phase1.finished_weights(phase1_run)  # an unfinished run is refused here
+    if resume:
+        check_phase1_weights(run_folder(output_dir), phase1_run, phase1_weights)
     outside = torch.get_num_threads()
     given = threads or (lambda: outside)
     cap = llm_cfg.cpu_threads if phase1.core_device().type == "cpu" else 0
@@ -63,8 +66,8 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         torch.manual_seed(llm_cfg.seed)  # the projector's and a built-in decoder's initial weights
         mm = MultimodalLLM(aligner, llm_cfg)
         fit_captioner(mm, train_tokens, train_set.captions, output_dir, resume=resume, callback=callback,
-                      extra={"phase1_run": phase1.to_run(phase1_run, output_dir)}, overwrite=overwrite, val=val,
-                      threads=capped)
+                      extra={"phase1_run": phase1.to_run(phase1_run, output_dir), "phase1_weights": phase1_weights},
+                      overwrite=overwrite, val=val, threads=capped)
         if not resume:  # a replaced run's evaluations are stale, whichever split they were of
             for name in EVAL_FILES.values():
                 (output_dir / name).unlink(missing_ok=True)
@@ -116,6 +119,7 @@ def ensure_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, 
     run = run_folder(output_dir)
     if run.checkpoint is None:
         return run_phase2(phase1_run, output_dir, llm_cfg, callback=callback, split=split, threads=threads)
+    check_phase1_weights(run, phase1_run, phase1.finished_weights(phase1_run))
     saved = run.saved_config()
     run.check_same_config({"llm": llm_cfg.to_dict(), "decoder_hidden_size": saved.get("decoder_hidden_size"),
                            "phase1_run": phase1.to_run(phase1_run, output_dir)}, RESUME_IGNORES)
@@ -153,6 +157,10 @@ def seed_statistics(phase1_run: str | os.PathLike, output_dir: str | os.PathLike
     attribute accuracy and of its probe ceiling, with the majority baseline; written to
     output_dir/phase2_<split>.csv, and the targets of each setting (`target_summary`) to phase2_<split>.json."""
     output_dir = Path(output_dir)
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:  # one run, counted twice, would shrink the std
+        raise ValueError(f"seeds {list(seeds)} name {repeated} more than once: a seed trains one run, and a repeated "
+                         "one would count twice in the mean ± std; give distinct seeds, e.g. --seeds 0 1 2")
     frames, baselines = [], None
     for name, llm_cfg in settings.items():
         for seed in tqdm(seeds, desc=f"phase 2 · {name} · seeds", leave=False):

@@ -116,6 +116,13 @@ def load_decoder(model_name: str, local_files_only=False, dtype=torch.float32, p
     """(model, tokenizer) by built-in name, hub name or local folder; offline misses fail clearly, and so do
     tokenizers that do not fit the model or cannot write `probe_texts` back. A built-in decoder is random, for the
     tokenizer saved in `tokenizer_dir` (a trained run's) or, without one, the one fitted on SynthTouch."""
+    path_like = os.path.isabs(model_name) or model_name.startswith((".", "~")) or model_name.count("/") > 1
+    if model_name not in TINY_DECODERS and (path_like or os.path.isdir(model_name)) and \
+            not (Path(model_name).expanduser() / "config.json").is_file():
+        what = "holds no config.json, so it is no saved decoder" if os.path.isdir(model_name) else "does not exist"
+        raise FileNotFoundError(
+            f"the decoder folder {model_name} {what}; pass --model_name a folder that save_pretrained wrote (config.json, the weights, the tokenizer files), "
+            f"a hub name such as Qwen/Qwen2.5-1.5B-Instruct, or a built-in testbed decoder {sorted(TINY_DECODERS)}")
     try:
         if model_name in TINY_DECODERS:
             tokenizer = (AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else

@@ -101,6 +101,31 @@ def csv_dataset(folder, **flags):
     return data.CSVDataset(folder, image_size=8, **flags)
 
 
+def csv_with_test_rows_in_train(tmp_path, given):
+    """A CSV dataset whose test rows are training rows: test.csv a copy of train.csv (`given`), or train.csv with
+    every row four times, so that the carved test split repeats training rows."""
+    folder = data.write_csv_dataset(tmp_path / "mine", {"train": [
+        {"vision": torch.rand(3, 8, 8), "caption": f"photo {i}"} for i in range(4)]})
+    table = folder / "train.csv"
+    if given:
+        shutil.copy(table, folder / "test.csv")
+    else:
+        header, *rows = table.read_text().splitlines()
+        table.write_text("\n".join([header, *rows * 4]) + "\n")
+    return folder
+
+
+def float_tiff(tmp_path, value):
+    import numpy as np
+    from PIL import Image
+    Image.fromarray(np.full((8, 8), value, np.float32), mode="F").save(tmp_path / "float.tif")
+    return tmp_path / "float.tif"
+
+
+def phase2_flags(trained, tmp_path, *extra):
+    return ["--phase1_run", str(trained), "--output_dir", str(tmp_path / "p2"), *extra]
+
+
 CASES = {
     # --- configs and flags
     "--batch_size 0": (lambda t, p: train.parse_args(["--batch_size", "0"]),
@@ -124,7 +149,9 @@ CASES = {
     "YAML list that is not a mapping": (lambda t, p: phase1.load_config(yaml_file(p, "- 1\n- 2\n")),
                                         ValueError, r"bad.yaml must hold `key: value` lines"),
     "YAML boolean for a number": (lambda t, p: phase1.load_config(yaml_file(p, "lr: yes\n")),
-                                  ValueError, r"lr must be a number, got True in .*bad.yaml"),
+                                  ValueError, r"lr must be a number, got 'yes' in .*bad.yaml"),
+    "YAML 1.1 base-60 number": (lambda t, p: phase1.load_config(yaml_file(p, "epochs: 1:30\n")),
+                                ValueError, r"epochs must be an integer, got '1:30' in .*bad.yaml; e.g. epochs: 64"),
     "--loss_type clip": (lambda t, p: train.parse_args(["--loss_type", "clip"]),
                          ValueError, r"unknown loss_type 'clip'; choose one of .*contrastive"),
     "--loss_type flow_matching alone": (lambda t, p: train.parse_args(["--loss_type", "flow_matching"]),
@@ -243,6 +270,47 @@ CASES = {
     "--datasets_dir without data": (lambda t, p: train.train(train.parse_args(["--datasets_dir", str(p),
                                                                                "--output_dir", str(p / "o")])[0]),
                                     FileNotFoundError, r"no TVL train.csv with rows found under"),
+    "--lr 1e3 (a slip for 1e-3)": (lambda t, p: train.parse_args(["--lr", "1e3"]),
+                                   ValueError, r"lr 1000.0 is above 1.0 \(phase-1 config\).*1e3 for 1e-3.*--lr 1e-3"),
+    "alias and flag of one key": (lambda t, p: train.parse_args(["--num_register_tokens", "8", "--n_registers", "4"]),
+                                  SystemExit, r"--n_registers and --num_register_tokens both set model.n_registers"),
+    "--batch_size 1": (lambda t, p: train.parse_args(["--batch_size", "1"]),
+                       ValueError, r"batch_size 1 leaves the contrastive loss no other sample.*--batch_size 64"),
+    "encoders={}": (lambda t, p: train.parse_args(["--set", "encoders={}"]),
+                    ValueError, r"encoders \{\} has no encoder for \['vision', 'touch'\].*encoders.vision=synth-vision"),
+    "--output_dir ''": (lambda t, p: train.parse_args(["--output_dir", ""]),
+                        ValueError, r"output_dir '' names no folder of its own.*--output_dir runs/phase1/mine"),
+    "--output_dir .": (lambda t, p: train.parse_args(["--output_dir", "."]), ValueError, r"output_dir '\.' names no folder"),
+    "NUL byte in log_name": (lambda t, p: train.parse_args(["--set", 'log_name="a\\0b"']),
+                             ValueError, r"log_name 'a\\x00b' holds a NUL byte"),
+    "--datasets_dir that is a file": (lambda t, p: train.parse_args(["--datasets_dir", str(file_in(p, "train.csv"))]),
+                                      ValueError, r"datasets_dir .*train.csv is a file; pass the folder that holds"),
+    "--config that is a folder": (lambda t, p: train.parse_args(["--config", str(p)]),
+                                  FileNotFoundError, r"config file .* is a folder, not a YAML file; see configs/"),
+    "config saved as UTF-16": (lambda t, p: phase1.load_config(yaml_file(p, "").write_text("epochs: 3\n", "utf-16") and
+                                                               p / "bad.yaml"),
+                               ValueError, r"bad.yaml is not UTF-8 text .*save it as UTF-8"),
+    "phase 2 max_new_tokens 0": (lambda t, p: L.main(phase2_flags(t, p, "--max_new_tokens", "0")),
+                                 ValueError, r"max_new_tokens must be at least 1, got 0 \(phase-2 config\)"),
+    "phase 2 lora_r 0": (lambda t, p: L.main(phase2_flags(t, p, "--set", "lora_r=0")),
+                         ValueError, r"lora_r must be at least 1, got 0.*lora_r: 16"),
+    "phase 2 cpu_threads -1": (lambda t, p: L.main(phase2_flags(t, p, "--set", "cpu_threads=-1")),
+                               ValueError, r"cpu_threads must be at least 0, got -1"),
+    "phase 2 --seeds 0 0": (lambda t, p: L.main(phase2_flags(t, p, "--seeds", "0", "0")),
+                            ValueError, r"seeds \[0, 0\] name \[0\] more than once.*--seeds 0 1 2"),
+    "--model_name folder that does not exist": (lambda t, p: L.load_decoder(str(p / "nodec")),
+                                                FileNotFoundError, r"decoder folder .*nodec does not exist; pass "
+                                                                   r"--model_name a folder that save_pretrained wrote"),
+    "--model_name a phase-1 run": (lambda t, p: L.load_decoder(str(t)),
+                                   FileNotFoundError, r"decoder folder .* holds no config.json, so it is no saved decoder"),
+    "test.csv a copy of train.csv": (lambda t, p: csv_dataset(csv_with_test_rows_in_train(p, True), split="test"),
+                                     ValueError, r"test.csv: \d+ of its images are training images too .*remove those "
+                                                 r"rows from test.csv"),
+    "train.csv repeating its rows": (lambda t, p: csv_dataset(csv_with_test_rows_in_train(p, False), split="test"),
+                                     ValueError, r"test.csv: \d+ of its images are training images too .*train.csv "
+                                                 r"names those images in several rows"),
+    "float image beyond 0-255": (lambda t, p: data.load_image(float_tiff(p, -3), 8),
+                                 ValueError, r"image .*float.tif is a float image with values in \[-3, -3\]"),
     "--stage1_checkpoint that does not exist": (
         lambda t, p: phase1.get_encoder(train.parse_args(["--stage1_checkpoint", str(p / "stage1.pth")])[0], "touch"),
         FileNotFoundError, r"stage1.pth.*does not exist"),
@@ -291,6 +359,66 @@ def test_yaml_numbers_pyyaml_reads_as_strings_are_coerced(tmp_path):
     cfg = phase1.load_config(yaml_file(tmp_path, "lr: 1e-3\nmodel:\n  flow_weight: 5e-1\n"))
     assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.model.flow_weight == 0.5
     assert train.parse_args(["--set", "lr=1e-3", "n_train=2e3"])[0].n_train == 2000
+
+
+def test_yaml_reads_plain_values_as_yaml_1_2_means_them(tmp_path):
+    """PyYAML's YAML 1.1 reads 010 as octal 8 and no/on as booleans; a config means what YAML 1.2 (and a person)
+    reads: 10, and the strings 'no' and 'on' where a string is asked for. yes/no/on/off still set a true-or-false key."""
+    cfg = phase1.load_config(yaml_file(tmp_path, "seed: 010\ndata_seed: 0o10\nlog_name: no\nleakage_probes: off\n"))
+    assert (cfg.seed, cfg.data_seed, cfg.log_name, cfg.leakage_probes) == (10, 8, "no", False)
+    cfg, _ = train.parse_args(["--set", "seed=010", "log_name=on", "cpu_bf16=yes"])
+    assert (cfg.seed, cfg.log_name, cfg.cpu_bf16) == (10, "on", True)
+    assert L.load_llm_config(yaml_file(tmp_path, "prompt: yes\n")).prompt == "yes"
+
+
+def test_a_float_image_in_0_1_is_seen_as_grey_not_black(tmp_path):
+    assert data.load_image(float_tiff(tmp_path, 0.5), 4).mean().item() == pytest.approx(0.5, abs=1 / 255)
+
+
+def test_a_yaml_merge_key_reads_as_yaml_defines_it(tmp_path):
+    cfg = phase1.load_config(yaml_file(tmp_path, "model: &m\n  n_shared: 2\n  n_registers: 4\n"
+                                                 "encoders: {vision: synth-vision, touch: synth-touch, text: minilm}\n"))
+    assert (cfg.model.n_shared, cfg.model.n_registers) == (2, 4)
+    merged = yaml_file(tmp_path, "model:\n  <<: {n_shared: 2, n_registers: 8}\n  n_registers: 4\n")
+    assert (phase1.load_config(merged).model.n_shared, phase1.load_config(merged).model.n_registers) == (2, 4)
+
+
+def test_resume_after_metrics_were_cut_says_which_rows_are_lost_and_keeps_the_run(trained, tmp_path):
+    copy = shutil.copytree(trained, tmp_path / "copy", symlinks=True)
+    metrics = copy / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes()[:-40])  # half of the epoch row: a cut copy
+    weights = (copy / "checkpoint" / "model.safetensors").read_bytes()
+    with pytest.warns(UserWarning, match=r"metrics.jsonl lacks the rows of epochs \[0\] \(it was cut.*cannot be made "
+                                         r"again.*--overwrite"):
+        train.main([flag.replace(str(trained), str(copy)) for flag in flags_of(trained, "--resume")])
+    rows = train.read_metrics(copy)
+    assert rows == [row for row in train.read_metrics(trained) if row["kind"] == "step"]  # every whole row kept
+    assert (copy / "checkpoint" / "model.safetensors").read_bytes() == weights and (copy / "eval.json").is_file()
+
+
+def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_says_so(cache_dir, tmp_path, monkeypatch):
+    """The disk fills while the second epoch's checkpoint is written: training stops with one message naming the
+    folder, the half-written checkpoint is gone, and the first epoch's loads and resumes."""
+    import errno
+    saves, real_save = [], torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    cfg = tiny(cache_dir, tmp_path / "run")
+    with pytest.raises(OSError, match=r"cannot write the checkpoint .*run/checkpoint-00000008 \(\[Errno 28\] No space "
+                                      r"left on device.*the disk is full.*checkpoint-00000004\) is kept.*--resume"):
+        train.train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    run = loop.RunFolder(cfg.run_dir)
+    assert run.checkpoint_step() == 4 and not (cfg.run_dir / "checkpoint-00000008").exists()
+    phase1.load_aligner(cfg.run_dir)
+    train.train(cfg, resume=True)
+    assert run.trained(cfg.epochs)
 
 
 def test_replacing_an_image_under_the_same_path_gives_another_feature_cache(tmp_path):
@@ -409,3 +537,33 @@ def test_a_config_that_cannot_train_is_refused_before_overwrite_deletes_anything
     with pytest.raises(ValueError, match=r"log_every must be an integer of at least 1, got 0"):
         train.parse_args([flag.replace("log_every=1", "log_every=0") for flag in flags_of(trained, "--overwrite")])
     assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_phase2_refuses_a_phase1_run_that_changed_or_never_finished(trained, decoder_dir, tmp_path):
+    """A phase-2 run records the sha256 of its phase-1 run's weights; resumed, reused or loaded after those weights
+    changed (the phase-1 run retrained or replaced), it is refused, as is a phase-1 run stopped inside an epoch."""
+    import yaml
+    phase1_run = shutil.copytree(trained, tmp_path / "p1", symlinks=True)
+    out = tmp_path / "p2"
+    flags = ["--phase1_run", str(phase1_run), "--output_dir", str(out), "--model_name", decoder_dir, "--epochs", "1",
+             "--batch_size", "16", "--train_decoder", "full", "--min_steps", "0"]
+    L.main(flags)
+    run = loop.RunFolder(phase1_run)
+    assert yaml.safe_load((out / "config.yaml").read_text())["phase1_weights"] == run.weights_digest()
+    weights, state, step = run.load_weights(), run.load_state(), run.checkpoint_step()
+    run.save(step, {name: value + 0.01 for name, value in weights.items()}, state)  # retrained: other weights
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    cfg = L.load_llm_config(None, epochs=1, batch_size=16, train_decoder="full", model_name=decoder_dir, min_steps=0)
+    for action in (lambda: L.main([*flags, "--resume"]), lambda: L.ensure_phase2(phase1_run, out, cfg),
+                   lambda: L.MultimodalLLM.load(out)):
+        with pytest.raises(ValueError, match=r"the phase-2 run .*p2 was trained on the phase-1 run .*p1 when its "
+                                             r"weights were sha256 [0-9a-f]{16}…, but they are now [0-9a-f]{16}…: .*"
+                                             r"Train phase 2 again \(--overwrite"):
+            action()
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    state["position"] = {**state["position"], "step": 2, "epoch": 0, "batch_in_epoch": 2}  # what Ctrl-C saves
+    run.save(2, weights, state)
+    with pytest.raises(ValueError, match=r"the phase-1 run .*p1 never finished: its checkpoint is at step 2, 0 of "
+                                         r"its 1 epochs done.*Finish it first"):
+        L.main([*flags[:3], str(tmp_path / "p2-new"), *flags[4:]])
+    assert not (tmp_path / "p2-new").exists()

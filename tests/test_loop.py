@@ -176,7 +176,8 @@ def test_a_nan_before_the_first_checkpoint_says_nothing_is_kept(cache_dir, tmp_p
     assert loop.RunFolder(tmp_path).checkpoint is None
 
 
-def test_an_exploding_learning_rate_stops_before_anything_non_finite_is_saved(cache_dir, tmp_path):
+def test_an_exploding_learning_rate_stops_before_anything_non_finite_is_saved(cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "MAX_LR", float("inf"))  # past the config's bound, to reach the guard behind it
     with pytest.raises(loop.NonFiniteLoss, match="became"):
         train.train(tiny(cache_dir, tmp_path, lr=1e6, warmup_steps=1))
     run = loop.RunFolder(tmp_path)

@@ -314,6 +314,26 @@ def test_missing_and_unreadable_files_are_named_or_skipped_with_one_warning(tvl_
         strict[index]
 
 
+def test_a_layout_whose_vision_and_touch_folders_are_swapped_is_refused(tvl_dir, tmp_path):
+    """TVL's first public release had folders of camera frames and touch frames swapped: a touch frame lies near its
+    sensor's bare-gel image, a camera frame far from it, and the rows where that is the other way round are named."""
+    import shutil
+    root = shutil.copytree(tvl_dir, tmp_path / "copy")
+    hct = root / "hct" / "data2" / "train"
+    (hct / "vision").rename(hct / "camera")
+    (hct / "tactile").rename(hct / "vision")
+    (hct / "camera").rename(hct / "tactile")
+    words = (r"TVL train under .*copy: the vision and touch images look swapped in 1 of the 4 folders checked "
+             r"\(\['.*data2/train/vision'\]\): the vision image .*data2/train/vision/\d+.jpg is nearer the touch "
+             r"sensor's bare-gel image .*data2/background/background.jpg .*Swap those folders")
+    with pytest.raises(ValueError, match=words):
+        data.TVLDataset(root, "train")
+    with pytest.raises(ValueError, match=words):  # the command line stops before it writes anything
+        train.main(["--datasets_dir", str(root), "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    assert len(data.TVLDataset(root, "test")) == 8  # the test split's folders are as TVL lays them out
+
+
 # ----------------------------------------------------------------------------------------------
 # Your own data: a folder of CSV files, phase 1 and phase 2 from the command line
 

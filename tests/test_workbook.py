@@ -18,14 +18,19 @@ NAMES = [p.stem for p in workbook.notebook_paths()]
 
 def trained_run(folder: Path, epochs: int = 1):
     """What a phase-1 run folder holds once its last epoch is trained: config, the epoch rows, a checkpoint."""
-    import torch
-
     import loop
     run = loop.RunFolder(folder)
     run.start({"epochs": epochs}, resume=False)
     for epoch in range(epochs):
         run.log({"kind": "epoch", "step": epoch + 1, "epoch": epoch})
-        run.save(epoch + 1, {"weight": torch.zeros(1)}, {})
+        save_epoch(run, epoch + 1)
+
+
+def save_epoch(run, epochs_done: int):
+    """The checkpoint loop.fit saves after `epochs_done` epochs (one step each)."""
+    import torch
+    run.save(epochs_done, {"weight": torch.zeros(1)},
+             {"position": {"step": epochs_done, "epoch": epochs_done, "batch_in_epoch": 0}})
 
 
 def wait_for_text(path: Path, text: str, seconds: float = 10) -> str:
@@ -121,14 +126,14 @@ def test_notebook_04_warms_its_kernel_only_while_another_process_trains_the_run_
 
 
 def test_notebook_04_starts_beside_02_once_the_weights_are_final(tmp_path):
+    import loop
     run_dir = tmp_path / "phase1" / "default"
     paths = {p.name[:2]: p for p in workbook.notebook_paths()}
     waiting = {"02_phase1_training", "03_prefix_quality", "04_captioning"}
     trained_run(run_dir, epochs=2)
     assert demo.ready(paths["04"], tmp_path, waiting)
     assert not demo.ready(paths["03"], tmp_path, waiting)  # 03 reads 02's evaluation
-    metrics = run_dir / "metrics.jsonl"  # the last epoch not yet trained: not final
-    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    save_epoch(loop.RunFolder(run_dir), 1)  # the checkpoint before the last epoch: not final
     assert not demo.ready(paths["04"], tmp_path, waiting)
 
 
