@@ -20,9 +20,6 @@ from config import make_folder
 from encoders import create_encoder
 from features import Features
 
-
-# Feature cache: frozen features are computed once per (encoder, dataset, modality) and memory-mapped.
-
 _CACHE_FILES = ("pooled", "tokens", "mask")
 
 

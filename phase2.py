@@ -23,12 +23,11 @@ from caption_eval import (EVAL_FILES, add_probe_ceiling, caption_eval_sources, e
 from captioner import MultimodalLLM, RESUME_IGNORES, check_phase1_weights, run_folder
 from captions import attribute_baselines
 from config import atomic_write
-from llm_config import LLMConfig
+from llm_config import LLMConfig, ROOT
 from phase2_train import encode_tokens, fit_captioner
 from token_sources import IMAGE_MODALITIES
 
 
-ROOT = Path(__file__).resolve().parent
 # The validation runs that chose configs/phase2.yaml's settings (default phase-1 model, seed 0): every evaluated
 # token source of each setting, caption accuracy beside its probe ceiling (notebook 04 draws them)
 VALIDATION_REFERENCE = ROOT / "docs" / "phase2" / "validation_ablation.csv"
