@@ -96,7 +96,6 @@ def test_finished_runs_come_from_your_study_and_otherwise_from_the_reference(row
         study.finished_run("default", 2, tmp_path / "nothing trained here")
     with pytest.raises(FileNotFoundError, match="no leakage.csv, information.csv.*leakage_probes: true"):
         study.save_reference(table[2:])  # trained without the probes: not a reference
-    monkeypatch.setattr(study, "MAPPED_VARIANTS", ("default",))
     study.save_reference(table[:2])  # seeds 0 and 1: the reference keeps seed 0's
     copied = sorted(p.relative_to(study.REFERENCE).as_posix() for p in study.REFERENCE.rglob("*") if p.is_file())
     assert copied == sorted(f"default/seed-0/{name}" for name in
