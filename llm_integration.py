@@ -843,8 +843,11 @@ RETIRED = ("cache_dir",)  # fields older runs saved that no longer mean anything
 
 
 def run_folder(path) -> loop.RunFolder:
-    """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as they meant then."""
-    return loop.RunFolder(path, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)}})
+    """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as they meant then.
+    Beside llm it holds what MultimodalLLM.run_config and run_phase2 add; they are its keys too, so its config.yaml
+    reads as a phase-2 run's own and --overwrite may replace the run."""
+    return loop.RunFolder(path, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)},
+                                          "decoder_hidden_size": None, "phase1_run": None})
 
 
 # what may differ when a phase-2 run is resumed: generation settings and where things live

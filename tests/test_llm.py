@@ -250,6 +250,17 @@ def test_frozen_decoder_by_default_and_lora_on_request(aligner, decoder_dir, tmp
     assert reloaded.generate_from_tokens(tokens) == lora.generate_from_tokens(tokens)
 
 
+def test_a_finished_run_is_replaced_with_overwrite_only(aligner, decoder_dir, tmp_path):
+    tokens, targets, _ = two_class_data(32)
+    where = dict(output_dir=tmp_path / "run", extra={"phase1_run": "../phase1"})  # as run_phase2 saves it
+    L.fit_captioner(make_mm(aligner, decoder_dir, epochs=1, batch_size=16), tokens, targets, **where)
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        L.fit_captioner(make_mm(aligner, decoder_dir, epochs=1, batch_size=16, seed=1), tokens, targets, **where)
+    L.fit_captioner(make_mm(aligner, decoder_dir, epochs=1, batch_size=16, seed=1), tokens, targets, **where,
+                    overwrite=True)
+    assert L.run_folder(tmp_path / "run").saved_config()["llm"]["seed"] == 1
+
+
 def test_checkpoints_are_atomic_and_an_interrupted_run_resumes_exactly(aligner, decoder_dir, tmp_path):
     tokens, targets, _ = two_class_data(32)
     settings = dict(train_decoder="full", epochs=2, batch_size=16, warmup_steps=2, log_every=1)
