@@ -462,6 +462,19 @@ class Distributed:
         per = len(indices) // self.world
         return indices[self.rank * per:(self.rank + 1) * per]
 
+    def global_mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
+        """The mean over the whole global batch of a loss each rank holds as a sum `total` of its `count` terms (phase
+        2: one a caption token), as one process with the whole batch computes it: a mean per rank, averaged, would
+        weigh a token of a rank with shorter captions more. Its value is the global mean on every rank (the loss
+        logged); its gradient is this rank's sum over the global count times the number of ranks, which DDP's
+        average of the ranks' gradients turns into the global mean's gradient."""
+        if self.world == 1:
+            return total / count
+        sums = torch.stack([total.detach(), torch.tensor(float(count), device=total.device)])
+        torch.distributed.all_reduce(sums)
+        share = total * self.world / sums[1]
+        return share + (sums[0] / sums[1] - share).detach()
+
     @contextlib.contextmanager
     def main_first(self):
         """The block runs on rank 0 first, then on the other ranks: what it writes (a feature cache) is written once,
