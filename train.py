@@ -139,16 +139,18 @@ def quick_eval(model, feats, dataset) -> dict:
 
 def evaluate_run(model, feats, dataset, out_path: Path, probe_splits: dict | None = None):
     """evaluate.evaluate_run on a split; `probe_splits`: {"fit": (features, dataset), "select": (...)}, the probes'
-    training rows (a fixed subset of evaluate.fit_rows) and the rows their regularisation is chosen on."""
+    training rows (a fixed subset of evaluate.fit_rows) and the rows their regularisation is chosen on. TVL-layout
+    data also gets TVL's own touch–vision number (evaluate.tvl_top1)."""
     splits = None
     if probe_splits is not None and all(dataset is not None for _, dataset in probe_splits.values()):
         splits = {}
-        for split, (features, data) in probe_splits.items():
-            rows = evaluate.fit_rows(len(data)) if split == "fit" else np.arange(len(data))
-            table = factor_codes(data)
+        for split, (features, split_set) in probe_splits.items():
+            rows = evaluate.fit_rows(len(split_set)) if split == "fit" else np.arange(len(split_set))
+            table = factor_codes(split_set)
             splits[split] = ({m: f.batch(rows) for m, f in features.items()},
                              {name: np.asarray(v)[rows] for name, v in table.items()} if table is not None else None)
-    return evaluate.evaluate_run(model, feats, factor_codes(dataset), splits, out_path=out_path)
+    return evaluate.evaluate_run(model, feats, factor_codes(dataset), splits, out_path=out_path,
+                                 tvl=isinstance(dataset, data.TVLDataset))
 
 
 def train_alignment(model: core.Aligner, loader, num_epochs: int, lr: float | None = None) -> dict:
@@ -261,7 +263,7 @@ def refuse_what_would_be_ignored(cfg: TrainConfig, args: argparse.Namespace, ove
 def eval_summary(path: Path) -> str:
     """eval.json's retrieval at every k, a row per direction and its chance level, and where the rest is."""
     table = evaluate.read_eval(path)
-    columns = [c for c in table.columns if " R@1" in c or c.startswith("chance@1")]
+    columns = [c for c in table.columns if " R@1" in c or c.startswith("chance@1") or c == evaluate.TVL_TOP1]
     return (f"R@1 on the test split by number of tokens k:\n{table[columns].T.to_string(float_format='%.3f')}\n"
             f"every metric at every k: {path}")
 
