@@ -3,6 +3,7 @@
     python llm_integration.py --phase1_run runs/phase1/default --output_dir runs/phase2/default
     python llm_integration.py --phase1_run RUN --output_dir OUT --model_name /models/Qwen2.5-1.5B-Instruct
     python llm_integration.py --phase1_run runs/phase1/default --output_dir runs/phase2/seeds --seeds 0 1 2
+    torchrun --nproc_per_node=4 llm_integration.py --phase1_run runs/phase1/tvl --output_dir runs/phase2/tvl
     python llm_integration.py --phase1_run runs/phase1/default --output_dir runs/phase2/ablation --seeds 0 \
         --ablation --split val
 
@@ -11,9 +12,10 @@ a per-modality projector into the decoder's embedding space and are spliced into
 `[chat template head | prefix | prompt, template tail | caption, EOS]`, left-padded. The testbed decoder
 is a small Qwen2 (random init, trained fully) with a tokenizer fitted offline on the training captions;
 a real Qwen (by hub name or local folder) stays frozen and only the projector (optionally LoRA) trains.
-Training runs through the one loop of loop.py; a run folder holds config.yaml, checkpoint/ (the projector's
-and any trained decoder tensors in model.safetensors, state.pt), tokenizer/ (a built-in decoder's), metrics.jsonl
-(with the validation split's numbers after every epoch: settings and epochs are chosen on them) and
+Training runs through the one loop of loop.py, under torchrun with DDP as phase 1 does (each rank a share of every
+batch; the loss the mean over all the batch's caption tokens); a run folder holds config.yaml, checkpoint/ (the
+projector's and any trained decoder tensors in model.safetensors, state.pt), tokenizer/ (a built-in decoder's),
+metrics.jsonl (with the validation split's numbers after every epoch: settings and epochs are chosen on them) and
 caption_eval.json (the test split, for reporting; caption_eval_val.json with --split val). On SynthTouch every
 evaluated token source carries the linear-probe ceiling of its very tokens beside its caption accuracy. `--seeds`
 trains once per seed and writes mean and std over seeds (phase2_<split>.csv/.json); `--ablation` adds the settings
@@ -443,11 +445,12 @@ class MultimodalLLM(nn.Module):
         if cfg.decoder_training == "frozen":
             self.warn_if_untrained()
 
-    def fit_vocabulary(self, captions: list[str], folder: Path | None = None, resume: bool = False):
+    def fit_vocabulary(self, captions: list[str], folder: Path | None = None, resume: bool = False, save: bool = True):
         """Before a built-in decoder's first step: its tokenizer fitted on `captions` (`caption_tokenizer`) and a
         fresh random decoder of that vocabulary in place of the untrained one, so the captions it learns read word by
-        word. Saved as <folder>/tokenizer; a resumed run gets its own back (one saved before runs kept theirs used
-        the SynthTouch tokenizer this model starts with). Other decoders keep their tokenizer."""
+        word. Saved as <folder>/tokenizer (unless `save` is false: a torchrun rank other than 0); a resumed run gets
+        its own back (one saved before runs kept theirs used the SynthTouch tokenizer this model starts with). Other
+        decoders keep their tokenizer."""
         if self.llm_cfg.model_name not in TINY_DECODERS:
             return
         saved = None if folder is None else Path(folder) / "tokenizer"
@@ -457,7 +460,7 @@ class MultimodalLLM(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(saved)
         else:
             self.tokenizer = caption_tokenizer(captions, self.llm_cfg.prompt)
-            if saved is not None:
+            if saved is not None and save:
                 save_tokenizer(self.tokenizer, saved)
         decoder = random_decoder(self.tokenizer, self.llm_cfg.seed, **TINY_DECODERS[self.llm_cfg.model_name])
         self.attach_decoder(decoder.to(self.device))
@@ -640,9 +643,17 @@ class MultimodalLLM(nn.Module):
     def loss(self, tokens: dict[str, torch.Tensor], captions: list[str], keep: dict[str, torch.Tensor],
              prompt: str | None = None) -> torch.Tensor:
         """Next-token cross-entropy on the captions and EOS, given prefix + prompt: the mean over every caption
-        token of the batch. With `length_chunks` > 1 the rows, sorted by length, go through the decoder in that
-        many chunks, each cut to its own longest row instead of the batch's: the same mean and gradient (up to
-        float rounding: left padding leaves each row's logits unchanged) from fewer computed positions."""
+        token of the batch."""
+        total, counted = self(tokens, captions, keep, prompt)
+        return total / counted
+
+    def forward(self, tokens: dict[str, torch.Tensor], captions: list[str], keep: dict[str, torch.Tensor],
+                prompt: str | None = None) -> tuple[torch.Tensor, int]:
+        """`loss` as its sum over the batch's caption tokens and their count (under torchrun each rank holds a part
+        of the batch: loop.Distributed.global_mean makes the mean over all of them). With `length_chunks` > 1 the
+        rows, sorted by length, go through the decoder in that many chunks, each cut to its own longest row instead
+        of the batch's: the same mean and gradient (up to float rounding: left padding leaves each row's logits
+        unchanged) from fewer computed positions."""
         prefix, prefix_mask = self.prefix(tokens, keep, self.source.groups)
         inputs = self.assemble(prefix, prefix_mask, self.llm_cfg.prompt if prompt is None else prompt, captions)
         lengths = inputs["attention_mask"].sum(1)
@@ -660,7 +671,7 @@ class MultimodalLLM(nn.Module):
             total = total + nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                                         ignore_index=-100, reduction="sum")
             counted += int((targets != -100).sum())
-        return total / counted
+        return total, counted
 
     # --- generation
 
@@ -780,6 +791,7 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
     epoch row then gets its numbers (`validation_numbers`), the curve that epochs are chosen on."""
     cfg = mm.llm_cfg
     loop.check_hyperparameters(cfg, "phase-2 config")
+    dist = loop.Distributed()  # under torchrun: each rank trains on its share of every batch (DDP), rank 0 writes
     n = len(captions)
     wrong = {m: len(t) for m, t in tokens.items() if len(t) != n}
     if wrong:
@@ -788,12 +800,12 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} captions); "
                          f"use --batch_size {n} or less")
-    run = None if output_dir is None else run_folder(output_dir)
+    run = None if output_dir is None else run_folder(output_dir, dist.main)
     with run.exclusive(wait=False) if run else contextlib.nullcontext():  # one trainer per run folder
         if run is not None:
             run.check_start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
-        if not mm.trained:
-            mm.fit_vocabulary(captions, None if run is None else run.path, resume)
+        if not mm.trained:  # every rank fits the same tokenizer from the same captions; rank 0 saves it
+            mm.fit_vocabulary(captions, None if run is None else run.path, resume, save=dist.main)
         longest = max(len(ids) for ids in mm.tokenizer(list(captions), add_special_tokens=False)["input_ids"])
         if cfg.max_new_tokens is None:
             mm.llm_cfg = cfg = dataclasses.replace(cfg, max_new_tokens=math.ceil(1.25 * longest))
@@ -809,6 +821,8 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
                 if m in tokens:
                     projector.fit_statistics(tokens[m])
         mm.trained = True
+        # some batches leave a projector unused (k = 0 rows, one modality's rows): DDP must not wait for its gradient
+        ddp = torch.nn.parallel.DistributedDataParallel(mm, find_unused_parameters=True) if dist.world > 1 else mm
         index_batches = loop.index_batches(n, cfg.batch_size, cfg.seed)
         # a small dataset: each epoch passes over it as often as it takes to train min_steps steps in all (checkpoints and
         # validation stay once an epoch; one pass, as before, wherever epochs x batches reach min_steps)
@@ -823,12 +837,14 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
             if draw not in sources:
                 sources.clear()
                 sources[draw] = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + draw))
+            index = dist.local_slice(index)
             keep = {m: k[index] for m, k in sources[draw].items()}
-            return mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep), {}
+            total, counted = ddp({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep)
+            return dist.global_mean(total, counted), {}
 
-        epoch_end = None if val is None else lambda epoch: validation_numbers(mm, *val)
+        epoch_end = None if val is None or not dist.main else lambda epoch: validation_numbers(mm, *val)
         return loop.fit(mm, loss_fn, batches, steps_per_epoch * passes, cfg, run, resume=resume, epoch_end=epoch_end,
-                        callback=callback, desc="phase 2 · captioning")
+                        callback=callback, desc="phase 2 · captioning", rank=dist.rank)
 
 
 @torch.no_grad()
@@ -858,10 +874,13 @@ BEFORE_FIELD = {"standardize_tokens": False, "length_chunks": 1, "cpu_threads": 
 RETIRED = ("cache_dir",)  # fields older runs saved that no longer mean anything (built-in decoders live in the run)
 
 
-def run_folder(path) -> loop.RunFolder:
-    """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as they meant then."""
-    return loop.RunFolder(path, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)},
-                                          **dict.fromkeys(("decoder_hidden_size", "phase1_run", "phase1_weights"))})
+def run_folder(path, main: bool = True) -> loop.RunFolder:
+    """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as they meant then.
+    Beside llm it holds what MultimodalLLM.run_config and run_phase2 add; they are its keys too, so its config.yaml
+    reads as a phase-2 run's own and --overwrite may replace the run. `main`: whether this process writes it (rank 0
+    of a torchrun job)."""
+    return loop.RunFolder(path, main, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)},
+                                                **dict.fromkeys(("decoder_hidden_size", "phase1_run", "phase1_weights"))})
 
 
 # what may differ when a phase-2 run is resumed: generation settings and where things live; the phase-1 weights'
@@ -950,14 +969,16 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     ceiling of its very tokens ("probe accuracy ..." keys, `add_probe_ceiling`)."""
     phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
     llm_cfg = on_phase1_run(llm_cfg or LLMConfig(), phase1_run)
+    dist = loop.Distributed()  # under torchrun, before anything goes to a GPU: it picks this rank's
     phase1_weights = phase1.finished_weights(phase1_run)  # an unfinished run is refused here
     if resume:
         check_phase1_weights(run_folder(output_dir), phase1_run, phase1_weights)
     with at_most_threads(llm_cfg.cpu_threads if phase1.core_device().type == "cpu" else 0):
         aligner = phase1.load_aligner(phase1_run).to(phase1.core_device())
         cfg = phase1.run_config(phase1_run)
-        train_set, train_feats = phase1.split_data(cfg, "train")
-        val_set, val_feats = phase1.split_data(cfg, "val")
+        with dist.main_first():  # rank 0 fills a missing feature cache: no two ranks write one cache folder
+            train_set, train_feats = phase1.split_data(cfg, "train")
+            val_set, val_feats = phase1.split_data(cfg, "val")
         if split == "val" and val_set is None:
             raise ValueError(f"the phase-1 run {phase1_run} has no validation split to evaluate on; use "
                              "split='test' (--split test) or add a val.csv to its dataset")
@@ -969,6 +990,10 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         fit_captioner(mm, train_tokens, train_set.captions, output_dir, resume=resume, callback=callback,
                       extra={"phase1_run": phase1.to_run(phase1_run, output_dir), "phase1_weights": phase1_weights},
                       overwrite=overwrite, val=val)
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+        if not dist.main:  # rank 0 evaluates and writes; the other ranks of a torchrun job are done
+            return {}
         if not resume:  # a replaced run's evaluations are stale, whichever split they were of
             for name in EVAL_FILES.values():
                 (output_dir / name).unlink(missing_ok=True)
@@ -1210,6 +1235,10 @@ def main(argv=None):
     if args.ablation and not args.seeds:
         raise SystemExit("--ablation trains every setting once per seed: add --seeds (e.g. --seeds 0)")
     if args.seeds:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise SystemExit("--seeds trains its runs one after another in one process, not under torchrun: train each "
+                             "seed as a torchrun job of its own (--seed S --output_dir OUT/config/seedS), then run --seeds "
+                             "without torchrun on OUT, which reuses those runs")
         if args.resume or args.overwrite:
             raise SystemExit("--seeds reuses finished runs and resumes interrupted ones by itself; drop "
                              "--resume/--overwrite (or choose a new --output_dir)")
@@ -1222,6 +1251,8 @@ def main(argv=None):
         return
     result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(config, **overrides), args.resume,
                         overwrite=args.overwrite, split=args.split)
+    if not result:  # a torchrun rank other than 0
+        return
     for row in result["rows"]:
         accuracy = row.get("accuracy", row.get("caption accuracy"))  # attributes (SynthTouch), else exact captions
         print(f"{row['modalities']:>13} k={row['k']:<3} accuracy {accuracy:.3f}  "
