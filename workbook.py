@@ -238,8 +238,8 @@ def settle_widgets(nb, closed: set[str]):
 def static_outputs(model_id: str, state: dict) -> list:
     """A widget's last state as ordinary outputs, which JupyterLab shows in a notebook opened without its kernel
     (an executed notebook is untrusted, and JupyterLab renders no widget view there, only the text repr
-    "VBox(children=(..."): a line with each control's value, each Image widget's picture, each Output widget's
-    outputs (notebook 04's k table). The widgets' saved state goes, as nothing shows it any more."""
+    "VBox(children=(..."): a line with each control's value, each Image widget's picture, each HTML widget's HTML
+    (notebook 04's k table), each Output widget's outputs. The widgets' saved state goes, as nothing shows it any more."""
     import nbformat
     controls, rich = [], []
 
@@ -252,6 +252,8 @@ def static_outputs(model_id: str, state: dict) -> list:
                         for data in picture)
         elif model.get("model_name") == "OutputModel":
             rich.extend(nbformat.from_dict(o) for o in values.get("outputs", []))
+        elif model.get("model_name") == "HTMLModel" and values.get("value"):
+            rich.append(nbformat.v4.new_output("display_data", data={"text/html": values["value"]}))
         elif values.get("description") and ("value" in values or "index" in values):
             labels = values.get("_options_labels")
             controls.append(f"{values['description']} = {labels[values['index']] if labels else values['value']}")
