@@ -293,8 +293,9 @@ def write_report(out_dir: Path, timings: dict[str, float], smoke: bool, wall: fl
              "| notebook | minutes |", "|---|---|"]
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
     if wall is not None:
+        from results import measured_on
         lines += ["", f"The whole run took {wall / 60:.1f} minutes, notebooks side by side as soon as what each reads "
-                      "was there (workbook.AFTER)."]
+                      f"was there (workbook.AFTER), at {measured_on()}."]
     for section, values in numbers.items():
         lines += ["", f"## {section}", "", "| quantity | value |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items()]
