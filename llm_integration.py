@@ -969,7 +969,7 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     ceiling of its very tokens ("probe accuracy ..." keys, `add_probe_ceiling`)."""
     phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
     llm_cfg = on_phase1_run(llm_cfg or LLMConfig(), phase1_run)
-    dist = loop.Distributed()  # under torchrun, before anything goes to a GPU: it picks this rank's
+    dist = loop.Distributed()  # under torchrun, before anything goes to a GPU: it picks this rank's device
     phase1_weights = phase1.finished_weights(phase1_run)  # an unfinished run is refused here
     if resume:
         check_phase1_weights(run_folder(output_dir), phase1_run, phase1_weights)
