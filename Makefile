@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)
 # training step at 2 threads took 10.1 s wall / 1.48 s CPU spinning, 2.2 s / 0.22 s passive (bench notes, README Speed)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo study test test-browser lab tensorboard sync bench clean
+.PHONY: setup demo study test test-browser results lab tensorboard sync bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,14 +19,21 @@ $(VENV)/.installed: requirements.txt
 demo: setup  ## the workbook: every notebook on SynthTouch -> runs/demo/
 	$(PY) demo.py --out runs/demo
 
-study: setup  ## every phase-1 variant × 3 seeds, mean ± std -> runs/study/study.md (see README for its run time)
+study: setup  ## every phase-1 variant × 3 seeds, mean ± std -> runs/study/study.md
 	$(PY) study.py --out runs/study
 
+# where a timing was taken (results.measured_on): the tests' JUnit XML carries it as its suite's name
+MEASURED_ON = $$($(PY) -c 'import results; print(results.measured_on())')
+
 test: setup  ## unit tests + every notebook in smoke mode, one pytest-xdist worker per core (tests/conftest.py)
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --junitxml=runs/tests/unit.xml -o junit_suite_name="$(MEASURED_ON)"
 
 test-browser: setup  ## JupyterLab in headless Chromium (Debian's chromium): Run All, figures as images, k slider
-	$(PY) -m pytest -q -m browser tests/test_browser.py
+	$(PY) -m pytest -q -m browser tests/test_browser.py --junitxml=runs/tests/browser.xml \
+	    -o junit_suite_name="$(MEASURED_ON)"
+
+results: setup  ## docs/results.md: every measured number, from run folders and docs/ (results.py says which)
+	$(PY) results.py
 
 # JupyterLab's settings for this virtualenv: no "get notified about official Jupyter news?" pop-up over every page
 # (it asks while the setting fetchNews is unset; LabApp.news_url=None alone does not stop the question), no update check
@@ -50,11 +57,10 @@ sync: setup  ## notebooks/*.py to the form JupyterLab saves; create missing .ipy
 
 bench: setup  ## every bench/bench_*.py, its ratios with their spread over interleaved rounds -> docs/speed.md
 	{ echo "# Speed"; echo; \
-	  echo "Written by \`make bench\` at commit $$(git describe --always --dirty), $$(date -u '+%Y-%m-%d %H:%M UTC'), on" \
-	       "$$(nproc) cores of $$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), torch" \
-	       "$$($(PY) -c 'import torch; print(torch.__version__)'). A ratio is the median over rounds in which the" \
-	       "sides took turns, the slowest and fastest round in brackets. \`python bench/NAME.py --help\` says what" \
-	       "each compares; \`--off\` switches its optimisation off, and its ratio then reads about 1."; \
+	  echo "Written by \`make bench\` at $(MEASURED_ON), $$(date -u '+%Y-%m-%d %H:%M UTC'). A ratio is the" \
+	       "median over rounds in which the sides took turns, the slowest and fastest round in brackets." \
+	       "\`python bench/NAME.py --help\` says what each compares; \`--off\` switches its optimisation off, and" \
+	       "its ratio then reads about 1."; \
 	  for b in bench/bench_*.py; do \
 	    echo; echo "## \`$$b\`"; echo; echo '```'; \
 	    $(PY) $$b > docs/.speed-part || exit 1; cat docs/.speed-part; echo '```'; \

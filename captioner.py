@@ -73,11 +73,12 @@ class MultimodalLLM(nn.Module):
         if cfg.decoder_training == "frozen":
             self.warn_if_untrained()
 
-    def fit_vocabulary(self, captions: list[str], folder: Path | None = None, resume: bool = False):
+    def fit_vocabulary(self, captions: list[str], folder: Path | None = None, resume: bool = False, save: bool = True):
         """Before a built-in decoder's first step: its tokenizer fitted on `captions` (`caption_tokenizer`) and a
         fresh random decoder of that vocabulary in place of the untrained one, so the captions it learns read word by
-        word. Saved as <folder>/tokenizer; a resumed run gets its own back (one saved before runs kept theirs used
-        the SynthTouch tokenizer this model starts with). Other decoders keep their tokenizer."""
+        word. Saved as <folder>/tokenizer (unless `save` is false: a torchrun rank other than 0); a resumed run gets
+        its own back (one saved before runs kept theirs used the SynthTouch tokenizer this model starts with). Other
+        decoders keep their tokenizer."""
         if self.llm_cfg.model_name not in TINY_DECODERS:
             return
         saved = None if folder is None else Path(folder) / "tokenizer"
@@ -87,7 +88,7 @@ class MultimodalLLM(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(saved)
         else:
             self.tokenizer = caption_tokenizer(captions, self.llm_cfg.prompt)
-            if saved is not None:
+            if saved is not None and save:
                 save_tokenizer(self.tokenizer, saved)
         decoder = random_decoder(self.tokenizer, self.llm_cfg.seed, **TINY_DECODERS[self.llm_cfg.model_name])
         self.attach_decoder(decoder.to(self.device))
@@ -270,9 +271,17 @@ class MultimodalLLM(nn.Module):
     def loss(self, tokens: dict[str, torch.Tensor], captions: list[str], keep: dict[str, torch.Tensor],
              prompt: str | None = None) -> torch.Tensor:
         """Next-token cross-entropy on the captions and EOS, given prefix + prompt: the mean over every caption
-        token of the batch. With `length_chunks` > 1 the rows, sorted by length, go through the decoder in that
-        many chunks, each cut to its own longest row instead of the batch's: the same mean and gradient (up to
-        float rounding: left padding leaves each row's logits unchanged) from fewer computed positions."""
+        token of the batch."""
+        total, counted = self(tokens, captions, keep, prompt)
+        return total / counted
+
+    def forward(self, tokens: dict[str, torch.Tensor], captions: list[str], keep: dict[str, torch.Tensor],
+                prompt: str | None = None) -> tuple[torch.Tensor, int]:
+        """`loss` as its sum over the batch's caption tokens and their count (under torchrun each rank holds a part
+        of the batch: loop.Distributed.global_mean makes the mean over all of them). With `length_chunks` > 1 the
+        rows, sorted by length, go through the decoder in that many chunks, each cut to its own longest row instead
+        of the batch's: the same mean and gradient (up to float rounding: left padding leaves each row's logits
+        unchanged) from fewer computed positions."""
         prefix, prefix_mask = self.prefix(tokens, keep, self.source.groups)
         inputs = self.assemble(prefix, prefix_mask, self.llm_cfg.prompt if prompt is None else prompt, captions)
         lengths = inputs["attention_mask"].sum(1)
@@ -290,7 +299,7 @@ class MultimodalLLM(nn.Module):
             total = total + nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                                         ignore_index=-100, reduction="sum")
             counted += int((targets != -100).sum())
-        return total / counted
+        return total, counted
 
     # --- generation
 
@@ -387,10 +396,13 @@ BEFORE_FIELD = {"standardize_tokens": False, "length_chunks": 1, "cpu_threads": 
 RETIRED = ("cache_dir",)  # fields older runs saved that no longer mean anything (built-in decoders live in the run)
 
 
-def run_folder(path) -> loop.RunFolder:
-    """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as they meant then."""
-    return loop.RunFolder(path, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)},
-                                          **dict.fromkeys(("decoder_hidden_size", "phase1_run", "phase1_weights"))})
+def run_folder(path, main: bool = True) -> loop.RunFolder:
+    """A phase-2 run folder; its config.yaml is compared field by field, missing fields read as they meant then.
+    Beside llm it holds what MultimodalLLM.run_config and run_phase2 add; they are its keys too, so its config.yaml
+    reads as a phase-2 run's own and --overwrite may replace the run. `main`: whether this process writes it (rank 0
+    of a torchrun job)."""
+    return loop.RunFolder(path, main, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)},
+                                                **dict.fromkeys(("decoder_hidden_size", "phase1_run", "phase1_weights"))})
 
 
 # what may differ when a phase-2 run is resumed: generation settings and where things live; the phase-1 weights'

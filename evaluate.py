@@ -4,7 +4,7 @@ each token know?
 encode             one forward pass per modality → every register output, the shared embedding for
                    every prefix length k, and the preservation cosine for every k
 evaluate_prefixes  retrieval R@1/R@5 (exact pair, and factor level on SynthTouch or caption level on real data,
-                   directly and by flow transport) and
+                   directly and by flow transport), on TVL data also TVL's own touch–vision top-1 (tvl_top1), and
                    preservation cosine for every k → a table with one row per k, and eval.json
 retrieval_confusion
                    which values of each shared factor the top-1 of retrieval mixes up, for every k
@@ -169,6 +169,24 @@ def retrieval_metrics(queries: torch.Tensor, gallery: torch.Tensor, relevant: di
     return out
 
 
+TVL_TOP1 = "touch<->vision TVL top-1"  # the eval.json column of tvl_top1
+
+
+def tvl_top1(touch: torch.Tensor, vision: torch.Tensor) -> float:
+    """TVL's touch–vision accuracy (Fu et al. 2024) as its code computes it, so a number set beside TVL's is the same
+    quantity: tvl_enc/loss.py's TVLLoss.get_acc_from_affinity for a pair without text, on the whole test set as one
+    batch (tools/visualize_affinity.py --evaluate_all). The affinity of the L2-normalised embeddings, a touch item a
+    row and a vision item a column; each row's top-1 (timm's accuracy, by topk) is a hit when it is the row's own
+    pair (touch→vision), each column's likewise (vision→touch); the two accuracies averaged. A fraction where TVL
+    prints percent; chance is 1/N. It is the mean of the two directions' exact-pair R@1 but for ties, and is
+    computed on its own so that what is reported as TVL's number follows TVL's definition rather than ours."""
+    affinity = cosine(touch, vision)
+    pairs = torch.arange(len(affinity))
+    touch_to_vision = (affinity.topk(1, dim=1).indices[:, 0] == pairs).float().mean()
+    vision_to_touch = (affinity.T.topk(1, dim=1).indices[:, 0] == pairs).float().mean()
+    return ((touch_to_vision + vision_to_touch) / 2).item()
+
+
 def nearest(queries: torch.Tensor, gallery: torch.Tensor, ranks=RANKS) -> torch.Tensor:
     """For each query, the index of its most similar gallery item (cosine): the top-1 that `recall_at` with the
     same `ranks` judges."""
@@ -231,7 +249,8 @@ def top1_differs(confusion: pd.DataFrame, k: int, direction: str = "vision->touc
 
 def evaluate_prefixes(model: alignment.AlignmentModel, features: dict[str, Features],
                       factors: dict[str, np.ndarray] | None, ks=None, shared_factors=None, batch_size=256,
-                      out_path=None, one_pass: bool = True, encoded: dict | None = None) -> pd.DataFrame:
+                      out_path=None, one_pass: bool = True, encoded: dict | None = None,
+                      tvl: bool = False) -> pd.DataFrame:
     """Quality of every prefix length k on one split, from one forward pass per modality.
 
     Rows: k (the number of tokens used; the adapter's only row is k = 1, its full embedding).
@@ -239,7 +258,8 @@ def evaluate_prefixes(model: alignment.AlignmentModel, features: dict[str, Featu
     shared discrete factors is; SynthTouch `factors`), '... caption' (an item with the same caption is; real
     data, whose `factor_table()` is {"caption": codes}: its chance level follows the caption frequencies),
     '... flow' (queries transported to the other modality by the flow head first; flow-matching models only),
-    '<m> recon cos' (preservation decoder) and the chance level of each recall ('chance@1 pair', ...). Written
+    '<m> recon cos' (preservation decoder) and the chance level of each recall ('chance@1 pair', ...); with `tvl`
+    (TVL-layout data) and both vision and touch, TVL's own number beside them ('touch<->vision TVL top-1'). Written
     to `out_path` as {k: {metric: value}} JSON when given.
     """
     ks = prefix_ks(model, ks)
@@ -270,6 +290,8 @@ def evaluate_prefixes(model: alignment.AlignmentModel, features: dict[str, Featu
                 if flow is not None:
                     moved = flow.transport(query.to(next(flow.parameters()).device), f"{a}->{b}").cpu()
                     row.update(retrieval_metrics(moved, gallery, relevant, f"{a}->{b}", " flow"))
+        if tvl and {"vision", "touch"} <= set(encoded):
+            row[TVL_TOP1] = tvl_top1(encoded["touch"].embeddings[k], encoded["vision"].embeddings[k])
         for m, enc in encoded.items():
             if enc.recon is not None:
                 row[f"{m} recon cos"] = enc.recon[k].mean().item()
@@ -334,8 +356,8 @@ def write_eval(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 def evaluate_run(model: alignment.AlignmentModel, features: dict[str, Features], factors: dict[str, np.ndarray] | None,
                  probe_splits: dict[str, tuple[dict[str, Features], dict[str, np.ndarray]]] | None = None,
-                 out_path=None) -> pd.DataFrame:
-    """`evaluate_prefixes` and, on SynthTouch (where private factors are known), the leakage columns of
+                 out_path=None, tvl: bool = False) -> pd.DataFrame:
+    """`evaluate_prefixes` (with `tvl`) and, on SynthTouch (where private factors are known), the leakage columns of
     `leakage_columns` for every k: probes fit on `probe_splits["fit"]` (features, factors: the training split),
     tuned on `probe_splits["select"]` (the validation split) and scored on `features`; beside each preservation
     cosine, '<m> readout cos', the same cosine from a ridge read-out of the same tokens (`readout_cosine`).
@@ -345,7 +367,7 @@ def evaluate_run(model: alignment.AlignmentModel, features: dict[str, Features],
     runs whose weights they do not have (`read_information`, `read_confusion`)."""
     ks = prefix_ks(model)
     encoded = encode_all(model, features, ks)  # once, for retrieval and the leakage probes alike
-    table = evaluate_prefixes(model, features, factors, ks, encoded=encoded)
+    table = evaluate_prefixes(model, features, factors, ks, encoded=encoded, tvl=tvl)
     private = [name for name, group in SynthTouch.factor_groups.items() if group != "shared"]
     if probe_splits is not None and factors is not None and all(name in factors for name in private):
         splits = {split: encode_all(model, probe_splits[split][0], ks, reconstruct=False) for split in ("fit", "select")}

@@ -3,6 +3,7 @@
     python llm_integration.py --phase1_run runs/phase1/default --output_dir runs/phase2/default
     python llm_integration.py --phase1_run RUN --output_dir OUT --model_name /models/Qwen2.5-1.5B-Instruct
     python llm_integration.py --phase1_run runs/phase1/default --output_dir runs/phase2/seeds --seeds 0 1 2
+    torchrun --nproc_per_node=4 llm_integration.py --phase1_run runs/phase1/tvl --output_dir runs/phase2/tvl
     python llm_integration.py --phase1_run runs/phase1/default --output_dir runs/phase2/ablation --seeds 0 \
         --ablation --split val
 
@@ -11,9 +12,10 @@ a per-modality projector into the decoder's embedding space and are spliced into
 `[chat template head | prefix | prompt, template tail | caption, EOS]`, left-padded. The testbed decoder
 is a small Qwen2 (random init, trained fully) with a tokenizer fitted offline on the training captions;
 a real Qwen (by hub name or local folder) stays frozen and only the projector (optionally LoRA) trains.
-Training runs through the one loop of loop.py; a run folder holds config.yaml, checkpoint/ (the projector's
-and any trained decoder tensors in model.safetensors, state.pt), tokenizer/ (a built-in decoder's), metrics.jsonl
-(with the validation split's numbers after every epoch: settings and epochs are chosen on them) and
+Training runs through the one loop of loop.py, under torchrun with DDP as phase 1 does (each rank a share of every
+batch; the loss the mean over all the batch's caption tokens); a run folder holds config.yaml, checkpoint/ (the
+projector's and any trained decoder tensors in model.safetensors, state.pt), tokenizer/ (a built-in decoder's),
+metrics.jsonl (with the validation split's numbers after every epoch: settings and epochs are chosen on them) and
 caption_eval.json (the test split, for reporting; caption_eval_val.json with --split val). On SynthTouch every
 evaluated token source carries the linear-probe ceiling of its very tokens beside its caption accuracy. `--seeds`
 trains once per seed and writes mean and std over seeds (phase2_<split>.csv/.json); `--ablation` adds the settings
@@ -22,6 +24,7 @@ of ABLATIONS.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from caption_eval import EVAL_FILES, eval_file, probe_ceiling, probe_ceilings, source_features, split_factors
@@ -87,6 +90,10 @@ def main(argv=None):
     if args.ablation and not args.seeds:
         raise SystemExit("--ablation trains every setting once per seed: add --seeds (e.g. --seeds 0)")
     if args.seeds:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise SystemExit("--seeds trains its runs one after another in one process, not under torchrun: train each "
+                             "seed as a torchrun job of its own (--seed S --output_dir OUT/config/seedS), then run --seeds "
+                             "without torchrun on OUT, which reuses those runs")
         if args.resume or args.overwrite:
             raise SystemExit("--seeds reuses finished runs and resumes interrupted ones by itself; drop "
                              "--resume/--overwrite (or choose a new --output_dir)")
@@ -99,6 +106,8 @@ def main(argv=None):
         return
     result = run_phase2(args.phase1_run, args.output_dir, load_llm_config(config, **overrides), args.resume,
                         overwrite=args.overwrite, split=args.split)
+    if not result:  # a torchrun rank other than 0
+        return
     for row in result["rows"]:
         accuracy = row.get("accuracy", row.get("caption accuracy"))  # attributes (SynthTouch), else exact captions
         print(f"{row['modalities']:>13} k={row['k']:<3} accuracy {accuracy:.3f}  "

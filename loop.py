@@ -1,4 +1,4 @@
-"""The one training loop of both phases, and the run folder it owns.
+"""The one training loop of both phases, the run folder it owns, and torchrun's ranks (`Distributed`).
 
     fit(model, loss_fn, batches, steps_per_epoch, hp, RunFolder(path), resume=...)
 
@@ -461,6 +461,58 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: P
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun
+
+class Distributed:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def local_slice(self, indices: np.ndarray) -> np.ndarray:
+        """This rank's share of a global batch (the global batch is the same on every rank)."""
+        if len(indices) % self.world:
+            multiple = self.world * max(1, len(indices) // self.world)
+            raise ValueError(f"batch_size {len(indices)} is not divisible by the {self.world} processes of this "
+                             f"torchrun job; use a multiple of {self.world}, e.g. --batch_size {multiple}")
+        per = len(indices) // self.world
+        return indices[self.rank * per:(self.rank + 1) * per]
+
+    def global_mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
+        """The mean over the whole global batch of a loss each rank holds as a sum `total` of its `count` terms (phase
+        2: one a caption token), as one process with the whole batch computes it: a mean per rank, averaged, would
+        weigh a token of a rank with shorter captions more. Its value is the global mean on every rank (the loss
+        logged); its gradient is this rank's sum over the global count times the number of ranks, which DDP's
+        average of the ranks' gradients turns into the global mean's gradient."""
+        if self.world == 1:
+            return total / count
+        sums = torch.stack([total.detach(), torch.tensor(float(count), device=total.device)])
+        torch.distributed.all_reduce(sums)
+        share = total * self.world / sums[1]
+        return share + (sums[0] / sums[1] - share).detach()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """The block runs on rank 0 first, then on the other ranks: what it writes (a feature cache) is written once,
+        and the others read it."""
+        if self.world > 1 and not self.main:
+            torch.distributed.barrier()
+        yield
+        if self.world > 1 and self.main:
+            torch.distributed.barrier()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     compute on (make demo's share; None: torch's count); on the CPU its steps take at most `llm_cfg.cpu_threads`."""
     phase1_run, output_dir, result_file = Path(phase1_run), Path(output_dir), eval_file(output_dir, split)
     llm_cfg = on_phase1_run(llm_cfg or LLMConfig(), phase1_run)
+    dist = loop.Distributed()  # under torchrun, before anything goes to a GPU: it picks this rank's device
     phase1_weights = phase1.finished_weights(phase1_run)  # an unfinished run is refused here
     if resume:
         check_phase1_weights(run_folder(output_dir), phase1_run, phase1_weights)
@@ -54,8 +55,9 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     try:
         aligner = phase1.load_aligner(phase1_run).to(phase1.core_device())
         cfg = phase1.run_config(phase1_run)
-        train_set, train_feats = phase1.split_data(cfg, "train")
-        val_set, val_feats = phase1.split_data(cfg, "val")
+        with dist.main_first():  # rank 0 fills a missing feature cache: no two ranks write one cache folder
+            train_set, train_feats = phase1.split_data(cfg, "train")
+            val_set, val_feats = phase1.split_data(cfg, "val")
         if split == "val" and val_set is None:
             raise ValueError(f"the phase-1 run {phase1_run} has no validation split to evaluate on; use "
                              "split='test' (--split test) or add a val.csv to its dataset")
@@ -67,6 +69,10 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         fit_captioner(mm, train_tokens, train_set.captions, output_dir, resume=resume, callback=callback,
                       extra={"phase1_run": phase1.to_run(phase1_run, output_dir), "phase1_weights": phase1_weights},
                       overwrite=overwrite, val=val, threads=capped)
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+        if not dist.main:  # rank 0 evaluates and writes; the other ranks of a torchrun job are done
+            return {}
         if not resume:  # a replaced run's evaluations are stale, whichever split they were of
             for name in EVAL_FILES.values():
                 (output_dir / name).unlink(missing_ok=True)

@@ -49,6 +49,7 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
     many threads each step computes on (loop.fit)."""
     cfg = mm.llm_cfg
     loop.check_hyperparameters(cfg, "phase-2 config")
+    dist = loop.Distributed()  # under torchrun: each rank trains on its share of every batch (DDP), rank 0 writes
     n = len(captions)
     wrong = {m: len(t) for m, t in tokens.items() if len(t) != n}
     if wrong:
@@ -57,12 +58,12 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} captions); "
                          f"use --batch_size {n} or less")
-    run = None if output_dir is None else run_folder(output_dir)
+    run = None if output_dir is None else run_folder(output_dir, dist.main)
     with run.exclusive(wait=False) if run else contextlib.nullcontext():  # one trainer per run folder
         if run is not None:
             run.check_start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
-        if not mm.trained:
-            mm.fit_vocabulary(captions, None if run is None else run.path, resume)
+        if not mm.trained:  # every rank fits the same tokenizer from the same captions; rank 0 saves it
+            mm.fit_vocabulary(captions, None if run is None else run.path, resume, save=dist.main)
         longest = max(len(ids) for ids in mm.tokenizer(list(captions), add_special_tokens=False)["input_ids"])
         if cfg.max_new_tokens is None:
             mm.llm_cfg = cfg = dataclasses.replace(cfg, max_new_tokens=math.ceil(1.25 * longest))
@@ -78,6 +79,8 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
                 if m in tokens:
                     projector.fit_statistics(tokens[m])
         mm.trained = True
+        # some batches leave a projector unused (k = 0 rows, one modality's rows): DDP must not wait for its gradient
+        ddp = torch.nn.parallel.DistributedDataParallel(mm, find_unused_parameters=True) if dist.world > 1 else mm
         index_batches = loop.index_batches(n, cfg.batch_size, cfg.seed)
         # a small dataset: each epoch passes over it as often as it takes to train min_steps steps in all (checkpoints and
         # validation stay once an epoch; one pass, as before, wherever epochs x batches reach min_steps)
@@ -92,12 +95,14 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
             if draw not in sources:
                 sources.clear()
                 sources[draw] = mm.training_keep_masks(n, torch.Generator().manual_seed(cfg.seed * 100_003 + draw))
+            index = dist.local_slice(index)
             keep = {m: k[index] for m, k in sources[draw].items()}
-            return mm.loss({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep), {}
+            total, counted = ddp({m: t[index] for m, t in tokens.items()}, [captions[i] for i in index], keep)
+            return dist.global_mean(total, counted), {}
 
-        epoch_end = None if val is None else lambda epoch: validation_numbers(mm, *val)
+        epoch_end = None if val is None or not dist.main else lambda epoch: validation_numbers(mm, *val)
         return loop.fit(mm, loss_fn, batches, steps_per_epoch * passes, cfg, run, resume=resume, epoch_end=epoch_end,
-                        callback=callback, desc="phase 2 · captioning", threads=threads)
+                        callback=callback, desc="phase 2 · captioning", rank=dist.rank, threads=threads)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import io
 import math
 import struct
 import textwrap
+import zlib
 
 import matplotlib
 import numpy as np
@@ -32,14 +33,21 @@ DPI = 110
 # padding they fit 840 px unscaled, and panels that do not fit side by side wrap into rows: no text is then smaller
 # than MIN_TEXT_PX on screen (tests/test_plots.py measures every figure with `smallest_text_px`).
 NOTEBOOK_PX, MIN_TEXT_PX = 840, 9
+SMALLEST_TEXT = "smallest text px"  # the PNG text chunk in which png() writes its figure's smallest text height
 WIDTH = 7.4
 
 
 def png(fig: Figure) -> bytes:
-    """The figure as PNG bytes: what notebooks display, the k slider shows and workbook.save_figure writes."""
+    """The figure as PNG bytes: what notebooks display, the k slider shows and workbook.save_figure writes. The PNG
+    says the height of its smallest text in its own pixels (SMALLEST_TEXT), so a browser can measure it on screen
+    (tests/test_browser.py)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    return buffer.getvalue()
+    # measured once drawn: tick labels exist only then. A tEXt chunk (key, NUL, value) right after the header chunk
+    text = f"{SMALLEST_TEXT}\0{_smallest_font_px(fig):.2f}".encode("latin-1")
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+    data = buffer.getvalue()
+    return data[:33] + chunk + data[33:]  # after the 8 bytes of signature and the 25 of the header chunk
 
 
 def significant(x, digits: int = 3) -> str:
@@ -54,14 +62,18 @@ def significant(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def smallest_text_px(fig: Figure, width_px: int = NOTEBOOK_PX) -> float:
-    """The on-screen height (px) of the smallest text of `fig` shown in an output area `width_px` wide at 100 %
-    zoom: its font size in points at DPI, times the scale JupyterLab shrinks the PNG by when it is wider."""
-    image_width = struct.unpack(">I", png(fig)[16:20])[0]  # the PNG header's width, after the tight crop
-    scale = min(1.0, width_px / image_width)
+def _smallest_font_px(fig: Figure) -> float:
+    """The height in the PNG's pixels of the smallest text `fig` shows: its font size in points at DPI."""
     shown = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()
              and (t.axes is None or t.axes.get_visible())]
-    return min(t.get_fontsize() for t in shown) * DPI / 72 * scale
+    return min((t.get_fontsize() for t in shown), default=math.inf) * DPI / 72
+
+
+def smallest_text_px(fig: Figure, width_px: int = NOTEBOOK_PX) -> float:
+    """The on-screen height (px) of the smallest text of `fig` shown in an output area `width_px` wide at 100 %
+    zoom: its height in the PNG, times the scale JupyterLab shrinks the PNG by when it is wider."""
+    image_width = struct.unpack(">I", png(fig)[16:20])[0]  # the PNG header's width, after the tight crop
+    return _smallest_font_px(fig) * min(1.0, width_px / image_width)
 
 
 def _grid(n: int, columns: int, panel_height: float, **kwargs) -> tuple[Figure, np.ndarray, np.ndarray]:

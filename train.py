@@ -33,30 +33,6 @@ from seed_api import train_alignment  # the seed API's name, re-exported: the RE
 # ----------------------------------------------------------------------------------------------
 # Training: phase 1 through the one loop (loop.fit), which owns the run folder
 
-class Distributed:
-    """torchrun's environment, or a single process."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend)
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def local_slice(self, indices: np.ndarray) -> np.ndarray:
-        """This rank's share of a global batch (the global batch is the same on every rank)."""
-        if len(indices) % self.world:
-            raise ValueError(f"batch_size {len(indices)} is not divisible by {self.world} processes")
-        per = len(indices) // self.world
-        return indices[self.rank * per:(self.rank + 1) * per]
-
-
 # what may differ when a run is resumed: where things are written and how often rows are logged
 RESUME_IGNORES = ("output_dir", "log_name", "cache_dir", "log_every", "leakage_probes")
 
@@ -69,17 +45,14 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     last good checkpoint kept. A folder that already holds a run needs `resume` or `overwrite`.
     """
     loop.check_hyperparameters(cfg, "phase-1 config")
-    dist = Distributed()
+    dist = loop.Distributed()
     device = core_device()
     run = run_folder(cfg.run_dir, main=dist.main)
     with run.exclusive(wait=False):  # one trainer per run folder (loop.RunFolder.exclusive)
         run.check_start(to_yaml(cfg, cfg.run_dir), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
-        if dist.world > 1 and not dist.main:
-            torch.distributed.barrier()  # rank 0 fills the feature cache first: no two ranks write one cache folder
-        train_set, train_feats = split_data(cfg, "train")
-        val_set, val_feats = split_data(cfg, "val")
-        if dist.world > 1 and dist.main:
-            torch.distributed.barrier()
+        with dist.main_first():  # rank 0 fills the feature cache: no two ranks write one cache folder
+            train_set, train_feats = split_data(cfg, "train")
+            val_set, val_feats = split_data(cfg, "val")
         torch.manual_seed(cfg.seed)  # the initial weights (torchrun broadcasts rank 0's anyway)
         model = build_model(cfg, train_feats)
         model.set_feature_centres(train_feats)
@@ -167,16 +140,18 @@ def quick_eval(model, feats, dataset) -> dict:
 
 def evaluate_run(model, feats, dataset, out_path: Path, probe_splits: dict | None = None):
     """evaluate.evaluate_run on a split; `probe_splits`: {"fit": (features, dataset), "select": (...)}, the probes'
-    training rows (a fixed subset of evaluate.fit_rows) and the rows their regularisation is chosen on."""
+    training rows (a fixed subset of evaluate.fit_rows) and the rows their regularisation is chosen on. TVL-layout
+    data also gets TVL's own touch–vision number (evaluate.tvl_top1)."""
     splits = None
     if probe_splits is not None and all(dataset is not None for _, dataset in probe_splits.values()):
         splits = {}
-        for split, (features, data) in probe_splits.items():
-            rows = evaluate.fit_rows(len(data)) if split == "fit" else np.arange(len(data))
-            table = factor_codes(data)
+        for split, (features, split_set) in probe_splits.items():
+            rows = evaluate.fit_rows(len(split_set)) if split == "fit" else np.arange(len(split_set))
+            table = factor_codes(split_set)
             splits[split] = ({m: f.batch(rows) for m, f in features.items()},
                              {name: np.asarray(v)[rows] for name, v in table.items()} if table is not None else None)
-    return evaluate.evaluate_run(model, feats, factor_codes(dataset), splits, out_path=out_path)
+    return evaluate.evaluate_run(model, feats, factor_codes(dataset), splits, out_path=out_path,
+                                 tvl=isinstance(dataset, layouts.TVLDataset))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +243,7 @@ def refuse_what_would_be_ignored(cfg: TrainConfig, args: argparse.Namespace, ove
 def eval_summary(path: Path) -> str:
     """eval.json's retrieval at every k, a row per direction and its chance level, and where the rest is."""
     table = evaluate.read_eval(path)
-    columns = [c for c in table.columns if " R@1" in c or c.startswith("chance@1")]
+    columns = [c for c in table.columns if " R@1" in c or c.startswith("chance@1") or c == evaluate.TVL_TOP1]
     return (f"R@1 on the test split by number of tokens k:\n{table[columns].T.to_string(float_format='%.3f')}\n"
             f"every metric at every k: {path}")
 

@@ -1,6 +1,9 @@
-"""The notebook's interactive views: `NeighbourViewer`, a query and its nearest neighbours of the other
-modality at the prefix length k that a slider picks. Built on evaluate.py's embeddings and plots.py's figures."""
+"""The notebooks' interactive views: `NeighbourViewer`, a query and its nearest neighbours of the other
+modality at the prefix length k that a slider picks (notebook 03), and `CaptionsByK`, captions written from the first
+k tokens (notebook 04). Built on evaluate.py's embeddings and plots.py's figures."""
 from __future__ import annotations
+
+import html
 
 import ipywidgets
 import numpy as np
@@ -72,3 +75,24 @@ class NeighbourViewer:
         """The same view for a few k at once, one row for each k (in increasing order, each once, so a notebook
         may ask for [1, 2, n_shared] whatever n_shared is): the notebook reads well without a kernel."""
         return plots.neighbours([self.panel(k, self.query.value) for k in sorted(set(ks))])
+
+
+class CaptionsByK:
+    """A few samples' true captions beside those written from their first k tokens, k picked by a slider: a slider
+    and an HTML widget (`widget`), not `ipywidgets.interact`, whose first call switches IPython to matplotlib's
+    inline backend, after which every figure of the notebook showed through matplotlib_inline, not plots.png."""
+
+    def __init__(self, samples: list[dict], by_k: dict[int, list[str]]):
+        ks = sorted(by_k)
+        self.samples, self.by_k = samples, by_k
+        self.slider = ipywidgets.SelectionSlider(options=ks, value=ks[-1], description="k")
+        self.table = ipywidgets.HTML()
+        self.slider.observe(lambda change: self.draw(), names="value")
+        self.widget = ipywidgets.VBox([self.slider, self.table])
+        self.draw()
+
+    def draw(self):
+        k = self.slider.value
+        rows = "".join(f"<tr><td>{html.escape(s['caption'])}</td><td>{html.escape(c)}</td></tr>"
+                       for s, c in zip(self.samples, self.by_k[k]))
+        self.table.value = f"<b>k = {k}</b><table><tr><th>true</th><th>generated</th></tr>{rows}</table>"

@@ -16,11 +16,14 @@ import argparse
 import fcntl
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import plots
+from results import measured_on
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -148,12 +151,19 @@ def execute(py_path: Path, out_dir: Path, smoke: bool) -> Path:
     (nbclient polls it), and output that never arrives after a cell's reply fails after a minute, not never."""
     import nbformat
     from nbclient import NotebookClient
+    from traitlets.config import Config
     nb = to_notebook(py_path)
     env = {SMOKE_ENV: "1" if smoke else "0", RUN_DIR_ENV: str(out_dir.resolve())}
     os.environ.update(env)  # the kernel inherits the environment of this process
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # the kernel talks to this process over Unix sockets, as `make lab`'s do: no "Kernel is running over TCP without
+    # encryption" warning at each start, and no other user can connect. Their paths are named here, in a folder of
+    # this process's own: unnamed they are kernel-ipc-N in the working directory, and two notebooks starting side by
+    # side took the same N (each kernel then read the other's messages: "Invalid Signature")
+    sockets = tempfile.mkdtemp(prefix="flexalign-kernel-")
     client = NotebookClient(nb, timeout=None, iopub_timeout=60, raise_on_iopub_timeout=True, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT)}})
+                            resources={"metadata": {"path": str(ROOT)}},
+                            config=Config({"KernelManager": {"transport": "ipc", "ip": f"{sockets}/kernel"}}))
 
     def shell_polls_in_steps(**_):
         # With no cell time limit nbclient waits for a cell's reply in one unbounded poll of the shell socket, and
@@ -176,6 +186,7 @@ def execute(py_path: Path, out_dir: Path, smoke: bool) -> Path:
     finally:  # an executed copy is written even on failure, so the error is visible in context
         settle_widgets(nb, closed)
         nbformat.write(nb, out_path)
+        shutil.rmtree(sockets, ignore_errors=True)
     return out_path
 
 
@@ -186,8 +197,9 @@ def settle_widgets(nb, closed: set[str]):
     """Make the executed copy show what the live notebook showed at its end. A widget output keeps, as its text
     (what JupyterLab shows of a saved notebook), the widget's first frame: every progress bar read "0%|". So the
     outputs of widgets the kernel closed are removed with their saved state (a live notebook removes such a widget,
-    every `leave=False` bar once done: dozens in notebook 04's phase-2 cell), and a progress bar left on screen
-    gets its last frame as its text ("phase 2 · captioning: 100%|██████████| 744/744 [02:15<00:00, ...]")."""
+    every `leave=False` bar once done: dozens in notebook 04's phase-2 cell), a progress bar left on screen
+    gets its last frame as its text ("phase 2 · captioning: 100%|██████████| 744/744 [02:15<00:00, ...]"), and
+    every other widget becomes its `static_outputs`."""
     import html
     state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
     for model_id in closed & set(state):
@@ -205,12 +217,53 @@ def settle_widgets(nb, closed: set[str]):
     for cell in nb.cells:
         if "outputs" not in cell:
             continue
-        cell.outputs = [o for o in cell.outputs if o.get("data", {}).get(WIDGET_VIEW, {}).get("model_id") not in closed]
+        shown = []
         for output in cell.outputs:
             view = output.get("data", {}).get(WIDGET_VIEW)
-            frame = view and last_frame(view["model_id"])
-            if frame:
+            if view is None:
+                shown.append(output)
+            elif view["model_id"] in closed:
+                continue
+            elif frame := last_frame(view["model_id"]):
                 output["data"]["text/plain"] = frame
+                shown.append(output)
+            else:
+                shown += static_outputs(view["model_id"], state)
+        cell.outputs = shown
+
+
+def static_outputs(model_id: str, state: dict) -> list:
+    """A widget's last state as ordinary outputs, which JupyterLab shows in a notebook opened without its kernel
+    (an executed notebook is untrusted, and JupyterLab renders no widget view there, only the text repr
+    "VBox(children=(..."): a line with each control's value, each Image widget's picture, each HTML widget's HTML
+    (notebook 04's k table), each Output widget's outputs. The widgets' saved state goes, as nothing shows it any more."""
+    import nbformat
+    controls, rich = [], []
+
+    def walk(model_id: str):
+        model = state.pop(model_id, {})
+        values = model.get("state", {})
+        if model.get("model_name") == "ImageModel":
+            picture = [b["data"] for b in model.get("buffers", []) if b["path"] == ["value"]]
+            rich.extend(nbformat.v4.new_output("display_data", data={f"image/{values['format']}": data})
+                        for data in picture)
+        elif model.get("model_name") == "OutputModel":
+            rich.extend(nbformat.from_dict(o) for o in values.get("outputs", []))
+        elif model.get("model_name") == "HTMLModel" and values.get("value"):
+            rich.append(nbformat.v4.new_output("display_data", data={"text/html": values["value"]}))
+        elif values.get("description") and ("value" in values or "index" in values):
+            labels = values.get("_options_labels")
+            controls.append(f"{values['description']} = {labels[values['index']] if labels else values['value']}")
+        for value in values.values():  # children, and the layout and style models that only it uses
+            for ref in value if isinstance(value, list) else [value]:
+                if isinstance(ref, str) and ref.startswith("IPY_MODEL_"):
+                    walk(ref.removeprefix("IPY_MODEL_"))
+
+    walk(model_id)
+    if controls:
+        line = ", ".join(controls) + " (the widget's last state; run the notebook to change it)"
+        rich.insert(0, nbformat.v4.new_output("display_data", data={"text/plain": line}))
+    return rich
 
 
 def poll_in_steps(get_msg, step: float = 1.0):
@@ -238,7 +291,7 @@ def write_report(out_dir: Path, timings: dict[str, float], smoke: bool, wall: fl
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
     if wall is not None:
         lines += ["", f"The whole run took {wall / 60:.1f} minutes, notebooks side by side as soon as what each reads "
-                      "was there (demo.AFTER)."]
+                      f"was there (demo.AFTER), at {measured_on()}."]
     for section, values in numbers.items():
         lines += ["", f"## {section}", "", "| quantity | value |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items()]

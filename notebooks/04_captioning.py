@@ -13,13 +13,14 @@
 
 # %%
 import pandas as pd
-from IPython.display import HTML, Markdown, display
+from IPython.display import Markdown, display
 
 import demo
 import llm_integration
 import phase1
 import plots
 import train
+import widgets
 import workbook
 from captions import factor_groups
 from data import SynthTouch
@@ -74,18 +75,7 @@ fig
 # %%
 ks = llm_integration.prefix_grid(mm.source.k)
 by_k = {k: mm.generate(vision, touch=touch, k=k) for k in ks}
-
-
-def show_k(k):
-    rows = "".join(f"<tr><td>{s['caption']}</td><td>{c}</td></tr>" for s, c in zip(samples, by_k[k]))
-    display(HTML(f"<b>k = {k}</b><table><tr><th>true</th><th>generated</th></tr>{rows}</table>"))
-
-
-try:
-    import ipywidgets
-    ipywidgets.interact(show_k, k=ipywidgets.SelectionSlider(options=ks, value=ks[-1], description="k"))
-except ImportError:
-    show_k(ks[-1])
+widgets.CaptionsByK(samples, by_k).widget
 
 # %% [markdown]
 # The static version of the slider, for the report: one sample, its caption for every k.

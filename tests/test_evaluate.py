@@ -124,6 +124,28 @@ def test_factor_match_and_chance_agree_with_a_random_ranking():
     assert evaluate.chance_recall(torch.eye(100, dtype=torch.bool))[5] == pytest.approx(0.05)
 
 
+def test_tvl_top1_is_tvls_symmetric_accuracy_and_a_shuffled_pairing_gives_chance():
+    """TVL's touch–vision number (tvl_enc/loss.py): each touch item's nearest vision item by cosine, and each vision
+    item's nearest touch item, right when it is its own pair; the two accuracies averaged."""
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    vision = torch.randn(n, 8, generator=g)
+    touch = 3 * vision + 2.5 * torch.randn(n, 8, generator=g)  # noisy pairs (3x: cosine ignores scale): some missed
+    t, v = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (touch.numpy(), vision.numpy()))
+    touch_to_vision = np.mean([np.argmax([t[i] @ v[j] for j in range(n)]) == i for i in range(n)])
+    vision_to_touch = np.mean([np.argmax([v[j] @ t[i] for i in range(n)]) == j for j in range(n)])
+    top1 = evaluate.tvl_top1(touch, vision)
+    assert top1 == pytest.approx((touch_to_vision + vision_to_touch) / 2) and touch_to_vision != vision_to_touch
+    assert 0.3 < top1 < 0.95  # neither trivial nor hopeless, so the comparison above means something
+    # Failure: pairs that match perfectly, their pairing shuffled. Row i then finds its old partner, a hit only where
+    # the permutation fixes i, in both directions, so the score is (fixed points)/n, whose mean over permutations is
+    # 1/n, chance. The number of fixed points of a random permutation has mean 1 and variance 1: over 400 permutations
+    # their mean lies within 4 standard errors (4/sqrt(400) = 0.2) of 1.
+    assert evaluate.tvl_top1(vision + 0.01 * torch.randn(n, 8, generator=g), vision) == 1.0
+    shuffled = [evaluate.tvl_top1(vision[torch.randperm(n, generator=g)], vision) for _ in range(400)]
+    assert np.mean(shuffled) * n == pytest.approx(1.0, abs=0.2)
+
+
 def encoded_from(factors: dict[str, np.ndarray], texture: np.ndarray, noise: float) -> dict:
     """Shared embeddings at k = 1 of both modalities that hold exactly the shared discrete factors (one-hot each),
     with `texture` as what the model reads of the true texture, plus Gaussian noise of std `noise`."""

@@ -348,6 +348,33 @@ def test_each_torchrun_rank_draws_its_own_nested_dropout():
     assert torch.equal(core.NestedDropout(16, "uniform").train()(64).sum(1), draws[0])  # and resumes the same
 
 
+
+def global_mean_worker(rank, store, out_dir):
+    """Rank 0 holds 3 terms (1, 2, 3) of w·x, rank 1 one (10): the global batch's mean is 16/4 = 4, the mean of the
+    ranks' means (2 + 10)/2 = 6."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        w = torch.ones((), requires_grad=True)
+        terms = torch.tensor([[1.0, 2.0, 3.0], [10.0]][rank])
+        loss = loop.Distributed().global_mean((w * terms).sum(), len(terms))
+        loss.backward()
+        torch.distributed.all_reduce(w.grad)  # what DDP does with every gradient: the ranks' average
+        torch.save({"loss": loss.detach(), "grad": w.grad / 2}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_global_mean_weighs_every_term_of_the_global_batch_alike(tmp_path):
+    """Phase 2's loss under torchrun: ranks holding different numbers of caption tokens still log, and step on, the
+    mean over all of them, as one process with the whole batch does. Exact: a few small whole numbers."""
+    torch.multiprocessing.spawn(global_mean_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["loss"].item() == 4.0 and result["grad"].item() == 4.0
+    assert loop.Distributed().global_mean(torch.tensor(16.0), 4).item() == 4.0  # one process: the plain mean
+
+
 # ----------------------------------------------------------------------------------------------
 # two processes building one feature cache
 

@@ -136,6 +136,9 @@ def test_notebook_runs_in_smoke_mode_and_shows_its_figures(py, run_dir):
     as_text = [o for o in outputs(nb) if o.get("data", {}).get("text/plain", "").startswith("<Figure size")
                and "image/png" not in o["data"]]
     assert not as_text, f"{py.name} shows a figure as text: {as_text[0]['data']['text/plain']}"
+    widget_text = [o["data"]["text/plain"] for o in outputs(nb) if re.match(r"(VBox|HBox|interactive)\(",
+                                                                             o.get("data", {}).get("text/plain", ""))]
+    assert not widget_text, f"{py.name} shows a widget as its text repr, not its last state: {widget_text[0][:80]}"
     tables = [o["data"]["text/html"] for o in outputs(nb) if "<table" in o.get("data", {}).get("text/html", "")]
     unrounded = [n for table in tables for n in re.findall(r">\s*(-?\d*\.\d*[1-9]\d{3,}|-?\d[\d.]*e[-+]\d+)\s*<", table)]
     assert not unrounded, f"{py.name} shows numbers unrounded or with exponents in a table: {unrounded[:5]}"

@@ -309,27 +309,37 @@ def test_a_notebook_computes_on_the_share_make_demo_writes(tmp_path, monkeypatch
         torch.set_num_threads(before)
 
 
-def test_the_executed_copy_shows_what_the_live_notebook_shows_not_every_closed_progress_bar(tmp_path, monkeypatch):
+def test_the_executed_copy_shows_what_the_live_notebook_shows_not_every_closed_progress_bar(tmp_path, monkeypatch,
+                                                                                             capfd):
     """A `leave=False` bar vanishes from a live notebook once done; in the executed copy it would stay as its first
-    frame ("0%|"), dozens of them in notebook 04. Kept: a bar left on screen, showing its last frame, and a widget
-    that stays open."""
+    frame ("0%|"), dozens of them in notebook 04. Kept: a bar left on screen, showing its last frame. Any other widget
+    becomes its last state, which JupyterLab shows without a kernel: its controls' values, its image, its Output
+    widget's outputs (not the text `VBox(children=(...`). The kernel talks over Unix sockets: no TCP warning."""
     notebook = tmp_path / "01_bars.py"
     notebook.write_text(
-        "# %% [markdown]\n# Bars.\n\n# %%\nimport ipywidgets\nfrom tqdm.auto import tqdm\n"
+        "# %% [markdown]\n# Bars.\n\n# %%\nimport io\nimport ipywidgets\nfrom IPython.display import HTML, display\n"
+        "from PIL import Image\nfrom tqdm.auto import tqdm\n"
         "for _ in tqdm(range(3), desc='gone when done', leave=False):\n    pass\n"
         "for _ in tqdm(range(3), desc='left on screen'):\n    pass\n"
-        "ipywidgets.IntSlider(value=7, description='k')\n")
+        "picture, table = io.BytesIO(), ipywidgets.Output()\nImage.new('RGB', (4, 4)).save(picture, 'png')\n"
+        "with table:\n    display(HTML('<table><tr><td>k = 7</td></tr></table>'))\n"
+        "ipywidgets.VBox([ipywidgets.IntSlider(value=7, description='k'), ipywidgets.Image(value=picture.getvalue()), "
+        "table])\n")
     out = tmp_path / "run"
     out.mkdir()
     for name in (workbook.SMOKE_ENV, workbook.RUN_DIR_ENV, "PYTHONPATH"):  # execute sets them for the kernel
         monkeypatch.setenv(name, os.environ.get(name, ""))
     nb = json.loads(workbook.execute(notebook, out, smoke=True).read_text())
-    views = [o["data"] for o in nb["cells"][1]["outputs"] if workbook.WIDGET_VIEW in o.get("data", {})]
+    outputs = nb["cells"][1]["outputs"]
     state = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
-    texts = ["".join(view["text/plain"]) for view in views]  # what JupyterLab shows of the saved notebook
-    assert texts[0].startswith("left on screen: 100%|██████████| 3/3 [")  # the bar's last frame, not its first
-    assert texts[1] == "IntSlider(value=7, description='k')"
-    assert all(view[workbook.WIDGET_VIEW]["model_id"] in state for view in views)  # their saved state is kept
+    bar = outputs[0]["data"]
+    assert "".join(bar["text/plain"]).startswith("left on screen: 100%|██████████| 3/3 [")  # its last frame
+    assert bar[workbook.WIDGET_VIEW]["model_id"] in state  # its saved state is kept
+    assert [sorted(o["data"]) for o in outputs[1:]] == [["text/plain"], ["image/png"], ["text/html", "text/plain"]]
+    assert "".join(outputs[1]["data"]["text/plain"]).startswith("k = 7 (the widget's last state")
+    assert "k = 7" in "".join(outputs[3]["data"]["text/html"])
+    assert not any(model["model_name"] in ("VBoxModel", "ImageModel") for model in state.values())
+    assert "without encryption" not in capfd.readouterr().err
 
 
 def test_an_unknown_notebook_name_or_a_smoke_run_into_a_full_run_is_refused(tmp_path, monkeypatch):
