@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 
 from caption_eval import EVAL_FILES, eval_file, probe_ceiling, probe_ceilings, source_features, split_factors
-from captioner import MultimodalLLM
+from captioner import MultimodalLLM, run_folder
 from config import Flag, HelpFormatter, add_config_flags, config_overrides, shipped_or_given
 from llm_config import DECODER_TRAINING, DEFAULT_CONFIG, LLMConfig, PROJECTORS, ROOT, load_llm_config
 from phase2 import ABLATIONS, VALIDATION_REFERENCE, ensure_phase2, on_phase1_run, run_phase2, seed_statistics
