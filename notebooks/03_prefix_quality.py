@@ -68,7 +68,8 @@ pd.DataFrame({"run folder": {name: os.path.relpath(run) for name, run in everyth
 # embedding, the mean of the first min(k, n_shared) tokens, so it can only change up to k = n_shared; the
 # preservation cosine (each modality reconstructing its own frozen features) keeps using every kept token.
 # Without nested dropout, the model only ever saw all registers in training, so short prefixes are off the
-# training distribution.
+# training distribution. That shows in retrieval from a short shared prefix; the reconstruction of a short prefix
+# by a read-out solved for that k (`model.decoder_readout_solved`) does not need it (the README's figure).
 
 # %%
 dropout_tables = {mode: evaluate.read_eval(run / "eval.json") for mode, run in study.labelled(dropout_runs).items()}
