@@ -145,7 +145,23 @@ class RunFolder:
 
     def check_start(self, config: dict, resume: bool, overwrite: bool = False, ignore: Iterable[str] = ()):
         """Raise unless the run can start: resuming needs a checkpoint of the same config, a fresh run
-        needs a folder without a checkpoint (or `overwrite`). Writes nothing."""
+        needs a folder without a checkpoint (or `overwrite`). Writes nothing. In a torchrun job rank 0 checks and
+        every rank raises what it found: the other ranks would read a folder rank 0 is writing, and a refusal on
+        one rank alone would leave the others waiting for it in their first all-reduce."""
+        found = None
+        if self.main:
+            try:
+                self._check_start(config, resume, overwrite, ignore)
+            except (OSError, ValueError) as err:
+                found = err
+        if torch.distributed.is_initialized():  # every rank of the job calls this, as it trains the same run
+            shared = [found]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            found = shared[0]
+        if found is not None:
+            raise found
+
+    def _check_start(self, config: dict, resume: bool, overwrite: bool, ignore: Iterable[str]):
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"output_dir {self.path} is a file, not a folder; choose another --output_dir")
         if resume:

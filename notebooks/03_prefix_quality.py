@@ -139,8 +139,9 @@ study_rows = study.read_rows()
 fig = plots.study_summary(study.per_variant(study_rows), study.family)
 workbook.save_figure(fig, "03_study")
 display(fig)
-HTML("<details><summary><b>The whole study table</b>: mean ± std over seeds, per design</summary>"
-     f"{study.summary_table(study_rows).to_html()}</details>")
+HTML("<details><summary><b>The whole study table</b>: mean ± std over seeds, per design, in parts</summary>"
+     + "".join(f"<h4>{title}</h4>{part.to_html()}" for title, part in study.summary_parts(study_rows).items())
+     + "</details>")
 
 # %% [markdown]
 # ## Leakage against k, per design
