@@ -106,6 +106,9 @@ def test_scale_trains_an_epoch_from_disk_with_and_without_its_optimisations(tmp_
         result = bench_scale.train_from(tmp_path, False, epochs=1, batch=4, block=1 if off else 4, prefetch=not off,
                                         drop_each_epoch=True)
         assert result["samples"] == 8 and result["samples_per_s"] > 0 and result["peak_rss_gb"] > 0
+        # waits for a CPU are part of the wall time, so leaving them out can only make the rate higher
+        assert 0 <= result["cpu_wait_s"] < result["seconds"]
+        assert result["samples_per_s_unwaited"] >= result["samples_per_s"]
 
 
 def fake_proc(tmp_path, memory_in_v2: bool):
