@@ -22,8 +22,8 @@ disk, as under a limit half the cache's size or less. Either way the page cache 
 the first epoch, and the read bytes show what was read.
 
 `--off` switches off what keeps the disk side fast: rows are read in the training thread (no prefetch) in a fully
-shuffled order (shuffle_block 1, no runs of consecutive rows); with a step far slower than reading, disk / memory
-still reads about 1, and the read-only rates show how much slower reading became.
+shuffled order (shuffle_block 1, no runs of consecutive rows), so the step waits for every batch's reads and
+disk / memory drops; the read-only rates show how much slower reading became.
 
 The limit has to hold the process itself too (torch, the model, a few batches: about 1.2 GB peak RSS here), so
 the default is 1.5 GB with a 3 GB cache; `--limit_gb 4 --cache_gb 8 --epochs 2` is a larger run.
