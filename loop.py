@@ -154,8 +154,8 @@ class RunFolder:
             raise FileExistsError(f"output_dir {self.path} is a file, not a folder; choose another --output_dir")
         if resume:
             if self.checkpoint is None:
-                raise FileNotFoundError(f"nothing to resume in {self.path} (no checkpoint); drop --resume to "
-                                        "start a fresh run")
+                raise FileNotFoundError(f"nothing to resume in {self.path} (no checkpoint{self.link_elsewhere()}); "
+                                        "drop --resume to start a fresh run")
             self.check_same_config(config, ignore)
         elif self.checkpoint is not None and not overwrite:
             raise FileExistsError(f"{self.path} already holds a run (a checkpoint at step "
@@ -387,9 +387,18 @@ class RunFolder:
     def _folder(self) -> Path:
         folder = self.checkpoint
         if folder is None:
-            raise FileNotFoundError(f"no checkpoint in {self.path}: the run never finished an epoch, or the "
-                                    "folder is not a run; train it (or pass the output_dir of a trained run)")
+            raise FileNotFoundError(f"no checkpoint in {self.path}{self.link_elsewhere()}: the run never finished an "
+                                    "epoch, or the folder is not a run; train it (or pass the output_dir of a trained "
+                                    "run)")
         return folder
+
+    def link_elsewhere(self) -> str:
+        """Why a `checkpoint` link that leads out of the folder is not this run's checkpoint, or ""."""
+        link = self.path / CHECKPOINT
+        if not link.is_symlink() or link.resolve().parent == self.path.resolve():
+            return ""
+        return (f", as its checkpoint link leads to {link.resolve()}, outside the run folder, and another run's "
+                "weights are never read as this run's")
 
     def load_weights(self) -> dict[str, torch.Tensor]:
         return load_tensors(self._folder() / "model.safetensors")

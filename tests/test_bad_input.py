@@ -574,7 +574,8 @@ def test_what_a_run_folder_holds_that_save_did_not_write_is_never_deleted(traine
     elsewhere.mkdir()
     (elsewhere / "checkpoint").symlink_to(loop.RunFolder(trained).checkpoint)  # another run's weights, by path
     shutil.copy(trained / "config.yaml", elsewhere / "config.yaml")
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*elsewhere"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*elsewhere, as its checkpoint link leads "
+                                                 r"to .*checkpoint-\d+, outside the run folder"):
         phase1.load_aligner(elsewhere)
 
 
