@@ -358,8 +358,10 @@ class MultimodalLLM(nn.Module):
         return {n: p for n, p in self.decoder.named_parameters() if p.requires_grad}
 
     def run_config(self, extra: dict | None = None) -> dict:
-        """What config.yaml of a phase-2 run folder holds: the config, the decoder width, the phase-1 run."""
-        return {"llm": self.llm_cfg.to_dict(), "decoder_hidden_size": self.hidden, **(extra or {})}
+        """What config.yaml of a phase-2 run folder holds: the config, the decoder width, the phase-1 model's identity
+        in memory (`check_phase1_tensors`) and what `extra` adds (the phase-1 run)."""
+        return {"llm": self.llm_cfg.to_dict(), "decoder_hidden_size": self.hidden,
+                "phase1_tensors": loop.tensors_digest(self.aligner.model.state_dict()), **(extra or {})}
 
     def load_weights(self, run_dir: str | os.PathLike) -> "MultimodalLLM":
         run = loop.RunFolder(run_dir)
@@ -368,7 +370,7 @@ class MultimodalLLM(nn.Module):
             raise ValueError(f"the projector in {run.path} outputs width {saved['decoder_hidden_size']} (for "
                              f"{saved['llm']['model_name']}) but this decoder ({self.llm_cfg.model_name}) has hidden "
                              f"size {self.hidden}; load it with the decoder it was trained for, or train a new one")
-        loop.load_trainable(self, run.load_weights(), run.path)
+        loop.load_trainable(self, run.load_weights(), run)
         self.trained = True
         return self
 
@@ -385,6 +387,7 @@ class MultimodalLLM(nn.Module):
             phase1_run = phase1.from_run(saved["phase1_run"], run.path)
             check_phase1_weights(run, phase1_run, phase1.finished_weights(phase1_run))
             aligner = phase1.load_aligner(phase1_run)
+        check_phase1_tensors(run, aligner)
         llm = LLMConfig(**{k: v for k, v in saved["llm"].items() if k not in RETIRED})
         tokenizer = run.path / "tokenizer"
         return cls(aligner, llm, tokenizer if tokenizer.is_dir() else None).load_weights(run.path)
@@ -402,12 +405,29 @@ def run_folder(path, main: bool = True) -> loop.RunFolder:
     reads as a phase-2 run's own and --overwrite may replace the run. `main`: whether this process writes it (rank 0
     of a torchrun job)."""
     return loop.RunFolder(path, main, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)},
-                                                **dict.fromkeys(("decoder_hidden_size", "phase1_run", "phase1_weights"))})
+                                                **dict.fromkeys(("decoder_hidden_size", "phase1_run", "phase1_weights",
+                                                                 "phase1_tensors"))})
 
 
 # what may differ when a phase-2 run is resumed: generation settings and where things live; the phase-1 weights'
-# identity is `check_phase1_weights`'s (a run saved before it was recorded has none)
-RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.local_files_only", "llm.cpu_threads", "phase1_weights")
+# identity is `check_phase1_weights`'s and `check_phase1_tensors`'s (a run saved before they were recorded has none)
+RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.local_files_only", "llm.cpu_threads", "phase1_weights",
+                  "phase1_tensors")
+
+
+def check_phase1_tensors(run: loop.RunFolder, aligner: alignment.Aligner):
+    """Refuse a phase-1 model in memory (MultimodalLLM.load's `aligner`) whose tensors are not those the phase-2 run
+    was trained on. The file's sha256 (`check_phase1_weights`) cannot be compared with weights that have no file,
+    so a run records the tensors' own digest too (a run saved before it did is not checked)."""
+    saved = run.saved_config().get("phase1_tensors")
+    now = loop.tensors_digest(aligner.model.state_dict())
+    if saved is not None and saved != now:
+        raise ValueError(f"the aligner given to MultimodalLLM.load is not the phase-1 model the phase-2 run {run.path} "
+                         f"was trained on: its tensors are sha256 {now[:16]}…, the run recorded {saved[:16]}… "
+                         "(another phase-1 run, one retrained since, or a copy changed in memory: cast to another "
+                         "dtype, trained further). Pass the one it was trained on (MultimodalLLM.load(RUN) loads "
+                         f"its own phase-1 run, {run.saved_config().get('phase1_run')}), or train phase 2 again on "
+                         "this one")
 
 
 def check_phase1_weights(run: loop.RunFolder, phase1_run: str | os.PathLike, digest: str):

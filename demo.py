@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import loop
 import workbook
-from config import atomic_write
+from config import atomic_write, make_folder
 
 THREADS_FILE_ENV = "FLEXALIGN_THREADS_FILE"
 
@@ -162,7 +162,7 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
         raise ValueError(f"{out_dir} holds {kinds[earlier]} of the workbook; {kinds[smoke]} there would overwrite its "
                          f"notebooks and mix {kinds[smoke][2:]}'s numbers into its report: choose another --out (e.g. "
                          f"runs/{'smoke' if smoke else 'demo'}), or delete {out_dir} first")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir, "--out")
     paths = [p for p in workbook.notebook_paths() if not only or any(p.name.startswith(o) for o in only)]
     done = set(progress.get("done", [])) if progress.get("key") == key and progress.get("smoke") == smoke else set()
     skipped = [p for p in paths if p.stem in done and (out_dir / p.with_suffix(".ipynb").name).exists()]

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import plots
+from config import make_folder
 from results import measured_on
 
 ROOT = Path(__file__).resolve().parent
@@ -143,6 +144,16 @@ def sync_notebooks() -> list[Path]:
             ipynb.write_text(jupytext.writes(to_notebook(py), fmt="ipynb"))
             written.append(ipynb)
     return written
+
+
+def check_notebook(path: Path):
+    """Refuse, naming the notebooks there are, a path that is no notebook of the workbook (a jupytext .py file)."""
+    names = [p.relative_to(ROOT).as_posix() for p in notebook_paths()]
+    if not path.is_file():
+        raise FileNotFoundError(f"--execute {path}: no such file; the notebooks are {names}")
+    if path.suffix != ".py" or "# %%" not in path.read_text(errors="replace"):
+        raise ValueError(f"--execute {path} is not a notebook: the workbook's are jupytext .py files of `# %%` "
+                         f"cells, {names}")
 
 
 def execute(py_path: Path, out_dir: Path, smoke: bool) -> Path:
@@ -331,7 +342,8 @@ def main(argv=None):
         print("\n".join(map(str, sync_notebooks())) or "notebooks already in sync")
     elif args.execute:  # demo.run stops this process with SIGINT, which a shell may ignore in background jobs
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        execute(args.execute, args.out, args.smoke)
+        check_notebook(args.execute)
+        execute(args.execute, make_folder(args.out, "--out"), args.smoke)
     else:
         parser.error("say --sync, or --execute NOTEBOOK (make demo runs every notebook: demo.py)")
 
