@@ -79,6 +79,11 @@ class RidgePath:
     def predict(self, P: np.ndarray, B: np.ndarray, alpha: float) -> np.ndarray:
         return (P / (self.eigenvalues + alpha)) @ B
 
+    def weights(self, B: np.ndarray, alpha: float) -> np.ndarray:
+        """The features × targets map at strength α: what `predict` applies to rows, written out."""
+        solved = (self.vectors / (self.eigenvalues + alpha)) @ B
+        return solved if self.primal else self.fit.T @ solved
+
 
 def standardised(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every split scaled by the fit split's mean and standard deviation (constant columns left at 0)."""

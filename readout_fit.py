@@ -79,7 +79,7 @@ def solve_one(decoder, g: int, k: int, tokens, targets, centre) -> float:
             prediction = weight * attended["select"] + offset + path.predict(select, B, alpha)
             score = preservation_cosine(prediction.reshape(shape), targets["select"].reshape(shape), centre)
             if best is None or score > best[0]:
-                best = (score, weight, offset, (path.vectors / (path.eigenvalues + alpha)) @ B)
+                best = (score, weight, offset, path.weights(B, alpha))
     _, weight, offset, W = best  # W: k·hidden × T·D, on standardised tokens
     linear_map = decoder.readout[g]
     rank = linear_map[0].out_features

@@ -75,3 +75,15 @@ def test_targets_are_scored_on_their_own_rows_only():
 def test_an_unknown_probe_is_refused():
     with pytest.raises(ValueError, match="unknown probe 'mlp'; choose one of"):
         probes.probe("mlp", *planted(8))
+
+
+@pytest.mark.parametrize("rows, features", [(40, 10), (10, 40)])
+def test_ridge_weights_are_what_predict_applies(rows, features):
+    """In the primal form (more rows than features) and the dual one alike: rows @ weights == predict's rows,
+    to float64 rounding of a few products of 40 terms."""
+    rng = np.random.default_rng(0)
+    fit, new, targets = rng.normal(size=(rows, features)), rng.normal(size=(5, features)), rng.normal(size=(rows, 3))
+    path = probes.RidgePath(fit)
+    B = path.coefficients(targets)
+    for alpha in path.alphas[[0, 3, -1]]:
+        np.testing.assert_allclose(new @ path.weights(B, alpha), path.predict(path.project(new), B, alpha), atol=1e-9)
