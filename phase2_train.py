@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 import alignment
 import evaluate
 import loop
-from captioner import MultimodalLLM, RESUME_IGNORES, run_folder
+from captioner import MultimodalLLM
+from phase2_run import RESUME_IGNORES, run_folder
 from captions import attribute_accuracy
 from features import Features
 from token_sources import IMAGE_MODALITIES
