@@ -1,6 +1,7 @@
 """The one training loop of both phases, the run folder it owns, and torchrun's ranks (`Distributed`).
 
-    fit(model, loss_fn, batches, steps_per_epoch, hp, RunFolder(path), resume=...)
+    with RunFolder(path).opened(config, resume=...) as opened:
+        fit(model, loss_fn, batches, steps_per_epoch, hp, opened)
 
 A run folder holds `config.yaml` (written once, when the run starts), `metrics.jsonl` (one JSON row per
 logged step and per epoch), `tensorboard/` (the same rows, and every quality-vs-k table written by
@@ -41,6 +42,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -198,6 +200,15 @@ class RunFolder:
         except (yaml.YAMLError, UnicodeDecodeError):
             return False
         return isinstance(saved, dict) and (not self.defaults or set(flatten(saved)) <= set(self.defaults))
+
+    @contextlib.contextmanager
+    def opened(self, config: dict, resume: bool, overwrite: bool = False, ignore: Iterable[str] = ()):
+        """The folder held for one trainer (`exclusive`, refusing at once while another process trains it) and checked
+        for this run (`check_start`), nothing written yet: yields the `Opening` that `fit` starts, so a run its own
+        inputs stop (data, sizes) leaves the folder as it was."""
+        with self.exclusive(wait=False):
+            self.check_start(config, resume, overwrite, ignore)
+            yield Opening(self, config, resume, overwrite, tuple(ignore))
 
     def start(self, config: dict, resume: bool, overwrite: bool = False, ignore: Iterable[str] = ()):
         """Open the folder for a fresh run (refusing to replace one) or for resuming (checking the config)."""
@@ -419,6 +430,20 @@ class RunFolder:
             atomic_write(self.metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
 
+@dataclass
+class Opening:
+    """A run folder held and checked for one run (`RunFolder.opened`), not yet written: `fit` starts it with `config` as
+    it is then (phase 2 completes it first: max_new_tokens follows the captions)."""
+    folder: RunFolder
+    config: dict
+    resume: bool
+    overwrite: bool = False
+    ignore: tuple[str, ...] = ()
+
+    def start(self):
+        self.folder.start(self.config, self.resume, self.overwrite, self.ignore)
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -472,15 +497,12 @@ class Distributed:
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
+        self.main = self.rank == 0  # the process that writes
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend)
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
     def local_slice(self, indices: np.ndarray) -> np.ndarray:
         """This rank's share of a global batch (the global batch is the same on every rank)."""
@@ -625,21 +647,25 @@ def _all_finite(tensors) -> bool:
 
 
 def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], steps_per_epoch: int, hp,
-        run: RunFolder | None = None, resume: bool = False, epoch_end: Callable[[int], dict] | None = None,
+        opened: Opening | None = None, epoch_end: Callable[[int], dict] | None = None,
         callback: Callable[[dict], None] | None = None, desc: str = "training", rank: int = 0,
         load: Callable | None = None, threads: Callable[[], int] | None = None) -> list[dict]:
     """Train `model`'s trainable parameters and return the metrics rows of this call.
 
     loss_fn(batch) -> (loss, {name: tensor}); batches(epoch) -> the epoch's batches, the same for the same
     epoch; with `load`, loss_fn gets load(batch) instead, read by a background thread ahead of the step
-    (prefetched); hp: epochs, lr, weight_decay, warmup_steps, grad_clip, seed, log_every. With `run`, a
-    checkpoint after every epoch and on Ctrl-C, metrics.jsonl, and exact `resume`. `epoch_end(epoch)`
+    (prefetched); hp: epochs, lr, weight_decay, warmup_steps, grad_clip, seed, log_every. With `opened` (a run folder's
+    `RunFolder.opened`), the run starts (config.yaml written, or a resume checked) and gets a checkpoint after every
+    epoch and on Ctrl-C, metrics.jsonl, and an exact resume. `epoch_end(epoch)`
     adds validation numbers to the epoch row; `callback(row)` sees every row (live plots). A model may
     define `before_step(step, total_steps)` (phase 1's FSQ warm-up) and `after_optimizer_step()` (phase 1
     clamps its temperature there). `threads()`, asked before each step, is how many threads torch computes
     that step on (a notebook in make demo passes `demo.threads`, its share of the cores); None leaves torch's
     count as it is.
     """
+    run, resume = (opened.folder, opened.resume) if opened is not None else (None, False)
+    if opened is not None:
+        opened.start()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(model, hp.lr, hp.weight_decay, hp.warmup_steps, steps_per_epoch * hp.epochs)
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "sums": {}, "count": 0, "seconds": 0.0}
