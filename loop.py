@@ -725,8 +725,8 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
             todo = itertools.islice(batches(epoch), skip, steps_per_epoch)
             for batch in (prefetched(todo, load) if load is not None else todo):
                 torch.manual_seed(step_seed(hp.seed, rank, step))
-                if threads is not None and (count := threads()) != torch.get_num_threads():
-                    torch.set_num_threads(count)
+                if threads is not None and (wanted := threads()) != torch.get_num_threads():
+                    torch.set_num_threads(wanted)
                 if before_step is not None:
                     before_step(step, steps_per_epoch * hp.epochs)
                 loss, parts = loss_fn(batch)

@@ -504,3 +504,21 @@ def test_the_checkpoint_link_names_a_complete_checkpoint_at_every_moment_of_a_sa
         monkeypatch.setattr(Path, name, checked(getattr(Path, name)))
     run.save(step + 1, weights, state)
     assert ("replace", step + 1) in seen and seen[-1][1] == step + 1  # the swap happened, and is what stays
+
+
+def test_an_epoch_row_averages_its_steps_whether_or_not_a_thread_count_is_asked_each_step():
+    """`threads()` is asked before every step (make demo's share of the cores); the epoch row still divides each
+    running sum by the epoch's steps, so it is the mean of that epoch's step rows either way."""
+    hp = type("HP", (), dict(epochs=1, lr=1e-2, weight_decay=0.0, warmup_steps=1, grad_clip=1.0, seed=0, log_every=1))
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    epochs = {}
+    for threads in (None, torch.get_num_threads):
+        model = torch.nn.Linear(2, 1)
+        with torch.no_grad():
+            model.weight.fill_(1.0), model.bias.fill_(0.5)
+        rows = loop.fit(model, lambda i: ((model(x[i:i + 1]) ** 2).sum(), {}), lambda epoch: [0, 1, 2, 3], 4, hp,
+                        threads=threads)
+        steps, (epoch,) = [r["loss"] for r in rows if r["kind"] == "step"], [r for r in rows if r["kind"] == "epoch"]
+        assert len(steps) == 4 and epoch["train loss"] == pytest.approx(sum(steps) / 4, rel=1e-12)
+        epochs[threads] = epoch["train loss"]
+    assert epochs[None] == pytest.approx(epochs[torch.get_num_threads], rel=1e-6)  # the same steps on any thread count
