@@ -105,7 +105,9 @@ class AlignmentModel(nn.Module):
     def fitted_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors fit to the training data and then fixed, saved in every checkpoint beside the trainable ones."""
         means = getattr(self, "feature_means", None)
-        return {} if means is None else {f"feature_means.{name}": value for name, value in means.named_buffers()}
+        fitted = {} if means is None else {f"feature_means.{name}": value for name, value in means.named_buffers()}
+        return fitted | {f"decoders.{m}.attention_weight": decoder.attention_weight  # set by readout_fit
+                         for m, decoder in getattr(self, "decoders", {}).items() if hasattr(decoder, "attention_weight")}
 
     def complete_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A checkpoint saved before feature centres existed computed exactly what zero centres compute; one saved

@@ -40,6 +40,10 @@ class ModelConfig:
     # mixes the tokens with one softmax a position; every position reading its own linear function of all kept
     # tokens is what a ridge read-out does, and what lets later tokens' detail reach the reconstruction
     decoder_readout: int = 0
+    # one read-out map per prefix length of the k grid (prefix_lengths), trained with the rest and set to its
+    # closed-form ridge solution at the end of training (readout_fit.py): gradient steps left the read-out 0.07
+    # below a ridge read-out of the same tokens, and one map for every k serves short prefixes worse than one per k
+    decoder_readout_solved: bool = False
     # rank of a linear read-in: every register starts from its own linear function of all the (projected) input
     # tokens (0: attention only). Softmax attention pools positions by content; the fine factors live in a few
     # dozen principal directions of the frozen features that each span many positions, which a fixed linear map
@@ -115,6 +119,10 @@ class ModelConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is the rank of a linear map between the frozen "
                                  f"tokens and the registers: give 0 (none) or a positive rank, e.g. model.{name}: 64")
+        if self.decoder_readout_solved and not self.decoder_readout:
+            raise ValueError("model.decoder_readout_solved: true solves the preservation decoder's linear read-out, "
+                             "and decoder_readout=0 gives it none: give model.decoder_readout a rank, e.g. 128, or "
+                             "set model.decoder_readout_solved: false")
         if self.token_dim is not None and not 1 <= self.token_dim <= self.hidden_dim:
             raise ValueError(f"token_dim={self.token_dim} must lie in 1..hidden_dim={self.hidden_dim}, or be null")
         if self.readin_tokens not in ("all", "private"):
@@ -249,8 +257,10 @@ class RegisterDesign:
             model.bottlenecks = nn.ModuleDict({m: TokenBottleneck(H, cfg.token_dim, cfg.token_levels) for m in cfg.modalities})
         model.dropout = NestedDropout(cfg.n_registers, cfg.nested_dropout, cfg.nested_dropout_rate)
         if cfg.preservation_weight > 0:
+            readout_ks = self.prefix_lengths if cfg.decoder_readout_solved else None  # one read-out map per k
             model.decoders = nn.ModuleDict({m: FeatureDecoder(H, input_dims[m], input_tokens[m], cfg.decoder_layers,
-                                                              cfg.n_heads, cfg.n_registers, cfg.decoder_readout)
+                                                              cfg.n_heads, cfg.n_registers, cfg.decoder_readout,
+                                                              readout_ks)
                                             for m in cfg.modalities})
 
     def tokens(self, model, modality: str, feats: Features, n_registers: int | None = None) -> torch.Tensor:

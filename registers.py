@@ -264,19 +264,35 @@ class NestedDropout(nn.Module):
 class FeatureDecoder(nn.Module):
     """Preservation head: learned per-position queries cross-attend to the kept registers and
     reconstruct the modality's own frozen token features; with `readout_rank`, a rank-limited linear map of the
-    kept registers (dropped ones as zeros) is added, one linear function of all of them per output position."""
+    kept registers (dropped ones as zeros) is added, one linear function of all of them per output position.
+
+    With `readout_ks`, one such map per prefix length of that grid (a sample with k kept registers is read by the
+    map of the smallest grid length >= k), and per map a weight on the attention part (`attention_weight`, 1 until
+    readout_fit.solve_readouts sets the maps to their closed-form solution and the weight to 0 where the attention
+    part does not help)."""
 
     def __init__(self, hidden_dim: int, output_dim: int, num_tokens: int, n_layers: int, n_heads: int,
-                 n_registers: int = 0, readout_rank: int = 0):
+                 n_registers: int = 0, readout_rank: int = 0, readout_ks: list[int] | None = None):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(num_tokens, hidden_dim) * 0.02)
         self.blocks = nn.ModuleList(Block(hidden_dim, n_heads, cross=True) for _ in range(n_layers))
         self.out = nn.Sequential(nn.LayerNorm(hidden_dim), nn.Linear(hidden_dim, output_dim))
         self.n_registers = n_registers
-        self.readout = nn.Sequential(nn.Linear(n_registers * hidden_dim, readout_rank),
-                                     nn.Linear(readout_rank, num_tokens * output_dim)) if readout_rank else None
 
-    def forward(self, registers: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        def linear_map():
+            return nn.Sequential(nn.Linear(n_registers * hidden_dim, readout_rank),
+                                 nn.Linear(readout_rank, num_tokens * output_dim))
+        if not readout_rank:
+            self.readout = None
+        elif readout_ks:
+            self.readout = nn.ModuleList(linear_map() for _ in readout_ks)
+            self.register_buffer("readout_ks", torch.tensor(sorted(readout_ks)), persistent=False)
+            self.register_buffer("attention_weight", torch.ones(len(readout_ks)))
+        else:
+            self.readout = linear_map()
+
+    def attended(self, registers: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The attention part of the reconstruction, B×T×output_dim (all of it without a read-out)."""
         B, T = registers.shape[0], len(self.queries)
         # one copy of the queries: the first block's self-attention does not depend on the sample, so it runs
         # once per batch instead of B times (the decoder 1.46x faster at the testbed, bench/bench_decoder.py);
@@ -285,11 +301,26 @@ class FeatureDecoder(nn.Module):
         cross_allowed = keep[:, None, :].expand(B, T, keep.shape[1])
         for block in self.blocks:
             x = block(x, None, registers, cross_allowed)  # the queries see each other without a mask
-        if self.readout is None:
-            return self.out(x)
+        return self.out(x)
+
+    def kept(self, registers: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """B×n_registers·hidden: the kept registers, dropped ones and those a truncated pass never ran as zeros."""
         kept = registers * keep[..., None].to(registers.dtype)
-        kept = F.pad(kept, (0, 0, 0, self.n_registers - kept.shape[1]))  # a truncated pass has only its k tokens
-        return self.out(x) + self.readout(kept.flatten(1)).view(B, T, -1)
+        return F.pad(kept, (0, 0, 0, self.n_registers - kept.shape[1])).flatten(1)
+
+    def forward(self, registers: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        attended = self.attended(registers, keep)
+        if self.readout is None:
+            return attended
+        kept = self.kept(registers, keep)
+        if not isinstance(self.readout, nn.ModuleList):
+            return attended + self.readout(kept).view_as(attended)
+        which = torch.searchsorted(self.readout_ks, keep.sum(1)).clamp(max=len(self.readout) - 1)
+        groups = {g: self.readout[g](kept[which == g]) for g in which.unique().tolist()}  # one per k in the batch
+        read = next(iter(groups.values())).new_empty(len(kept), attended[0].numel())  # autocast's dtype, if on
+        for g, part in groups.items():
+            read[which == g] = part
+        return attended * self.attention_weight[which][:, None, None] + read.view_as(attended)
 
 
 class FeatureMeans(nn.Module):

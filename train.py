@@ -26,6 +26,7 @@ import loop
 from config import Flag, HelpFormatter, add_config_flags, config_overrides, shipped_or_given
 from phase1 import (DEFAULT_CONFIG, RESUME_IGNORES, ROOT, TrainConfig, design_overrides, load_config, prepared,
                     run_folder, to_yaml)
+from readout_fit import solve_readouts
 from seed_api import train_alignment  # the seed API's name, re-exported: the README's quick start imports it from here
 
 
@@ -52,6 +53,10 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
                 return ddp(batch)
 
         def epoch_end(epoch):
+            solve = cfg.model.decoder_readout_solved and hasattr(model, "decoders")  # no decoder: nothing to solve
+            if epoch == cfg.epochs - 1 and solve and dist.main:
+                # before the last checkpoint is written, so the run's weights hold the solved read-out
+                solve_readouts(model, train_feats, val_feats if val_feats is not None else train_feats)
             return quick_eval(model, val_feats, val_set) if val_feats is not None and dist.main else {}
 
         # the bar names the run by its last two folders: phase1/default, or a study's default/seed-0

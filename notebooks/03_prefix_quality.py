@@ -84,7 +84,10 @@ fig
 # Is the preservation curve the tokens' or the decoder's? Beside the trained decoder's cosine, the same cosine
 # from a ridge regression of the frozen features on the same first k tokens (`evaluate.readout_cosine`: fit on
 # 2000 training rows, its strength chosen on the validation split, scored on test). Where the decoder's curve
-# lies below the read-out's, the tokens hold information the decoder does not use.
+# lies below the read-out's, the tokens hold information the decoder does not use. Trained by gradient steps
+# alone, the decoder's linear read-out stayed well below it; the default solves it in closed form at the end of
+# training instead, one map per k (`model.decoder_readout_solved`, `readout_fit.py`), so the curve is the tokens'.
+# A run trained with `--set model.decoder_readout_solved=false` shows the gap come back.
 
 # %%
 fig = plots.prefix_curves(evaluate.decoder_and_readout(dropout_tables["power_of_two"], cfg.model.modalities),

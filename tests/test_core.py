@@ -147,15 +147,17 @@ def test_attention_maps_are_distributions_over_real_input_tokens(attention):
         assert ((mass > 0) & (mass < 1)).all()
 
 
-@pytest.mark.parametrize("design, attention, token_dim, readout, readin", [
-    ("flextok", "joint", None, 0, 0), ("fluxtalk", "cross", None, 0, 0), ("flextok", "joint", 3, 0, 0),
-    ("flextok", "joint", None, 8, 0), ("flextok", "joint", 3, 8, 6)])
+@pytest.mark.parametrize("design, attention, token_dim, readout, readin, per_k", [
+    ("flextok", "joint", None, 0, 0, False), ("fluxtalk", "cross", None, 0, 0, False),
+    ("flextok", "joint", 3, 0, 0, False), ("flextok", "joint", None, 8, 0, False), ("flextok", "joint", 3, 8, 6, False),
+    ("flextok", "joint", None, 8, 6, True)])
 def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_passes(design, attention, token_dim,
-                                                                                     readout, readin):
-    """With a linear read-out in the decoder too: a dropped token reaches it as zeros, what a pass without it gives;
-    with a linear read-in, register i's map of the input is the same whether later registers run or not."""
+                                                                                     readout, readin, per_k):
+    """With a linear read-out in the decoder too: a dropped token reaches it as zeros, what a pass without it gives
+    (with a read-out per k, the k-register pass picks the same map by its number of tokens); with a linear
+    read-in, register i's map of the input is the same whether later registers run or not."""
     cfg = small(design=design, attention=attention, n_shared=4, token_dim=token_dim, decoder_readout=readout,
-                encoder_readin=readin)
+                encoder_readin=readin, decoder_readout_solved=per_k)
     model = build(cfg).eval()
     feats = paired_features(4)["vision"]
     with torch.no_grad():
@@ -172,6 +174,30 @@ def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_pas
             expected = F.cosine_similarity(decoded - centre, feats.tokens - centre, dim=-1).mean(1)
             torch.testing.assert_close(recon[k], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(embeddings[4], embeddings[8])  # beyond n_shared nothing changes
+
+
+def test_readout_per_k_reads_each_prefix_length_with_its_own_map():
+    """A batch mixing prefix lengths: each row decodes as it does alone, through the map of its k (changing the
+    k = 8 map leaves the k = 1 rows alone and moves the k = 8 rows); k = 3, off the grid, uses the map of 4."""
+    cfg = small(n_shared=4, decoder_readout=8, decoder_readout_solved=True)
+    decoder = build(cfg).eval().decoders["vision"]
+    assert len(decoder.readout) == len(cfg.prefix_lengths) == 4
+    torch.manual_seed(0)
+    registers = torch.randn(4, 8, 32)
+    keep = torch.arange(8)[None] < torch.tensor([1, 8, 3, 4])[:, None]
+    with torch.no_grad():
+        mixed = decoder(registers, keep)
+        alone = torch.cat([decoder(registers[i:i + 1], keep[i:i + 1]) for i in range(4)])
+        torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)  # float32 sums of 256 terms: ~1e-6
+        decoder.readout[-1][1].bias += 1.0  # the k = 8 map
+        moved = decoder(registers, keep)
+    torch.testing.assert_close(moved[[0, 2, 3]], mixed[[0, 2, 3]])
+    assert (moved[1] - mixed[1]).abs().min() > 0.99
+    with torch.no_grad():  # k = 3 and k = 4 read by the same map: moving it moves both
+        decoder.readout[2][1].bias += 1.0
+        moved_again = decoder(registers, keep)
+    assert (moved_again[[2, 3]] - moved[[2, 3]]).abs().min() > 0.99
+    torch.testing.assert_close(moved_again[[0, 1]], moved[[0, 1]])
 
 
 def test_prefix_lengths():
@@ -389,6 +415,7 @@ def test_gather_with_grad_is_the_identity_on_one_process(tmp_path):
     (dict(mrl_dims=(8, 32)), r"mrl_dims \(8, 32\) must lie in 1..embed_dim=16"),
     (dict(encoder_readin=-1), r"model.encoder_readin=-1 is the rank .* give 0 \(none\) or a positive rank"),
     (dict(decoder_readout=2.5), r"model.decoder_readout=2.5 is the rank"),
+    (dict(decoder_readout_solved=True), r"decoder_readout_solved: true .* decoder_readout=0 .* e.g. 128"),
 ])
 def test_bad_model_config_names_the_values(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,68 @@
+"""The preservation decoder's read-out solved in closed form (readout_fit.py): after solving, the decoder reads
+from the first k tokens what a ridge read-out of the same tokens reads, and a run's checkpoint holds the solution."""
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import phase1
+import train
+from conftest import tiny
+from features import Features
+from readout_fit import solve_readouts
+from test_core import build, paired_features, small
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def split(features: dict[str, Features], rows) -> dict[str, Features]:
+    return {m: Features(*(t[rows] for t in f)) for m, f in features.items()}
+
+
+def decoder_and_ridge(model, splits, ks):
+    """Per k: the decoder's test preservation cosine and a ridge read-out's from the same tokens (evaluate's)."""
+    tokens = {name: evaluate.encode_all(model, f, ks, reconstruct=False)["vision"].tokens for name, f in splits.items()}
+    ridge = evaluate.readout_cosine(tokens, {name: f["vision"] for name, f in splits.items()}, ks)
+    test = splits["test"]["vision"]
+    decoder = model.reconstruction_cosine("vision", tokens["test"], test, ks, test.mean_token())
+    return {k: float(decoder[k].mean()) for k in ks}, ridge
+
+
+def test_a_solved_read_out_reads_what_a_ridge_read_out_of_the_same_tokens_reads():
+    """Untrained registers over features that are linear views of a latent: the decoder's random read-out reads
+    nothing (the failure case the measurement must show), the solved one what the ridge reads. Rank 128 ≥ k·16
+    numbers, so the rank cuts nothing, and both fit the same 300 rows with strengths from one grid; they may differ
+    by the attention part, which the solve keeps where it helps on the validation rows and which then moves the
+    test cosine by a few hundredths at most (0.03)."""
+    cfg = small(hidden_dim=16, decoder_readout=128, decoder_readout_solved=True, n_registers=8, n_shared=2)
+    model = build(cfg).eval()
+    data = paired_features(600)
+    splits = {"fit": split(data, slice(0, 300)), "select": split(data, slice(300, 400)),
+              "test": split(data, slice(400, 600))}
+    ks = cfg.prefix_lengths
+    before, ridge = decoder_and_ridge(model, splits, ks)
+    assert all(before[k] < ridge[k] - 0.2 for k in ks), (before, ridge)
+    solve_readouts(model, splits["fit"], splits["select"])
+    after, ridge_after = decoder_and_ridge(model, splits, ks)
+    assert ridge_after == pytest.approx(ridge)  # the tokens are untouched
+    assert all(after[k] > ridge[k] - 0.03 for k in ks), (after, ridge)
+
+
+def test_a_run_with_a_solved_read_out_saves_the_solution(cache_dir, tmp_path):
+    """Solving the loaded run's read-out again changes nothing: the checkpoint holds the solved maps (to float32
+    rounding of a least-squares solve, relative 1e-3 of the weights' scale) and each map's attention weight."""
+    cfg = tiny(cache_dir, tmp_path / "run", **{"model.decoder_readout": 16, "model.decoder_readout_solved": True})
+    run = train.train(cfg)
+    model = phase1.load_aligner(run).model
+    saved = {name: p.clone() for name, p in model.decoders.named_parameters() if ".readout." in name}
+    weights = {m: decoder.attention_weight.clone() for m, decoder in model.decoders.items()}
+    assert len(saved) == 4 * len(cfg.model.prefix_lengths) * len(cfg.model.modalities)
+    _, train_feats = phase1.split_data(cfg, "train")
+    _, val_feats = phase1.split_data(cfg, "val")
+    solve_readouts(model, train_feats, val_feats)
+    for name, p in model.decoders.named_parameters():
+        if name in saved:
+            scale = saved[name].abs().max().clamp(min=1e-6)
+            torch.testing.assert_close(p / scale, saved[name] / scale, atol=1e-3, rtol=0)
+    for m, decoder in model.decoders.items():  # the weight on the attention part, chosen by the solve, is saved too
+        assert torch.equal(decoder.attention_weight, weights[m])
