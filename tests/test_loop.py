@@ -32,6 +32,7 @@ import data
 import evaluate
 import loop
 import phase1
+import run_folder
 import train
 from conftest import STEPS, STEPS_PER_EPOCH, TINY, tiny
 from encoders import create_encoder
@@ -64,7 +65,7 @@ DRIVER = textwrap.dedent("""
     import json, sys, time
     import torch
     torch.set_num_threads(1)
-    import safetensors.torch, loop, phase1, train
+    import safetensors.torch, loop, phase1, run_folder, train
 
     def slowly(fn):  # widen every stage of a checkpoint write, so a kill lands inside one
         def wrapped(*args, **kwargs):
@@ -82,8 +83,8 @@ DRIVER = textwrap.dedent("""
     loop.RunFolder.save = announced
     safetensors.torch.save_file = slowly(safetensors.torch.save_file)
     torch.save = slowly(torch.save)
-    loop._fsync = slowly(loop._fsync)
-    loop.os.replace = slowly(loop.os.replace)
+    run_folder._fsync = slowly(run_folder._fsync)
+    run_folder.os.replace = slowly(run_folder.os.replace)
     cfg = phase1.load_config(None, **json.loads(sys.argv[1]))
     train.train(cfg, resume=sys.argv[2] == "resume")
 """)
@@ -270,7 +271,7 @@ def test_interrupted_metrics_are_truncated_to_the_checkpoint_on_resume(reference
 
 def events(run_dir, folder=""):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    accumulator = EventAccumulator(str(Path(run_dir) / loop.TENSORBOARD / folder), size_guidance={"scalars": 0})
+    accumulator = EventAccumulator(str(Path(run_dir) / run_folder.TENSORBOARD / folder), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}, \
         {tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
@@ -491,15 +492,15 @@ def test_the_checkpoint_link_names_a_complete_checkpoint_at_every_moment_of_a_sa
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)
             folder = loop.RunFolder(copy).checkpoint
-            assert folder is not None and {p.name for p in folder.iterdir()} == loop.CHECKPOINT_FILES, \
+            assert folder is not None and {p.name for p in folder.iterdir()} == run_folder.CHECKPOINT_FILES, \
                 f"no complete checkpoint after {fn.__name__}{args}"
             seen.append((fn.__name__, loop.RunFolder(copy).checkpoint_step()))
             return out
         return wrapped
 
     for name in ("replace", "rename", "unlink", "symlink", "remove", "rmdir", "mkdir"):
-        monkeypatch.setattr(loop.os, name, checked(getattr(os, name)))
-    monkeypatch.setattr(loop.shutil, "rmtree", checked(shutil.rmtree))
+        monkeypatch.setattr(run_folder.os, name, checked(getattr(os, name)))
+    monkeypatch.setattr(run_folder.shutil, "rmtree", checked(shutil.rmtree))
     for name in ("unlink", "symlink_to", "mkdir", "rename", "replace"):
         monkeypatch.setattr(Path, name, checked(getattr(Path, name)))
     run.save(step + 1, weights, state)
