@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
-# OpenMP threads sleep rather than spin while they wait: on a shared machine (load 7-10 on 2 cores) a testbed
-# training step at 2 threads took 10.1 s wall / 1.48 s CPU spinning, 2.2 s / 0.22 s passive (bench notes, README Speed)
+# OpenMP threads sleep rather than spin while they wait: on a machine shared with other work, threads spinning for
+# each other burn the cores the other work (or the other notebooks of make demo) would use, and a step waits longer
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo study test test-browser results lab tensorboard sync bench clean

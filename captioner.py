@@ -215,8 +215,10 @@ class MultimodalLLM(nn.Module):
         return {n: p for n, p in self.decoder.named_parameters() if p.requires_grad}
 
     def run_config(self, extra: dict | None = None) -> dict:
-        """What config.yaml of a phase-2 run folder holds: the config, the decoder width, the phase-1 run."""
-        return {"llm": self.llm_cfg.to_dict(), "decoder_hidden_size": self.hidden, **(extra or {})}
+        """What config.yaml of a phase-2 run folder holds: the config, the decoder width, the phase-1 model's identity
+        in memory (`phase2_run.check_phase1_tensors`) and what `extra` adds (the phase-1 run)."""
+        return {"llm": self.llm_cfg.to_dict(), "decoder_hidden_size": self.hidden,
+                "phase1_tensors": loop.tensors_digest(self.aligner.model.state_dict()), **(extra or {})}
 
     def load_weights(self, run_dir: str | os.PathLike) -> "MultimodalLLM":
         run = loop.RunFolder(run_dir)
@@ -225,7 +227,7 @@ class MultimodalLLM(nn.Module):
             raise ValueError(f"the projector in {run.path} outputs width {saved['decoder_hidden_size']} (for "
                              f"{saved['llm']['model_name']}) but this decoder ({self.llm_cfg.model_name}) has hidden "
                              f"size {self.hidden}; load it with the decoder it was trained for, or train a new one")
-        loop.load_trainable(self, run.load_weights(), run.path)
+        loop.load_trainable(self, run.load_weights(), run)
         self.trained = True
         return self
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import re
 import types
@@ -34,6 +35,24 @@ def make_folder(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+# the errors of a refused write: permissions, an immutable flag (chattr +i), a read-only mount
+READ_ONLY_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def check_writable(folder: Path, what: str, fix: str):
+    """Refuse, in one message naming `folder` and `fix`, a folder nothing can be written in (its permissions, a
+    read-only mount, an immutable flag), before a command starts writing there and stops half-way."""
+    probe = folder / f".write-check.tmp{os.getpid()}"  # a leftover's name is one a run folder sweeps
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        if err.errno not in READ_ONLY_ERRORS:
+            raise
+        raise PermissionError(f"{folder} ({what}) is read-only ({err.strerror}): nothing in it was written or "
+                              f"changed. {fix}") from None
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call write(tmp_path) then rename tmp_path to path (atomic on POSIX)."""
     path = Path(path)
@@ -56,8 +75,9 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently), and
     reading plain scalars as YAML 1.2 does where PyYAML's YAML 1.1 reads what nobody meant: `seed: 010` is 10 (1.1:
-    octal 8), `epochs: 1:30` the string '1:30' (1.1: 90, base 60), `log_name: no` the string 'no' (1.1: false);
-    `_coerce` still takes yes/no/on/off for a true-or-false key, where both versions agree."""
+    octal 8), `epochs: 1:30` the string '1:30' (1.1: 90, base 60), `log_name: no` the string 'no' (1.1: false),
+    `log_name: 2024-01-01` the string as typed (1.1: a date; 1.2 has no timestamps); `_coerce` still takes
+    yes/no/on/off for a true-or-false key, where both versions agree."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -77,9 +97,9 @@ def _yaml12_int(loader, node) -> int:
     return int(text, 0) if text.startswith(("0o", "0x")) else int(text)  # int("010") is 10
 
 
-_BOOL, _INT, _FLOAT = (f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float"))
+_BOOL, _INT, _FLOAT, _TIMESTAMP = (f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float", "timestamp"))
 UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT, _FLOAT, _TIMESTAMP)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for _tag, _pattern, _first in (
         (_BOOL, r"true|True|TRUE|false|False|FALSE", "tTfF"),

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import loop
 import workbook
-from config import atomic_write
+from config import atomic_write, make_folder
 
 THREADS_FILE_ENV = "FLEXALIGN_THREADS_FILE"
 
@@ -60,10 +60,10 @@ def code_key() -> str:
 # earlier still, once 02 trains that run (holds its lock) and a core is left over (05 is done): it imports and
 # waits in train.ensure_trained on no share of the cores (`may_warm`), so its ~10 s of start-up are off the chain
 # to the end (phase 2 began 12 s after the weights were final instead of 24). Notebook 05 reads nothing of theirs
-# and starts at once. Side by side at one thread each, 02 and 05 did 1.2x the work of one at a time on two threads
-# (docs/measurements.md: the demo 35.9 -> 30.8 minutes). 02 starting beside 01 (the cache has a lock of its own) started phase 1
-# 12 s earlier but made its weights final 5-7 s later: three notebooks on two cores slowed 05, and phase 1 has two
-# threads only once 05 is done.
+# and starts at once. Side by side at one thread each, 02 and 05 get more done than one at a time on two threads
+# (their steps are small products that split badly over threads). 02 does not start beside 01, although the cache
+# has a lock of its own: it would start phase 1 earlier but make its weights final later, three notebooks on two
+# cores slowing 05, and phase 1 has two threads only once 05 is done.
 AFTER = {"02": ("01",), "03": ("02",), "04": ("02",)}
 EARLY_START = {"04": ("02", "phase1/default")}  # notebook -> (the notebook it follows, the run folder it reads)
 
@@ -162,7 +162,7 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
         raise ValueError(f"{out_dir} holds {kinds[earlier]} of the workbook; {kinds[smoke]} there would overwrite its "
                          f"notebooks and mix {kinds[smoke][2:]}'s numbers into its report: choose another --out (e.g. "
                          f"runs/{'smoke' if smoke else 'demo'}), or delete {out_dir} first")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir, "--out")
     paths = [p for p in workbook.notebook_paths() if not only or any(p.name.startswith(o) for o in only)]
     done = set(progress.get("done", [])) if progress.get("key") == key and progress.get("smoke") == smoke else set()
     skipped = [p for p in paths if p.stem in done and (out_dir / p.with_suffix(".ipynb").name).exists()]

@@ -423,6 +423,12 @@ def read_eval(path: str | os.PathLike) -> pd.DataFrame:
     return table
 
 
+def retrieval_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """What train.py prints and notebook 05 shows of an eval.json table: R@1 of every direction and level, each
+    level's chance, and on TVL-layout data TVL's own touch–vision top-1 (TVL_TOP1)."""
+    return table[[c for c in table.columns if " R@1" in c or c.startswith("chance@1") or c == TVL_TOP1]]
+
+
 # ----------------------------------------------------------------------------------------------
 # Is quality non-decreasing in k? Drops are judged against sampling noise of the test set.
 

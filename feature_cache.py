@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from config import make_folder
+from config import READ_ONLY_ERRORS, make_folder
 from encoders import create_encoder
 from features import Features
 
@@ -65,9 +65,15 @@ def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/feat
     modality = enc_cfg.modality
     folder = Path(cache_dir) / f"{dataset.fingerprint}-{modality}-{enc_cfg.model_name}-{enc_cfg.key()}"
     make_folder(folder.parent, "cache_dir")
+    try:
+        lock = open(folder.with_name(folder.name + ".lock"), "a")
+    except OSError as err:
+        if err.errno not in READ_ONLY_ERRORS:
+            raise
+        return _read_only_cache(folder, verify, err)
     # One process builds a cache folder at a time (several notebooks, or torchrun ranks, may ask at once);
     # the others wait for the lock and then find the finished cache.
-    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _sweep_builds(folder)
         cached = _load_cache(folder, verify)
@@ -76,6 +82,17 @@ def cached_features(encoder, dataset, cache_dir: str | os.PathLike = "cache/feat
                 encoder = (build or create_encoder)(enc_cfg)
             _build_cache(encoder, dataset, folder, batch_size, device)
             cached = _load_cache(folder, verify=False)
+    return cached
+
+
+def _read_only_cache(folder: Path, verify: bool, err: OSError) -> Features:
+    """A cache_dir nothing can be written in (shared read-only, say): no build can run there either, so its complete
+    caches are read without the lock; a missing one cannot be written, which the message says."""
+    cached = _load_cache(folder, verify)
+    if cached is None:
+        raise PermissionError(f"cache_dir {folder.parent} is read-only ({err.strerror}), and the features "
+                              f"{folder.name} are not cached there yet, so they cannot be computed into it; make it "
+                              "writable, or pass a cache_dir of your own (--set cache_dir=DIR)") from None
     return cached
 
 

@@ -176,6 +176,7 @@ def tvl_records(table: str, columns: tuple[str, ...]) -> list[dict]:
     """The rows of a TVL CSV (read as read_csv_table reads a CSV dataset's), after checking its header has the
     columns TVL's layout gives it."""
     header, records = read_csv_table(Path(table))
+    records = [record for _, record in records]
     missing = [c for c in columns if c not in header]
     if missing:
         raise ValueError(f"{table} has the header {header} but TVL's layout needs the columns "
@@ -319,25 +320,29 @@ class TVLDataset(FileRows):
 CSV_COLUMNS = {"vision": "vision", "touch": "touch", "caption": "text"}  # CSV column -> modality
 
 
-def read_csv_table(table: Path) -> tuple[list[str], list[dict]]:
-    """(header, rows) of a CSV dataset's table, as a spreadsheet writes it: UTF-8 with or without a byte-order
-    mark, names stripped of spaces. A repeated column name, a row with too few fields or another encoding is
-    refused naming the file and the line."""
+def read_csv_table(table: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(header, [(line, row)]) of a CSV dataset's table, as a spreadsheet writes it: UTF-8 with or without a
+    byte-order mark, names stripped of spaces; `line` is where the row starts in the file (a quoted caption may span
+    lines). A repeated column name, a row with too few fields or another encoding is refused naming the file and
+    the line."""
     try:
         with open(table, newline="", encoding="utf-8-sig") as file:
             reader = csv.reader(file)
             header = [name.strip() for name in next(reader, [])]
-            lines = list(reader)
+            lines, last = [], reader.line_num
+            for fields in reader:
+                lines.append((last + 1, fields))
+                last = reader.line_num
     except UnicodeDecodeError as err:
         raise ValueError(f"{table} is not UTF-8 text ({err}); save it as CSV UTF-8") from None
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise ValueError(f"{table} names the columns {repeated} more than once; keep one of each")
-    for number, fields in enumerate(lines, start=2):
+    for number, fields in lines:
         if fields and len(fields) < len(header):
             raise ValueError(f"{table}, line {number}: {len(fields)} fields where the header has {len(header)} "
                              f"({header}); fill the missing ones")
-    return header, [dict(zip(header, fields)) for fields in lines if fields]
+    return header, [(number, dict(zip(header, fields))) for number, fields in lines if fields]
 
 
 def csv_columns(folder) -> list[str]:
@@ -392,12 +397,28 @@ class CSVDataset(FileRows):
         where = f"{self.root}/{split}.csv"
         rows = self.readable_rows(self._table(split), where)
         if split != "train":
+            self.check_carved(rows, where)
             self.check_unseen(rows, where)
         if "caption" in self.columns and rows and not any(row["caption"] for row in rows):
             raise ValueError(f"{where}: every caption is empty, so there is no text to align or to caption; fill "
                              "the caption column, or drop it to train on the images alone")
         sizes = image_size if isinstance(image_size, dict) else dict.fromkeys(("vision", "touch"), image_size)
         super().__init__(rows, {m: size for m, size in sizes.items() if m in self.columns}, where)
+
+    def check_carved(self, rows: list[dict], where: str):
+        """A val or test split carved out of a train.csv of a few rows can come out empty: say how many rows each
+        split got, and how many train.csv needs."""
+        carved = [held for held in ("test", "val") if not (Path(self.root) / f"{held}.csv").is_file()]
+        if rows or self.split not in carved:
+            return
+        counts = {split: len(self._table(split)) for split in ("train", "val", "test")}
+        total = len(self._read(Path(self.root) / "train.csv"))
+        # a carved split takes 10% of what is left, rounded up, and nothing of a single row: each carved split
+        # needs one row more
+        raise ValueError(f"{where}: there is no {self.split}.csv, so its rows are carved from train.csv, which "
+                         f"has {total} row{'s' * (total != 1)}: they split into train {counts['train']}, val "
+                         f"{counts['val']} and test {counts['test']} rows; give train.csv at least {1 + len(carved)} "
+                         f"rows (hundreds, for numbers that mean something), or write a {self.split}.csv of its own")
 
     def check_unseen(self, rows: list[dict], where: str):
         """Refuse a val or test split that shows images the training split shows too (test.csv a copy of train.csv,
@@ -431,8 +452,29 @@ class CSVDataset(FileRows):
         missing = [c for c in self.columns if c not in header]
         if missing:
             raise ValueError(f"{table} lacks the columns {missing} that train.csv has; give every split the same columns")
+        if not self.skip_missing:  # (skip_missing drops such rows with the missing files, in one warning)
+            for line, record in records:
+                self.check_image_cells(table, line, record)
         return [{c: (record[c].strip() if c == "caption" else str(table.parent / record[c])) for c in self.columns}
-                | ({} if "caption" in self.columns else {"caption": ""}) for record in records]
+                | ({} if "caption" in self.columns else {"caption": ""}) for _, record in records]
+
+    def check_image_cells(self, table: Path, line: int, record: dict):
+        """Refuse an image cell that names no file: an empty one (joined to the CSV's folder, it would read as
+        that folder), or the path of a folder. Checked for every row of the table, whichever split it is carved
+        into, so the error names its line."""
+        fix = ("fill in the image's path relative to the CSV (e.g. images/0001.png), delete the line, or pass "
+               "skip_missing=True (config: skip_missing: true) to drop such rows")
+        for column in self.columns:
+            if column == "caption":
+                continue
+            if not any(value.strip() for value in record.values()):
+                raise ValueError(f"{table}, line {line} holds commas and no values (a spreadsheet writes such rows "
+                                 f"for cells it cleared); {fix}")
+            if not record[column].strip():
+                raise ValueError(f"{table}, line {line}: the {column} cell is empty; {fix}")
+            if (table.parent / record[column]).is_dir():
+                raise ValueError(f"{table}, line {line}: {column} {record[column]!r} is the folder "
+                                 f"{table.parent / record[column]}, not an image file; {fix}")
 
     def load(self, modality, row):
         return load_image(row[modality], self.image_sizes[modality])

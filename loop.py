@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-# what fit drives and saves; RunFolder and load_trainable stay importable from here (loop.RunFolder: notebooks, tests)
-from run_folder import Opening, RunFolder, checkpoint_tensors, load_trainable
+# what fit drives and saves; RunFolder, load_trainable and tensors_digest stay importable from here (notebooks, tests)
+from run_folder import Opening, RunFolder, checkpoint_tensors, load_trainable, tensors_digest
 
 
 class NonFiniteLoss(RuntimeError):
@@ -211,7 +211,7 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
     opt, sched = make_optimizer(model, hp.lr, hp.weight_decay, hp.warmup_steps, steps_per_epoch * hp.epochs)
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "sums": {}, "count": 0, "seconds": 0.0}
     if resume:
-        load_trainable(model, run.load_weights(), run.checkpoint / "model.safetensors")
+        load_trainable(model, run.load_weights(), run)
         state = run.load_state()
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -106,6 +106,12 @@ class TrainConfig:
                                           or not str(self.log_name).strip()):
             raise ValueError(f"log_name {self.log_name!r} must name a sub-folder inside output_dir (no absolute path, "
                              "no '..'): a run is written only inside output_dir; e.g. log_name: flextok-base")
+        run, cache = Path(os.path.abspath(self.run_dir)), Path(os.path.abspath(self.cache_dir))
+        if cache == run or run in cache.parents:  # its entries would be files the run folder did not write
+            raise ValueError(f"cache_dir {self.cache_dir!r} lies in the run folder {self.run_dir}, which holds only "
+                             "what a run writes (a folder holding anything else is refused as a run); keep the "
+                             "feature cache apart, e.g. cache_dir: cache/features (the default), where every run "
+                             "shares it")
         if self.shuffle_block < 1:
             raise ValueError(f"shuffle_block must be at least 1 (1: a plain shuffle), got {self.shuffle_block}; "
                              "e.g. shuffle_block: 1024")
@@ -229,7 +235,7 @@ def load_aligner(run_dir: str | os.PathLike) -> alignment.Aligner:
     cfg = run_config(run.path)
     weights = run.load_weights()
     model = build_model(cfg, weights=weights)
-    loop.load_trainable(model, weights, run.path)
+    loop.load_trainable(model, weights, run)
     return alignment.Aligner({m: functools.partial(get_encoder, cfg, m) for m in cfg.model.modalities}, model).eval()
 
 

@@ -46,6 +46,7 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
     llm_cfg = on_phase1_run(llm_cfg or LLMConfig(), phase1_run)
     dist = loop.Distributed()  # under torchrun, before anything goes to a GPU: it picks this rank's device
     phase1_weights = phase1.finished_weights(phase1_run)  # an unfinished run is refused here
+    check_not_phase1_run(output_dir, phase1_run)
     if resume:
         check_phase1_weights(run_folder(output_dir), phase1_run, phase1_weights)
     outside = torch.get_num_threads()
@@ -103,6 +104,16 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
         return result
     finally:
         torch.set_num_threads(outside)
+
+
+def check_not_phase1_run(output_dir: Path, phase1_run: Path):
+    """Refuse an output_dir that holds a phase-1 run (say the one phase 2 reads, given twice by a slip): phase 2
+    writes a run folder of its own, and --overwrite never replaces another kind of run."""
+    if (output_dir / "config.yaml").is_file() and phase1.run_folder(output_dir).own_config():
+        which = "the phase-1 run --phase1_run names" if output_dir.resolve() == phase1_run.resolve() else "a phase-1 run"
+        raise FileExistsError(f"output_dir {output_dir} holds {which}: phase 2 writes a run folder of its own and never into a phase-1 run's, "
+                              "--overwrite included; nothing in it was touched. Choose a new --output_dir, e.g. "
+                              f"--output_dir {output_dir.parent / (output_dir.name + '-phase2')}")
 
 
 def on_phase1_run(llm_cfg: LLMConfig, phase1_run: str | os.PathLike) -> LLMConfig:

@@ -23,12 +23,29 @@ def run_folder(path, main: bool = True) -> loop.RunFolder:
     reads as a phase-2 run's own and --overwrite may replace the run. `main`: whether this process writes it (rank 0
     of a torchrun job)."""
     return loop.RunFolder(path, main, defaults={"llm": {**LLMConfig().to_dict(), **BEFORE_FIELD, **dict.fromkeys(RETIRED)},
-                                                **dict.fromkeys(("decoder_hidden_size", "phase1_run", "phase1_weights"))})
+                                                **dict.fromkeys(("decoder_hidden_size", "phase1_run", "phase1_weights",
+                                                                 "phase1_tensors"))})
 
 
 # what may differ when a phase-2 run is resumed: generation settings and where things live; the phase-1 weights'
-# identity is `check_phase1_weights`'s (a run saved before it was recorded has none)
-RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.local_files_only", "llm.cpu_threads", "phase1_weights")
+# identity is `check_phase1_weights`'s and `check_phase1_tensors`'s (a run saved before they were recorded has none)
+RESUME_IGNORES = ("llm.log_every", "llm.max_new_tokens", "llm.local_files_only", "llm.cpu_threads", "phase1_weights",
+                  "phase1_tensors")
+
+
+def check_phase1_tensors(run: loop.RunFolder, aligner: alignment.Aligner):
+    """Refuse a phase-1 model in memory (MultimodalLLM.load's `aligner`) whose tensors are not those the phase-2 run
+    was trained on. The file's sha256 (`check_phase1_weights`) cannot be compared with weights that have no file,
+    so a run records the tensors' own digest too (a run saved before it did is not checked)."""
+    saved = run.saved_config().get("phase1_tensors")
+    now = loop.tensors_digest(aligner.model.state_dict())
+    if saved is not None and saved != now:
+        raise ValueError(f"the aligner given to MultimodalLLM.load is not the phase-1 model the phase-2 run {run.path} "
+                         f"was trained on: its tensors are sha256 {now[:16]}…, the run recorded {saved[:16]}… "
+                         "(another phase-1 run, one retrained since, or a copy changed in memory: cast to another "
+                         "dtype, trained further). Pass the one it was trained on (MultimodalLLM.load(RUN) loads "
+                         f"its own phase-1 run, {run.saved_config().get('phase1_run')}), or train phase 2 again on "
+                         "this one")
 
 
 def check_phase1_weights(run: loop.RunFolder, phase1_run: str | os.PathLike, digest: str):
@@ -45,7 +62,7 @@ def check_phase1_weights(run: loop.RunFolder, phase1_run: str | os.PathLike, dig
 def saved_run(run_dir: str | os.PathLike, aligner: alignment.Aligner | None = None
               ) -> tuple[loop.RunFolder, LLMConfig, alignment.Aligner]:
     """A trained phase-2 run's folder, its config, and `aligner` or, when None, its phase-1 run's (found relative to
-    this one, as config.yaml keeps it, and refused when its weights changed since)."""
+    this one, as config.yaml keeps it); either is refused when its weights are not those the run was trained on."""
     run = run_folder(run_dir)
     if not run.config_path.is_file():
         raise FileNotFoundError(f"{run.path} is not a phase-2 run folder (no config.yaml in it); pass the "
@@ -55,5 +72,6 @@ def saved_run(run_dir: str | os.PathLike, aligner: alignment.Aligner | None = No
         phase1_run = phase1.from_run(saved["phase1_run"], run.path)
         check_phase1_weights(run, phase1_run, phase1.finished_weights(phase1_run))
         aligner = phase1.load_aligner(phase1_run)
+    check_phase1_tensors(run, aligner)
     llm = LLMConfig(**{k: v for k, v in saved["llm"].items() if k not in RETIRED})
     return run, llm, aligner

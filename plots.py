@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
+from matplotlib.ticker import MaxNLocator
 
 from synthtouch import SynthTouch
 
@@ -102,14 +103,23 @@ def _wrap(text: str, width: int) -> str:
 def show_figures_as_png():
     """Without pyplot no inline backend is active, and IPython shows a Figure as the text `<Figure size ...>`.
     Registering a PNG formatter for Figure makes `fig` (or `display(fig)`) an `image/png` output, which
-    JupyterLab, VS Code and executed notebooks (nbclient) all render. Outside IPython this does nothing."""
+    JupyterLab, VS Code and executed notebooks (nbclient) all render. A cell that imports pyplot, or calls
+    ipywidgets.interact, replaces it with matplotlib_inline's formatter (other size, no SMALLEST_TEXT), so it is
+    registered again after every cell: from the next cell on, figures are plots.png's again. Outside IPython this
+    does nothing."""
     try:
         from IPython import get_ipython
     except ImportError:
         return
     shell = get_ipython()
     if shell is not None:
-        shell.display_formatter.formatters["image/png"].for_type(Figure, png)
+        _register_png()
+        shell.events.register("post_execute", _register_png)  # once: the same function is registered once
+
+
+def _register_png():
+    from IPython import get_ipython
+    get_ipython().display_formatter.formatters["image/png"].for_type(Figure, png)
 
 
 show_figures_as_png()
@@ -586,7 +596,8 @@ def study_summary(table, family, title: str = "Every design of the study: mean Â
         for edge in np.flatnonzero([family(a) != family(b) for a, b in zip(order, order[1:])]):
             ax.axhline(edge + 0.5, color="0.8", linewidth=0.8)  # between families
         ax.set_title(_wrap(column, 18), fontsize=8)
-        ax.locator_params(axis="x", nbins=3)  # narrow panels: a few ticks that do not run into each other
+        # a panel is about an inch wide: two or three ticks, or labels such as "0.25" run into each other
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=2))
         ax.grid(axis="x", alpha=0.3)
     reference = table.get("source", pd.Series(dtype=str)).reindex(order).eq("reference")
     axes[0].set_yticks(y, [f"{name} *" if ref else name for name, ref in zip(order, reference)], fontsize=7)

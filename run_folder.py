@@ -13,6 +13,10 @@ position, the running epoch sums). What the loop guarantees, for phase 1 and pha
 - a fresh run never replaces a run silently: a folder that holds a checkpoint needs resume or overwrite;
 - a checkpoint is written into its own folder, synced to disk, and swapped in with one atomic rename
   of a link, so a crash at any moment leaves either the old checkpoint or the new one, never a mix;
+- the weights file keeps the config.yaml it was saved under, so a config.yaml edited or emptied later is named when
+  the weights do not fit the model it builds (`RunFolder.config_changes`), and `restore_config` puts it back;
+- a read-only run folder (or the folder of its lock file) is refused before anything is written, naming it; the
+  run still loads;
 - one trainer per run folder: `RunFolder.exclusive` holds a lock file beside the folder. Both phases' training
   refuse a folder another process trains (command line, Python, torchrun's rank 0); `train.ensure_trained`
   waits instead, so two notebooks or two JupyterLab tabs asking for the same phase-1 run train it once;
@@ -45,7 +49,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from config import atomic_write, make_folder, state_mismatch
+from config import atomic_write, check_writable, make_folder, state_mismatch
 
 
 CHECKPOINT = "checkpoint"  # a link to the newest complete checkpoint folder, swapped atomically
@@ -137,13 +141,29 @@ class RunFolder:
 
     def check_start(self, config: dict, resume: bool, overwrite: bool = False, ignore: Iterable[str] = ()):
         """Raise unless the run can start: resuming needs a checkpoint of the same config, a fresh run
-        needs a folder without a checkpoint (or `overwrite`). Writes nothing."""
+        needs a folder without a checkpoint (or `overwrite`). Writes nothing. In a torchrun job rank 0 checks and
+        every rank raises what it found: the other ranks would read a folder rank 0 is writing, and a refusal on
+        one rank alone would leave the others waiting for it in their first all-reduce."""
+        found = None
+        if self.main:
+            try:
+                self._check_start(config, resume, overwrite, ignore)
+            except (OSError, ValueError) as err:
+                found = err
+        if torch.distributed.is_initialized():  # every rank of the job calls this, as it trains the same run
+            shared = [found]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            found = shared[0]
+        if found is not None:
+            raise found
+
+    def _check_start(self, config: dict, resume: bool, overwrite: bool, ignore: Iterable[str]):
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"output_dir {self.path} is a file, not a folder; choose another --output_dir")
         if resume:
             if self.checkpoint is None:
-                raise FileNotFoundError(f"nothing to resume in {self.path} (no checkpoint); drop --resume to "
-                                        "start a fresh run")
+                raise FileNotFoundError(f"nothing to resume in {self.path} (no checkpoint{self.link_elsewhere()}); "
+                                        "drop --resume to start a fresh run")
             self.check_same_config(config, ignore)
         elif self.checkpoint is not None and not overwrite:
             raise FileExistsError(f"{self.path} already holds a run (a checkpoint at step "
@@ -203,6 +223,8 @@ class RunFolder:
     def start(self, config: dict, resume: bool, overwrite: bool = False, ignore: Iterable[str] = ()):
         """Open the folder for a fresh run (refusing to replace one) or for resuming (checking the config)."""
         self.check_start(config, resume, overwrite, ignore)
+        if self.main and self.path.is_dir():
+            check_writable(self.path, "the run folder", self.read_only_fix())
         self.clean_leftovers()
         if not resume and self.main:
             # no checkpoint, or the user asked to replace it: nothing trained is lost
@@ -215,6 +237,11 @@ class RunFolder:
             self.clean_leftovers(keep_current=False)
             make_folder(self.path, "output_dir")
             atomic_write(self.config_path, lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+
+    def read_only_fix(self) -> str:
+        return ("A trained run still loads from a read-only folder (phase1.load_aligner); to "
+                f"train, resume or overwrite it, make the folder writable, or copy the run (cp -a {self.path} NEW) "
+                "and pass --output_dir NEW")
 
     def clean_leftovers(self, keep_current: bool = True):
         """Checkpoint folders and temporary files a crash left behind (never the current checkpoint)."""
@@ -258,6 +285,7 @@ class RunFolder:
             yield True
             return
         make_folder(self.path.parent, "output_dir")
+        check_writable(self.path.parent, f"the folder of the run's lock file {lock_file.name}", self.read_only_fix())
         with open(lock_file, "a") as handle:
             held, told = False, False
             while not held:
@@ -316,8 +344,10 @@ class RunFolder:
         shutil.rmtree(folder, ignore_errors=True)
         try:
             folder.mkdir(parents=True)
+            # the config it was trained under goes with the weights: config.yaml may be edited later (config_changes)
+            trained_under = {"config": self.config_path.read_text()} if self.config_path.is_file() else {}
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-                      metadata={"step": str(step)})
+                      metadata={"step": str(step), **trained_under})
             torch.save(state, folder / "state.pt")
             for path in (folder / "model.safetensors", folder / "state.pt", folder):
                 _fsync(path)
@@ -342,12 +372,50 @@ class RunFolder:
         _fsync(self.path)
         self.clean_leftovers()
 
+    def trained_config(self) -> str | None:
+        """The config.yaml the checkpoint was saved under (kept in its weights file), or None for a checkpoint saved
+        before it was kept there."""
+        from safetensors import safe_open
+        with safe_open(str(self._folder() / "model.safetensors"), "pt") as weights:
+            return (weights.metadata() or {}).get("config")
+
+    def restore_config(self):
+        """Write config.yaml back as the checkpoint was saved under it (what config_changes offers)."""
+        atomic_write(self.config_path, lambda tmp: tmp.write_text(self.trained_config()))
+
+    def config_changes(self) -> str:
+        """Why the checkpoint's weights may not fit the model config.yaml builds, and the fix: config.yaml was edited
+        or emptied after the checkpoint was saved, or the model was built from another config."""
+        trained = self.trained_config()
+        now = self.config_path.read_text() if self.config_path.is_file() else ""
+        other = f"it was saved from another model config than the one built: build the model from {self.config_path}"
+        if trained is None:
+            return (f"{other} (if that file was edited since the run trained, put its model values back: this "
+                    "checkpoint was saved before one kept a copy of it)")
+        changes = _differences(yaml.safe_load(trained) or {}, yaml.safe_load(now) or {})
+        if not changes:
+            return other
+        what = ("is empty" if not now.strip() else "was edited after the run trained; (trained with, now): "
+                f"{ {key: (value, new) for key, value, new in changes[:6]} }")
+        return (f"{self.config_path} {what}, so it builds another model than the one trained. Put the trained values "
+                "back, or restore the file as the checkpoint keeps it: python -c \"import loop; "
+                f"loop.RunFolder({str(self.path)!r}).restore_config()\"")
+
     def _folder(self) -> Path:
         folder = self.checkpoint
         if folder is None:
-            raise FileNotFoundError(f"no checkpoint in {self.path}: the run never finished an epoch, or the "
-                                    "folder is not a run; train it (or pass the output_dir of a trained run)")
+            raise FileNotFoundError(f"no checkpoint in {self.path}{self.link_elsewhere()}: the run never finished an "
+                                    "epoch, or the folder is not a run; train it (or pass the output_dir of a trained "
+                                    "run)")
         return folder
+
+    def link_elsewhere(self) -> str:
+        """Why a `checkpoint` link that leads out of the folder is not this run's checkpoint, or ""."""
+        link = self.path / CHECKPOINT
+        if not link.is_symlink() or link.resolve().parent == self.path.resolve():
+            return ""
+        return (f", as its checkpoint link leads to {link.resolve()}, outside the run folder, and another run's "
+                "weights are never read as this run's")
 
     def load_weights(self) -> dict[str, torch.Tensor]:
         return load_tensors(self._folder() / "model.safetensors")
@@ -434,6 +502,24 @@ class Opening:
         self.folder.start(self.config, self.resume, self.overwrite, self.ignore)
 
 
+def _differences(before: dict, after: dict) -> list[tuple[str, object, object]]:
+    """(key, before, after) for every flattened key whose value differs."""
+    before, after = flatten(before), flatten(after)
+    return [(key, before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key)]
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 of named tensors (names, dtypes, shapes, values): the identity of weights in memory, whichever file
+    (or none) they came from."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -460,15 +546,15 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors | (model.fitted_tensors() if hasattr(model, "fitted_tensors") else {})
 
 
-def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str):
-    """Load exactly the checkpoint's tensors: a missing, extra or reshaped tensor is an error, not a skip."""
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], run: RunFolder):
+    """Load exactly the checkpoint's tensors (of `run`): a missing, extra or reshaped tensor is an error, not a skip."""
     own = checkpoint_tensors(model)
     if hasattr(model, "complete_state"):  # tensors an older version of the model did not have yet
         tensors = model.complete_state(tensors)
+    source = run.checkpoint / "model.safetensors"
     mismatch = state_mismatch(own, tensors)
     if mismatch:
-        raise ValueError(f"{source} was saved from a different model config: {mismatch}; build the model from "
-                         "the config.yaml saved beside it")
+        raise ValueError(f"{source} does not fit the model built: {mismatch}; {run.config_changes()}")
     broken = [name for name, value in tensors.items() if value.is_floating_point() and not value.isfinite().all()]
     if broken:  # training never saves one (fit's guard): the file was damaged or written by something else
         raise ValueError(f"{source} holds NaN or infinite values in {broken[:5]}; it was damaged after saving or "

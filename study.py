@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+import encoders
 import evaluate
 import phase1
 import plots
@@ -252,6 +253,45 @@ def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
     order = np.argsort(pd.Index(families).map(list(dict.fromkeys(families)).index), kind="stable")
     table.index = pd.MultiIndex.from_arrays([families, table.index], names=["family", "variant"])
     return table.iloc[order]
+
+
+# summary_table's two dozen columns scroll past a notebook's output area; split by what they measure, each part has
+# at most four "mean ± std" columns beside the designs' names and fits it (tests/test_browser.py measures it): a
+# title, then each column's short header and its name in `headline`, less the modality, which heads the columns of a
+# number each modality has
+SUMMARY_PARTS = {
+    "Registers and vision→touch retrieval": {
+        "shared tokens": "n_shared", "registers": "n_registers", "seeds": "seeds", "R@1 pair, k=1": "R@1 pair, k=1",
+        "R@1 pair, k=n_shared": "R@1 pair, k=n_shared", "R@1 factor, k=n_shared": "R@1 factor, k=n_shared"},
+    "Preservation cosine: each modality's frozen features from its own tokens": {
+        "k=1": "recon cos, k=1", "k=all": "recon cos, k=all"},
+    "Own private factors in the shared part, k=n_shared (worst factor; 0 chance, 1 perfect)": {
+        "shared embedding": "leak into shared embedding (max), k=n_shared",
+        "shared tokens": "leak into shared tokens (max), k=n_shared"},
+    "Shared factors from the shared embedding, k=n_shared (mean; 0 chance, 1 perfect)": {
+        "all": "shared factors from shared embedding (mean), k=n_shared",
+        "fine": "fine shared from shared embedding (mean), k=n_shared"},
+    "Coarse shared factors from the shared tokens, k=n_shared (worst factor; 0 chance, 1 perfect)": {
+        "": "coarse shared factors from shared tokens (min), k=n_shared"},
+    "Own private factors from the private tokens, k=all": {
+        "score (mean; 0 chance, 1 perfect)": "own private from private tokens (mean), k=all",
+        "probe accuracy (worst coarse factor)": "own private accuracy from private tokens (min), k=all"},
+}
+
+
+def summary_parts(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """`summary_table` as SUMMARY_PARTS: title -> the part's table, variants under their families as there."""
+    table = summary_table(rows)
+    parts = {}
+    for title, headers in SUMMARY_PARTS.items():
+        per_modality = {(m, header): f"{m} {name}" for m in encoders.MODALITIES for header, name in headers.items()
+                        if f"{m} {name}" in table}
+        if per_modality:
+            parts[title] = table[list(per_modality.values())].set_axis(pd.MultiIndex.from_tuples(per_modality), axis=1)
+        else:
+            parts[title] = table[list(headers.values())].set_axis(list(headers), axis=1)
+    # "mean ± std" held together by no-break spaces: a narrow table wraps a header or a name, never a number
+    return {title: part.map(lambda cell: str(cell).replace(" ± ", "\u00a0±\u00a0")) for title, part in parts.items()}
 
 
 def targets(run_dir: str | os.PathLike) -> dict:

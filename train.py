@@ -217,9 +217,8 @@ def refuse_what_would_be_ignored(cfg: TrainConfig, args: argparse.Namespace, ove
 
 def eval_summary(path: Path) -> str:
     """eval.json's retrieval at every k, a row per direction and its chance level, and where the rest is."""
-    table = evaluate.read_eval(path)
-    columns = [c for c in table.columns if " R@1" in c or c.startswith("chance@1") or c == evaluate.TVL_TOP1]
-    return (f"R@1 on the test split by number of tokens k:\n{table[columns].T.to_string(float_format='%.3f')}\n"
+    table = evaluate.retrieval_columns(evaluate.read_eval(path))
+    return (f"R@1 on the test split by number of tokens k:\n{table.T.to_string(float_format='%.3f')}\n"
             f"every metric at every k: {path}")
 
 

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import plots
+from config import make_folder
 from results import measured_on
 
 ROOT = Path(__file__).resolve().parent
@@ -145,6 +146,16 @@ def sync_notebooks() -> list[Path]:
     return written
 
 
+def check_notebook(path: Path):
+    """Refuse, naming the notebooks there are, a path that is no notebook of the workbook (a jupytext .py file)."""
+    names = [p.relative_to(ROOT).as_posix() for p in notebook_paths()]
+    if not path.is_file():
+        raise FileNotFoundError(f"--execute {path}: no such file; the notebooks are {names}")
+    if path.suffix != ".py" or "# %%" not in path.read_text(errors="replace"):
+        raise ValueError(f"--execute {path} is not a notebook: the workbook's are jupytext .py files of `# %%` "
+                         f"cells, {names}")
+
+
 def execute(py_path: Path, out_dir: Path, smoke: bool) -> Path:
     """Execute one notebook with the repo root as working directory; write the executed copy. No cell has a
     time limit (a training cell on a slow machine must not be killed); a dead kernel is noticed within seconds
@@ -199,11 +210,11 @@ def settle_widgets(nb, closed: set[str]):
     outputs of widgets the kernel closed are removed with their saved state (a live notebook removes such a widget,
     every `leave=False` bar once done: dozens in notebook 04's phase-2 cell), a progress bar left on screen
     gets its last frame as its text ("phase 2 · captioning: 100%|██████████| 744/744 [02:15<00:00, ...]"), and
-    every other widget becomes its `static_outputs`."""
+    every other widget becomes its `static_outputs`. The saved state keeps only the models of the widgets still
+    shown: not those closed or turned into static outputs, nor those whose output a cell cleared without closing
+    them (a bar under clear_output: notebook 03 left about twenty)."""
     import html
     state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
-    for model_id in closed & set(state):
-        del state[model_id]
 
     def last_frame(model_id: str) -> str | None:  # tqdm's notebook bar: HBox(HTML, FloatProgress, HTML)
         children = [state.get(c.removeprefix("IPY_MODEL_"), {}) for c in state.get(model_id, {}).get("state", {}).get("children", [])]
@@ -230,18 +241,35 @@ def settle_widgets(nb, closed: set[str]):
             else:
                 shown += static_outputs(view["model_id"], state)
         cell.outputs = shown
+    kept = set()
+    views = [o["data"][WIDGET_VIEW]["model_id"] for c in nb.cells for o in c.get("outputs", [])
+             if WIDGET_VIEW in o.get("data", {})]
+    while views:
+        model_id = views.pop()
+        if model_id in state and model_id not in kept:
+            kept.add(model_id)
+            views += _named_models(state[model_id])
+    for model_id in set(state) - kept:
+        del state[model_id]
+
+
+def _named_models(model: dict) -> list[str]:
+    """The ids of the widget models that a saved model's state names: its children, layout and style."""
+    return [ref.removeprefix("IPY_MODEL_") for value in model.get("state", {}).values()
+            for ref in (value if isinstance(value, list) else [value])
+            if isinstance(ref, str) and ref.startswith("IPY_MODEL_")]
 
 
 def static_outputs(model_id: str, state: dict) -> list:
     """A widget's last state as ordinary outputs, which JupyterLab shows in a notebook opened without its kernel
     (an executed notebook is untrusted, and JupyterLab renders no widget view there, only the text repr
     "VBox(children=(..."): a line with each control's value, each Image widget's picture, each HTML widget's HTML
-    (notebook 04's k table), each Output widget's outputs. The widgets' saved state goes, as nothing shows it any more."""
+    (notebook 04's k table), each Output widget's outputs."""
     import nbformat
     controls, rich = [], []
 
     def walk(model_id: str):
-        model = state.pop(model_id, {})
+        model = state.get(model_id, {})
         values = model.get("state", {})
         if model.get("model_name") == "ImageModel":
             picture = [b["data"] for b in model.get("buffers", []) if b["path"] == ["value"]]
@@ -254,10 +282,8 @@ def static_outputs(model_id: str, state: dict) -> list:
         elif values.get("description") and ("value" in values or "index" in values):
             labels = values.get("_options_labels")
             controls.append(f"{values['description']} = {labels[values['index']] if labels else values['value']}")
-        for value in values.values():  # children, and the layout and style models that only it uses
-            for ref in value if isinstance(value, list) else [value]:
-                if isinstance(ref, str) and ref.startswith("IPY_MODEL_"):
-                    walk(ref.removeprefix("IPY_MODEL_"))
+        for child in _named_models(model):
+            walk(child)
 
     walk(model_id)
     if controls:
@@ -316,7 +342,8 @@ def main(argv=None):
         print("\n".join(map(str, sync_notebooks())) or "notebooks already in sync")
     elif args.execute:  # demo.run stops this process with SIGINT, which a shell may ignore in background jobs
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        execute(args.execute, args.out, args.smoke)
+        check_notebook(args.execute)
+        execute(args.execute, make_folder(args.out, "--out"), args.smoke)
     else:
         parser.error("say --sync, or --execute NOTEBOOK (make demo runs every notebook: demo.py)")
 

@@ -1,18 +1,24 @@
 """Every bad input, in one table: each gives one error whose words name the value, the file where there is
 one, and the fix. A case is (what the user does, the exception, a regex of the words the message must hold).
 Nothing already trained is touched by a refused command (checked for the cases that meet a trained run)."""
+import contextlib
 import dataclasses
+import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 import data
+import demo
 import llm_integration as L
 import loop
 import phase1
 import train
+import workbook
 from conftest import TINY, make_mm, tiny
 from encoders import create_encoder
 
@@ -200,11 +206,13 @@ CASES = {
                            ValueError, r"copy/checkpoint-\d+/state.pt is damaged or truncated"),
     "weights of a bigger model": (lambda t, p: loop.load_trainable(
                                       phase1.build_model(phase1.load_config(t / "config.yaml", **{"model.n_layers": 2})),
-                                      loop.RunFolder(t).load_weights(), t),
-                                  ValueError, r"saved from a different model config.*missing tensors \['encoders.touch.blocks.1"),
+                                      loop.RunFolder(t).load_weights(), loop.RunFolder(t)),
+                                  ValueError, r"does not fit the model built:.*missing tensors \['encoders.touch."
+                                              r"blocks.1.*saved from another model config than the one built: build "
+                                              r"the model from .*config.yaml"),
     "weights of a smaller model": (lambda t, p: loop.load_trainable(
                                        phase1.build_model(phase1.load_config(t / "config.yaml", **{"model.n_registers": 2})),
-                                       loop.RunFolder(t).load_weights(), t),
+                                       loop.RunFolder(t).load_weights(), loop.RunFolder(t)),
                                    ValueError, r"shape mismatches \['decoders.touch|shape mismatches \['encoders"),
     "--phase1_run that does not exist": (lambda t, p: L.main(["--phase1_run", str(p / "no-run"), "--output_dir",
                                                               str(p / "out")]),
@@ -267,6 +275,10 @@ CASES = {
                                   FileExistsError, r"output_dir .*taken is a file, not a folder; choose another"),
     "cache_dir under a file": (lambda t, p: train.train(tiny(file_in(p, "taken") / "features", p / "run")),
                                FileExistsError, r"cache_dir .*taken/features cannot be a folder: .*taken is a file"),
+    "cache_dir the run folder": (lambda t, p: train.parse_args(["--output_dir", str(p / "run"), "--set",
+                                                                f"cache_dir={p / 'run'}"]),
+                                 ValueError, r"cache_dir '.*run' lies in the run folder .*run, which holds only what a "
+                                             r"run writes.*e.g. cache_dir: cache/features"),
     "--datasets_dir without data": (lambda t, p: train.train(train.parse_args(["--datasets_dir", str(p),
                                                                                "--output_dir", str(p / "o")])[0]),
                                     FileNotFoundError, r"no TVL train.csv with rows found under"),
@@ -298,6 +310,22 @@ CASES = {
                                ValueError, r"cpu_threads must be at least 0, got -1"),
     "phase 2 --seeds 0 0": (lambda t, p: L.main(phase2_flags(t, p, "--seeds", "0", "0")),
                             ValueError, r"seeds \[0, 0\] name \[0\] more than once.*--seeds 0 1 2"),
+    "phase 2 --overwrite into its phase-1 run": (
+        lambda t, p: L.main(["--phase1_run", str(t), "--output_dir", str(t), "--overwrite"]),
+        FileExistsError, r"output_dir .*run holds the phase-1 run --phase1_run names: phase 2 writes a run folder of "
+                         r"its own .*--overwrite included; nothing in it was touched. Choose a new --output_dir, e.g. "
+                         r"--output_dir .*run-phase2"),
+    "workbook --execute a notebook that does not exist": (
+        lambda t, p: workbook.main(["--execute", str(p / "nope.py"), "--out", str(p / "wb")]),
+        FileNotFoundError, r"--execute .*nope.py: no such file; the notebooks are \[.*'notebooks/01_"),
+    "workbook --execute a file that is no notebook": (
+        lambda t, p: workbook.main(["--execute", str(workbook.ROOT / "README.md"), "--out", str(p / "wb")]),
+        ValueError, r"--execute .*README.md is not a notebook: the workbook's are jupytext .py files.*notebooks/01_"),
+    "workbook --out a file": (lambda t, p: workbook.main(["--execute", str(workbook.notebook_paths()[0]), "--out",
+                                                          str(file_in(p, "wb"))]),
+                              FileExistsError, r"--out .*wb cannot be a folder: .*wb is a file; choose another --out"),
+    "make demo --out a file": (lambda t, p: demo.main(["--out", str(file_in(p, "wb")), "--only", "01"]),
+                               FileExistsError, r"--out .*wb cannot be a folder: .*wb is a file; choose another --out"),
     "--model_name folder that does not exist": (lambda t, p: L.load_decoder(str(p / "nodec")),
                                                 FileNotFoundError, r"decoder folder .*nodec does not exist; pass "
                                                                    r"--model_name a folder that save_pretrained wrote"),
@@ -309,6 +337,21 @@ CASES = {
     "train.csv repeating its rows": (lambda t, p: csv_dataset(csv_with_test_rows_in_train(p, False), split="test"),
                                      ValueError, r"test.csv: \d+ of its images are training images too .*train.csv "
                                                  r"names those images in several rows"),
+    "CSV of one row, its test split asked": (lambda t, p: csv_dataset(data.write_csv_dataset(p / "mine", {"train": [
+        {"vision": torch.rand(3, 8, 8), "caption": "photo"}]}), split="test"),
+                                             ValueError, r"mine/test.csv: there is no test.csv, so its rows are carved "
+                                                         r"from train.csv, which has 1 row: they split into train 1, "
+                                                         r"val 0 and test 0 rows; give train.csv at least 3 rows"),
+    "CSV row with an empty image cell": (lambda t, p: csv_dataset(csv_with_header(p, "vision,caption", ",photo 9"),
+                                                                  split="test"),
+                                         ValueError, r"mine/train.csv, line 4: the vision cell is empty; fill in the "
+                                                     r"image's path .*delete the line, or pass skip_missing=True"),
+    "CSV row naming a folder": (lambda t, p: csv_dataset(csv_with_header(p, "vision,caption", "images,photo 9")),
+                                ValueError, r"mine/train.csv, line 4: vision 'images' is the folder .*mine/images, not "
+                                            r"an image file; fill in the image's path"),
+    "CSV row of commas only": (lambda t, p: csv_dataset(csv_with_header(p, "vision,caption", ",")),
+                               ValueError, r"mine/train.csv, line 4 holds commas and no values \(a spreadsheet writes "
+                                           r"such rows for cells it cleared\); .*delete the line"),
     "float image beyond 0-255": (lambda t, p: data.load_image(float_tiff(p, -3), 8),
                                  ValueError, r"image .*float.tif is a float image with values in \[-3, -3\]"),
     "--stage1_checkpoint that does not exist": (
@@ -369,6 +412,9 @@ def test_yaml_reads_plain_values_as_yaml_1_2_means_them(tmp_path):
     cfg, _ = train.parse_args(["--set", "seed=010", "log_name=on", "cpu_bf16=yes"])
     assert (cfg.seed, cfg.log_name, cfg.cpu_bf16) == (10, "on", True)
     assert L.load_llm_config(yaml_file(tmp_path, "prompt: yes\n")).prompt == "yes"
+    # YAML 1.1 reads an unquoted date as a date, which a string key refused; 1.2 has no dates: the text as typed
+    assert phase1.load_config(yaml_file(tmp_path, "log_name: 2024-01-01\n")).log_name == "2024-01-01"
+    assert train.parse_args(["--set", "log_name=2024-01-01"])[0].log_name == "2024-01-01"
 
 
 def test_a_float_image_in_0_1_is_seen_as_grey_not_black(tmp_path):
@@ -528,7 +574,8 @@ def test_what_a_run_folder_holds_that_save_did_not_write_is_never_deleted(traine
     elsewhere.mkdir()
     (elsewhere / "checkpoint").symlink_to(loop.RunFolder(trained).checkpoint)  # another run's weights, by path
     shutil.copy(trained / "config.yaml", elsewhere / "config.yaml")
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*elsewhere"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*elsewhere, as its checkpoint link leads "
+                                                 r"to .*checkpoint-\d+, outside the run folder"):
         phase1.load_aligner(elsewhere)
 
 
@@ -550,6 +597,14 @@ def test_phase2_refuses_a_phase1_run_that_changed_or_never_finished(trained, dec
     L.main(flags)
     run = loop.RunFolder(phase1_run)
     assert yaml.safe_load((out / "config.yaml").read_text())["phase1_weights"] == run.weights_digest()
+    aligner = phase1.load_aligner(phase1_run)
+    L.MultimodalLLM.load(out, aligner)  # the phase-1 model it was trained on, passed in by hand
+    with torch.no_grad():
+        next(aligner.model.parameters()).add_(0.01)  # the same model changed in memory: trained further, say
+    with pytest.raises(ValueError, match=r"the aligner given to MultimodalLLM.load is not the phase-1 model the "
+                                         r"phase-2 run .*p2 was trained on: its tensors are sha256 [0-9a-f]{16}…, the "
+                                         r"run recorded [0-9a-f]{16}….*Pass the one it was trained on"):
+        L.MultimodalLLM.load(out, aligner)
     weights, state, step = run.load_weights(), run.load_state(), run.checkpoint_step()
     run.save(step, {name: value + 0.01 for name, value in weights.items()}, state)  # retrained: other weights
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
@@ -567,3 +622,65 @@ def test_phase2_refuses_a_phase1_run_that_changed_or_never_finished(trained, dec
                                          r"its 1 epochs done.*Finish it first"):
         L.main([*flags[:3], str(tmp_path / "p2-new"), *flags[4:]])
     assert not (tmp_path / "p2-new").exists()
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda text: text.replace("n_registers: 4", "n_registers: 8"),
+     r"config.yaml was edited after the run trained; \(trained with, now\): \{'model.n_registers': \(4, 8\)\}"),
+    (lambda text: "", r"config.yaml is empty")], ids=["edited", "emptied"])
+def test_a_config_yaml_edited_after_training_is_named_and_can_be_restored(trained, tmp_path, edit, words):
+    """The checkpoint keeps the config.yaml it was trained under: loading after that file was edited or emptied says
+    so (not that the weights are another model's), and restore_config, the command the message gives, puts it back."""
+    copy = shutil.copytree(trained, tmp_path / "copy", symlinks=True)
+    (copy / "config.yaml").write_text(edit((copy / "config.yaml").read_text()))
+    with pytest.raises(ValueError, match=rf"{words}, so it builds another model than the one trained. Put the "
+                                         r"trained values back, or restore the file .*restore_config\(\)") as err:
+        phase1.load_aligner(copy)
+    command = re.search(r'python -c "(.*)"', str(err.value)).group(1)
+    exec(command, {})  # what the user pastes
+    assert (copy / "config.yaml").read_text() == (trained / "config.yaml").read_text()
+    phase1.load_aligner(copy)
+
+
+@contextlib.contextmanager
+def read_only(*folders):
+    """Folders nothing can be written in, as a user meets them: without write permission, or, for root (whom
+    permissions do not stop), with the immutable flag (chattr +i), taken off again afterwards."""
+    root = os.geteuid() == 0
+    for folder in folders:
+        subprocess.run(["chattr", "+i", str(folder)], check=True) if root else folder.chmod(0o555)
+    try:
+        yield
+    finally:
+        for folder in folders:
+            subprocess.run(["chattr", "-i", str(folder)], check=True) if root else folder.chmod(0o755)
+
+
+def test_a_read_only_run_folder_is_named_and_still_loads(trained, tmp_path):
+    """--resume of a run in a read-only folder (or beside a read-only lock file's folder) stops before writing, naming
+    the folder and the fix; the run is untouched and still loads."""
+    run = shutil.copytree(trained, tmp_path / "shared" / "run", symlinks=True)
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    flags = [flag.replace(str(trained), str(run)) for flag in flags_of(trained, "--resume")]
+    with read_only(run.parent):  # where the run's lock file goes
+        with pytest.raises(PermissionError, match=rf"{run.parent} \(the folder of the run's lock file run.lock\) is "
+                                                  r"read-only .*nothing in it was written.*still loads.*cp -a "
+                                                  rf"{run} NEW\) and pass --output_dir NEW"):
+            train.main(flags)
+    with read_only(run):
+        with pytest.raises(PermissionError, match=rf"{run} \(the run folder\) is read-only"):
+            train.main(flags)
+        phase1.load_aligner(run)
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+def test_a_read_only_feature_cache_is_read_when_warm_and_named_when_cold(trained, cache_dir, tmp_path):
+    warm, cold = shutil.copytree(cache_dir, tmp_path / "warm"), tmp_path / "cold"
+    cold.mkdir()
+    cfg = phase1.load_config(trained / "config.yaml")
+    with read_only(warm, cold):
+        train.train(dataclasses.replace(cfg, cache_dir=str(warm), output_dir=str(tmp_path / "run")))
+        with pytest.raises(PermissionError, match=rf"cache_dir {cold} is read-only .*the features .* are not cached "
+                                                  r"there yet.*make it writable, or pass a cache_dir of your own"):
+            train.train(dataclasses.replace(cfg, cache_dir=str(cold), output_dir=str(tmp_path / "run2")))
+    assert not (tmp_path / "run2").exists()

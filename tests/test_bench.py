@@ -2,6 +2,7 @@
 the baseline's code, so the ratio it prints reads about 1. These tests check the switch at tiny sizes by what
 runs, never by how long it takes (timings on a shared machine would make them flaky); the ratio arithmetic is
 checked with a made-up clock."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,3 +106,56 @@ def test_scale_trains_an_epoch_from_disk_with_and_without_its_optimisations(tmp_
         result = bench_scale.train_from(tmp_path, False, epochs=1, batch=4, block=1 if off else 4, prefetch=not off,
                                         drop_each_epoch=True)
         assert result["samples"] == 8 and result["samples_per_s"] > 0 and result["peak_rss_gb"] > 0
+        # waits for a CPU are part of the wall time, so leaving them out can only make the rate higher
+        assert 0 <= result["cpu_wait_s"] < result["seconds"]
+        assert result["samples_per_s_unwaited"] >= result["samples_per_s"]
+
+
+def fake_proc(tmp_path, memory_in_v2: bool):
+    """A fake /proc/self naming two memory hierarchies in tmp_path, a v1 one and a v2 one (whose controller the
+    process's own group enables for its children only if memory_in_v2), this process's own group being
+    "session" in both; each own group has its hierarchy's swap file, so a child group gets it written too."""
+    own = {"v1": tmp_path / "memory" / "session", "v2": tmp_path / "unified" / "session"}
+    for group in own.values():
+        group.mkdir(parents=True)
+    (own["v1"] / "memory.memsw.limit_in_bytes").write_text("9223372036854771712")
+    (own["v2"] / "memory.swap.max").write_text("max")
+    (own["v2"] / "cgroup.subtree_control").write_text("cpu memory" if memory_in_v2 else "cpu")
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "mounts").write_text(f"proc /proc proc rw 0 0\ncgroup {tmp_path / 'memory'} cgroup rw,relatime,memory 0 0\n"
+                                 f"cgroup2 {tmp_path / 'unified'} cgroup2 rw,relatime 0 0\n")
+    (proc / "cgroup").write_text("5:pids:/\n4:memory:/session\n0::/session\n")
+    return proc, own
+
+
+@pytest.mark.parametrize("files", [bench_scale.CGROUP_V2, bench_scale.CGROUP_V1], ids=["v2", "v1"])
+def test_scale_runs_the_disk_side_alone_in_a_limited_child_cgroup_and_removes_it(tmp_path, files):
+    proc, own = fake_proc(tmp_path, memory_in_v2=files is bench_scale.CGROUP_V2)  # v1 only where v2 cannot serve
+    with pytest.raises(KeyboardInterrupt):
+        with bench_scale.memory_limit(1_500_000_000, systemd_run="no-such-systemd-run", proc=proc) as limit:
+            group = limit.group
+            assert group.parent == own[files.version] and limit.files is files
+            assert f"cgroup {files.version} memory controller" in limit.mechanism
+            assert "not systemd-run --user: No such file or directory" in limit.mechanism
+            assert (group / files.limit).read_text() == "1500000000"
+            # v1's memsw limit counts memory and swap together, v2's swap.max swap alone: either way no swap
+            assert (group / files.swap).read_text() == ("1500000000" if files is bench_scale.CGROUP_V1 else "0")
+            child = subprocess.run(limit.prefix + [sys.executable, "-c", "import os; print(os.getpid())"],
+                                   capture_output=True, text=True, check=True)
+            assert (group / "cgroup.procs").read_text().split() == [child.stdout.strip()]  # the child, nothing else
+            (group / files.peak).write_text("1499996160\n")
+            assert limit.peak() == f"1.50 GB ({files.peak})"
+            for control_file in group.iterdir():  # the kernel's vanish with their group; a fake group's do not
+                control_file.unlink()
+            raise KeyboardInterrupt  # Ctrl-C during the run
+    assert not group.exists() and group.parent.exists()
+
+
+def test_scale_drops_the_page_cache_each_epoch_where_no_limit_can_be_set(tmp_path):
+    (tmp_path / "mounts").write_text("proc /proc proc rw 0 0\n")
+    (tmp_path / "cgroup").write_text("0::/\n")
+    with bench_scale.memory_limit(1_500_000_000, systemd_run="no-such-systemd-run", proc=tmp_path) as limit:
+        assert limit.prefix == [] and limit.group is None and limit.peak() == ""
+        assert limit.mechanism.startswith("no memory limit can be set here (systemd-run --user: No such file")
+        assert "cgroup v2: no memory controller" in limit.mechanism and "posix_fadvise" in limit.mechanism

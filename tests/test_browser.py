@@ -208,7 +208,11 @@ def test_notebook_runs_in_the_browser_and_shows_its_figures(py, lab, page, scree
     images.last.scroll_into_view_if_needed()
     page.screenshot(path=screenshots / f"{py.stem}-last-figure.png")
     for text, shot in SHOWN.get(py.stem[:2], {}).items():
-        cell_screenshot(page, text, screenshots / f"{py.stem}-{shot}.png")
+        cell = cell_screenshot(page, text, screenshots / f"{py.stem}-{shot}.png")
+        wider = cell.evaluate("""cell => [...cell.querySelectorAll('.jp-OutputArea-output table')].map(table =>
+            [table.getBoundingClientRect().width, table.closest('.jp-OutputArea-output').clientWidth])
+            .filter(([table, area]) => table > area)""")
+        assert not wider, f"{name}: tables wider than their output area (table, area px): {wider}"
     if py.stem.startswith("03"):
         check_k_slider(page, screenshots / py.stem)
     shut_down_kernels(lab)

@@ -350,6 +350,40 @@ def test_each_torchrun_rank_draws_its_own_nested_dropout():
 
 
 
+def check_start_worker(rank, store, cases, out_dir):
+    """For each case, this rank checks the run folder the case names for it, then joins an all-reduce, as training's
+    first step does; it writes what its check said."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        outcomes = []
+        for folders in cases:
+            try:
+                loop.RunFolder(folders[rank], main=rank == 0).check_start({"lr": 0.1}, resume=False)
+                outcomes.append("starts")
+            except FileExistsError as err:
+                outcomes.append(f"refused: {err}")
+            torch.distributed.all_reduce(torch.ones(()))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcomes))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_torchrun_rank_0_checks_the_run_folder_and_every_rank_does_what_it_found(tmp_path):
+    """Rank 1 would read the folder while rank 0 writes it, and a refusal on one rank alone leaves the other waiting
+    in its first all-reduce: every rank follows rank 0's check, whatever its own view of the folder (here another
+    folder: one rank 0 would refuse, as it holds a file this project did not write)."""
+    empty, foreign = tmp_path / "empty", tmp_path / "foreign"
+    empty.mkdir()
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    cases = [(str(empty), str(foreign)), (str(foreign), str(empty))]
+    torch.multiprocessing.spawn(check_start_worker, args=(str(tmp_path / "store"), cases, str(tmp_path)), nprocs=2)
+    outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == "starts" and outcomes[0][1].startswith(f"refused: {foreign} is not empty")
+
+
 def global_mean_worker(rank, store, out_dir):
     """Rank 0 holds 3 terms (1, 2, 3) of w·x, rank 1 one (10): the global batch's mean is 16/4 = 4, the mean of the
     ranks' means (2 + 10)/2 = 6."""

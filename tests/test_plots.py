@@ -1,6 +1,10 @@
 """Every figure of plots.py is readable at a notebook's width: drawn from the reference runs' own tables (the shapes
 a notebook draws), shown in an output area plots.NOTEBOOK_PX wide, its smallest text is at least plots.MIN_TEXT_PX
 tall on screen, and no legend lies over another panel."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -139,19 +143,42 @@ def test_every_text_is_readable_at_the_notebook_width(name):
     assert plots.smallest_text_px(fig) >= plots.MIN_TEXT_PX, f"{name}: {plots.smallest_text_px(fig):.1f} px"
 
 
+def drawn(fig):
+    """The Agg renderer of `fig` once drawn: laid out as savefig lays it out, every text at its rendered place."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
 @pytest.mark.parametrize("name", FIGURES)
 def test_no_legend_lies_over_another_panel(name):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     fig = FIGURES[name]()
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()  # lays the figure out as savefig does
-    renderer = canvas.get_renderer()
+    renderer = drawn(fig)
     panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
     for legend in fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]:
         box = legend.get_window_extent(renderer)
         over = [ax.get_title() or ax.get_label() for ax in panels
                 if ax is not legend.axes and ax.get_window_extent(renderer).overlaps(box)]
         assert not over, f"{name}: a legend covers {over}"
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_no_tick_labels_run_into_each_other(name):
+    """On a narrow panel too many ticks write "0.25 0.500.75": the rendered boxes of an axis's tick labels are
+    apart."""
+    fig = FIGURES[name]()
+    renderer = drawn(fig)
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis) if ax.get_visible() and ax.axison else ():
+            low, high = sorted(axis.get_view_interval())
+            shown = [tick.label1 for tick, at in zip(axis.get_major_ticks(), axis.get_majorticklocs())
+                     if low <= at <= high]  # a tick outside the view is not drawn
+            labels = [t for t in shown if t.get_visible() and t.get_text().strip()]
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            touching = [(labels[i].get_text(), labels[j].get_text()) for i in range(len(boxes))
+                        for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+            assert not touching, f"{name}, {ax.get_title()!r}: tick labels {touching} overlap"
 
 
 def test_a_figure_too_wide_for_the_notebook_is_measured_shrunk():
@@ -169,3 +196,21 @@ def test_a_figure_too_wide_for_the_notebook_is_measured_shrunk():
 def test_tables_show_three_significant_digits():
     assert [plots.significant(x) for x in (0.015625, 0.629189, 5.3e-18, 0.0, -0.0902, 12.345, 1234.5, float("nan"))] \
         == ["0.0156", "0.629", "0", "0", "-0.0902", "12.3", "1234", "–"]
+
+
+def test_figures_stay_png_of_plots_after_a_cell_imports_pyplot():
+    """Importing pyplot in a kernel (or ipywidgets.interact's first call) switches IPython to matplotlib_inline's
+    formatter for Figure, which drops plots.png's size and text-size chunk; plots takes its place back once the cell
+    is done. In a process of its own: pyplot's inline backend would stay in this test worker."""
+    script = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "from matplotlib.figure import Figure\n"
+        "shell = InteractiveShell.instance()\n"
+        "shell.run_cell('import plots', store_history=False).raise_error()\n"
+        "shell.run_cell('import matplotlib.pyplot as plt\\nplt.plot([0, 1])', store_history=False).raise_error()\n"
+        "fig = Figure()\nfig.subplots().plot([0, 1])\n"
+        "shown = shell.display_formatter.format(fig)[0]['image/png']\n"  # matplotlib_inline's: a base64 string
+        "print('drawn by plots.png:', isinstance(shown, bytes) and shell.user_ns['plots'].SMALLEST_TEXT.encode() in shown)\n")
+    env = {**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}  # what ipykernel sets
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout.strip().endswith("drawn by plots.png: True"), done.stdout + done.stderr

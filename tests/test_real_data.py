@@ -193,6 +193,7 @@ def test_seed_command_lines_train_end_to_end_on_tvl(flags, tvl_dir, stage1_check
     # test pairs each is a multiple of 1/8, so only an exact tie, ranked apart by the two computations, could split them)
     pair = (table["touch->vision R@1 pair"] + table["vision->touch R@1 pair"]) / 2
     np.testing.assert_allclose(table[evaluate.TVL_TOP1], pair, atol=1e-6)
+    assert evaluate.TVL_TOP1 in evaluate.retrieval_columns(table)  # what train.py prints and notebook 05 shows
     # each encoder got its images at its own size: 64 px vision, the checkpoint's 224 px touch
     touch = phase1.get_encoder(phase1.load_config(run / "config.yaml"), "touch")
     assert touch.cfg.image_size == 224

@@ -40,3 +40,15 @@ def test_the_readme_links_to_the_page_and_states_no_timing():
     readme = (results.ROOT / "README.md").read_text()
     assert "docs/results.md" in readme
     assert not re.findall(r"\d+(?:\.\d+)?\s*(?:minutes|seconds|s\b|x\b|×)", readme)
+
+
+def test_every_file_of_docs_that_the_project_names_is_there():
+    """A document removed (as the README's old timing history was) leaves no pointer to it behind."""
+    named = re.compile(r"docs/[\w./-]*\w\.(?:md|png|csv|json|yaml|xml)")
+    sources = [results.ROOT / name for name in ("README.md", "Makefile")] + [
+        path for pattern in ("*.py", "notebooks/*.py", "bench/*.py", "tests/*.py", "configs/**/*.yaml", "docs/*.md")
+        for path in results.ROOT.glob(pattern)]
+    written_by_make = {"docs/.speed.md"}  # make bench's file while it writes docs/speed.md
+    missing = {(path.name, name) for path in sources for name in named.findall(path.read_text())
+               if name not in written_by_make and not (results.ROOT / name).exists()}
+    assert not missing, f"(file, the docs/ file it names that is not there): {sorted(missing)}"

@@ -170,6 +170,22 @@ def test_the_notebooks_study_table_groups_variants_by_family():
         f"{plots.significant(default.mean())} ± {plots.significant(default.std())}"
 
 
+def test_the_notebooks_study_table_in_parts_shows_every_number_once_at_most_four_wide():
+    rows = pd.read_csv(study.REFERENCE / "runs.csv")
+    whole, parts = study.summary_table(rows), study.summary_parts(rows)
+    shown = []
+    for title, part in parts.items():
+        assert part.index.equals(whole.index), title
+        # a "mean ± std" column is 12-16 characters wide; "4 ± 0" registers or "3" seeds are narrow
+        assert sum(part[column].str.len().max() > 8 for column in part) <= 4, title
+        for column in part:
+            modality, header = column if isinstance(column, tuple) else ("", column)
+            name = f"{modality} {study.SUMMARY_PARTS[title][header]}".strip()
+            assert list(part[column].str.replace("\u00a0", " ")) == list(whole[name].astype(str)), name
+            shown.append(name)
+    assert sorted(shown) == sorted(whole.columns)  # each number in one part, none left out
+
+
 def test_unknown_variant_names_the_choices():
     with pytest.raises(ValueError, match="no leakage guard"):
         study.run_config("no such variant", 0)

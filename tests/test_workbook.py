@@ -314,11 +314,15 @@ def test_the_executed_copy_shows_what_the_live_notebook_shows_not_every_closed_p
     """A `leave=False` bar vanishes from a live notebook once done; in the executed copy it would stay as its first
     frame ("0%|"), dozens of them in notebook 04. Kept: a bar left on screen, showing its last frame. Any other widget
     becomes its last state, which JupyterLab shows without a kernel: its controls' values, its image, its Output
-    widget's outputs (not the text `VBox(children=(...`). The kernel talks over Unix sockets: no TCP warning."""
+    widget's outputs (not the text `VBox(children=(...`). A bar whose output a cell cleared without closing it
+    leaves no saved state: the saved widget state holds only models that the outputs show. The kernel talks over Unix
+    sockets: no TCP warning."""
     notebook = tmp_path / "01_bars.py"
     notebook.write_text(
-        "# %% [markdown]\n# Bars.\n\n# %%\nimport io\nimport ipywidgets\nfrom IPython.display import HTML, display\n"
-        "from PIL import Image\nfrom tqdm.auto import tqdm\n"
+        "# %% [markdown]\n# Bars.\n\n# %%\nfrom IPython.display import clear_output\nfrom tqdm.auto import tqdm\n"
+        "for _ in tqdm(range(3), desc='cleared, never closed'):\n    pass\nclear_output()\n\n"
+        "# %%\nimport io\nimport ipywidgets\nfrom IPython.display import HTML, display\n"
+        "from PIL import Image\n"
         "for _ in tqdm(range(3), desc='gone when done', leave=False):\n    pass\n"
         "for _ in tqdm(range(3), desc='left on screen'):\n    pass\n"
         "picture, table = io.BytesIO(), ipywidgets.Output()\nImage.new('RGB', (4, 4)).save(picture, 'png')\n"
@@ -330,8 +334,19 @@ def test_the_executed_copy_shows_what_the_live_notebook_shows_not_every_closed_p
     for name in (workbook.SMOKE_ENV, workbook.RUN_DIR_ENV, "PYTHONPATH"):  # execute sets them for the kernel
         monkeypatch.setenv(name, os.environ.get(name, ""))
     nb = json.loads(workbook.execute(notebook, out, smoke=True).read_text())
-    outputs = nb["cells"][1]["outputs"]
+    assert nb["cells"][1]["outputs"] == []
+    outputs = nb["cells"][2]["outputs"]
     state = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    shown = [o["data"][workbook.WIDGET_VIEW]["model_id"] for c in nb["cells"][1:] for o in c["outputs"]
+             if workbook.WIDGET_VIEW in o.get("data", {})]
+    reachable = set()
+    while shown:  # a shown model, and the models its state names (children, layout, style)
+        model_id = shown.pop()
+        reachable.add(model_id)
+        shown += [ref.removeprefix("IPY_MODEL_") for value in state[model_id]["state"].values()
+                  for ref in (value if isinstance(value, list) else [value])
+                  if isinstance(ref, str) and ref.startswith("IPY_MODEL_")]
+    assert set(state) == reachable
     bar = outputs[0]["data"]
     assert "".join(bar["text/plain"]).startswith("left on screen: 100%|██████████| 3/3 [")  # its last frame
     assert bar[workbook.WIDGET_VIEW]["model_id"] in state  # its saved state is kept
