@@ -28,10 +28,11 @@ import os
 from pathlib import Path
 
 from caption_eval import EVAL_FILES, eval_file, probe_ceiling, probe_ceilings, source_features, split_factors
-from captioner import MultimodalLLM, run_folder
+from captioner import MultimodalLLM
 from config import Flag, HelpFormatter, add_config_flags, config_overrides, shipped_or_given
 from llm_config import DECODER_TRAINING, DEFAULT_CONFIG, LLMConfig, PROJECTORS, ROOT, load_llm_config
 from phase2 import ABLATIONS, VALIDATION_REFERENCE, ensure_phase2, on_phase1_run, run_phase2, seed_statistics
+from phase2_run import run_folder
 from phase2_train import encode_tokens, fit_captioner, validation_numbers
 from projector import Projector, WHITENING_FLOOR
 from seed_api import train_captioning

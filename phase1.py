@@ -1,15 +1,18 @@
 """A phase-1 run as data: its config (`TrainConfig`, read from YAML by `load_config`; `design_on_testbed`) and
 what that config builds: the datasets (`make_dataset`), the frozen encoders (`get_encoder`, each built once per
-process), their cached features (`split_data`), the model (`build_model`), and a finished run loaded back
-(`load_aligner`, `run_folder`). Training them is train.py's; phase 2, the notebooks and the benchmarks build
+process), their cached features (`split_data`), the model (`build_model`), all of it at once for training
+(`prepared`), and a finished run loaded back (`load_aligner`, `run_folder`). Training them is train.py's; phase 2, the notebooks and the benchmarks build
 on this module without importing the training script."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -25,6 +28,8 @@ from features import Features
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+# what may differ when a run is resumed: where things are written and how often rows are logged
+RESUME_IGNORES = ("output_dir", "log_name", "cache_dir", "log_every", "leakage_probes")
 
 
 @dataclass
@@ -291,3 +296,55 @@ def to_yaml(cfg: TrainConfig, run_dir: str | os.PathLike | None = None) -> dict:
 def run_folder(path, main: bool = True) -> loop.RunFolder:
     """A phase-1 run folder; its config.yaml is compared field by field, missing fields read as defaults."""
     return loop.RunFolder(path, main, defaults=to_yaml(TrainConfig()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training's inputs, built at once
+
+@dataclass
+class Prepared:
+    """What training a phase-1 config takes (`prepared`): its run folder, held and checked; torchrun's ranks; each
+    split as (dataset, {modality: cached Features}) or (None, None); the model; an epoch's batches (this rank's share of
+    each global batch, `loop.index_batches`); the step's autocast."""
+    run: loop.Opening
+    dist: loop.Distributed
+    device: torch.device
+    splits: dict[str, tuple]
+    model: alignment.AlignmentModel
+    steps_per_epoch: int
+    batches: Callable[[int], list]
+    autocast: torch.autocast
+
+
+@contextlib.contextmanager
+def prepared(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Iterator[Prepared]:
+    """Everything train.train needs for `cfg`, in the order that writes nothing a refusal would leave behind: the run
+    folder held for this trainer and checked (`loop.RunFolder.opened`; `loop.fit` writes it), then every split's
+    cached features (rank 0 of a torchrun job fills the cache first; the test split on rank 0 only, which evaluates),
+    then the model with the initial weights of `cfg.seed`, on this rank's device."""
+    loop.check_hyperparameters(cfg, "phase-1 config")
+    dist = loop.Distributed()
+    device = core_device()
+    run = run_folder(cfg.run_dir, main=dist.main)
+    with run.opened(to_yaml(cfg, cfg.run_dir), resume, overwrite, RESUME_IGNORES) as opened:
+        with dist.main_first():  # rank 0 fills the feature cache: no two ranks write one cache folder
+            splits = {split: split_data(cfg, split) for split in ("train", "val")}
+            splits["test"] = split_data(cfg, "test") if dist.main else (None, None)
+        train_feats = splits["train"][1]
+        torch.manual_seed(cfg.seed)  # the initial weights (torchrun broadcasts rank 0's anyway)
+        model = build_model(cfg, train_feats)
+        model.set_feature_centres(train_feats)
+        model = model.to(device)
+        n = len(next(iter(train_feats.values())).pooled)
+        steps_per_epoch = n // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} samples); "
+                             f"use --batch_size {n} or less")
+        if device.type == "cpu" and cfg.cpu_bf16 and not loop.cpu_has_bf16_units():
+            warnings.warn("cpu_bf16 is true, but this CPU has no AVX-512 BF16 or AMX units: PyTorch emulates bf16 on it, "
+                          "and a step takes 10-30x as long as in float32 (bench/bench_step.py --bf16). Set "
+                          "cpu_bf16: false in the config (or --set cpu_bf16=false); it pays only on CPUs with those units")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.cpu_bf16)
+        global_batches = loop.index_batches(n, cfg.batch_size, cfg.seed, cfg.shuffle_block)
+        yield Prepared(opened, dist, device, splits, model, steps_per_epoch,
+                       lambda epoch: [dist.local_slice(index) for index in global_batches(epoch)], autocast)

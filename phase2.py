@@ -20,10 +20,11 @@ import loop
 import phase1
 from caption_eval import (EVAL_FILES, add_probe_ceiling, caption_eval_sources, eval_file, evaluate_captions,
                           probe_ceilings, split_factors)
-from captioner import MultimodalLLM, RESUME_IGNORES, check_phase1_weights, run_folder
+from captioner import MultimodalLLM
 from captions import attribute_baselines
 from config import atomic_write
 from llm_config import LLMConfig, ROOT
+from phase2_run import RESUME_IGNORES, check_phase1_weights, run_folder
 from phase2_train import encode_tokens, fit_captioner
 from token_sources import IMAGE_MODALITIES
 

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 import alignment
 import evaluate
 import loop
-from captioner import MultimodalLLM, RESUME_IGNORES, run_folder
+from captioner import MultimodalLLM
+from phase2_run import RESUME_IGNORES, run_folder
 from captions import attribute_accuracy
 from features import Features
 from token_sources import IMAGE_MODALITIES
@@ -59,9 +60,8 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} captions); "
                          f"use --batch_size {n} or less")
     run = None if output_dir is None else run_folder(output_dir, dist.main)
-    with run.exclusive(wait=False) if run else contextlib.nullcontext():  # one trainer per run folder
-        if run is not None:
-            run.check_start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
+    # one trainer per run folder, checked before anything is built; loop.fit writes it
+    with run.opened(mm.run_config(extra), resume, overwrite, RESUME_IGNORES) if run else contextlib.nullcontext() as opened:
         if not mm.trained:  # every rank fits the same tokenizer from the same captions; rank 0 saves it
             mm.fit_vocabulary(captions, None if run is None else run.path, resume, save=dist.main)
         longest = max(len(ids) for ids in mm.tokenizer(list(captions), add_special_tokens=False)["input_ids"])
@@ -72,8 +72,8 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
                           f"tokens of {cfg.model_name}'s tokenizer): generated captions that long are cut off and count as "
                           f"wrong. Set max_new_tokens to {longest} or more (--max_new_tokens, or leave it unset: it then "
                           "follows the captions)")
-        if run is not None:  # the config as trained, max_new_tokens fixed, so the run captions alike when loaded
-            run.start(mm.run_config(extra), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
+        if opened is not None:  # the config as trained, max_new_tokens fixed, so the run captions alike when loaded
+            opened.config = mm.run_config(extra)
         if cfg.standardize_tokens and not resume:  # a resumed run loads its own
             for m, projector in mm.projector.items():
                 if m in tokens:
@@ -101,7 +101,7 @@ def fit_captioner(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], captions: 
             return dist.global_mean(total, counted), {}
 
         epoch_end = None if val is None or not dist.main else lambda epoch: validation_numbers(mm, *val)
-        return loop.fit(mm, loss_fn, batches, steps_per_epoch * passes, cfg, run, resume=resume, epoch_end=epoch_end,
+        return loop.fit(mm, loss_fn, batches, steps_per_epoch * passes, cfg, opened, epoch_end=epoch_end,
                         callback=callback, desc="phase 2 · captioning", rank=dist.rank, threads=threads)
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from layouts import CSV_COLUMNS, TVL_CROP_SCALE, TVL_DATA3_TOP, write_csv
-from synthtouch import SynthTouch
+from synthtouch import SynthTouch, SynthTouchRenderer
 
 
 def write_csv_dataset(folder, splits: dict[str, list[dict]]) -> Path:
@@ -50,7 +50,7 @@ def write_tvl_layout(folder, splits: dict[str, "SynthTouch"], image_size: int = 
     images are the rendered ones (up to JPEG and resizing)."""
     folder, number = Path(folder), 0
     tables = {}  # csv path -> rows
-    gel = Image.new("RGB", (image_size, image_size), tuple(int(255 * c) for c in SynthTouch.GEL))
+    gel = Image.new("RGB", (image_size, image_size), tuple(int(255 * c) for c in SynthTouchRenderer.GEL))
     for split, dataset in splits.items():
         for i in tqdm(range(len(dataset)), desc=f"writing TVL {split}", leave=False):
             sample = dataset[i]

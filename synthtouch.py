@@ -1,5 +1,6 @@
 """SynthTouch, the touch-vision-language testbed whose latent factors are known, so the workbook can ask which register
-token carries which factor: the factors and how they are drawn, the renderer of both images, the captions.
+token carries which factor: the factors and how they are drawn (`SynthTouchFactors`), the renderer of both images
+(`SynthTouchRenderer`), and the dataset of seeded samples with their captions (`SynthTouch`).
 Every item is {"vision": 3xSxS float in [0,1], "touch": same, "caption": str, "factors": dict, "index": int}."""
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from images import float_image
 
 
-class SynthTouch(torch.utils.data.Dataset):
+class SynthTouchFactors:
+    """The latent factors: their values, who sees them, their words in captions, and how a sample draws them."""
     # discrete latent factors, each drawn uniformly; this order is also the caption order
     FACTORS = OrderedDict(
         texture=["stripes", "checker", "dots", "waves"],
@@ -28,7 +30,7 @@ class SynthTouch(torch.utils.data.Dataset):
     # retrieval has one right answer instead of a whole factor class. A quarter period, not a whole one: over a
     # whole period the phase moved 62 % of the frozen tokens' variance (v4) and drowned the fine factors
     CONTINUOUS_FACTORS = OrderedDict(phase_x=(0.0, 0.25), phase_y=(0.0, 0.25))
-    # how `_render` draws each phase, per texture: the period in pattern periods (φ and φ + period draw the
+    # how `SynthTouchRenderer.render` draws each phase, per texture: the period in pattern periods (φ and φ + period draw the
     # same surface), None where the texture does not depend on it (stripes run along y). A probe predicts
     # the phase on that circle (evaluate.probe_target); a test checks these against the renderer.
     PHASE_PERIODS = {"phase_x": dict(stripes=1, checker=1, dots=1, waves=1),
@@ -40,10 +42,6 @@ class SynthTouch(torch.utils.data.Dataset):
     # each quarter of the picture to brown (seen only), compliance lets the central tiles sink deeper into the
     # gel (felt only). A value is a tuple of side² floats, row by row.
     DETAILS = OrderedDict(wear=3, stain=2, compliance=2)
-    # how much of the image each grid covers: half the side of a centred square, in image widths. Every tile is
-    # a whole number of the frozen encoders' 8-pixel patches at 64 pixels (wear 16, stain 32, compliance 16 px),
-    # so no tile straddles a patch; wear and compliance do not share tile borders, so the gel tells them apart
-    DETAIL_EXTENT = dict(wear=0.375, stain=0.5, compliance=0.25)
     # coarse factors are about the whole image, fine ones about its parts (the information map's order)
     SCALE = dict(texture="coarse", orientation="coarse", roughness="coarse", phase_x="coarse", phase_y="coarse",
                  color="coarse", lighting="coarse", hardness="coarse", pressure="coarse",
@@ -68,60 +66,6 @@ class SynthTouch(torch.utils.data.Dataset):
     )
     FACTOR_OF_ADJECTIVE = {adjective: (name, value) for name, adjectives in ADJECTIVES.items()
                            for value, adjective in adjectives.items()}
-    SPLITS = ("train", "val", "test")
-    VERSION = "synthtouch-v5"  # changes whenever what a seed renders changes: it keys the feature cache
-
-    # rendering constants; lengths are fractions of the image so every image_size shows the same surface
-    CYCLES = dict(fine=8.0, medium=5.0, coarse=3.0)  # pattern periods across the image
-    RELIEF = dict(fine=0.6, medium=0.9, coarse=1.3)  # coarse surfaces have deeper grooves, felt as clearly
-    WAVE_ANGLE = dict(horizontal=90, diagonal=45, vertical=0, antidiagonal=135)  # degrees, of the wave vector
-    HUE = dict(red=(0.92, 0.16, 0.12), green=(0.18, 0.78, 0.22), blue=(0.20, 0.38, 0.96),
-               yellow=(0.95, 0.85, 0.15), purple=(0.62, 0.22, 0.82))
-    LIGHT = dict(dim=0.5, bright=1.0)
-    DEPTH = dict(soft=1.0, medium=0.65, hard=0.4)  # soft objects sink deeper into the gel ...
-    BLUR = dict(soft=0.03, medium=0.015, hard=0.004)  # ... and smear the imprint (Gaussian sigma)
-    CONTACT_RADIUS = dict(light=0.30, firm=0.41)
-    STAIN_HUE = np.array([0.45, 0.30, 0.12], dtype=np.float32)  # brown
-    GEL = np.array([0.70, 0.78, 0.90], dtype=np.float32)  # pale bluish background of a DIGIT sensor
-    LED_ANGLES = np.deg2rad([0.0, 120.0, 240.0]).astype(np.float32)  # red, green, blue LEDs on three sides
-
-    def __init__(self, n, seed=0, image_size=64, split="train"):
-        if int(n) != n or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        if image_size < 16:
-            raise ValueError(f"image_size must be >= 16 pixels, got {image_size!r}")
-        if split not in self.SPLITS:
-            raise ValueError(f"split must be one of {', '.join(self.SPLITS)}; got {split!r}")
-        self.n, self.seed, self.image_size, self.split = int(n), int(seed), int(image_size), split
-        self.split_id = self.SPLITS.index(split)
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        streams = self._streams(i)
-        sample = self._render(self._draw_factors(streams[0]), streams)
-        sample["index"] = int(i)
-        return sample
-
-    @property
-    def fingerprint(self):
-        return f"{self.VERSION}-n{self.n}-seed{self.seed}-s{self.image_size}-{self.split}"
-
-    @property
-    def captions(self):
-        return [self.caption_of(self.factors_of(i)) for i in range(self.n)]
-
-    def factors_of(self, i):
-        return self._draw_factors(self._streams(i)[0])
-
-    def factor_table(self):
-        # discrete factors as integer codes into FACTORS[name], continuous ones as floats, details as N×side²
-        rows = [self.factors_of(i) for i in range(self.n)]
-        table = {name: np.array([values.index(r[name]) for r in rows]) for name, values in self.FACTORS.items()}
-        table.update({name: np.array([r[name] for r in rows]) for name in (*self.CONTINUOUS_FACTORS, *self.DETAILS)})
-        return table
-
     @classmethod
     def describe(cls, name: str) -> str:
         """A factor's values in words, for tables."""
@@ -136,29 +80,26 @@ class SynthTouch(torch.utils.data.Dataset):
         """Whether a probe regresses the factor (R²) rather than classifying it (accuracy)."""
         return name in cls.CONTINUOUS_FACTORS or name in cls.DETAILS
 
-    def render(self, factors, seed):
-        """One sample from chosen factors; the rest, and the noise, come from `seed`."""
+    @classmethod
+    def checked(cls, factors):
+        """Chosen factors, each checked against its allowed values; details as tuples of floats."""
         for name, value in factors.items():
-            if name in self.FACTORS:
-                if value not in self.FACTORS[name]:
-                    raise ValueError(f"factor {name!r} has no value {value!r}; allowed: {self.FACTORS[name]}")
-            elif name in self.CONTINUOUS_FACTORS:
-                low, high = self.CONTINUOUS_FACTORS[name]
+            if name in cls.FACTORS:
+                if value not in cls.FACTORS[name]:
+                    raise ValueError(f"factor {name!r} has no value {value!r}; allowed: {cls.FACTORS[name]}")
+            elif name in cls.CONTINUOUS_FACTORS:
+                low, high = cls.CONTINUOUS_FACTORS[name]
                 if not low <= value < high:
                     raise ValueError(f"factor {name!r} value {value!r} is outside [{low}, {high})")
-            elif name in self.DETAILS:
-                tiles = self.DETAILS[name] ** 2
+            elif name in cls.DETAILS:
+                tiles = cls.DETAILS[name] ** 2
                 if np.shape(value) != (tiles,) or not all(0 <= v < 1 for v in value):
                     raise ValueError(f"factor {name!r} needs {tiles} values in [0, 1), one per tile; got {value!r}")
                 factors = {**factors, name: tuple(float(v) for v in value)}
             else:
                 raise ValueError(f"unknown factor {name!r} (value {value!r}); allowed factors: "
-                                 f"{list(self.FACTORS) + list(self.CONTINUOUS_FACTORS) + list(self.DETAILS)}")
-        streams = self._streams_from(np.random.SeedSequence(seed))
-        # draw every factor first so that fixing one factor never shifts the others
-        sample = self._render({**self._draw_factors(streams[0]), **factors}, streams)
-        sample["index"] = -1
-        return sample
+                                 f"{list(cls.FACTORS) + list(cls.CONTINUOUS_FACTORS) + list(cls.DETAILS)}")
+        return factors
 
     @classmethod
     def caption_of(cls, factors):
@@ -175,36 +116,51 @@ class SynthTouch(torch.utils.data.Dataset):
                 parsed[name] = value
         return parsed
 
-    # --- internals
-
-    def _streams(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(f"index {i} out of range for SynthTouch of length {self.n}")
-        return self._streams_from(np.random.SeedSequence([self.seed, self.split_id, int(i)]))
-
-    @staticmethod
-    def _streams_from(seed_sequence):
-        # factors, vision noise and touch noise each get their own stream, so no modality's noise
-        # depends on factor values or on the other modality: private factors stay pixel-exactly private
-        return [np.random.default_rng(s) for s in seed_sequence.spawn(3)]
-
-    def _draw_factors(self, rng):
-        factors = {name: values[rng.integers(len(values))] for name, values in self.FACTORS.items()}
-        factors.update({name: float(rng.uniform(low, high)) for name, (low, high) in self.CONTINUOUS_FACTORS.items()})
+    @classmethod
+    def draw(cls, rng):
+        """Every factor of one sample, from its factor stream."""
+        factors = {name: values[rng.integers(len(values))] for name, values in cls.FACTORS.items()}
+        factors.update({name: float(rng.uniform(low, high)) for name, (low, high) in cls.CONTINUOUS_FACTORS.items()})
         # every tile is drawn whatever the other values, so no factor shifts the random numbers of another
-        factors.update({name: tuple(rng.uniform(0, 1, side * side).tolist()) for name, side in self.DETAILS.items()})
+        factors.update({name: tuple(rng.uniform(0, 1, side * side).tolist()) for name, side in cls.DETAILS.items()})
         return factors
+
+
+class SynthTouchRenderer:
+    """Both images of a sample from its factors: the surface pattern, printed and seen by a camera (vision), pressed
+    into a DIGIT-like gel lit by three LEDs (touch); the noise comes from the sample's own streams."""
+
+    # rendering constants; lengths are fractions of the image so every image_size shows the same surface
+    CYCLES = dict(fine=8.0, medium=5.0, coarse=3.0)  # pattern periods across the image
+    RELIEF = dict(fine=0.6, medium=0.9, coarse=1.3)  # coarse surfaces have deeper grooves, felt as clearly
+    WAVE_ANGLE = dict(horizontal=90, diagonal=45, vertical=0, antidiagonal=135)  # degrees, of the wave vector
+    HUE = dict(red=(0.92, 0.16, 0.12), green=(0.18, 0.78, 0.22), blue=(0.20, 0.38, 0.96),
+               yellow=(0.95, 0.85, 0.15), purple=(0.62, 0.22, 0.82))
+    LIGHT = dict(dim=0.5, bright=1.0)
+    DEPTH = dict(soft=1.0, medium=0.65, hard=0.4)  # soft objects sink deeper into the gel ...
+    BLUR = dict(soft=0.03, medium=0.015, hard=0.004)  # ... and smear the imprint (Gaussian sigma)
+    CONTACT_RADIUS = dict(light=0.30, firm=0.41)
+    STAIN_HUE = np.array([0.45, 0.30, 0.12], dtype=np.float32)  # brown
+    GEL = np.array([0.70, 0.78, 0.90], dtype=np.float32)  # pale bluish background of a DIGIT sensor
+    LED_ANGLES = np.deg2rad([0.0, 120.0, 240.0]).astype(np.float32)  # red, green, blue LEDs on three sides
+    # how much of the image each grid covers: half the side of a centred square, in image widths. Every tile is
+    # a whole number of the frozen encoders' 8-pixel patches at 64 pixels (wear 16, stain 32, compliance 16 px),
+    # so no tile straddles a patch; wear and compliance do not share tile borders, so the gel tells them apart
+    DETAIL_EXTENT = dict(wear=0.375, stain=0.5, compliance=0.25)
+
+    def __init__(self, image_size):
+        self.image_size = image_size
 
     def _tiles(self, name, values, outside, X, Y):
         """size×size map of a detail: each pixel gets its tile's value, `outside` beyond the grid."""
-        side, extent = self.DETAILS[name], self.DETAIL_EXTENT[name]
+        side, extent = SynthTouchFactors.DETAILS[name], self.DETAIL_EXTENT[name]
         grid = np.asarray(values, dtype=np.float32).reshape(side, side)
         col = np.floor((X + extent) / (2 * extent) * side).astype(int)
         row = np.floor((Y + extent) / (2 * extent) * side).astype(int)
         inside = (col >= 0) & (col < side) & (row >= 0) & (row < side)
         return np.where(inside, grid[row.clip(0, side - 1), col.clip(0, side - 1)], np.float32(outside))
 
-    def _render(self, f, streams):
+    def render(self, f, streams):
         _, vision_rng, touch_rng = streams
         size = self.image_size
         x = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5  # pixel centres, image centre at 0
@@ -262,7 +218,7 @@ class SynthTouch(torch.utils.data.Dataset):
         touch = self.GEL[:, None, None] + led_falloff - shading - 0.06 * height
         touch = touch * touch_rng.uniform(0.95, 1.05) + 0.05 * (touch_rng.random(touch.shape, dtype=np.float32) - 0.5)
 
-        return dict(vision=float_image(vision), touch=float_image(touch), caption=self.caption_of(f), factors=f)
+        return dict(vision=float_image(vision), touch=float_image(touch))
 
     @staticmethod
     def _blur(image, sigma):
@@ -272,3 +228,72 @@ class SynthTouch(torch.utils.data.Dataset):
         freq_y, freq_x = np.fft.fftfreq(image.shape[0])[:, None], np.fft.rfftfreq(image.shape[1])[None, :]
         gain = np.exp(-2 * np.pi ** 2 * sigma ** 2 * (freq_x ** 2 + freq_y ** 2)).astype(np.float32)
         return np.fft.irfft2(np.fft.rfft2(image) * gain, s=image.shape)
+
+
+class SynthTouch(SynthTouchFactors, torch.utils.data.Dataset):
+    """`n` samples of one split, each rendered from its own seed (seed, split, index): any item, any time."""
+    SPLITS = ("train", "val", "test")
+    VERSION = "synthtouch-v5"  # changes whenever what a seed renders changes: it keys the feature cache
+
+    def __init__(self, n, seed=0, image_size=64, split="train"):
+        if int(n) != n or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if image_size < 16:
+            raise ValueError(f"image_size must be >= 16 pixels, got {image_size!r}")
+        if split not in self.SPLITS:
+            raise ValueError(f"split must be one of {', '.join(self.SPLITS)}; got {split!r}")
+        self.n, self.seed, self.image_size, self.split = int(n), int(seed), int(image_size), split
+        self.split_id = self.SPLITS.index(split)
+        self.renderer = SynthTouchRenderer(self.image_size)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        streams = self._streams(i)
+        sample = self._sample(self.draw(streams[0]), streams)
+        sample["index"] = int(i)
+        return sample
+
+    @property
+    def fingerprint(self):
+        return f"{self.VERSION}-n{self.n}-seed{self.seed}-s{self.image_size}-{self.split}"
+
+    @property
+    def captions(self):
+        return [self.caption_of(self.factors_of(i)) for i in range(self.n)]
+
+    def factors_of(self, i):
+        return self.draw(self._streams(i)[0])
+
+    def factor_table(self):
+        # discrete factors as integer codes into FACTORS[name], continuous ones as floats, details as N×side²
+        rows = [self.factors_of(i) for i in range(self.n)]
+        table = {name: np.array([values.index(r[name]) for r in rows]) for name, values in self.FACTORS.items()}
+        table.update({name: np.array([r[name] for r in rows]) for name in (*self.CONTINUOUS_FACTORS, *self.DETAILS)})
+        return table
+
+    def render(self, factors, seed):
+        """One sample from chosen factors; the rest, and the noise, come from `seed`."""
+        factors = self.checked(factors)
+        streams = self._streams_from(np.random.SeedSequence(seed))
+        # draw every factor first so that fixing one factor never shifts the others
+        sample = self._sample({**self.draw(streams[0]), **factors}, streams)
+        sample["index"] = -1
+        return sample
+
+    # --- internals
+
+    def _sample(self, factors, streams):
+        return {**self.renderer.render(factors, streams), "caption": self.caption_of(factors), "factors": factors}
+
+    def _streams(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for SynthTouch of length {self.n}")
+        return self._streams_from(np.random.SeedSequence([self.seed, self.split_id, int(i)]))
+
+    @staticmethod
+    def _streams_from(seed_sequence):
+        # factors, vision noise and touch noise each get their own stream, so no modality's noise
+        # depends on factor values or on the other modality: private factors stay pixel-exactly private
+        return [np.random.default_rng(s) for s in seed_sequence.spawn(3)]

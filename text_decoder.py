@@ -2,8 +2,10 @@
 captions, Qwen's chat format), or a real one by hub name or folder; loading them and checking a tokenizer fits."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -147,3 +149,42 @@ def load_decoder(model_name: str, local_files_only=False, dtype=torch.float32, p
                          f"tokenizer.eos_token (Qwen chat models use '{EOS}')")
     check_tokenizer(tokenizer, model.get_input_embeddings().num_embeddings, probe_texts, model_name)
     return model, tokenizer
+
+
+def trainable_decoder(decoder, training: str, lora_r: int, lora_alpha: int):
+    """The decoder trainable as `training` says: all of it ("full"), LoRA adapters on its attention ("lora"), or none
+    ("frozen")."""
+    decoder.requires_grad_(training == "full")
+    if training == "lora":
+        from peft import LoraConfig, get_peft_model
+        decoder = get_peft_model(decoder, LoraConfig(r=lora_r, lora_alpha=lora_alpha, task_type="CAUSAL_LM",
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    return decoder
+
+
+def warn_if_random(decoder, tokenizer, prompt: str, model_name: str, train_decoder):
+    """A frozen decoder must already write language. A random one predicts the next token no better than
+    uniform guessing (loss about ln V); 0.8 ln V leaves room for chance structure, while a trained model sits
+    far below (a few nats for a short prompt)."""
+    nll = text_nll(decoder, tokenizer, prompt)
+    chance = math.log(decoder.get_input_embeddings().num_embeddings)
+    if nll > 0.8 * chance:
+        warnings.warn(f"the decoder {model_name!r} predicts its prompt no better than chance ({nll:.2f} "
+                      f"nats per token; uniform guessing {chance:.2f}): it looks randomly initialised, and frozen "
+                      f"(train_decoder={train_decoder!r}) it can only write garbage. Pass "
+                      "train_decoder='full' to train it, or a pretrained decoder", stacklevel=3)
+
+
+def run_tokenizer(captions: list[str], folder: str | os.PathLike | None, resume: bool, save: bool, prompt: str):
+    """A built-in decoder's tokenizer for a phase-2 run: resumed, the one the run saved in <folder>/tokenizer (None
+    for a run saved before runs kept theirs); otherwise fitted on `captions` (`caption_tokenizer`) and saved there,
+    unless `save` is false (a torchrun rank other than 0)."""
+    saved = None if folder is None else Path(folder) / "tokenizer"
+    if resume:
+        if saved is None or not (saved / "tokenizer.json").is_file():
+            return None
+        return AutoTokenizer.from_pretrained(saved)
+    tokenizer = caption_tokenizer(captions, prompt)
+    if saved is not None and save:
+        save_tokenizer(tokenizer, saved)
+    return tokenizer

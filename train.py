@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,18 +24,14 @@ import evaluate
 import layouts
 import loop
 from config import Flag, HelpFormatter, add_config_flags, config_overrides, shipped_or_given
-from phase1 import (DEFAULT_CONFIG, ROOT, TrainConfig, build_model, core_device, design_overrides, load_config,
-                    run_folder, split_data, to_yaml)
+from phase1 import (DEFAULT_CONFIG, RESUME_IGNORES, ROOT, TrainConfig, design_overrides, load_config, prepared,
+                    run_folder, to_yaml)
 from readout_fit import solve_readouts
 from seed_api import train_alignment  # the seed API's name, re-exported: the README's quick start imports it from here
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: phase 1 through the one loop (loop.fit), which owns the run folder
-
-# what may differ when a run is resumed: where things are written and how often rows are logged
-RESUME_IGNORES = ("output_dir", "log_name", "cache_dir", "log_every", "leakage_probes")
-
+# Training: phase 1 through the one loop (loop.fit), which starts and writes the run folder
 
 def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool = False, threads=None) -> Path:
     """Train phase 1 and return the run folder. `callback(row)` sees every metrics row (live plots); `threads()`
@@ -45,39 +40,16 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
     Ctrl-C saves a checkpoint before stopping; a non-finite loss, gradient or parameter stops with the
     last good checkpoint kept. A folder that already holds a run needs `resume` or `overwrite`.
     """
-    loop.check_hyperparameters(cfg, "phase-1 config")
-    dist = loop.Distributed()
-    device = core_device()
-    run = run_folder(cfg.run_dir, main=dist.main)
-    with run.exclusive(wait=False):  # one trainer per run folder (loop.RunFolder.exclusive)
-        run.check_start(to_yaml(cfg, cfg.run_dir), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)
-        with dist.main_first():  # rank 0 fills the feature cache: no two ranks write one cache folder
-            train_set, train_feats = split_data(cfg, "train")
-            val_set, val_feats = split_data(cfg, "val")
-        torch.manual_seed(cfg.seed)  # the initial weights (torchrun broadcasts rank 0's anyway)
-        model = build_model(cfg, train_feats)
-        model.set_feature_centres(train_feats)
-        model = model.to(device)
-        n = len(next(iter(train_feats.values())).pooled)
-        steps_per_epoch = n // cfg.batch_size
-        if steps_per_epoch == 0:
-            raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n} samples); "
-                             f"use --batch_size {n} or less")
-        run.start(to_yaml(cfg, cfg.run_dir), resume=resume, overwrite=overwrite, ignore=RESUME_IGNORES)  # inputs are good: write
-        ddp = model
-        if dist.world > 1:
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.cpu_bf16)
-        if device.type == "cpu" and cfg.cpu_bf16 and not loop.cpu_has_bf16_units():
-            warnings.warn("cpu_bf16 is true, but this CPU has no AVX-512 BF16 or AMX units: PyTorch emulates bf16 on it, "
-                          "and a step takes 10-30x as long as in float32 (bench/bench_step.py --bf16). Set "
-                          "cpu_bf16: false in the config (or --set cpu_bf16=false); it pays only on CPUs with those units")
+    with prepared(cfg, resume, overwrite) as job:  # one trainer per run folder (loop.RunFolder.opened)
+        model, dist, run_dir = job.model, job.dist, job.run.folder.path
+        (train_set, train_feats), (val_set, val_feats), (test_set, test_feats) = job.splits.values()
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
 
         def load(index):  # runs in fit's reading thread, ahead of the step
-            return {m: f.batch(dist.local_slice(index), device) for m, f in train_feats.items()}
+            return {m: f.batch(index, job.device) for m, f in train_feats.items()}
 
         def loss_fn(batch):
-            with autocast:
+            with job.autocast:
                 return ddp(batch)
 
         def epoch_end(epoch):
@@ -88,16 +60,14 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
             return quick_eval(model, val_feats, val_set) if val_feats is not None and dist.main else {}
 
         # the bar names the run by its last two folders: phase1/default, or a study's default/seed-0
-        loop.fit(model, loss_fn, loop.index_batches(n, cfg.batch_size, cfg.seed, cfg.shuffle_block), steps_per_epoch,
-                 cfg, run, resume=resume, epoch_end=epoch_end, callback=callback, desc=f"phase 1: {cfg.run_dir.parent.name}/{cfg.run_dir.name}",
-                 rank=dist.rank, load=load, threads=threads)
+        loop.fit(model, loss_fn, job.batches, job.steps_per_epoch, cfg, job.run, epoch_end=epoch_end, callback=callback,
+                 desc=f"phase 1: {run_dir.parent.name}/{run_dir.name}", rank=dist.rank, load=load, threads=threads)
         if dist.main:
-            test_set, test_feats = split_data(cfg, "test")
             probe_splits = dict(fit=(train_feats, train_set), select=(val_feats, val_set)) if cfg.leakage_probes else None
-            evaluate_run(model, test_feats, test_set, cfg.run_dir / "eval.json", probe_splits)
+            evaluate_run(model, test_feats, test_set, run_dir / "eval.json", probe_splits)
         if dist.world > 1:
             torch.distributed.destroy_process_group()
-        return cfg.run_dir
+        return run_dir
 
 
 def ensure_trained(cfg: TrainConfig, callback=None, evaluated: bool = True, threads=None) -> Path:

@@ -255,8 +255,8 @@ def test_phase_periods_are_the_ones_the_renderer_draws(texture, phase):
 
     def image(shift):
         streams = ds._streams_from(np.random.SeedSequence(1))
-        factors = {**ds._draw_factors(streams[0]), "texture": texture, phase: 0.3 + shift}
-        return ds._render(factors, ds._streams_from(np.random.SeedSequence(1)))["vision"]
+        factors = {**ds.draw(streams[0]), "texture": texture, phase: 0.3 + shift}
+        return ds.renderer.render(factors, ds._streams_from(np.random.SeedSequence(1)))["vision"]
 
     period, base = SynthTouch.PHASE_PERIODS[phase][texture], image(0)
     differs = {shift: (image(shift) - base).abs().max().item() > 0.1 for shift in (0.37, 1, 2)}

@@ -32,6 +32,7 @@ import data
 import evaluate
 import loop
 import phase1
+import run_folder
 import train
 from conftest import STEPS, STEPS_PER_EPOCH, TINY, tiny
 from encoders import create_encoder
@@ -64,7 +65,7 @@ DRIVER = textwrap.dedent("""
     import json, sys, time
     import torch
     torch.set_num_threads(1)
-    import safetensors.torch, loop, phase1, train
+    import safetensors.torch, loop, phase1, run_folder, train
 
     def slowly(fn):  # widen every stage of a checkpoint write, so a kill lands inside one
         def wrapped(*args, **kwargs):
@@ -82,8 +83,8 @@ DRIVER = textwrap.dedent("""
     loop.RunFolder.save = announced
     safetensors.torch.save_file = slowly(safetensors.torch.save_file)
     torch.save = slowly(torch.save)
-    loop._fsync = slowly(loop._fsync)
-    loop.os.replace = slowly(loop.os.replace)
+    run_folder._fsync = slowly(run_folder._fsync)
+    run_folder.os.replace = slowly(run_folder.os.replace)
     cfg = phase1.load_config(None, **json.loads(sys.argv[1]))
     train.train(cfg, resume=sys.argv[2] == "resume")
 """)
@@ -270,7 +271,7 @@ def test_interrupted_metrics_are_truncated_to_the_checkpoint_on_resume(reference
 
 def events(run_dir, folder=""):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    accumulator = EventAccumulator(str(Path(run_dir) / loop.TENSORBOARD / folder), size_guidance={"scalars": 0})
+    accumulator = EventAccumulator(str(Path(run_dir) / run_folder.TENSORBOARD / folder), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}, \
         {tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
@@ -525,16 +526,34 @@ def test_the_checkpoint_link_names_a_complete_checkpoint_at_every_moment_of_a_sa
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)
             folder = loop.RunFolder(copy).checkpoint
-            assert folder is not None and {p.name for p in folder.iterdir()} == loop.CHECKPOINT_FILES, \
+            assert folder is not None and {p.name for p in folder.iterdir()} == run_folder.CHECKPOINT_FILES, \
                 f"no complete checkpoint after {fn.__name__}{args}"
             seen.append((fn.__name__, loop.RunFolder(copy).checkpoint_step()))
             return out
         return wrapped
 
     for name in ("replace", "rename", "unlink", "symlink", "remove", "rmdir", "mkdir"):
-        monkeypatch.setattr(loop.os, name, checked(getattr(os, name)))
-    monkeypatch.setattr(loop.shutil, "rmtree", checked(shutil.rmtree))
+        monkeypatch.setattr(run_folder.os, name, checked(getattr(os, name)))
+    monkeypatch.setattr(run_folder.shutil, "rmtree", checked(shutil.rmtree))
     for name in ("unlink", "symlink_to", "mkdir", "rename", "replace"):
         monkeypatch.setattr(Path, name, checked(getattr(Path, name)))
     run.save(step + 1, weights, state)
     assert ("replace", step + 1) in seen and seen[-1][1] == step + 1  # the swap happened, and is what stays
+
+
+def test_an_epoch_row_averages_its_steps_whether_or_not_a_thread_count_is_asked_each_step():
+    """`threads()` is asked before every step (make demo's share of the cores); the epoch row still divides each
+    running sum by the epoch's steps, so it is the mean of that epoch's step rows either way."""
+    hp = type("HP", (), dict(epochs=1, lr=1e-2, weight_decay=0.0, warmup_steps=1, grad_clip=1.0, seed=0, log_every=1))
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    epochs = {}
+    for threads in (None, torch.get_num_threads):
+        model = torch.nn.Linear(2, 1)
+        with torch.no_grad():
+            model.weight.fill_(1.0), model.bias.fill_(0.5)
+        rows = loop.fit(model, lambda i: ((model(x[i:i + 1]) ** 2).sum(), {}), lambda epoch: [0, 1, 2, 3], 4, hp,
+                        threads=threads)
+        steps, (epoch,) = [r["loss"] for r in rows if r["kind"] == "step"], [r for r in rows if r["kind"] == "epoch"]
+        assert len(steps) == 4 and epoch["train loss"] == pytest.approx(sum(steps) / 4, rel=1e-12)
+        epochs[threads] = epoch["train loss"]
+    assert epochs[None] == pytest.approx(epochs[torch.get_num_threads], rel=1e-6)  # the same steps on any thread count

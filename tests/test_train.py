@@ -1,10 +1,13 @@
 """train.py on a tiny SynthTouch config: the run folder, exact resume after an interrupt, NaN stop,
 config mismatch on resume, the seed command-line flags, and DDP (2 gloo processes = 1 process)."""
+import collections
+import inspect
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -130,7 +133,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference_run, cache_
 
 def test_cpu_bf16_runs_the_step_under_bf16_autocast(reference_run, cache_dir, tmp_path, monkeypatch):
     seen = []
-    build = train.build_model
+    build = phase1.build_model
 
     def build_and_watch(cfg, feats=None):  # a hook on the model's first linear layer records its output dtype
         model = build(cfg, feats)
@@ -138,7 +141,7 @@ def test_cpu_bf16_runs_the_step_under_bf16_autocast(reference_run, cache_dir, tm
         first.register_forward_hook(lambda *args: seen.append(args[2].dtype))
         return model
 
-    monkeypatch.setattr(train, "build_model", build_and_watch)
+    monkeypatch.setattr(phase1, "build_model", build_and_watch)
     # on a CPU without bf16 units it runs, and says once, before the first step, why it is slow and how to turn it off
     monkeypatch.setattr(loop, "cpu_has_bf16_units", lambda: False)
     with pytest.warns(UserWarning, match=r"no AVX-512 BF16 or AMX units.*Set cpu_bf16: false in the config") as caught:
@@ -450,3 +453,38 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     for name, value in single_weights.items():
         torch.testing.assert_close(ddp_weights[name], value, atol=1e-4, rtol=1e-4, msg=name)
     assert yaml.safe_load((ddp_dir / "config.yaml").read_text())["batch_size"] == 32
+
+
+def test_a_command_line_walks_to_its_checkpoint_through_phase1_and_loop_once_each(cache_dir, tmp_path):
+    """Read top-down: train.py asks phase1.py for its config (load_config: the flags' defaults, then the config) and
+    for everything the config builds (`prepared`), then hands it to loop.fit, which starts, trains and checkpoints
+    the run folder. Every call a frame of train.py makes into those files is counted (sys.settrace, every thread;
+    a `with` block once, through contextlib; a property counts), so a walk that climbs back up again fails here."""
+    calls = collections.Counter()
+    entered = set()  # a `with` block's generator is entered once and resumed on leaving: one call
+    counted = {phase1.__file__: "phase1.py", loop.__file__: "loop.py"}
+    project = os.path.dirname(train.__file__)
+
+    def caller(frame):
+        frame = frame.f_back
+        while frame is not None and not frame.f_code.co_filename.startswith(project):  # the standard library
+            frame = frame.f_back
+        return frame and frame.f_code.co_filename
+
+    def trace(frame, event, arg):  # called on every Python call only; returns None: no line-by-line tracing
+        callee = counted.get(frame.f_code.co_filename)
+        if callee and frame not in entered and caller(frame) == train.__file__:
+            if frame.f_code.co_flags & inspect.CO_GENERATOR:
+                entered.add(frame)
+            calls[callee, frame.f_code.co_name] += 1
+
+    sizes = [f"{key}={value}" for key, value in {**TINY, "epochs": 1, "cache_dir": str(cache_dir)}.items()]
+    threading.settrace(trace)
+    sys.settrace(trace)
+    try:
+        train.main(["--output_dir", str(tmp_path / "walk"), "--set", *sizes])
+    finally:
+        sys.settrace(None)
+        threading.settrace(None)
+    assert loop.RunFolder(tmp_path / "walk").trained(1)
+    assert calls == {("phase1.py", "load_config"): 2, ("phase1.py", "prepared"): 1, ("loop.py", "fit"): 1}
