@@ -320,6 +320,8 @@ class FeatureDecoder(nn.Module):
         read = next(iter(groups.values())).new_empty(len(kept), attended[0].numel())  # autocast's dtype, if on
         for g, part in groups.items():
             read[which == g] = part
+        if self.training:  # every map in the graph, zero where no sample of its k came: DDP needs each one's gradient
+            read = read + sum(p.sum() for g, m in enumerate(self.readout) if g not in groups for p in m.parameters()) * 0
         return attended * self.attention_weight[which][:, None, None] + read.view_as(attended)
 
 

@@ -6,6 +6,7 @@ import pytest
 import audit
 import phase1
 from data import SynthTouch
+from synthtouch import SynthTouchRenderer
 
 # the real image size and frozen encoders; fewer rows than a full run (600 fit instead of 2000) keeps it quick
 SIZES = dict(n_train=600, n_val=150, n_test=300)
@@ -47,7 +48,7 @@ def test_a_linear_probe_reads_every_fine_factor_from_the_frozen_tokens(cfg):
 
 
 def test_the_audit_reports_failure_for_a_testbed_whose_fine_factors_draw_nothing(cfg, monkeypatch):
-    monkeypatch.setattr(SynthTouch, "_tiles", flat_details)
+    monkeypatch.setattr(SynthTouchRenderer, "_tiles", flat_details)
     table = audit.audit(cfg, n=6, redraws=2)
     fine = audit.seen(table)[audit.seen(table).scale == "fine"]
     assert (fine["variance share"] == 0).all() and (fine["frozen tokens"] < 0.05).all()
