@@ -15,18 +15,19 @@ from features import Features
 
 
 def encoded_tokens(model, modality: str, feats: Features, batch_size: int = 256) -> torch.Tensor:
-    """N×R×hidden register outputs of a split, in batches."""
-    return torch.cat([model.tokens(modality, feats.batch(np.arange(i, min(i + batch_size, len(feats.pooled)))))
+    """N×R×hidden register outputs of a split, in batches, on the model's device."""
+    device = next(model.parameters()).device
+    return torch.cat([model.tokens(modality, feats.batch(np.arange(i, min(i + batch_size, len(feats.pooled))), device))
                       for i in range(0, len(feats.pooled), batch_size)])
 
 
 def rows_of(decoder, tokens: torch.Tensor, k: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(N×k·hidden kept tokens, N×T·D attention part of the reconstruction) with the first k tokens kept, float32:
     the solve on 4000 rows takes half the time of float64, and the ridge strength keeps it well conditioned."""
-    keep = (torch.arange(tokens.shape[1]) < k).expand(len(tokens), -1)
+    keep = (torch.arange(tokens.shape[1], device=tokens.device) < k).expand(len(tokens), -1)
     attended = torch.cat([decoder.attended(tokens[i:i + batch_size], keep[i:i + batch_size])
                           for i in range(0, len(tokens), batch_size)])
-    return tokens[:, :k].flatten(1).numpy(), attended.flatten(1).numpy()
+    return tokens[:, :k].flatten(1).float().cpu().numpy(), attended.flatten(1).float().cpu().numpy()
 
 
 def preservation_cosine(prediction: np.ndarray, target: np.ndarray, centre: np.ndarray) -> float:
@@ -47,7 +48,7 @@ def solve_readouts(model, train: dict[str, Features], val: dict[str, Features]):
             tokens = {"fit": encoded_tokens(model, m, train[m]), "select": encoded_tokens(model, m, val[m])}
             targets = {split: np.asarray(f[m].tokens, dtype=np.float32).reshape(len(f[m].pooled), -1)
                        for split, f in (("fit", train), ("select", val))}
-            centre = model.feature_means.of(m).numpy()
+            centre = model.feature_means.of(m).float().cpu().numpy()
             for g, k in enumerate(tqdm(decoder.readout_ks.tolist(), desc=f"solving the {m} read-out for each k",
                                        leave=False)):
                 weight = solve_one(decoder, g, k, tokens, targets, centre)
