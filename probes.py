@@ -66,7 +66,8 @@ class RidgePath:
         gram = fit.T @ fit if self.primal else fit @ fit.T
         self.eigenvalues, self.vectors = np.linalg.eigh(gram)
         self.eigenvalues = self.eigenvalues.clip(min=0)
-        self.alphas = ALPHAS * max(np.trace(gram) / len(fit), 1e-12)
+        # in the features' dtype: a float64 strength would turn float32 predictions into float64 products
+        self.alphas = (ALPHAS * max(np.trace(gram) / len(fit), 1e-12)).astype(gram.dtype)
 
     def coefficients(self, targets: np.ndarray) -> np.ndarray:
         """B: the centred targets of the fit rows in the eigenbasis."""
@@ -83,6 +84,21 @@ class RidgePath:
         """The features × targets map at strength α: what `predict` applies to rows, written out."""
         solved = (self.vectors / (self.eigenvalues + alpha)) @ B
         return solved if self.primal else self.fit.T @ solved
+
+    def leading_directions(self, B: np.ndarray, alpha: float, rank: int) -> np.ndarray:
+        """The `rank` leading right singular vectors (as rows) of the fit rows' predictions at strength α: the
+        target directions a rank-limited read-out keeps (reduced-rank regression). The predictions are Q·diag(c)·B
+        with orthonormal Q (primal: Q = F V Λ^-½, c = √λ / (λ + α); dual: Q = V, c = λ / (λ + α)), so their right
+        singular vectors are those of diag(c)·B, read off its Gram matrix, as small as the eigenbasis: nothing as
+        wide as the targets is formed but B itself. Directions that carry no prediction are left out."""
+        scale = (np.sqrt(self.eigenvalues) if self.primal else self.eigenvalues) / (self.eigenvalues + alpha)
+        fitted = scale[:, None].astype(B.dtype) * B
+        values, vectors = np.linalg.eigh((fitted @ fitted.T).astype(np.float64))
+        leading = np.argsort(values)[::-1][:rank]
+        # a float32 Gram matrix holds singular values down to ~1e-3 of the largest: the rest carry ~1e-6 of the
+        # predictions' energy, and leaving them out costs the read-out that much
+        leading = leading[values[leading] > values.max() * (1e-12 if B.dtype == np.float64 else 1e-6)]
+        return (vectors[:, leading].T.astype(B.dtype) @ fitted) / np.sqrt(values[leading]).astype(B.dtype)[:, None]
 
 
 def standardised(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -80,21 +80,20 @@ def solve_one(decoder, g: int, k: int, tokens, targets, centre) -> float:
             prediction = weight * attended["select"] + offset + path.predict(select, B, alpha)
             score = preservation_cosine(prediction.reshape(shape), targets["select"].reshape(shape), centre)
             if best is None or score > best[0]:
-                best = (score, weight, offset, path.weights(B, alpha))
-    _, weight, offset, W = best  # W: k·hidden × T·D, on standardised tokens
+                best = (score, weight, offset, B, alpha)
+    _, weight, offset, B, alpha = best
     linear_map = decoder.readout[g]
-    rank = linear_map[0].out_features
-    # the fitted values' leading directions: with z = QR, the SVD of R·W gives those of z·W at k·hidden rows
-    _, r = np.linalg.qr(z["fit"])
-    directions = np.linalg.svd(r @ W, full_matrices=False)[2][:rank]  # rank × T·D
-    inward = (W / std[:, None]) @ directions.T  # raw tokens → rank
-    first = np.zeros((rank, linear_map[0].in_features))
+    directions = path.leading_directions(B, alpha, linear_map[0].out_features)  # ≤ rank × T·D, orthonormal rows
+    # the k·hidden × T·D map itself is never written out (at TVL's touch tokens, 196×768 numbers, it is 2.5 GB):
+    # the map onto the directions is the ridge map of the targets' coordinates along them
+    inward = path.weights(B @ directions.T, alpha) / std[:, None]  # raw tokens → the directions
+    first = np.zeros((linear_map[0].out_features, linear_map[0].in_features))
     first[:len(directions), :inward.shape[0]] = inward.T  # tokens after the first k read as zeros anyway
-    second = np.zeros((linear_map[1].out_features, rank))
+    second = np.zeros((linear_map[1].out_features, linear_map[0].out_features))
     second[:, :len(directions)] = directions.T
     linear_map[0].weight.copy_(torch.from_numpy(first))
     linear_map[0].bias.zero_()
     linear_map[1].weight.copy_(torch.from_numpy(second))
     # the intercept, less what the standardisation's shift does through the rank-limited map
-    linear_map[1].bias.copy_(torch.from_numpy(offset - (mean / std) @ W @ directions.T @ directions))
+    linear_map[1].bias.copy_(torch.from_numpy(offset - (mean @ inward) @ directions))
     return weight
