@@ -6,6 +6,12 @@ export PYTHONPATH := $(CURDIR)
 # OpenMP threads sleep rather than spin while they wait: on a machine shared with other work, threads spinning for
 # each other burn the cores the other work (or the other notebooks of make demo) would use, and a step waits longer
 export OMP_WAIT_POLICY ?= PASSIVE
+# glibc keeps the memory a process frees for its next allocation instead of unmapping big blocks: on a virtual
+# machine that reports freed pages to its host (virtio-balloon free page reporting), each unmapped block is faulted
+# back in page by page when next used (650 MB: 5 s instead of 0.1 s), and the read-out solve of notebook 05's TVL
+# run took twice as long (notes on issue 36)
+export MALLOC_MMAP_MAX_ ?= 0
+export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
 .PHONY: setup demo study test test-browser results lab tensorboard sync bench clean
 
