@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-import evaluate
+import information
 import phase1
 from synthtouch import SynthTouch
 
@@ -81,9 +81,9 @@ def readability(cfg: phase1.TrainConfig) -> pd.DataFrame:
     features the register module reads): fit on `probes.FIT_ROWS` training rows, tuned on the validation split,
     scored on the test split. One row per (modality, source, factor): score, chance, 'normalised'."""
     splits = {}
-    for split, name in zip(evaluate.PROBE_SPLITS, ("train", "val", "test")):
+    for split, name in zip(information.PROBE_SPLITS, ("train", "val", "test")):
         dataset, features = phase1.split_data(cfg, name)
-        index = evaluate.fit_rows(len(dataset)) if split == "fit" else np.arange(len(dataset))
+        index = information.fit_rows(len(dataset)) if split == "fit" else np.arange(len(dataset))
         splits[split] = (dataset, index, features)
     factors = {split: {key: np.asarray(v)[index] for key, v in dataset.factor_table().items()}
                for split, (dataset, index, _) in splits.items()}
@@ -97,7 +97,7 @@ def readability(cfg: phase1.TrainConfig) -> pd.DataFrame:
 
     names = [name for name in factor_names() if all(name in f for f in factors.values())]
     jobs = [(dict(modality=m, source=s), "linear", names) for m in IMAGE_MODALITIES for s in ("pixels", "frozen tokens")]
-    return evaluate.probe_table(jobs, source, evaluate.probe_targets(names, factors), "testbed audit: probes")
+    return information.probe_table(jobs, source, information.probe_targets(names, factors), "testbed audit: probes")
 
 
 def audit(cfg: phase1.TrainConfig, **kwargs) -> pd.DataFrame:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import evaluate
+import information
 import probes
 import synthtouch
 from captioner import MultimodalLLM
@@ -84,7 +84,7 @@ def probe_ceiling(mm: MultimodalLLM, source: TokenSource, fit_tokens: dict[str, 
                                            for split, factors in codes.items()},
                                    {split: np.ones(len(factors), dtype=bool) for split, factors in codes.items()})
                for name, values in synthtouch.SynthTouch.FACTORS.items()}
-    per_factor = {name: score for name, (score, _) in evaluate.fit_probes([("linear", x, targets)], 1)[0].items()}
+    per_factor = {name: score for name, (score, _) in information.fit_probes([("linear", x, targets)], 1)[0].items()}
     return summarize_accuracy(per_factor)
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-import evaluate
+import information
 import loop
 import phase1
 from caption_eval import (EVAL_FILES, add_probe_ceiling, caption_eval_sources, eval_file, evaluate_captions,
@@ -209,7 +209,7 @@ def target_summary(table: pd.DataFrame) -> dict[str, float]:
     full = table[table.modalities == both].sort_values("k")
     last = full.iloc[-1]
     out = {"source": f"{both} k={int(last.k)}", "accuracy": last["accuracy mean"], "accuracy std": last["accuracy std"]}
-    for group in evaluate.GROUP_ORDER:
+    for group in information.GROUP_ORDER:
         column = f"accuracy {group}"
         out.update({column: last[f"{column} mean"], f"{column} std": last[f"{column} std"],
                     f"{column} / probe": last[f"{column} mean"] / last[f"probe {column} mean"]})

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 import alignment
-import evaluate
+import information
 import loop
 from captioner import MultimodalLLM
 from phase2_run import RESUME_IGNORES, run_folder
@@ -121,6 +121,7 @@ def validation_numbers(mm: MultimodalLLM, tokens: dict[str, torch.Tensor], capti
     out = {"val loss": total / n}
     if factors is not None:
         accuracy = attribute_accuracy(mm.generate_from_tokens(tokens, mm.source), factors)
-        out.update({f"val {k}": accuracy[f"{k}"] for k in ("accuracy", *(f"accuracy {g}" for g in evaluate.GROUP_ORDER))})
+        out.update({f"val {k}": accuracy[f"{k}"]
+                    for k in ("accuracy", *(f"accuracy {g}" for g in information.GROUP_ORDER))})
     mm.train(was_training)
     return out

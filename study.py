@@ -37,6 +37,8 @@ import encoders
 import evaluate
 import phase1
 import plots
+import plots_prefix
+import retrieval
 import train
 
 # FSQ on the shared tokens with a 12-number code (FlexTok's levels twice)
@@ -211,7 +213,7 @@ def headline(run_dir: str | os.PathLike) -> dict:
         coarse = private[(private.modality == m) & (private.factor.map(evaluate.SynthTouch.SCALE) == "coarse")]
         out[f"{m} own private accuracy from private tokens (min), k=all"] = coarse.score.min()
     shared = leaks[(leaks.probe == PROBE) & (leaks.source == "shared tokens") & (leaks.role == "shared") & (leaks.k == S)
-                   & leaks.factor.isin(evaluate.shared_discrete_factors())]
+                   & leaks.factor.isin(retrieval.shared_discrete_factors())]
     for m in cfg.model.modalities:
         out[f"{m} coarse shared factors from shared tokens (min), k=n_shared"] = shared[shared.modality == m].normalised.min()
     return out
@@ -439,8 +441,8 @@ def curves(variants=("default", "no nested dropout"), seed: int = 0, root: str |
     runs = labelled({v: finished_run(v, seed, root) for v in variants})
     tables = {name: evaluate.read_eval(run / "eval.json") for name, run in runs.items()}
     chance = {"vision->touch R@1 pair": "chance@1 pair", "vision->touch R@1 factor": "chance@1 factor"}
-    return plots.prefix_curves(tables, [*chance, "vision recon cos", "touch recon cos"],
-                               f"Quality vs prefix length k (test split, seed {seed})", chance)
+    return plots_prefix.prefix_curves(tables, [*chance, "vision recon cos", "touch recon cos"],
+                                      f"Quality vs prefix length k (test split, seed {seed})", chance)
 
 
 def main(argv=None):

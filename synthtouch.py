@@ -32,7 +32,7 @@ class SynthTouchFactors:
     CONTINUOUS_FACTORS = OrderedDict(phase_x=(0.0, 0.25), phase_y=(0.0, 0.25))
     # how `SynthTouchRenderer.render` draws each phase, per texture: the period in pattern periods (φ and φ + period draw the
     # same surface), None where the texture does not depend on it (stripes run along y). A probe predicts
-    # the phase on that circle (evaluate.probe_target); a test checks these against the renderer.
+    # the phase on that circle (information.probe_target); a test checks these against the renderer.
     PHASE_PERIODS = {"phase_x": dict(stripes=1, checker=1, dots=1, waves=1),
                      "phase_y": dict(stripes=None, checker=2, dots=1, waves=1)}
     # fine, local factors: one value in [0, 1) per tile of a side×side grid, so that knowing them takes many

@@ -21,8 +21,10 @@ import torch
 
 import designs
 import evaluate
+import information
 import layouts
 import loop
+import prefixes
 from config import Flag, HelpFormatter, add_config_flags, config_overrides, shipped_or_given
 from phase1 import (DEFAULT_CONFIG, RESUME_IGNORES, ROOT, TrainConfig, design_overrides, load_config, prepared,
                     run_folder, to_yaml)
@@ -108,20 +110,20 @@ def factor_codes(dataset) -> dict | None:
 def quick_eval(model, feats, dataset) -> dict:
     """Validation retrieval at k = n_shared (all k come in eval.json at the end)."""
     k = model.design.shared_k
-    encoded = evaluate.encode_all(model, feats, [k], reconstruct=False)  # retrieval only: no preservation decoder
+    encoded = prefixes.encode_all(model, feats, [k], reconstruct=False)  # retrieval only: no preservation decoder
     table = evaluate.evaluate_prefixes(model, feats, factor_codes(dataset), ks=[k], encoded=encoded)
     return {f"val {name}": float(value) for name, value in table.iloc[0].items() if "R@1" in name}
 
 
 def evaluate_run(model, feats, dataset, out_path: Path, probe_splits: dict | None = None):
     """evaluate.evaluate_run on a split; `probe_splits`: {"fit": (features, dataset), "select": (...)}, the probes'
-    training rows (a fixed subset of evaluate.fit_rows) and the rows their regularisation is chosen on. TVL-layout
-    data also gets TVL's own touch–vision number (evaluate.tvl_top1)."""
+    training rows (a fixed subset of information.fit_rows) and the rows their regularisation is chosen on. TVL-layout
+    data also gets TVL's own touch–vision number (retrieval.tvl_top1)."""
     splits = None
     if probe_splits is not None and all(dataset is not None for _, dataset in probe_splits.values()):
         splits = {}
         for split, (features, split_set) in probe_splits.items():
-            rows = evaluate.fit_rows(len(split_set)) if split == "fit" else np.arange(len(split_set))
+            rows = information.fit_rows(len(split_set)) if split == "fit" else np.arange(len(split_set))
             table = factor_codes(split_set)
             splits[split] = ({m: f.batch(rows) for m, f in features.items()},
                              {name: np.asarray(v)[rows] for name, v in table.items()} if table is not None else None)

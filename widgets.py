@@ -1,6 +1,6 @@
 """The notebooks' interactive views: `NeighbourViewer`, a query and its nearest neighbours of the other
 modality at the prefix length k that a slider picks (notebook 03), and `CaptionsByK`, captions written from the first
-k tokens (notebook 04). Built on evaluate.py's embeddings and plots.py's figures."""
+k tokens (notebook 04). Built on prefixes.py's embeddings and plots_prefix.py's figures."""
 from __future__ import annotations
 
 import html
@@ -10,8 +10,10 @@ import numpy as np
 import torch.nn.functional as F
 
 import plots
+import plots_prefix
 from alignment import batch_inputs
-from evaluate import Encoded, shared_discrete_factors
+from prefixes import Encoded
+from retrieval import shared_discrete_factors
 from synthtouch import SynthTouch
 
 class NeighbourViewer:
@@ -68,13 +70,13 @@ class NeighbourViewer:
     def draw(self):
         k, query = self.slider.value, self.query.value
         self.neighbours = self.neighbours_at(k, query)
-        self.figure = plots.neighbours([self.panel(k, query)])
+        self.figure = plots_prefix.neighbours([self.panel(k, query)])
         self.image.value = plots.png(self.figure)
 
     def static_figure(self, ks):
         """The same view for a few k at once, one row for each k (in increasing order, each once, so a notebook
         may ask for [1, 2, n_shared] whatever n_shared is): the notebook reads well without a kernel."""
-        return plots.neighbours([self.panel(k, self.query.value) for k in sorted(set(ks))])
+        return plots_prefix.neighbours([self.panel(k, self.query.value) for k in sorted(set(ks))])
 
 
 class CaptionsByK:

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluate  # noqa: E402
+import information  # noqa: E402
 import phase1  # noqa: E402
+import prefixes  # noqa: E402
 import timing  # noqa: E402
 
 
@@ -32,9 +33,9 @@ def probes(model, encoded, factors, processes: int):
     threads = torch.get_num_threads()
     torch.set_num_threads(processes)
     try:
-        leaks = evaluate.leakage_by_k(model, encoded, factors)
-        info = evaluate.information_map({split: {m: e.tokens for m, e in enc.items()} for split, enc in encoded.items()},
-                                        factors, model.cfg.n_shared)
+        leaks = information.leakage_by_k(model, encoded, factors)
+        info = information.information_map({split: {m: e.tokens for m, e in enc.items()}
+                                            for split, enc in encoded.items()}, factors, model.cfg.n_shared)
     finally:
         torch.set_num_threads(threads)
     return leaks, info
@@ -62,12 +63,12 @@ def main():
         cfg = phase1.load_config(n_train=args.n_train, n_val=args.n_train // 5, n_test=2 * args.n_train // 5)
         torch.manual_seed(0)
         model = phase1.build_model(cfg).eval()
-    ks = evaluate.prefix_ks(model)
+    ks = prefixes.prefix_ks(model)
     encoded, factors = {}, {}
-    for split, name in zip(evaluate.PROBE_SPLITS, ("train", "val", "test")):
+    for split, name in zip(information.PROBE_SPLITS, ("train", "val", "test")):
         dataset, feats = phase1.split_data(cfg, name)
-        rows = evaluate.fit_rows(len(dataset)) if split == "fit" else np.arange(len(dataset))
-        encoded[split] = evaluate.encode_all(model, {m: f.batch(rows) for m, f in feats.items()}, ks, reconstruct=False)
+        rows = information.fit_rows(len(dataset)) if split == "fit" else np.arange(len(dataset))
+        encoded[split] = prefixes.encode_all(model, {m: f.batch(rows) for m, f in feats.items()}, ks, reconstruct=False)
         factors[split] = {key: np.asarray(v)[rows] for key, v in dataset.factor_table().items()}
     print(f"{' / '.join(str(len(f['texture'])) for f in factors.values())} fit / tuning / scored rows, k in {ks}, "
           f"{os.cpu_count()} cores")

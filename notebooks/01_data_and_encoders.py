@@ -20,7 +20,8 @@ from IPython.display import display
 import audit
 import evaluate
 import phase1
-import plots
+import plots_prefix
+import plots_testbed
 import workbook
 from data import SynthTouch
 
@@ -35,7 +36,7 @@ print(f"smoke mode: {smoke}; run folder: {run_dir}; {cfg.n_train} train / {cfg.n
 
 # %%
 train_set = SynthTouch(cfg.n_train, seed=cfg.data_seed, image_size=cfg.image_size, split="train")
-fig = plots.sample_grid([train_set[i] for i in range(8)])
+fig = plots_testbed.sample_grid([train_set[i] for i in range(8)])
 workbook.save_figure(fig, "01_samples")
 fig
 
@@ -56,7 +57,7 @@ factor_table = pd.DataFrame([{"factor": name, "group": group, "scale": SynthTouc
 factor_table
 
 # %%
-fig = plots.factor_visibility(SynthTouch.factor_groups)
+fig = plots_testbed.factor_visibility(SynthTouch.factor_groups)
 workbook.save_figure(fig, "01_who_sees_what")
 fig
 
@@ -75,7 +76,7 @@ checker = {name: tuple(0.9 * ((i // side + i % side) % 2) for i in range(side * 
 base.update({name: (0.0,) * side ** 2 for name, side in SynthTouch.DETAILS.items()})  # no wear, stains, give
 changes = [("color", "blue"), ("lighting", "dim"), ("hardness", "soft"), ("pressure", "light"),
            ("texture", "dots"), ("orientation", "vertical"), *checker.items()]
-fig = plots.render_variations(train_set, base, changes)
+fig = plots_testbed.render_variations(train_set, base, changes)
 workbook.save_figure(fig, "01_render_variations")
 fig
 
@@ -130,8 +131,8 @@ factors = train_data.factor_table()
 value_names = dict(SynthTouch.FACTORS)
 for modality, private in (("vision", "color"), ("touch", "hardness")):
     points = evaluate.project_2d({modality: torch.tensor(train_features[modality].pooled)})  # a copy: the cache is read-only
-    fig = plots.embedding_views(points, factors, ["roughness", private], value_names,
-                                title=f"Frozen {modality} features (PCA of pooled features)")
+    fig = plots_prefix.embedding_views(points, factors, ["roughness", private], value_names,
+                                       title=f"Frozen {modality} features (PCA of pooled features)")
     workbook.save_figure(fig, f"01_frozen_{modality}_features")
     display(fig)
 
@@ -149,7 +150,7 @@ for modality, private in (("vision", "color"), ("touch", "hardness")):
 testbed = audit.audit(cfg, n=8 if smoke else 48)
 workbook.record("01 testbed audit", **{f"{m}: {check}": value for m, row in audit.verdict(testbed).iterrows()
                                        for check, value in row.items()})
-fig = plots.testbed_audit(testbed, audit.FINE_SHARE, audit.READABLE)
+fig = plots_testbed.testbed_audit(testbed, audit.FINE_SHARE, audit.READABLE)
 workbook.save_figure(fig, "01_testbed_audit")
 fig
 

@@ -17,7 +17,7 @@ import pandas as pd
 import demo
 import evaluate
 import phase1
-import plots
+import plots_training
 import study
 import train
 import workbook
@@ -34,11 +34,11 @@ cfg.model
 # running it again resumes, and a finished run is reused.
 
 # %%
-live = plots.LiveLoss("Phase-1 training, configs/default.yaml")
+live = plots_training.LiveLoss("Phase-1 training, configs/default.yaml")
 default_run = train.ensure_trained(cfg, callback=live, threads=demo.threads)  # threads: make demo's share of the cores
 minutes = train.training_minutes(default_run)
-workbook.save_figure(plots.loss_curves(train.read_metrics(default_run), "Phase-1 training, configs/default.yaml"),
-                     "02_default_training")
+workbook.save_figure(plots_training.loss_curves(train.read_metrics(default_run),
+                                               "Phase-1 training, configs/default.yaml"), "02_default_training")
 print(f"{default_run}: trained in {minutes:.1f} min (features were cached by notebook 01)")
 
 # %% [markdown]
@@ -93,7 +93,7 @@ comparison.round(3)
 
 # %%
 metrics = [c for c in comparison.columns if "R@1" in c]
-fig = plots.design_comparison(comparison, metrics)
+fig = plots_training.design_comparison(comparison, metrics)
 workbook.save_figure(fig, "02_design_lines")
 workbook.record("02 design lines", **{f"{design}: {name}": comparison.loc[design, name]
                                       for design in comparison.index for name in metrics if "vision->touch" in name})

@@ -20,8 +20,12 @@ import pandas as pd
 from IPython.display import HTML, Markdown, display
 
 import evaluate
+import information
 import phase1
-import plots
+import plots_prefix
+import plots_training
+import prefixes
+import retrieval
 import study
 import train
 import widgets
@@ -73,11 +77,11 @@ pd.DataFrame({"run folder": {name: os.path.relpath(run) for name, run in everyth
 
 # %%
 dropout_tables = {mode: evaluate.read_eval(run / "eval.json") for mode, run in study.labelled(dropout_runs).items()}
-retrieval = ["vision->touch R@1 pair", "vision->touch R@1 factor", "touch->vision R@1 pair"]
+recalls = ["vision->touch R@1 pair", "vision->touch R@1 factor", "touch->vision R@1 pair"]
 chance = {"vision->touch R@1 pair": "chance@1 pair", "vision->touch R@1 factor": "chance@1 factor",
           "touch->vision R@1 pair": "chance@1 pair"}
-fig = plots.prefix_curves(dropout_tables, retrieval + ["vision recon cos", "touch recon cos"],
-                          "Quality vs prefix length k, per nested-dropout mode (test split)", chance)
+fig = plots_prefix.prefix_curves(dropout_tables, recalls + ["vision recon cos", "touch recon cos"],
+                                 "Quality vs prefix length k, per nested-dropout mode (test split)", chance)
 workbook.save_figure(fig, "03_quality_vs_k_dropout")
 fig
 
@@ -91,9 +95,9 @@ fig
 # A run trained with `--set model.decoder_readout_solved=false` shows the gap come back.
 
 # %%
-fig = plots.prefix_curves(evaluate.decoder_and_readout(dropout_tables["power_of_two"], cfg.model.modalities),
-                          [f"{m} preservation cosine" for m in cfg.model.modalities],
-                          "The default's preservation cosine: trained decoder vs ridge read-out (test split)")
+fig = plots_prefix.prefix_curves(evaluate.decoder_and_readout(dropout_tables["power_of_two"], cfg.model.modalities),
+                                 [f"{m} preservation cosine" for m in cfg.model.modalities],
+                                 "The default's preservation cosine: trained decoder vs ridge read-out (test split)")
 workbook.save_figure(fig, "03_decoder_vs_readout")
 fig
 
@@ -119,7 +123,8 @@ summary.round(3)
 
 # %%
 design_tables = {design: evaluate.read_eval(run / "eval.json") for design, run in study.labelled(design_runs).items()}
-fig = plots.prefix_curves(design_tables, retrieval, "Quality vs prefix length k, per design line (test split)", chance)
+fig = plots_prefix.prefix_curves(design_tables, recalls, "Quality vs prefix length k, per design line (test split)",
+                                 chance)
 workbook.save_figure(fig, "03_quality_vs_k_designs")
 workbook.record("03 design lines: vision->touch R@1 pair at k=1 and at the full shared embedding",
                 **{f"{design}: k={k}": table.loc[k, "vision->touch R@1 pair"]
@@ -136,7 +141,7 @@ fig
 
 # %%
 study_rows = study.read_rows()
-fig = plots.study_summary(study.per_variant(study_rows), study.family)
+fig = plots_training.study_summary(study.per_variant(study_rows), study.family)
 workbook.save_figure(fig, "03_study")
 display(fig)
 HTML("<details><summary><b>The whole study table</b>: mean ± std over seeds, per design, in parts</summary>"
@@ -156,8 +161,8 @@ guard_tables = {name: evaluate.read_eval(run / "eval.json") for name, run in stu
 leak_metrics = [f"{m} {measure} [non-linear]" for measure in ("leak into shared embedding (max)",
                                                               "shared factors from shared embedding (mean)")
                 for m in cfg.model.modalities]
-fig = plots.prefix_curves(guard_tables, leak_metrics, "Own private factors in the shared embedding vs k, per design "
-                          "(non-linear probes, test split)")
+fig = plots_prefix.prefix_curves(guard_tables, leak_metrics, "Own private factors in the shared embedding vs k, per "
+                                 "design (non-linear probes, test split)")
 workbook.save_figure(fig, "03_leakage_vs_k")
 workbook.record("03 leakage designs at k = n_shared (non-linear probe, normalised)",
                 **{f"{name}: {metric}": table.loc[k_shared, metric] for name, table in guard_tables.items()
@@ -175,8 +180,8 @@ fig
 
 # %%
 tradeoff = study.tradeoff(study_rows)
-fig = plots.tradeoff(tradeoff, study.LEAK, study.RETRIEVAL, study.TARGET[study.LEAK], study.TARGET[study.RETRIEVAL],
-                     study.family)
+fig = plots_training.tradeoff(tradeoff, study.LEAK, study.RETRIEVAL, study.TARGET[study.LEAK],
+                              study.TARGET[study.RETRIEVAL], study.family)
 workbook.save_figure(fig, "03_tradeoff")
 display(fig)
 Markdown(study.tradeoff_summary(tradeoff))
@@ -214,20 +219,20 @@ Markdown(study.tradeoff_summary(tradeoff))
 # the default's test split through its weights, once: this figure and the ones further down read it
 test_set, test_features = phase1.split_data(cfg, "test")
 model = phase1.load_aligner(default_run).model
-test_encoded = evaluate.encode_all(model, test_features, cfg.model.prefix_lengths, progress=True)
+test_encoded = prefixes.encode_all(model, test_features, cfg.model.prefix_lengths, progress=True)
 
 # %%
 closest_run = study.finished_run(study.closest_to_target(tradeoff), needs=("confusion.csv",))
 closest = study.label(study.closest_to_target(tradeoff), closest_run)
-confusions = {"default": evaluate.retrieval_confusion(test_encoded, test_set.factor_table(), [k_shared]),
+confusions = {"default": retrieval.retrieval_confusion(test_encoded, test_set.factor_table(), [k_shared]),
               closest: evaluate.read_confusion(closest_run)}
 recall = {"default": dropout_tables["power_of_two"].loc[k_shared, "vision->touch R@1 factor"],
           closest: evaluate.read_eval(closest_run / "eval.json").loc[k_shared, "vision->touch R@1 factor"]}
-shares = {name: evaluate.top1_differs(table, k_shared) for name, table in confusions.items()}
+shares = {name: retrieval.top1_differs(table, k_shared) for name, table in confusions.items()}
 workbook.record("03 vision->touch queries whose top-1 has another value, k = n_shared (test)",
                 **{f"{name}: {factor}": share for name, row in shares.items() for factor, share in row.items()})
-fig = plots.retrieval_failures(shares, {name: evaluate.confusion_matrix(table, k_shared, "texture")
-                                        for name, table in confusions.items()}, "texture", recall)
+fig = plots_training.retrieval_failures(shares, {name: retrieval.confusion_matrix(table, k_shared, "texture")
+                                                 for name, table in confusions.items()}, "texture", recall)
 workbook.save_figure(fig, "03_retrieval_failures")
 fig
 
@@ -245,12 +250,12 @@ fig
 # %%
 info = evaluate.read_information(default_run)
 unguarded_info = evaluate.read_information(guard_runs["no leakage guard"])
-fig = plots.information_map(info, n_shared=k_shared, title="Information map of the default model")
+fig = plots_prefix.information_map(info, n_shared=k_shared, title="Information map of the default model")
 workbook.save_figure(fig, "03_information_map")
 fig
 
 # %%
-fig = plots.information_map(unguarded_info, n_shared=k_shared, title=study.label(
+fig = plots_prefix.information_map(unguarded_info, n_shared=k_shared, title=study.label(
     "… and of the same model without a leakage guard", guard_runs["no leakage guard"]))
 workbook.save_figure(fig, "03_information_map_unguarded")
 fig
@@ -261,8 +266,8 @@ fig
 
 # %%
 fsq_info = evaluate.read_information(guard_runs["FSQ shared tokens"])
-fig = plots.information_map(fsq_info, n_shared=k_shared, title=study.label("… and of FSQ shared tokens",
-                                                                             guard_runs["FSQ shared tokens"]))
+fig = plots_prefix.information_map(fsq_info, n_shared=k_shared, title=study.label("… and of FSQ shared tokens",
+                                                                                  guard_runs["FSQ shared tokens"]))
 workbook.save_figure(fig, "03_information_map_fsq")
 fig
 
@@ -272,8 +277,8 @@ fig
 # factors of the own modality (its colour) only from the private tokens after the white line of the map above.
 
 # %%
-order = evaluate.order_by_token(info)
-fig = plots.order_by_token(order)
+order = information.order_by_token(info)
+fig = plots_prefix.order_by_token(order)
 workbook.save_figure(fig, "03_order_by_token")
 fig
 
@@ -284,7 +289,7 @@ fig
 # training rows' most common class; 0 for R².
 
 # %%
-groups = evaluate.group_summary(info)
+groups = information.group_summary(info)
 workbook.record("03 information map (probe score on test; accuracy, or R² for phases and fine factors)",
                 **{f"{factor} ({group}) from {column}": value for (group, factor, _), row in groups.iterrows()
                    for column, value in row.items()})
@@ -298,8 +303,8 @@ groups.round(3)
 # for any model, trained or not. Leakage is the own shared tokens' bar, and the curves above.
 
 # %%
-leaks = evaluate.leakage(info)
-fig = plots.leakage(leaks)
+leaks = information.leakage(info)
+fig = plots_prefix.leakage(leaks)
 workbook.save_figure(fig, "03_leakage")
 workbook.record("03 private factors by token group (linear probe accuracy on test)",
                 **{f"{row.factor}: {column}": row[column] for _, row in leaks.iterrows()
@@ -321,7 +326,7 @@ if (design_runs["fluxtalk"] / "checkpoint").exists():
 sample = test_set[0]
 rows = {f"{name} · {m}": (sample[m], evaluate.attention_maps(net, m, test_features[m], 0))
         for name, net in nets.items() for m in cfg.model.modalities}
-fig = plots.attention_maps(rows)
+fig = plots_prefix.attention_maps(rows)
 workbook.save_figure(fig, "03_attention_maps")
 fig
 
@@ -333,8 +338,8 @@ fig
 
 # %%
 points = evaluate.project_2d({m: e.embeddings[k_shared] for m, e in test_encoded.items()})
-fig = plots.embedding_views(points, test_set.factor_table(), ["texture", "color", "hardness"],
-                            dict(SynthTouch.FACTORS))
+fig = plots_prefix.embedding_views(points, test_set.factor_table(), ["texture", "color", "hardness"],
+                                   dict(SynthTouch.FACTORS))
 workbook.save_figure(fig, "03_embeddings")
 fig
 

@@ -19,6 +19,7 @@ import demo
 import llm_integration
 import phase1
 import plots
+import plots_captions
 import train
 import widgets
 import workbook
@@ -62,7 +63,7 @@ vision, touch = [s["vision"] for s in samples], [s["touch"] for s in samples]
 print(mm.generate(vision[:1], prompt="Describe this image:"), mm.generate(touch=touch[:1]))
 for sample, caption in zip(samples, mm.generate(vision, touch=touch)):
     sample["generated"] = caption
-fig = plots.caption_gallery(samples)
+fig = plots_captions.caption_gallery(samples)
 workbook.save_figure(fig, "04_gallery")
 fig
 
@@ -81,7 +82,7 @@ widgets.CaptionsByK(samples, by_k).widget
 # The static version of the slider, for the report: one sample, its caption for every k.
 
 # %%
-fig = plots.captions_by_k(samples[0], {k: captions[0] for k, captions in by_k.items()})
+fig = plots_captions.captions_by_k(samples[0], {k: captions[0] for k, captions in by_k.items()})
 workbook.save_figure(fig, "04_captions_by_k")
 fig
 
@@ -95,7 +96,7 @@ table = pd.DataFrame(result["rows"]).drop(columns="examples")
 majority, chance = result["baselines"]["majority"], result["baselines"]["chance"]
 both = "+".join(mm.source.modalities)
 vs_k = table[table.modalities.isin(["none", both])].set_index("k").sort_index()
-fig = plots.caption_accuracy_vs_k(vs_k, majority, f"Caption attributes vs prefix length ({both} tokens)")
+fig = plots_captions.caption_accuracy_vs_k(vs_k, majority, f"Caption attributes vs prefix length ({both} tokens)")
 workbook.save_figure(fig, "04_accuracy_vs_k")
 display(fig)
 first, last = min(k for k in vs_k.index if k > 0), vs_k.index[-1]
@@ -114,8 +115,8 @@ Markdown("\n".join(f"- {g if g == 'shared' else g + '-only'} attributes: {vs_k.l
 # phase 1's business, notebook 03).
 
 # %%
-fig = plots.caption_vs_probe(vs_k, majority, factor_groups(),
-                             f"Caption accuracy vs the linear probe of the same tokens ({both})")
+fig = plots_captions.caption_vs_probe(vs_k, majority, factor_groups(),
+                                      f"Caption accuracy vs the linear probe of the same tokens ({both})")
 workbook.save_figure(fig, "04_caption_vs_probe")
 display(fig)
 gap = pd.DataFrame({f"{g} {what}": vs_k[f"{prefix}accuracy {g}"] for g in ("shared", "vision", "touch")
@@ -135,7 +136,7 @@ gap.round(3)
 # %%
 ablation = pd.read_csv(llm_integration.VALIDATION_REFERENCE)
 ablation = ablation[ablation.modalities == both]
-fig = plots.caption_ablation(ablation)
+fig = plots_captions.caption_ablation(ablation)
 workbook.save_figure(fig, "04_phase2_settings")
 display(fig)
 touch_only = ablation.pivot_table(index="setting", columns="k", values="accuracy touch", sort=False)
@@ -154,7 +155,7 @@ groups = ["accuracy", "accuracy shared", "accuracy vision", "accuracy touch"]
 full = table[(table.k == mm.source.k) | (table.k == 0)].set_index("modalities")
 sources = pd.concat([full[groups + ["bleu4", "cider_d"]],
                      pd.DataFrame([majority, chance], index=["majority baseline", "chance"])[groups]])
-fig = plots.caption_sources(full[groups], majority)
+fig = plots_captions.caption_sources(full[groups], majority)
 workbook.save_figure(fig, "04_token_sources")
 display(fig)
 sources.round(3)

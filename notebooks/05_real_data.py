@@ -25,7 +25,8 @@ import data
 import demo
 import evaluate
 import llm_integration
-import plots
+import plots_prefix
+import retrieval
 import train
 import workbook
 from encoders import resolve_encoder, write_tvl_checkpoint
@@ -99,7 +100,7 @@ evaluate.retrieval_columns(csv_table)
 k = csv_cfg.model.n_shared
 bars = {"TVL vision→touch": (tvl_table.loc[8, "vision->touch R@1 caption"], tvl_table.loc[8, "chance@1 caption"]),
         "digits vision→text": (csv_table.loc[k, "vision->text R@1 caption"], csv_table.loc[k, "chance@1 caption"])}
-fig = plots.recall_vs_chance(bars)
+fig = plots_prefix.recall_vs_chance(bars)
 workbook.save_figure(fig, "05_caption_retrieval")
 fig
 
@@ -131,7 +132,7 @@ best = max(csv_captions["rows"], key=lambda r: r["k"])
 workbook.record("05 real data",
                 **{"TVL vision->touch R@1 caption (k=8)": bars["TVL vision→touch"][0],
                    "TVL chance@1 caption": bars["TVL vision→touch"][1],
-                   f"TVL {evaluate.TVL_TOP1} (k=8)": tvl_table.loc[8, evaluate.TVL_TOP1],
+                   f"TVL {retrieval.TVL_TOP1} (k=8)": tvl_table.loc[8, retrieval.TVL_TOP1],
                    f"digits vision->text R@1 caption (k={k})": bars["digits vision→text"][0],
                    "digits chance@1 caption": bars["digits vision→text"][1],
                    f"digits caption accuracy (k={best['k']})": best["caption accuracy"]})

@@ -249,7 +249,7 @@ def test_set_seed_and_device():
 @pytest.mark.parametrize("phase", ["phase_x", "phase_y"])
 @pytest.mark.parametrize("texture", SynthTouch.FACTORS["texture"])
 def test_phase_periods_are_the_ones_the_renderer_draws(texture, phase):
-    """The probe target of a phase (evaluate.probe_target) relies on these periods: check them on pixels.
+    """The probe target of a phase (information.probe_target) relies on these periods: check them on pixels.
     Same factors and noise streams, only the phase shifted: a period reproduces the image, less does not."""
     ds = SynthTouch(1, image_size=64)
 
@@ -267,7 +267,7 @@ def test_phase_periods_are_the_ones_the_renderer_draws(texture, phase):
 
 
 def test_probe_targets_follow_each_textures_period_and_skip_textures_without_the_phase():
-    from evaluate import probe_target
+    from information import probe_target
     textures = SynthTouch.FACTORS["texture"]
     factors = {"texture": np.array([textures.index(t) for t in ("stripes", "checker", "dots")]),
                "phase_y": np.array([0.25, 0.5, 0.5])}

@@ -1,6 +1,7 @@
 """Coarse-to-fine evaluation: the one-pass all-k table equals k truncated passes, recall and chance
 against direct counts, probes and leakage on tokens whose content is known, the attention maps, the k
-slider's callback without a browser, and the figures of plots.py."""
+slider's callback without a browser, and the figures drawn from these tables (plots_prefix.py,
+plots_training.py)."""
 import json
 
 import numpy as np
@@ -10,7 +11,12 @@ import torch
 
 import core
 import evaluate
+import information
 import plots
+import plots_prefix
+import plots_training
+import prefixes
+import retrieval
 import widgets
 from core import Features, ModelConfig
 from data import SynthTouch
@@ -58,8 +64,8 @@ def test_all_k_table_from_one_pass_equals_k_truncated_passes(overrides, tmp_path
     pd.testing.assert_frame_equal(one, truncated, atol=1e-5, rtol=1e-5)
     # the embeddings themselves, not only recalls (which could agree by luck on 24 items)
     ks = model.cfg.prefix_lengths
-    fast = evaluate.encode_all(model, feats, ks)
-    slow = evaluate.encode_all(model, feats, ks, one_pass=False)
+    fast = prefixes.encode_all(model, feats, ks)
+    slow = prefixes.encode_all(model, feats, ks, one_pass=False)
     for m in model.cfg.modalities:
         for k in ks:
             torch.testing.assert_close(fast[m].embeddings[k], slow[m].embeddings[k], atol=1e-5, rtol=1e-5)
@@ -108,20 +114,20 @@ def test_mismatched_inputs_fail_clearly():
 
 def test_recall_counts_hits_in_the_top_r():
     similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.1], [0.5, 0.6, 0.4]])
-    recall = evaluate.recall_at(similarity, torch.eye(3, dtype=torch.bool), ranks=(1, 2))
+    recall = retrieval.recall_at(similarity, torch.eye(3, dtype=torch.bool), ranks=(1, 2))
     assert recall == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3)}  # row 2's pair is third
 
 
 def test_factor_match_and_chance_agree_with_a_random_ranking():
     factors = {"texture": np.array([0, 0, 1, 1, 1, 2]), "orientation": np.array([0, 0, 0, 0, 1, 1])}
-    relevant = evaluate.factor_match(factors, ["texture", "orientation"])
+    relevant = retrieval.factor_match(factors, ["texture", "orientation"])
     assert relevant.sum(1).tolist() == [2, 2, 2, 2, 1, 1]
-    chance = evaluate.chance_recall(relevant, ranks=(1, 2))
+    chance = retrieval.chance_recall(relevant, ranks=(1, 2))
     g = torch.Generator().manual_seed(0)
-    simulated = [evaluate.recall_at(torch.rand(6, 6, generator=g), relevant, ranks=(1, 2)) for _ in range(4000)]
+    simulated = [retrieval.recall_at(torch.rand(6, 6, generator=g), relevant, ranks=(1, 2)) for _ in range(4000)]
     for r in (1, 2):
         assert chance[r] == pytest.approx(np.mean([s[r] for s in simulated]), abs=0.01)
-    assert evaluate.chance_recall(torch.eye(100, dtype=torch.bool))[5] == pytest.approx(0.05)
+    assert retrieval.chance_recall(torch.eye(100, dtype=torch.bool))[5] == pytest.approx(0.05)
 
 
 def test_tvl_top1_is_tvls_symmetric_accuracy_and_a_shuffled_pairing_gives_chance():
@@ -134,15 +140,15 @@ def test_tvl_top1_is_tvls_symmetric_accuracy_and_a_shuffled_pairing_gives_chance
     t, v = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (touch.numpy(), vision.numpy()))
     touch_to_vision = np.mean([np.argmax([t[i] @ v[j] for j in range(n)]) == i for i in range(n)])
     vision_to_touch = np.mean([np.argmax([v[j] @ t[i] for i in range(n)]) == j for j in range(n)])
-    top1 = evaluate.tvl_top1(touch, vision)
+    top1 = retrieval.tvl_top1(touch, vision)
     assert top1 == pytest.approx((touch_to_vision + vision_to_touch) / 2) and touch_to_vision != vision_to_touch
     assert 0.3 < top1 < 0.95  # neither trivial nor hopeless, so the comparison above means something
     # Failure: pairs that match perfectly, their pairing shuffled. Row i then finds its old partner, a hit only where
     # the permutation fixes i, in both directions, so the score is (fixed points)/n, whose mean over permutations is
     # 1/n, chance. The number of fixed points of a random permutation has mean 1 and variance 1: over 400 permutations
     # their mean lies within 4 standard errors (4/sqrt(400) = 0.2) of 1.
-    assert evaluate.tvl_top1(vision + 0.01 * torch.randn(n, 8, generator=g), vision) == 1.0
-    shuffled = [evaluate.tvl_top1(vision[torch.randperm(n, generator=g)], vision) for _ in range(400)]
+    assert retrieval.tvl_top1(vision + 0.01 * torch.randn(n, 8, generator=g), vision) == 1.0
+    shuffled = [retrieval.tvl_top1(vision[torch.randperm(n, generator=g)], vision) for _ in range(400)]
     assert np.mean(shuffled) * n == pytest.approx(1.0, abs=0.2)
 
 
@@ -155,35 +161,35 @@ def encoded_from(factors: dict[str, np.ndarray], texture: np.ndarray, noise: flo
         x = torch.tensor(np.concatenate(parts, 1), dtype=torch.float32)
         return x + noise * torch.randn(x.shape, generator=g)
     g = torch.Generator().manual_seed(0)
-    return {m: evaluate.Encoded(None, {1: one_hot(texture, g)}, None) for m in ("vision", "touch")}
+    return {m: prefixes.Encoded(None, {1: one_hot(texture, g)}, None) for m in ("vision", "touch")}
 
 
 def test_retrieval_confusion_names_the_values_retrieval_mixes_up():
     factors = factor_table(n=400)
     checker, waves = SynthTouch.FACTORS["texture"].index("checker"), SynthTouch.FACTORS["texture"].index("waves")
     # a model that reads every shared factor: nothing is wrong, every confusion matrix is diagonal
-    perfect = evaluate.retrieval_confusion(encoded_from(factors, factors["texture"], 0.01), factors, [1])
-    assert (evaluate.top1_differs(perfect, 1) == 0).all()
+    perfect = retrieval.retrieval_confusion(encoded_from(factors, factors["texture"], 0.01), factors, [1])
+    assert (retrieval.top1_differs(perfect, 1) == 0).all()
     # a model that cannot tell checker from waves (it reads both as checker): only those two are mixed up, about
     # half of the queries of either (a tie broken by the noise), and nothing else
     blind = np.where(factors["texture"] == waves, checker, factors["texture"])
-    table = evaluate.retrieval_confusion(encoded_from(factors, blind, 0.01), factors, [1])
-    counts = evaluate.confusion_matrix(table, 1, "texture")
+    table = retrieval.retrieval_confusion(encoded_from(factors, blind, 0.01), factors, [1])
+    counts = retrieval.confusion_matrix(table, 1, "texture")
     assert list(counts.index) == list(counts.columns) == SynthTouch.FACTORS["texture"]
     wrong = counts.to_numpy() * (1 - np.eye(4))
     assert wrong.sum() == wrong[checker, waves] + wrong[waves, checker] and wrong[checker, waves] > 0 < wrong[waves, checker]
     either = np.isin(factors["texture"], [checker, waves]).sum()
-    shares = evaluate.top1_differs(table, 1)
+    shares = retrieval.top1_differs(table, 1)
     assert 0.3 * either / 400 < shares["texture"] < 0.7 * either / 400  # binomial: ~50% of ~200 queries, ±4 SE
     assert shares["orientation"] == shares["roughness"] == 0
     with pytest.raises(ValueError, match="no confusion counts for k=4.*has k \\[1\\]"):
-        evaluate.confusion_matrix(table, 4, "texture")
+        retrieval.confusion_matrix(table, 4, "texture")
     # a value no query had and no top-1 was counts 0, not NaN; a value SynthTouch does not have is refused
     without_dots = table[(table["query"] != "dots") & (table["retrieved"] != "dots")]
-    assert evaluate.confusion_matrix(without_dots, 1, "texture").loc["dots"].tolist() == [0, 0, 0, 0]
+    assert retrieval.confusion_matrix(without_dots, 1, "texture").loc["dots"].tolist() == [0, 0, 0, 0]
     renamed = table.replace({"retrieved": {"dots": "spots"}})
     with pytest.raises(ValueError, match="values \\['spots'\\] that SynthTouch does not have"):
-        evaluate.confusion_matrix(renamed, 1, "texture")
+        retrieval.confusion_matrix(renamed, 1, "texture")
 
 
 def test_the_top_1_that_is_counted_wrong_is_the_one_r1_judges():
@@ -192,14 +198,14 @@ def test_the_top_1_that_is_counted_wrong_is_the_one_r1_judges():
     factors = factor_table(n=300, seed=1)
     encoded = encoded_from(factors, factors["texture"], 0.6)
     encoded = {m: e._replace(embeddings={1: e.embeddings[1].round()}) for m, e in encoded.items()}  # many ties
-    relevant = {"factor": evaluate.factor_match(factors, evaluate.shared_discrete_factors())}  # as evaluate_prefixes
-    recall = evaluate.retrieval_metrics(encoded["vision"].embeddings[1], encoded["touch"].embeddings[1], relevant,
-                                        "vision->touch")["vision->touch R@1 factor"]
-    shares = evaluate.top1_differs(evaluate.retrieval_confusion(encoded, factors, [1]), 1)
+    relevant = {"factor": retrieval.factor_match(factors, retrieval.shared_discrete_factors())}  # as evaluate_prefixes
+    recall = retrieval.retrieval_metrics(encoded["vision"].embeddings[1], encoded["touch"].embeddings[1], relevant,
+                                         "vision->touch")["vision->touch R@1 factor"]
+    shares = retrieval.top1_differs(retrieval.retrieval_confusion(encoded, factors, [1]), 1)
     assert 0.2 < 1 - recall < 0.9  # a model that fails, and the measure says so
     # query by query: the item `nearest` picks is a hit exactly as often as R@1 counts (an argmax would pick
     # other tied items). Recall is a float32 mean of 300 zeros and ones, exact to ~1e-7: compared in queries
-    top1 = evaluate.nearest(encoded["vision"].embeddings[1], encoded["touch"].embeddings[1])
+    top1 = retrieval.nearest(encoded["vision"].embeddings[1], encoded["touch"].embeddings[1])
     hits = relevant["factor"][torch.arange(300), top1]
     assert hits.sum().item() == round(recall * 300)
     assert shares.max() <= 1 - recall + 1e-6 and shares.sum() >= 1 - recall - 1e-6
@@ -242,13 +248,13 @@ def planted_tokens(n, seed):
 
 def planted_splits(make, rows=(300, 150, 200), **kwargs):
     """(features, factors), each split name ('fit', 'select', 'test') → that split's planted rows."""
-    splits = {split: make(n, seed, **kwargs) for seed, (split, n) in enumerate(zip(evaluate.PROBE_SPLITS, rows))}
+    splits = {split: make(n, seed, **kwargs) for seed, (split, n) in enumerate(zip(information.PROBE_SPLITS, rows))}
     return {split: x for split, (x, _) in splits.items()}, {split: f for split, (_, f) in splits.items()}
 
 
 @pytest.fixture(scope="module")
 def info():
-    return evaluate.information_map(*planted_splits(planted_tokens), n_shared=2)
+    return information.information_map(*planted_splits(planted_tokens), n_shared=2)
 
 
 def score(info, modality, source, factor):
@@ -271,11 +277,11 @@ def test_information_map_finds_what_each_token_carries(info):
 
 
 def test_group_summary_and_leakage_report_chance(info):
-    summary = evaluate.group_summary(info)
+    summary = information.group_summary(info)
     assert summary.loc[("shared", "texture", "accuracy"), "touch shared"] > 0.95
     assert summary.loc[("vision", "color", "accuracy"), "vision private"] > 0.95
     assert list(summary.index.get_level_values("group").unique()) == ["shared", "vision", "touch"]
-    table = evaluate.leakage(info).set_index("factor")
+    table = information.leakage(info).set_index("factor")
     assert set(table.index) == {"color", "lighting", "hardness", "pressure"}
     assert table.loc["color", "own private"] > 0.95
     # touch never sees colour: its shared tokens decode it at chance level, nothing leaks
@@ -288,7 +294,7 @@ def test_order_by_token_reads_which_kind_of_factor_each_token_holds(info):
     """Kinds are means over their factors, and one factor of each kind is planted: texture of the four coarse
     shared factors (token 0, so ~1/4), the own private one of two (token 2, ~1/2); the rest read at chance (0)
     up to probe noise on 200 test rows (a few hundredths)."""
-    order = evaluate.order_by_token(info)
+    order = information.order_by_token(info)
     for m in ("vision", "touch"):
         assert order.loc[(m, "shared · coarse"), 0] > 0.2 > 0.1 > order.loc[(m, "shared · coarse"), 3]
         assert order.loc[(m, "own private · coarse"), 2] > 0.4 > 0.1 > order.loc[(m, "own private · coarse"), 0]
@@ -330,7 +336,7 @@ def viewer():
     # at k = 4 every touch item is its vision pair; at k = 1 the pair sits far away
     embeddings = {"vision": {1: base, 4: base}, "touch": {1: -base + 0.01 * torch.randn(12, 8, generator=g),
                                                          4: base + 0.01 * torch.randn(12, 8, generator=g)}}
-    encoded = {m: evaluate.Encoded(None, e, None) for m, e in embeddings.items()}
+    encoded = {m: prefixes.Encoded(None, e, None) for m, e in embeddings.items()}
     return widgets.NeighbourViewer(encoded, dataset, query=3)
 
 
@@ -392,7 +398,7 @@ def labelled(figure):
 def test_prefix_curves_use_a_log2_axis_and_label_everything():
     tables = {"flextok": pd.DataFrame({"m R@1": [0.1, 0.2, 0.3], "chance@1 pair": [0.01] * 3}, index=[1, 2, 4]),
               "adapter": pd.DataFrame({"m R@1": [0.25], "chance@1 pair": [0.01]}, index=[1])}
-    fig = labelled(plots.prefix_curves(tables, ["m R@1"], "quality vs k", chance={"m R@1": "chance@1 pair"}))
+    fig = labelled(plots_prefix.prefix_curves(tables, ["m R@1"], "quality vs k", chance={"m R@1": "chance@1 pair"}))
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and "log2" in ax.get_xlabel()
     assert {line.get_label() for line in ax.lines} >= {"flextok", "adapter (1 token)", "chance"}
@@ -400,7 +406,7 @@ def test_prefix_curves_use_a_log2_axis_and_label_everything():
 
 def test_information_map_and_leakage_figures_colour_factors_by_group(info):
     from matplotlib.colors import to_hex
-    fig = labelled(plots.information_map(info, n_shared=2))
+    fig = labelled(plots_prefix.information_map(info, n_shared=2))
     labels = {t.get_text(): to_hex(t.get_color()) for t in fig.axes[0].get_yticklabels()}
     for factor, group in SynthTouch.factor_groups.items():
         if factor in labels:
@@ -410,17 +416,18 @@ def test_information_map_and_leakage_figures_colour_factors_by_group(info):
     vision = info[info.modality == "vision"].pivot(index="factor", columns="source", values="above chance")
     vision = vision.loc[[t.get_text() for t in fig.axes[0].get_yticklabels()], list(dict.fromkeys(info.source))]
     assert (np.ma.getmaskarray(drawn) == (vision.to_numpy() <= 0)).all() and (vision.to_numpy() <= 0).any()
-    fig = labelled(plots.leakage(evaluate.leakage(info)))
+    fig = labelled(plots_prefix.leakage(information.leakage(info)))
     labels = {t.get_text(): to_hex(t.get_color()) for t in fig.axes[0].get_xticklabels()}
     assert labels["color"] == plots.GROUP_COLORS["vision"] and labels["hardness"] == plots.GROUP_COLORS["touch"]
 
 
 def test_retrieval_failures_figure_has_one_confusion_matrix_per_run():
     factors = factor_table(n=200)
-    tables = {"reads texture": evaluate.retrieval_confusion(encoded_from(factors, factors["texture"], 0.01), factors, [1]),
-              "blind": evaluate.retrieval_confusion(encoded_from(factors, np.zeros(200, int), 0.01), factors, [1])}
-    fig = labelled(plots.retrieval_failures({n: evaluate.top1_differs(t, 1) for n, t in tables.items()},
-                                            {n: evaluate.confusion_matrix(t, 1, "texture") for n, t in tables.items()},
+    tables = {"reads texture": retrieval.retrieval_confusion(encoded_from(factors, factors["texture"], 0.01), factors,
+                                                             [1]),
+              "blind": retrieval.retrieval_confusion(encoded_from(factors, np.zeros(200, int), 0.01), factors, [1])}
+    fig = labelled(plots_training.retrieval_failures({n: retrieval.top1_differs(t, 1) for n, t in tables.items()},
+                                            {n: retrieval.confusion_matrix(t, 1, "texture") for n, t in tables.items()},
                                             "texture", {"reads texture": 1.0, "blind": 0.27}))
     bars, *matrices = fig.axes
     assert [ax.get_title() for ax in matrices] == list(tables) and all(len(ax.images) == 1 for ax in matrices)
@@ -432,11 +439,11 @@ def test_attention_and_embedding_figures():
     feats = features()
     image = torch.rand(3, 32, 32)
     maps = evaluate.attention_maps(model, "vision", feats["vision"], 0)
-    fig = plots.attention_maps({"vision": (image, maps), "touch": (image, maps)}, n_show=4)
+    fig = plots_prefix.attention_maps({"vision": (image, maps), "touch": (image, maps)}, n_show=4)
     assert fig._suptitle.get_text() and sum(len(ax.images) == 2 for ax in fig.axes) == 8
     points = evaluate.project_2d({"vision": torch.randn(24, 16), "touch": torch.randn(24, 16)})
     names = {n: v for n, v in SynthTouch.FACTORS.items()}
-    labelled(plots.embedding_views(points, factor_table(), ["texture", "color"], names))
+    labelled(plots_prefix.embedding_views(points, factor_table(), ["texture", "color"], names))
 
 
 def test_eval_json_is_plain_json(tmp_path):
@@ -468,7 +475,7 @@ def planted_encoded(n, seed, leak: str):
                 x[:, 1, 2 * c], x[:, 1, 2 * c + 1] = sign, sign * np.where(factors[private] == c, 1.0, -1.0)
         tokens = torch.tensor(x, dtype=torch.float32)
         embeddings = {k: tokens[:, :min(k, 2)].mean(1) for k in (1, 2, 4)}
-        encoded[m] = evaluate.Encoded(tokens, embeddings, None)
+        encoded[m] = prefixes.Encoded(tokens, embeddings, None)
     return encoded, factors
 
 
@@ -479,15 +486,15 @@ def test_leakage_by_k_reports_failure_only_for_a_leaking_model(leak):
     encoded, factors = planted_splits(planted_encoded, (600, 200, 400), leak=leak)
     # k = 2 (all shared tokens; the planted leak sits in token 1) and 4 (private tokens too): k = 1 would only
     # add probes of token 0, which leaks in no case (every k of a run: test_study, eval.json)
-    table = evaluate.leakage_by_k(model, encoded, factors, ks=[2, 4], names=["texture", "color", "hardness"])
+    table = information.leakage_by_k(model, encoded, factors, ks=[2, 4], names=["texture", "color", "hardness"])
     assert set(table.k) == {2, 4} and set(table.probe) == {"linear", "non-linear"}
-    summary = evaluate.leakage_summary(table)
+    summary = information.leakage_summary(table)
     at_shared = summary.xs(2, level="k")
     if leak == "none":  # 0.15: the issue's bar, about 5 standard errors of chance accuracy on 400 samples
         assert (at_shared["leak into shared tokens (max)"] < 0.15).all()
     else:
         assert (at_shared["leak into shared tokens (max)"] > 0.5).all()
-    linear = evaluate.leakage_summary(table, probe="linear").xs(2, level="k")["leak into shared tokens (max)"]
+    linear = information.leakage_summary(table, probe="linear").xs(2, level="k")["leak into shared tokens (max)"]
     if leak == "xor":  # hidden from a linear read-out, so a linear-only measure would call it clean
         assert (linear < 0.15).all()
     # the parts that do not depend on leaking: private tokens know their factor, the shared embedding texture
@@ -508,7 +515,7 @@ def test_probes_fit_in_parallel_processes_give_the_scores_of_one_process():
     try:
         for processes in (2, 1):
             torch.set_num_threads(processes)
-            maps.append(evaluate.information_map(tokens, factors, n_shared=2))
+            maps.append(information.information_map(tokens, factors, n_shared=2))
     finally:
         torch.set_num_threads(threads)
     assert maps[0].drop(columns=["score", "above chance"]).equals(maps[1].drop(columns=["score", "above chance"]))

@@ -1,6 +1,6 @@
-"""Every figure of plots.py is readable at a notebook's width: drawn from the reference runs' own tables (the shapes
-a notebook draws), shown in an output area plots.NOTEBOOK_PX wide, its smallest text is at least plots.MIN_TEXT_PX
-tall on screen, and no legend lies over another panel."""
+"""Every figure of the plots_*.py modules is readable at a notebook's width: drawn from the reference runs' own tables
+(the shapes a notebook draws), shown in an output area plots.NOTEBOOK_PX wide, its smallest text is at least
+plots.MIN_TEXT_PX tall on screen, and no legend lies over another panel."""
 import os
 import subprocess
 import sys
@@ -11,8 +11,14 @@ import pytest
 import torch
 
 import evaluate
+import information
 import llm_integration
 import plots
+import plots_captions
+import plots_prefix
+import plots_testbed
+import plots_training
+import retrieval
 import study
 import train
 from data import SynthTouch
@@ -82,9 +88,10 @@ def base_factors() -> dict:
 def confusion_figure():
     names = ["default", study.closest_to_target(study.tradeoff(study.read_rows("nothing trained here")))]
     confusions = {name: evaluate.read_confusion(reference(name)) for name in names}
-    return plots.retrieval_failures({n: evaluate.top1_differs(t, 4) for n, t in confusions.items()},
-                                    {n: evaluate.confusion_matrix(t, 4, "texture") for n, t in confusions.items()},
-                                    "texture", {n: 0.9 for n in names})
+    return plots_training.retrieval_failures({n: retrieval.top1_differs(t, 4) for n, t in confusions.items()},
+                                             {n: retrieval.confusion_matrix(t, 4, "texture")
+                                              for n, t in confusions.items()},
+                                             "texture", {n: 0.9 for n in names})
 
 
 def design_table() -> pd.DataFrame:
@@ -93,47 +100,54 @@ def design_table() -> pd.DataFrame:
 
 
 FIGURES = {
-    "sample grid": lambda: plots.sample_grid(samples(8)),
-    "who sees what": lambda: plots.factor_visibility(SynthTouch.factor_groups),
-    "render variations": lambda: plots.render_variations(SynthTouch(8, image_size=64), base_factors(), VARIATIONS),
-    "testbed audit": lambda: plots.testbed_audit(audit_table(), 0.2, 0.5),
-    "frozen features": lambda: plots.embedding_views(
+    "sample grid": lambda: plots_testbed.sample_grid(samples(8)),
+    "who sees what": lambda: plots_testbed.factor_visibility(SynthTouch.factor_groups),
+    "render variations": lambda: plots_testbed.render_variations(SynthTouch(8, image_size=64), base_factors(),
+                                                                 VARIATIONS),
+    "testbed audit": lambda: plots_testbed.testbed_audit(audit_table(), 0.2, 0.5),
+    "frozen features": lambda: plots_prefix.embedding_views(
         {"vision": np.random.default_rng(0).normal(size=(64, 2))},
         SynthTouch(64).factor_table(), ["roughness", "color"], dict(SynthTouch.FACTORS)),
-    "loss curves": lambda: plots.loss_curves(train.read_metrics(reference("default")), "Phase-1 training"),
-    "design lines": lambda: plots.design_comparison(design_table(), [c for c in design_table() if "R@1" in c]),
-    "quality vs k, dropout": lambda: plots.prefix_curves(
+    "loss curves": lambda: plots_training.loss_curves(train.read_metrics(reference("default")), "Phase-1 training"),
+    "design lines": lambda: plots_training.design_comparison(design_table(), [c for c in design_table() if "R@1" in c]),
+    "quality vs k, dropout": lambda: plots_prefix.prefix_curves(
         prefix_tables(["default", "uniform nested dropout", "linear nested dropout", "no nested dropout"]),
         RETRIEVAL + ["vision recon cos", "touch recon cos"], "Quality vs prefix length k, per nested-dropout mode",
         CHANCE),
-    "quality vs k, designs": lambda: plots.prefix_curves(
+    "quality vs k, designs": lambda: plots_prefix.prefix_curves(
         prefix_tables([f"{d} design" for d in ("flextok", "fluxtalk", "adapter")]), RETRIEVAL, "per design", CHANCE),
-    "leakage vs k": lambda: plots.prefix_curves(prefix_tables(GUARDS), LEAK, "Own private factors in the shared "
-                                                "embedding vs k, per design (non-linear probes, test split)"),
-    "trade-off": lambda: plots.tradeoff(study.tradeoff(study.read_rows("nothing trained here")), study.LEAK,
-                                        study.RETRIEVAL, 0.15, 0.9, study.family),
+    "leakage vs k": lambda: plots_prefix.prefix_curves(prefix_tables(GUARDS), LEAK, "Own private factors in the shared "
+                                                       "embedding vs k, per design (non-linear probes, test split)"),
+    "trade-off": lambda: plots_training.tradeoff(study.tradeoff(study.read_rows("nothing trained here")), study.LEAK,
+                                                 study.RETRIEVAL, 0.15, 0.9, study.family),
     "retrieval failures": confusion_figure,
-    "study": lambda: plots.study_summary(study.per_variant(study.read_rows("nothing trained here")), study.family),
-    "information map": lambda: plots.information_map(evaluate.read_information(reference("default")), n_shared=4),
-    "order by token": lambda: plots.order_by_token(evaluate.order_by_token(
+    "study": lambda: plots_training.study_summary(study.per_variant(study.read_rows("nothing trained here")),
+                                                  study.family),
+    "information map": lambda: plots_prefix.information_map(evaluate.read_information(reference("default")),
+                                                            n_shared=4),
+    "order by token": lambda: plots_prefix.order_by_token(information.order_by_token(
         evaluate.read_information(reference("default")))),
-    "leakage by token group": lambda: plots.leakage(evaluate.leakage(
+    "leakage by token group": lambda: plots_prefix.leakage(information.leakage(
         evaluate.read_information(reference("default")))),
-    "attention maps": lambda: plots.attention_maps(
+    "attention maps": lambda: plots_prefix.attention_maps(
         {f"{net} · {m}": (torch.rand(3, 64, 64), np.random.default_rng(0).random((16, 8, 8)))
          for net in ("joint (default)", "cross (fluxtalk)") for m in ("vision", "touch")}),
-    "embeddings": lambda: plots.embedding_views(
+    "embeddings": lambda: plots_prefix.embedding_views(
         {m: np.random.default_rng(i).normal(size=(128, 2)) for i, m in enumerate(("vision", "touch"))},
         SynthTouch(128).factor_table(), ["texture", "color", "hardness"], dict(SynthTouch.FACTORS)),
-    "neighbours": lambda: plots.neighbours(neighbour_panels()),
-    "caption gallery": lambda: plots.caption_gallery(samples(6)),
-    "captions by k": lambda: plots.captions_by_k(samples(1)[0], {k: samples(2)[1]["caption"] for k in (0, 1, 2, 4, 8, 16)}),
-    "accuracy vs k": lambda: plots.caption_accuracy_vs_k(*vs_k()),
-    "caption vs probe": lambda: plots.caption_vs_probe(*vs_k(), {f: g for f, g in SynthTouch.factor_groups.items()
-                                                                 if f in SynthTouch.FACTORS}),
-    "phase-2 settings": lambda: plots.caption_ablation(ablation()),
-    "token sources": lambda: plots.caption_sources(vs_k()[0].iloc[[0, -1]].set_axis(["vision", "touch"]), vs_k()[1]),
-    "caption retrieval": lambda: plots.recall_vs_chance({"TVL vision→touch": (0.3, 0.1), "digits vision→text": (0.8, 0.1)}),
+    "neighbours": lambda: plots_prefix.neighbours(neighbour_panels()),
+    "caption gallery": lambda: plots_captions.caption_gallery(samples(6)),
+    "captions by k": lambda: plots_captions.captions_by_k(samples(1)[0], {k: samples(2)[1]["caption"]
+                                                                         for k in (0, 1, 2, 4, 8, 16)}),
+    "accuracy vs k": lambda: plots_captions.caption_accuracy_vs_k(*vs_k()),
+    "caption vs probe": lambda: plots_captions.caption_vs_probe(*vs_k(), {f: g for f, g in
+                                                                          SynthTouch.factor_groups.items()
+                                                                          if f in SynthTouch.FACTORS}),
+    "phase-2 settings": lambda: plots_captions.caption_ablation(ablation()),
+    "token sources": lambda: plots_captions.caption_sources(vs_k()[0].iloc[[0, -1]].set_axis(["vision", "touch"]),
+                                                            vs_k()[1]),
+    "caption retrieval": lambda: plots_prefix.recall_vs_chance({"TVL vision→touch": (0.3, 0.1),
+                                                                "digits vision→text": (0.8, 0.1)}),
 }
 
 

@@ -6,6 +6,7 @@ import torch
 
 import evaluate
 import phase1
+import prefixes
 import train
 from conftest import tiny
 from features import Features
@@ -21,7 +22,7 @@ def split(features: dict[str, Features], rows) -> dict[str, Features]:
 
 def decoder_and_ridge(model, splits, ks):
     """Per k: the decoder's test preservation cosine and a ridge read-out's from the same tokens (evaluate's)."""
-    tokens = {name: evaluate.encode_all(model, f, ks, reconstruct=False)["vision"].tokens for name, f in splits.items()}
+    tokens = {name: prefixes.encode_all(model, f, ks, reconstruct=False)["vision"].tokens for name, f in splits.items()}
     ridge = evaluate.readout_cosine(tokens, {name: f["vision"] for name, f in splits.items()}, ks)
     test = splits["test"]["vision"]
     decoder = model.reconstruction_cosine("vision", tokens["test"], test, ks, test.mean_token())

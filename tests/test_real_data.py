@@ -25,6 +25,7 @@ import evaluate
 import layouts
 import llm_integration as L
 import phase1
+import retrieval
 import train
 from captions import adjective_scores, bleu4, exact_match, is_adjective_list, tokenize
 from encoders import TVL_TACTILE_MEAN_STD, create_encoder, resolve_encoder, write_tvl_checkpoint
@@ -192,8 +193,8 @@ def test_seed_command_lines_train_end_to_end_on_tvl(flags, tvl_dir, stage1_check
     # TVL's own number at every k, beside R@1: by its definition the two directions' exact-pair top-1 averaged (on 8
     # test pairs each is a multiple of 1/8, so only an exact tie, ranked apart by the two computations, could split them)
     pair = (table["touch->vision R@1 pair"] + table["vision->touch R@1 pair"]) / 2
-    np.testing.assert_allclose(table[evaluate.TVL_TOP1], pair, atol=1e-6)
-    assert evaluate.TVL_TOP1 in evaluate.retrieval_columns(table)  # what train.py prints and notebook 05 shows
+    np.testing.assert_allclose(table[retrieval.TVL_TOP1], pair, atol=1e-6)
+    assert retrieval.TVL_TOP1 in evaluate.retrieval_columns(table)  # what train.py prints and notebook 05 shows
     # each encoder got its images at its own size: 64 px vision, the checkpoint's 224 px touch
     touch = phase1.get_encoder(phase1.load_config(run / "config.yaml"), "touch")
     assert touch.cfg.image_size == 224
@@ -403,11 +404,11 @@ def test_csv_route_trains_phase_1_and_phase_2_from_the_command_line(which, digit
 
 def test_caption_level_hits_count_any_item_with_the_same_caption():
     codes = layouts._caption_codes(["a", "a", "b", "b", "c", "c"])
-    relevant = evaluate.factor_match({"caption": codes}, ["caption"])
+    relevant = retrieval.factor_match({"caption": codes}, ["caption"])
     similarity = torch.eye(6)[[1, 0, 3, 2, 5, 4]]  # every query retrieves the other item of its caption
-    assert evaluate.recall_at(similarity, torch.eye(6, dtype=torch.bool))[1] == 0
-    assert evaluate.recall_at(similarity, relevant)[1] == 1
-    assert evaluate.chance_recall(relevant)[1] == pytest.approx(2 / 6)  # 2 of 6 gallery items share a caption
+    assert retrieval.recall_at(similarity, torch.eye(6, dtype=torch.bool))[1] == 0
+    assert retrieval.recall_at(similarity, relevant)[1] == 1
+    assert retrieval.chance_recall(relevant)[1] == pytest.approx(2 / 6)  # 2 of 6 gallery items share a caption
 
 
 def test_tokenize_as_coco_does_for_plain_captions():

@@ -7,8 +7,12 @@ import pandas as pd
 import pytest
 
 import evaluate
+import information
 import phase1
 import plots
+import plots_training
+import prefixes
+import retrieval
 import study
 import train
 from conftest import TINY
@@ -49,13 +53,13 @@ def test_the_information_map_is_written_beside_eval_json_and_read_back(rows):
     cfg = phase1.load_config(run / "config.yaml")
     model, ks = phase1.load_aligner(run).model, [cfg.model.n_registers]
     tokens, factors = {}, {}
-    for split, name in zip(evaluate.PROBE_SPLITS, ("train", "val", "test")):
+    for split, name in zip(information.PROBE_SPLITS, ("train", "val", "test")):
         dataset, feats = phase1.split_data(cfg, name)
-        index = evaluate.fit_rows(len(dataset)) if split == "fit" else np.arange(len(dataset))
-        encoded = evaluate.encode_all(model, {m: f.batch(index) for m, f in feats.items()}, ks)
+        index = information.fit_rows(len(dataset)) if split == "fit" else np.arange(len(dataset))
+        encoded = prefixes.encode_all(model, {m: f.batch(index) for m, f in feats.items()}, ks)
         tokens[split] = {m: e.tokens for m, e in encoded.items()}
         factors[split] = {name: np.asarray(v)[index] for name, v in dataset.factor_table().items()}
-    again = evaluate.information_map(tokens, factors, cfg.model.n_shared)
+    again = information.information_map(tokens, factors, cfg.model.n_shared)
     assert list(saved.columns) == list(again.columns) and len(saved) == len(again)
     assert (saved.source.unique() == again.source.unique()).all()
     # same process, same inputs, same probes: equal up to the CSV's decimal round trip (17 significant digits)
@@ -154,7 +158,7 @@ def test_the_reference_confusion_counts_are_of_the_runs_own_top_1(variant):
     confusion, table = evaluate.read_confusion(run), evaluate.read_eval(run / "eval.json")
     for k in table.index:
         for direction in ("vision->touch", "touch->vision"):
-            shares, miss = evaluate.top1_differs(confusion, k, direction), 1 - table.loc[k, f"{direction} R@1 factor"]
+            shares, miss = retrieval.top1_differs(confusion, k, direction), 1 - table.loc[k, f"{direction} R@1 factor"]
             # recall is a float32 mean of 1000 zeros and ones (exact to ~1e-7), the shares exact fractions
             assert shares.max() <= miss + 1e-6 and shares.sum() >= miss - 1e-6, (k, direction)
 
@@ -230,7 +234,7 @@ def test_every_design_in_the_tradeoff_figure_looks_different_past_twenty():
     from matplotlib.colors import to_hex
     names = [f"design {i}" for i in range(23)]  # more designs than the 20 colours of the palette
     table = pd.DataFrame({study.LEAK: np.linspace(0, 0.9, 23), study.RETRIEVAL: 0.5, "seeds": 1}, index=names)
-    fig = plots.tradeoff(table, study.LEAK, study.RETRIEVAL, target_x=0.15, target_y=0.9)
+    fig = plots_training.tradeoff(table, study.LEAK, study.RETRIEVAL, target_x=0.15, target_y=0.9)
     legend = fig.legends[0]
     assert [t.get_text() for t in legend.get_texts()] == names
     assert len({(to_hex(h.get_color()), h.get_marker()) for h in legend.legend_handles}) == len(names)
@@ -239,7 +243,7 @@ def test_every_design_in_the_tradeoff_figure_looks_different_past_twenty():
 def test_the_tradeoff_figure_gives_a_family_one_colour_and_its_designs_markers():
     from matplotlib.colors import to_hex
     table = study.tradeoff(pd.read_csv(study.REFERENCE / "runs.csv").assign(source="reference"))
-    fig = plots.tradeoff(table, study.LEAK, study.RETRIEVAL, 0.15, 0.9, study.family)
+    fig = plots_training.tradeoff(table, study.LEAK, study.RETRIEVAL, 0.15, 0.9, study.family)
     legend = fig.legends[0]
     entries = dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
     families = set(map(study.family, table.index))
