@@ -102,15 +102,18 @@ def test_kill_9_during_checkpoint_writes_always_leaves_a_state_that_resumes_exac
     for last, window in ((False, (0.0, 0.35)), (False, (0.35, 0.7)), (True, (0.0, 0.35))):
         mode = "resume" if loop.RunFolder(run_dir).checkpoint is not None else "fresh"
         nth_write = 2 if last and mode == "fresh" else 1
-        proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings), mode], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        errors = tmp_path / f"stderr-{last}-{window[0]}.txt"  # a file, not a pipe: tqdm's output would fill a pipe
+        with open(errors, "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings), mode], env=env,
+                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
         writes = 0
         for line in proc.stdout:
             writes += line.startswith("SAVE ")
             if writes == nth_write:
                 time.sleep(rng.uniform(*window))
                 break
-        assert writes == nth_write, "the run ended before the checkpoint write the kill was meant for"
+        assert writes == nth_write, ("the run ended before the checkpoint write the kill was meant for; its stderr "
+                                     f"ends: {errors.read_text()[-2000:]}")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         run = loop.RunFolder(run_dir)
