@@ -174,9 +174,10 @@ class RunFolder:
                                   "keep them choose a new --output_dir, to replace them pass --overwrite")
         foreign = self.foreign_entries()
         if foreign and not resume:
-            raise FileExistsError(f"{self.path} is not empty and is not a FlexAlign run: it holds {foreign}, which "
-                                  "this project did not write, so a run there is refused (--overwrite too) and "
-                                  "nothing in it was touched; choose a new --output_dir or move those away")
+            raise FileExistsError(f"{self.path} is not empty and is not a run of this kind: it holds {foreign}, "
+                                  f"which this kind of run does not write{self.config_kind()}, so a run there is "
+                                  "refused (--overwrite too) and nothing in it was touched; choose a new --output_dir "
+                                  "or move those away")
 
     def foreign_entries(self) -> list[str]:
         """What in the folder this project did not write: anything but the `checkpoint` link, checkpoint folders
@@ -202,6 +203,17 @@ class RunFolder:
                 continue
             foreign.append(name + ("/" if entry.is_dir() else ""))
         return foreign
+
+    def config_kind(self) -> str:
+        """Why config.yaml is not this kind's, when it is another run's (its keys not all this kind's fields), for a
+        refusal: phase 1 and phase 2 keep to folders of their own."""
+        try:
+            saved = yaml.safe_load(self.config_path.read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            return ""
+        extra = sorted(set(flatten(saved)) - set(self.defaults)) if isinstance(saved, dict) and self.defaults else []
+        return (f" (its config.yaml has keys this kind's config has not, {extra[:3]}: it is another kind of run's, "
+                "phase 2's for a phase-1 run or phase 1's for a phase-2 run, or another program's)") if extra else ""
 
     def own_config(self) -> bool:
         """Whether config.yaml reads as a config of this run kind: YAML whose keys are all its fields."""

@@ -564,7 +564,7 @@ def test_what_a_run_folder_holds_that_save_did_not_write_is_never_deleted(traine
     copy = shutil.copytree(trained, tmp_path / "copy", symlinks=True)
     (copy / ".tmp").mkdir()
     (copy / ".tmp" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"not a FlexAlign run: it holds \['.tmp/'\]"):
+    with pytest.raises(FileExistsError, match=r"not a run of this kind: it holds \['.tmp/'\]"):
         train.train(dataclasses.replace(cfg, output_dir=str(copy)), overwrite=True)
     shutil.rmtree(copy / ".tmp")
     shutil.copytree(loop.RunFolder(copy).checkpoint, copy / "checkpoint-best")

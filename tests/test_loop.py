@@ -499,7 +499,7 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path):
     (theirs / "config.yaml").write_text("learning_rate: 3.0e-4\n")
     before = sorted((p.relative_to(theirs), p.read_bytes() if p.is_file() else None) for p in theirs.rglob("*"))
     for overwrite in (False, True):
-        with pytest.raises(FileExistsError, match=r"not a FlexAlign run: it holds \['checkpoint-500/', 'config.yaml'\]"):
+        with pytest.raises(FileExistsError, match=r"not a run of this kind: it holds \['checkpoint-500/', 'config.yaml'\]"):
             phase1.run_folder(theirs).start(config, resume=False, overwrite=overwrite)
     assert sorted((p.relative_to(theirs), p.read_bytes() if p.is_file() else None) for p in theirs.rglob("*")) == before
     ours = tmp_path / "ours"
@@ -560,3 +560,15 @@ def test_an_epoch_row_averages_its_steps_whether_or_not_a_thread_count_is_asked_
         assert len(steps) == 4 and epoch["train loss"] == pytest.approx(sum(steps) / 4, rel=1e-12)
         epochs[threads] = epoch["train loss"]
     assert epochs[None] == pytest.approx(epochs[torch.get_num_threads], rel=1e-6)  # the same steps on any thread count
+
+
+def test_a_phase_1_run_into_a_phase_2_folder_is_refused_naming_the_other_kind(tmp_path):
+    """A phase-2 run's folder is no place for phase 1 (--overwrite too): the refusal says its config.yaml has keys
+    phase 1's config has not (llm), as another kind of run's, and the phase-2 run is left as it was."""
+    import phase1
+    import phase2_run
+    folder = tmp_path / "captions"
+    phase2_run.run_folder(folder).start({"llm": {"epochs": 1}, "phase1_run": "runs/phase1/default"}, resume=False)
+    with pytest.raises(FileExistsError, match=r"another kind of run's, phase 2's for a phase-1 run") as refused:
+        phase1.run_folder(folder).start(phase1.to_yaml(phase1.load_config(None)), resume=False, overwrite=True)
+    assert "llm" in str(refused.value) and (folder / "config.yaml").is_file()
