@@ -175,9 +175,16 @@ class RunFolder:
         foreign = self.foreign_entries()
         if foreign and not resume:
             raise FileExistsError(f"{self.path} is not empty and is not a run of this kind: it holds {foreign}, "
-                                  f"which this kind of run does not write{self.config_kind()}, so a run there is "
+                                  f"which this kind of run does not write{self.other_kind(foreign)}, so a run there is "
                                   "refused (--overwrite too) and nothing in it was touched; choose a new --output_dir "
                                   "or move those away")
+
+    def other_kind(self, foreign: list[str]) -> str:
+        """For a refusal: that config.yaml, among `foreign`, is another run's (phase 1 and phase 2 keep to folders of
+        their own), naming keys this kind's config has not."""
+        extra = self.config_keys_not_ours() if "config.yaml" in foreign else None
+        return (f" (its config.yaml has keys this kind's config has not, {extra[:3]}: it is another kind of run's, "
+                "phase 2's for a phase-1 run or phase 1's for a phase-2 run, or another program's)") if extra else ""
 
     def foreign_entries(self) -> list[str]:
         """What in the folder this project did not write: anything but the `checkpoint` link, checkpoint folders
@@ -204,24 +211,20 @@ class RunFolder:
             foreign.append(name + ("/" if entry.is_dir() else ""))
         return foreign
 
-    def config_kind(self) -> str:
-        """Why config.yaml is not this kind's, when it is another run's (its keys not all this kind's fields), for a
-        refusal: phase 1 and phase 2 keep to folders of their own."""
+    def config_keys_not_ours(self) -> list[str] | None:
+        """The keys of config.yaml this run kind's config has not ([]: it reads as this kind's), None when it is not
+        a YAML mapping."""
         try:
             saved = yaml.safe_load(self.config_path.read_text())
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
-            return ""
-        extra = sorted(set(flatten(saved)) - set(self.defaults)) if isinstance(saved, dict) and self.defaults else []
-        return (f" (its config.yaml has keys this kind's config has not, {extra[:3]}: it is another kind of run's, "
-                "phase 2's for a phase-1 run or phase 1's for a phase-2 run, or another program's)") if extra else ""
+            return None
+        if not isinstance(saved, dict):
+            return None
+        return sorted(set(flatten(saved)) - set(self.defaults)) if self.defaults else []
 
     def own_config(self) -> bool:
         """Whether config.yaml reads as a config of this run kind: YAML whose keys are all its fields."""
-        try:
-            saved = yaml.safe_load(self.config_path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError):
-            return False
-        return isinstance(saved, dict) and (not self.defaults or set(flatten(saved)) <= set(self.defaults))
+        return self.config_keys_not_ours() == []
 
     @contextlib.contextmanager
     def opened(self, config: dict, resume: bool, overwrite: bool = False, ignore: Iterable[str] = ()):
