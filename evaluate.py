@@ -105,11 +105,8 @@ def readout_cosine(tokens: dict[str, torch.Tensor], features: dict[str, Features
     shape, offset = targets["fit"].shape[1:], targets["fit"].mean(0).reshape(1, -1)
 
     def cosine_of(prediction, split):
-        prediction = prediction.reshape(-1, *shape) + offset.reshape(1, *shape) - centres[split]
-        target = targets[split] - centres[split]
-        cos = (prediction * target).sum(-1) / np.maximum(np.linalg.norm(prediction, axis=-1) *
-                                                         np.linalg.norm(target, axis=-1), 1e-8)
-        return float(((cos * masks[split]).sum(1) / np.maximum(masks[split].sum(1), 1)).mean())
+        return probes.preservation_cosine(prediction.reshape(-1, *shape) + offset.reshape(1, *shape), targets[split],
+                                          centres[split], masks[split])
 
     Y = targets["fit"].reshape(len(targets["fit"]), -1) - offset
     out = {}

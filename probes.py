@@ -46,6 +46,15 @@ def score(continuous: bool, prediction: np.ndarray, y: np.ndarray, classes: np.n
     return float(np.mean(1 - residual / np.maximum(total, 1e-12)))
 
 
+def preservation_cosine(prediction: np.ndarray, target: np.ndarray, centre: np.ndarray, mask: np.ndarray) -> float:
+    """The preservation loss's measure on N×T×D arrays: the cosine of prediction and target at each real position
+    (`mask`, N×T: text is padded), both measured from `centre` (T×D), averaged over a sample's real positions and
+    then over samples."""
+    p, t = prediction - centre, target - centre
+    cos = (p * t).sum(-1) / np.maximum(np.linalg.norm(p, axis=-1) * np.linalg.norm(t, axis=-1), 1e-8)
+    return float(((cos * mask).sum(1) / np.maximum(mask.sum(1), 1)).mean())
+
+
 def chance(target: Target) -> float:
     """What a probe that learned nothing scores: 0 for R² (it predicts the fit split's mean); for accuracy, the
     test rows' share of the fit split's most common class (it always names that class)."""

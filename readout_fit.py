@@ -10,15 +10,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import prefixes
 import probes
 from features import Features
-
-
-def encoded_tokens(model, modality: str, feats: Features, batch_size: int = 256) -> torch.Tensor:
-    """N×R×hidden register outputs of a split, in batches, on the model's device."""
-    device = next(model.parameters()).device
-    return torch.cat([model.tokens(modality, feats.batch(np.arange(i, min(i + batch_size, len(feats.pooled))), device))
-                      for i in range(0, len(feats.pooled), batch_size)])
 
 
 def rows_of(decoder, tokens: torch.Tensor, k: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -30,12 +24,6 @@ def rows_of(decoder, tokens: torch.Tensor, k: int, batch_size: int = 256) -> tup
     return tokens[:, :k].flatten(1).float().cpu().numpy(), attended.flatten(1).float().cpu().numpy()
 
 
-def preservation_cosine(prediction: np.ndarray, target: np.ndarray, centre: np.ndarray) -> float:
-    """Mean over samples and positions of the cosine between prediction and target (N×T×D), both from `centre`."""
-    p, t = prediction - centre, target - centre
-    return float(((p * t).sum(-1) / np.maximum(np.linalg.norm(p, axis=-1) * np.linalg.norm(t, axis=-1), 1e-8)).mean())
-
-
 @torch.no_grad()
 def solve_readouts(model, train: dict[str, Features], val: dict[str, Features]):
     """Set every per-k read-out map of the model's preservation decoders (`FeatureDecoder.readout_ks`) to its ridge
@@ -45,19 +33,23 @@ def solve_readouts(model, train: dict[str, Features], val: dict[str, Features]):
     model.eval()
     try:
         for m, decoder in model.decoders.items():
-            tokens = {"fit": encoded_tokens(model, m, train[m]), "select": encoded_tokens(model, m, val[m])}
-            targets = {split: np.asarray(f[m].tokens, dtype=np.float32).reshape(len(f[m].pooled), -1)
-                       for split, f in (("fit", train), ("select", val))}
+            splits = {"fit": train[m], "select": val[m]}
+            device = next(decoder.parameters()).device  # the attention part runs there, the solve on the CPU
+            tokens = {split: prefixes.encode(model, m, f, [], reconstruct=False).tokens.to(device)
+                      for split, f in splits.items()}
+            targets = {split: np.asarray(f.tokens, dtype=np.float32).reshape(len(f.pooled), -1)
+                       for split, f in splits.items()}
+            masks = {split: np.asarray(f.mask, dtype=np.float32) for split, f in splits.items()}
             centre = model.feature_means.of(m).float().cpu().numpy()
             for g, k in enumerate(tqdm(decoder.readout_ks.tolist(), desc=f"solving the {m} read-out for each k",
                                        leave=False)):
-                weight = solve_one(decoder, g, k, tokens, targets, centre)
+                weight = solve_one(decoder, g, k, tokens, targets, masks, centre)
                 decoder.attention_weight[g] = weight
     finally:
         model.train(was_training)
 
 
-def solve_one(decoder, g: int, k: int, tokens, targets, centre) -> float:
+def solve_one(decoder, g: int, k: int, tokens, targets, masks, centre) -> float:
     """Set map `g` (Linear(R·hidden, rank), Linear(rank, T·D)) to the rank-limited ridge read-out of the first k
     tokens, of the frozen features less the attention part or of the features alone (the attention part's
     weight 1 or 0); the weight with the better preservation cosine on 'select' is returned. Trained beside the
@@ -78,7 +70,8 @@ def solve_one(decoder, g: int, k: int, tokens, targets, centre) -> float:
         B = path.coefficients(residual - offset)
         for alpha in path.alphas:
             prediction = weight * attended["select"] + offset + path.predict(select, B, alpha)
-            score = preservation_cosine(prediction.reshape(shape), targets["select"].reshape(shape), centre)
+            score = probes.preservation_cosine(prediction.reshape(shape), targets["select"].reshape(shape), centre,
+                                               masks["select"])
             if best is None or score > best[0]:
                 best = (score, weight, offset, B, alpha)
     _, weight, offset, B, alpha = best

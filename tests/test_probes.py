@@ -106,3 +106,16 @@ def test_leading_directions_are_those_of_the_fit_rows_predictions(rows, features
     np.testing.assert_allclose(directions.T @ directions, expected.T @ expected, atol=1e-8)
     of_targets = np.linalg.svd(targets)[2][:rank]
     assert np.abs(of_targets.T @ of_targets - expected.T @ expected).max() > 0.1
+
+
+def test_preservation_cosine_reads_only_real_positions():
+    """The solve's and the ridge read-out's shared measure averages over a sample's real positions (text is
+    padded), as the preservation loss does: a prediction right at every real position scores 1 however wrong it is
+    at padding, and counting the padding (a mask of ones: the failure case) scores lower. Exact to float64
+    rounding of sums of a few terms (1e-12)."""
+    rng = np.random.default_rng(0)
+    target, centre = rng.normal(size=(3, 5, 4)), rng.normal(size=(5, 4))
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=float)
+    prediction = np.where(mask[..., None] > 0, target, -target + 2 * centre)  # right where real, opposite where padded
+    assert probes.preservation_cosine(prediction, target, centre, mask) == pytest.approx(1.0, abs=1e-12)
+    assert probes.preservation_cosine(prediction, target, centre, np.ones_like(mask)) < 0.5
