@@ -57,6 +57,7 @@ CHECKPOINT = "checkpoint"  # a link to the newest complete checkpoint folder, sw
 CHECKPOINT_FOLDER = re.compile(rf"{CHECKPOINT}-\d{{8}}")
 TEMPORARY = re.compile(r"\..+\.tmp\d+(-copy)?")
 CHECKPOINT_FILES = {"model.safetensors", "state.pt"}  # what a checkpoint folder holds
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes here, then renames: a kill leaves it
 # the other files a run writes: a folder holding anything else is not a run, and nothing of it is ever deleted
 RUN_FILES = {"config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv", "confusion.csv",
              "caption_eval.json", "caption_eval_val.json"}
@@ -188,7 +189,7 @@ class RunFolder:
 
     def foreign_entries(self) -> list[str]:
         """What in the folder this project did not write: anything but the `checkpoint` link, checkpoint folders
-        holding only CHECKPOINT_FILES, RUN_FILES (config.yaml only when its keys are this run kind's), and
+        holding only CHECKPOINT_FILES (and the temporary file of a write a kill cut short), RUN_FILES (config.yaml only when its keys are this run kind's), and
         temporary files. A `checkpoint` folder is ours when it is a complete checkpoint (a dereferenced copy)."""
         if not self.path.is_dir():
             return []
@@ -198,8 +199,9 @@ class RunFolder:
             own_link = entry.is_symlink() and "/" not in os.readlink(entry)  # save() links a folder beside it
             if name == CHECKPOINT and (own_link or entry == self.checkpoint) or TEMPORARY.fullmatch(name):
                 continue
-            if CHECKPOINT_FOLDER.fullmatch(name) and plain and entry.is_dir() and \
-                    {child.name for child in entry.iterdir()} <= CHECKPOINT_FILES:
+            if CHECKPOINT_FOLDER.fullmatch(name) and plain and entry.is_dir() and all(
+                    child.name in CHECKPOINT_FILES or SAFETENSORS_TEMPORARY.fullmatch(child.name)
+                    for child in entry.iterdir()):
                 continue
             if name in RUN_FILES and plain and entry.is_file() and (name != "config.yaml" or self.own_config()):
                 continue

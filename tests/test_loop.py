@@ -506,6 +506,8 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path):
     phase1.run_folder(ours).start(config, resume=False)
     (ours / "checkpoint-00000003").mkdir()
     (ours / "checkpoint-00000003" / "model.safetensors").write_bytes(b"")  # a save a crash cut short
+    (ours / "checkpoint-00000004").mkdir()  # killed inside safetensors' save_file, which writes a temporary file
+    (ours / "checkpoint-00000004" / ".tmpX3kQ9z").write_bytes(b"")  # beside the target and renames it
     phase1.run_folder(ours).start(config, resume=False)
     assert sorted(p.name for p in ours.iterdir()) == ["config.yaml"]
     copied = tmp_path / "copied"  # cp -rL of a run: its checkpoint is a folder, not the link
