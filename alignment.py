@@ -106,12 +106,29 @@ class AlignmentModel(nn.Module):
         """Tensors fit to the training data and then fixed, saved in every checkpoint beside the trainable ones."""
         means = getattr(self, "feature_means", None)
         fitted = {} if means is None else {f"feature_means.{name}": value for name, value in means.named_buffers()}
-        return fitted | {f"decoders.{m}.attention_weight": decoder.attention_weight  # set by readout_fit
-                         for m, decoder in getattr(self, "decoders", {}).items() if hasattr(decoder, "attention_weight")}
+        for m, decoder in getattr(self, "decoders", {}).items():  # set by readout_fit
+            if hasattr(decoder, "attention_weight"):
+                fitted[f"decoders.{m}.attention_weight"] = decoder.attention_weight
+            fitted |= {f"decoders.{m}.solved.{name}": p for name, p in decoder.solved.named_parameters()}
+        return fitted
 
     def complete_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A checkpoint saved before feature centres existed computed exactly what zero centres compute; one saved
-        before the fixed feature means measured its preservation loss from its (learned) centres."""
+        before the fixed feature means measured its preservation loss from its (learned) centres. A checkpoint whose
+        read-out maps were solved (the last of a run with decoder_readout_solved) gets the decoders' room for them; one
+        saved when the per-k maps were trained (readout.<g>.*) has them as its solved maps, the last as its trained
+        one, which a solved decoder no longer reads."""
+        for m, decoder in getattr(self, "decoders", {}).items():
+            trained_per_k = f"decoders.{m}.readout.0.0.weight" in tensors
+            if trained_per_k:
+                per_k = {name: tensors.pop(name) for name in list(tensors)
+                         if name.startswith(f"decoders.{m}.readout.") and name.count(".") == 5}
+                last = len(decoder.readout_ks) - 1
+                tensors |= {name.replace(".readout.", ".solved.", 1): value for name, value in per_k.items()}
+                tensors |= {f"decoders.{m}.readout.{name.rsplit('.', 2)[-2]}.{name.rsplit('.', 1)[-1]}": value
+                            for name, value in per_k.items() if name.startswith(f"decoders.{m}.readout.{last}.")}
+            if trained_per_k or f"decoders.{m}.solved.0.0.weight" in tensors:
+                decoder.make_solved_maps()
         own = getattr(self, "feature_centres", {})
         tensors = {**{f"feature_centres.{m}": torch.zeros_like(p) for m, p in own.items()}, **tensors}
         return {**{f"feature_means.{m}": tensors[f"feature_centres.{m}"] for m in own}, **tensors}

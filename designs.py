@@ -40,9 +40,10 @@ class ModelConfig:
     # mixes the tokens with one softmax a position; every position reading its own linear function of all kept
     # tokens is what a ridge read-out does, and what lets later tokens' detail reach the reconstruction
     decoder_readout: int = 0
-    # one read-out map per prefix length of the k grid (prefix_lengths), trained with the rest and set to its
-    # closed-form ridge solution at the end of training (readout_fit.py): gradient steps left the read-out 0.07
-    # below a ridge read-out of the same tokens, and one map for every k serves short prefixes worse than one per k
+    # at the end of training, one read-out map per prefix length of the k grid (prefix_lengths) set to its
+    # closed-form ridge solution (readout_fit.py), in place of the one map trained for every k: gradient steps left
+    # the read-out 0.07 below a ridge read-out of the same tokens, and one map for every k serves short prefixes
+    # worse than one per k. The per-k maps are fitted, not trained, so no checkpoint before the last holds them
     decoder_readout_solved: bool = False
     # rank of a linear read-in: every register starts from its own linear function of all the (projected) input
     # tokens (0: attention only). Softmax attention pools positions by content; the fine factors live in a few

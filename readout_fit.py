@@ -26,9 +26,9 @@ def rows_of(decoder, tokens: torch.Tensor, k: int, batch_size: int = 256) -> tup
 
 @torch.no_grad()
 def solve_readouts(model, train: dict[str, Features], val: dict[str, Features]):
-    """Set every per-k read-out map of the model's preservation decoders (`FeatureDecoder.readout_ks`) to its ridge
-    solution on `train`, strength chosen on `val`, and its weight on the attention part to 1 or 0, whichever
-    reads `val` better."""
+    """Set every per-k read-out map of the model's preservation decoders (`FeatureDecoder.readout_ks`, made here)
+    to its ridge solution on `train`, strength chosen on `val`, and its weight on the attention part to 1 or 0,
+    whichever reads `val` better. From then on the decoders read through them, not through the trained map."""
     was_training = model.training
     model.eval()
     try:
@@ -41,6 +41,7 @@ def solve_readouts(model, train: dict[str, Features], val: dict[str, Features]):
                        for split, f in splits.items()}
             masks = {split: np.asarray(f.mask, dtype=np.float32) for split, f in splits.items()}
             centre = model.feature_means.of(m).float().cpu().numpy()
+            decoder.make_solved_maps()
             for g, k in enumerate(tqdm(decoder.readout_ks.tolist(), desc=f"solving the {m} read-out for each k",
                                        leave=False)):
                 weight = solve_one(decoder, g, k, tokens, targets, masks, centre)
@@ -75,7 +76,7 @@ def solve_one(decoder, g: int, k: int, tokens, targets, masks, centre) -> float:
             if best is None or score > best[0]:
                 best = (score, weight, offset, B, alpha)
     _, weight, offset, B, alpha = best
-    linear_map = decoder.readout[g]
+    linear_map = decoder.solved[g]
     directions = path.leading_directions(B, alpha, linear_map[0].out_features)  # ≤ rank × T·D, orthonormal rows
     # the k·hidden × T·D map itself is never written out (at TVL's touch tokens, 196×768 numbers, it is 2.5 GB):
     # the map onto the directions is the ridge map of the targets' coordinates along them

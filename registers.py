@@ -266,10 +266,11 @@ class FeatureDecoder(nn.Module):
     reconstruct the modality's own frozen token features; with `readout_rank`, a rank-limited linear map of the
     kept registers (dropped ones as zeros) is added, one linear function of all of them per output position.
 
-    With `readout_ks`, one such map per prefix length of that grid (a sample with k kept registers is read by the
-    map of the smallest grid length >= k), and per map a weight on the attention part (`attention_weight`, 1 until
-    readout_fit.solve_readouts sets the maps to their closed-form solution and the weight to 0 where the attention
-    part does not help)."""
+    With `readout_ks`, the trained map is replaced at the end of training by one map per prefix length of that
+    grid (a sample with k kept registers is read by the map of the smallest grid length >= k), which
+    readout_fit.solve_readouts sets in closed form, with per map a weight on the attention part (`attention_weight`,
+    1 or 0). Those maps are fitted, never trained: the checkpoints written while training hold the one trained map
+    and its optimizer state, not the grid's (at TVL's touch tokens, six maps of 20M numbers each)."""
 
     def __init__(self, hidden_dim: int, output_dim: int, num_tokens: int, n_layers: int, n_heads: int,
                  n_registers: int = 0, readout_rank: int = 0, readout_ks: list[int] | None = None):
@@ -278,18 +279,24 @@ class FeatureDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(hidden_dim, n_heads, cross=True) for _ in range(n_layers))
         self.out = nn.Sequential(nn.LayerNorm(hidden_dim), nn.Linear(hidden_dim, output_dim))
         self.n_registers = n_registers
-
-        def linear_map():
-            return nn.Sequential(nn.Linear(n_registers * hidden_dim, readout_rank),
-                                 nn.Linear(readout_rank, num_tokens * output_dim))
-        if not readout_rank:
-            self.readout = None
-        elif readout_ks:
-            self.readout = nn.ModuleList(linear_map() for _ in readout_ks)
+        self.map_shape = (n_registers * hidden_dim, readout_rank, num_tokens * output_dim)
+        self.readout = self.linear_map() if readout_rank else None
+        self.solved = nn.ModuleList()  # the per-k maps, once solved (make_solved_maps)
+        if readout_rank and readout_ks:
             self.register_buffer("readout_ks", torch.tensor(sorted(readout_ks)), persistent=False)
             self.register_buffer("attention_weight", torch.ones(len(readout_ks)))
-        else:
-            self.readout = linear_map()
+
+    def linear_map(self, device=None) -> nn.Sequential:
+        inputs, rank, outputs = self.map_shape
+        return nn.Sequential(nn.Linear(inputs, rank, device=device), nn.Linear(rank, outputs, device=device))
+
+    def make_solved_maps(self):
+        """Room for the per-k maps (zeros, frozen) that readout_fit solves or a finished run's checkpoint holds."""
+        if not len(self.solved):
+            for _ in self.readout_ks:  # built on the meta device: a random start of 120M numbers would be thrown away
+                self.solved.append(self.linear_map("meta").to_empty(device=self.queries.device).requires_grad_(False))
+            for p in self.solved.parameters():
+                p.zero_()
 
     def attended(self, registers: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The attention part of the reconstruction, B×T×output_dim (all of it without a read-out)."""
@@ -313,15 +320,13 @@ class FeatureDecoder(nn.Module):
         if self.readout is None:
             return attended
         kept = self.kept(registers, keep)
-        if not isinstance(self.readout, nn.ModuleList):
+        if not len(self.solved):
             return attended + self.readout(kept).view_as(attended)
-        which = torch.searchsorted(self.readout_ks, keep.sum(1)).clamp(max=len(self.readout) - 1)
-        groups = {g: self.readout[g](kept[which == g]) for g in which.unique().tolist()}  # one per k in the batch
+        which = torch.searchsorted(self.readout_ks, keep.sum(1)).clamp(max=len(self.solved) - 1)
+        groups = {g: self.solved[g](kept[which == g]) for g in which.unique().tolist()}  # one per k in the batch
         read = next(iter(groups.values())).new_empty(len(kept), attended[0].numel())  # autocast's dtype, if on
         for g, part in groups.items():
             read[which == g] = part
-        if self.training:  # every map in the graph, zero where no sample of its k came: DDP needs each one's gradient
-            read = read + sum(p.sum() for g, m in enumerate(self.readout) if g not in groups for p in m.parameters()) * 0
         return attended * self.attention_weight[which][:, None, None] + read.view_as(attended)
 
 

@@ -565,9 +565,9 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], run: RunFolder):
     """Load exactly the checkpoint's tensors (of `run`): a missing, extra or reshaped tensor is an error, not a skip."""
+    if hasattr(model, "complete_state"):  # tensors an older version of the model did not have yet, and room for
+        tensors = model.complete_state(tensors)  # fitted ones the model makes only once they are fitted
     own = checkpoint_tensors(model)
-    if hasattr(model, "complete_state"):  # tensors an older version of the model did not have yet
-        tensors = model.complete_state(tensors)
     source = run.checkpoint / "model.safetensors"
     mismatch = state_mismatch(own, tensors)
     if mismatch:

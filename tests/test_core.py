@@ -161,6 +161,10 @@ def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_pas
     model = build(cfg).eval()
     feats = paired_features(4)["vision"]
     with torch.no_grad():
+        if per_k:  # solved maps, at random
+            model.decoders["vision"].make_solved_maps()
+            for p in model.decoders["vision"].solved.parameters():
+                p.normal_(std=0.1)
         tokens = model.tokens("vision", feats)
         assert tokens.shape == (4, 8, 32)
         embeddings = model.prefix_embeddings("vision", tokens, cfg.prefix_lengths)
@@ -177,24 +181,33 @@ def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_pas
 
 
 def test_readout_per_k_reads_each_prefix_length_with_its_own_map():
-    """A batch mixing prefix lengths: each row decodes as it does alone, through the map of its k (changing the
+    """Trained, one map reads every k, and the per-k maps are not there to train (nor in its checkpoints); once
+    solved, a batch mixing prefix lengths decodes each row as it does alone, through the map of its k (changing the
     k = 8 map leaves the k = 1 rows alone and moves the k = 8 rows); k = 3, off the grid, uses the map of 4."""
     cfg = small(n_shared=4, decoder_readout=8, decoder_readout_solved=True)
-    decoder = build(cfg).eval().decoders["vision"]
-    assert len(decoder.readout) == len(cfg.prefix_lengths) == 4
+    model = build(cfg)
+    decoder = model.decoders["vision"]
+    assert len(decoder.solved) == 0 and not any(".solved." in name for name in loop.checkpoint_tensors(model))
+    decoder.make_solved_maps()
+    assert len(decoder.solved) == len(cfg.prefix_lengths) == 4
+    assert not any(p.requires_grad for p in decoder.solved.parameters())
     torch.manual_seed(0)
+    with torch.no_grad():
+        for p in decoder.solved.parameters():
+            p.normal_(std=0.1)  # outputs of about unit scale
+    decoder.eval()
     registers = torch.randn(4, 8, 32)
     keep = torch.arange(8)[None] < torch.tensor([1, 8, 3, 4])[:, None]
     with torch.no_grad():
         mixed = decoder(registers, keep)
         alone = torch.cat([decoder(registers[i:i + 1], keep[i:i + 1]) for i in range(4)])
         torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)  # float32 sums of 256 terms: ~1e-6
-        decoder.readout[-1][1].bias += 1.0  # the k = 8 map
+        decoder.solved[-1][1].bias += 1.0  # the k = 8 map
         moved = decoder(registers, keep)
     torch.testing.assert_close(moved[[0, 2, 3]], mixed[[0, 2, 3]])
     assert (moved[1] - mixed[1]).abs().min() > 0.99
     with torch.no_grad():  # k = 3 and k = 4 read by the same map: moving it moves both
-        decoder.readout[2][1].bias += 1.0
+        decoder.solved[2][1].bias += 1.0
         moved_again = decoder(registers, keep)
     assert (moved_again[[2, 3]] - moved[[2, 3]]).abs().min() > 0.99
     torch.testing.assert_close(moved_again[[0, 1]], moved[[0, 1]])

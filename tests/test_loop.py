@@ -173,6 +173,20 @@ def test_nan_gradient_on_the_last_step_of_an_epoch_is_never_saved(reference_run,
     assert_exactly_one_row_per_step_and_epoch(tmp_path)
 
 
+def test_the_finiteness_check_finds_every_kind_of_non_finite_element():
+    """It sums instead of masking: a NaN, a lone inf and an inf cancelled by a -inf in another tensor must each count,
+    and finite weights far larger than a run trains must not."""
+    def weights(**planted):
+        tensors = [torch.full((1000,), 1e30), torch.randn(3, 4)]
+        for where, value in planted.items():
+            tensors[int(where[1])].view(-1)[7] = value
+        return tensors
+    assert loop._all_finite(weights())
+    for planted in ({"t0": float("nan")}, {"t1": float("inf")}, {"t1": -float("inf")},
+                    {"t0": float("inf"), "t1": -float("inf")}):
+        assert not loop._all_finite(weights(**planted)), planted
+
+
 def test_a_nan_before_the_first_checkpoint_says_nothing_is_kept(cache_dir, tmp_path, monkeypatch):
     nan_gradient_at(STEPS_PER_EPOCH, monkeypatch)
     with pytest.raises(loop.NonFiniteLoss, match="No checkpoint had been written yet.*nothing in .* is kept"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import evaluate
+import loop
 import phase1
 import prefixes
 import train
@@ -49,13 +50,18 @@ def test_a_solved_read_out_reads_what_a_ridge_read_out_of_the_same_tokens_reads(
     assert all(after[k] > ridge[k] - 0.03 for k in ks), (after, ridge)
 
 
-def test_a_run_with_a_solved_read_out_saves_the_solution(cache_dir, tmp_path):
-    """Solving the loaded run's read-out again changes nothing: the checkpoint holds the solved maps (to float32
-    rounding of a least-squares solve, relative 1e-3 of the weights' scale) and each map's attention weight."""
+def test_a_run_with_a_solved_read_out_saves_the_solution(cache_dir, tmp_path, monkeypatch):
+    """Solving the loaded run's read-out again changes nothing: the last checkpoint holds the solved maps (to float32
+    rounding of a least-squares solve, relative 1e-3 of the weights' scale) and each map's attention weight; the
+    checkpoints written while training hold the one trained map, not the grid's."""
     cfg = tiny(cache_dir, tmp_path / "run", **{"model.decoder_readout": 16, "model.decoder_readout_solved": True})
+    saves, save = [], loop.RunFolder.save
+    monkeypatch.setattr(loop.RunFolder, "save", lambda self, step, tensors, state: (
+        saves.append(sum(".solved." in name for name in tensors)), save(self, step, tensors, state))[-1])
     run = train.train(cfg)
+    assert saves[:-1] == [0] * (cfg.epochs - 1) and saves[-1] == 4 * len(cfg.model.prefix_lengths) * 2
     model = phase1.load_aligner(run).model
-    saved = {name: p.clone() for name, p in model.decoders.named_parameters() if ".readout." in name}
+    saved = {name: p.clone() for name, p in model.decoders.named_parameters() if ".solved." in name}
     weights = {m: decoder.attention_weight.clone() for m, decoder in model.decoders.items()}
     assert len(saved) == 4 * len(cfg.model.prefix_lengths) * len(cfg.model.modalities)
     _, train_feats = phase1.split_data(cfg, "train")
@@ -67,3 +73,28 @@ def test_a_run_with_a_solved_read_out_saves_the_solution(cache_dir, tmp_path):
             torch.testing.assert_close(p / scale, saved[name] / scale, atol=1e-3, rtol=0)
     for m, decoder in model.decoders.items():  # the weight on the attention part, chosen by the solve, is saved too
         assert torch.equal(decoder.attention_weight, weights[m])
+
+
+def test_a_checkpoint_from_when_the_per_k_maps_were_trained_loads_as_solved():
+    """Runs saved before the per-k maps became fitted tensors hold them as `readout.<g>.*` and no map trained for
+    every k: they load with those maps as the solved ones, the decoder reading exactly what it read."""
+    cfg = small(hidden_dim=16, decoder_readout=8, decoder_readout_solved=True, n_registers=8, n_shared=2)
+    torch.manual_seed(0)
+    model = build(cfg).eval()
+    for decoder in model.decoders.values():
+        decoder.make_solved_maps()
+        with torch.no_grad():
+            for p in decoder.solved.parameters():
+                p.normal_(std=0.1)
+    old = {name.replace(".solved.", ".readout.", 1): value for name, value in loop.checkpoint_tensors(model).items()
+           if ".readout." not in name}
+    fresh = build(cfg).eval()
+    loaded = fresh.complete_state(dict(old))
+    own = loop.checkpoint_tensors(fresh)
+    assert sorted(loaded) == sorted(own)
+    with torch.no_grad():
+        for name, value in loaded.items():
+            own[name].copy_(value)
+    registers, keep = torch.randn(5, 8, 16), torch.arange(8)[None] < torch.tensor([1, 2, 3, 5, 8])[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.decoders["vision"](registers, keep), model.decoders["vision"](registers, keep))
