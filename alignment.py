@@ -119,14 +119,13 @@ class AlignmentModel(nn.Module):
         saved when the per-k maps were trained (readout.<g>.*) has them as its solved maps, the last as its trained
         one, which a solved decoder no longer reads."""
         for m, decoder in getattr(self, "decoders", {}).items():
-            trained_per_k = f"decoders.{m}.readout.0.0.weight" in tensors
-            if trained_per_k:
-                per_k = {name: tensors.pop(name) for name in list(tensors)
-                         if name.startswith(f"decoders.{m}.readout.") and name.count(".") == 5}
-                last = len(decoder.readout_ks) - 1
-                tensors |= {name.replace(".readout.", ".solved.", 1): value for name, value in per_k.items()}
-                tensors |= {f"decoders.{m}.readout.{name.rsplit('.', 2)[-2]}.{name.rsplit('.', 1)[-1]}": value
-                            for name, value in per_k.items() if name.startswith(f"decoders.{m}.readout.{last}.")}
+            prefix = f"decoders.{m}.readout."
+            trained_per_k = f"{prefix}0.0.weight" in tensors
+            for name in [name for name in tensors if name.startswith(prefix) and name.count(".") == 5]:
+                g, rest = name.removeprefix(prefix).split(".", 1)  # <g>.<layer>.<weight|bias>
+                tensors[f"decoders.{m}.solved.{g}.{rest}"] = value = tensors.pop(name)
+                if int(g) == len(decoder.readout_ks) - 1:
+                    tensors[prefix + rest] = value
             if trained_per_k or f"decoders.{m}.solved.0.0.weight" in tensors:
                 decoder.make_solved_maps()
         own = getattr(self, "feature_centres", {})

@@ -189,8 +189,9 @@ class RunFolder:
 
     def foreign_entries(self) -> list[str]:
         """What in the folder this project did not write: anything but the `checkpoint` link, checkpoint folders
-        holding only CHECKPOINT_FILES (and the temporary file of a write a kill cut short), RUN_FILES (config.yaml only when its keys are this run kind's), and
-        temporary files. A `checkpoint` folder is ours when it is a complete checkpoint (a dereferenced copy)."""
+        holding only CHECKPOINT_FILES (and the temporary file of a write a kill cut short), RUN_FILES (config.yaml
+        only when its keys are this run kind's), and temporary files. A `checkpoint` folder is ours when it is a
+        complete checkpoint (a dereferenced copy)."""
         if not self.path.is_dir():
             return []
         foreign = []
