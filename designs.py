@@ -53,6 +53,11 @@ class ModelConfig:
     # which registers get it: private (the shared ones read by attention alone, so what alignment keeps stays coarse
     # and the fine scale lands in the private tokens) | all
     readin_tokens: str = "private"
+    # with readin_tokens private, the rank of a read-in of the shared registers' own (0: attention alone). Attention
+    # finds the coarse factors but not what tells one sample from another; a low-rank map gives the shared tokens
+    # that much (exact-pair R@1 0.20 -> 0.87 at rank 32 on the testbed) and leaves the fine scale to the private
+    # tokens' wider one
+    encoder_readin_shared: int = 0
     # none: the preservation decoder reads every kept token | stopgrad: it reads the shared tokens through a
     # stop-gradient, so rebuilding private detail is the private tokens' job | cross: it rebuilds modality A
     # from B's shared tokens and A's private ones | decorrelate: a penalty on the cross-correlation of the
@@ -116,7 +121,7 @@ class ModelConfig:
         if len(set(self.mrl_dims)) != len(self.mrl_dims):
             raise ValueError(f"model.mrl_dims {list(self.mrl_dims)} names a width twice, which counts its loss twice; "
                              "give each once")
-        for name in ("decoder_readout", "encoder_readin"):
+        for name in ("decoder_readout", "encoder_readin", "encoder_readin_shared"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is the rank of a linear map between the frozen "
                                  f"tokens and the registers: give 0 (none) or a positive rank, e.g. model.{name}: 64")
@@ -128,6 +133,10 @@ class ModelConfig:
             raise ValueError(f"token_dim={self.token_dim} must lie in 1..hidden_dim={self.hidden_dim}, or be null")
         if self.readin_tokens not in ("all", "private"):
             raise ValueError(f"unknown readin_tokens {self.readin_tokens!r}; choose 'private' or 'all'")
+        if self.encoder_readin_shared and self.readin_tokens == "all":
+            raise ValueError(f"model.encoder_readin_shared={self.encoder_readin_shared} gives the shared registers a "
+                             "read-in of their own, and readin_tokens 'all' already gives them the private registers' "
+                             "one: set model.readin_tokens: private, or model.encoder_readin_shared: 0")
         if self.bottleneck_tokens not in ("all", "shared"):
             raise ValueError(f"unknown bottleneck_tokens {self.bottleneck_tokens!r}; choose 'all' or 'shared'")
         if self.token_levels and (self.token_dim != len(self.token_levels) or min(self.token_levels) < 2):
@@ -242,7 +251,8 @@ class RegisterDesign:
         model.encoders = nn.ModuleDict({m: RegisterTokenModule(
             input_dims[m], input_tokens[m], H, cfg.n_registers, cfg.n_layers, cfg.n_heads, cfg.attention,
             registers_init=clone, readin_rank=cfg.encoder_readin,
-            readin_from=cfg.n_shared if cfg.readin_tokens == "private" else 0) for m in cfg.modalities})
+            readin_from=cfg.n_shared if cfg.readin_tokens == "private" else 0,
+            shared_readin_rank=cfg.encoder_readin_shared) for m in cfg.modalities})
         # What every sample's frozen features share, per position, comes off before the register module, so
         # its attention starts from what differs between samples: without it the touch embeddings of all
         # samples start at cosine 0.997 and contrastive learning sat at chance for 3 to 5 epochs. Set from the

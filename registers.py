@@ -126,7 +126,7 @@ class RegisterTokenModule(nn.Module):
 
     def __init__(self, input_dim: int, num_input_tokens: int, hidden_dim: int, n_registers: int, n_layers: int,
                  n_heads: int, attention: str = "joint", registers_init: torch.Tensor | None = None,
-                 readin_rank: int = 0, readin_from: int = 0):
+                 readin_rank: int = 0, readin_from: int = 0, shared_readin_rank: int = 0):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}")
@@ -141,6 +141,10 @@ class RegisterTokenModule(nn.Module):
         self.readin = nn.Sequential(nn.Linear(num_input_tokens * hidden_dim, readin_rank),
                                     nn.Linear(readin_rank, (n_registers - readin_from) * hidden_dim)) \
             if readin_rank and readin_from < n_registers else None
+        # the registers before readin_from may get a read-in of their own, of a lower rank
+        self.shared_readin = nn.Sequential(nn.Linear(num_input_tokens * hidden_dim, shared_readin_rank),
+                                           nn.Linear(shared_readin_rank, readin_from * hidden_dim)) \
+            if shared_readin_rank and readin_from else None
 
     @property
     def n_registers(self) -> int:
@@ -156,9 +160,14 @@ class RegisterTokenModule(nn.Module):
         projected = self.in_proj(tokens)
         feats = projected + self.feature_pos
         regs = self.registers[:R].expand(B, R, -1)
-        if self.readin is not None and R > self.readin_from:  # padding positions read as zeros
-            read = self.readin((projected * mask[..., None].to(projected.dtype)).flatten(1)).view(B, -1, regs.shape[-1])
+        if self.readin is not None or self.shared_readin is not None:  # padding positions read as zeros
+            inputs = (projected * mask[..., None].to(projected.dtype)).flatten(1)
+        if self.readin is not None and R > self.readin_from:
+            read = self.readin(inputs).view(B, -1, regs.shape[-1])
             regs = regs + F.pad(read, (0, 0, self.readin_from, 0))[:, :R]
+        if self.shared_readin is not None:
+            read = self.shared_readin(inputs).view(B, -1, regs.shape[-1])
+            regs = regs + F.pad(read, (0, 0, 0, max(R - self.readin_from, 0)))[:, :R]
         causal = torch.ones(R, R, dtype=torch.bool, device=tokens.device).tril()
         if self.attention == "joint":
             # register_attention_mask split in two: features see real features, registers also registers <= i

@@ -147,17 +147,20 @@ def test_attention_maps_are_distributions_over_real_input_tokens(attention):
         assert ((mass > 0) & (mass < 1)).all()
 
 
-@pytest.mark.parametrize("design, attention, token_dim, readout, readin, per_k", [
-    ("flextok", "joint", None, 0, 0, False), ("fluxtalk", "cross", None, 0, 0, False),
-    ("flextok", "joint", 3, 0, 0, False), ("flextok", "joint", None, 8, 0, False), ("flextok", "joint", 3, 8, 6, False),
-    ("flextok", "joint", None, 8, 6, True)])
+@pytest.mark.parametrize("design, attention, token_dim, readout, readin, readin_shared, per_k", [
+    ("flextok", "joint", None, 0, 0, 0, False), ("fluxtalk", "cross", None, 0, 0, 0, False),
+    ("flextok", "joint", 3, 0, 0, 0, False), ("flextok", "joint", None, 8, 0, 0, False),
+    ("flextok", "joint", 3, 8, 6, 0, False), ("flextok", "joint", None, 8, 6, 0, True),
+    ("flextok", "joint", 3, 8, 6, 2, True)])
 def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_passes(design, attention, token_dim,
-                                                                                     readout, readin, per_k):
+                                                                                     readout, readin, readin_shared,
+                                                                                     per_k):
     """With a linear read-out in the decoder too: a dropped token reaches it as zeros, what a pass without it gives
-    (with a read-out per k, the k-register pass picks the same map by its number of tokens); with a linear
-    read-in, register i's map of the input is the same whether later registers run or not."""
+    (with a read-out per k, the k-register pass picks the same map by its number of tokens); with linear
+    read-ins (the private registers', the shared ones'), register i's map of the input is the same whether later
+    registers run or not."""
     cfg = small(design=design, attention=attention, n_shared=4, token_dim=token_dim, decoder_readout=readout,
-                encoder_readin=readin, decoder_readout_solved=per_k)
+                encoder_readin=readin, encoder_readin_shared=readin_shared, decoder_readout_solved=per_k)
     model = build(cfg).eval()
     feats = paired_features(4)["vision"]
     with torch.no_grad():
@@ -429,6 +432,9 @@ def test_gather_with_grad_is_the_identity_on_one_process(tmp_path):
     (dict(encoder_readin=-1), r"model.encoder_readin=-1 is the rank .* give 0 \(none\) or a positive rank"),
     (dict(decoder_readout=2.5), r"model.decoder_readout=2.5 is the rank"),
     (dict(decoder_readout_solved=True), r"decoder_readout_solved: true .* decoder_readout=0 .* e.g. 128"),
+    (dict(encoder_readin_shared=-1), r"model.encoder_readin_shared=-1 is the rank"),
+    (dict(encoder_readin=8, encoder_readin_shared=4, readin_tokens="all"),
+     r"encoder_readin_shared=4 .* model.readin_tokens: private, or model.encoder_readin_shared: 0"),
 ])
 def test_bad_model_config_names_the_values(overrides, message):
     with pytest.raises(ValueError, match=message):
