@@ -119,6 +119,8 @@ class AlignmentModel(nn.Module):
         saved when the per-k maps were trained (readout.<g>.*) has them as its solved maps, the last as its trained
         one, which a solved decoder no longer reads."""
         for m, decoder in getattr(self, "decoders", {}).items():
+            if not hasattr(decoder, "readout_ks"):  # built without per-k maps: load_trainable names what does not fit
+                continue
             prefix = f"decoders.{m}.readout."
             trained_per_k = f"{prefix}0.0.weight" in tensors
             for name in [name for name in tensors if name.startswith(prefix) and name.count(".") == 5]:
