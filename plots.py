@@ -50,12 +50,13 @@ def png(fig: Figure) -> bytes:
     return data[:33] + chunk + data[33:]  # after the 8 bytes of signature and the 25 of the header chunk
 
 
-def significant(x, digits: int = 3) -> str:
+def significant(x, digits: int = 3, tiny_is_zero: bool = True) -> str:
     """A number as the workbook's tables show it: `digits` significant digits and no exponent; below half a unit
-    of the `digits`-th decimal it is 0 (a BLEU of 5e-18 is no BLEU); a missing one is "–"."""
+    of the `digits`-th decimal it is 0 (a BLEU of 5e-18 is no BLEU) unless not `tiny_is_zero` (a spread over seeds,
+    which is as small as the numbers it spreads); a missing one is "–"."""
     if x is None or not np.isfinite(x):
         return "–"
-    if abs(x) < 0.5 * 10.0 ** -digits:
+    if tiny_is_zero and abs(x) < 0.5 * 10.0 ** -digits:
         return "0"
     if abs(x) >= 10 ** digits:
         return f"{x:.0f}"

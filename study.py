@@ -244,7 +244,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     variants in study order."""
     numbers = rows.drop(columns=["seed", "run", "source"], errors="ignore").groupby("variant", sort=False)
     mean, std, n = numbers.mean(), numbers.std(ddof=1), numbers.size()
-    spread = std.map(lambda x: "" if pd.isna(x) else f" ± {plots.significant(x)}")  # one seed has no spread
+    spread = std.map(lambda x: "" if pd.isna(x) else f" ± {plots.significant(x, tiny_is_zero=False)}")  # one seed: none
     table = mean.map(plots.significant) + spread  # –: the design has no such number
     return table.assign(seeds=n).T
 

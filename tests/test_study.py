@@ -86,6 +86,15 @@ def test_one_row_per_run_and_mean_pm_std_per_variant(rows):
     assert "no nested dropout" in path.read_text() and (root / "runs.csv").is_file()
 
 
+def test_a_spread_smaller_than_a_thousandth_is_shown_not_rounded_to_zero():
+    """The worst-k gap of three seeds (0.0073, 0.0070, 0.0066) spreads by 0.00035: "± 0" would say the seeds agree
+    exactly, which only identical numbers do."""
+    rows = pd.DataFrame({"variant": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2,
+                         "gap": [0.0073, 0.0070, 0.0066, 0.5, 0.5, 0.5]})
+    summary = study.summarise(rows)
+    assert summary.loc["gap", "a"] == "0.00697 ± 0.000351" and summary.loc["gap", "b"] == "0.5 ± 0"
+
+
 def test_a_finished_study_is_read_back_without_training(rows, cache_dir, monkeypatch):
     root, table = rows
     monkeypatch.setattr(study.train, "train", lambda *a, **k: pytest.fail("trained a finished run again"))
