@@ -57,7 +57,9 @@ CHECKPOINT = "checkpoint"  # a link to the newest complete checkpoint folder, sw
 CHECKPOINT_FOLDER = re.compile(rf"{CHECKPOINT}-\d{{8}}")
 TEMPORARY = re.compile(r"\..+\.tmp\d+(-copy)?")
 CHECKPOINT_FILES = {"model.safetensors", "state.pt"}  # what a checkpoint folder holds
-SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes here, then renames: a kill leaves it
+# safetensors' save_file writes .tmpXXXXXX beside its target, then renames it: a save killed there by a version that
+# wrote checkpoint-<step>/ in place (before saves were staged under a temporary name) left one inside
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 # the other files a run writes: a folder holding anything else is not a run, and nothing of it is ever deleted
 RUN_FILES = {"config.yaml", "metrics.jsonl", "eval.json", "leakage.csv", "information.csv", "confusion.csv",
              "caption_eval.json", "caption_eval_val.json"}
@@ -189,9 +191,9 @@ class RunFolder:
 
     def foreign_entries(self) -> list[str]:
         """What in the folder this project did not write: anything but the `checkpoint` link, checkpoint folders
-        holding only CHECKPOINT_FILES (and the temporary file of a write a kill cut short), RUN_FILES (config.yaml
-        only when its keys are this run kind's), and temporary files. A `checkpoint` folder is ours when it is a
-        complete checkpoint (a dereferenced copy)."""
+        holding only CHECKPOINT_FILES (or an older version's killed write, SAFETENSORS_TEMPORARY), RUN_FILES
+        (config.yaml only when its keys are this run kind's), and temporary files. A `checkpoint` folder is ours
+        when it is a complete checkpoint (a dereferenced copy)."""
         if not self.path.is_dir():
             return []
         foreign = []
@@ -356,23 +358,28 @@ class RunFolder:
                              "it, or train again with --overwrite") from err
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict):
-        """Write checkpoint-<step>/ completely, sync it, then point `checkpoint` at it in one rename."""
+        """Write checkpoint-<step>/ completely under a temporary name, sync it, rename it into place, then point
+        `checkpoint` at it in one rename. A kill mid-write leaves only the temporary folder (whatever files the
+        writers had open in it), which clean_leftovers removes and foreign_entries never counts as foreign."""
         from safetensors.torch import save_file
         folder = self.path / f"{CHECKPOINT}-{step:08d}"
-        shutil.rmtree(folder, ignore_errors=True)
+        staging = self.path / f".{folder.name}.tmp{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
         try:
-            folder.mkdir(parents=True)
+            staging.mkdir(parents=True)
             # the config it was trained under goes with the weights: config.yaml may be edited later (config_changes)
             trained_under = {"config": self.config_path.read_text()} if self.config_path.is_file() else {}
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-                      metadata={"step": str(step), **trained_under})
-            torch.save(state, folder / "state.pt")
-            for path in (folder / "model.safetensors", folder / "state.pt", folder):
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      str(staging / "model.safetensors"), metadata={"step": str(step), **trained_under})
+            torch.save(state, staging / "state.pt")
+            for path in (staging / "model.safetensors", staging / "state.pt", staging):
                 _fsync(path)
+            shutil.rmtree(folder, ignore_errors=True)  # what an earlier version's killed save left under this name
+            os.rename(staging, folder)
         except (OSError, RuntimeError) as err:  # torch.save tells a full disk as a RuntimeError ("file write failed")
             if isinstance(err, RuntimeError) and "writ" not in str(err):
                 raise
-            shutil.rmtree(folder, ignore_errors=True)  # half a checkpoint is worth nothing and holds the space
+            shutil.rmtree(staging, ignore_errors=True)  # half a checkpoint is worth nothing and holds the space
             kept = f"the last complete one ({self.checkpoint.name}) is kept" if self.checkpoint else "none came before"
             raise OSError(f"cannot write the checkpoint {folder} ({err}): the disk is full or the folder is not "
                           f"writable; {kept}. Free space (or move the run), then train on with --resume") from err

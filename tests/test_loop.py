@@ -521,7 +521,9 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path):
     (ours / "checkpoint-00000003").mkdir()
     (ours / "checkpoint-00000003" / "model.safetensors").write_bytes(b"")  # a save a crash cut short
     (ours / "checkpoint-00000004").mkdir()  # killed inside safetensors' save_file, which writes a temporary file
-    (ours / "checkpoint-00000004" / ".tmpX3kQ9z").write_bytes(b"")  # beside the target and renames it
+    (ours / "checkpoint-00000004" / ".tmpX3kQ9z").write_bytes(b"")  # beside the target and renames it (older saves)
+    (ours / ".checkpoint-00000005.tmp4242").mkdir()  # the same kill today: the save's staging folder
+    (ours / ".checkpoint-00000005.tmp4242" / ".tmpA8cd0F").write_bytes(b"")
     phase1.run_folder(ours).start(config, resume=False)
     assert sorted(p.name for p in ours.iterdir()) == ["config.yaml"]
     copied = tmp_path / "copied"  # cp -rL of a run: its checkpoint is a folder, not the link
