@@ -29,6 +29,11 @@ class ModelConfig:
     attention: str = "joint"
     nested_dropout: str = "power_of_two"
     nested_dropout_rate: float = 0.5  # `linear` mode: drop probability of the last register
+    # one prefix length per sample for all its modalities: a pair's embeddings are contrasted at the same k. Drawn
+    # per modality, a vision prefix of 1 is pulled onto a touch prefix of 4, which trains every prefix to one
+    # embedding: the first token takes all and the later ones add nothing to retrieval (with nested_dropout none
+    # every register is kept, whichever this says)
+    nested_dropout_per_pair: bool = False
     embed_dim: int = 512  # width of the shared (aligned) embedding
     loss_type: str = "contrastive"
     flow_weight: float = 0.5
@@ -58,6 +63,9 @@ class ModelConfig:
     # that much (exact-pair R@1 0.20 -> 0.87 at rank 32 on the testbed) and leaves the fine scale to the private
     # tokens' wider one
     encoder_readin_shared: int = 0
+    # ... and nested: shared register i reads only the first (i+1)/n_shared of that map's numbers, so exact-pair
+    # retrieval grows with the number of shared tokens instead of arriving whole with the first (ReadIn)
+    encoder_readin_shared_nested: bool = False
     # none: the preservation decoder reads every kept token | stopgrad: it reads the shared tokens through a
     # stop-gradient, so rebuilding private detail is the private tokens' job | cross: it rebuilds modality A
     # from B's shared tokens and A's private ones | decorrelate: a penalty on the cross-correlation of the
@@ -133,6 +141,11 @@ class ModelConfig:
             raise ValueError(f"token_dim={self.token_dim} must lie in 1..hidden_dim={self.hidden_dim}, or be null")
         if self.readin_tokens not in ("all", "private"):
             raise ValueError(f"unknown readin_tokens {self.readin_tokens!r}; choose 'private' or 'all'")
+        if self.encoder_readin_shared_nested and self.encoder_readin_shared < self.n_shared:
+            raise ValueError(f"model.encoder_readin_shared_nested: true gives each of the n_shared={self.n_shared} "
+                             f"shared registers a longer part of the shared read-in, and its rank "
+                             f"encoder_readin_shared={self.encoder_readin_shared} has fewer numbers than registers: give "
+                             f"a rank of at least {self.n_shared}, e.g. model.encoder_readin_shared: 24")
         if self.encoder_readin_shared and self.readin_tokens == "all":
             raise ValueError(f"model.encoder_readin_shared={self.encoder_readin_shared} gives the shared registers a "
                              "read-in of their own, and readin_tokens 'all' already gives them the private registers' "
@@ -252,7 +265,8 @@ class RegisterDesign:
             input_dims[m], input_tokens[m], H, cfg.n_registers, cfg.n_layers, cfg.n_heads, cfg.attention,
             registers_init=clone, readin_rank=cfg.encoder_readin,
             readin_from=cfg.n_shared if cfg.readin_tokens == "private" else 0,
-            shared_readin_rank=cfg.encoder_readin_shared) for m in cfg.modalities})
+            shared_readin_rank=cfg.encoder_readin_shared,
+            shared_readin_nested=cfg.encoder_readin_shared_nested) for m in cfg.modalities})
         # What every sample's frozen features share, per position, comes off before the register module, so
         # its attention starts from what differs between samples: without it the touch embeddings of all
         # samples start at cosine 0.997 and contrastive learning sat at chance for 3 to 5 epochs. Set from the
@@ -301,7 +315,8 @@ class RegisterDesign:
         tokens_of, keep_of = {}, {}
         for m in cfg.modalities:
             tokens_of[m] = model.tokens(m, batch[m])
-            keep_of[m] = model.dropout(B, tokens_of[m].device)
+            keep_of[m] = keep_of[cfg.modalities[0]] if cfg.nested_dropout_per_pair and keep_of \
+                else model.dropout(B, tokens_of[m].device)
         for m in cfg.modalities:
             tokens, keep = tokens_of[m], keep_of[m]
             emb[m] = self.shared_embedding(model, m, tokens, keep)

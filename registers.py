@@ -118,6 +118,32 @@ def check_token_shape(tokens: torch.Tensor, num_tokens: int, dim: int):
                          "check the encoder and the feature cache")
 
 
+class ReadIn(nn.Sequential):
+    """A rank-`rank` linear map of all (projected) frozen tokens, flattened (`n_inputs` numbers), to the inputs of
+    `n_out` registers of width `width`: down to a code of `rank` numbers, then up to each register (checkpoint
+    keys 0, 1). Attention pools positions by content; what spans many positions needs a map of all of them.
+
+    `nested`: register i reads only the code's first round(rank·(i+1)/n_out) numbers, so each longer prefix of
+    these registers reads more of the input. Without it the first register alone can take all `rank` numbers, and
+    the registers after it add nothing that tells samples apart."""
+
+    def __init__(self, n_inputs: int, rank: int, n_out: int, width: int, nested: bool = False):
+        super().__init__(nn.Linear(n_inputs, rank), nn.Linear(rank, n_out * width))
+        self.n_out = n_out
+        reach = None
+        if nested:  # which of the up map's weights exist: register i's rows reach the code's first numbers only
+            reach = torch.ones(n_out, width, rank)
+            for i in range(n_out):
+                reach[i, :, round(rank * (i + 1) / n_out):] = 0
+            reach = reach.flatten(0, 1)
+        self.register_buffer("reach", reach, persistent=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        up = self[1]
+        weight = up.weight if self.reach is None else up.weight * self.reach
+        return F.linear(self[0](inputs), weight, up.bias).view(len(inputs), self.n_out, -1)
+
+
 class RegisterTokenModule(nn.Module):
     """Input projection + learnable ordered registers + transformer (joint or cross attention).
 
@@ -126,7 +152,8 @@ class RegisterTokenModule(nn.Module):
 
     def __init__(self, input_dim: int, num_input_tokens: int, hidden_dim: int, n_registers: int, n_layers: int,
                  n_heads: int, attention: str = "joint", registers_init: torch.Tensor | None = None,
-                 readin_rank: int = 0, readin_from: int = 0, shared_readin_rank: int = 0):
+                 readin_rank: int = 0, readin_from: int = 0, shared_readin_rank: int = 0,
+                 shared_readin_nested: bool = False):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}")
@@ -138,13 +165,11 @@ class RegisterTokenModule(nn.Module):
         self.blocks = nn.ModuleList(Block(hidden_dim, n_heads, cross=attention == "cross") for _ in range(n_layers))
         self.norm = nn.LayerNorm(hidden_dim)
         self.readin_from = readin_from  # registers before it have no read-in
-        self.readin = nn.Sequential(nn.Linear(num_input_tokens * hidden_dim, readin_rank),
-                                    nn.Linear(readin_rank, (n_registers - readin_from) * hidden_dim)) \
+        self.readin = ReadIn(num_input_tokens * hidden_dim, readin_rank, n_registers - readin_from, hidden_dim) \
             if readin_rank and readin_from < n_registers else None
         # the registers before readin_from may get a read-in of their own, of a lower rank
-        self.shared_readin = nn.Sequential(nn.Linear(num_input_tokens * hidden_dim, shared_readin_rank),
-                                           nn.Linear(shared_readin_rank, readin_from * hidden_dim)) \
-            if shared_readin_rank and readin_from else None
+        self.shared_readin = ReadIn(num_input_tokens * hidden_dim, shared_readin_rank, readin_from, hidden_dim,
+                                    nested=shared_readin_nested) if shared_readin_rank and readin_from else None
 
     @property
     def n_registers(self) -> int:
@@ -163,11 +188,9 @@ class RegisterTokenModule(nn.Module):
         if self.readin is not None or self.shared_readin is not None:  # padding positions read as zeros
             inputs = (projected * mask[..., None].to(projected.dtype)).flatten(1)
         if self.readin is not None and R > self.readin_from:
-            read = self.readin(inputs).view(B, -1, regs.shape[-1])
-            regs = regs + F.pad(read, (0, 0, self.readin_from, 0))[:, :R]
+            regs = regs + F.pad(self.readin(inputs), (0, 0, self.readin_from, 0))[:, :R]
         if self.shared_readin is not None:
-            read = self.shared_readin(inputs).view(B, -1, regs.shape[-1])
-            regs = regs + F.pad(read, (0, 0, 0, max(R - self.readin_from, 0)))[:, :R]
+            regs = regs + F.pad(self.shared_readin(inputs), (0, 0, 0, max(R - self.readin_from, 0)))[:, :R]
         causal = torch.ones(R, R, dtype=torch.bool, device=tokens.device).tril()
         if self.attention == "joint":
             # register_attention_mask split in two: features see real features, registers also registers <= i

@@ -104,7 +104,8 @@ REFERENCE_TESTBED = "synthtouch-v4"  # the SynthTouch its runs were trained on (
 # config keys the reference's runs were trained with that today's variants set otherwise: the reference is of an
 # older default, which also measured its preservation loss from the learned feature centres (no config key)
 REFERENCE_CONFIG = {"model.decoder_readout": 0, "model.decoder_readout_solved": False, "model.encoder_readin": 0,
-                    "model.encoder_readin_shared": 0}
+                    "model.encoder_readin_shared": 0, "model.encoder_readin_shared_nested": False,
+                    "model.nested_dropout_per_pair": False}
 # What the reference keeps of a run is what the notebooks read of it, so that docs/ stays small (9.1 MB when it kept
 # every seed's every table and training row; 2 MB at most now, a test checks): seed 0's config, evaluation and epoch
 # rows (training minutes); the information map of the variants notebook 03 draws one of; confusion.csv where a run

@@ -70,7 +70,10 @@ pd.DataFrame({"run folder": {name: os.path.relpath(run) for name, run in everyth
 # ## Quality vs k, per nested-dropout mode
 # Every curve comes from the run's `eval.json` (test split, one forward pass). Retrieval uses the shared
 # embedding, the mean of the first min(k, n_shared) tokens, so it can only change up to k = n_shared; the
-# preservation cosine (each modality reconstructing its own frozen features) keeps using every kept token.
+# preservation cosine (each modality reconstructing its own frozen features) keeps using every kept token. In the
+# default, exact-pair retrieval grows up to n_shared: each shared register reads a longer part of the input
+# (`model.encoder_readin_shared_nested`), and a pair is trained at one k (`model.nested_dropout_per_pair`; drawn
+# per modality, a short vision prefix was pulled onto a long touch one, and every prefix became one embedding).
 # Without nested dropout, the model only ever saw all registers in training, so short prefixes are off the
 # training distribution. That shows in retrieval from a short shared prefix; the reconstruction of a short prefix
 # by a read-out solved for that k (`model.decoder_readout_solved`) does not need it (the README's figure).

@@ -13,6 +13,7 @@ import designs
 import loop
 from config import atomic_write
 from core import Features, ModelConfig, NestedDropout, RegisterTokenModule
+from registers import ReadIn
 
 T, WIDTHS = 6, {"vision": 16, "touch": 12, "text": 20}
 
@@ -89,6 +90,28 @@ def test_read_in_reaches_only_the_registers_from_readin_from_on(attention):
     assert ((changed[:, 3:] - reference[:, 3:]).abs().amax(-1) > 1e-3).all()  # every later register moved
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_nested_read_in_gives_each_longer_prefix_of_registers_more_of_its_code(nested):
+    """model.encoder_readin_shared_nested: register i of the shared read-in reads the code's first
+    round(rank·(i+1)/n_out) numbers; plain, every register reads all of them."""
+    torch.manual_seed(0)
+    readin = ReadIn(8, 8, 4, 3, nested=nested)  # 8 inputs, a code of 8, 4 registers 3 wide: reaches 2, 4, 6, 8
+    with torch.no_grad():
+        readin[0].weight.copy_(torch.eye(8))  # the code is the input itself, so each code number can be moved alone
+        readin[0].bias.zero_()
+        x = torch.randn(5, 8)
+        reference = readin(x)
+        for j in range(8):
+            moved = readin(x + torch.eye(8)[j] * 3)
+            changed = (moved - reference).abs().amax((0, 2)) > 1e-3  # which registers moved
+            # a weight masked to 0 adds exactly 0 to its sum whatever the summation order: unchanged is exact
+            expected = [not nested or j < 2 * (i + 1) for i in range(4)]
+            assert changed.tolist() == expected, (j, changed.tolist())
+            for i in range(4):
+                if not expected[i]:
+                    assert torch.equal(moved[:, i], reference[:, i])
+
+
 @WITH_READIN
 def test_k_prefix_of_the_full_pass_equals_a_pass_with_only_k_registers(attention, readin):
     module = register_module(attention, readin=readin)
@@ -151,7 +174,7 @@ def test_attention_maps_are_distributions_over_real_input_tokens(attention):
     ("flextok", "joint", None, 0, 0, 0, False), ("fluxtalk", "cross", None, 0, 0, 0, False),
     ("flextok", "joint", 3, 0, 0, 0, False), ("flextok", "joint", None, 8, 0, 0, False),
     ("flextok", "joint", 3, 8, 6, 0, False), ("flextok", "joint", None, 8, 6, 0, True),
-    ("flextok", "joint", 3, 8, 6, 2, True)])
+    ("flextok", "joint", 3, 8, 6, 2, True), ("flextok", "joint", None, 8, 6, "4 nested", True)])
 def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_passes(design, attention, token_dim,
                                                                                      readout, readin, readin_shared,
                                                                                      per_k):
@@ -159,8 +182,10 @@ def test_prefix_embeddings_and_reconstruction_from_one_pass_equal_k_register_pas
     (with a read-out per k, the k-register pass picks the same map by its number of tokens); with linear
     read-ins (the private registers', the shared ones'), register i's map of the input is the same whether later
     registers run or not."""
+    nested = str(readin_shared).endswith("nested")
     cfg = small(design=design, attention=attention, n_shared=4, token_dim=token_dim, decoder_readout=readout,
-                encoder_readin=readin, encoder_readin_shared=readin_shared, decoder_readout_solved=per_k)
+                encoder_readin=readin, encoder_readin_shared=int(str(readin_shared).split()[0]),
+                encoder_readin_shared_nested=nested, decoder_readout_solved=per_k)
     model = build(cfg).eval()
     feats = paired_features(4)["vision"]
     with torch.no_grad():
@@ -278,6 +303,24 @@ def test_model_dropout_follows_train_and_eval():
     assert not model.dropout(64).all()
     model.eval()
     assert model.dropout(64).all()
+
+
+@pytest.mark.parametrize("per_pair", [False, True])
+def test_nested_dropout_per_pair_gives_both_modalities_of_a_sample_one_prefix_length(per_pair):
+    """model.nested_dropout_per_pair: a pair's embeddings are contrasted at the same k; drawn per modality, 64
+    samples under power-of-two dropout over 8 registers (4 choices of k) all agree with probability 4^-64."""
+    model = build(small(nested_dropout_per_pair=per_pair)).train()
+    seen = {}
+
+    def record(cfg, modality, tokens, keep):
+        seen[modality] = keep[modality]
+        return original(cfg, modality, tokens, keep)
+    original = model.design.guard.preservation_input
+    model.design.guard.preservation_input = record
+    torch.manual_seed(0)
+    model({m: f.batch(np.arange(64), torch.device("cpu")) for m, f in paired_features(64).items()})
+    assert torch.equal(seen["vision"], seen["touch"]) == per_pair
+    assert not seen["vision"].all()  # the draw dropped registers: a real test of the masks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,6 +476,8 @@ def test_gather_with_grad_is_the_identity_on_one_process(tmp_path):
     (dict(decoder_readout=2.5), r"model.decoder_readout=2.5 is the rank"),
     (dict(decoder_readout_solved=True), r"decoder_readout_solved: true .* decoder_readout=0 .* e.g. 128"),
     (dict(encoder_readin_shared=-1), r"model.encoder_readin_shared=-1 is the rank"),
+    (dict(encoder_readin_shared=1, encoder_readin_shared_nested=True),
+     r"encoder_readin_shared_nested: true .* n_shared=2 .* encoder_readin_shared=1 .* rank of at least 2"),
     (dict(encoder_readin=8, encoder_readin_shared=4, readin_tokens="all"),
      r"encoder_readin_shared=4 .* model.readin_tokens: private, or model.encoder_readin_shared: 0"),
 ])
