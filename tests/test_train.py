@@ -81,12 +81,14 @@ def interrupt_after_step_6(monkeypatch):
 def interrupt_inside_step_6(monkeypatch):
     """Ctrl-C lands in the middle of a forward pass, after nested dropout drew its random k."""
     original, calls = core.NestedDropout.forward, []
+    model = phase1.load_config(None).model  # what tiny() trains: one draw a step per pair, or one per modality
+    draws = 1 if model.nested_dropout_per_pair else len(model.modalities)
 
     def forward(self, *args, **kwargs):
         keep = original(self, *args, **kwargs)
         if self.training:
             calls.append(1)
-            if len(calls) == 11:  # two modalities per step: the first draw of step 6
+            if len(calls) == 5 * draws + 1:  # the first draw of step 6
                 raise KeyboardInterrupt
         return keep
     monkeypatch.setattr(core.NestedDropout, "forward", forward)
