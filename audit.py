@@ -9,6 +9,10 @@ whatever the model. So the testbed is checked here, before a model is trained on
                       token features' variance that moves with it (Sobol's total-effect index), and 'noise', the
                       sensors' noise redrawn alone
     readability       each factor probed linearly from the pixels and from the frozen tokens
+
+The same redraws, measured further down a trained run (`run_stages`: its shared embedding and its private tokens),
+say where the model keeps each factor and how much of a private factor reaches the shared embedding: a probe's
+score says whether a factor can be read at all, a variance share how loud it is there (notebook 03).
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from tqdm.auto import tqdm
 
 import information
 import phase1
+import prefixes
+from features import Features
 from synthtouch import SynthTouch
 
 IMAGE_MODALITIES = ("vision", "touch")
@@ -27,6 +33,7 @@ IMAGE_MODALITIES = ("vision", "touch")
 # READABLE (R², fit on probes.FIT_ROWS training rows)
 FINE_SHARE, READABLE = 0.2, 0.5
 NOISE = "noise"  # the row of the sensors' noise (the render seed), redrawn with every factor fixed
+FROZEN = "frozen tokens"
 
 
 def factor_names() -> list[str]:
@@ -44,35 +51,53 @@ def redrawn(name: str, rng: np.random.Generator):
     return float(rng.uniform(low, high))
 
 
-@torch.no_grad()
-def _tokens(encoder, images: list[torch.Tensor]) -> np.ndarray:
-    """N×(T·D) frozen token features of a list of 3×S×S images."""
-    return encoder(torch.stack(images)).tokens.flatten(1).double().numpy()
+def frozen_stage(modality: str, out) -> dict[str, torch.Tensor]:
+    """The stage the testbed audit measures: a modality's frozen token features, N×(T·D)."""
+    return {FROZEN: out.tokens.flatten(1)}
 
 
-def variance_shares(cfg: phase1.TrainConfig, n: int = 48, redraws: int = 4, seed: int = 0) -> pd.DataFrame:
-    """One row per (modality, factor or NOISE): 'share', the mean over `n` samples of the token features'
-    variance across `redraws` renders that differ in that factor alone, over their variance across samples.
-    Shares of independent factors sum to about 1; what interacts is counted in each factor it involves."""
+def run_stages(run_dir):
+    """The stages of a trained run for `variance_shares`: its frozen tokens, its shared embedding at k = n_shared
+    (L2-normalised: retrieval compares directions) and its private tokens, from one pass of its register module."""
+    model = phase1.load_aligner(run_dir).model.eval()
+    S = model.design.shared_k
+
+    def stages(modality: str, out) -> dict[str, torch.Tensor]:
+        encoded = prefixes.encode(model, modality, Features(out.pooled, out.tokens, out.mask), [S], reconstruct=False)
+        return {**frozen_stage(modality, out),
+                "shared embedding": torch.nn.functional.normalize(encoded.embeddings[S], dim=-1),
+                "private tokens": encoded.tokens[:, S:].flatten(1)}
+    return stages
+
+
+def variance_shares(cfg: phase1.TrainConfig, n: int = 48, redraws: int = 4, seed: int = 0,
+                    stages=frozen_stage) -> pd.DataFrame:
+    """One row per (modality, stage, factor or NOISE): 'share', the mean over `n` samples of a stage's variance
+    across `redraws` renders that differ in that factor alone, over its variance across samples. Shares of
+    independent factors sum to about 1; what interacts is counted in each factor it involves. `stages(modality,
+    encoder output)` gives {stage: N×F tensor}: the frozen tokens alone (`frozen_stage`), or a run's (`run_stages`)."""
     testbed = SynthTouch(n, seed=seed, image_size=cfg.image_size, split="val")
     encoders = {m: phase1.get_encoder(cfg, m) for m in IMAGE_MODALITIES}
     rng = np.random.default_rng(seed)
     bases = [(testbed.factors_of(i), int(rng.integers(2 ** 31))) for i in range(n)]
 
-    def tokens(samples: list[dict]) -> dict[str, np.ndarray]:
-        return {m: _tokens(encoders[m], [s[m] for s in samples]) for m in IMAGE_MODALITIES}
+    @torch.no_grad()
+    def variances(samples: list[dict]) -> dict[tuple[str, str], float]:
+        """{(modality, stage): the summed variance of that stage's numbers over these samples}."""
+        return {(m, stage): x.double().var(0).sum().item() for m in IMAGE_MODALITIES
+                for stage, x in stages(m, encoders[m](torch.stack([s[m] for s in samples]))).items()}
 
-    total = tokens([testbed.render(factors, noise) for factors, noise in bases])
-    total = {m: x.var(0, ddof=1).sum() for m, x in total.items()}
+    total = variances([testbed.render(factors, noise) for factors, noise in bases])
     rows = []
-    for name in tqdm([*factor_names(), NOISE], desc="testbed audit: one factor redrawn at a time", leave=False):
-        moved = {m: 0.0 for m in IMAGE_MODALITIES}
+    for name in tqdm([*factor_names(), NOISE], desc="one factor redrawn at a time", leave=False):
+        moved = dict.fromkeys(total, 0.0)
         for factors, noise in bases:
             renders = [testbed.render(factors, int(rng.integers(2 ** 31))) if name == NOISE else
                        testbed.render({**factors, name: redrawn(name, rng)}, noise) for _ in range(redraws)]
-            for m, x in tokens(renders).items():
-                moved[m] += x.var(0, ddof=1).sum() / n
-        rows += [dict(modality=m, factor=name, share=moved[m] / total[m]) for m in IMAGE_MODALITIES]
+            for key, variance in variances(renders).items():
+                moved[key] += variance / n
+        rows += [dict(modality=m, stage=stage, factor=name, share=moved[m, stage] / total[m, stage])
+                 for m, stage in total]
     return pd.DataFrame(rows)
 
 
@@ -103,7 +128,7 @@ def readability(cfg: phase1.TrainConfig) -> pd.DataFrame:
 def audit(cfg: phase1.TrainConfig, **kwargs) -> pd.DataFrame:
     """One row per (modality, factor): who sees it, its scale, its variance share, and its probe scores from the
     pixels and the frozen tokens (normalised: 0 chance, 1 perfect)."""
-    shares = variance_shares(cfg, **kwargs).set_index(["modality", "factor"]).share
+    shares = variance_shares(cfg, **kwargs).drop(columns="stage").set_index(["modality", "factor"]).share
     scores = readability(cfg).pivot_table(index=["modality", "factor"], columns="source", values="normalised")
     table = pd.DataFrame({"variance share": shares}).join(scores).reset_index()
     table["group"] = table.factor.map(SynthTouch.factor_groups).fillna("")

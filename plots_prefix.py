@@ -1,7 +1,7 @@
 """The figures of coarse to fine (notebooks 03 and 05): quality vs prefix length k (`prefix_curves`,
 `recall_vs_chance`), what each token knows (`information_map`, `order_by_token`, `leakage`), where registers
-look (`attention_maps`), embeddings in 2-D (`embedding_views`) and nearest neighbours at k (`neighbours`, the
-k slider's figure)."""
+look (`attention_maps`), embeddings in 2-D (`embedding_views`), nearest neighbours at k (`neighbours`, the
+k slider's figure) and how much of each stage a factor moves (`factor_stages`)."""
 from __future__ import annotations
 
 import matplotlib
@@ -207,4 +207,35 @@ def recall_vs_chance(bars: dict[str, tuple[float, float]],
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title(title)
+    return fig
+
+
+STAGE_STYLES = {"frozen tokens": dict(alpha=0.35), "shared embedding": dict(alpha=1.0),
+                "private tokens": dict(alpha=0.65, hatch="//")}
+
+
+def factor_stages(shares, title: str = "How loud each factor is at each stage: one factor redrawn at a time") -> Figure:
+    """audit.variance_shares of a run's stages, one panel per modality: per factor a bar for each stage, the share
+    of that stage's variance that moves with the factor alone (factor labels in their group colour, the sensors'
+    noise last). A private factor's bar at the shared embedding is how loud its leak is."""
+    order = [*SynthTouch.factor_groups, *sorted(set(shares.factor) - set(SynthTouch.factor_groups))]
+    order = [f for f in order if f in set(shares.factor)]
+    stages = [s for s in STAGE_STYLES if s in set(shares.stage)]
+    fig = Figure(figsize=(WIDTH, 0.26 * len(order) + 2.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    y, height = np.arange(len(order)), 0.8 / len(stages)
+    for ax, modality in zip(axes, ("vision", "touch")):
+        part = shares[shares.modality == modality]
+        for j, stage in enumerate(stages):
+            values = part[part.stage == stage].set_index("factor").share.reindex(order)
+            ax.barh(y + (j - (len(stages) - 1) / 2) * height, values, height, color=GROUP_COLORS[modality],
+                    edgecolor="black", linewidth=0.3, label=stage, **STAGE_STYLES[stage])
+        ax.set_title(modality)
+        ax.set_xlabel("share of the stage's variance\nthe factor moves alone")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, order)
+    color_factor_labels(axes[0].get_yticklabels(), SynthTouch.factor_groups)
+    axes[0].invert_yaxis()
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncols=len(stages))
+    fig.suptitle(wrapped(title, 70), fontsize=11)
     return fig

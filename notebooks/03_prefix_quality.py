@@ -19,6 +19,7 @@ import os
 import pandas as pd
 from IPython.display import HTML, Markdown, display
 
+import audit
 import evaluate
 import information
 import phase1
@@ -313,6 +314,24 @@ workbook.record("03 private factors by token group (linear probe accuracy on tes
                 **{f"{row.factor}: {column}": row[column] for _, row in leaks.iterrows()
                    for column in ("own private", "own shared", "other shared (control)", "chance")})
 display(leaks.round(3))
+fig
+
+# %% [markdown]
+# ## How loud a leak is
+# A probe says whether a factor can be read at all, not how much of what it reads moves with it. So each factor is
+# redrawn alone, everything else and the sensor noise fixed, and the figure shows the share of each stage's variance
+# that moves with it: the frozen tokens the model reads, the default's shared embedding at k = n_shared, and its
+# private tokens (`audit.variance_shares` with `audit.run_stages`, notebook 01's measure carried down the model). A
+# private factor's bar at the shared embedding is how loud its leak is, next to how loud it was in the frozen tokens;
+# a factor a sensor never sees moves nothing at any stage.
+
+# %%
+stage_shares = audit.variance_shares(phase1.run_config(default_run), n=6 if smoke else 48, redraws=3,
+                                     stages=audit.run_stages(default_run))
+fig = plots_prefix.factor_stages(stage_shares)
+workbook.save_figure(fig, "03_factor_stages")
+workbook.record("03 share of the shared embedding's variance each factor moves alone (k = n_shared)",
+                **{f"{r.modality}: {r.factor}": r.share for r in stage_shares.itertuples() if r.stage == "shared embedding"})
 fig
 
 # %% [markdown]

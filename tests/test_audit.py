@@ -5,6 +5,8 @@ import pytest
 
 import audit
 import phase1
+import train
+from conftest import tiny
 from data import SynthTouch
 from synthtouch import SynthTouchRenderer
 
@@ -54,3 +56,23 @@ def test_the_audit_reports_failure_for_a_testbed_whose_fine_factors_draw_nothing
     assert (fine["variance share"] == 0).all() and (fine["frozen tokens"] < 0.05).all()
     verdict = audit.verdict(table)
     assert not verdict["meets the targets"].any() and (verdict["fine factors' variance share"] == 0).all()
+
+
+def test_a_runs_stages_show_a_private_factor_where_its_sensor_sees_it_and_nowhere_else(cfg, tmp_path):
+    """audit.run_stages carries the audit's measure down a trained run: a tiny run (2 epochs) has no reason to have
+    learned to ignore lighting, so lighting moves the vision shared embedding, while the touch one, computed from a
+    sensor that never sees it, does not move at all."""
+    run = train.train(tiny(tmp_path / "cache", tmp_path / "run"))
+    table = audit.variance_shares(phase1.run_config(run), n=6, redraws=3, stages=audit.run_stages(run))
+    assert set(table.stage) == {audit.FROZEN, "shared embedding", "private tokens"}
+    share = table.set_index(["modality", "stage", "factor"]).share
+    # identical images give identical rows, up to float32 rounding where a batch row takes another kernel path:
+    # relative differences of ~1e-7 make variances of ~1e-14 of a stage's total, far below 1e-9; the smallest real
+    # share of a seen factor (colour's, vision) is of order 1e-2
+    for stage in ("shared embedding", "private tokens"):
+        assert share["touch", stage, "lighting"] < 1e-9 and share["vision", stage, "pressure"] < 1e-9
+    assert share["vision", "shared embedding", "lighting"] > 1e-3, share["vision"]
+    # the frozen stage is the testbed audit's own measure: the same renders (one random stream) through the same
+    # encoder in the same process; rtol 1e-5 leaves room for float32 rounding only
+    frozen = audit.variance_shares(phase1.run_config(run), n=6, redraws=3).set_index(["modality", "factor"]).share
+    assert np.allclose(share.xs(audit.FROZEN, level="stage").loc[frozen.index], frozen, rtol=1e-5)
