@@ -58,15 +58,16 @@ def frozen_stage(modality: str, out) -> dict[str, torch.Tensor]:
 
 def run_stages(run_dir):
     """The stages of a trained run for `variance_shares`: its frozen tokens, its shared embedding at k = n_shared
-    (L2-normalised: retrieval compares directions) and its private tokens, from one pass of its register module."""
+    (L2-normalised: retrieval compares directions) and its private tokens (where it has any: the adapter has
+    none), from one pass of its register module."""
     model = phase1.load_aligner(run_dir).model.eval()
     S = model.design.shared_k
 
     def stages(modality: str, out) -> dict[str, torch.Tensor]:
         encoded = prefixes.encode(model, modality, Features(out.pooled, out.tokens, out.mask), [S], reconstruct=False)
+        private = {"private tokens": encoded.tokens[:, S:].flatten(1)} if encoded.tokens.shape[1] > S else {}
         return {**frozen_stage(modality, out),
-                "shared embedding": torch.nn.functional.normalize(encoded.embeddings[S], dim=-1),
-                "private tokens": encoded.tokens[:, S:].flatten(1)}
+                "shared embedding": torch.nn.functional.normalize(encoded.embeddings[S], dim=-1), **private}
     return stages
 
 

@@ -58,7 +58,7 @@ def test_the_audit_reports_failure_for_a_testbed_whose_fine_factors_draw_nothing
     assert not verdict["meets the targets"].any() and (verdict["fine factors' variance share"] == 0).all()
 
 
-def test_a_runs_stages_show_a_private_factor_where_its_sensor_sees_it_and_nowhere_else(cfg, tmp_path):
+def test_a_runs_stages_show_a_private_factor_where_its_sensor_sees_it_and_nowhere_else(tmp_path):
     """audit.run_stages carries the audit's measure down a trained run: a tiny run (2 epochs) has no reason to have
     learned to ignore lighting, so lighting moves the vision shared embedding, while the touch one, computed from a
     sensor that never sees it, does not move at all."""

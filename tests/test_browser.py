@@ -218,8 +218,10 @@ def test_notebook_runs_in_the_browser_and_shows_its_figures(py, lab, page, scree
     shut_down_kernels(lab)
 
 
-# cells whose screenshots show what issue 40 found wrong, fixed: text in the cell -> the screenshot's name
-SHOWN = {"03": {"The whole study table": "study-figure-and-table", "inside the target corner": "tradeoff-in-words"},
+# cells a reviewer looks at in the browser (what issue 40 found wrong, fixed; the stage shares figure): text in the
+# cell -> the screenshot's name
+SHOWN = {"03": {"The whole study table": "study-figure-and-table", "inside the target corner": "tradeoff-in-words",
+                "stage_shares = audit.variance_shares": "factor-stages"},
          "04": {"attributes:": "accuracy-in-words"}}
 
 
