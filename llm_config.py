@@ -43,9 +43,9 @@ class LLMConfig:
     # the longest caption generated, in the decoder's tokens; None: the longest training caption plus a quarter (a
     # test caption may be a little longer), fixed when training starts and saved with the run
     max_new_tokens: int | None = None
-    epochs: int = 6
-    # a small dataset still trains this many steps: each epoch passes over it as often as that takes (0: once). 6
-    # epochs of SynthTouch's 8000 training captions are 750 steps; 8 epochs of 600 captions were 72 and left the
+    epochs: int = 12
+    # a small dataset still trains this many steps: each epoch passes over it as often as that takes (0: once). 12
+    # epochs of SynthTouch's 4000 training captions are 744 steps; 8 epochs of 600 captions were 72 and left the
     # decoder unable to write them (caption accuracy 0.01 where 360 steps reached 0.94)
     min_steps: int = 700
     batch_size: int = 64

@@ -71,8 +71,8 @@ VARIANTS = {
     "FSQ shared tokens 12-number code": FSQ_SHARED_12,
     "FSQ shared tokens 24-number code": {"model.token_dim": 24, "model.token_levels": [8, 8, 8, 5, 5, 5] * 4,
                                          "model.bottleneck_tokens": "shared"},
-    # rounded codes learn slowly (factor-level R@1 still rising on the validation split after 14 epochs of the 4000
-    # training pairs of the default then): the 12-number code with twice that training
+    # rounded codes learn slowly (factor-level R@1 still rising on the validation split after 14 epochs): the
+    # 12-number code with twice the training
     "FSQ shared tokens 12-number code 28 epochs": {**FSQ_SHARED_12, "epochs": 28},
     "FSQ shared tokens 12-number code 42 epochs": {**FSQ_SHARED_12, "epochs": 42},  # does three times still pay?
     # ... and trained on unrounded codes for its first half, as "FSQ shared tokens warm-up" does the 6-number code
@@ -101,12 +101,11 @@ SEEDS = (0, 1, 2)
 PROBE = "non-linear"
 REFERENCE = Path(__file__).resolve().parent / "docs" / "study"  # reference results: summaries of seed-0 runs
 REFERENCE_TESTBED = "synthtouch-v4"  # the SynthTouch its runs were trained on (synthtouch.SynthTouch.VERSION then)
-# config keys of the older default the reference's runs were trained on, where today's default.yaml differs; a
-# variant's own keys override them (run_config's `base`). That default also measured its preservation loss from the
-# learned feature centres (no config key)
+# config keys the reference's runs were trained with that today's variants set otherwise: the reference is of an
+# older default, which also measured its preservation loss from the learned feature centres (no config key)
 REFERENCE_CONFIG = {"model.decoder_readout": 0, "model.decoder_readout_solved": False, "model.encoder_readin": 0,
                     "model.encoder_readin_shared": 0, "model.encoder_readin_shared_nested": False,
-                    "model.nested_dropout_per_pair": False, "n_train": 4000, "epochs": 14}
+                    "model.nested_dropout_per_pair": False}
 # What the reference keeps of a run is what the notebooks read of it, so that docs/ stays small (9.1 MB when it kept
 # every seed's every table and training row; 2 MB at most now, a test checks): seed 0's config, evaluation and epoch
 # rows (training minutes); the information map of the variants notebook 03 draws one of; confusion.csv where a run
@@ -120,15 +119,11 @@ LATER_REFERENCE_FILES = ("confusion.csv",)
 MAPPED_VARIANTS = ("default", "no leakage guard", "FSQ shared tokens")
 
 
-def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", base: dict | None = None,
-               **overrides) -> phase1.TrainConfig:
-    """A variant's config: configs/default.yaml, then `base` (another default's keys, e.g. REFERENCE_CONFIG), then
-    the variant's own overrides, then `overrides`."""
+def run_config(variant: str, seed: int, root: str | os.PathLike = "runs/study", **overrides) -> phase1.TrainConfig:
     if variant not in VARIANTS:
         raise ValueError(f"unknown study variant {variant!r}; choose from {list(VARIANTS)}")
     folder = Path(root) / variant.replace(" ", "-").replace(":", "") / f"seed-{seed}"
-    return phase1.load_config(None, **{**(base or {}), **VARIANTS[variant], "seed": seed, "output_dir": str(folder),
-                                       **overrides})
+    return phase1.load_config(None, **{**VARIANTS[variant], "seed": seed, "output_dir": str(folder), **overrides})
 
 
 def finished_run(variant: str, seed: int = 0, root: str | os.PathLike = "runs/study", needs=()) -> Path:

@@ -149,7 +149,7 @@ def test_the_reference_results_are_of_todays_config(variant):
         run = study.finished_run(variant, seed, "nothing trained here")
         assert run.is_relative_to(study.REFERENCE) and all((run / name).is_file() for name in study.REFERENCE_FILES)
         saved = phase1.load_config(run / "config.yaml")
-        today = study.run_config(variant, seed, study.REFERENCE, base=study.REFERENCE_CONFIG)
+        today = study.run_config(variant, seed, study.REFERENCE, **study.REFERENCE_CONFIG)
         where = {name: getattr(today, name) for name in train.RESUME_IGNORES}  # where it ran, not what it trained
         assert dataclasses.replace(saved, **where) == today, (
             f"{run} was trained with other settings than study.VARIANTS[{variant!r}] now gives; refresh it with "
