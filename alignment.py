@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from agreement import AgreedSubspace
 from designs import DESIGNS, ModelConfig, TERM_WEIGHTS
 from encoders import FrozenEncoder
 from features import Features
@@ -34,6 +35,8 @@ class AlignmentModel(nn.Module):
         self.design.build(self, self.input_dims, self.input_tokens)
         self.logit_scale = nn.Parameter(torch.tensor(1 / cfg.init_temperature).log())
         self.pairs = [(a, b) for i, a in enumerate(cfg.modalities) for b in cfg.modalities[i + 1:]]
+        if cfg.shared_agreement:
+            self.agreed = AgreedSubspace(cfg.embed_dim)
         if cfg.loss_type != "contrastive":
             self.flow = FlowMatcher(cfg.embed_dim, self.pairs + [(b, a) for a, b in self.pairs], hidden=cfg.hidden_dim)
 
@@ -49,8 +52,10 @@ class AlignmentModel(nn.Module):
         return self.design.tokens(self, modality, feats, n_registers)
 
     def shared_embedding(self, modality: str, tokens: torch.Tensor, keep: torch.Tensor | None = None):
-        """The shared embedding from a modality's tokens; `keep`: B×R mask from nested dropout."""
-        return self.design.shared_embedding(self, modality, tokens, keep)
+        """The shared embedding from a modality's tokens; `keep`: B×R mask from nested dropout. With an agreed
+        subspace (agreement.py), its coordinates there; training's losses read the design's embedding itself."""
+        embedding = self.design.shared_embedding(self, modality, tokens, keep)
+        return self.agreed(embedding) if hasattr(self, "agreed") else embedding
 
     def prefix_embeddings(self, modality: str, tokens: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
         """Shared embedding for every prefix length k from one set of register outputs."""
@@ -106,6 +111,8 @@ class AlignmentModel(nn.Module):
         """Tensors fit to the training data and then fixed, saved in every checkpoint beside the trainable ones."""
         means = getattr(self, "feature_means", None)
         fitted = {} if means is None else {f"feature_means.{name}": value for name, value in means.named_buffers()}
+        if hasattr(self, "agreed"):
+            fitted |= {f"agreed.{name}": value for name, value in self.agreed.named_buffers()}
         for m, decoder in getattr(self, "decoders", {}).items():  # set by readout_fit
             if hasattr(decoder, "attention_weight"):
                 fitted[f"decoders.{m}.attention_weight"] = decoder.attention_weight

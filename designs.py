@@ -4,6 +4,7 @@ ModelConfig.leakage_guard from `LEAKAGE_GUARDS`). A new design line is one class
 outside this module asks which design a model has."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,9 @@ class ModelConfig:
     # is learned with a smooth gradient before rounding starts (evaluation always rounds)
     round_after: float = 0.0
     init_temperature: float = 0.07
+    # after training, keep the shared embedding to the directions along which the modalities' training embeddings
+    # correlate at least this much (agreement.py; 0: every direction, as trained)
+    shared_agreement: float = 0.0
 
     def __post_init__(self):
         self.modalities, self.mrl_dims = tuple(self.modalities), tuple(self.mrl_dims)
@@ -121,6 +125,16 @@ class ModelConfig:
         if not 0 <= self.nested_dropout_rate <= 1:
             raise ValueError(f"model.nested_dropout_rate={self.nested_dropout_rate} is the drop probability of the "
                              "last register: give a number in [0, 1], e.g. 0.5")
+        if not 0 <= self.shared_agreement < 1:
+            raise ValueError(f"model.shared_agreement={self.shared_agreement!r} is the correlation a direction of the "
+                             "shared embedding must reach to be kept: give a number in [0, 1), e.g. 0.95 (0: keep all)")
+        if self.shared_agreement and self.loss_type != "contrastive":
+            # the flow head transports the embedding training made; kept to fewer directions after training, it
+            # would be moved by a head that never saw it. So a flow model keeps every direction, and its saved
+            # config says so
+            warnings.warn(f"model.shared_agreement={self.shared_agreement} is set to 0: loss_type "
+                          f"{self.loss_type!r} trains a flow head on every direction of the shared embedding")
+            self.shared_agreement = 0.0
         if not self.init_temperature > 0:
             raise ValueError(f"model.init_temperature must be positive, got {self.init_temperature!r}; e.g. 0.07")
         if not isinstance(self.decoder_layers, int) or self.decoder_layers < 1:

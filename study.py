@@ -44,15 +44,18 @@ import train
 # FSQ on the shared tokens with a 12-number code (FlexTok's levels twice)
 FSQ_SHARED_12 = {"model.token_dim": 12, "model.token_levels": [8, 8, 8, 5, 5, 5] * 2, "model.bottleneck_tokens": "shared"}
 
-# name -> overrides of configs/default.yaml. The default carries the leakage design the workbook adopted;
-# the guards below replace it, each alone, so they are compared on the same data, features and budget.
+EVERY_DIRECTION = {"model.shared_agreement": 0.0}  # the shared embedding as training made it (agreement.py)
+
+# name -> overrides of configs/default.yaml. The default carries the leakage design the workbook adopted (a
+# stop-gradient, the alignment term and the agreed subspace); the guards below replace it, each alone, so they are
+# compared on the same data, features and budget.
 VARIANTS = {
     "default": {},
     "no nested dropout": {"model.nested_dropout": "none"},
-    "no leakage guard": {"model.leakage_guard": "none", "model.alignment_weight": 0.0},
-    "stop-gradient": {"model.leakage_guard": "stopgrad", "model.alignment_weight": 0.0},
-    "cross-modal reconstruction": {"model.leakage_guard": "cross", "model.alignment_weight": 0.0},
-    "decorrelation": {"model.leakage_guard": "decorrelate", "model.alignment_weight": 0.0},
+    "no leakage guard": {"model.leakage_guard": "none", "model.alignment_weight": 0.0, **EVERY_DIRECTION},
+    "stop-gradient": {"model.leakage_guard": "stopgrad", "model.alignment_weight": 0.0, **EVERY_DIRECTION},
+    "cross-modal reconstruction": {"model.leakage_guard": "cross", "model.alignment_weight": 0.0, **EVERY_DIRECTION},
+    "decorrelation": {"model.leakage_guard": "decorrelate", "model.alignment_weight": 0.0, **EVERY_DIRECTION},
     "token bottleneck": {"model.token_dim": 8},  # the default with 8 numbers per token: less leaks, less retrieved
     # FlexTok's token format: each token 6 numbers rounded to 8·8·8·5·5·5 levels (FSQ), so no small leftover of
     # a private factor survives in it
@@ -105,7 +108,7 @@ REFERENCE_TESTBED = "synthtouch-v4"  # the SynthTouch its runs were trained on (
 # older default, which also measured its preservation loss from the learned feature centres (no config key)
 REFERENCE_CONFIG = {"model.decoder_readout": 0, "model.decoder_readout_solved": False, "model.encoder_readin": 0,
                     "model.encoder_readin_shared": 0, "model.encoder_readin_shared_nested": False,
-                    "model.nested_dropout_per_pair": False}
+                    "model.nested_dropout_per_pair": False, **EVERY_DIRECTION}
 # What the reference keeps of a run is what the notebooks read of it, so that docs/ stays small (9.1 MB when it kept
 # every seed's every table and training row; 2 MB at most now, a test checks): seed 0's config, evaluation and epoch
 # rows (training minutes); the information map of the variants notebook 03 draws one of; confusion.csv where a run
