@@ -69,10 +69,15 @@ def agreed_directions(embeddings: dict[str, np.ndarray], threshold: float, ridge
     inverse = np.linalg.inv(np.linalg.cholesky(apart))
     ratios, rotations = np.linalg.eigh(inverse @ together @ inverse.T)
     vectors = (inverse.T @ rotations)[:, np.argsort(-ratios)]
-    correlations = np.array([np.mean([np.corrcoef(centred[a] @ v, centred[b] @ v)[0, 1] for a, b in pairs])
-                             for v in vectors.T])
+    correlations = np.mean([column_correlations(centred[a] @ vectors, centred[b] @ vectors) for a, b in pairs], axis=0)
     below = np.flatnonzero(correlations < threshold)
     # at least the best two: retrieval compares directions, and one number has only its sign (a model trained for a
     # few steps agrees nowhere at 0.95)
     kept = max(min(2, len(correlations)), int(below[0])) if len(below) else len(correlations)
     return mean, vectors[:, :kept], correlations
+
+
+def column_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The correlation of each column of x with the same column of y (N×D each)."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return (x * y).sum(0) / np.sqrt((x ** 2).sum(0) * (y ** 2).sum(0))
