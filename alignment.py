@@ -36,7 +36,7 @@ class AlignmentModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(1 / cfg.init_temperature).log())
         self.pairs = [(a, b) for i, a in enumerate(cfg.modalities) for b in cfg.modalities[i + 1:]]
         if cfg.shared_agreement:
-            self.agreed = AgreedSubspace(cfg.embed_dim)
+            self.agreed = AgreedSubspace(cfg.embed_dim, cfg.modalities)
         if cfg.loss_type != "contrastive":
             self.flow = FlowMatcher(cfg.embed_dim, self.pairs + [(b, a) for a, b in self.pairs], hidden=cfg.hidden_dim)
 
@@ -53,9 +53,14 @@ class AlignmentModel(nn.Module):
 
     def shared_embedding(self, modality: str, tokens: torch.Tensor, keep: torch.Tensor | None = None):
         """The shared embedding from a modality's tokens; `keep`: B×R mask from nested dropout. With an agreed
-        subspace (agreement.py), its coordinates there; training's losses read the design's embedding itself."""
+        subspace (agreement.py), its coordinates there (of every shared token: predicted from this modality's);
+        training's losses read the design's embedding itself."""
         embedding = self.design.shared_embedding(self, modality, tokens, keep)
-        return self.agreed(embedding) if hasattr(self, "agreed") else embedding
+        if not hasattr(self, "agreed"):
+            return embedding
+        whole = torch.ones(len(embedding), dtype=torch.bool, device=embedding.device) if keep is None \
+            else keep[:, :self.cfg.n_shared].all(1)
+        return self.agreed(embedding, modality, whole)
 
     def prefix_embeddings(self, modality: str, tokens: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
         """Shared embedding for every prefix length k from one set of register outputs."""
@@ -124,7 +129,8 @@ class AlignmentModel(nn.Module):
         before the fixed feature means measured its preservation loss from its (learned) centres. A checkpoint whose
         read-out maps were solved (the last of a run with decoder_readout_solved) gets the decoders' room for them; one
         saved when the per-k maps were trained (readout.<g>.*) has them as its solved maps, the last as its trained
-        one, which a solved decoder no longer reads."""
+        one, which a solved decoder no longer reads. The agreed subspace gets room for the cross-predictions a
+        checkpoint holds (none, saved before they existed: the identity, which is what it computed)."""
         for m, decoder in getattr(self, "decoders", {}).items():
             if not hasattr(decoder, "readout_ks"):  # built without per-k maps: load_trainable names what does not fit
                 continue
@@ -137,6 +143,8 @@ class AlignmentModel(nn.Module):
                     tensors[prefix + rest] = value
             if trained_per_k or f"decoders.{m}.solved.0.0.weight" in tensors:
                 decoder.make_solved_maps()
+        if hasattr(self, "agreed"):
+            self.agreed.make_room(tensors, "agreed.")
         own = getattr(self, "feature_centres", {})
         tensors = {**{f"feature_centres.{m}": torch.zeros_like(p) for m, p in own.items()}, **tensors}
         return {**{f"feature_means.{m}": tensors[f"feature_centres.{m}"] for m in own}, **tensors}

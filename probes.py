@@ -117,22 +117,30 @@ def standardised(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {split: ((value - mean) / std).astype(np.float64) for split, value in x.items()}
 
 
+class RBFKernel:
+    """The RBF kernel on up to `LANDMARKS` rows of `fit` (Nyström): features(rows) = K(rows, L) K(L, L)^-1/2, whose
+    inner products approximate the kernel. gamma = width / median squared distance between the landmarks."""
+
+    def __init__(self, fit: np.ndarray, width: float):
+        self.landmarks = fit[np.random.default_rng(0).permutation(len(fit))[:LANDMARKS]]
+        between = self.distances(self.landmarks)
+        self.gamma = width / max(np.median(between[np.triu_indices(len(self.landmarks), 1)]), 1e-12)
+        values, vectors = np.linalg.eigh(np.exp(-self.gamma * between))
+        keep = values > values.max() * 1e-8
+        self.whiten = vectors[:, keep] / np.sqrt(values[keep])
+
+    def distances(self, rows: np.ndarray) -> np.ndarray:
+        squared = (self.landmarks ** 2).sum(1)
+        return np.maximum((rows ** 2).sum(1)[:, None] + squared[None, :] - 2 * rows @ self.landmarks.T, 0)
+
+    def features(self, rows: np.ndarray) -> np.ndarray:
+        return np.exp(-self.gamma * self.distances(rows)) @ self.whiten
+
+
 def nystroem(x: dict[str, np.ndarray], width: float) -> dict[str, np.ndarray]:
-    """RBF kernel features of standardised splits on landmarks of the fit split: K(x, L) K(L, L)^-1/2, so
-    that their inner products approximate the kernel. gamma = width / median squared distance."""
-    fit = x["fit"]
-    landmarks = fit[np.random.default_rng(0).permutation(len(fit))[:LANDMARKS]]
-    squared = (landmarks ** 2).sum(1)
-
-    def distances(rows):
-        return np.maximum((rows ** 2).sum(1)[:, None] + squared[None, :] - 2 * rows @ landmarks.T, 0)
-
-    between = distances(landmarks)
-    gamma = width / max(np.median(between[np.triu_indices(len(landmarks), 1)]), 1e-12)
-    values, vectors = np.linalg.eigh(np.exp(-gamma * between))
-    keep = values > values.max() * 1e-8
-    whiten = vectors[:, keep] / np.sqrt(values[keep])
-    features = {split: np.exp(-gamma * distances(rows)) @ whiten for split, rows in x.items()}
+    """RBF kernel features (`RBFKernel` on the fit split) of standardised splits, centred on the fit split's mean."""
+    kernel = RBFKernel(x["fit"], width)
+    features = {split: kernel.features(rows) for split, rows in x.items()}
     mean = features["fit"].mean(0)
     return {split: value - mean for split, value in features.items()}
 

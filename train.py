@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
                 # before the last checkpoint is written, so the run's weights hold the solved read-out
                 solve_readouts(model, train_feats, val_feats if val_feats is not None else train_feats)
             if epoch == cfg.epochs - 1 and cfg.model.shared_agreement and dist.main:
-                fit_agreed_subspace(model, train_feats)  # after the last step, before its checkpoint
+                fit_agreed_subspace(model, train_feats, val_feats)  # after the last step, before its checkpoint
             return quick_eval(model, val_feats, val_set) if val_feats is not None and dist.main else {}
 
         # the bar names the run by its last two folders: phase1/default, or a study's default/seed-0
@@ -110,14 +110,18 @@ def factor_codes(dataset) -> dict | None:
 
 
 @torch.no_grad()
-def fit_agreed_subspace(model, train_feats) -> np.ndarray:
-    """Fit the model's agreed subspace (agreement.py) on the training pairs' unit shared embeddings at k = n_shared;
+def fit_agreed_subspace(model, train_feats, val_feats=None) -> np.ndarray:
+    """Fit the model's agreed subspace (agreement.py) on the training pairs' unit shared embeddings at k = n_shared,
+    its cross-predictions' settings chosen on the validation pairs (None: on training pairs held out of their fit);
     returns every direction's correlation between the modalities."""
     model.agreed.reset()  # embed as training made it, however often it is fit
     S = model.cfg.n_shared
-    encoded = prefixes.encode_all(model, train_feats, [S], reconstruct=False)
-    return model.agreed.fit({m: e.embeddings[S].double().numpy() for m, e in encoded.items()},
-                            model.cfg.shared_agreement)
+
+    def unit_embeddings(feats):
+        encoded = prefixes.encode_all(model, feats, [S], reconstruct=False)
+        return {m: e.embeddings[S].double().numpy() for m, e in encoded.items()}
+    return model.agreed.fit(unit_embeddings(train_feats), model.cfg.shared_agreement,
+                            unit_embeddings(val_feats) if val_feats is not None else None)
 
 
 def quick_eval(model, feats, dataset) -> dict:

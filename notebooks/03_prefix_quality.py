@@ -199,7 +199,9 @@ Markdown(study.tradeoff_summary(tradeoff))
 # the other guards replace it, each alone. A continuous embedding can still hold a small leftover of a private
 # factor, and the non-linear probe rescales what it reads, so it finds it. The leftover sits in the directions
 # training never shaped, so after training the default keeps only the directions of its shared embedding along
-# which vision and touch agree (`agreement.py`, `model.shared_agreement`). Limiting what a token can carry is the
+# which vision and touch agree (`agreement.py`, `model.shared_agreement`), and there it replaces what each modality
+# says by what that predicts of the other's (lighting moves the wear directions too, and lighting predicts nothing
+# of touch). Limiting what a token can carry is the
 # other route: the *token bottleneck* (fewer numbers per token) and *FSQ tokens*, FlexTok's own token format (a few
 # numbers per token, each rounded to a few levels), which leave no small leftover to find; *FSQ shared tokens*
 # rounds the shared tokens only, so the private ones keep their detail. Rounded tokens learn slowly: the wider
