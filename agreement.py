@@ -61,9 +61,9 @@ class AgreedSubspace(nn.Module):
         self.basis.zero_()[:, :basis.shape[1]] = torch.from_numpy(basis)
         if held_out is None:
             n = len(next(iter(embeddings.values())))
-            order = np.random.default_rng(0).permutation(n)
-            held_out = {m: e[order[:n // 5]] for m, e in embeddings.items()}
-            embeddings = {m: e[order[n // 5:]] for m, e in embeddings.items()}
+            order, cut = np.random.default_rng(0).permutation(n), max(1, n // 5)
+            held_out = {m: e[order[:cut]] for m, e in embeddings.items()}
+            embeddings = {m: e[order[cut:]] for m, e in embeddings.items()}
         splits = {"fit": embeddings, "select": held_out}
         coordinates = {split: {m: (e - mean) @ basis for m, e in pairs.items()} for split, pairs in splits.items()}
         for m, prediction in self.predictions.items():

@@ -103,6 +103,22 @@ def test_the_cross_prediction_halves_a_private_factor_inside_the_shared_directio
     assert above_chance(*predicted, "class") > 0.95
 
 
+def test_without_validation_pairs_the_prediction_is_chosen_on_held_out_training_pairs():
+    """A dataset without a validation split (a CSV of training pairs only) still gets its prediction, its settings
+    chosen on a fifth of the training pairs: it keeps the class, as with validation pairs."""
+    pairs, classes, _ = circle_pairs(500, 0)
+    subspace = AgreedSubspace(4, ["vision", "touch"])
+    subspace.fit(pairs, threshold=0.95)
+    unit = {m: torch.nn.functional.normalize(torch.from_numpy(e).float(), dim=-1) for m, e in pairs.items()}
+    whole = torch.ones(len(classes), dtype=torch.bool)
+    embedded = {m: subspace(u, m, whole) for m, u in unit.items()}
+    assert all(len(p.landmarks) > 0 for p in subspace.predictions.values())
+    # each vision row's nearest touch row (cosine) is of its class: classes 0.79 rad apart, noise 0.05
+    nearest = (torch.nn.functional.normalize(embedded["vision"], dim=-1) @
+               torch.nn.functional.normalize(embedded["touch"], dim=-1).T).argmax(1).numpy()
+    assert (classes[nearest] == classes).mean() > 0.95
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(shared_agreement=1.0), r"model.shared_agreement=1.0 is the correlation .* give a number in \[0, 1\)"),
 ])
