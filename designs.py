@@ -82,7 +82,8 @@ class ModelConfig:
     round_after: float = 0.0
     init_temperature: float = 0.07
     # after training, keep the shared embedding to the directions along which the modalities' training embeddings
-    # correlate at least this much (agreement.py; 0: every direction, as trained)
+    # correlate at least this much, each modality's coordinates predicted from the other's (agreement.py; 0: every
+    # direction, as trained)
     shared_agreement: float = 0.0
 
     def __post_init__(self):

@@ -25,18 +25,20 @@ def rows_of(decoder, tokens: torch.Tensor, k: int, batch_size: int = 256) -> tup
 
 
 @torch.no_grad()
-def solve_readouts(model, train: dict[str, Features], val: dict[str, Features]):
+def solve_readouts(model, train: dict[str, Features], val: dict[str, Features], tokens: dict | None = None):
     """Set every per-k read-out map of the model's preservation decoders (`FeatureDecoder.readout_ks`, made here)
     to its ridge solution on `train`, strength chosen on `val`, and its weight on the attention part to 1 or 0,
-    whichever reads `val` better. From then on the decoders read through them, not through the trained map."""
+    whichever reads `val` better. From then on the decoders read through them, not through the trained map.
+    `tokens`: {"fit": {modality: register outputs of `train`}, "select": (of `val`)} when already encoded."""
     was_training = model.training
     model.eval()
     try:
         for m, decoder in model.decoders.items():
             splits = {"fit": train[m], "select": val[m]}
             device = next(decoder.parameters()).device  # the attention part runs there, the solve on the CPU
-            tokens = {split: prefixes.encode(model, m, f, [], reconstruct=False).tokens.to(device)
-                      for split, f in splits.items()}
+            registers = {split: (tokens[split][m] if tokens is not None else
+                                 prefixes.encode(model, m, f, [], reconstruct=False).tokens).to(device)
+                         for split, f in splits.items()}
             targets = {split: np.asarray(f.tokens, dtype=np.float32).reshape(len(f.pooled), -1)
                        for split, f in splits.items()}
             masks = {split: np.asarray(f.mask, dtype=np.float32) for split, f in splits.items()}
@@ -44,7 +46,7 @@ def solve_readouts(model, train: dict[str, Features], val: dict[str, Features]):
             decoder.make_solved_maps()
             for g, k in enumerate(tqdm(decoder.readout_ks.tolist(), desc=f"solving the {m} read-out for each k",
                                        leave=False)):
-                weight = solve_one(decoder, g, k, tokens, targets, masks, centre)
+                weight = solve_one(decoder, g, k, registers, targets, masks, centre)
                 decoder.attention_weight[g] = weight
     finally:
         model.train(was_training)

@@ -56,11 +56,16 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
 
         def epoch_end(epoch):
             solve = cfg.model.decoder_readout_solved and hasattr(model, "decoders")  # no decoder: nothing to solve
-            if epoch == cfg.epochs - 1 and solve and dist.main:
-                # before the last checkpoint is written, so the run's weights hold the solved read-out
-                solve_readouts(model, train_feats, val_feats if val_feats is not None else train_feats)
-            if epoch == cfg.epochs - 1 and cfg.model.shared_agreement and dist.main:
-                fit_agreed_subspace(model, train_feats, val_feats)  # after the last step, before its checkpoint
+            if epoch == cfg.epochs - 1 and dist.main and (solve or cfg.model.shared_agreement):
+                # after the last step, before its checkpoint, so the run's weights hold what is fit here. The register
+                # module runs once over the training and validation pairs for both fits: neither changes it
+                held_out = val_feats if val_feats is not None else train_feats
+                tokens = {split: {m: e.tokens for m, e in prefixes.encode_all(model, f, [], reconstruct=False).items()}
+                          for split, f in (("fit", train_feats), ("select", held_out))}
+                if solve:
+                    solve_readouts(model, train_feats, held_out, tokens)
+                if cfg.model.shared_agreement:
+                    fit_agreed_subspace(model, tokens["fit"], tokens["select"] if val_feats is not None else None)
             return quick_eval(model, val_feats, val_set) if val_feats is not None and dist.main else {}
 
         # the bar names the run by its last two folders: phase1/default, or a study's default/seed-0
@@ -110,18 +115,22 @@ def factor_codes(dataset) -> dict | None:
 
 
 @torch.no_grad()
-def fit_agreed_subspace(model, train_feats, val_feats=None) -> np.ndarray:
+def fit_agreed_subspace(model, train_tokens, val_tokens=None) -> np.ndarray:
     """Fit the model's agreed subspace (agreement.py) on the training pairs' unit shared embeddings at k = n_shared,
-    its cross-predictions' settings chosen on the validation pairs (None: on training pairs held out of their fit);
-    returns every direction's correlation between the modalities."""
+    its cross-predictions' settings chosen on the validation pairs (None: on training pairs held out of their fit).
+    `*_tokens`: modality → N×R×hidden register outputs (`prefixes.encode_all(...)[m].tokens`). Returns every
+    direction's correlation between the modalities."""
     model.agreed.reset()  # embed as training made it, however often it is fit
-    S = model.cfg.n_shared
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
 
-    def unit_embeddings(feats):
-        encoded = prefixes.encode_all(model, feats, [S], reconstruct=False)
-        return {m: e.embeddings[S].double().numpy() for m, e in encoded.items()}
-    return model.agreed.fit(unit_embeddings(train_feats), model.cfg.shared_agreement,
-                            unit_embeddings(val_feats) if val_feats is not None else None)
+    def unit_embeddings(tokens):  # every shared token kept: the embedding at k = n_shared
+        return {m: model.shared_embedding(m, t.to(device)).double().cpu().numpy() for m, t in tokens.items()}
+    try:
+        return model.agreed.fit(unit_embeddings(train_tokens), model.cfg.shared_agreement,
+                                unit_embeddings(val_tokens) if val_tokens is not None else None)
+    finally:
+        model.train(was_training)
 
 
 def quick_eval(model, feats, dataset) -> dict:
