@@ -36,14 +36,16 @@ STAGE1_CHECKPOINT = None  # e.g. "stage1_best.pth" from TVL's tvl_enc
 CSV_DIR = None  # e.g. "DATA/mine": train.csv with columns among vision, touch, caption
 
 smoke, run_dir = workbook.start()
-n_pairs, epochs, llm_epochs = (48, 2, 1) if smoke else (600, 10, 10)
+# five phase-1 epochs: trained for ten, the digits' caption-level R@1 on validation was 0.99 after the fifth
+n_pairs, epochs, llm_epochs = (48, 2, 1) if smoke else (600, 5, 10)
 
 # %% [markdown]
 # ## Stand-ins, when no paths are given
 # The TVL stand-in is SynthTouch written file by file in TVL's layout (the vision image placed where TVL's
 # crop finds it, the tactile image turned so TVL's rotation turns it back); the checkpoint holds a random
-# ViT-tiny at 224 px in TVL's keys (`model` with `logit_scale` and `tactile_encoder.*`, `args` an
-# `argparse.Namespace`), so the route runs end to end, though its touch features mean nothing.
+# ViT-tiny in TVL's keys (`model` with `logit_scale` and `tactile_encoder.*`, `args` an `argparse.Namespace`), so
+# the route runs end to end, though its touch features mean nothing. It takes 112 px images where TVL's takes 224:
+# the route reads the image size from the checkpoint, and 49 patch tokens train twice as fast as 196.
 
 # %%
 examples = run_dir / "real_data"
@@ -56,7 +58,8 @@ if STAGE1_CHECKPOINT is None:
     STAGE1_CHECKPOINT = examples / "stage1_best.pth"
     torch.manual_seed(0)
     depth = 2 if smoke else 12  # TVL's ViT-tiny has 12 blocks; the smoke run keeps 2 of them
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=768, global_pool="avg", depth=depth)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=768, global_pool="avg", depth=depth,
+                            img_size=112)
     write_tvl_checkpoint(vit, STAGE1_CHECKPOINT, tactile_model="vit_tiny_patch16_224", subtract_background=None)
 if CSV_DIR is None:
     CSV_DIR = examples / "digits"
