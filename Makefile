@@ -3,10 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
-# OpenMP threads spin 10000 turns between parallel regions before they sleep: never asleep between the operations of
-# one training step (phase 1 at two threads took 0.59 s a step with OMP_WAIT_POLICY=PASSIVE, 0.39 s spinning; one
-# thread 0.60 s), never spinning long enough to burn a core that another notebook of make demo computes on
-export GOMP_SPINCOUNT ?= 10000
+# OpenMP threads sleep rather than spin while they wait: on a machine shared with other work, threads spinning for
+# each other burn the cores the other work (or the other notebooks of make demo) would use, and a step waits longer
+export OMP_WAIT_POLICY ?= PASSIVE
 # glibc keeps the memory a process frees for its next allocation instead of unmapping big blocks: on a virtual
 # machine that reports freed pages to its host (virtio-balloon free page reporting), each unmapped block is faulted
 # back in page by page when next used (650 MB: 5 s instead of 0.1 s), and the read-out solve of notebook 05's TVL

@@ -55,53 +55,41 @@ def code_key() -> str:
 
 
 # When each notebook may start. One waits for the notebooks it reads from (01's feature cache, 02's default
-# phase-1 run) to be done, or only for the part it reads (EARLY_START); those not part of this run (`--only`) are
-# not waited for. Phase 1 of 02, then phase 2 of 04, is the chain to the end; the rest fills the cores beside it:
-# - 02 starts once 01 has built the feature cache (01 records its timings right after), beside 01's other cells.
-# - 05 reads nothing of theirs; it waits for 01 so that two notebooks compute at a time, one thread each (their
-#   steps are small products: side by side they get more done than one at a time on two threads).
-# - 04 reads only 02's weights, so it starts once they are final, beside 02's evaluation and 03; its kernel starts
-#   earlier still, once 02 trains that run (holds its lock) and a core is left over (05 is done): it imports and
-#   waits in train.ensure_trained on no share of the cores (`may_warm`), so its ~10 s of start-up are off the chain
-#   to the end (phase 2 began 12 s after the weights were final instead of 24).
-AFTER = {"02": ("01",), "03": ("02",), "04": ("02",), "05": ("01",)}
-WARM = {"04": "phase1/default"}  # notebook -> the run folder whose training lets its kernel start early
+# phase-1 run) to be done; those not part of this run (`--only`) are not waited for. Notebook 04 reads only that
+# run's weights, so it starts once they are final (EARLY_START), beside 02's evaluation and 03; its kernel starts
+# earlier still, once 02 trains that run (holds its lock) and a core is left over (05 is done): it imports and
+# waits in train.ensure_trained on no share of the cores (`may_warm`), so its ~10 s of start-up are off the chain
+# to the end (phase 2 began 12 s after the weights were final instead of 24). Notebook 05 reads nothing of theirs
+# and starts at once. Side by side at one thread each, 02 and 05 get more done than one at a time on two threads
+# (their steps are small products that split badly over threads). 02 does not start beside 01, although the cache
+# has a lock of its own: it would start phase 1 earlier but make its weights final later, three notebooks on two
+# cores slowing 05, and phase 1 has two threads only once 05 is done.
+AFTER = {"02": ("01",), "03": ("02",), "04": ("02",)}
+EARLY_START = {"04": ("02", "phase1/default")}  # notebook -> (the notebook it follows, the run folder it reads)
 
 
-def features_built(out_dir: Path) -> bool:
-    """Whether notebook 01 has built the feature cache: it records the cache's timings right after."""
-    try:
-        return "01 data and encoders" in json.loads((out_dir / "numbers.json").read_text())
-    except (OSError, ValueError):  # not written yet, or being written: the next poll reads it
-        return False
+def ready(path: Path, out_dir: Path, waiting: set[str]) -> bool:
+    """Whether notebook `path` may start, given the notebooks of this run `waiting` to start or running."""
+    prefix = path.name[:2]
+    early, run_folder = EARLY_START.get(prefix, (None, None))
+    for before in AFTER.get(prefix, ()):
+        unfinished = any(name.startswith(before) for name in waiting)
+        if unfinished and not (before == early and weights_final(out_dir / run_folder)):
+            return False
+    return True
+
+
+def may_warm(path: Path, out_dir: Path) -> bool:
+    """Whether an EARLY_START notebook may start its kernel before it is `ready`: once another process trains the
+    run folder it reads (holds its lock), so that the notebook waits for those weights instead of training them."""
+    run_folder = EARLY_START.get(path.name[:2], (None, None))[1]
+    return run_folder is not None and loop.RunFolder(out_dir / run_folder).busy()
 
 
 def weights_final(run_dir: Path) -> bool:
     """Whether the phase-1 run in `run_dir` has trained its last epoch (its evaluation may still be running)."""
     run = loop.RunFolder(run_dir)
     return run.config_path.is_file() and run.trained(run.saved_config()["epochs"])
-
-
-# notebook -> (the notebook it follows, whether what it reads of that one is there)
-EARLY_START = {"02": ("01", features_built), "04": ("02", lambda out_dir: weights_final(out_dir / WARM["04"]))}
-
-
-def ready(path: Path, out_dir: Path, waiting: set[str]) -> bool:
-    """Whether notebook `path` may start, given the notebooks of this run `waiting` to start or running."""
-    prefix = path.name[:2]
-    early, part_ready = EARLY_START.get(prefix, (None, None))
-    for before in AFTER.get(prefix, ()):
-        unfinished = any(name.startswith(before) for name in waiting)
-        if unfinished and not (before == early and part_ready(out_dir)):
-            return False
-    return True
-
-
-def may_warm(path: Path, out_dir: Path) -> bool:
-    """Whether a WARM notebook may start its kernel before it is `ready`: once another process trains the run
-    folder it reads (holds its lock), so that the notebook waits for those weights instead of training them."""
-    run_folder = WARM.get(path.name[:2])
-    return run_folder is not None and loop.RunFolder(out_dir / run_folder).busy()
 
 
 def core_budget() -> int:

@@ -57,8 +57,8 @@ class LLMConfig:
     log_every: int = 10
     bf16: bool = True  # on GPU: frozen decoder weights in bf16, forward under bf16 autocast
     # on the CPU, run_phase2 trains and captions on at most this many threads (0: every thread given): a step of
-    # the testbed's 2-layer decoder is many small operations, measured slower on two sleeping threads
-    # (OMP_WAIT_POLICY=PASSIVE) than on one; `python bench/profile_phase2.py --phase1_run RUN --threads 1 2` compares
+    # the testbed's 2-layer decoder is many small operations, slower on two sleeping (OMP_WAIT_POLICY=PASSIVE, as
+    # make sets it) threads than on one; `python bench/profile_phase2.py --phase1_run RUN --threads 1 2` compares
     cpu_threads: int = 1
     local_files_only: bool = False  # never touch the network for the decoder
 

@@ -3,7 +3,7 @@ prefix, decoder inputs, decoder forward, the whole step with backward and AdamW;
 autocast) and the validation pass that follows every epoch, in milliseconds on one batch; then one epoch of
 training with whole batches against the same batches in length chunks (`length_chunks`), back to back, as
 ratios; with several thread counts, last, one epoch of configs/phase2.yaml's training at each (its `cpu_threads`
-lifted), as ratios: with sleeping threads (OMP_WAIT_POLICY=PASSIVE) the tiny decoder's step was slower on two.
+lifted), as ratios: under make's OMP_WAIT_POLICY=PASSIVE the tiny decoder's step is slower on two threads.
 
     python bench/profile_phase2.py --phase1_run runs/phase1/default [--threads 1 2] [--batch_size 64]
 """

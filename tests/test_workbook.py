@@ -43,26 +43,23 @@ def wait_for_text(path: Path, text: str, seconds: float = 10) -> str:
 
 
 def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shared(tmp_path, monkeypatch):
-    """01 starts alone, on both cores; 02 starts once 01 has built the feature cache (recorded its timings), and the
-    two share the cores; 05 reads nothing the others write but waits for 01, so that two notebooks compute at a
-    time. 04 reads only 02's phase-1 weights: its kernel starts while 02 trains that run (holds its lock) once a
-    core is left over (05 is done), on no share of the cores, so 02 is told (through its threads file, which the
-    training loop reads before each step) that it may use both; when the weights are final, 04 computes beside
-    02's evaluation and the two share the cores. 03 starts after 02 (its evaluation)."""
+    """05 reads nothing the others write, so it runs while 01 does, one thread each on two cores; 02 starts after 01
+    (the feature cache). 04 reads only 02's phase-1 weights: its kernel starts while 02 trains that run (holds its
+    lock) once a core is left over (05 is done), on no share of the cores, so 02 is told (through its threads file,
+    which the training loop reads before each step) that it may use both; when the weights are final, 04 computes
+    beside 02's evaluation and the two share the cores. 03 starts after 02 (its evaluation)."""
     import loop
-    events = {name: threading.Event() for name in ("02 started", "01 done", "05 done", "04 started", "02 saw 04",
+    events = {name: threading.Event() for name in ("01 started", "02 started", "05 done", "04 started", "02 saw 04",
                                                    "02 done")}
     seen = []
 
     def fake_notebook(path, out_dir, smoke, threads, children, threads_file):
         seen.append((path.stem, threads))
         if path.name.startswith("01"):
-            (out_dir / "numbers.json").write_text(json.dumps({"01 data and encoders": {"train features (s)": 1}}))
-            assert events["02 started"].wait(10), "02 waited for the whole of 01, not for its feature cache"
-            seen.append(("01 beside 02", int(wait_for_text(threads_file, "1"))))
-            events["01 done"].set()
+            events["01 started"].set()
         if path.name.startswith("05"):
-            assert events["01 done"].is_set(), "05 started beside 01 and 02: three notebooks on two cores"
+            assert events["01 started"].wait(10), "05 waited for 01: they did not run side by side"
+            assert events["02 started"].wait(10)
             events["05 done"].set()
         if path.name.startswith("02"):
             run_dir = out_dir / "phase1" / "default"
@@ -91,10 +88,8 @@ def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shar
     threads = dict(seen)
     order = [name for name, _ in seen if name in NAMES]
     assert order.index("01_data_and_encoders") < order.index("02_phase1_training") < order.index("04_captioning")
-    assert order.index("02_phase1_training") < order.index("05_real_data")
     assert order.index("04_captioning") < order.index("03_prefix_quality")
-    assert threads["01_data_and_encoders"] == 2, "01 started alone on one of two cores"
-    assert threads["01 beside 02"] == threads["02_phase1_training"] == threads["05_real_data"] == 1
+    assert threads["01_data_and_encoders"] == threads["02_phase1_training"] == threads["05_real_data"] == 1
     assert threads["04_captioning"] == threads["04 waiting"] == 1
     assert threads["02 beside a waiting 04"] == 2, "a notebook that only waits took a share of the cores"
     assert threads["02 beside 04"] == threads["04 computing"] == 1
@@ -110,22 +105,8 @@ def test_what_a_notebook_waits_for():
     assert demo.ready(paths["04"], folder, {"04_captioning"})
     assert not demo.ready(paths["04"], folder, {"02_phase1_training", "04_captioning"})
     assert not demo.ready(paths["03"], folder, {"02_phase1_training", "03_prefix_quality"})
-    assert demo.ready(paths["05"], folder, {"02_phase1_training", "05_real_data"})
-    assert not demo.ready(paths["05"], folder, set(NAMES))  # two notebooks compute at a time: 01, then 02, first
+    assert demo.ready(paths["05"], folder, set(NAMES))
     assert not demo.ready(paths["02"], folder, set(NAMES))  # 01 builds the feature cache first
-
-
-def test_02_starts_once_01_has_built_the_feature_cache(tmp_path):
-    """01 records the cache's timings right after building it; until then (no numbers.json, another notebook's
-    numbers only, or a file caught half-written) 02 waits."""
-    paths = {p.name[:2]: p for p in workbook.notebook_paths()}
-    numbers = tmp_path / "numbers.json"
-    assert not demo.ready(paths["02"], tmp_path, set(NAMES))
-    for text in ('{"05 real data": {}}', '{"01 data and encoders": {"train feat'):
-        numbers.write_text(text)
-        assert not demo.ready(paths["02"], tmp_path, set(NAMES))
-    numbers.write_text('{"01 data and encoders": {"train features, first call (s)": 20.9}}')
-    assert demo.ready(paths["02"], tmp_path, set(NAMES))
 
 
 def test_notebook_04_warms_its_kernel_only_while_another_process_trains_the_run_it_reads(tmp_path):
@@ -137,7 +118,7 @@ def test_notebook_04_warms_its_kernel_only_while_another_process_trains_the_run_
     assert not demo.may_warm(paths["04"], tmp_path)
     with run.exclusive():
         assert demo.may_warm(paths["04"], tmp_path)
-        assert not demo.may_warm(paths["03"], tmp_path)  # only WARM notebooks are warmed
+        assert not demo.may_warm(paths["03"], tmp_path)  # only EARLY_START notebooks are warmed
         trained_run(run.path, epochs=1)
     assert not demo.may_warm(paths["04"], tmp_path)
     with run.exclusive() as held:  # asking whether the run is busy never keeps its trainer out
@@ -164,22 +145,20 @@ def test_a_failed_notebook_lets_the_others_running_finish_and_starts_no_other(tm
         if path.name.startswith("05"):
             failed.set()
             raise RuntimeError("notebook 05_real_data.ipynb stopped")
-        if path.name.startswith("02"):
-            assert failed.wait(10)  # 02 is still running when 05 fails ...
-            deadline = time.time() + 10  # ... and ends only once 05's failure is through (its thread file gone)
-            while (out_dir / ".threads" / "05_real_data").exists() and time.time() < deadline:
-                time.sleep(0.01)
+        assert failed.wait(10)  # 01 is still running when 05 fails ...
+        deadline = time.time() + 10  # ... and ends only once 05's failure is through (its thread file gone)
+        while (out_dir / ".threads" / "05_real_data").exists() and time.time() < deadline:
+            time.sleep(0.01)
         (out_dir / path.with_suffix(".ipynb").name).write_text("{}")
 
     monkeypatch.setattr(demo, "run_notebook", fake_notebook)
     with pytest.raises(RuntimeError, match="05_real_data"):
         demo.run(tmp_path, smoke=True)
-    assert sorted(ran) == ["01_data_and_encoders", "02_phase1_training", "05_real_data"]  # 03 and 04 never start
-    assert json.loads((tmp_path / "progress.json").read_text())["done"] == ["01_data_and_encoders",
-                                                                            "02_phase1_training"]
+    assert sorted(ran) == ["01_data_and_encoders", "05_real_data"]
+    assert json.loads((tmp_path / "progress.json").read_text())["done"] == ["01_data_and_encoders"]
 
 
-STAND_INS = ("01_first", "06_beside")  # two notebooks that wait for nothing (demo.AFTER names neither)
+STAND_INS = ("01_first", "05_beside")  # two notebooks that read nothing of each other
 
 
 def stand_in_notebooks(tmp_path, monkeypatch, seconds: float) -> Path:
@@ -210,8 +189,8 @@ def test_notebooks_side_by_side_run_as_two_processes_each_kernel_on_its_share_of
     assert first["pid"] != beside["pid"]
     # each sleeps 3 s: one after the other they could not overlap at all; side by side they overlap by most of it
     assert min(first["end"], beside["end"]) - max(first["start"], beside["start"]) > 1.5
-    assert (out / "01_first.ipynb").is_file() and (out / "06_beside.ipynb").is_file()
-    assert "| 01_first |" in report and "| 06_beside |" in report
+    assert (out / "01_first.ipynb").is_file() and (out / "05_beside.ipynb").is_file()
+    assert "| 01_first |" in report and "| 05_beside |" in report
 
 
 def test_ctrl_c_stops_every_running_notebook_and_their_kernels(tmp_path, monkeypatch):
