@@ -59,9 +59,11 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
             if epoch == cfg.epochs - 1 and dist.main and (solve or cfg.model.shared_agreement):
                 # after the last step, before its checkpoint, so the run's weights hold what is fit here. The register
                 # module runs once over the training and validation pairs for both fits: neither changes it
+                def registers(feats):
+                    return {m: e.tokens for m, e in prefixes.encode_all(model, feats, [], reconstruct=False).items()}
                 held_out = val_feats if val_feats is not None else train_feats
-                tokens = {split: {m: e.tokens for m, e in prefixes.encode_all(model, f, [], reconstruct=False).items()}
-                          for split, f in (("fit", train_feats), ("select", held_out))}
+                tokens = {"fit": registers(train_feats)}
+                tokens["select"] = registers(val_feats) if val_feats is not None else tokens["fit"]  # encoded once
                 if solve:
                     solve_readouts(model, train_feats, held_out, tokens)
                 if cfg.model.shared_agreement:
