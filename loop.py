@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.nn as nn
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 # what fit drives and saves; RunFolder, load_trainable and tensors_digest stay importable from here (notebooks, tests)
@@ -191,6 +192,14 @@ def _all_finite(tensors) -> bool:
     return bool(torch.stack([t.sum() for t in tensors]).sum().isfinite())
 
 
+def use_threads(count: int):
+    """Compute on `count` threads from now on: torch's, and NumPy's BLAS, which otherwise keeps the count
+    OMP_NUM_THREADS gave it at start (the end-of-training fits of a run that started on one core of make demo
+    would solve on one thread with two free)."""
+    torch.set_num_threads(count)
+    threadpool_limits(count, user_api="blas")
+
+
 def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], steps_per_epoch: int, hp,
         opened: Opening | None = None, epoch_end: Callable[[int], dict] | None = None,
         callback: Callable[[dict], None] | None = None, desc: str = "training", rank: int = 0,
@@ -271,7 +280,7 @@ def fit(model: nn.Module, loss_fn: Callable, batches: Callable[[int], list], ste
             for batch in (prefetched(todo, load) if load is not None else todo):
                 torch.manual_seed(step_seed(hp.seed, rank, step))
                 if threads is not None and (wanted := threads()) != torch.get_num_threads():
-                    torch.set_num_threads(wanted)
+                    use_threads(wanted)
                 if before_step is not None:
                     before_step(step, steps_per_epoch * hp.epochs)
                 loss, parts = loss_fn(batch)

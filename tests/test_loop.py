@@ -580,6 +580,27 @@ def test_an_epoch_row_averages_its_steps_whether_or_not_a_thread_count_is_asked_
     assert epochs[None] == pytest.approx(epochs[torch.get_num_threads], rel=1e-6)  # the same steps on any thread count
 
 
+def test_the_thread_count_asked_each_step_reaches_numpy_blas_as_well():
+    """make demo starts a notebook on one core and tells it two once another notebook ends: NumPy's BLAS (the
+    end-of-training read-out solve, the probes) has to follow as torch does, else it keeps the count that
+    OMP_NUM_THREADS gave it when the process started."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+    hp = type("HP", (), dict(epochs=1, lr=1e-2, weight_decay=0.0, warmup_steps=1, grad_clip=1.0, seed=0, log_every=1))
+    model, x, blas = torch.nn.Linear(2, 1), torch.randn(4, 2), []
+
+    def loss(i):
+        blas.append({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+        return (model(x[i:i + 1]) ** 2).sum(), {}
+    before = torch.get_num_threads()
+    with threadpool_limits(1, user_api="blas"):  # as a process started on one core; restored on leaving
+        torch.set_num_threads(1)
+        try:
+            loop.fit(model, loss, lambda epoch: [0, 1], 2, hp, threads=lambda: 2)
+        finally:
+            torch.set_num_threads(before)
+    assert blas == [{2}, {2}]
+
+
 def test_a_phase_1_run_into_a_phase_2_folder_is_refused_naming_the_other_kind(tmp_path):
     """A phase-2 run's folder is no place for phase 1 (--overwrite too): the refusal says its config.yaml has keys
     phase 1's config has not (llm), as another kind of run's, and the phase-2 run is left as it was."""
