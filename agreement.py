@@ -121,9 +121,10 @@ class CrossPrediction(nn.Module):
         probes.ALPHAS, and keep the map whose predictions of targets["select"] have the least squared error."""
         offset = targets["fit"].mean(0)
         best = (np.inf, None)
-        for width in WIDTHS:
-            kernel = RBFKernel(inputs["fit"], width)
-            features = {split: kernel.features(rows) for split, rows in inputs.items()}
+        kernels = RBFKernel.of_widths(inputs["fit"], WIDTHS)
+        distances = {split: kernels[0].distances(rows) for split, rows in inputs.items()}  # every width's
+        for kernel in kernels:
+            features = {split: kernel.features(d) for split, d in distances.items()}
             centre = features["fit"].mean(0)
             path = RidgePath(features["fit"] - centre)
             B = path.coefficients(targets["fit"] - offset)

@@ -17,6 +17,7 @@ source and kernel width, and all factors of a source share it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -118,31 +119,46 @@ def standardised(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class RBFKernel:
-    """The RBF kernel on up to `LANDMARKS` rows of `fit` (Nyström): features(rows) = K(rows, L) K(L, L)^-1/2, whose
-    inner products approximate the kernel. gamma = width / median squared distance between the landmarks."""
+    """The RBF kernel on up to `LANDMARKS` rows of a fit split (Nyström): features = K(rows, L) K(L, L)^-1/2, whose
+    inner products approximate the kernel. gamma = width / median squared distance between the landmarks. The
+    squared distances to the landmarks, most of the cost, do not depend on the width: `of_widths` makes the kernels
+    of every width from one set of landmarks, and `features` takes the distances (`distances`), computed once."""
 
-    def __init__(self, fit: np.ndarray, width: float):
-        self.landmarks = fit[np.random.default_rng(0).permutation(len(fit))[:LANDMARKS]]
-        between = self.distances(self.landmarks)
-        self.gamma = width / max(np.median(between[np.triu_indices(len(self.landmarks), 1)]), 1e-12)
+    def __init__(self, landmarks: np.ndarray, between: np.ndarray, median: float, width: float):
+        self.landmarks, self.gamma = landmarks, width / median
         values, vectors = np.linalg.eigh(np.exp(-self.gamma * between))
         keep = values > values.max() * 1e-8
         self.whiten = vectors[:, keep] / np.sqrt(values[keep])
 
+    @classmethod
+    def of_widths(cls, fit: np.ndarray, widths) -> list[RBFKernel]:
+        landmarks = fit[np.random.default_rng(0).permutation(len(fit))[:LANDMARKS]]
+        between = squared_distances(landmarks, landmarks)
+        median = max(np.median(between[np.triu_indices(len(landmarks), 1)]), 1e-12)
+        return [cls(landmarks, between, median, width) for width in widths]
+
     def distances(self, rows: np.ndarray) -> np.ndarray:
-        squared = (self.landmarks ** 2).sum(1)
-        return np.maximum((rows ** 2).sum(1)[:, None] + squared[None, :] - 2 * rows @ self.landmarks.T, 0)
+        return squared_distances(rows, self.landmarks)
 
-    def features(self, rows: np.ndarray) -> np.ndarray:
-        return np.exp(-self.gamma * self.distances(rows)) @ self.whiten
+    def features(self, distances: np.ndarray) -> np.ndarray:
+        """The kernel features of rows given their squared distances to the landmarks (`distances`)."""
+        return np.exp(-self.gamma * distances) @ self.whiten
 
 
-def nystroem(x: dict[str, np.ndarray], width: float) -> dict[str, np.ndarray]:
-    """RBF kernel features (`RBFKernel` on the fit split) of standardised splits, centred on the fit split's mean."""
-    kernel = RBFKernel(x["fit"], width)
-    features = {split: kernel.features(rows) for split, rows in x.items()}
-    mean = features["fit"].mean(0)
-    return {split: value - mean for split, value in features.items()}
+def squared_distances(rows: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    squared = (landmarks ** 2).sum(1)
+    return np.maximum((rows ** 2).sum(1)[:, None] + squared[None, :] - 2 * rows @ landmarks.T, 0)
+
+
+def nystroem(x: dict[str, np.ndarray], widths) -> Iterator[dict[str, np.ndarray]]:
+    """For each width, RBF kernel features (`RBFKernel` on the fit split) of standardised splits, centred on the fit
+    split's mean."""
+    kernels = RBFKernel.of_widths(x["fit"], widths)
+    distances = {split: kernels[0].distances(rows) for split, rows in x.items()}  # the same landmarks for every width
+    for kernel in kernels:
+        features = {split: kernel.features(d) for split, d in distances.items()}
+        mean = features["fit"].mean(0)
+        yield {split: value - mean for split, value in features.items()}
 
 
 def probe(kind: str, x: dict[str, np.ndarray], targets: dict[str, Target]) -> dict[str, tuple[float, float]]:
@@ -160,7 +176,7 @@ def probe(kind: str, x: dict[str, np.ndarray], targets: dict[str, Target]) -> di
     for names in groups.values():
         fit_rows = targets[names[0]].rows["fit"]
         rows_x = {"fit": x["fit"][fit_rows], "select": x["select"], "test": x["test"]}
-        for features in ([rows_x] if kind == "linear" else [nystroem(rows_x, w) for w in WIDTHS]):
+        for features in ([rows_x] if kind == "linear" else nystroem(rows_x, WIDTHS)):
             if kind == "linear":
                 mean = features["fit"].mean(0)
                 features = {split: value - mean for split, value in features.items()}
