@@ -122,7 +122,7 @@ class CrossPrediction(nn.Module):
         offset = targets["fit"].mean(0)
         best = (np.inf, None)
         kernels = RBFKernel.of_widths(inputs["fit"], WIDTHS)
-        distances = {split: kernels[0].distances(rows) for split, rows in inputs.items()}  # every width's
+        distances = {split: kernels[0].distances(rows) for split, rows in inputs.items()}  # the same for every width
         for kernel in kernels:
             features = {split: kernel.features(d) for split, d in distances.items()}
             centre = features["fit"].mean(0)

@@ -121,8 +121,8 @@ def standardised(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class RBFKernel:
     """The RBF kernel on up to `LANDMARKS` rows of a fit split (Nyström): features = K(rows, L) K(L, L)^-1/2, whose
     inner products approximate the kernel. gamma = width / median squared distance between the landmarks. The
-    squared distances to the landmarks, most of the cost, do not depend on the width: `of_widths` makes the kernels
-    of every width from one set of landmarks, and `features` takes the distances (`distances`), computed once."""
+    squared distances to the landmarks do not depend on the width: `of_widths` makes the kernels of every width
+    from one set of landmarks, and `features` takes the distances (`distances`), so they are computed once."""
 
     def __init__(self, landmarks: np.ndarray, between: np.ndarray, median: float, width: float):
         self.landmarks, self.gamma = landmarks, width / median
@@ -132,6 +132,7 @@ class RBFKernel:
 
     @classmethod
     def of_widths(cls, fit: np.ndarray, widths) -> list[RBFKernel]:
+        """One kernel per width, on the same landmarks (a fixed draw of the fit rows)."""
         landmarks = fit[np.random.default_rng(0).permutation(len(fit))[:LANDMARKS]]
         between = squared_distances(landmarks, landmarks)
         median = max(np.median(between[np.triu_indices(len(landmarks), 1)]), 1e-12)
