@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from probes import RBFKernel, RidgePath
+from probes import RidgePath, kernels_of_widths
 
 WIDTHS = (0.5, 1.0, 2.0, 4.0)  # RBF gamma of the cross-prediction, in units of 1 / (median squared distance)
 
@@ -121,14 +121,10 @@ class CrossPrediction(nn.Module):
         probes.ALPHAS, and keep the map whose predictions of targets["select"] have the least squared error."""
         offset = targets["fit"].mean(0)
         best = (np.inf, None)
-        kernels = RBFKernel.of_widths(inputs["fit"], WIDTHS)
-        distances = {split: kernels[0].distances(rows) for split, rows in inputs.items()}  # the same for every width
-        for kernel in kernels:
-            features = {split: kernel.features(d) for split, d in distances.items()}
-            centre = features["fit"].mean(0)
-            path = RidgePath(features["fit"] - centre)
+        for kernel, centre, features in kernels_of_widths(inputs, WIDTHS):
+            path = RidgePath(features["fit"])
             B = path.coefficients(targets["fit"] - offset)
-            P = path.project(features["select"] - centre)
+            P = path.project(features["select"])
             for alpha in path.alphas:
                 error = ((path.predict(P, B, alpha) + offset - targets["select"]) ** 2).sum(1).mean()
                 if error < best[0]:

@@ -122,7 +122,8 @@ class RBFKernel:
     """The RBF kernel on up to `LANDMARKS` rows of a fit split (Nyström): features = K(rows, L) K(L, L)^-1/2, whose
     inner products approximate the kernel. gamma = width / median squared distance between the landmarks. The
     squared distances to the landmarks do not depend on the width: `of_widths` makes the kernels of every width
-    from one set of landmarks, and `features` takes the distances (`distances`), so they are computed once."""
+    from one set of landmarks, and `features` takes the distances (`distances`), so they are computed once
+    (`kernels_of_widths`)."""
 
     def __init__(self, landmarks: np.ndarray, between: np.ndarray, median: float, width: float):
         self.landmarks, self.gamma = landmarks, width / median
@@ -151,15 +152,16 @@ def squared_distances(rows: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     return np.maximum((rows ** 2).sum(1)[:, None] + squared[None, :] - 2 * rows @ landmarks.T, 0)
 
 
-def nystroem(x: dict[str, np.ndarray], widths) -> Iterator[dict[str, np.ndarray]]:
-    """For each width, RBF kernel features (`RBFKernel` on the fit split) of standardised splits, centred on the fit
-    split's mean."""
+def kernels_of_widths(x: dict[str, np.ndarray], widths) -> Iterator[tuple[RBFKernel, np.ndarray, dict]]:
+    """For each width: `RBFKernel` on the fit split, the fit split's mean kernel features, and every split's kernel
+    features less that mean. The splits' distances to the landmarks are computed once: every width's kernel has
+    the same landmarks."""
     kernels = RBFKernel.of_widths(x["fit"], widths)
-    distances = {split: kernels[0].distances(rows) for split, rows in x.items()}  # the same landmarks for every width
+    distances = {split: kernels[0].distances(rows) for split, rows in x.items()}
     for kernel in kernels:
         features = {split: kernel.features(d) for split, d in distances.items()}
         mean = features["fit"].mean(0)
-        yield {split: value - mean for split, value in features.items()}
+        yield kernel, mean, {split: value - mean for split, value in features.items()}
 
 
 def probe(kind: str, x: dict[str, np.ndarray], targets: dict[str, Target]) -> dict[str, tuple[float, float]]:
@@ -177,7 +179,7 @@ def probe(kind: str, x: dict[str, np.ndarray], targets: dict[str, Target]) -> di
     for names in groups.values():
         fit_rows = targets[names[0]].rows["fit"]
         rows_x = {"fit": x["fit"][fit_rows], "select": x["select"], "test": x["test"]}
-        for features in ([rows_x] if kind == "linear" else nystroem(rows_x, WIDTHS)):
+        for features in ([rows_x] if kind == "linear" else (f for *_, f in kernels_of_widths(rows_x, WIDTHS))):
             if kind == "linear":
                 mean = features["fit"].mean(0)
                 features = {split: value - mean for split, value in features.items()}
