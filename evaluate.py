@@ -141,7 +141,7 @@ def write_eval(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 def evaluate_run(model: alignment.AlignmentModel, features: dict[str, Features], factors: dict[str, np.ndarray] | None,
                  probe_splits: dict[str, tuple[dict[str, Features], dict[str, np.ndarray]]] | None = None,
-                 out_path=None, tvl: bool = False) -> pd.DataFrame:
+                 out_path=None, tvl: bool = False, threads=None) -> pd.DataFrame:
     """`evaluate_prefixes` (with `tvl`) and, on SynthTouch (where private factors are known), the leakage columns of
     `leakage_columns` for every k: probes fit on `probe_splits["fit"]` (features, factors: the training split),
     tuned on `probe_splits["select"]` (the validation split) and scored on `features`; beside each preservation
@@ -149,7 +149,14 @@ def evaluate_run(model: alignment.AlignmentModel, features: dict[str, Features],
     The whole leakage table goes beside `out_path` as leakage.csv, the information map (every factor from
     every token, `information_map`, on the same splits) as information.csv, and which shared
     factors retrieval gets wrong (`retrieval_confusion`) as confusion.csv, so notebooks can draw all three for
-    runs whose weights they do not have (`read_information`, `read_confusion`)."""
+    runs whose weights they do not have (`read_information`, `read_confusion`). `threads()`, asked before each
+    part, is how many threads it computes on (train.py passes the run's `threads`, as the training steps have it)."""
+
+    def share():  # in make demo, 04 starts beside 02's evaluation once the weights are final, a poll after it began
+        if threads is not None:
+            loop.use_threads(threads())
+
+    share()
     ks = prefix_ks(model)
     encoded = encode_all(model, features, ks)  # once, for retrieval and the leakage probes alike
     table = evaluate_prefixes(model, features, factors, ks, encoded=encoded, tvl=tvl)
@@ -158,16 +165,19 @@ def evaluate_run(model: alignment.AlignmentModel, features: dict[str, Features],
         splits = {split: encode_all(model, probe_splits[split][0], ks, reconstruct=False) for split in ("fit", "select")}
         all_encoded = {**splits, "test": encoded}
         all_factors = {**{split: probe_splits[split][1] for split in splits}, "test": factors}
+        share()  # the probes fit in as many processes as torch has threads
         leaks = leakage_by_k(model, all_encoded, all_factors, ks)
         table = table.join(leakage_columns(leaks))
         if hasattr(model, "decoders"):  # beside the trained decoder's cosine, what a ridge read-out gets
             all_features = {**{split: probe_splits[split][0] for split in splits}, "test": features}
+            share()
             for m in tqdm(model.cfg.modalities, desc="ridge read-out of the features", leave=False):
                 readout = readout_cosine({split: enc[m].tokens for split, enc in all_encoded.items()},
                                          {split: f[m] for split, f in all_features.items()}, ks)
                 table[f"{m} readout cos"] = pd.Series(readout)
         if out_path is not None:
             atomic_write(Path(out_path).with_name("leakage.csv"), lambda tmp: leaks.to_csv(tmp, index=False))
+            share()
             info = information_map({split: {m: e.tokens for m, e in enc.items()} for split, enc in all_encoded.items()},
                                    all_factors, model.cfg.n_shared)
             atomic_write(Path(out_path).with_name("information.csv"), lambda tmp: info.to_csv(tmp, index=False))

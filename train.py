@@ -75,7 +75,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback=None, overwrite: bool
                  desc=f"phase 1: {run_dir.parent.name}/{run_dir.name}", rank=dist.rank, load=load, threads=threads)
         if dist.main:
             probe_splits = dict(fit=(train_feats, train_set), select=(val_feats, val_set)) if cfg.leakage_probes else None
-            evaluate_run(model, test_feats, test_set, run_dir / "eval.json", probe_splits)
+            evaluate_run(model, test_feats, test_set, run_dir / "eval.json", probe_splits, threads)
         if dist.world > 1:
             torch.distributed.destroy_process_group()
         return run_dir
@@ -143,7 +143,7 @@ def quick_eval(model, feats, dataset) -> dict:
     return {f"val {name}": float(value) for name, value in table.iloc[0].items() if "R@1" in name}
 
 
-def evaluate_run(model, feats, dataset, out_path: Path, probe_splits: dict | None = None):
+def evaluate_run(model, feats, dataset, out_path: Path, probe_splits: dict | None = None, threads=None):
     """evaluate.evaluate_run on a split; `probe_splits`: {"fit": (features, dataset), "select": (...)}, the probes'
     training rows (a fixed subset of information.fit_rows) and the rows their regularisation is chosen on. TVL-layout
     data also gets TVL's own touch–vision number (retrieval.tvl_top1)."""
@@ -156,7 +156,7 @@ def evaluate_run(model, feats, dataset, out_path: Path, probe_splits: dict | Non
             splits[split] = ({m: f.batch(rows) for m, f in features.items()},
                              {name: np.asarray(v)[rows] for name, v in table.items()} if table is not None else None)
     return evaluate.evaluate_run(model, feats, factor_codes(dataset), splits, out_path=out_path,
-                                 tvl=isinstance(dataset, layouts.TVLDataset))
+                                 tvl=isinstance(dataset, layouts.TVLDataset), threads=threads)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -601,6 +601,31 @@ def test_the_thread_count_asked_each_step_reaches_numpy_blas_as_well():
     assert blas == [{2}, {2}]
 
 
+def test_the_test_split_evaluation_computes_on_the_share_asked_when_it_runs(cache_dir, tmp_path, monkeypatch):
+    """make demo starts notebook 04 beside 02's test-split evaluation once the weights are final, and tells 02 one
+    thread from then on: the evaluation asks `threads()` as the steps do, so its probes fit in one process, not in
+    as many as the last step's two threads (two probe processes beside 04 on two cores: the evaluation took 2.3
+    minutes of make demo instead of 1.7)."""
+    import information
+    seen, asked = [], []
+    fit_probes = information.fit_probes
+
+    def recorded(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fit_probes(*args, **kwargs)
+
+    def threads():  # two while training, one after the last step, as make demo tells 02 once 04 starts
+        asked.append(1)
+        return 2 if len(asked) <= STEPS else 1
+    monkeypatch.setattr(information, "fit_probes", recorded)
+    before = torch.get_num_threads()
+    try:
+        train.train(tiny(cache_dir, tmp_path / "run", leakage_probes=True), threads=threads)
+    finally:
+        torch.set_num_threads(before)
+    assert len(asked) > STEPS and seen and set(seen) == {1}
+
+
 def test_a_phase_1_run_into_a_phase_2_folder_is_refused_naming_the_other_kind(tmp_path):
     """A phase-2 run's folder is no place for phase 1 (--overwrite too): the refusal says its config.yaml has keys
     phase 1's config has not (llm), as another kind of run's, and the phase-2 run is left as it was."""
