@@ -55,41 +55,60 @@ def code_key() -> str:
 
 
 # When each notebook may start. One waits for the notebooks it reads from (01's feature cache, 02's default
-# phase-1 run) to be done; those not part of this run (`--only`) are not waited for. Notebook 04 reads only that
-# run's weights, so it starts once they are final (EARLY_START), beside 02's evaluation and 03; its kernel starts
-# earlier still, once 02 trains that run (holds its lock) and a core is left over (05 is done): it imports and
-# waits in train.ensure_trained on no share of the cores (`may_warm`), so its ~10 s of start-up are off the chain
-# to the end (phase 2 began 12 s after the weights were final instead of 24). Notebook 05 reads nothing of theirs
-# and starts at once. Side by side at one thread each, 02 and 05 get more done than one at a time on two threads
-# (their steps are small products that split badly over threads). 02 does not start beside 01, although the cache
-# has a lock of its own: it would start phase 1 earlier but make its weights final later, three notebooks on two
-# cores slowing 05, and phase 1 has two threads only once 05 is done.
-AFTER = {"02": ("01",), "03": ("02",), "04": ("02",)}
-EARLY_START = {"04": ("02", "phase1/default")}  # notebook -> (the notebook it follows, the run folder it reads)
+# phase-1 run) to be done; those not part of this run (`--only`) are not waited for. Some start before the notebook
+# they follow is done, once what they read of it is there (EARLY_START): 02 once 01 has cached the training features
+# (01's audit then runs beside phase 1), 04 once 02's weights are final (beside 02's evaluation and 03). 04's kernel
+# starts earlier still, once 02 trains that run (holds its lock) and a core is left over: it imports and waits in
+# train.ensure_trained on no share of the cores (`may_warm`), so its ~10 s of start-up are off the chain to the end.
+# Notebook 05 reads nothing of theirs; it starts after 01, so that at most two notebooks compute at once: with 01, 02
+# and 05 side by side on two cores, phase 1's first epochs took 42-52 s instead of 33-37 (even with 01 and 05 at a
+# lower priority). Side by side at one thread each, 02 and 05 get more done than one at a time on two threads (their
+# steps are small products that split badly over threads), so phase 1 starts as early as it can, beside 01's audit
+# and then 05, and has both cores only for its last epochs.
+AFTER = {"02": ("01",), "03": ("02",), "04": ("02",), "05": ("01",)}
+CACHED_SECTION = "01 data and encoders"  # what notebook 01 records right after caching the training features
 
 
-def ready(path: Path, out_dir: Path, waiting: set[str]) -> bool:
-    """Whether notebook `path` may start, given the notebooks of this run `waiting` to start or running."""
-    prefix = path.name[:2]
-    early, run_folder = EARLY_START.get(prefix, (None, None))
-    for before in AFTER.get(prefix, ()):
-        unfinished = any(name.startswith(before) for name in waiting)
-        if unfinished and not (before == early and weights_final(out_dir / run_folder)):
-            return False
-    return True
-
-
-def may_warm(path: Path, out_dir: Path) -> bool:
-    """Whether an EARLY_START notebook may start its kernel before it is `ready`: once another process trains the
-    run folder it reads (holds its lock), so that the notebook waits for those weights instead of training them."""
-    run_folder = EARLY_START.get(path.name[:2], (None, None))[1]
-    return run_folder is not None and loop.RunFolder(out_dir / run_folder).busy()
+def features_cached(out_dir: Path) -> bool:
+    """Whether notebook 01 has cached the training features: it records their timings (numbers.json) right after."""
+    try:
+        return CACHED_SECTION in json.loads((out_dir / "numbers.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being written (workbook.record): the next poll reads it
+        return False
 
 
 def weights_final(run_dir: Path) -> bool:
     """Whether the phase-1 run in `run_dir` has trained its last epoch (its evaluation may still be running)."""
     run = loop.RunFolder(run_dir)
     return run.config_path.is_file() and run.trained(run.saved_config()["epochs"])
+
+
+# notebook -> (the notebook it follows, whether what it reads of that one is there, given the run's folder)
+EARLY_START = {"02": ("01", features_cached), "04": ("02", lambda out_dir: weights_final(out_dir / "phase1/default"))}
+WARM = {"04": "phase1/default"}  # notebook -> the run folder it waits for while its kernel warms (`may_warm`)
+
+
+def ready(path: Path, out_dir: Path, waiting: set[str]) -> bool:
+    """Whether notebook `path` may start, given the notebooks of this run `waiting` to start or running."""
+    prefix = path.name[:2]
+    early, there = EARLY_START.get(prefix, (None, None))
+    for before in AFTER.get(prefix, ()):
+        unfinished = any(name.startswith(before) for name in waiting)
+        if unfinished and not (before == early and there(out_dir)):
+            return False
+    return True
+
+
+def may_warm(path: Path, out_dir: Path) -> bool:
+    """Whether a WARM notebook may start its kernel before it is `ready`: once another process trains the run
+    folder it reads (holds its lock), so that the notebook waits for those weights instead of training them."""
+    run_folder = WARM.get(path.name[:2])
+    return run_folder is not None and loop.RunFolder(out_dir / run_folder).busy()
+
+
+def followed_early(path: Path, pending: list[Path]) -> bool:
+    """Whether a notebook of this run yet to start will start beside `path` before `path` is done (EARLY_START)."""
+    return any(EARLY_START.get(p.name[:2], (None,))[0] == path.name[:2] for p in pending)
 
 
 def core_budget() -> int:
@@ -236,7 +255,11 @@ def run(out_dir: Path, smoke: bool = False, only: list[str] | None = None) -> Pa
                     tell(path.stem, 1)
                 for path in starting + warming:
                     began[path.stem] = time.perf_counter()
-                    notebooks[pool.submit(run_one, path, threads if path in starting else 1)] = path
+                    # one that another starts beside before it ends starts on the share it will have then: it reads
+                    # no threads file outside training steps (01's audit), and would compute on too many threads
+                    share = (max(1, min(threads, cores // 2)) if followed_early(path, pending) else threads) \
+                        if path in starting else 1
+                    notebooks[pool.submit(run_one, path, share)] = path
             if not notebooks and not failed.is_set():
                 raise RuntimeError(f"no notebook can start: {[p.stem for p in pending]} wait for each other; "
                                    "check demo.AFTER")
