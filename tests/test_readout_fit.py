@@ -50,6 +50,36 @@ def test_a_solved_read_out_reads_what_a_ridge_read_out_of_the_same_tokens_reads(
     assert all(after[k] > ridge[k] - 0.03 for k in ks), (after, ridge)
 
 
+def test_the_modalities_solved_side_by_side_get_the_maps_solved_one_after_another():
+    """With two threads each modality solves in a thread of its own on one thread: the same operations as the
+    solve on one thread, so the same read-out up to the summation order of float32 products. The maps are compared
+    by what they output (a reduced-rank map's factors are fixed only up to the signs of its directions): within
+    1e-4 of the outputs' largest value, where a product's rounding is a relative 1e-6. Torch's and BLAS's thread
+    counts are as they were afterwards."""
+    from threadpoolctl import threadpool_info
+    cfg = small(hidden_dim=16, decoder_readout=128, decoder_readout_solved=True, n_registers=8, n_shared=2)
+    data = paired_features(400)
+    fit, select = split(data, slice(0, 300)), split(data, slice(300, 400))
+    outputs = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            model = build(cfg).eval()
+            blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+            solve_readouts(model, fit, select)
+            assert torch.get_num_threads() == threads
+            assert [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] == blas
+            encoded = prefixes.encode_all(model, select, cfg.prefix_lengths, reconstruct=False)
+            with torch.no_grad():
+                outputs[threads] = {(m, g): solved(encoded[m].tokens.flatten(1)) for m, decoder in model.decoders.items()
+                                    for g, solved in enumerate(decoder.solved)}
+        finally:
+            torch.set_num_threads(1)
+    assert {m for m, _ in outputs[1]} == {"vision", "touch"} and outputs[1].keys() == outputs[2].keys()
+    for key, value in outputs[1].items():
+        assert torch.allclose(outputs[2][key], value, rtol=0, atol=1e-4 * value.abs().max().item()), key
+
+
 def test_a_run_with_a_solved_read_out_saves_the_solution(cache_dir, tmp_path, monkeypatch):
     """Solving the loaded run's read-out again changes nothing: the last checkpoint holds the solved maps (to float32
     rounding of a least-squares solve, relative 1e-3 of the weights' scale) and each map's attention weight; the
