@@ -244,7 +244,7 @@ def finished_weights(run_dir: str | os.PathLike) -> str:
     finished all its epochs (interrupted, or training now) is refused: its weights are still to change."""
     cfg, run = run_config(run_dir), run_folder(run_dir)
     if run.checkpoint is not None and not run.trained(cfg.epochs):
-        where = run.load_state(mmap=True)["position"]
+        where = run.position()
         raise ValueError(f"the phase-1 run {run.path} never finished: its checkpoint is at step {where['step']}, "
                          f"{where['epoch']} of its {cfg.epochs} epochs done (it was interrupted, or is training now), "
                          "and its weights would still change under what is built on them. Finish it first (the "

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -280,8 +281,16 @@ class RunFolder:
         which a user may have cut or deleted."""
         if self.checkpoint is None:
             return False
-        where = self.load_state(mmap=True)["position"]  # ensure_trained polls it while another process trains
+        where = self.position()
         return where["epoch"] >= epochs and where["batch_in_epoch"] == 0
+
+    def position(self) -> dict:
+        """Where the checkpoint stands in training (epoch, batch_in_epoch, step). Read once per checkpoint: make demo
+        and ensure_trained poll it every second while another process trains, and unpickling the optimizer's
+        state to get it took 0.1 s of CPU from the training beside them."""
+        state = self._folder() / "state.pt"
+        stat = state.stat()  # a checkpoint folder is written once, under a new name: its file's identity is enough
+        return _position(str(state.resolve()), stat.st_mtime_ns, stat.st_size)
 
     def weights_digest(self) -> str:
         """The sha256 of the checkpoint's weights file: what a run built on this one records of it, so that it
@@ -553,6 +562,12 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is damaged or truncated ({err}); restore it, or train again with "
                          "--overwrite") from err
+
+
+@functools.lru_cache(maxsize=16)
+def _position(state_file: str, mtime_ns: int, size: int) -> dict:
+    """RunFolder.position's read, cached by the file's path, time and size."""
+    return load_state(Path(state_file), mmap=True)["position"]
 
 
 def load_state(path: Path, mmap: bool = False) -> dict:

@@ -237,6 +237,26 @@ def test_a_run_from_before_a_config_field_existed_is_still_reused(reference_run,
         train.ensure_trained(tiny(cache_dir, old, **{"model.token_dim": 8}))
 
 
+def test_polling_a_run_reads_each_checkpoint_once(reference_run, tmp_path, monkeypatch):
+    """make demo and a waiting ensure_trained ask `trained` every second while phase 1 trains beside them: the
+    checkpoint's position is unpickled once per checkpoint, and a new checkpoint (a new folder) is read anew."""
+    copy = tmp_path / "run"
+    shutil.copytree(reference_run, copy, symlinks=True)
+    run, reads, load = loop.RunFolder(copy), [], run_folder.load_state
+    monkeypatch.setattr(run_folder, "load_state", lambda path, mmap=False: reads.append(path) or load(path, mmap))
+    assert all(run.trained(TINY["epochs"]) for _ in range(5)) and not run.trained(TINY["epochs"] + 1)
+    assert len(reads) == 1
+    state = load(run.checkpoint / "state.pt")  # the next epoch's checkpoint, as save() writes it: a new folder
+    state["position"]["epoch"] += 1
+    newer = copy / "checkpoint-99999999"
+    newer.mkdir()
+    shutil.copy(run.checkpoint / "model.safetensors", newer)
+    torch.save(state, newer / "state.pt")
+    (copy / run_folder.CHECKPOINT).unlink()
+    (copy / run_folder.CHECKPOINT).symlink_to(newer.name)
+    assert run.trained(TINY["epochs"] + 1) and len(reads) == 2
+
+
 def test_a_run_folder_is_trained_by_one_process_at_a_time(reference_run, cache_dir, tmp_path, capsys):
     """Notebook 04 beside notebook 02 (make demo), or two JupyterLab tabs, asking for one run: while another
     process holds the folder, ensure_trained waits for it instead of training the run a second time; with
