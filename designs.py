@@ -13,6 +13,7 @@ import torch.nn as nn
 from encoders import MODALITIES
 from features import Features
 from losses import complementary_regularizer, decorrelation_penalty, preservation_loss
+import towers
 from registers import (ATTENTIONS, DROPOUT_MODES, FeatureDecoder, FeatureMeans, LOSS_TYPES, MLP, NestedDropout,
                        RegisterTokenModule, TokenBottleneck, check_token_shape, doubling_grid)
 
@@ -186,6 +187,7 @@ class ModelConfig:
 
 class LeakageGuard:
     """none: the preservation decoder of a modality rebuilds its features from every kept token of its own."""
+    reads_other_modality = False  # whether preservation_input reads another modality's tokens
 
     def preservation_input(self, cfg: ModelConfig, modality: str, tokens: dict[str, torch.Tensor],
                            keep: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +211,7 @@ class StopGradGuard(LeakageGuard):
 class CrossGuard(LeakageGuard):
     """cross: modality A is rebuilt from the next modality's shared tokens beside A's own private ones
     (cross-modal reconstruction), so A's shared tokens gain nothing from carrying A's private detail."""
+    reads_other_modality = True
 
     def preservation_input(self, cfg, modality, tokens, keep):
         S, names = cfg.n_shared, cfg.modalities
@@ -323,32 +326,42 @@ class RegisterDesign:
 
     def batch_terms(self, model, batch: dict[str, Features]):
         """A training step's shared embeddings {modality: B×embed_dim} and its losses on tokens
-        {name: [one per modality]} (preservation, the guard's decorrelation, complementary)."""
-        cfg, emb = self.cfg, {}
-        terms = {"preservation": [], "decorrelation": [], "complementary": []}
-        B = len(next(iter(batch.values())).pooled)
-        tokens_of, keep_of = {}, {}
-        for m in cfg.modalities:
-            tokens_of[m] = model.tokens(m, batch[m])
+        {name: [one per modality]} (preservation, the guard's decorrelation, complementary). Each modality's
+        tower runs on a core of its own where towers.side_by_side allows (its guard reads its own tokens only)."""
+        cfg = self.cfg
+        first = batch[cfg.modalities[0]].tokens
+        keep_of = {}
+        for m in cfg.modalities:  # drawn before any tower runs: the same draws side by side or one after another
             keep_of[m] = keep_of[cfg.modalities[0]] if cfg.nested_dropout_per_pair and keep_of \
-                else model.dropout(B, tokens_of[m].device)
-        for m in cfg.modalities:
-            tokens, keep = tokens_of[m], keep_of[m]
-            emb[m] = self.shared_embedding(model, m, tokens, keep)
-            if cfg.preservation_weight > 0:
-                recon = model.decoders[m](*self.guard.preservation_input(cfg, m, tokens_of, keep_of))
-                # the training mean, not the batch's: every rank of a run uses the same
-                centre = model.feature_means.of(m)
-                terms["preservation"].append(preservation_loss(recon, batch[m].tokens, batch[m].mask, centre))
-            penalty = self.guard.penalty(tokens, keep, cfg.n_shared)
-            if penalty is not None:
-                terms["decorrelation"].append(penalty)
-            if cfg.complementary_reg_weight > 0 and cfg.n_shared < cfg.n_registers:
-                # only complementary tokens that survived dropout are regularised
-                overlap = tokens[:, :cfg.n_shared].mean(1)
-                terms["complementary"].append(
-                    complementary_regularizer(tokens[:, cfg.n_shared:], overlap, keep[:, cfg.n_shared:]))
+                else model.dropout(len(first), first.device)
+        if self.guard.reads_other_modality:
+            tokens_of = {m: model.tokens(m, batch[m]) for m in cfg.modalities}
+            parts = {m: self.tower_terms(model, m, batch[m], tokens_of, keep_of) for m in cfg.modalities}
+        else:
+            parts = towers.run(lambda m: self.tower_terms(model, m, batch[m], {m: model.tokens(m, batch[m])}, keep_of),
+                               list(cfg.modalities), first.device)
+        emb = {m: part.pop("embedding") for m, part in parts.items()}
+        terms = {name: [part[name] for part in parts.values() if name in part]
+                 for name in ("preservation", "decorrelation", "complementary")}
         return emb, terms
+
+    def tower_terms(self, model, m: str, feats: Features, tokens_of: dict[str, torch.Tensor],
+                    keep_of: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Modality m's shared embedding and its losses on tokens, from its register outputs (`tokens_of[m]`)."""
+        cfg, tokens, keep = self.cfg, tokens_of[m], keep_of[m]
+        out = {"embedding": self.shared_embedding(model, m, tokens, keep)}
+        if cfg.preservation_weight > 0:
+            recon = model.decoders[m](*self.guard.preservation_input(cfg, m, tokens_of, keep_of))
+            # the training mean, not the batch's: every rank of a run uses the same
+            out["preservation"] = preservation_loss(recon, feats.tokens, feats.mask, model.feature_means.of(m))
+        penalty = self.guard.penalty(tokens, keep, cfg.n_shared)
+        if penalty is not None:
+            out["decorrelation"] = penalty
+        if cfg.complementary_reg_weight > 0 and cfg.n_shared < cfg.n_registers:
+            # only complementary tokens that survived dropout are regularised
+            out["complementary"] = complementary_regularizer(tokens[:, cfg.n_shared:], tokens[:, :cfg.n_shared].mean(1),
+                                                             keep[:, cfg.n_shared:])
+        return out
 
 
 class FluxTalkDesign(RegisterDesign):
