@@ -62,9 +62,9 @@ def code_key() -> str:
 # train.ensure_trained on no share of the cores (`may_warm`), so its ~10 s of start-up are off the chain to the end.
 # Notebook 05 reads nothing of theirs; it starts after 01, so that at most two notebooks compute at once: with 01, 02
 # and 05 side by side on two cores, phase 1's first epochs took 42-52 s instead of 33-37 (even with 01 and 05 at a
-# lower priority). Side by side at one thread each, 02 and 05 get more done than one at a time on two threads (their
-# steps are small products that split badly over threads), so phase 1 starts as early as it can, beside 01's audit
-# and then 05, and has both cores only for its last epochs.
+# lower priority). Side by side at one thread each, 02 and 05 get more done than one at a time on two threads (05's
+# steps are small products that split badly over threads; phase 1's run its two towers one per core, towers.py), so
+# phase 1 starts as early as it can, beside 01's audit and then 05, and has both cores for its last epochs.
 AFTER = {"02": ("01",), "03": ("02",), "04": ("02",), "05": ("01",)}
 CACHED_SECTION = "01 data and encoders"  # what notebook 01 records right after caching the training features
 
