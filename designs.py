@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+import towers
 from encoders import MODALITIES
 from features import Features
 from losses import complementary_regularizer, decorrelation_penalty, preservation_loss
-import towers
 from registers import (ATTENTIONS, DROPOUT_MODES, FeatureDecoder, FeatureMeans, LOSS_TYPES, MLP, NestedDropout,
                        RegisterTokenModule, TokenBottleneck, check_token_shape, doubling_grid)
 

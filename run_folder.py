@@ -290,7 +290,7 @@ class RunFolder:
         state to get it took 0.1 s of CPU from the training beside them."""
         state = self._folder() / "state.pt"
         stat = state.stat()  # a checkpoint folder is written once, under a new name: its file's identity is enough
-        return _position(str(state.resolve()), stat.st_mtime_ns, stat.st_size)
+        return dict(_position(str(state.resolve()), stat.st_mtime_ns, stat.st_size))  # a copy: the cache's stays
 
     def weights_digest(self) -> str:
         """The sha256 of the checkpoint's weights file: what a run built on this one records of it, so that it

@@ -31,7 +31,9 @@ def side_by_side(n_towers: int, device: torch.device) -> bool:
 def _in_threads(work: Callable, items: list) -> list:
     """work(item) of every item, each in a thread of its own on one core; torch's thread count comes back."""
     global _POOL
-    if _POOL is None or _POOL._max_workers < len(items):
+    if _POOL is None or _POOL._max_workers < len(items):  # one thread per tower, kept for the next step
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
         _POOL = ThreadPoolExecutor(len(items), thread_name_prefix="tower")
     threads = torch.get_num_threads()
 
