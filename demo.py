@@ -60,12 +60,14 @@ def code_key() -> str:
 # (01's audit then runs beside phase 1), 04 once 02's weights are final (beside 02's evaluation and 03). 04's kernel
 # starts earlier still, once 02 trains that run (holds its lock) and a core is left over: it imports and waits in
 # train.ensure_trained on no share of the cores (`may_warm`), so its ~10 s of start-up are off the chain to the end.
-# Notebook 05 reads nothing of theirs; it starts after 01, so that at most two notebooks compute at once: with 01, 02
-# and 05 side by side on two cores, phase 1's first epochs took 42-52 s instead of 33-37 (even with 01 and 05 at a
-# lower priority). Side by side at one thread each, 02 and 05 get more done than one at a time on two threads (05's
-# steps are small products that split badly over threads; phase 1's run its two towers one per core, towers.py), so
-# phase 1 starts as early as it can, beside 01's audit and then 05, and has both cores for its last epochs.
-AFTER = {"02": ("01",), "03": ("02",), "04": ("02",), "05": ("01",)}
+# Notebook 05 reads nothing of theirs and starts at once, beside 01: 01 computes on one thread (02 starts beside it
+# before it ends), so the other core would otherwise idle through 01's start-up and feature caching. Three notebooks
+# then share the two cores from 02's start until 01 ends (phase 1's first epoch took 54 s instead of 34), but 05 is
+# done sooner, and with it the stretch in which phase 1 has one core: on fresh clones, make demo took 12.0 minutes
+# against 12.6 with 05 waiting for 01. Side by side at one thread each, 02 and 05 get more done than one at a time
+# on two threads (05's steps are small products that split badly over threads; phase 1's run its two towers one per
+# core, towers.py), so phase 1 has both cores only for its last epochs, once 05 is done.
+AFTER = {"02": ("01",), "03": ("02",), "04": ("02",)}
 CACHED_SECTION = "01 data and encoders"  # what notebook 01 records right after caching the training features
 
 

@@ -111,9 +111,8 @@ def readout_cosine(tokens: dict[str, torch.Tensor], features: dict[str, Features
     Y = targets["fit"].reshape(len(targets["fit"]), -1) - offset
     out = {}
     for k in ks:
-        # standardised by the fit rows, so those are centred already; float32 halves the products over 8192 targets
-        x = {split: v.astype(np.float32) for split, v in probes.standardised(
-            {split: t[:, :k].flatten(1).numpy() for split, t in tokens.items()}).items()}
+        # standardised by the fit rows, so those are centred already
+        x = probes.standardised({split: t[:, :k].flatten(1).numpy() for split, t in tokens.items()})
         path = probes.RidgePath(x["fit"])
         B, select = path.coefficients(Y), path.project(x["select"])
         best = max(path.alphas, key=lambda alpha: cosine_of(path.predict(select, B, alpha), "select"))

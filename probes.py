@@ -111,11 +111,15 @@ class RidgePath:
         return (vectors[:, leading].T.astype(B.dtype) @ fitted) / np.sqrt(values[leading]).astype(B.dtype)[:, None]
 
 
-def standardised(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every split scaled by the fit split's mean and standard deviation (constant columns left at 0)."""
-    mean, std = x["fit"].mean(0), x["fit"].std(0)
+def standardised(x: dict[str, np.ndarray], dtype=np.float32) -> dict[str, np.ndarray]:
+    """Every split scaled by the fit split's mean and standard deviation (constant columns left at 0), in float32
+    by default: a probe's products and eigendecompositions take half the time of float64's, and its scores move by a few
+    millionths (notebook 01's testbed probes, the workbook's widest inputs: at most 3e-6), far below what a
+    score is read to. The ridge strengths (at least 1e-3 of the mean squared feature norm) keep the solve
+    conditioned where float32 rounding would show."""
+    mean, std = x["fit"].mean(0, dtype=np.float64), x["fit"].std(0, dtype=np.float64)
     std[std == 0] = 1
-    return {split: ((value - mean) / std).astype(np.float64) for split, value in x.items()}
+    return {split: ((value - mean) / std).astype(dtype) for split, value in x.items()}
 
 
 class RBFKernel:
@@ -143,11 +147,15 @@ class RBFKernel:
         return squared_distances(rows, self.landmarks)
 
     def features(self, distances: np.ndarray) -> np.ndarray:
-        """The kernel features of rows given their squared distances to the landmarks (`distances`)."""
-        return np.exp(-self.gamma * distances) @ self.whiten
+        """The kernel features of rows given their squared distances to the landmarks (`distances`), in float32 as
+        the features of a linear probe are (`standardised`)."""
+        return (np.exp(-self.gamma * distances) @ self.whiten).astype(np.float32)
 
 
 def squared_distances(rows: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """In float64 whatever the rows' dtype: the kernel's whitening keeps eigenvalues down to 1e-8 of the largest,
+    which float32 distances (rounded at 1e-7 of a distance) would turn into noise."""
+    rows, landmarks = rows.astype(np.float64), landmarks.astype(np.float64)
     squared = (landmarks ** 2).sum(1)
     return np.maximum((rows ** 2).sum(1)[:, None] + squared[None, :] - 2 * rows @ landmarks.T, 0)
 
@@ -189,10 +197,10 @@ def probe(kind: str, x: dict[str, np.ndarray], targets: dict[str, Target]) -> di
                 target = targets[name]
                 y = np.asarray(target.y["fit"])
                 if target.continuous:
-                    columns.append(y.reshape(len(y), -1).astype(np.float64))
+                    columns.append(y.reshape(len(y), -1).astype(np.float32))
                 else:
                     classes[name] = np.unique(y)
-                    columns.append((y[:, None] == classes[name][None, :]).astype(np.float64))
+                    columns.append((y[:, None] == classes[name][None, :]).astype(np.float32))
             Y = np.concatenate(columns, 1)
             offset = Y.mean(0)
             B = path.coefficients(Y - offset)

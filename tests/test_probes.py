@@ -1,6 +1,8 @@
 """The probe every measure of the workbook reads through (probes.py), at the input widths a run gives it: a
 factor planted in the features is read, pure noise reads as nothing (a score near 0, never a large negative
 one), and a factor hidden from a linear read-out is read by the non-linear probe only."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -52,6 +54,22 @@ def test_a_probe_reads_a_planted_factor_and_nothing_from_noise(width):
         # accuracy of a probe that knows nothing: the majority rate, within 3 standard errors of 1000 test rows
         majority = scores["noise_classes"][1]
         assert abs(scores["noise_classes"][0] - majority) < 3 * np.sqrt(majority * (1 - majority) / 1000) + 0.02
+
+
+@pytest.mark.parametrize("kind", probes.PROBES)
+def test_float32_probes_score_as_float64_ones(kind, monkeypatch):
+    """Probes compute in float32 (probes.standardised) for half the time; at the widest input of the information
+    map their scores are float64's to rounding. Tolerances: R² is a ratio of sums over 1000 test rows whose float32
+    rounding is ~1e-6 of each; an accuracy changes in steps of 1/1000, and a test row whose two best classes are
+    within float32 rounding of each other may flip: two such rows at most. A float32 solve that lost its
+    conditioning (a strength below the features' rounding) would miss by far more."""
+    x, targets = planted(1536)
+    single = probes.probe(kind, x, targets)
+    monkeypatch.setattr(probes, "standardised", functools.partial(probes.standardised, dtype=np.float64))
+    double = probes.probe(kind, x, targets)
+    for name, target in targets.items():
+        tolerance = 1e-4 if target.continuous else 2 / SPLITS["test"]
+        assert abs(single[name][0] - double[name][0]) <= tolerance, (kind, name, single[name], double[name])
 
 
 def test_only_the_non_linear_probe_reads_a_factor_hidden_from_linear_read_outs():

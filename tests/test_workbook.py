@@ -43,27 +43,30 @@ def wait_for_text(path: Path, text: str, seconds: float = 10) -> str:
 
 
 def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shared(tmp_path, monkeypatch):
-    """01 starts alone, on one of the two cores: 02 starts beside it as soon as 01 has cached the training features
-    (it records their timings), and 05, which reads nothing the others write, once 01 is done, so that two
-    notebooks compute at a time. 04 reads only 02's phase-1 weights: its kernel starts while 02 trains that run
-    (holds its lock) once a core is left over (05 is done), on no share of the cores, so 02 is told (through its
-    threads file, which the training loop reads before each step) that it may use both; when the weights are final,
-    04 computes beside 02's evaluation and the two share the cores. 03 starts after 02 (its evaluation)."""
+    """01 and 05 (which reads nothing the others write) start at once, one core each: 02 starts beside them as soon
+    as 01 has cached the training features (it records their timings), the three on one thread each. 04 reads only
+    02's phase-1 weights: its kernel starts while 02 trains that run (holds its lock) once a core is left over (01
+    and 05 are done), on no share of the cores, so 02 is told (through its threads file, which the training loop
+    reads before each step) that it may use both; when the weights are final, 04 computes beside 02's evaluation
+    and the two share the cores. 03 starts after 02 (its evaluation)."""
     import loop
-    events = {name: threading.Event() for name in ("01 done", "02 started", "05 done", "04 started", "02 saw 04",
-                                                   "02 done")}
+    events = {name: threading.Event() for name in ("01 started", "01 done", "02 started", "05 done", "04 started",
+                                                   "02 saw 04", "02 done")}
     seen = []
 
     def fake_notebook(path, out_dir, smoke, threads, children, threads_file):
         seen.append((path.stem, threads))
         if path.name.startswith("01"):
+            events["01 started"].set()
             assert not events["02 started"].wait(1.5), "02 started before 01 cached the features"
             numbers = out_dir / "numbers.json"
             numbers.write_text(json.dumps({**json.loads(numbers.read_text()), demo.CACHED_SECTION: {}}))
             assert events["02 started"].wait(10), "02 waited for the whole of 01, not for its feature cache"
             events["01 done"].set()
         if path.name.startswith("05"):
-            assert events["01 done"].is_set() and events["02 started"].is_set(), "05 started beside 01"
+            assert events["01 started"].wait(10) and not events["01 done"].is_set(), "05 waited for 01"
+            assert events["02 started"].wait(10), "02 did not start beside 01 and 05"
+            seen.append(("05 beside 01 and 02", int(threads_file.read_text())))
             events["05 done"].set()
         if path.name.startswith("02"):
             run_dir = out_dir / "phase1" / "default"
@@ -76,7 +79,7 @@ def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shar
                 events["02 saw 04"].set()
             events["02 done"].set()
         if path.name.startswith("04"):
-            assert events["05 done"].is_set(), "04 warmed while no core was left"
+            assert events["01 done"].is_set() and events["05 done"].is_set(), "04 warmed while no core was left"
             assert not demo.weights_final(out_dir / "phase1" / "default")
             seen.append(("04 waiting", int(threads_file.read_text())))
             events["04 started"].set()
@@ -94,6 +97,7 @@ def test_each_notebook_starts_once_what_it_reads_is_there_and_the_cores_are_shar
     assert order.index("01_data_and_encoders") < order.index("02_phase1_training") < order.index("04_captioning")
     assert order.index("04_captioning") < order.index("03_prefix_quality")
     assert threads["01_data_and_encoders"] == threads["02_phase1_training"] == threads["05_real_data"] == 1
+    assert threads["05 beside 01 and 02"] == 1
     assert threads["04_captioning"] == threads["04 waiting"] == 1
     assert threads["02 beside a waiting 04"] == 2, "a notebook that only waits took a share of the cores"
     assert threads["02 beside 04"] == threads["04 computing"] == 1
@@ -109,8 +113,7 @@ def test_what_a_notebook_waits_for():
     assert demo.ready(paths["04"], folder, {"04_captioning"})
     assert not demo.ready(paths["04"], folder, {"02_phase1_training", "04_captioning"})
     assert not demo.ready(paths["03"], folder, {"02_phase1_training", "03_prefix_quality"})
-    assert not demo.ready(paths["05"], folder, set(NAMES))  # beside 01 and 02, three notebooks on two cores
-    assert demo.ready(paths["05"], folder, set(NAMES) - {"01_data_and_encoders"})
+    assert demo.ready(paths["05"], folder, set(NAMES))  # 05 reads nothing of the others
     assert not demo.ready(paths["02"], folder, set(NAMES))  # 01 builds the feature cache first
 
 
@@ -143,9 +146,8 @@ def test_notebook_04_starts_beside_02_once_the_weights_are_final(tmp_path):
 
 
 def test_a_failed_notebook_lets_the_others_running_finish_and_starts_no_other(tmp_path, monkeypatch):
-    """05 fails while 01 runs beside it (here 05 waits for nothing) and 02 waits for 01: 01 finishes, 02 never starts."""
+    """05 fails while 01 runs beside it (05 waits for nothing) and 02 waits for 01: 01 finishes, 02 never starts."""
     failed, ran = threading.Event(), []
-    monkeypatch.setattr(demo, "AFTER", {**demo.AFTER, "05": ()})
 
     def fake_notebook(path, out_dir, smoke, threads, children, threads_file):
         ran.append(path.stem)
@@ -183,7 +185,7 @@ def stand_in_notebooks(tmp_path, monkeypatch, seconds: float) -> Path:
             f"time.sleep({seconds})\n"
             "out.write_text(json.dumps({**json.loads(out.read_text()), 'end': time.time()}))\n")
     monkeypatch.setattr(workbook, "NOTEBOOKS", folder)
-    monkeypatch.setattr(demo, "AFTER", {})  # neither waits for the other (make demo's 05 waits for 01)
+    monkeypatch.setattr(demo, "AFTER", {})  # neither waits for the other, as make demo's 01 and 05
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     return tmp_path / "run"
 
