@@ -113,8 +113,8 @@ class RidgePath:
 
 def standardised(x: dict[str, np.ndarray], dtype=np.float32) -> dict[str, np.ndarray]:
     """Every split scaled by the fit split's mean and standard deviation (constant columns left at 0), in float32
-    by default: a probe's products and eigendecompositions take half the time of float64's, and its scores move by a few
-    millionths (notebook 01's testbed probes, the workbook's widest inputs: at most 3e-6), far below what a
+    by default: a probe's products and eigendecompositions take half the time of float64's, and its scores move
+    by a few millionths (notebook 01's testbed probes, the workbook's widest inputs: at most 3e-6), far below what a
     score is read to. The ridge strengths (at least 1e-3 of the mean squared feature norm) keep the solve
     conditioned where float32 rounding would show."""
     mean, std = x["fit"].mean(0, dtype=np.float64), x["fit"].std(0, dtype=np.float64)
@@ -147,9 +147,9 @@ class RBFKernel:
         return squared_distances(rows, self.landmarks)
 
     def features(self, distances: np.ndarray) -> np.ndarray:
-        """The kernel features of rows given their squared distances to the landmarks (`distances`), in float32 as
-        the features of a linear probe are (`standardised`)."""
-        return (np.exp(-self.gamma * distances) @ self.whiten).astype(np.float32)
+        """The kernel features of rows given their squared distances to the landmarks (`distances`), in the rows'
+        dtype: float32 for a probe (`standardised`), float64 where a model's map is fit on them (agreement.py)."""
+        return (np.exp(-self.gamma * distances) @ self.whiten).astype(self.landmarks.dtype)
 
 
 def squared_distances(rows: np.ndarray, landmarks: np.ndarray) -> np.ndarray:

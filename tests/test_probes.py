@@ -72,6 +72,16 @@ def test_float32_probes_score_as_float64_ones(kind, monkeypatch):
         assert abs(single[name][0] - double[name][0]) <= tolerance, (kind, name, single[name], double[name])
 
 
+def test_kernel_features_keep_the_rows_dtype():
+    """A probe's kernel features are float32 like its linear ones; agreement.py fits a map of the model on float64
+    embeddings, and gets float64 features, as before probes went float32."""
+    rows = np.random.default_rng(0).normal(size=(60, 5))
+    for dtype in (np.float32, np.float64):
+        x = {split: rows.astype(dtype) for split in ("fit", "select")}
+        for _, _, features in probes.kernels_of_widths(x, probes.WIDTHS):
+            assert all(value.dtype == dtype for value in features.values())
+
+
 def test_only_the_non_linear_probe_reads_a_factor_hidden_from_linear_read_outs():
     """An RBF kernel is isotropic: it finds a sign product of two numbers among the 16 of two small tokens (the
     leakage test's planted model), not among 128 noise numbers, where an MLP would need to learn the pair"""
