@@ -25,7 +25,6 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,16 +35,14 @@ from tqdm.auto import tqdm
 
 import loop
 from alignment import Aligner, AlignmentModel, batch_inputs
+from captioner import MultimodalLLM
 from designs import ModelConfig
 from encoders import create_encoder
 from feature_cache import collate
 from features import Features
 from images import image_batch
-
-# the decoder's libraries (transformers) load only in train_captioning: data.py, core.py and train.py import this
-# module, and a notebook kernel that never captions would import them at its start (2.5-3 s)
-if TYPE_CHECKING:
-    from captioner import MultimodalLLM
+from phase2_train import fit_captioner
+from text_decoder import check_tokenizer
 
 
 class RegisterTokenLoss(nn.Module):
@@ -185,8 +182,6 @@ def train_captioning(mm_model: MultimodalLLM, loader, num_epochs: int | None = N
     `create_dataloader(ImageTextDataset(...), batch_size)`. The frozen aligner turns the images into phase-1
     tokens once; `fit_captioner` then trains on them for `num_epochs` epochs of the loader's batch size
     (`fit_kwargs`: output_dir, resume, callback). Returns the metrics rows."""
-    from phase2_train import fit_captioner
-    from text_decoder import check_tokenizer
     tokens, captions = [], []
     for batch in tqdm(loader, desc="phase-1 tokens of the training images", leave=False):
         tokens.append(mm_model.image_tokens(batch_inputs(batch, "vision"))["vision"].cpu())
