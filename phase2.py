@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,13 +92,24 @@ def run_phase2(phase1_run: str | os.PathLike, output_dir: str | os.PathLike, llm
             cache = CEILINGS.setdefault((str(weights.resolve()), weights.stat().st_mtime_ns, split), {})
             fit_ceilings = functools.partial(probe_ceilings, mm, sources, train_tokens, train_factors, eval_tokens,
                                              factors, cache)
+        captioned = threading.Event()
+
+        def ceilings_beside():  # once a second core is there, if it comes before the captions are done
+            while given() < 2:
+                if captioned.wait(1.0):
+                    return None
+            return fit_ceilings()
         with ThreadPoolExecutor(1) as beside:
-            # the ceilings read phase-1 tokens only: with a spare core their probes (fit in worker processes) run
-            # while this process captions, 19 s beside 19 s of notebook 04's 3.5 minutes
-            early = beside.submit(fit_ceilings) if fit_ceilings and given() > 1 else None
-            result = evaluate_captions(mm, eval_tokens, eval_set.captions, factors)
+            # the ceilings read phase-1 tokens only: with a spare core their probes run while this thread captions,
+            # 19 s beside 19 s. In make demo the core often frees up while the captions run (notebook 03 ends)
+            early = beside.submit(ceilings_beside) if fit_ceilings else None
+            try:
+                result = evaluate_captions(mm, eval_tokens, eval_set.captions, factors)
+            finally:
+                captioned.set()
         if fit_ceilings is not None:
-            add_probe_ceiling(result["rows"], sources, early.result() if early else fit_ceilings())
+            ceilings = early.result()
+            add_probe_ceiling(result["rows"], sources, ceilings if ceilings is not None else fit_ceilings())
             result["baselines"] = attribute_baselines(train_factors, factors)
         result.update(split=split, phase1_run=str(phase1_run), llm=mm.llm_cfg.to_dict())
         atomic_write(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))

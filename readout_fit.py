@@ -18,13 +18,37 @@ import probes
 from features import Features
 
 
-def rows_of(decoder, tokens: torch.Tensor, k: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(N×k·hidden kept tokens, N×T·D attention part of the reconstruction) with the first k tokens kept, float32:
-    the solve on 4000 rows takes half the time of float64, and the ridge strength keeps it well conditioned."""
+def attended_rows(decoder, tokens: torch.Tensor, k: int, batch_size: int = 256) -> np.ndarray:
+    """N×T·D: the attention part of the reconstruction with the first k tokens kept, float32 (the solve on 4000
+    rows takes half the time of float64, and the ridge strength keeps it well conditioned)."""
     keep = (torch.arange(tokens.shape[1], device=tokens.device) < k).expand(len(tokens), -1)
     attended = torch.cat([decoder.attended(tokens[i:i + batch_size], keep[i:i + batch_size])
                           for i in range(0, len(tokens), batch_size)])
-    return tokens[:, :k].flatten(1).float().cpu().numpy(), attended.flatten(1).float().cpu().numpy()
+    return attended.flatten(1).float().cpu().numpy()
+
+
+SLICED_PRODUCTS = True  # bench/bench_solve.py switches it off for its baseline (the products made at each k)
+
+
+class TokenRows:
+    """Every split's register tokens as standardised rows (N×R·hidden, float32): the first k tokens of a prefix are
+    the first k·hidden columns, standardised alike at every k, so the fit rows' products with the centred targets
+    (Fᵀ·Y, the largest part of a solve) are computed once, at all tokens, and every k takes its first rows."""
+
+    def __init__(self, tokens: dict[str, torch.Tensor], targets: np.ndarray):
+        x = {split: t.flatten(1).float().cpu().numpy() for split, t in tokens.items()}
+        self.hidden = tokens["fit"].shape[-1]
+        self.mean, self.std = x["fit"].mean(0), x["fit"].std(0)
+        self.std[self.std == 0] = 1
+        self.z = {split: (value - self.mean) / self.std for split, value in x.items()}
+        fit = self.z["fit"]
+        # only where a prefix's rows are solved in the primal form (no wider than they are many: probes.RidgePath);
+        # Fᵀ(Y - Ȳ) as FᵀY - (Fᵀ1)Ȳᵀ, without a centred copy of the targets
+        primal = fit.shape[1] <= fit.shape[0]
+        self.products = fit.T @ targets - np.outer(fit.sum(0), targets.mean(0)) if primal and SLICED_PRODUCTS else None
+
+    def prefix(self, k: int) -> dict[str, np.ndarray]:
+        return {split: value[:, :k * self.hidden] for split, value in self.z.items()}
 
 
 @torch.no_grad()
@@ -51,10 +75,11 @@ def solve_readouts(model, train: dict[str, Features], val: dict[str, Features], 
                    for split, f in splits.items()}
         masks = {split: np.asarray(f.mask, dtype=np.float32) for split, f in splits.items()}
         centre = model.feature_means.of(m).float().cpu().numpy()
+        rows = TokenRows(registers, targets["fit"])
         decoder.make_solved_maps()
         for g, k in enumerate(tqdm(decoder.readout_ks.tolist(), desc=f"solving the {m} read-out for each k",
                                    leave=False)):
-            decoder.attention_weight[g] = solve_one(decoder, g, k, registers, targets, masks, centre)
+            decoder.attention_weight[g] = solve_one(decoder, g, k, registers, rows, targets, masks, centre)
 
     modalities, threads = list(model.decoders), torch.get_num_threads()
     side_by_side = min(len(modalities), threads) > 1 and next(model.parameters()).device.type == "cpu"
@@ -71,25 +96,28 @@ def solve_readouts(model, train: dict[str, Features], val: dict[str, Features], 
         model.train(was_training)
 
 
-def solve_one(decoder, g: int, k: int, tokens, targets, masks, centre) -> float:
+def solve_one(decoder, g: int, k: int, tokens, rows: TokenRows, targets, masks, centre) -> float:
     """Set map `g` (Linear(R·hidden, rank), Linear(rank, T·D)) to the rank-limited ridge read-out of the first k
     tokens, of the frozen features less the attention part or of the features alone (the attention part's
     weight 1 or 0); the weight with the better preservation cosine on 'select' is returned. Trained beside the
     read-out by gradient steps, the attention part can output far more than the features (touch: 18x their
     spread) for the read-out to cancel on the cosine; a least-squares read-out cancels it only where it is linear."""
-    x, attended = {}, {}
-    for split in tokens:
-        x[split], attended[split] = rows_of(decoder, tokens[split], k)
-    mean, std = x["fit"].mean(0), x["fit"].std(0)
-    std[std == 0] = 1
-    z = {split: (value - mean) / std for split, value in x.items()}
+    attended = {split: attended_rows(decoder, tokens[split], k) for split in tokens}
+    z, mean, std = rows.prefix(k), rows.mean[:k * rows.hidden], rows.std[:k * rows.hidden]
     path = probes.RidgePath(z["fit"])
     select, shape = path.project(z["select"]), (len(z["select"]), -1, centre.shape[-1])
-    best = None
+    best, means = None, {"targets": targets["fit"].mean(0), "attended": attended["fit"].mean(0)}
     for weight in (1.0, 0.0):
-        residual = targets["fit"] - weight * attended["fit"]
-        offset = residual.mean(0)
-        B = path.coefficients(residual - offset)
+        offset = means["targets"] - weight * means["attended"]  # the mean of the fit rows' residual
+        if path.primal and rows.products is not None:
+            # Fᵀ(residual - offset) = Fᵀ(Y - Ȳ) - weight·Fᵀ(A - Ā), with Fᵀ(A - Ā) = FᵀA - (Fᵀ1)Āᵀ: no N×T·D array is
+            # made (each took up to a second to allocate, most of a solve's time outside its products)
+            products = rows.products[:z["fit"].shape[1]]
+            if weight:
+                products = products - (z["fit"].T @ attended["fit"] - np.outer(z["fit"].sum(0), means["attended"]))
+            B = path.vectors.T @ products
+        else:
+            B = path.coefficients(targets["fit"] - weight * attended["fit"] - offset)
         for alpha in path.alphas:
             prediction = weight * attended["select"] + offset + path.predict(select, B, alpha)
             score = probes.preservation_cosine(prediction.reshape(shape), targets["select"].reshape(shape), centre,

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import synthtouch
 from encoders import hub_or_cache
 
+# transformers is imported where a decoder or tokenizer is made, not here: train.py and data.py reach this module
+# (seed_api.train_captioning), and every notebook kernel that imports them took 3 s longer to start with it
 
 # Built-in decoders by name: Qwen2 architecture, few layers, random init, with a byte-level BPE tokenizer fitted
 # offline on the captions phase 2 trains on (`MultimodalLLM.fit_vocabulary`), so any English reads word by word
@@ -39,6 +40,7 @@ PROMPTS = ("Describe this image:", "Describe this surface:", "Describe how this 
 
 def build_caption_tokenizer(texts: list[str], vocab_size: int = TOKENIZER_VOCAB):
     """A byte-level BPE tokenizer trained on `texts` (any text still encodes), wrapped for transformers."""
+    from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -59,8 +61,9 @@ def caption_tokenizer(captions: list[str], prompt: str):
     return build_caption_tokenizer(list(captions) + turns)
 
 
-def random_decoder(tokenizer, seed: int = 0, **architecture) -> Qwen2ForCausalLM:
+def random_decoder(tokenizer, seed: int = 0, **architecture):
     """A random-init Qwen2ForCausalLM for `tokenizer`'s vocabulary, the same for the same seed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     config = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
                          **architecture)
@@ -118,6 +121,7 @@ def load_decoder(model_name: str, local_files_only=False, dtype=torch.float32, p
     """(model, tokenizer) by built-in name, hub name or local folder; offline misses fail clearly, and so do
     tokenizers that do not fit the model or cannot write `probe_texts` back. A built-in decoder is random, for the
     tokenizer saved in `tokenizer_dir` (a trained run's) or, without one, the one fitted on SynthTouch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     path_like = os.path.isabs(model_name) or model_name.startswith((".", "~")) or model_name.count("/") > 1
     if model_name not in TINY_DECODERS and (path_like or os.path.isdir(model_name)) and \
             not (Path(model_name).expanduser() / "config.json").is_file():
@@ -179,6 +183,7 @@ def run_tokenizer(captions: list[str], folder: str | os.PathLike | None, resume:
     """A built-in decoder's tokenizer for a phase-2 run: resumed, the one the run saved in <folder>/tokenizer (None
     for a run saved before runs kept theirs); otherwise fitted on `captions` (`caption_tokenizer`) and saved there,
     unless `save` is false (a torchrun rank other than 0)."""
+    from transformers import AutoTokenizer
     saved = None if folder is None else Path(folder) / "tokenizer"
     if resume:
         if saved is None or not (saved / "tokenizer.json").is_file():

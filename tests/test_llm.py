@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -503,27 +504,38 @@ def test_command_line_writes_caption_eval_json(tiny_phase1, decoder_dir, tmp_pat
 
 
 def test_probe_ceilings_are_fit_beside_the_captions_when_a_core_is_spare(tiny_phase1, decoder_dir, tmp_path, monkeypatch):
-    """The ceilings read phase-1 tokens only, so with more than one core they are fit in a side thread (their probes
-    in worker processes) while the decoder captions; with one, after the captions. Either way the same numbers."""
+    """The ceilings read phase-1 tokens only, so with more than one core they are fit in a side thread while the
+    decoder captions, also when the second core frees up only once the captions have started (make demo: notebook
+    03 ends); with one core all along, after the captions. Either way the same numbers."""
     cfg = L.load_llm_config(None, epochs=1, batch_size=16, train_decoder="full", model_name=str(decoder_dir), min_steps=0)
-    fit, in_main = L.probe_ceilings, []
+    fit, caption, in_main, captioning = L.probe_ceilings, phase2.evaluate_captions, [], threading.Event()
 
     def recording(*args):
         in_main.append(threading.current_thread() is threading.main_thread())
         return fit(*args)
 
+    def slow_captions(*args):  # long enough for the side thread's poll (every second) to see the freed core
+        captioning.set()
+        time.sleep(2.5)
+        return caption(*args)
+
     monkeypatch.setattr(phase2, "probe_ceilings", recording)
+    monkeypatch.setattr(phase2, "evaluate_captions", slow_captions)
+    threads = {"one": lambda: 1, "two": lambda: 2, "freed": lambda: 2 if captioning.is_set() else 1}
     results = {}
-    for processes in (1, 2):
+    for name, given in threads.items():
         monkeypatch.setattr(phase2, "CEILINGS", {})  # fit anew, not from the first run's
-        results[processes] = L.run_phase2(tiny_phase1, tmp_path / str(processes), cfg, threads=lambda: processes)
-    assert in_main == [True, False]
-    probes = [[{k: v for k, v in row.items() if k.startswith("probe")} for row in results[p]["rows"]] for p in (1, 2)]
-    assert len(probes[0]) == 10 and all(len(row) > 1 for row in probes[0])
-    # the same probe on the same rows at one thread, in this process or a worker: equal but for summation order,
+        captioning.clear()
+        results[name] = L.run_phase2(tiny_phase1, tmp_path / name, cfg, threads=given)
+    assert in_main == [True, False, False]
+    probes = {name: [{k: v for k, v in row.items() if k.startswith("probe")} for row in result["rows"]]
+              for name, result in results.items()}
+    assert len(probes["one"]) == 10 and all(len(row) > 1 for row in probes["one"])
+    # the same probe on the same rows at one thread, in this thread or another: equal but for summation order,
     # which could flip at most one of the 16 test samples of one attribute (1/16 = 0.0625; averages move less)
-    for one, two in zip(*probes):
-        assert one == pytest.approx(two, abs=1 / 16)
+    for name in ("two", "freed"):
+        for one, other in zip(probes["one"], probes[name]):
+            assert one == pytest.approx(other, abs=1 / 16)
 
 
 def test_command_line_seed_statistics_on_the_validation_split(tiny_phase1, decoder_dir, tmp_path):

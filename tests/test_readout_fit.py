@@ -11,6 +11,7 @@ import prefixes
 import train
 from conftest import tiny
 from features import Features
+import readout_fit
 from readout_fit import solve_readouts
 from test_core import build, paired_features, small
 
@@ -78,6 +79,36 @@ def test_the_modalities_solved_side_by_side_get_the_maps_solved_one_after_anothe
     assert {m for m, _ in outputs[1]} == {"vision", "touch"} and outputs[1].keys() == outputs[2].keys()
     for key, value in outputs[1].items():
         assert torch.allclose(outputs[2][key], value, rtol=0, atol=1e-4 * value.abs().max().item()), key
+
+
+def test_the_products_sliced_from_all_tokens_solve_each_k_as_its_own_products_do(monkeypatch):
+    """A prefix's standardised rows are the first k·hidden columns of all tokens' rows, so the solve computes the
+    fit rows' products with the targets once and slices them; forced to compute them at each k instead (products
+    None, as where the rows are fewer than the columns), it reaches the same maps: within 1e-4 of the outputs'
+    largest value, where the two differ by the rounding of float32 sums (a relative 1e-6), and the grid's strengths
+    are far enough apart that rounding picks the same one. Both solve in the primal form here (300 rows, 128 columns)."""
+    cfg = small(hidden_dim=16, decoder_readout=128, decoder_readout_solved=True, n_registers=8, n_shared=2)
+    data = paired_features(400)
+    fit, select = split(data, slice(0, 300)), split(data, slice(300, 400))
+    made = readout_fit.TokenRows.__init__
+
+    def without_products(self, *args):
+        made(self, *args)
+        self.products = None
+
+    outputs = {}
+    for sliced in (True, False):
+        if not sliced:
+            monkeypatch.setattr(readout_fit.TokenRows, "__init__", without_products)
+        model = build(cfg).eval()
+        solve_readouts(model, fit, select)
+        encoded = prefixes.encode_all(model, select, cfg.prefix_lengths, reconstruct=False)
+        keep = {k: (torch.arange(cfg.n_registers) < k).expand(100, -1) for k in cfg.prefix_lengths}
+        with torch.no_grad():
+            outputs[sliced] = {(m, k): decoder(encoded[m].tokens, keep[k]) for m, decoder in model.decoders.items()
+                               for k in cfg.prefix_lengths}
+    for key, value in outputs[True].items():
+        assert torch.allclose(outputs[False][key], value, rtol=0, atol=1e-4 * value.abs().max().item()), key
 
 
 def test_a_run_with_a_solved_read_out_saves_the_solution(cache_dir, tmp_path, monkeypatch):
