@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-import scipy.linalg
 
 PROBES = ("linear", "non-linear")
 FIT_ROWS = 2000  # training rows a probe is fit on: the leakage claims need >= 2000 (a probe on fewer reads less)
@@ -75,7 +74,7 @@ class RidgePath:
     def __init__(self, fit: np.ndarray):
         self.fit, self.primal = fit, fit.shape[1] <= fit.shape[0]
         gram = fit.T @ fit if self.primal else fit @ fit.T
-        self.eigenvalues, self.vectors = eigh(gram)
+        self.eigenvalues, self.vectors = np.linalg.eigh(gram)
         self.eigenvalues = self.eigenvalues.clip(min=0)
         # in the features' dtype: a float64 strength would turn float32 predictions into float64 products
         self.alphas = (ALPHAS * max(np.trace(gram) / len(fit), 1e-12)).astype(gram.dtype)
@@ -104,7 +103,7 @@ class RidgePath:
         wide as the targets is formed but B itself. Directions that carry no prediction are left out."""
         scale = (np.sqrt(self.eigenvalues) if self.primal else self.eigenvalues) / (self.eigenvalues + alpha)
         fitted = scale[:, None].astype(B.dtype) * B
-        values, vectors = eigh((fitted @ fitted.T).astype(np.float64))
+        values, vectors = np.linalg.eigh((fitted @ fitted.T).astype(np.float64))
         leading = np.argsort(values)[::-1][:rank]
         # a float32 Gram matrix holds singular values down to ~1e-3 of the largest: the rest carry ~1e-6 of the
         # predictions' energy, and leaving them out costs the read-out that much
@@ -118,22 +117,10 @@ def standardised(x: dict[str, np.ndarray], dtype=np.float32) -> dict[str, np.nda
     millionths (notebook 01's testbed probes, the workbook's widest inputs: at most 3e-6); an accuracy moves only
     where a test row's two best classes tie within rounding (the demo's evaluation: one row of 1000, in 14 of its
     1776 leakage numbers). The ridge strengths (at least 1e-3 of the mean squared feature norm) keep the solve
-    conditioned where float32 rounding would show. The sums of the mean and the spread run in float64, the rest in
-    `dtype`: no float64 copy of a 2000 x 12288 split is made."""
-    fit = x["fit"]
-    mean = fit.mean(0, dtype=np.float64)
-    centred = fit - mean.astype(fit.dtype)
-    std = np.sqrt(np.einsum("ij,ij->j", centred, centred, dtype=np.float64) / max(len(fit), 1))
+    conditioned where float32 rounding would show."""
+    mean, std = x["fit"].mean(0, dtype=np.float64), x["fit"].std(0, dtype=np.float64)
     std[std == 0] = 1
-    mean, std = mean.astype(dtype), std.astype(dtype)
-    return {split: (np.asarray(value, dtype) - mean) / std for split, value in x.items()}
-
-
-def eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The eigenvalues (ascending) and eigenvectors of a symmetric matrix, by LAPACK's divide and conquer through
-    SciPy: NumPy's own took 1.8x as long on float32 matrices (a 4000 x 4000 Gram matrix at one thread), alike on
-    float64 (bench/bench_solve.py)."""
-    return scipy.linalg.eigh(matrix, driver="evd", check_finite=False)
+    return {split: ((value - mean) / std).astype(dtype) for split, value in x.items()}
 
 
 class RBFKernel:
@@ -145,7 +132,7 @@ class RBFKernel:
 
     def __init__(self, landmarks: np.ndarray, between: np.ndarray, median: float, width: float):
         self.landmarks, self.gamma = landmarks, width / median
-        values, vectors = eigh(np.exp(-self.gamma * between))
+        values, vectors = np.linalg.eigh(np.exp(-self.gamma * between))
         keep = values > values.max() * 1e-8
         self.whiten = vectors[:, keep] / np.sqrt(values[keep])
 

@@ -1,11 +1,10 @@
 """The end-of-training read-out solve (readout_fit.solve_readouts) at the testbed's sizes: configs/default.yaml's
 model with random weights, its vision decoder alone, random register tokens and frozen features of the default's
-shapes (16 registers of width 128; 64 feature tokens of width 128), --n_fit fit rows (more than the 2048 numbers of
-all tokens, so every k solves in the primal form, as on the default's 4000) and an eighth as many validation rows. Against the
-same solve with the fit rows' products with the targets made anew at every k (readout_fit.SLICED_PRODUCTS off);
-the solved maps are checked to agree. Then probes.eigh (LAPACK's divide and conquer through SciPy) against
-numpy.linalg.eigh on a float32 Gram matrix of 2000 rows, the size of a testbed probe's dual form (probes.FIT_ROWS). `--off` runs
-the baseline on both sides (the ratios read about 1).
+shapes (16 registers of width 128; 64 feature tokens of width 128), --n_fit fit rows (more than the 2048 numbers
+of all tokens, so every k solves in the primal form, as on the default's 4000) and an eighth as many validation
+rows. Against the same solve with the fit rows' products with the targets made anew at every k
+(readout_fit.SLICED_PRODUCTS off); the solved maps are checked to agree. `--off` runs the baseline on both sides
+(the ratio reads about 1).
 
     python bench/bench_solve.py [--n_fit 2400] [--rounds 2] [--off]
 """
@@ -13,12 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import phase1  # noqa: E402
-import probes  # noqa: E402
 import readout_fit  # noqa: E402
 import timing  # noqa: E402
 from features import Features  # noqa: E402
@@ -40,7 +37,7 @@ def solved_maps(model, fit, select, tokens, sliced: bool) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n_fit", type=int, default=2400, help="fit rows (validation rows: an eighth as many)")
-    timing.add_arguments(parser, "products made at each k; numpy's eigh", rounds=2)
+    timing.add_arguments(parser, "products made at each k", rounds=2)
     args = parser.parse_args()
     timing.start(args)
     cfg = phase1.load_config()
@@ -50,28 +47,20 @@ def main():
     R, H = cfg.model.n_registers, cfg.model.hidden_dim
 
     def split(n):
-        feats = {m: Features(torch.randn(n, model.input_dims[m]), torch.randn(n, model.input_tokens[m], model.input_dims[m]),
-                             torch.ones(n, model.input_tokens[m], dtype=torch.bool)) for m in cfg.model.modalities}
+        shapes = {m: (model.input_tokens[m], model.input_dims[m]) for m in cfg.model.modalities}
+        feats = {m: Features(torch.randn(n, D), torch.randn(n, T, D), torch.ones(n, T, dtype=torch.bool))
+                 for m, (T, D) in shapes.items()}
         return feats, {m: torch.randn(n, R, H) for m in cfg.model.modalities}
     (fit, fit_tokens), (select, select_tokens) = split(args.n_fit), split(args.n_fit // 8)
     tokens = {"fit": fit_tokens, "select": select_tokens}
     sides = {"sliced": lambda: solved_maps(model, fit, select, tokens, sliced=not args.off),
              "each k": lambda: solved_maps(model, fit, select, tokens, sliced=False)}
     times, out = timing.interleaved(sides, args.rounds, warm_up=False)
-    gap = max(float((out["sliced"][key] - value).abs().max() / value.abs().max()) for key, value in out["each k"].items())
+    gap = max(float((out["sliced"][key] - value).abs().max() / value.abs().max())
+              for key, value in out["each k"].items())
     print(f"read-out solve, {args.n_fit} fit rows: sliced products {timing.median_time(times['sliced'])} CPU, products "
           f"at each k {timing.median_time(times['each k'])} CPU: {timing.spread(times['each k'], times['sliced'])} "
           f"(largest map difference {gap:.1e} of the largest entry)", flush=True)
-
-    rows = np.random.default_rng(0).standard_normal((probes.FIT_ROWS, 8192)).astype(np.float32)
-    gram = rows @ rows.T
-    sides = {"scipy": (lambda: np.linalg.eigh(gram)) if args.off else (lambda: probes.eigh(gram)),
-             "numpy": lambda: np.linalg.eigh(gram)}
-    times, out = timing.interleaved(sides, args.rounds)
-    gap = float(np.abs(out["scipy"][0] - out["numpy"][0]).max() / out["numpy"][0].max())
-    print(f"eigh of a {len(gram)}x{len(gram)} float32 Gram matrix: probes.eigh {timing.median_time(times['scipy'])} "
-          f"CPU, numpy.linalg.eigh {timing.median_time(times['numpy'])} CPU: "
-          f"{timing.spread(times['numpy'], times['scipy'])} (largest eigenvalue difference {gap:.1e} of the largest)")
 
 
 if __name__ == "__main__":

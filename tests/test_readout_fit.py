@@ -86,7 +86,8 @@ def test_the_products_sliced_from_all_tokens_solve_each_k_as_its_own_products_do
     fit rows' products with the targets once and slices them; forced to compute them at each k instead (products
     None, as where the rows are fewer than the columns), it reaches the same maps: within 1e-4 of the outputs'
     largest value, where the two differ by the rounding of float32 sums (a relative 1e-6), and the grid's strengths
-    are far enough apart that rounding picks the same one. Both solve in the primal form here (300 rows, 128 columns)."""
+    are far enough apart that rounding picks the same one. Both solve in the primal form here (300 rows, 128
+    columns)."""
     cfg = small(hidden_dim=16, decoder_readout=128, decoder_readout_solved=True, n_registers=8, n_shared=2)
     data = paired_features(400)
     fit, select = split(data, slice(0, 300)), split(data, slice(300, 400))
