@@ -15,7 +15,7 @@ import synthtouch
 from encoders import hub_or_cache
 
 # transformers is imported where a decoder or tokenizer is made, not here: train.py and data.py reach this module
-# (seed_api.train_captioning), and every notebook kernel that imports them took 3 s longer to start with it
+# (seed_api.train_captioning): with it, `import train, data, audit, phase1` took 6.9 s instead of 2.8
 
 # Built-in decoders by name: Qwen2 architecture, few layers, random init, with a byte-level BPE tokenizer fitted
 # offline on the captions phase 2 trains on (`MultimodalLLM.fit_vocabulary`), so any English reads word by word
