@@ -42,10 +42,12 @@ class TokenRows:
         self.std[self.std == 0] = 1
         self.z = {split: (value - self.mean) / self.std for split, value in x.items()}
         fit = self.z["fit"]
+        # Fᵀ1 (about 0: the columns are centred, up to rounding) and Ȳ, the same at every k
+        self.sums, self.target_mean = fit.sum(0), targets.mean(0)
         # only where a prefix's rows are solved in the primal form (no wider than they are many: probes.RidgePath);
         # Fᵀ(Y - Ȳ) as FᵀY - (Fᵀ1)Ȳᵀ, without a centred copy of the targets
         primal = fit.shape[1] <= fit.shape[0]
-        self.products = fit.T @ targets - np.outer(fit.sum(0), targets.mean(0)) if primal and SLICED_PRODUCTS else None
+        self.products = fit.T @ targets - np.outer(self.sums, self.target_mean) if primal and SLICED_PRODUCTS else None
 
     def prefix(self, k: int) -> dict[str, np.ndarray]:
         return {split: value[:, :k * self.hidden] for split, value in self.z.items()}
@@ -103,18 +105,19 @@ def solve_one(decoder, g: int, k: int, tokens, rows: TokenRows, targets, masks, 
     read-out by gradient steps, the attention part can output far more than the features (touch: 18x their
     spread) for the read-out to cancel on the cosine; a least-squares read-out cancels it only where it is linear."""
     attended = {split: attended_rows(decoder, tokens[split], k) for split in tokens}
-    z, mean, std = rows.prefix(k), rows.mean[:k * rows.hidden], rows.std[:k * rows.hidden]
+    width = k * rows.hidden
+    z, mean, std = rows.prefix(k), rows.mean[:width], rows.std[:width]
     path = probes.RidgePath(z["fit"])
     select, shape = path.project(z["select"]), (len(z["select"]), -1, centre.shape[-1])
-    best, means = None, {"targets": targets["fit"].mean(0), "attended": attended["fit"].mean(0)}
+    best, attended_mean = None, attended["fit"].mean(0)
     for weight in (1.0, 0.0):
-        offset = means["targets"] - weight * means["attended"]  # the mean of the fit rows' residual
+        offset = rows.target_mean - weight * attended_mean  # the mean of the fit rows' residual
         if path.primal and rows.products is not None:
             # Fᵀ(residual - offset) = Fᵀ(Y - Ȳ) - weight·Fᵀ(A - Ā), with Fᵀ(A - Ā) = FᵀA - (Fᵀ1)Āᵀ: no N×T·D array is
             # made (each took up to a second to allocate, most of a solve's time outside its products)
-            products = rows.products[:z["fit"].shape[1]]
+            products = rows.products[:width]
             if weight:
-                products = products - (z["fit"].T @ attended["fit"] - np.outer(z["fit"].sum(0), means["attended"]))
+                products = products - (z["fit"].T @ attended["fit"] - np.outer(rows.sums[:width], attended_mean))
             B = path.vectors.T @ products
         else:
             B = path.coefficients(targets["fit"] - weight * attended["fit"] - offset)
