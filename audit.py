@@ -114,10 +114,15 @@ def readability(cfg: phase1.TrainConfig) -> pd.DataFrame:
     factors = {split: {key: np.asarray(v)[index] for key, v in dataset.factor_table().items()}
                for split, (dataset, index, _) in splits.items()}
 
+    pixels = {}  # split -> modality -> N×pixels, filled at the first pixel job: each sample rendered once for both
+
     def source(key: dict) -> dict[str, np.ndarray]:
         if key["source"] == "pixels":
-            return {split: np.stack([dataset[i][key["modality"]].flatten().numpy() for i in index])
-                    for split, (dataset, index, _) in splits.items()}
+            for split, (dataset, index, _) in splits.items():
+                if split not in pixels:
+                    samples = [dataset[i] for i in index]
+                    pixels[split] = {m: np.stack([s[m].flatten().numpy() for s in samples]) for m in IMAGE_MODALITIES}
+            return {split: pixels[split][key["modality"]] for split in splits}
         return {split: features[key["modality"]].batch(index).tokens.flatten(1).numpy()
                 for split, (_, index, features) in splits.items()}
 

@@ -4,6 +4,7 @@ with its baselines (SynthTouch, whose captions name its factors). Functions of s
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 from collections import Counter
@@ -24,6 +25,7 @@ PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?
 PTB_TOKEN = re.compile(r"n't\b|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:-[a-z0-9]+)*?(?=n't\b)|[a-z0-9]+(?:-[a-z0-9]+)*|\S")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same references are tokenized for every metric and every token source
 def tokenize(text: str) -> str:
     """What COCO's PTBTokenizer gives for plain English captions, without its Java: lower-case PTB tokens
     with punctuation dropped, joined by single spaces."""

@@ -44,7 +44,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=llm_cfg.lr)
     index = torch.arange(args.batch_size)
     batch = {m: t[index] for m, t in tokens.items()}
-    captions = [train_set.captions[i] for i in index]
+    captions = train_set.captions[:args.batch_size]
     keep = {m: k[index] for m, k in mm.training_keep_masks(len(train_set), torch.Generator().manual_seed(0)).items()}
     prefix, prefix_mask = mm.prefix(batch, keep, mm.source.groups)
     inputs = mm.assemble(prefix, prefix_mask, llm_cfg.prompt, captions)

@@ -56,6 +56,13 @@ def test_factors_of_and_factor_table_match_rendered_samples():
             assert values[table[name][i]] == factors[name]
         for name in SynthTouch.CONTINUOUS_FACTORS:
             assert table[name][i] == factors[name]
+    # drawn once and kept: what a caller does to its copy reaches no other caller, and the range is an item's
+    edited = ds.factors_of(0)
+    edited["color"] = "edited"
+    assert ds.factors_of(0) == ds[0]["factors"] and ds.captions[0] == ds[0]["caption"]
+    for outside in (-1, len(ds)):
+        with pytest.raises(IndexError, match="out of range"):
+            ds.factors_of(outside)
 
 
 def test_every_factor_value_is_drawn():
